@@ -1,0 +1,30 @@
+# The README's commands. Every target creates .venv (CPU PyTorch pinned) on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kronos-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[qlib,tracking,dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) finetune/train_complete_pipeline.py --cpu --fast-mode --config-path examples/configs/demo.json
+
+bench: setup
+	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/data_loading.py
+	$(PY) benchmarks/training.py
+
+clean:
+	rm -rf $(VENV) outputs data

@@ -1,0 +1,352 @@
+"""One typed configuration object for every step of the pipeline.
+
+``Config()`` carries the official fine-tuning script's flat keys and defaults (``finetune/config.py`` of the
+seed) plus this project's own keys. A JSON or YAML file may override any subset of them; unknown keys and
+wrong types are rejected with a message that names the key and suggests the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from kronos.errors import ConfigError
+
+# Benchmarks the official config picks for the usual Qlib instrument pools.
+BENCHMARKS = {
+    "csi300": "SH000300",
+    "csi500": "SH000905",
+    "csi800": "SH000906",
+    "csi1000": "SH000852",
+}
+
+
+@dataclass
+class Config:
+    """All settings of data processing, training, prediction and backtest.
+
+    Derived paths (``finetuned_tokenizer_path``, ``finetuned_predictor_path``, ``backtest_benchmark``) follow
+    ``save_path``/folder names/``instrument`` unless set explicitly (a non-empty value).
+    """
+
+    # ---- data & features (seed) ----
+    qlib_data_path: str = "~/.qlib/qlib_data/cn_data"
+    instrument: str = "csi300"
+    dataset_begin_time: str = "2011-01-01"
+    dataset_end_time: str = "2025-06-05"
+    lookback_window: int = 90
+    predict_window: int = 10
+    max_context: int = 512
+    feature_list: list = field(default_factory=lambda: ["open", "high", "low", "close", "vol", "amt"])
+    time_feature_list: list = field(default_factory=lambda: ["minute", "hour", "weekday", "day", "month"])
+    train_time_range: list = field(default_factory=lambda: ["2011-01-01", "2022-12-31"])
+    val_time_range: list = field(default_factory=lambda: ["2022-09-01", "2024-06-30"])
+    test_time_range: list = field(default_factory=lambda: ["2024-04-01", "2025-06-05"])
+    backtest_time_range: list = field(default_factory=lambda: ["2024-07-01", "2025-06-05"])
+    dataset_path: str = "./data/processed_datasets"
+
+    # ---- data sources (ours) ----
+    data_source: str = "qlib"  # qlib | sina | csv | a registered custom name
+    split_ratios: Optional[list] = None  # e.g. [0.7, 0.15, 0.15]; used instead of the time ranges when set
+    csv_data_path: str = ""
+    csv_symbol_column: str = ""  # long file: column holding the symbol (auto-detected when empty)
+    csv_timestamp_column: str = ""  # auto-detected when empty
+    sina_symbols: list = field(default_factory=lambda: ["sh600000"])
+    sina_scale: int = 240  # 5/15/30/60 minutes or 240 (daily)
+    sina_datalen: int = 1023
+    sina_base_url: str = (
+        "https://quotes.sina.cn/cn/api/jsonp_v2.php/=/CN_MarketDataService.getKLineData"
+    )
+    sina_timeout: float = 10.0
+    sina_retries: int = 3
+    sina_pause: float = 0.5
+    sina_cache_dir: str = ""  # defaults to <dataset_path>/raw_sina
+
+    # ---- training (seed) ----
+    clip: float = 5.0
+    epochs: int = 30
+    log_interval: int = 100
+    batch_size: int = 50
+    n_train_iter: int = 2000 * 50
+    n_val_iter: int = 400 * 50
+    tokenizer_learning_rate: float = 2e-4
+    predictor_learning_rate: float = 4e-5
+    accumulation_steps: int = 1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_weight_decay: float = 0.1
+    seed: int = 100
+
+    # ---- training (ours) ----
+    tokenizer_adam_beta2: float = 0.999  # the official tokenizer script uses AdamW's default betas
+    tokenizer_grad_clip: float = 2.0
+    predictor_grad_clip: float = 3.0
+    pct_start: float = 0.03
+    div_factor: float = 10.0
+    teacher_forcing: bool = True  # False = the released scripts' sampled-sibling s2 conditioning (Q13)
+    patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (bf16 on capable CUDA, else fp32) | fp32 | bf16 | fp16
+    compile: bool = False
+    use_tensorboard: bool = False
+
+    # ---- tracking (seed) ----
+    use_comet: bool = False
+    comet_config: dict = field(
+        default_factory=lambda: {"api_key": "", "project_name": "kronos-finetune", "workspace": ""}
+    )
+    comet_tag: str = "finetune_demo"
+    comet_name: str = "finetune_demo"
+
+    # ---- models & paths (seed) ----
+    save_path: str = "./outputs/models"
+    tokenizer_save_folder_name: str = "finetune_tokenizer_demo"
+    predictor_save_folder_name: str = "finetune_predictor_demo"
+    backtest_save_folder_name: str = "finetune_backtest_demo"
+    backtest_result_path: str = "./outputs/backtest_results"
+    pretrained_tokenizer_path: str = "NeoQuasar/Kronos-Tokenizer-base"
+    pretrained_predictor_path: str = "NeoQuasar/Kronos-small"
+    finetuned_tokenizer_path: str = ""  # derived from save_path when empty
+    finetuned_predictor_path: str = ""  # derived from save_path when empty
+    tokenizer_preset: str = "base"  # used when pretrained_tokenizer_path is empty
+    predictor_preset: str = "small"  # used when pretrained_predictor_path is empty
+
+    # ---- prediction & backtest (seed) ----
+    backtest_n_symbol_hold: int = 50
+    backtest_n_symbol_drop: int = 5
+    backtest_hold_thresh: int = 5
+    inference_T: float = 0.6
+    inference_top_p: float = 0.9
+    inference_top_k: int = 0
+    inference_sample_count: int = 5
+    backtest_batch_size: int = 1000
+    backtest_benchmark: str = ""  # derived from instrument when empty
+
+    # ---- prediction & evaluation (ours) ----
+    quantiles: list = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    plot_n_symbols: int = 5
+    inference_seed: int = 100
+    backtest_open_cost: float = 0.0005
+    backtest_close_cost: float = 0.0015
+    backtest_min_cost: float = 5.0
+    backtest_account: float = 100_000_000.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def tokenizer_dir(self) -> str:
+        return os.path.join(self.save_path, self.tokenizer_save_folder_name)
+
+    @property
+    def predictor_dir(self) -> str:
+        return os.path.join(self.save_path, self.predictor_save_folder_name)
+
+    @property
+    def backtest_dir(self) -> str:
+        return os.path.join(self.backtest_result_path, self.backtest_save_folder_name)
+
+    @property
+    def finetuned_tokenizer(self) -> str:
+        """Where the finetuned tokenizer's best checkpoint lives (explicit value wins)."""
+        return self.finetuned_tokenizer_path or os.path.join(self.tokenizer_dir, "checkpoints", "best_model")
+
+    @property
+    def finetuned_predictor(self) -> str:
+        return self.finetuned_predictor_path or os.path.join(self.predictor_dir, "checkpoints", "best_model")
+
+    @property
+    def benchmark(self) -> str:
+        return self.backtest_benchmark or BENCHMARKS.get(self.instrument.lower(), "SH000300")
+
+    @property
+    def window(self) -> int:
+        """Rows per training window: lookback + predict + 1."""
+        return self.lookback_window + self.predict_window + 1
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_type(f)))
+        positive = ["lookback_window", "predict_window", "max_context", "batch_size", "epochs",
+                    "n_train_iter", "n_val_iter", "accumulation_steps", "log_interval", "sina_datalen"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+        if self.clip <= 0:
+            raise ConfigError(f"config key 'clip' must be > 0, got {self.clip}")
+        if len(self.feature_list) != 6:
+            raise ConfigError(
+                "config key 'feature_list' must list 6 features (open, high, low, close, volume, amount), "
+                f"got {self.feature_list}"
+            )
+        if len(self.time_feature_list) != 5:
+            raise ConfigError(
+                "config key 'time_feature_list' must list 5 features (minute, hour, weekday, day, month), "
+                f"got {self.time_feature_list}"
+            )
+        for key in ("train_time_range", "val_time_range", "test_time_range", "backtest_time_range"):
+            value = getattr(self, key)
+            if len(value) != 2:
+                raise ConfigError(f"config key '{key}' must be [start, end], got {value}")
+        if self.split_ratios is not None:
+            r = self.split_ratios
+            if len(r) != 3 or any(float(v) < 0 for v in r) or abs(sum(float(v) for v in r) - 1) > 1e-6:
+                raise ConfigError(f"config key 'split_ratios' must be three non-negative numbers summing to 1, got {r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"config key 'precision' must be one of auto, fp32, bf16, fp16, got '{self.precision}'")
+        if self.sina_scale not in (5, 15, 30, 60, 240):
+            raise ConfigError(f"config key 'sina_scale' must be one of 5, 15, 30, 60, 240, got {self.sina_scale}")
+        if not 0 < self.inference_top_p <= 1:
+            raise ConfigError(f"config key 'inference_top_p' must be in (0, 1], got {self.inference_top_p}")
+        if self.inference_T <= 0:
+            raise ConfigError(f"config key 'inference_T' must be > 0, got {self.inference_T}")
+        if self.inference_sample_count < 1:
+            raise ConfigError(f"config key 'inference_sample_count' must be >= 1, got {self.inference_sample_count}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def update(self, overrides: dict[str, Any], source: str = "overrides") -> "Config":
+        """Apply ``overrides`` in place (validated); returns self."""
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(overrides).__name__}")
+        valid = set(self.keys())
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in overrides.items():
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), sorted(valid), n=1, cutoff=0.5)
+                hint = f"; did you mean '{close[0]}'?" if close else "; run `kronos config` to list valid keys"
+                raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+            setattr(self, key, _coerce(key, value, _field_type(fields[key]), source))
+        self.validate()
+        return self
+
+    @classmethod
+    def from_dict(cls, overrides: dict[str, Any], source: str = "overrides") -> "Config":
+        return cls().update(overrides, source)
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike]) -> "Config":
+        """Defaults overridden by a JSON (``.json``) or YAML (``.yaml``/``.yml``) file."""
+        return cls().update(load_overrides(path), source=str(path))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the effective config (derived paths resolved) as JSON, atomically."""
+        data = self.to_dict()
+        data["finetuned_tokenizer_path"] = self.finetuned_tokenizer
+        data["finetuned_predictor_path"] = self.finetuned_predictor
+        data["backtest_benchmark"] = self.benchmark
+        atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def load_overrides(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; pass an existing JSON or YAML file to --config-path")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file '{p}' cannot be read: {exc.strerror}") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML{where}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file '{p}' is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold an object of config keys, got {type(data).__name__}")
+    return data
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+
+
+# ---------------------------------------------------------------------- type checking helpers
+@functools.lru_cache(maxsize=1)
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _field_type(f: dataclasses.Field) -> Any:
+    return _type_hints()[f.name]
+
+
+def _coerce(key: str, value: Any, tp: Any, source: str = "config") -> Any:
+    """Return ``value`` converted to ``tp`` where lossless (int -> float), else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, getattr(types, "UnionType"))):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], source)
+    name = getattr(tp, "__name__", str(tp))
+    bad = ConfigError(
+        f"{source}: config key '{key}' must be {_article(name)}, got {type(value).__name__} {value!r}"
+    )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if tp is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    return value
+
+
+def _article(name: str) -> str:
+    words = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+             "list": "a list", "dict": "an object"}
+    return words.get(name, name)

@@ -1,0 +1,29 @@
+"""One exception family for every error a user can cause.
+
+The CLI prints these as one line and exits non-zero; library users can catch :class:`KronosError`.
+"""
+from __future__ import annotations
+
+
+class KronosError(Exception):
+    """Base class: an actionable problem with the user's input, config, data or checkpoints."""
+
+
+class ConfigError(KronosError, ValueError):
+    """A config key is unknown, has the wrong type, or an invalid value."""
+
+
+class DataError(KronosError, ValueError):
+    """Market data is missing, unreadable or malformed."""
+
+
+class CheckpointError(KronosError, OSError):
+    """A checkpoint cannot be found, read or matched to the model."""
+
+
+class InputError(KronosError, ValueError):
+    """Bad arguments to a public API call (predict, generate, ...)."""
+
+
+class DependencyError(KronosError, ImportError):
+    """An optional dependency (e.g. pyqlib) is needed but not installed."""
