@@ -28,6 +28,14 @@ BENCHMARKS = {
 }
 
 
+# Keys holding file-system paths (resolved relative to a config file's folder); the HUB_KEYS may also be hub ids.
+PATH_KEYS = (
+    "qlib_data_path", "dataset_path", "csv_data_path", "sina_cache_dir", "save_path", "backtest_result_path",
+    "pretrained_tokenizer_path", "pretrained_predictor_path", "finetuned_tokenizer_path", "finetuned_predictor_path",
+)
+HUB_KEYS = ("pretrained_tokenizer_path", "pretrained_predictor_path")
+
+
 @dataclass
 class Config:
     """All settings of data processing, training, prediction and backtest.
@@ -132,6 +140,8 @@ class Config:
 
     # ---- prediction & evaluation (ours) ----
     quantiles: list = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    eval_stride: int = 1  # rolling evaluation/backtest forecasts every N bars
+    eval_max_anchors: int = 0  # keep only the latest N anchor dates (0 = all); --fast-mode caps it
     plot_n_symbols: int = 5
     inference_seed: int = 100
     backtest_open_cost: float = 0.0005
@@ -242,8 +252,21 @@ class Config:
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike]) -> "Config":
-        """Defaults overridden by a JSON (``.json``) or YAML (``.yaml``/``.yml``) file."""
-        return cls().update(load_overrides(path), source=str(path))
+        """Defaults overridden by a JSON (``.json``) or YAML (``.yaml``/``.yml``) file.
+
+        Relative paths written in the file are taken relative to the file's folder, so a config works the same
+        from any working directory (``finetune/`` or the repo root). Hub ids are left as they are.
+        """
+        overrides = load_overrides(path)
+        base = Path(path).resolve().parent
+        for key in PATH_KEYS:
+            value = overrides.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+                candidate = base / value
+                looks_local = value.startswith((".", "~")) or candidate.exists() or key not in HUB_KEYS
+                if looks_local:
+                    overrides[key] = os.path.normpath(str(candidate))
+        return cls().update(overrides, source=str(path))
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the effective config (derived paths resolved) as JSON, atomically."""

@@ -1,0 +1,285 @@
+"""The ``kronos`` command: every pipeline step over one config.
+
+Examples::
+
+    kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode
+    kronos data --config-path my.json --data-source csv
+    kronos train-tokenizer --config-path my.json
+    torchrun --standalone --nproc_per_node=4 -m kronos.cli train-predictor --config-path my.json
+    kronos predict --config-path my.json
+    kronos forecast --input my_klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small --pred-len 24
+    kronos config --config-path my.json          # print the effective config
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from kronos.config import Config
+from kronos.errors import ConfigError, KronosError
+
+log = logging.getLogger("kronos")
+
+EPILOG = """examples:
+  kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode
+  kronos data --config-path my.json --data-source csv --set csv_data_path=./my_klines/
+  kronos train-tokenizer --config-path my.json --resume
+  torchrun --standalone --nproc_per_node=4 -m kronos.cli train-predictor --config-path my.json
+  kronos predict --config-path my.json
+  kronos forecast --input my_klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small --pred-len 24
+  kronos config --config-path my.json
+"""
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-path", metavar="PATH", help="JSON or YAML file overriding any subset of Config's keys")
+    p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is available")
+    p.add_argument("--fast-mode", action="store_true", help="few epochs and batches: the whole pipeline in minutes")
+    p.add_argument("--data-source", metavar="NAME", help="qlib, sina, csv or a registered custom source")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one config key (VALUE parsed as JSON when possible); repeatable")
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Config from defaults, the --config-path file, --set overrides and the flags (in that order)."""
+    from kronos.pipeline import apply_fast_mode
+
+    config = Config.from_file(args.config_path) if args.config_path else Config()
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
+        key, raw = item.split("=", 1)
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    if args.data_source:
+        overrides["data_source"] = args.data_source
+    if args.cpu:
+        overrides["device"] = "cpu"
+    if overrides:
+        config.update(overrides, source="command line")
+    if args.fast_mode:
+        apply_fast_mode(config)
+    return config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kronos", description="Train, finetune and use Kronos on your K-line data.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        return p
+
+    p = command("data", "load, clean and split market data into the processed dataset",
+                "kronos data --config-path examples/configs/demo.json")
+    add_config_args(p)
+    for name, what in (("train-tokenizer", "tokenizer"), ("train-predictor", "predictor")):
+        p = command(name, f"train or finetune the {what} (torchrun for several GPUs/processes)",
+                    f"kronos {name} --config-path examples/configs/demo.json --cpu --fast-mode")
+        add_config_args(p)
+        p.add_argument("--resume", action="store_true", help="continue from the stage's last/ checkpoint")
+    p = command("predict", "forecast the bars after every symbol's latest lookback window",
+                "kronos predict --config-path examples/configs/demo.json")
+    add_config_args(p)
+    p = command("evaluate", "rolling forecasts on the test split: MSE/MAE, direction, IC/RankIC vs naive",
+                "kronos evaluate --config-path examples/configs/demo.json --fast-mode")
+    add_config_args(p)
+    p = command("backtest", "top-k backtest of the forecast signals over backtest_time_range",
+                "kronos backtest --config-path examples/configs/demo.json --fast-mode")
+    add_config_args(p)
+    p = command("pipeline", "the complete pipeline: data, tokenizer, predictor, predict, evaluate, backtest",
+                "kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode")
+    add_config_args(p)
+    add_pipeline_flags(p)
+    p = command("forecast", "forecast one K-line file (CSV/Parquet) with any tokenizer/predictor checkpoints",
+                "kronos forecast --input klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small "
+                "--pred-len 24 --output forecast.csv")
+    p.add_argument("--input", required=True, help="CSV or Parquet with timestamps, open, high, low, close[, volume, amount]")
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (or hub id)")
+    p.add_argument("--model", required=True, help="predictor checkpoint folder (or hub id)")
+    p.add_argument("--pred-len", type=int, required=True, help="number of future bars")
+    p.add_argument("--lookback", type=int, default=0, help="use only the last N bars (default: all, up to max-context)")
+    p.add_argument("--max-context", type=int, default=512)
+    p.add_argument("--T", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--sample-count", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default="", help="write the forecast (CSV or .parquet); default: print it")
+    p.add_argument("--plot", default="", help="also write a PNG of history and forecast")
+    p = command("config", "print the effective config (defaults + file + flags) as JSON",
+                "kronos config --config-path examples/configs/demo.json --fast-mode")
+    add_config_args(p)
+    return parser
+
+
+def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-data-process", action="store_true", help="reuse the processed dataset on disk")
+    p.add_argument("--skip-tokenizer", action="store_true", help="reuse the finetuned tokenizer on disk")
+    p.add_argument("--skip-predictor", action="store_true", help="reuse the finetuned predictor on disk")
+    p.add_argument("--skip-predict", action="store_true", help="stop after training (no prediction, evaluation, backtest)")
+    p.add_argument("--skip-backtest", action="store_true", help="predict and evaluate, but no backtest")
+    p.add_argument("--resume", action="store_true", help="resume training stages from their last/ checkpoints")
+
+
+def setup_logging(quiet: bool = False) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("qlib", "matplotlib", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def maybe_init_distributed(config: Config) -> None:
+    """Under torchrun (WORLD_SIZE > 1) bring the process group up before any step needs a barrier."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from kronos.train.distributed import init_distributed
+
+    init_distributed(config)
+
+
+def run_pipeline_command(args: argparse.Namespace, config: Config) -> int:
+    from kronos.pipeline import KronosPipeline
+
+    maybe_init_distributed(config)
+    pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
+    result = pipe.run(skip_data=args.skip_data_process, skip_tokenizer=args.skip_tokenizer,
+                      skip_predictor=args.skip_predictor, skip_predict=args.skip_predict,
+                      skip_backtest=args.skip_backtest)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_result_summary(result)
+    return 0
+
+
+def print_result_summary(result) -> None:
+    lines = ["", "Kronos pipeline finished. Results:"]
+    if result.dataset_path:
+        lines.append(f"  dataset:          {result.dataset_path}")
+    lines.append(f"  tokenizer:        {result.tokenizer_path}")
+    lines.append(f"  predictor:        {result.predictor_path}")
+    if result.forecast_file:
+        lines.append(f"  forecasts:        {result.forecast_file} (and .csv)")
+    if result.metrics_file:
+        lines.append(f"  metrics:          {result.metrics_file}")
+        m = result.metrics
+        keys = [k for k in ("model/mse", "naive/mse", "model/direction_accuracy", "model/ic", "model/rank_ic") if k in m]
+        if keys:
+            lines.append("                    " + ", ".join(f"{k}={_fmt(m[k])}" for k in keys))
+    if result.backtest_dir:
+        lines.append(f"  backtest:         {result.backtest_dir}")
+        for sig, s in result.backtest_summary.items():
+            ann = s.get("excess_return_with_cost", {}) if isinstance(s.get("excess_return_with_cost"), dict) else {}
+            val = ann.get("annualized_return", s.get("annualized_return"))
+            lines.append(f"                    signal {sig}: annualised excess return (with cost) {_fmt(val)}")
+    if result.plots:
+        lines.append(f"  plots:            {len(result.plots)} PNG files, e.g. {result.plots[0]}")
+    lines.append(f"  step seconds:     {result.seconds}")
+    print("\n".join(lines), flush=True)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) and v is not None else str(v)
+
+
+def run_forecast_command(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from kronos.data.sources.csv import read_kline_file
+    from kronos.inference import KronosPredictor
+    from kronos.model import Kronos, KronosTokenizer
+    from kronos.timeutil import future_timestamps
+
+    frame = read_kline_file(args.input)
+    if args.lookback > 0:
+        frame = frame.iloc[-args.lookback:]
+    tokenizer = KronosTokenizer.from_pretrained(args.tokenizer)
+    model = Kronos.from_pretrained(args.model)
+    predictor = KronosPredictor(model, tokenizer, device=args.device, max_context=args.max_context)
+    x_ts = frame["timestamps"].reset_index(drop=True)
+    y_ts = pd.Series(future_timestamps(x_ts, args.pred_len))
+    cols = ["open", "high", "low", "close", "volume", "amount"]
+    mean, samples = predictor.predict(frame[cols].reset_index(drop=True), x_ts, y_ts, pred_len=args.pred_len,
+                                      T=args.T, top_k=args.top_k, top_p=args.top_p,
+                                      sample_count=args.sample_count, verbose=True, seed=args.seed,
+                                      return_samples=True)
+    out = mean.copy()
+    out.index.name = "timestamps"
+    if args.sample_count > 1:
+        import numpy as np
+
+        for q in (0.1, 0.9):
+            out[f"close_q{q:g}"] = np.quantile(samples[:, :, 3], q, axis=0)
+    if args.output:
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        (out.to_parquet if args.output.endswith((".parquet", ".pq")) else out.to_csv)(tmp)
+        os.replace(tmp, args.output)
+        log.info("forecast written to %s", args.output)
+    else:
+        print(out.to_string())
+    if args.plot:
+        from kronos.evaluate.plots import plot_forecast
+
+        history = frame.set_index("timestamps")[cols]
+        plot_forecast(history, mean, None, None, f"{args.input}: {args.pred_len}-bar forecast", args.plot)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        if args.command == "forecast":
+            return run_forecast_command(args)
+        config = build_config(args)
+        if args.command == "config":
+            print(json.dumps(config.to_dict(), indent=2, ensure_ascii=False))
+            return 0
+        if args.command == "pipeline":
+            return run_pipeline_command(args, config)
+        from kronos.pipeline import KronosPipeline
+
+        pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
+        if args.command == "data":
+            pipe.process_data()
+        elif args.command == "train-tokenizer":
+            maybe_init_distributed(config)
+            pipe.train_tokenizer()
+        elif args.command == "train-predictor":
+            maybe_init_distributed(config)
+            pipe.train_predictor()
+        elif args.command == "predict":
+            pipe.predict()
+            print(f"forecasts: {pipe.result.forecast_file}")
+        elif args.command == "evaluate":
+            metrics = pipe.evaluate()
+            print(json.dumps({k: v for k, v in metrics.items()}, indent=2, default=str))
+        elif args.command == "backtest":
+            summary = pipe.backtest()
+            print(f"backtest results: {pipe.result.backtest_dir}")
+            print(json.dumps(summary, indent=2, default=str))
+        return 0
+    except KronosError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

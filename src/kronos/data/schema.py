@@ -1,0 +1,246 @@
+"""The canonical K-line frame every data source produces, and its validation.
+
+A *raw frame* holds one symbol's bars: ``timestamps`` (datetime64[ns], tz-naive) and the six value columns
+``open, high, low, close, volume, amount`` (float64). It may still hold NaN rows or impossible bars; cleaning
+happens in :mod:`kronos.data.processing`. A *split frame* (what ``store`` writes and the training windows read)
+is the long form of many cleaned raw frames plus a ``symbol`` column and the calendar features.
+
+:func:`validate_kline_frame` turns whatever a user's file or an API gives into a raw frame: columns are matched
+case-insensitively with common aliases (also the Chinese headers of A-share exports), timestamps are parsed
+and made tz-naive, numbers are coerced, and a missing ``volume``/``amount`` is filled the way the predictor
+does it (Q10: no volume -> volume and amount 0; no amount -> mean(OHLC) x volume).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from kronos.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
+VALUE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume", "amount")
+KLINE_COLUMNS: tuple[str, ...] = ("timestamps",) + VALUE_COLUMNS
+TIME_FEATURES: tuple[str, ...] = ("minute", "hour", "weekday", "day", "month")
+SPLIT_COLUMNS: tuple[str, ...] = ("symbol",) + KLINE_COLUMNS + TIME_FEATURES
+
+# Accepted spellings per canonical column, in order of preference (matched case-insensitively).
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "timestamps": ("timestamps", "timestamp", "datetime", "date", "time", "day", "trade_date", "日期", "时间"),
+    "open": ("open", "开盘", "开盘价"),
+    "high": ("high", "最高", "最高价"),
+    "low": ("low", "最低", "最低价"),
+    "close": ("close", "收盘", "收盘价"),
+    "volume": ("volume", "vol", "成交量"),
+    "amount": ("amount", "amt", "turnover", "money", "成交额"),
+}
+SYMBOL_ALIASES: tuple[str, ...] = ("symbol", "code", "ticker", "instrument", "stock_code", "代码", "股票代码")
+
+_TZ_SUFFIX = re.compile(r"\s*(?:Z|UTC|[+-]\d{2}:?\d{2})$")
+
+
+def find_column(columns: Iterable[object], aliases: Iterable[str], explicit: str = "") -> Optional[str]:
+    """Return the column of ``columns`` matching ``explicit`` (if given) or the first of ``aliases``.
+
+    Matching ignores case and surrounding spaces; an exact-case match wins over a case-insensitive one.
+    """
+    cols = [c for c in columns if isinstance(c, str)]
+    wanted = [explicit] if explicit else list(aliases)
+    for name in wanted:
+        if name in cols:
+            return name
+        key = name.strip().lower()
+        for c in cols:
+            if c.strip().lower() == key:
+                return c
+    return None
+
+
+def empty_kline_frame() -> pd.DataFrame:
+    """A raw frame with no rows but the canonical columns and dtypes."""
+    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in VALUE_COLUMNS})
+    frame.insert(0, "timestamps", pd.Series(dtype="datetime64[ns]"))
+    return frame
+
+
+def derive_amount(frame: pd.DataFrame) -> pd.Series:
+    """``mean(open, high, low, close) x volume`` row-wise, the official pipelines' stand-in for turnover."""
+    return frame[list(PRICE_COLUMNS)].mean(axis=1, skipna=False) * frame["volume"]
+
+
+def _where(pos: int, line_offset: Optional[int]) -> str:
+    return f"line {pos + line_offset}" if line_offset is not None else f"row {pos + 1}"
+
+
+def parse_timestamps(
+    values: pd.Series, source_name: str, column: str = "timestamps", line_offset: Optional[int] = None
+) -> pd.Series:
+    """Parse ``values`` into tz-naive datetime64[ns]; DataError naming the first unparseable row.
+
+    Accepts datetimes (tz-aware ones keep their local wall time), date/time strings in any one format (mixed
+    formats are retried), ``YYYYMMDD`` integers and Unix epochs (s/ms/us/ns, by magnitude). ``line_offset``
+    turns a 0-based row position into a file line number in messages (2 for a CSV with a header).
+    """
+    s = pd.Series(values).reset_index(drop=True)
+    if isinstance(s.dtype, pd.DatetimeTZDtype):
+        parsed = s.dt.tz_localize(None)
+    elif pd.api.types.is_datetime64_any_dtype(s.dtype):
+        parsed = s
+    elif pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+        parsed = _parse_numeric_timestamps(s)
+    else:
+        parsed = _parse_text_timestamps(s)
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{source_name}: column '{column}' has an unparseable or empty timestamp at {_where(pos, line_offset)} "
+            f"(value {s.iloc[pos]!r}); fix or remove that row ({int(bad.sum())} bad value(s) in total)"
+        )
+    try:
+        return parsed.astype("datetime64[ns]")
+    except (ValueError, OverflowError, pd.errors.OutOfBoundsDatetime) as exc:
+        raise DataError(f"{source_name}: column '{column}' has timestamps out of range: {exc}") from None
+
+
+def _parse_numeric_timestamps(s: pd.Series) -> pd.Series:
+    v = pd.to_numeric(s, errors="coerce").astype("float64")
+    finite = v[np.isfinite(v)]
+    if len(finite) and (finite >= 1e7).all() and (finite < 3e7).all() and (finite % 1 == 0).all():
+        # YYYYMMDD integers (e.g. tushare's trade_date)
+        text = v.map(lambda x: f"{int(x):08d}" if np.isfinite(x) else "")
+        return pd.to_datetime(text, format="%Y%m%d", errors="coerce")
+    magnitude = float(finite.abs().max()) if len(finite) else 0.0
+    unit = "s" if magnitude < 1e11 else "ms" if magnitude < 1e14 else "us" if magnitude < 1e17 else "ns"
+    return pd.to_datetime(v, unit=unit, errors="coerce")
+
+
+def _parse_text_timestamps(s: pd.Series) -> pd.Series:
+    text = s.astype("object").where(s.notna(), None)
+    text = text.map(lambda x: x.strip() if isinstance(x, str) else x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            parsed = pd.to_datetime(text, errors="coerce")
+        except (ValueError, TypeError):
+            # e.g. mixed UTC offsets (daylight saving): keep each row's local wall time
+            stripped = text.map(lambda x: _TZ_SUFFIX.sub("", x) if isinstance(x, str) else x)
+            parsed = pd.to_datetime(stripped, errors="coerce", format="mixed")
+        if isinstance(parsed.dtype, pd.DatetimeTZDtype):
+            parsed = parsed.dt.tz_localize(None)
+        if parsed.isna().sum() > s.isna().sum():
+            # the format inferred from the first row did not fit every row: parse row by row
+            try:
+                retry = pd.to_datetime(text, errors="coerce", format="mixed")
+                if isinstance(retry.dtype, pd.DatetimeTZDtype):
+                    retry = retry.dt.tz_localize(None)
+                if retry.isna().sum() < parsed.isna().sum():
+                    parsed = retry
+            except (ValueError, TypeError):
+                pass
+    return pd.Series(parsed, index=s.index)
+
+
+def _coerce_numbers(values: pd.Series, source_name: str, column: str, line_offset: Optional[int]) -> pd.Series:
+    s = pd.Series(values).reset_index(drop=True)
+    if pd.api.types.is_bool_dtype(s.dtype):
+        raise DataError(f"{source_name}: column '{column}' holds true/false values, expected numbers")
+    out = pd.to_numeric(s, errors="coerce").astype("float64")
+    given = s.notna().to_numpy()
+    if given.any() and out.isna().to_numpy()[given].all():
+        pos = int(np.flatnonzero(given)[0])
+        raise DataError(
+            f"{source_name}: column '{column}' holds no numbers (first value {s.iloc[pos]!r} at "
+            f"{_where(pos, line_offset)}); check the file's column layout and decimal format"
+        )
+    return out
+
+
+def validate_kline_frame(
+    df: pd.DataFrame,
+    source_name: str,
+    *,
+    timestamp_column: str = "",
+    line_offset: Optional[int] = None,
+) -> pd.DataFrame:
+    """Return ``df`` as a canonical raw frame (new object, input order kept, RangeIndex).
+
+    ``source_name`` names the origin in error messages (e.g. ``"file 'data/AAPL.csv'"``). The timestamp
+    column is ``timestamp_column`` when given, else the first alias found (``timestamps``, ``datetime``,
+    ``date``...), a ``date`` + ``time`` pair, or a datetime index. Missing ``open/high/low/close`` or
+    timestamps raise :class:`DataError`; rows are not filtered here.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise DataError(f"{source_name}: expected a pandas DataFrame, got {type(df).__name__}")
+    frame = df
+    ts_col = find_column(frame.columns, COLUMN_ALIASES["timestamps"], timestamp_column)
+    if timestamp_column and ts_col is None:
+        raise DataError(
+            f"{source_name}: timestamp column '{timestamp_column}' (config key 'csv_timestamp_column') not found; "
+            f"columns are {list(map(str, frame.columns))}"
+        )
+    if ts_col is None and isinstance(frame.index, pd.DatetimeIndex):
+        frame = frame.reset_index(names="__index_timestamps__")
+        ts_col = "__index_timestamps__"
+    if ts_col is None:
+        raise DataError(
+            f"{source_name}: no timestamp column found (looked for {', '.join(COLUMN_ALIASES['timestamps'][:6])}, "
+            f"any case); columns are {list(map(str, frame.columns))}; rename one or set 'csv_timestamp_column'"
+        )
+    ts_values = frame[ts_col]
+    if isinstance(ts_values, pd.DataFrame):
+        raise DataError(f"{source_name}: timestamp column '{ts_col}' appears more than once")
+    # A separate date + time pair (common in exports): join them when the chosen column is the date.
+    date_key = ts_col.strip().lower() if isinstance(ts_col, str) else ""
+    time_col = find_column(frame.columns, ("time", "时间")) if date_key in ("date", "日期", "day", "trade_date") else None
+    if time_col is not None and time_col != ts_col and not timestamp_column:
+        ts_values = frame[ts_col].astype(str).str.strip() + " " + frame[time_col].astype(str).str.strip()
+        ts_col = f"{ts_col}+{time_col}"
+
+    out = pd.DataFrame({"timestamps": parse_timestamps(ts_values, source_name, str(ts_col), line_offset)})
+    for name in PRICE_COLUMNS:
+        col = find_column(frame.columns, COLUMN_ALIASES[name])
+        if col is None:
+            raise DataError(
+                f"{source_name}: required price column '{name}' is missing; columns are "
+                f"{list(map(str, frame.columns))} (need open, high, low, close)"
+            )
+        out[name] = _coerce_numbers(frame[col], source_name, str(col), line_offset)
+    vol_col = find_column(frame.columns, COLUMN_ALIASES["volume"])
+    amt_col = find_column(frame.columns, COLUMN_ALIASES["amount"])
+    if vol_col is None:
+        # Q10: the predictor zeroes volume and amount when volume is absent; training data must match.
+        logger.warning("%s: no volume column; using volume = 0 and amount = 0", source_name)
+        out["volume"] = 0.0
+        out["amount"] = 0.0
+    else:
+        out["volume"] = _coerce_numbers(frame[vol_col], source_name, str(vol_col), line_offset)
+        if amt_col is None:
+            logger.info("%s: no amount column; deriving amount = mean(open, high, low, close) x volume", source_name)
+            out["amount"] = derive_amount(out)
+        else:
+            out["amount"] = _coerce_numbers(frame[amt_col], source_name, str(amt_col), line_offset)
+    return out[list(KLINE_COLUMNS)]
+
+
+def check_split_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Raise DataError unless ``df`` has the split-frame columns; returns it with canonical dtypes."""
+    missing = [c for c in SPLIT_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{where}: missing column(s) {missing}; the dataset was written by another version, re-run the data step"
+        )
+    out = df[list(SPLIT_COLUMNS)].copy()
+    out["symbol"] = out["symbol"].astype(str)
+    out["timestamps"] = out["timestamps"].astype("datetime64[ns]")
+    for c in VALUE_COLUMNS:
+        out[c] = out[c].astype("float64")
+    for c in TIME_FEATURES:
+        out[c] = out[c].astype("int64")
+    return out

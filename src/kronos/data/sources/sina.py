@@ -1,0 +1,328 @@
+"""Sina Finance K-line source: a small HTTP client and the ``sina`` data processor.
+
+Sina serves A-share K-lines (``sh``/``sz``/``bj`` symbols) from two twin endpoints that take the same query
+``?symbol=sh600000&scale=240&ma=no&datalen=1023``:
+
+* JSONP (default, ``sina_base_url``): ``.../jsonp_v2.php/=/CN_MarketDataService.getKLineData``. The body is an
+  optional ``/*<script>location.href='//sina.com';</script>*/`` prefix, then ``=(`` JSON ``);`` — the callback
+  name is whatever sits before ``=`` in the URL path (empty here, ``var _x`` for ``.../var%20_x=/...``).
+* plain JSON: ``.../json_v2.php/CN_MarketData.getKLineData`` returns the bare array.
+
+The array holds objects whose values are strings: ``day`` (``2024-01-10`` for daily bars, ``2024-01-10 14:55:00``
+for minute bars, the bar's end time), ``open``, ``high``, ``low``, ``close``, ``volume`` and, usually, ``amount``.
+Unknown symbols give ``null`` (or ``=(null);``). Numbers are kept as Sina gives them: volume is in shares (not
+the 100-share lots of some other feeds) and amount in yuan; a missing ``amount`` is derived later as
+``volume * mean(open, high, low, close)`` (the spec's rule for an absent amount).
+
+Raw bodies are cached on disk per (symbol, scale, datalen) so that a rerun after a failure only fetches what is
+missing. The cache lives in ``sina_cache_dir``, by default ``<dataset_path>_raw/sina`` — a sibling of the
+processed dataset, so that rebuilding the dataset keeps it. Delete the cache folder to fetch fresh bars.
+"""
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kronos.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+SINA_JSONP_URL = "https://quotes.sina.cn/cn/api/jsonp_v2.php/=/CN_MarketDataService.getKLineData"
+SINA_JSON_URL = "https://money.finance.sina.com.cn/quotes_service/api/json_v2.php/CN_MarketData.getKLineData"
+SINA_SCALES = (5, 15, 30, 60, 240)
+
+# Sina answers bare clients (no browser User-Agent, no Referer) with 403 or an empty page.
+DEFAULT_HEADERS = {
+    "User-Agent": (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/124.0 Safari/537.36"
+    ),
+    "Referer": "https://finance.sina.com.cn",
+    "Accept": "*/*",
+}
+
+PRICE_COLUMNS = ["open", "high", "low", "close"]
+VALUE_COLUMNS = PRICE_COLUMNS + ["volume", "amount"]
+CANONICAL_COLUMNS = ["timestamps"] + VALUE_COLUMNS
+
+_SYMBOL_RE = re.compile(r"^(sh|sz|bj)(\d{6})$")
+_SUFFIX_SYMBOL_RE = re.compile(r"^(\d{6})\.(sh|sz|bj)$")  # 600000.SH, the other common spelling
+_COMMENT_RE = re.compile(r"^\s*/\*.*?\*/", re.S)
+# JSONP wrapper: optional "var", optional callback name, optional "=", then "( payload )" and an optional ";".
+_JSONP_RE = re.compile(r"^(?:var\s+)?(?:[A-Za-z_$][\w$.]*)?\s*=?\s*\((?P<payload>.*)\)\s*;?\s*$", re.S)
+_ASSIGN_RE = re.compile(r"^(?:var\s+)?[A-Za-z_$][\w$.]*\s*=\s*(?P<payload>.*?)\s*;?\s*$", re.S)
+_BARE_KEY_RE = re.compile(r"([{,]\s*)([A-Za-z_]\w*)(\s*:)")  # {day:"..."}: older Sina bodies are JS literals
+
+
+# ---------------------------------------------------------------------------------------------- symbols
+def normalize_symbol(symbol: Any) -> str:
+    """Return ``symbol`` as Sina spells it (``sh600000``); accepts ``SH600000`` and ``600000.SH`` too.
+
+    Raises ConfigError naming the symbol when it is not an exchange prefix (sh, sz, bj) plus six digits.
+    """
+    if not isinstance(symbol, str):
+        raise ConfigError(
+            f"config key 'sina_symbols': symbol {symbol!r} must be a string like 'sh600000'"
+        )
+    s = symbol.strip().lower()
+    m = _SUFFIX_SYMBOL_RE.match(s)
+    if m:
+        s = m.group(2) + m.group(1)
+    if not _SYMBOL_RE.match(s):
+        raise ConfigError(
+            f"config key 'sina_symbols': invalid symbol '{symbol}'; use an exchange prefix (sh, sz, bj) and six "
+            "digits, e.g. sh600000, sz000001, bj430047"
+        )
+    return s
+
+
+def normalize_symbols(symbols: Iterable[Any]) -> list[str]:
+    """Validate, lower-case and de-duplicate ``symbols`` keeping their order."""
+    if isinstance(symbols, str):
+        symbols = [s for s in re.split(r"[,\s]+", symbols) if s]
+    out: list[str] = []
+    for sym in symbols:
+        s = normalize_symbol(sym)
+        if s not in out:
+            out.append(s)
+    if not out:
+        raise ConfigError("config key 'sina_symbols' is empty; list at least one symbol, e.g. [\"sh600000\"]")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def _load_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        # Older Sina bodies are JavaScript literals with unquoted keys: {day:"2024-01-10",open:"6.57"}.
+        return json.loads(_BARE_KEY_RE.sub(r'\1"\2"\3', text))
+
+
+def _extract_payload(text: str) -> str:
+    """Strip the anti-embedding comment and a JSONP wrapper, returning the JSON text inside."""
+    s = text.lstrip("\ufeff").strip()
+    while True:  # the /*<script>location.href='//sina.com';</script>*/ prefix (possibly repeated)
+        m = _COMMENT_RE.match(s)
+        if not m:
+            break
+        s = s[m.end():].strip()
+    if not s or s[0] in "[{\"" or s.startswith("null"):
+        return s.rstrip(";").strip()
+    m = _JSONP_RE.match(s)
+    if m:
+        return m.group("payload").strip()
+    m = _ASSIGN_RE.match(s)  # var _x=[...]; without parentheses
+    if m:
+        return m.group("payload").strip()
+    return s
+
+
+def parse_kline_body(text: str, symbol: str, url: str = "") -> pd.DataFrame:
+    """Parse one Sina response body (JSONP or plain JSON) into a canonical K-line frame.
+
+    Columns: ``timestamps`` (datetime64[ns], sorted, unique) and ``open, high, low, close, volume, amount``
+    (float64; ``amount`` is NaN where Sina omitted it). Raises DataError naming ``symbol`` for HTML pages,
+    malformed bodies, ``null`` (unknown symbol) and empty arrays.
+    """
+    where = f" from {url}" if url else ""
+    s = _extract_payload(text)
+    if not s:
+        raise DataError(f"Sina returned an empty body for symbol '{symbol}'{where}")
+    if s.startswith("<"):
+        title = re.search(r"<title[^>]*>(.*?)</title>", s, re.S | re.I)
+        hint = f" ('{title.group(1).strip()[:60]}')" if title else ""
+        raise DataError(
+            f"Sina returned an HTML page{hint} instead of K-line data for symbol '{symbol}'{where}; "
+            "the request was probably blocked or the URL (sina_base_url) is wrong"
+        )
+    try:
+        data = _load_json(s)
+    except (json.JSONDecodeError, ValueError):
+        snippet = " ".join(s.split())[:80]
+        raise DataError(f"Sina returned a malformed body for symbol '{symbol}'{where}: '{snippet}'") from None
+    if data is None:
+        raise DataError(
+            f"Sina has no data for symbol '{symbol}' (body 'null'){where}; check that the symbol exists and is listed"
+        )
+    if not isinstance(data, list):
+        raise DataError(
+            f"Sina returned a {type(data).__name__} instead of a list of bars for symbol '{symbol}'{where}"
+        )
+    if not data:
+        raise DataError(f"Sina returned no bars (empty list) for symbol '{symbol}'{where}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"Sina bar {i} for symbol '{symbol}' is not an object but {row!r:.60}{where}")
+    raw = pd.DataFrame.from_records(data)
+    missing = [c for c in ["day"] + PRICE_COLUMNS + ["volume"] if c not in raw.columns]
+    if missing:
+        raise DataError(f"Sina bars for symbol '{symbol}' lack field(s) {', '.join(missing)}{where}")
+
+    out = {}
+    try:
+        ts = pd.to_datetime(raw["day"].astype(str), format="ISO8601")
+    except (ValueError, TypeError):
+        bad = next((i for i, v in enumerate(raw["day"]) if pd.isna(pd.to_datetime(str(v), errors="coerce"))), 0)
+        raise DataError(
+            f"Sina bar {bad} for symbol '{symbol}' has an unreadable day {raw['day'].iloc[bad]!r}{where}"
+        ) from None
+    out["timestamps"] = ts.astype("datetime64[ns]")
+    for col in VALUE_COLUMNS:
+        if col not in raw.columns:
+            out[col] = pd.Series(np.nan, index=raw.index, dtype="float64")
+            continue
+        values = pd.to_numeric(raw[col], errors="coerce").astype("float64")
+        # amount may be missing on some rows; the other fields must all be numbers.
+        bad_rows = values.isna() & (raw[col].notna() if col == "amount" else True)
+        if bad_rows.any():
+            i = int(np.flatnonzero(bad_rows.to_numpy())[0])
+            raise DataError(
+                f"Sina bar {i} ({raw['day'].iloc[i]}) for symbol '{symbol}' has a non-numeric {col} "
+                f"{raw[col].iloc[i]!r}{where}"
+            )
+        out[col] = values
+    frame = pd.DataFrame(out, columns=CANONICAL_COLUMNS)
+    frame = frame.sort_values("timestamps", kind="stable").drop_duplicates("timestamps", keep="last")
+    return frame.reset_index(drop=True)
+
+
+def fill_missing_amount(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return ``frame`` with NaN ``amount`` set to ``volume * mean(open, high, low, close)`` (spec step 2)."""
+    missing = frame["amount"].isna()
+    if not missing.any():
+        return frame
+    derived = frame["volume"] * frame[PRICE_COLUMNS].mean(axis=1)
+    return frame.assign(amount=frame["amount"].where(~missing, derived))
+
+
+# ---------------------------------------------------------------------------------------------- client
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code == 429 or exc.code >= 500
+    return isinstance(exc, (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
+                            http.client.HTTPException))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}".strip()
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return "timed out"
+        return f"connection failed ({reason})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+def _decode(body: bytes, headers: Mapping[str, str]) -> str:
+    encoding = (headers.get("Content-Encoding") or "").lower()
+    if encoding == "gzip":
+        body = gzip.decompress(body)
+    elif encoding == "deflate":
+        body = zlib.decompress(body)
+    charset = "utf-8"
+    m = re.search(r"charset=([\w-]+)", headers.get("Content-Type") or "", re.I)
+    if m:
+        charset = m.group(1)
+    try:
+        return body.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return body.decode("gbk", errors="replace")  # Sina's legacy pages are GBK
+
+
+class SinaClient:
+    """Fetch K-lines from Sina over HTTP with retries and exponential backoff.
+
+    Connection errors, timeouts and HTTP 5xx/429 are retried ``retries`` times, sleeping
+    ``pause * 2**attempt`` seconds before retry ``attempt`` (0-based); other HTTP errors fail at once.
+    ``opener`` defaults to ``urllib.request.build_opener()`` (honours proxy environment variables).
+    """
+
+    def __init__(
+        self,
+        base_url: str = SINA_JSONP_URL,
+        timeout: float = 10.0,
+        retries: int = 3,
+        pause: float = 0.5,
+        opener: Optional[urllib.request.OpenerDirector] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not base_url or not urllib.parse.urlsplit(base_url).scheme.startswith("http"):
+            raise ConfigError(f"config key 'sina_base_url' must be an http(s) URL, got {base_url!r}")
+        if timeout <= 0:
+            raise ConfigError(f"config key 'sina_timeout' must be > 0 seconds, got {timeout}")
+        if retries < 0:
+            raise ConfigError(f"config key 'sina_retries' must be >= 0, got {retries}")
+        if pause < 0:
+            raise ConfigError(f"config key 'sina_pause' must be >= 0 seconds, got {pause}")
+        self.base_url = base_url
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.pause = float(pause)
+        self.opener = opener or urllib.request.build_opener()
+        self.headers = dict(DEFAULT_HEADERS)
+        self.headers.update(headers or {})
+        self._sleep = sleep
+
+    def url(self, symbol: str, scale: int = 240, datalen: int = 1023) -> str:
+        """The request URL for one symbol: ``{base_url}?symbol=..&scale=..&ma=no&datalen=..``."""
+        if scale not in SINA_SCALES:
+            raise ConfigError(f"config key 'sina_scale' must be one of 5, 15, 30, 60, 240, got {scale}")
+        if datalen < 1:
+            raise ConfigError(f"config key 'sina_datalen' must be >= 1, got {datalen}")
+        query = urllib.parse.urlencode({"symbol": symbol, "scale": int(scale), "ma": "no", "datalen": int(datalen)})
+        return f"{self.base_url}{'&' if '?' in self.base_url else '?'}{query}"
+
+    def fetch_body(self, symbol: str, scale: int = 240, datalen: int = 1023) -> str:
+        """Return the raw response text for ``symbol``; DataError (naming symbol, URL, status) on failure."""
+        symbol = normalize_symbol(symbol)
+        url = self.url(symbol, scale, datalen)
+        request = urllib.request.Request(url, headers=self.headers, method="GET")
+        attempts = self.retries + 1
+        last: Optional[BaseException] = None
+        for attempt in range(attempts):
+            try:
+                with self.opener.open(request, timeout=self.timeout) as response:
+                    return _decode(response.read(), response.headers)
+            except Exception as exc:  # noqa: BLE001 - classified below, everything else re-raised
+                if not isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException)):
+                    raise
+                if not _is_retryable(exc):
+                    raise DataError(
+                        f"Sina request for symbol '{symbol}' failed: {_describe(exc)} from {url}"
+                    ) from None
+                last = exc
+                if attempt + 1 < attempts:
+                    delay = self.pause * 2**attempt
+                    logger.debug("Sina %s: %s, retry %d/%d in %.2fs", symbol, _describe(exc), attempt + 1,
+                                 self.retries, delay)
+                    if delay > 0:
+                        self._sleep(delay)
+        raise DataError(
+            f"Sina request for symbol '{symbol}' failed after {attempts} attempt(s): {_describe(last)} from {url}"
+        )
+
+    def fetch(self, symbol: str, scale: int = 240, datalen: int = 1023) -> pd.DataFrame:
+        """Fetch and parse one symbol's bars (see :func:`parse_kline_body`; amount NaN where absent)."""
+        symbol = normalize_symbol(symbol)
+        return parse_kline_body(self.fetch_body(symbol, scale, datalen), symbol, self.url(symbol, scale, datalen))

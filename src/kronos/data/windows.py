@@ -1,0 +1,421 @@
+"""Sliding-window training data: an index-based Dataset and the epoch sampler that feeds it.
+
+:class:`WindowDataset` turns a processed long frame (``symbol``, ``timestamps``, prices, volume, amount, time
+features; see :mod:`kronos.data.store`) into two contiguous float32 arrays once, plus an implicit index of every
+window start that stays inside one symbol. Fetching a window is then pure NumPy slicing -- no pandas on the hot
+path -- and a whole batch is one fancy-indexing gather (``get_batch`` / ``__getitems__``).
+
+Each window has ``W = lookback + predict + 1`` rows. It is normalised with the mean and population standard
+deviation (float32) of its first ``lookback`` rows only, then clipped (spec 6.1)::
+
+    x_norm = clip((x - mu) / (sigma + 1e-5), -clip, clip)
+
+:class:`WindowSampler` decides *which* windows an epoch sees. It runs in the main process and draws the epoch's
+indices from a generator seeded by ``(seed, epoch)``; the DataLoader hands each index to exactly one worker, so
+workers never produce duplicate samples (the official dataset drew from a per-copy RNG inside ``__getitem__``,
+so every worker replayed the same stream -- Q15). Ranks take interleaved, disjoint slices of the same global
+sequence, and ``set_start`` skips the samples a resumed run has already consumed.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from kronos.errors import ConfigError, DataError, InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WindowDataset", "WindowSampler", "FEATURE_ALIASES", "DEFAULT_FEATURES", "DEFAULT_TIME_FEATURES"]
+
+#: The seed's feature names; ``vol``/``amt`` are its short names for the frame's ``volume``/``amount`` columns.
+DEFAULT_FEATURES = ["open", "high", "low", "close", "vol", "amt"]
+DEFAULT_TIME_FEATURES = ["minute", "hour", "weekday", "day", "month"]
+FEATURE_ALIASES = {"vol": "volume", "amt": "amount", "volume": "vol", "amount": "amt"}
+
+_EPS = 1e-5  # added to sigma before dividing (spec 6.1)
+_TIME_DERIVED = {
+    "minute": lambda t: t.dt.minute,
+    "hour": lambda t: t.dt.hour,
+    "weekday": lambda t: t.dt.day_of_week,
+    "day": lambda t: t.dt.day,
+    "month": lambda t: t.dt.month,
+}
+
+IndexLike = Union[Sequence[int], np.ndarray, torch.Tensor]
+
+
+def normalise_windows(x: np.ndarray, lookback: int, clip: float) -> np.ndarray:
+    """Normalise windows ``x`` (``[..., W, F]`` float32) with the statistics of their first ``lookback`` rows.
+
+    Population mean/std in float32 over the lookback rows, applied to all ``W`` rows, then clipped to
+    ``[-clip, clip]``. Works for one window (``[W, F]``) and a batch (``[B, W, F]``) alike; returns a new array.
+    """
+    past = x[..., :lookback, :]
+    mu = past.mean(axis=-2, keepdims=True)
+    sigma = past.std(axis=-2, keepdims=True)  # ddof=0, like np.std in the official dataset
+    out = (x - mu) / (sigma + _EPS)
+    np.clip(out, -clip, clip, out=out)
+    return out
+
+
+class WindowDataset(Dataset):
+    """All ``lookback + predict + 1``-row windows of a processed frame, normalised per window.
+
+    ``ds[i]`` returns ``(x, stamp)`` -- float32 tensors ``[W, 6]`` and ``[W, 5]`` -- or ``(x, stamp, i)`` when
+    ``return_index`` is set. Windows never cross a symbol boundary; symbols shorter than ``W`` rows contribute
+    none. ``get_batch(indices)`` computes a whole batch at once, and ``__getitems__`` lets a standard
+    ``DataLoader`` (torch >= 2.1) use that vectorised path with its default collate.
+
+    Args:
+        frame: long frame with ``symbol`` (optional: absent = one series), ``timestamps`` (optional), the feature
+            columns and the time-feature columns (derived from ``timestamps`` when missing), sorted or not.
+        lookback: rows whose statistics normalise the window (config ``lookback_window``).
+        predict: rows after the lookback (config ``predict_window``); the window has one extra row (spec 6.1).
+        clip: normalised values are clipped to ``[-clip, clip]``.
+        feature_list: six feature columns; ``vol``/``amt`` are aliases of ``volume``/``amount``.
+        time_feature_list: five time-feature columns.
+        return_index: also return the window index (for checks and per-sample bookkeeping).
+        name: label used in error messages (the split name, e.g. ``"train"``).
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        lookback: int,
+        predict: int,
+        clip: float = 5.0,
+        feature_list: Optional[Sequence[str]] = None,
+        time_feature_list: Optional[Sequence[str]] = None,
+        return_index: bool = False,
+        name: str = "data",
+    ) -> None:
+        for key, value in (("lookback_window", lookback), ("predict_window", predict)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"config key '{key}' must be an integer >= 1, got {value!r}")
+        if not clip > 0:
+            raise ConfigError(f"config key 'clip' must be > 0, got {clip!r}")
+        if not isinstance(frame, pd.DataFrame):
+            raise InputError(f"WindowDataset needs a pandas DataFrame, got {type(frame).__name__}")
+        self.name = str(name)
+        self.lookback = int(lookback)
+        self.predict = int(predict)
+        self.window = self.lookback + self.predict + 1
+        self.clip = float(clip)
+        self.return_index = bool(return_index)
+
+        frame = self._sorted(frame)
+        feat_cols = self._resolve(frame, feature_list or DEFAULT_FEATURES, "feature_list")
+        self.feature_list = list(feature_list or DEFAULT_FEATURES)
+        self.time_feature_list = list(time_feature_list or DEFAULT_TIME_FEATURES)
+        self.features = self._float_block(frame, feat_cols, "feature")  # [N, 6]
+        self.stamps = self._stamp_block(frame, self.time_feature_list)  # [N, 5]
+        self.timestamps = (
+            frame["timestamps"].to_numpy(dtype="datetime64[ns]") if "timestamps" in frame.columns else None
+        )
+
+        # Symbol runs: row offsets and lengths of each symbol's contiguous block.
+        if "symbol" in frame.columns:
+            codes, uniques = pd.factorize(frame["symbol"], sort=False)
+            bounds = np.flatnonzero(np.diff(codes)) + 1
+            run_start = np.concatenate([[0], bounds]).astype(np.int64)
+            run_symbols = [str(uniques[c]) for c in codes[run_start]] if len(codes) else []
+        else:
+            run_start = np.zeros(1 if len(frame) else 0, dtype=np.int64)
+            run_symbols = [self.name] if len(frame) else []
+        run_len = np.diff(np.concatenate([run_start, [len(frame)]])).astype(np.int64)
+        self._all_symbols = run_symbols
+        self._all_lengths = run_len
+        self._check_finite(frame, run_start, run_symbols)
+
+        n_win = run_len - self.window + 1
+        keep = n_win > 0
+        if not keep.any():
+            self._raise_too_short(run_symbols, run_len)
+        skipped = [s for s, k in zip(run_symbols, keep) if not k]
+        if skipped:
+            logger.info(
+                "%s: %d of %d symbols have fewer than %d rows and give no window (e.g. %s)",
+                self.name, len(skipped), len(run_symbols), self.window, ", ".join(skipped[:5]),
+            )
+        #: symbols that contribute at least one window, in row order
+        self.symbols = [s for s, k in zip(run_symbols, keep) if k]
+        self._sym_row0 = run_start[keep]
+        counts = n_win[keep]
+        self._win_cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._n = int(self._win_cum[-1])
+        self._offsets = np.arange(self.window, dtype=np.int64)
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_config(cls, config: Any, split: str, return_index: bool = False) -> "WindowDataset":
+        """Load ``split`` from ``config.dataset_path`` (see :func:`kronos.data.store.load_split`)."""
+        from kronos.data.store import load_split  # data store is optional for users who build frames themselves
+
+        frame = load_split(config.dataset_path, split)
+        return cls(
+            frame,
+            lookback=config.lookback_window,
+            predict=config.predict_window,
+            clip=config.clip,
+            feature_list=config.feature_list,
+            time_feature_list=config.time_feature_list,
+            return_index=return_index,
+            name=split,
+        )
+
+    def _sorted(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Return ``frame`` ordered by (symbol, timestamps) with each symbol in one block (stable)."""
+        keys = [k for k in ("symbol", "timestamps") if k in frame.columns]
+        if not keys or len(frame) == 0:
+            return frame
+        ok = True
+        if "symbol" in frame.columns:
+            codes = pd.factorize(frame["symbol"], sort=False)[0]
+            ok = (np.count_nonzero(np.diff(codes)) + 1) == (codes.max() + 1)
+        if ok and "timestamps" in frame.columns:
+            ts = frame["timestamps"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+            step = np.diff(ts)
+            if "symbol" in frame.columns:
+                step = step[np.diff(codes) == 0]
+            ok = bool((step >= 0).all())
+        if ok:
+            return frame
+        logger.debug("%s: sorting frame by %s", self.name, keys)
+        return frame.sort_values(keys, kind="stable").reset_index(drop=True)
+
+    def _resolve(self, frame: pd.DataFrame, names: Sequence[str], key: str) -> list[str]:
+        cols = []
+        for name in names:
+            if name in frame.columns:
+                cols.append(name)
+            elif FEATURE_ALIASES.get(name) in frame.columns:
+                cols.append(FEATURE_ALIASES[name])
+            else:
+                raise ConfigError(
+                    f"{self.name}: config key '{key}' names '{name}', which is not a column of the data; "
+                    f"columns are {list(map(str, frame.columns))}"
+                )
+        return cols
+
+    def _float_block(self, frame: pd.DataFrame, cols: list[str], what: str) -> np.ndarray:
+        try:
+            block = np.empty((len(frame), len(cols)), dtype=np.float32)
+            for j, c in enumerate(cols):
+                block[:, j] = frame[c].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError):
+            bad = next(c for c in cols if not pd.api.types.is_numeric_dtype(frame[c]))
+            raise DataError(
+                f"{self.name}: {what} column '{bad}' must be numeric, got dtype {frame[bad].dtype}; "
+                "re-run data processing"
+            ) from None
+        return block
+
+    def _stamp_block(self, frame: pd.DataFrame, names: list[str]) -> np.ndarray:
+        block = np.empty((len(frame), len(names)), dtype=np.float32)
+        for j, name in enumerate(names):
+            if name in frame.columns:
+                col = frame[name]
+                if not pd.api.types.is_numeric_dtype(col):
+                    raise DataError(
+                        f"{self.name}: time feature column '{name}' must be numeric, got dtype {col.dtype}"
+                    )
+                block[:, j] = col.to_numpy(dtype=np.float64)
+            elif name in _TIME_DERIVED and "timestamps" in frame.columns:
+                ts = pd.to_datetime(frame["timestamps"])
+                block[:, j] = _TIME_DERIVED[name](ts).to_numpy(dtype=np.float64)
+            else:
+                raise ConfigError(
+                    f"{self.name}: config key 'time_feature_list' names '{name}', which is not a column of the "
+                    f"data (and cannot be derived from 'timestamps'); columns are {list(map(str, frame.columns))}"
+                )
+        return block
+
+    def _check_finite(self, frame: pd.DataFrame, run_start: np.ndarray, run_symbols: list[str]) -> None:
+        for block, names in ((self.features, self.feature_list), (self.stamps, self.time_feature_list)):
+            bad = ~np.isfinite(block)
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                sym = run_symbols[int(np.searchsorted(run_start, row, side="right")) - 1]
+                when = f" at {pd.Timestamp(self.timestamps[row])}" if self.timestamps is not None else f" row {row}"
+                raise DataError(
+                    f"{self.name}: {int(bad.sum())} missing/non-finite values, first in column '{names[col]}' of "
+                    f"symbol {sym}{when}; drop or fill them during processing"
+                )
+
+    def _raise_too_short(self, symbols: list[str], lengths: np.ndarray) -> None:
+        need = (f"{self.window} rows (lookback_window {self.lookback} + predict_window {self.predict} + 1)")
+        if len(lengths) == 0:
+            raise DataError(f"split '{self.name}' is empty; a window needs {need}; check the split's time range")
+        k = int(np.argmax(lengths))
+        names = ", ".join(symbols[:5]) + (f" and {len(symbols) - 5} more" if len(symbols) > 5 else "")
+        raise DataError(
+            f"split '{self.name}' has no window: every symbol ({names}) has fewer than {need}; longest is "
+            f"{symbols[k]} with {int(lengths[k])} rows; lower lookback_window/predict_window or widen the split"
+        )
+
+    # ------------------------------------------------------------------ index arithmetic
+    def __len__(self) -> int:
+        return self._n
+
+    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map window indices to (symbol position, first row), checking bounds."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < -self._n or idx.max() >= self._n):
+            raise IndexError(f"window index out of range for {self._n} windows")
+        idx = np.where(idx < 0, idx + self._n, idx)
+        sym = np.searchsorted(self._win_cum, idx, side="right") - 1
+        return sym, self._sym_row0[sym] + (idx - self._win_cum[sym])
+
+    def window_rows(self, i: int) -> tuple[int, int]:
+        """Row range ``[start, stop)`` of window ``i`` in the (sorted) frame's arrays."""
+        _, row = self._locate(np.array([i]))
+        return int(row[0]), int(row[0]) + self.window
+
+    def window_symbol(self, i: int) -> str:
+        sym, _ = self._locate(np.array([i]))
+        return self.symbols[int(sym[0])]
+
+    def window_start_time(self, i: int) -> pd.Timestamp:
+        if self.timestamps is None:
+            raise InputError(f"{self.name}: the frame has no 'timestamps' column")
+        return pd.Timestamp(self.timestamps[self.window_rows(i)[0]])
+
+    # ------------------------------------------------------------------ fetching
+    def __getitem__(self, i: int) -> tuple:
+        if isinstance(i, (np.integer, torch.Tensor)):
+            i = int(i)
+        if not -self._n <= i < self._n:
+            raise IndexError(f"window index {i} out of range for {self._n} windows")
+        if i < 0:
+            i += self._n
+        k = int(np.searchsorted(self._win_cum, i, side="right")) - 1
+        r = int(self._sym_row0[k]) + i - int(self._win_cum[k])
+        x = normalise_windows(self.features[r:r + self.window], self.lookback, self.clip)
+        stamp = torch.from_numpy(self.stamps[r:r + self.window].copy())
+        if self.return_index:
+            return torch.from_numpy(x), stamp, i
+        return torch.from_numpy(x), stamp
+
+    def get_batch(self, indices: IndexLike) -> tuple:
+        """Windows ``indices`` as batched tensors ``x [B, W, 6]``, ``stamp [B, W, 5]`` (+ ``index [B]``).
+
+        One gather and one vectorised normalisation for the whole batch; values equal ``ds[i]`` for each i.
+        """
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        _, row = self._locate(idx)
+        rows = row[:, None] + self._offsets  # [B, W]
+        x = torch.from_numpy(normalise_windows(self.features[rows], self.lookback, self.clip))
+        stamp = torch.from_numpy(self.stamps[rows])
+        if self.return_index:
+            return x, stamp, torch.from_numpy(np.where(idx < 0, idx + self._n, idx))
+        return x, stamp
+
+    def __getitems__(self, indices: list) -> list:
+        """Batch fetch used by ``DataLoader`` (torch >= 2.1): per-sample views of one vectorised batch.
+
+        Returning per-sample tuples keeps the default collate (and any custom one) working unchanged.
+        """
+        batch = self.get_batch(indices)
+        parts = [t.unbind(0) if isinstance(t, torch.Tensor) and t.dim() > 1 else None for t in batch]
+        if self.return_index:
+            return [(x, s, int(i)) for x, s, i in zip(parts[0], parts[1], batch[2].tolist())]
+        return list(zip(parts[0], parts[1]))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, windows={self._n}, symbols={len(self.symbols)}, "
+            f"rows={len(self.features)}, window={self.window}, lookback={self.lookback})"
+        )
+
+
+class WindowSampler(Sampler[int]):
+    """Reproducible per-epoch draw of ``num_samples`` window indices, split over ranks.
+
+    Each epoch's global sequence comes from a NumPy generator seeded by ``(seed, epoch)``: indices are drawn
+    without replacement while ``num_samples <= n_windows`` (further rounds of fresh permutations when more
+    are asked). Rank ``r`` of ``world_size`` takes positions ``r, r + world_size, ...``, so ranks are disjoint;
+    like ``DistributedSampler(drop_last=True)`` every rank gets ``num_samples // world_size`` (at least 1).
+
+    The sampler lives in the main process and the DataLoader gives each index to one worker, so workers
+    never duplicate samples (unlike the official per-worker RNG copies, Q15).
+
+    Resume: ``set_start(k)`` skips the first ``k`` samples of this rank's current epoch; it holds until
+    ``set_epoch`` moves to another epoch (calling ``set_epoch`` with the same epoch keeps it), so
+    ``load_state_dict`` followed by the usual ``set_epoch(epoch)`` resumes exactly.
+    """
+
+    def __init__(self, n_windows: int, num_samples: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        for key, value, low in (("n_windows", n_windows, 1), ("num_samples", num_samples, 1),
+                                ("world_size", world_size, 1), ("rank", rank, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise InputError(f"WindowSampler: '{key}' must be an integer >= {low}, got {value!r}")
+        if rank >= world_size:
+            raise InputError(f"WindowSampler: rank {rank} must be < world_size {world_size}")
+        self.n_windows = int(n_windows)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.per_rank = max(1, self.num_samples // self.world_size)
+        self.total = self.per_rank * self.world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's sequence; moving to a different epoch clears ``set_start``."""
+        if epoch < 0:
+            raise InputError(f"WindowSampler: epoch must be >= 0, got {epoch}")
+        if int(epoch) != self.epoch:
+            self.start = 0
+        self.epoch = int(epoch)
+
+    def set_start(self, k: int) -> None:
+        """Skip the first ``k`` samples of this rank's current epoch (samples already consumed)."""
+        if not 0 <= k <= self.per_rank:
+            raise InputError(f"WindowSampler: start must be in [0, {self.per_rank}], got {k}")
+        self.start = int(k)
+
+    def epoch_indices(self, epoch: Optional[int] = None) -> np.ndarray:
+        """The global sequence (all ranks interleaved) of ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.seed % 2**64, epoch])
+        out = np.empty(self.total, dtype=np.int64)
+        pos = 0
+        while pos < self.total:
+            m = min(self.n_windows, self.total - pos)
+            out[pos:pos + m] = rng.choice(self.n_windows, size=m, replace=False)
+            pos += m
+        return out
+
+    def rank_indices(self, epoch: Optional[int] = None) -> np.ndarray:
+        """This rank's full sequence for ``epoch`` (ignores ``set_start``)."""
+        return self.epoch_indices(epoch)[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rank_indices()[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "n_windows": self.n_windows,
+                "num_samples": self.num_samples, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore epoch and start; warn when the sampling setup differs (the resume would not be exact)."""
+        for key in ("seed", "n_windows", "num_samples", "world_size"):
+            if key in state and int(state[key]) != getattr(self, key):
+                logger.warning(
+                    "sampler state has %s=%s but this run uses %s; the resumed epoch will see a different "
+                    "sample sequence", key, state[key], getattr(self, key),
+                )
+        self.epoch = int(state.get("epoch", 0))
+        self.start = 0
+        self.set_start(min(int(state.get("start", 0)), self.per_rank))

@@ -1,0 +1,317 @@
+"""Forecast quality metrics and trading signals from forecast records.
+
+A *forecast record* frame is long: one row per (symbol, anchor, step) with the columns
+
+- ``symbol``: instrument name; ``datetime``: the anchor (time of the last context bar, i.e. the signal date);
+- ``step``: 1..P; ``timestamps``: the forecast bar's time (optional here);
+- ``last_close``: actual close at the anchor; ``pred_close``: mean forecast close;
+- ``true_close``: actual close of that bar (NaN when not known yet);
+- optional ``pred_close_q{q}`` columns (e.g. ``pred_close_q0.1``) with forecast quantiles.
+
+Every metric is set beside a naive baseline so a number can be judged on its own:
+
+- MSE / MAE / MAPE: the last-value forecast (``pred = last_close`` for every step).
+- Direction accuracy: the model's direction is ``sign(final pred_close - last_close)``; the last-value forecast
+  has no direction, so the naive baseline is *momentum*: the symbol's move from its previous anchor in the
+  records to this one (one bar when anchors are consecutive bars, as in sliding-window evaluation) is predicted
+  to continue. ``naive/up_fraction`` is the accuracy of always predicting "up". Forecasts whose realised final
+  close equals ``last_close`` (no direction to predict) are left out of direction accuracy.
+- IC / RankIC: daily cross-sectional Pearson / Spearman correlation between a signal and the realised return
+  over the forecast horizon (``true final close / last_close - 1``), averaged over anchors with at least two
+  symbols. Model signal: ``pred final close / last_close - 1``; naive signal: the momentum return above.
+- Quantiles (when ``pred_close_q*`` columns exist): pinball loss per quantile, the weighted quantile loss
+  ``wql = mean_q 2·Σ pinball_q / Σ|y|`` (a scale-free CRPS approximation, as Chronos reports it), and the
+  coverage of the interval between the lowest and the highest quantile. The naive baseline puts every quantile
+  at ``last_close``.
+
+Undefined values (one symbol, no realised data, ...) are NaN, never exceptions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from kronos.config import atomic_write_text
+from kronos.errors import InputError
+
+REQUIRED_COLUMNS = ("symbol", "datetime", "step", "last_close", "pred_close", "true_close")
+SIGNAL_KINDS = ("last", "mean", "max", "min")
+_QUANTILE_COLUMN = re.compile(r"^pred_close_q(\d*\.?\d+(?:[eE][-+]?\d+)?)$")
+
+
+# ---------------------------------------------------------------------- input checks
+def _check_records(records: pd.DataFrame, required: Sequence[str] = REQUIRED_COLUMNS) -> pd.DataFrame:
+    if not isinstance(records, pd.DataFrame):
+        raise InputError(f"forecast records must be a pandas DataFrame, got {type(records).__name__}")
+    missing = [c for c in required if c not in records.columns]
+    if missing:
+        raise InputError(
+            f"forecast records lack column(s) {missing}; expected {list(required)} "
+            f"(got {list(records.columns)[:12]})"
+        )
+    df = records.reset_index(drop=True)
+    numeric = [c for c in df.columns if c in ("step", "last_close", "true_close") or c.startswith("pred_")]
+    for col in numeric:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            converted = pd.to_numeric(df[col], errors="coerce")
+            bad = converted.isna() & df[col].notna()
+            if bad.any():
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise InputError(
+                    f"forecast records column '{col}' must be numeric; row {row} holds {df[col].iloc[row]!r}"
+                )
+            df[col] = converted
+    if not pd.api.types.is_datetime64_any_dtype(df["datetime"]):
+        try:
+            df["datetime"] = pd.to_datetime(df["datetime"])
+        except (ValueError, TypeError):
+            raise InputError(
+                "forecast records column 'datetime' must hold dates (the anchor of each forecast)"
+            ) from None
+    return df
+
+
+def quantile_columns(records: pd.DataFrame) -> dict[float, str]:
+    """Map quantile level -> ``pred_close_q{q}`` column name, sorted by level."""
+    found = {}
+    for col in records.columns:
+        m = _QUANTILE_COLUMN.match(str(col))
+        if m:
+            q = float(m.group(1))
+            if 0.0 < q < 1.0:
+                found[q] = col
+    return dict(sorted(found.items()))
+
+
+def _final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (symbol, anchor): the last step of the horizon."""
+    df = df.sort_values(["symbol", "datetime", "step"], kind="mergesort")
+    return df.groupby(["symbol", "datetime"], sort=False).tail(1).reset_index(drop=True)
+
+
+def _nan() -> float:
+    return float("nan")
+
+
+def _f(x: Any) -> float:
+    """Plain Python float (NaN for None/inf-free undefined values)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return _nan()
+    return v if math.isfinite(v) else _nan()
+
+
+# ---------------------------------------------------------------------- correlations
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2:
+        return _nan()
+    a = a - a.mean()
+    b = b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    if den <= 0 or not math.isfinite(den):
+        return _nan()  # a constant signal or return has no correlation
+    return float((a * b).sum()) / den
+
+
+def daily_ic(frame: pd.DataFrame, signal: str, target: str, by: str = "datetime") -> pd.DataFrame:
+    """Per-date cross-sectional IC (Pearson) and RankIC (Spearman) of ``signal`` against ``target``.
+
+    Rows with a non-finite signal or target are dropped; dates with fewer than two symbols, or a constant
+    signal/target, get NaN.
+    """
+    ok = np.isfinite(frame[signal].to_numpy(dtype=float)) & np.isfinite(frame[target].to_numpy(dtype=float))
+    sub = frame.loc[ok, [by, signal, target]]
+    rows = []
+    for date, g in sub.groupby(by, sort=True):
+        x = g[signal].to_numpy(dtype=float)
+        y = g[target].to_numpy(dtype=float)
+        rx = g[signal].rank(method="average").to_numpy(dtype=float)
+        ry = g[target].rank(method="average").to_numpy(dtype=float)
+        rows.append((date, _corr(x, y), _corr(rx, ry), len(g)))
+    return pd.DataFrame(rows, columns=[by, "ic", "rank_ic", "n"]).set_index(by)
+
+
+def _ic_summary(ic: pd.Series) -> tuple[float, float, float, int]:
+    ic = ic.dropna()
+    n = int(len(ic))
+    if n == 0:
+        return _nan(), _nan(), _nan(), 0
+    mean = float(ic.mean())
+    std = float(ic.std(ddof=1)) if n >= 2 else _nan()
+    ir = mean / std if (n >= 2 and std > 0) else _nan()
+    return mean, std, ir, n
+
+
+# ---------------------------------------------------------------------- quantile scores
+def pinball_loss(y: np.ndarray, pred: np.ndarray, q: float) -> np.ndarray:
+    """Elementwise quantile (pinball) loss of forecasting ``pred`` as the ``q``-quantile of ``y``."""
+    diff = y - pred
+    return np.maximum(q * diff, (q - 1.0) * diff)
+
+
+# ---------------------------------------------------------------------- public API
+def forecast_metrics(records: pd.DataFrame) -> dict[str, float]:
+    """Flat, JSON-serialisable dict of forecast metrics for the model and the naive baselines.
+
+    Keys are ``model/...`` and ``naive/...`` plus counts (``n_rows``, ``n_forecasts``, ``n_symbols``,
+    ``n_anchors``, ``n_ic_dates``); see the module docstring for the definitions.
+    """
+    df = _check_records(records)
+    out: dict[str, float] = {}
+
+    # --- point errors over every row with a known outcome
+    y = df["true_close"].to_numpy(dtype=float)
+    p = df["pred_close"].to_numpy(dtype=float)
+    last = df["last_close"].to_numpy(dtype=float)
+    known = np.isfinite(y) & np.isfinite(p) & np.isfinite(last)
+    out["n_rows"] = float(known.sum())
+    out["n_symbols"] = float(df["symbol"].nunique())
+    out["n_anchors"] = float(df["datetime"].nunique())
+    for name, pred in (("model", p), ("naive", last)):
+        err = pred[known] - y[known]
+        nz = known & (y != 0)
+        out[f"{name}/mse"] = _f(np.mean(err**2)) if err.size else _nan()
+        out[f"{name}/mae"] = _f(np.mean(np.abs(err))) if err.size else _nan()
+        out[f"{name}/mape"] = _f(np.mean(np.abs(pred[nz] - y[nz]) / np.abs(y[nz]))) if nz.any() else _nan()
+
+    # --- per-forecast (symbol, anchor) quantities from the final step
+    fin = _final_rows(df)
+    fin["pred_ret"] = fin["pred_close"] / fin["last_close"] - 1.0
+    fin["true_ret"] = fin["true_close"] / fin["last_close"] - 1.0
+    # naive momentum: move from the symbol's previous anchor (in the records) to this one
+    anchors = fin[["symbol", "datetime", "last_close"]].sort_values(["symbol", "datetime"], kind="mergesort")
+    prev_close = anchors.groupby("symbol", sort=False)["last_close"].shift(1)
+    fin["mom_ret"] = (anchors["last_close"] / prev_close - 1.0).reindex(fin.index)
+    fin = fin.replace([np.inf, -np.inf], np.nan)
+    realised = fin["true_ret"].notna() & fin["pred_ret"].notna()
+    out["n_forecasts"] = float(realised.sum())
+
+    moved = realised & (fin["true_ret"] != 0)
+    true_sign = np.sign(fin.loc[moved, "true_ret"])
+    out["model/direction_acc"] = (
+        _f((np.sign(fin.loc[moved, "pred_ret"]) == true_sign).mean()) if moved.any() else _nan()
+    )
+    mom = moved & fin["mom_ret"].notna()
+    out["naive/direction_acc"] = (
+        _f((np.sign(fin.loc[mom, "mom_ret"]) == np.sign(fin.loc[mom, "true_ret"])).mean()) if mom.any() else _nan()
+    )
+    out["naive/up_fraction"] = _f((true_sign > 0).mean()) if moved.any() else _nan()
+
+    # --- cross-sectional IC per anchor date
+    for name, col in (("model", "pred_ret"), ("naive", "mom_ret")):
+        ics = daily_ic(fin, col, "true_ret")
+        for key, series in (("ic", ics["ic"]), ("rank_ic", ics["rank_ic"])):
+            mean, std, ir, n = _ic_summary(series)
+            out[f"{name}/{key}"] = mean
+            out[f"{name}/{key}_std"] = std
+            out[f"{name}/{key}ir"] = ir
+            if name == "model" and key == "ic":
+                out["n_ic_dates"] = float(n)
+
+    # --- quantile metrics
+    qcols = quantile_columns(df)
+    if qcols:
+        out.update(_quantile_metrics(df, qcols, known))
+    return out
+
+
+def _quantile_metrics(df: pd.DataFrame, qcols: dict[float, str], known: np.ndarray) -> dict[str, float]:
+    out: dict[str, float] = {}
+    y = df["true_close"].to_numpy(dtype=float)
+    last = df["last_close"].to_numpy(dtype=float)
+    preds = {q: df[c].to_numpy(dtype=float) for q, c in qcols.items()}
+    ok = known.copy()
+    for v in preds.values():
+        ok &= np.isfinite(v)
+    scale = float(np.abs(y[ok]).sum()) if ok.any() else 0.0
+    model_w, naive_w = [], []
+    for q, v in preds.items():
+        tag = f"q{q:g}"
+        loss = pinball_loss(y[ok], v[ok], q)
+        naive_loss = pinball_loss(y[ok], last[ok], q)
+        out[f"model/pinball_{tag}"] = _f(loss.mean()) if ok.any() else _nan()
+        out[f"naive/pinball_{tag}"] = _f(naive_loss.mean()) if ok.any() else _nan()
+        if scale > 0:
+            model_w.append(2.0 * loss.sum() / scale)
+            naive_w.append(2.0 * naive_loss.sum() / scale)
+    out["model/wql"] = _f(np.mean(model_w)) if model_w else _nan()
+    out["naive/wql"] = _f(np.mean(naive_w)) if naive_w else _nan()
+    if len(preds) >= 2:
+        q_lo, q_hi = min(preds), max(preds)
+        lo, hi = preds[q_lo][ok], preds[q_hi][ok]
+        out["model/coverage"] = _f(((y[ok] >= lo) & (y[ok] <= hi)).mean()) if ok.any() else _nan()
+        out["model/coverage_nominal"] = _f(q_hi - q_lo)
+        out["model/interval_width"] = _f(np.mean((hi - lo) / np.abs(last[ok]))) if ok.any() else _nan()
+    return out
+
+
+def metrics_by_step(records: pd.DataFrame) -> pd.DataFrame:
+    """MSE and MAE of the model and the last-value forecast for each forecast step (rows: step)."""
+    df = _check_records(records)
+    df = df[np.isfinite(df["true_close"]) & np.isfinite(df["pred_close"]) & np.isfinite(df["last_close"])]
+    err_m = df["pred_close"] - df["true_close"]
+    err_n = df["last_close"] - df["true_close"]
+    frame = pd.DataFrame({
+        "step": df["step"],
+        "model/mse": err_m**2, "model/mae": err_m.abs(),
+        "naive/mse": err_n**2, "naive/mae": err_n.abs(),
+    })
+    table = frame.groupby("step").mean()
+    table["n"] = frame.groupby("step").size()
+    return table
+
+
+def signals_from_records(records: pd.DataFrame, kind: str = "mean") -> pd.Series:
+    """Trading signal per (datetime, instrument) from the forecast close path, as the official qlib_test.py.
+
+    ``kind`` picks the last / mean / max / min forecast close over the horizon. The official script subtracts
+    ``last_close`` (a price difference); here the difference is divided by ``last_close`` so that the score is a
+    return and stocks with different prices rank fairly. The index is a (datetime, instrument) MultiIndex, the
+    format Qlib's strategies take; NaN scores are dropped.
+    """
+    if kind not in SIGNAL_KINDS:
+        raise InputError(f"signal kind '{kind}' is unknown; use one of {list(SIGNAL_KINDS)}")
+    df = _check_records(records, ("symbol", "datetime", "step", "last_close", "pred_close"))
+    df = df.sort_values(["datetime", "symbol", "step"], kind="mergesort")
+    g = df.groupby(["datetime", "symbol"], sort=True)
+    agg = g["pred_close"].agg(kind if kind != "last" else "last")
+    last_close = g["last_close"].last()
+    score = (agg / last_close - 1.0).replace([np.inf, -np.inf], np.nan).dropna()
+    score.index = score.index.set_names(["datetime", "instrument"])
+    score.name = "score"
+    return score.astype(float)
+
+
+def all_signals(records: pd.DataFrame) -> dict[str, pd.Series]:
+    """The four official signals (last, mean, max, min) keyed by kind."""
+    return {kind: signals_from_records(records, kind) for kind in SIGNAL_KINDS}
+
+
+def json_safe(value: Any) -> Any:
+    """Recursively replace NaN/inf by None and numpy scalars by Python ones so the result is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, (pd.Timestamp, np.datetime64)):
+        return str(pd.Timestamp(value))
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def save_metrics(metrics: dict[str, Any], path: Union[str, os.PathLike]) -> None:
+    """Write a metrics dict as strict JSON (NaN -> null), atomically."""
+    atomic_write_text(path, json.dumps(json_safe(metrics), indent=2, sort_keys=False, allow_nan=False) + "\n")

@@ -1,0 +1,233 @@
+"""Device, precision and process-group setup: one CPU, one GPU, or ``torchrun`` DDP over one or many nodes.
+
+Plain ``python script.py`` runs one process. Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the
+environment) every process joins a process group: NCCL on CUDA, Gloo on CPU. Only rank 0 writes files and logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from kronos.config import Config
+from kronos.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistContext:
+    """Where this process runs and who it is among its peers."""
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str = ""  # "" when not distributed
+    owns_group: bool = False  # True when setup_distributed created the process group (and must destroy it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or bool(self.backend)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set the standard DDP environment variables."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    """Map config.device ('auto', 'cpu', 'cuda', 'cuda:N', 'mps') to a torch device for this process."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"config key 'device' is '{name}' but CUDA is not available; set device to 'auto' or 'cpu'"
+            )
+        if name == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        try:
+            index = int(name.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"config key 'device' has an invalid CUDA device '{name}'; use e.g. 'cuda:0'") from None
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"config key 'device' is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return torch.device("cuda", index)
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ConfigError("config key 'device' is 'mps' but MPS is not available; set device to 'auto' or 'cpu'")
+        return torch.device("mps")
+    raise ConfigError(f"config key 'device' must be auto, cpu, cuda, cuda:N or mps, got '{name}'")
+
+
+def setup_distributed(config: Config) -> DistContext:
+    """Pick the device and, under torchrun, join (or reuse) the process group.
+
+    A group that already exists (e.g. created by the caller) is reused and left alone at cleanup.
+    """
+    if not launched_by_torchrun():
+        device = _resolve_device(config.device, 0)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistContext(device=device)
+
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = _resolve_device(config.device, local_rank)
+    if device.type == "mps" and world_size > 1:
+        raise ConfigError("multi-process training on MPS is not supported; set device to 'cpu' or use CUDA")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    owns = False
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+    else:
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=30)}
+        if device.type == "cuda":
+            kwargs["device_id"] = device
+        try:
+            dist.init_process_group(**kwargs)
+        except TypeError:  # older torch without device_id
+            kwargs.pop("device_id", None)
+            dist.init_process_group(**kwargs)
+        owns = True
+    logger.debug("rank %d/%d on %s (%s)", rank, world_size, device, backend)
+    return DistContext(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
+                       backend=backend, owns_group=owns)
+
+
+def cleanup_distributed(ctx: DistContext) -> None:
+    """Destroy the process group if :func:`setup_distributed` created it."""
+    if ctx.owns_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        if ctx.backend == "nccl":
+            dist.barrier(device_ids=[ctx.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
+    """Sum a few float64 numbers over all ranks (identity in a single process)."""
+    if not (ctx.distributed and dist.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.cpu().tolist()]
+
+
+def all_reduce_min_int(ctx: DistContext, value: int) -> int:
+    if not (ctx.distributed and dist.is_initialized()):
+        return int(value)
+    t = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def broadcast_flag(ctx: DistContext, flag: bool) -> bool:
+    """Rank 0's decision, shared with every rank (e.g. early stopping)."""
+    if not (ctx.distributed and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def all_gather_bytes(ctx: DistContext, payload: bytes) -> list[bytes]:
+    """Every rank's byte string, in rank order (used to collect per-rank RNG states on rank 0)."""
+    if not (ctx.distributed and dist.is_initialized()):
+        return [payload]
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(ctx.device) if payload else \
+        torch.zeros(0, dtype=torch.uint8, device=ctx.device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=ctx.device)
+    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=ctx.device)
+    padded[: data.numel()] = data
+    gathered = [torch.zeros_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, padded)
+    return [bytes(g[: int(s.item())].cpu().numpy().tobytes()) for g, s in zip(gathered, sizes)]
+
+
+# ---------------------------------------------------------------------------------------------- precision
+@dataclass
+class Precision:
+    """Mixed-precision policy for one device: the autocast dtype (None = fp32) and whether to scale losses."""
+
+    name: str  # fp32 | bf16 | fp16
+    dtype: Optional[torch.dtype]
+    device_type: str
+    use_scaler: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def resolve_precision(config: Config, device: torch.device) -> Precision:
+    """config.precision 'auto' = bf16 on CUDA devices that support it, fp32 elsewhere."""
+    want = config.precision
+    if want == "auto":
+        want = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if want == "fp32":
+        return Precision("fp32", None, device.type, False)
+    if want == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("config key 'precision' is 'bf16' but this GPU does not support bfloat16; use fp16 or fp32")
+        if device.type == "mps":
+            raise ConfigError("config key 'precision' 'bf16' is not supported on MPS; use fp32")
+        return Precision("bf16", torch.bfloat16, device.type, False)
+    if want == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(f"config key 'precision' 'fp16' needs a CUDA device (got {device.type}); use bf16 or fp32")
+        return Precision("fp16", torch.float16, "cuda", True)
+    raise ConfigError(f"config key 'precision' must be one of auto, fp32, bf16, fp16, got '{want}'")
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 matmuls/convolutions on CUDA (the fp32 parts of a mixed-precision step)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def deterministic_cpu(enabled: bool) -> Iterator[None]:
+    """Deterministic algorithms for the duration of a CPU run (restored afterwards)."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_before)

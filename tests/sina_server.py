@@ -1,0 +1,294 @@
+"""A loopback HTTP server that speaks Sina Finance's K-line API, for tests.
+
+Usage (from any test; ``tests/`` is on ``sys.path`` under pytest's rootdir conftest-less layout)::
+
+    from sina_server import SinaTestServer
+
+    with SinaTestServer() as server:
+        cfg = Config(data_source="sina", sina_base_url=server.jsonp_url, sina_symbols=server.symbols, ...)
+        ...
+        assert server.request_count("sh600000") == 1
+
+The bars are real: ``tests/data/kline_5min.csv`` (2,500 five-minute A-share bars, 2024-06-18..2024-08-29),
+aggregated to 15/30/60-minute bars on the exchange's session clock and to daily bars. Each symbol serves the
+same bars shifted by a price offset so that symbols differ. Volume is served in shares (the CSV's 100-share
+lots x 100), like Sina. ``scale`` and ``datalen`` (last N bars) are honoured; both the JSONP path
+(``/cn/api/jsonp_v2.php/<callback>=/CN_MarketDataService.getKLineData``, callback taken from the path as Sina
+does) and the plain-JSON path (``/quotes_service/api/json_v2.php/CN_MarketData.getKLineData``) are served.
+Unknown symbols get ``null`` (wrapped for JSONP). Requests without a browser User-Agent and a Referer get 403,
+as Sina's anti-scraping front end does.
+
+Failures are injected per symbol with :meth:`SinaTestServer.fail`; see ``FAILURE_MODES``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+DATA_CSV = Path(__file__).resolve().parent / "data" / "kline_5min.csv"
+DEFAULT_SYMBOLS = {"sh600000": 0.0, "sz000001": 5.0, "bj430047": 2.5}
+
+JSONP_PATH_PREFIX = "/cn/api/jsonp_v2.php/"
+JSONP_PATH_SUFFIX = "/CN_MarketDataService.getKLineData"
+JSON_PATH = "/quotes_service/api/json_v2.php/CN_MarketData.getKLineData"
+ANTI_EMBED_PREFIX = "/*<script>location.href='//sina.com';</script>*/\n"
+
+FAILURE_MODES = {
+    "500": "HTTP 500 Internal Server Error",
+    "503": "HTTP 503 Service Unavailable",
+    "429": "HTTP 429 Too Many Requests",
+    "404": "HTTP 404 Not Found",
+    "403": "HTTP 403 Forbidden",
+    "html": "HTTP 200 with an HTML error page",
+    "malformed": "HTTP 200 with truncated JSON",
+    "empty": "HTTP 200 with an empty array []",
+    "null": "HTTP 200 with null (Sina's answer for unknown symbols)",
+    "slow": "sleeps `delay` seconds before answering (client timeouts)",
+    "no_amount": "normal bars without the amount field",
+}
+
+
+def _session_minute(ts: pd.Series) -> pd.Series:
+    """Minutes of trading since 09:30 at each bar's end (morning 0..120, afternoon 120..240)."""
+    minute = ts.dt.hour * 60 + ts.dt.minute
+    return (minute - 570).where(minute <= 690, minute - 780 + 120)
+
+
+def _clock_from_session_minute(dates: pd.Series, m: pd.Series) -> pd.Series:
+    minute = (m + 570).where(m <= 120, m - 120 + 780)
+    return dates + pd.to_timedelta(minute, unit="min")
+
+
+def build_bars(csv_path: Path = DATA_CSV) -> dict[int, pd.DataFrame]:
+    """Real bars for every Sina scale (5, 15, 30, 60, 240), volume in shares, ``day`` as Sina formats it."""
+    five = pd.read_csv(csv_path)
+    five["timestamps"] = pd.to_datetime(five["timestamps"])
+    five["volume"] = five["volume"] * 100.0  # the CSV counts 100-share lots; Sina counts shares
+    agg = {"open": "first", "high": "max", "low": "min", "close": "last", "volume": "sum", "amount": "sum"}
+    dates = five["timestamps"].dt.normalize()
+    out: dict[int, pd.DataFrame] = {5: five.reset_index(drop=True)}
+    sm = _session_minute(five["timestamps"])
+    for scale in (15, 30, 60):
+        end = -(-sm // scale) * scale  # ceil to the bar's end on the session clock (60-min bars end 10:30, 11:30, ...)
+        label = _clock_from_session_minute(dates, end)
+        bars = five.groupby(label.rename("timestamps"), sort=True).agg(agg).reset_index()
+        out[scale] = bars
+    daily = five.groupby(dates.rename("timestamps"), sort=True).agg(agg).reset_index()
+    out[240] = daily
+    return out
+
+
+class SinaTestServer:
+    """Sina K-line API on 127.0.0.1 (random port) in a background thread; use as a context manager.
+
+    Attributes: ``jsonp_url`` (the default-style URL with an empty callback), ``json_url`` (plain JSON twin),
+    ``symbols`` (served symbols), ``requests`` (Counter of requests per symbol, every attempt counted),
+    ``last_headers`` (headers of the latest request).
+    """
+
+    def __init__(self, symbols: Optional[dict[str, float]] = None, csv_path: Path = DATA_CSV,
+                 require_browser_headers: bool = True) -> None:
+        self.offsets = dict(DEFAULT_SYMBOLS if symbols is None else symbols)
+        self.bars = build_bars(csv_path)
+        self.require_browser_headers = require_browser_headers
+        self.requests: collections.Counter = collections.Counter()
+        self.last_headers: dict[str, str] = {}
+        self._failures: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._httpd: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "SinaTestServer":
+        handler = type("_Handler", (_SinaHandler,), {"app": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="sina-test-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "SinaTestServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return self._httpd.server_address[1]
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def jsonp_base(self, callback: str = "") -> str:
+        """JSONP endpoint whose responses use ``callback`` (e.g. ``var _x``; empty gives ``=(...)``)."""
+        return f"{self.root}{JSONP_PATH_PREFIX}{urllib.parse.quote(callback)}={JSONP_PATH_SUFFIX}"
+
+    @property
+    def jsonp_url(self) -> str:
+        return self.jsonp_base("")
+
+    @property
+    def json_url(self) -> str:
+        return f"{self.root}{JSON_PATH}"
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(self.offsets)
+
+    # ------------------------------------------------------------------ data and failures
+    def frame(self, symbol: str, scale: int = 240, datalen: Optional[int] = None) -> pd.DataFrame:
+        """The bars served for ``symbol`` at ``scale`` (last ``datalen``), volume in shares, float columns."""
+        bars = self.bars[scale]
+        if datalen is not None:
+            bars = bars.tail(datalen)
+        offset = self.offsets[symbol]
+        shifted = bars.assign(**{c: bars[c] + offset for c in ("open", "high", "low", "close")})
+        return shifted.reset_index(drop=True)
+
+    def fail(self, symbol: str, mode: str, times: Optional[int] = None, delay: float = 1.0) -> None:
+        """Make requests for ``symbol`` fail with ``mode`` (a FAILURE_MODES key); ``times`` then OK (None = always)."""
+        if mode not in FAILURE_MODES:
+            raise ValueError(f"unknown failure mode {mode!r}; choose from {sorted(FAILURE_MODES)}")
+        with self._lock:
+            self._failures[symbol] = {"mode": mode, "left": times, "delay": delay}
+
+    def clear_failures(self, symbol: Optional[str] = None) -> None:
+        with self._lock:
+            if symbol is None:
+                self._failures.clear()
+            else:
+                self._failures.pop(symbol, None)
+
+    def request_count(self, symbol: Optional[str] = None) -> int:
+        with self._lock:
+            return sum(self.requests.values()) if symbol is None else self.requests[symbol]
+
+    def _take_failure(self, symbol: str) -> Optional[dict]:
+        with self._lock:
+            self.requests[symbol] += 1
+            f = self._failures.get(symbol)
+            if f is None:
+                return None
+            if f["left"] is not None:
+                if f["left"] <= 0:
+                    return None
+                f["left"] -= 1
+            return dict(f)
+
+    def body_array(self, symbol: str, scale: int, datalen: int, with_amount: bool = True) -> list[dict]:
+        bars = self.frame(symbol, scale, datalen)
+        fmt = "%Y-%m-%d" if scale == 240 else "%Y-%m-%d %H:%M:%S"
+        rows = []
+        for r in bars.itertuples(index=False):
+            row = {"day": r.timestamps.strftime(fmt), "open": f"{r.open:.3f}", "high": f"{r.high:.3f}",
+                   "low": f"{r.low:.3f}", "close": f"{r.close:.3f}", "volume": f"{r.volume:.0f}"}
+            if with_amount:
+                row["amount"] = f"{r.amount:.4f}"
+            rows.append(row)
+        return rows
+
+
+class _SinaHandler(BaseHTTPRequestHandler):
+    app: SinaTestServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # keep test output quiet
+        pass
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (BrokenPipeError, ConnectionResetError):  # client gave up (timeout tests)
+            self.close_connection = True
+
+    def _send(self, status: int, text: str, content_type: str = "application/javascript; charset=utf-8") -> None:
+        body = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        app = self.app
+        parts = urllib.parse.urlsplit(self.path)
+        path = urllib.parse.unquote(parts.path)
+        query = urllib.parse.parse_qs(parts.query)
+        with app._lock:
+            app.last_headers = dict(self.headers.items())
+        if path == JSON_PATH:
+            callback = None
+        elif path.startswith(JSONP_PATH_PREFIX) and path.endswith(JSONP_PATH_SUFFIX):
+            middle = path[len(JSONP_PATH_PREFIX):-len(JSONP_PATH_SUFFIX)]
+            if not middle.endswith("="):
+                return self._send(404, "<html><body>404 Not Found</body></html>", "text/html")
+            callback = middle[:-1]
+        else:
+            return self._send(404, "<html><head><title>404 Not Found</title></head><body>Not Found</body></html>",
+                              "text/html")
+        ua = self.headers.get("User-Agent", "")
+        if app.require_browser_headers and (not ua.startswith("Mozilla/") or not self.headers.get("Referer")):
+            return self._send(403, "<html><head><title>403 Forbidden</title></head><body>Forbidden</body></html>",
+                              "text/html")
+        symbol = (query.get("symbol") or [""])[0].lower()
+        try:
+            scale = int((query.get("scale") or ["240"])[0])
+            datalen = int((query.get("datalen") or ["1023"])[0])
+        except ValueError:
+            return self._send(200, self._wrap(callback, "null"))
+        failure = app._take_failure(symbol)
+        mode = failure["mode"] if failure else None
+        if mode == "slow":
+            # Sleep in small steps so that closing the server never waits for a sleeping handler.
+            deadline = time.monotonic() + failure["delay"]
+            while time.monotonic() < deadline and not app._stop.is_set():
+                time.sleep(0.01)
+            mode = None
+        if mode in ("500", "503", "429", "404", "403"):
+            status = int(mode)
+            return self._send(status, f"<html><head><title>{status} Error</title></head><body>{status}</body></html>",
+                              "text/html")
+        if mode == "html":
+            return self._send(200, "<!DOCTYPE html><html><head><title>新浪财经-页面没有找到</title></head>"
+                                   "<body>Sorry, the page was not found.</body></html>", "text/html; charset=utf-8")
+        if mode == "malformed":
+            full = json.dumps(app.body_array(symbol, scale, datalen) if symbol in app.offsets else [])
+            return self._send(200, self._wrap(callback, full[: max(len(full) // 2, 5)]))
+        if mode == "empty":
+            return self._send(200, self._wrap(callback, "[]"))
+        if mode == "null" or symbol not in app.offsets or scale not in app.bars:
+            return self._send(200, self._wrap(callback, "null"))
+        rows = app.body_array(symbol, scale, datalen, with_amount=mode != "no_amount")
+        self._send(200, self._wrap(callback, json.dumps(rows, separators=(",", ":"))))
+
+    @staticmethod
+    def _wrap(callback: Optional[str], payload: str) -> str:
+        if callback is None:  # plain JSON twin
+            return payload
+        return f"{ANTI_EMBED_PREFIX}{callback}=({payload});"

@@ -1,0 +1,113 @@
+"""Config: seed defaults, file overrides, errors that name the key, derived paths."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kronos.config import Config
+from kronos.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_seed_defaults():
+    c = Config()
+    assert c.lookback_window == 90 and c.predict_window == 10 and c.max_context == 512
+    assert c.feature_list == ["open", "high", "low", "close", "vol", "amt"]
+    assert c.time_feature_list == ["minute", "hour", "weekday", "day", "month"]
+    assert c.batch_size == 50 and c.n_train_iter == 100_000 and c.n_val_iter == 20_000
+    assert c.tokenizer_learning_rate == 2e-4 and c.predictor_learning_rate == 4e-5
+    assert (c.inference_T, c.inference_top_p, c.inference_top_k, c.inference_sample_count) == (0.6, 0.9, 0, 5)
+    assert c.benchmark == "SH000300"
+    assert c.finetuned_tokenizer.endswith("finetune_tokenizer_demo/checkpoints/best_model")
+
+
+def test_json_overrides_subset_and_derived_paths_follow(tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"save_path": "runs/m", "epochs": 3, "instrument": "csi500", "clip": 4}))
+    c = Config.from_file(f)
+    assert c.epochs == 3 and c.clip == 4.0 and isinstance(c.clip, float)
+    # relative paths in a file are relative to the file's folder
+    assert Path(c.save_path) == tmp_path / "runs" / "m"
+    assert Path(c.finetuned_predictor) == tmp_path / "runs/m/finetune_predictor_demo/checkpoints/best_model"
+    assert c.benchmark == "SH000905"
+    assert c.batch_size == 50  # untouched keys keep their defaults
+
+
+def test_explicit_finetuned_path_wins(tmp_path):
+    c = Config.from_dict({"finetuned_tokenizer_path": "/x/tok", "save_path": "/y"})
+    assert c.finetuned_tokenizer == "/x/tok"
+    assert c.finetuned_predictor.startswith("/y/")
+
+
+def test_yaml_overrides(tmp_path):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("epochs: 2\nquantiles: [0.05, 0.95]\n")
+    c = Config.from_file(f)
+    assert c.epochs == 2 and c.quantiles == [0.05, 0.95]
+
+
+def test_hub_ids_are_not_turned_into_paths(tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"pretrained_predictor_path": "NeoQuasar/Kronos-small"}))
+    assert Config.from_file(f).pretrained_predictor_path == "NeoQuasar/Kronos-small"
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"lookback_windw": 5}, ["lookback_windw", "did you mean 'lookback_window'"]),
+        ({"epochs": "ten"}, ["'epochs'", "integer"]),
+        ({"use_comet": 1}, ["'use_comet'", "true or false"]),
+        ({"train_time_range": ["2020-01-01"]}, ["train_time_range"]),
+        ({"precision": "fp8"}, ["precision", "bf16"]),
+        ({"batch_size": 0}, ["batch_size", ">= 1"]),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.from_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epochs": 3,,}')
+    with pytest.raises(ConfigError, match="not valid JSON.*line 1"):
+        Config.from_file(bad)
+    arr = tmp_path / "arr.json"
+    arr.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="object of config keys"):
+        Config.from_file(arr)
+
+
+def test_save_writes_effective_config(tmp_path):
+    c = Config.from_dict({"save_path": str(tmp_path / "m")})
+    c.save(tmp_path / "out" / "pipeline_config.json")
+    data = json.loads((tmp_path / "out" / "pipeline_config.json").read_text())
+    assert data["finetuned_tokenizer_path"] == c.finetuned_tokenizer
+    assert set(Config.keys()) <= set(data)
+    assert Config.from_dict(data).finetuned_tokenizer == c.finetuned_tokenizer
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"batch_sise": 3}))
+    r = subprocess.run([sys.executable, "-m", "kronos.cli", "config", "--config-path", str(f)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0
+    assert "batch_sise" in r.stderr and "batch_size" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kronos.cli", "config", "--fast-mode", "--set", "epochs=7"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["epochs"] == 2  # fast mode caps
+    assert data["eval_max_anchors"] > 0
