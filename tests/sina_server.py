@@ -189,7 +189,6 @@ class SinaTestServer:
 
     def _take_failure(self, symbol: str) -> Optional[dict]:
         with self._lock:
-            self.requests[symbol] += 1
             f = self._failures.get(symbol)
             if f is None:
                 return None
@@ -240,8 +239,10 @@ class _SinaHandler(BaseHTTPRequestHandler):
         parts = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(parts.path)
         query = urllib.parse.parse_qs(parts.query)
+        symbol = (query.get("symbol") or [""])[0].lower()
         with app._lock:
             app.last_headers = dict(self.headers.items())
+            app.requests[symbol] += 1  # every attempt counts, whatever the answer
         if path == JSON_PATH:
             callback = None
         elif path.startswith(JSONP_PATH_PREFIX) and path.endswith(JSONP_PATH_SUFFIX):
@@ -256,7 +257,6 @@ class _SinaHandler(BaseHTTPRequestHandler):
         if app.require_browser_headers and (not ua.startswith("Mozilla/") or not self.headers.get("Referer")):
             return self._send(403, "<html><head><title>403 Forbidden</title></head><body>Forbidden</body></html>",
                               "text/html")
-        symbol = (query.get("symbol") or [""])[0].lower()
         try:
             scale = int((query.get("scale") or ["240"])[0])
             datalen = int((query.get("datalen") or ["1023"])[0])

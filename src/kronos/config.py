@@ -105,6 +105,8 @@ class Config:
     precision: str = "auto"  # auto (bf16 on capable CUDA, else fp32) | fp32 | bf16 | fp16
     compile: bool = False
     use_tensorboard: bool = False
+    checkpoint_interval: int = 500  # also write checkpoints/last/ every N optimizer steps (0 = epoch ends only)
+    cycle_momentum: bool = True  # OneCycleLR cycles Adam beta1 0.95<->0.85 (official, Q14); False keeps adam_beta1
 
     # ---- tracking (seed) ----
     use_comet: bool = False
@@ -194,6 +196,9 @@ class Config:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         if self.clip <= 0:
             raise ConfigError(f"config key 'clip' must be > 0, got {self.clip}")
+        for key in ("checkpoint_interval", "patience", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
         if len(self.feature_list) != 6:
             raise ConfigError(
                 "config key 'feature_list' must list 6 features (open, high, low, close, volume, amount), "

@@ -43,6 +43,7 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 SYMBOL_ALIASES: tuple[str, ...] = ("symbol", "code", "ticker", "instrument", "stock_code", "代码", "股票代码")
 
 _TZ_SUFFIX = re.compile(r"\s*(?:Z|UTC|[+-]\d{2}:?\d{2})$")
+_TIME_OF_DAY = re.compile(r"^\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?$")
 
 
 def find_column(columns: Iterable[object], aliases: Iterable[str], explicit: str = "") -> Optional[str]:
@@ -72,6 +73,11 @@ def empty_kline_frame() -> pd.DataFrame:
 def derive_amount(frame: pd.DataFrame) -> pd.Series:
     """``mean(open, high, low, close) x volume`` row-wise, the official pipelines' stand-in for turnover."""
     return frame[list(PRICE_COLUMNS)].mean(axis=1, skipna=False) * frame["volume"]
+
+
+def _is_time_of_day(values: pd.Series) -> bool:
+    first = values.dropna()
+    return len(first) > 0 and bool(_TIME_OF_DAY.match(str(first.iloc[0]).strip()))
 
 
 def _where(pos: int, line_offset: Optional[int]) -> str:
@@ -199,7 +205,7 @@ def validate_kline_frame(
     # A separate date + time pair (common in exports): join them when the chosen column is the date.
     date_key = ts_col.strip().lower() if isinstance(ts_col, str) else ""
     time_col = find_column(frame.columns, ("time", "时间")) if date_key in ("date", "日期", "day", "trade_date") else None
-    if time_col is not None and time_col != ts_col and not timestamp_column:
+    if time_col is not None and time_col != ts_col and not timestamp_column and _is_time_of_day(frame[time_col]):
         ts_values = frame[ts_col].astype(str).str.strip() + " " + frame[time_col].astype(str).str.strip()
         ts_col = f"{ts_col}+{time_col}"
 

@@ -24,13 +24,14 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from kronos.errors import ConfigError, DataError, InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WindowDataset", "WindowSampler", "FEATURE_ALIASES", "DEFAULT_FEATURES", "DEFAULT_TIME_FEATURES"]
+__all__ = ["WindowDataset", "WindowSampler", "window_loader", "normalise_windows", "FEATURE_ALIASES",
+           "DEFAULT_FEATURES", "DEFAULT_TIME_FEATURES"]
 
 #: The seed's feature names; ``vol``/``amt`` are its short names for the frame's ``volume``/``amount`` columns.
 DEFAULT_FEATURES = ["open", "high", "low", "close", "vol", "amt"]
@@ -50,17 +51,25 @@ IndexLike = Union[Sequence[int], np.ndarray, torch.Tensor]
 
 
 def normalise_windows(x: np.ndarray, lookback: int, clip: float) -> np.ndarray:
-    """Normalise windows ``x`` (``[..., W, F]`` float32) with the statistics of their first ``lookback`` rows.
+    """Normalise windows laid out feature-major, ``x [F, B, W]`` float32, in place; returns ``x``.
 
-    Population mean/std in float32 over the lookback rows, applied to all ``W`` rows, then clipped to
-    ``[-clip, clip]``. Works for one window (``[W, F]``) and a batch (``[B, W, F]``) alike; returns a new array.
+    Population mean/std (float32) of each window's first ``lookback`` rows, applied to all ``W`` rows, then
+    clipped to ``[-clip, clip]`` (spec 6.1). Time is the last, contiguous axis: NumPy's reductions and
+    broadcasts are several times faster that way than over a middle axis of length 6.
     """
-    past = x[..., :lookback, :]
-    mu = past.mean(axis=-2, keepdims=True)
-    sigma = past.std(axis=-2, keepdims=True)  # ddof=0, like np.std in the official dataset
-    out = (x - mu) / (sigma + _EPS)
-    np.clip(out, -clip, clip, out=out)
-    return out
+    past = x[..., :lookback]
+    mu = np.add.reduce(past, axis=-1, keepdims=True)
+    mu /= np.float32(lookback)
+    dev = past - mu
+    dev *= dev
+    sigma = np.add.reduce(dev, axis=-1, keepdims=True)
+    sigma /= np.float32(lookback)
+    np.sqrt(sigma, out=sigma)  # ddof=0, like np.std in the official dataset
+    sigma += np.float32(_EPS)
+    x -= mu
+    x /= sigma
+    np.clip(x, -clip, clip, out=x)
+    return x
 
 
 class WindowDataset(Dataset):
@@ -112,25 +121,22 @@ class WindowDataset(Dataset):
         feat_cols = self._resolve(frame, feature_list or DEFAULT_FEATURES, "feature_list")
         self.feature_list = list(feature_list or DEFAULT_FEATURES)
         self.time_feature_list = list(time_feature_list or DEFAULT_TIME_FEATURES)
-        self.features = self._float_block(frame, feat_cols, "feature")  # [N, 6]
+        # Features are kept feature-major ([6, N], time contiguous) for fast per-window statistics.
+        self._feat_t = self._float_block(frame, feat_cols, "feature")  # [6, N]
+        self.timestamps = self._datetimes(frame) if "timestamps" in frame.columns else None
         self.stamps = self._stamp_block(frame, self.time_feature_list)  # [N, 5]
-        self.timestamps = (
-            frame["timestamps"].to_numpy(dtype="datetime64[ns]") if "timestamps" in frame.columns else None
-        )
 
         # Symbol runs: row offsets and lengths of each symbol's contiguous block.
         if "symbol" in frame.columns:
             codes, uniques = pd.factorize(frame["symbol"], sort=False)
             bounds = np.flatnonzero(np.diff(codes)) + 1
-            run_start = np.concatenate([[0], bounds]).astype(np.int64)
+            run_start = np.concatenate([[0], bounds] if len(codes) else [[]]).astype(np.int64)
             run_symbols = [str(uniques[c]) for c in codes[run_start]] if len(codes) else []
         else:
             run_start = np.zeros(1 if len(frame) else 0, dtype=np.int64)
             run_symbols = [self.name] if len(frame) else []
         run_len = np.diff(np.concatenate([run_start, [len(frame)]])).astype(np.int64)
-        self._all_symbols = run_symbols
-        self._all_lengths = run_len
-        self._check_finite(frame, run_start, run_symbols)
+        self._check_finite(run_start, run_symbols, feat_cols)
 
         n_win = run_len - self.window + 1
         keep = n_win > 0
@@ -178,7 +184,7 @@ class WindowDataset(Dataset):
             codes = pd.factorize(frame["symbol"], sort=False)[0]
             ok = (np.count_nonzero(np.diff(codes)) + 1) == (codes.max() + 1)
         if ok and "timestamps" in frame.columns:
-            ts = frame["timestamps"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+            ts = self._datetimes(frame).view(np.int64)
             step = np.diff(ts)
             if "symbol" in frame.columns:
                 step = step[np.diff(codes) == 0]
@@ -187,6 +193,16 @@ class WindowDataset(Dataset):
             return frame
         logger.debug("%s: sorting frame by %s", self.name, keys)
         return frame.sort_values(keys, kind="stable").reset_index(drop=True)
+
+    def _datetimes(self, frame: pd.DataFrame) -> np.ndarray:
+        """The ``timestamps`` column as naive datetime64[ns] (wall time for tz-aware columns)."""
+        try:
+            ts = pd.to_datetime(frame["timestamps"])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{self.name}: column 'timestamps' cannot be read as dates ({exc})") from None
+        if ts.dt.tz is not None:
+            ts = ts.dt.tz_localize(None)
+        return ts.to_numpy(dtype="datetime64[ns]")
 
     def _resolve(self, frame: pd.DataFrame, names: Sequence[str], key: str) -> list[str]:
         cols = []
@@ -204,9 +220,9 @@ class WindowDataset(Dataset):
 
     def _float_block(self, frame: pd.DataFrame, cols: list[str], what: str) -> np.ndarray:
         try:
-            block = np.empty((len(frame), len(cols)), dtype=np.float32)
+            block = np.empty((len(cols), len(frame)), dtype=np.float32)
             for j, c in enumerate(cols):
-                block[:, j] = frame[c].to_numpy(dtype=np.float64)
+                block[j] = frame[c].to_numpy(dtype=np.float64)
         except (TypeError, ValueError):
             bad = next(c for c in cols if not pd.api.types.is_numeric_dtype(frame[c]))
             raise DataError(
@@ -225,9 +241,8 @@ class WindowDataset(Dataset):
                         f"{self.name}: time feature column '{name}' must be numeric, got dtype {col.dtype}"
                     )
                 block[:, j] = col.to_numpy(dtype=np.float64)
-            elif name in _TIME_DERIVED and "timestamps" in frame.columns:
-                ts = pd.to_datetime(frame["timestamps"])
-                block[:, j] = _TIME_DERIVED[name](ts).to_numpy(dtype=np.float64)
+            elif name in _TIME_DERIVED and self.timestamps is not None:
+                block[:, j] = _TIME_DERIVED[name](pd.Series(self.timestamps)).to_numpy(dtype=np.float64)
             else:
                 raise ConfigError(
                     f"{self.name}: config key 'time_feature_list' names '{name}', which is not a column of the "
@@ -235,8 +250,8 @@ class WindowDataset(Dataset):
                 )
         return block
 
-    def _check_finite(self, frame: pd.DataFrame, run_start: np.ndarray, run_symbols: list[str]) -> None:
-        for block, names in ((self.features, self.feature_list), (self.stamps, self.time_feature_list)):
+    def _check_finite(self, run_start: np.ndarray, run_symbols: list[str], feat_cols: list[str]) -> None:
+        for block, names in ((self.features, feat_cols), (self.stamps, self.time_feature_list)):
             bad = ~np.isfinite(block)
             if bad.any():
                 row, col = np.argwhere(bad)[0]
@@ -286,7 +301,21 @@ class WindowDataset(Dataset):
         return pd.Timestamp(self.timestamps[self.window_rows(i)[0]])
 
     # ------------------------------------------------------------------ fetching
-    def __getitem__(self, i: int) -> tuple:
+    @property
+    def features(self) -> np.ndarray:
+        """Raw (un-normalised) float32 features ``[N, 6]`` of the sorted frame (a view)."""
+        return self._feat_t.T
+
+    def _windows(self, rows0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised features ``[B, W, 6]`` and stamps ``[B, W, 5]`` of windows starting at rows ``rows0``."""
+        rows = rows0[:, None] + self._offsets  # [B, W]
+        x = normalise_windows(np.take(self._feat_t, rows, axis=1), self.lookback, self.clip)  # [6, B, W]
+        return np.ascontiguousarray(x.transpose(1, 2, 0)), np.take(self.stamps, rows, axis=0)
+
+    def __getitem__(self, i: Union[int, IndexLike]) -> tuple:
+        """Window ``i`` as ``(x [W, 6], stamp [W, 5])`` (+ ``i``); a list/array of indices gives ``get_batch``."""
+        if isinstance(i, (list, tuple, np.ndarray)) or (isinstance(i, torch.Tensor) and i.dim() > 0):
+            return self.get_batch(i)  # DataLoader(batch_size=None, sampler=BatchSampler(...)) path
         if isinstance(i, (np.integer, torch.Tensor)):
             i = int(i)
         if not -self._n <= i < self._n:
@@ -294,12 +323,11 @@ class WindowDataset(Dataset):
         if i < 0:
             i += self._n
         k = int(np.searchsorted(self._win_cum, i, side="right")) - 1
-        r = int(self._sym_row0[k]) + i - int(self._win_cum[k])
-        x = normalise_windows(self.features[r:r + self.window], self.lookback, self.clip)
-        stamp = torch.from_numpy(self.stamps[r:r + self.window].copy())
+        row = self._sym_row0[k:k + 1] + (i - self._win_cum[k])
+        x, stamp = self._windows(row)
         if self.return_index:
-            return torch.from_numpy(x), stamp, i
-        return torch.from_numpy(x), stamp
+            return torch.from_numpy(x[0]), torch.from_numpy(stamp[0]), i
+        return torch.from_numpy(x[0]), torch.from_numpy(stamp[0])
 
     def get_batch(self, indices: IndexLike) -> tuple:
         """Windows ``indices`` as batched tensors ``x [B, W, 6]``, ``stamp [B, W, 5]`` (+ ``index [B]``).
@@ -310,12 +338,11 @@ class WindowDataset(Dataset):
             indices = indices.numpy()
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         _, row = self._locate(idx)
-        rows = row[:, None] + self._offsets  # [B, W]
-        x = torch.from_numpy(normalise_windows(self.features[rows], self.lookback, self.clip))
-        stamp = torch.from_numpy(self.stamps[rows])
+        x, stamp = self._windows(row)
         if self.return_index:
-            return x, stamp, torch.from_numpy(np.where(idx < 0, idx + self._n, idx))
-        return x, stamp
+            index = torch.from_numpy(np.where(idx < 0, idx + self._n, idx))
+            return torch.from_numpy(x), torch.from_numpy(stamp), index
+        return torch.from_numpy(x), torch.from_numpy(stamp)
 
     def __getitems__(self, indices: list) -> list:
         """Batch fetch used by ``DataLoader`` (torch >= 2.1): per-sample views of one vectorised batch.
@@ -323,10 +350,10 @@ class WindowDataset(Dataset):
         Returning per-sample tuples keeps the default collate (and any custom one) working unchanged.
         """
         batch = self.get_batch(indices)
-        parts = [t.unbind(0) if isinstance(t, torch.Tensor) and t.dim() > 1 else None for t in batch]
+        xs, stamps = batch[0].unbind(0), batch[1].unbind(0)
         if self.return_index:
-            return [(x, s, int(i)) for x, s, i in zip(parts[0], parts[1], batch[2].tolist())]
-        return list(zip(parts[0], parts[1]))
+            return list(zip(xs, stamps, batch[2].tolist()))
+        return list(zip(xs, stamps))
 
     def __repr__(self) -> str:
         return (
@@ -419,3 +446,33 @@ class WindowSampler(Sampler[int]):
         self.epoch = int(state.get("epoch", 0))
         self.start = 0
         self.set_start(min(int(state.get("start", 0)), self.per_rank))
+
+
+def window_loader(
+    dataset: WindowDataset,
+    sampler: Sampler,
+    batch_size: int,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+    **kwargs: Any,
+) -> DataLoader:
+    """A DataLoader that fetches each batch with one vectorised ``dataset.get_batch`` call.
+
+    The sampler's indices are grouped by a ``BatchSampler`` and the loader runs with ``batch_size=None``, so
+    no per-sample tensors are built and no collate stacking happens (faster than the ``__getitems__`` path
+    of a plain ``DataLoader(dataset, batch_size=...)``, which also works). ``len(loader)`` is the number of
+    batches; a resumed sampler (``set_start``) shortens it accordingly. Extra ``kwargs`` go to DataLoader.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"config key 'batch_size' must be an integer >= 1, got {batch_size!r}")
+    if num_workers > 0:
+        kwargs.setdefault("persistent_workers", False)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=BatchSampler(sampler, batch_size, drop_last),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        **kwargs,
+    )

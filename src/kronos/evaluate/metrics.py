@@ -145,7 +145,7 @@ def _ic_summary(ic: pd.Series) -> tuple[float, float, float, int]:
         return _nan(), _nan(), _nan(), 0
     mean = float(ic.mean())
     std = float(ic.std(ddof=1)) if n >= 2 else _nan()
-    ir = mean / std if (n >= 2 and std > 0) else _nan()
+    ir = mean / std if (n >= 2 and std > 1e-12) else _nan()  # no spread (e.g. all ICs 1.0): ICIR undefined
     return mean, std, ir, n
 
 

@@ -85,14 +85,14 @@ class RotaryPositionalEmbedding(nn.Module):
         return cos, sin
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + _rotate_half(x) * sin
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k with positions ``0..Lq-1``; the table length follows the query and broadcasts onto
         the keys (spec 2: this is what makes the length-1 inference query of the dependency layer position-free)."""
         cos, sin = self.cos_sin(0, q.shape[-2], q.device)
-        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
 
 class KVCache:
@@ -144,7 +144,7 @@ class MultiHeadAttentionWithRoPE(nn.Module):
         b, n, _ = x.shape
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         cos, sin = self.rotary.cos_sin(start_pos, n, x.device)
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         dropout = self.attn_dropout_p if self.training else 0.0
         if cache is not None:
             end = start_pos + n
@@ -213,8 +213,8 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
     def _rotate_positioned(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nk = k.shape[2]
         cos, sin = self.rotary.cos_sin(0, nk, k.device)
-        k = self.rotary.apply(k, cos, sin)
-        q = self.rotary.apply(q, cos[:, :, -1:], sin[:, :, -1:])
+        k = self.rotary.rotate(k, cos, sin)
+        q = self.rotary.rotate(q, cos[:, :, -1:], sin[:, :, -1:])
         return q, k
 
     def project_keys(self, context: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +222,7 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
         k, v = self._heads(self.k_proj(context)), self._heads(self.v_proj(context))
         if self.positioned_query:
             cos, sin = self.rotary.cos_sin(start_pos, k.shape[2], k.device)
-            k = self.rotary.apply(k, cos, sin)
+            k = self.rotary.rotate(k, cos, sin)
         # Q2: without the fix, a length-1 query rotates keys by angle 0, an exact identity, so nothing to do.
         return k, v
 
@@ -232,7 +232,7 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
         q = self._heads(self.q_proj(query))
         if self.positioned_query and keys.shape[2] > 1:
             cos, sin = self.rotary.cos_sin(keys.shape[2] - 1, 1, q.device)
-            q = self.rotary.apply(q, cos, sin)
+            q = self.rotary.rotate(q, cos, sin)
         out = F.scaled_dot_product_attention(q, keys, values)
         return self.out_proj(out.transpose(1, 2).contiguous().view(b, 1, -1))
 

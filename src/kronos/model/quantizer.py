@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _binary_entropy_terms(p: torch.Tensor) -> torch.Tensor:
-    """Entropy of the two-way distribution ``[p, 1-p]`` (natural log, +1e-8 inside the logs as the official code)."""
-    q = 1 - p
-    return -(p * torch.log(p + 1e-8) + q * torch.log(q + 1e-8))
+def _entropy(prob: torch.Tensor) -> torch.Tensor:
+    """Entropy over the last dim (natural log, +1e-8 inside the log as the official code)."""
+    return -(prob * torch.log(prob + 1e-8)).sum(dim=-1)
 
 
 class BinarySphericalQuantizer(nn.Module):
@@ -63,10 +62,11 @@ class BinarySphericalQuantizer(nn.Module):
         """Commitment, per-sample entropy and codebook entropy (spec 3.4) for normalised ``u`` and scaled ``q``."""
         commit = self.beta * torch.mean(((q.detach() - u) ** 2).sum(dim=-1))
         p = torch.sigmoid(-4 * u / (self.embed_dim**0.5) * self.inv_temperature)
-        per_sample = _binary_entropy_terms(p).sum(dim=-1).mean()
+        prob = torch.stack([p, 1 - p], dim=-1)  # [..., K, 2]
+        per_sample = _entropy(prob).sum(dim=-1).mean()
         # Q12: codebook entropy over the per-bit average probabilities (group softmax is discarded officially).
-        avg_p = p.reshape(-1, self.embed_dim).mean(dim=0)
-        codebook = _binary_entropy_terms(avg_p).sum()
+        avg_prob = prob.reshape(-1, self.embed_dim, 2).mean(dim=0)
+        codebook = _entropy(avg_prob).sum()
         loss = commit + self.zeta * (self.gamma0 * per_sample - self.gamma * codebook) / self.inv_temperature
         return {"loss": loss, "commit_loss": commit, "per_sample_entropy": per_sample, "codebook_entropy": codebook}
 

@@ -150,8 +150,8 @@ def write_folder_atomically(target: PathLike, fill: Callable[[Path], None]) -> N
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     prev = target.with_name(f"{target.name}.prev")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     fill(tmp)
     _fsync_folder(tmp)

@@ -15,8 +15,8 @@ the 100-share lots of some other feeds) and amount in yuan; a missing ``amount``
 ``volume * mean(open, high, low, close)`` (the spec's rule for an absent amount).
 
 Raw bodies are cached on disk per (symbol, scale, datalen) so that a rerun after a failure only fetches what is
-missing. The cache lives in ``sina_cache_dir``, by default ``<dataset_path>_raw/sina`` — a sibling of the
-processed dataset, so that rebuilding the dataset keeps it. Delete the cache folder to fetch fresh bars.
+missing. The cache lives in ``sina_cache_dir``, by default ``<dataset_path>/raw_sina`` (the dataset store carries
+non-dataset entries over when it rebuilds the folder, so the cache survives). Delete it to fetch fresh bars.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from kronos.config import Config, atomic_write_text
+from kronos.data.schema import KLINE_COLUMNS, PRICE_COLUMNS, VALUE_COLUMNS, derive_amount
+from kronos.data.sources.base import BaseDataProcessor
 from kronos.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -56,10 +59,6 @@ DEFAULT_HEADERS = {
     "Referer": "https://finance.sina.com.cn",
     "Accept": "*/*",
 }
-
-PRICE_COLUMNS = ["open", "high", "low", "close"]
-VALUE_COLUMNS = PRICE_COLUMNS + ["volume", "amount"]
-CANONICAL_COLUMNS = ["timestamps"] + VALUE_COLUMNS
 
 _SYMBOL_RE = re.compile(r"^(sh|sz|bj)(\d{6})$")
 _SUFFIX_SYMBOL_RE = re.compile(r"^(\d{6})\.(sh|sz|bj)$")  # 600000.SH, the other common spelling
@@ -171,7 +170,7 @@ def parse_kline_body(text: str, symbol: str, url: str = "") -> pd.DataFrame:
         if not isinstance(row, dict):
             raise DataError(f"Sina bar {i} for symbol '{symbol}' is not an object but {row!r:.60}{where}")
     raw = pd.DataFrame.from_records(data)
-    missing = [c for c in ["day"] + PRICE_COLUMNS + ["volume"] if c not in raw.columns]
+    missing = [c for c in ("day",) + PRICE_COLUMNS + ("volume",) if c not in raw.columns]
     if missing:
         raise DataError(f"Sina bars for symbol '{symbol}' lack field(s) {', '.join(missing)}{where}")
 
@@ -189,8 +188,9 @@ def parse_kline_body(text: str, symbol: str, url: str = "") -> pd.DataFrame:
             out[col] = pd.Series(np.nan, index=raw.index, dtype="float64")
             continue
         values = pd.to_numeric(raw[col], errors="coerce").astype("float64")
-        # amount may be missing on some rows; the other fields must all be numbers.
-        bad_rows = values.isna() & (raw[col].notna() if col == "amount" else True)
+        # amount may be missing or empty on some rows; the other fields must all be numbers.
+        given = raw[col].notna() & (raw[col].astype(str).str.strip() != "") if col == "amount" else True
+        bad_rows = values.isna() & given
         if bad_rows.any():
             i = int(np.flatnonzero(bad_rows.to_numpy())[0])
             raise DataError(
@@ -198,7 +198,7 @@ def parse_kline_body(text: str, symbol: str, url: str = "") -> pd.DataFrame:
                 f"{raw[col].iloc[i]!r}{where}"
             )
         out[col] = values
-    frame = pd.DataFrame(out, columns=CANONICAL_COLUMNS)
+    frame = pd.DataFrame(out, columns=list(KLINE_COLUMNS))
     frame = frame.sort_values("timestamps", kind="stable").drop_duplicates("timestamps", keep="last")
     return frame.reset_index(drop=True)
 
@@ -208,7 +208,7 @@ def fill_missing_amount(frame: pd.DataFrame) -> pd.DataFrame:
     missing = frame["amount"].isna()
     if not missing.any():
         return frame
-    derived = frame["volume"] * frame[PRICE_COLUMNS].mean(axis=1)
+    derived = derive_amount(frame)
     return frame.assign(amount=frame["amount"].where(~missing, derived))
 
 
@@ -254,7 +254,8 @@ class SinaClient:
 
     Connection errors, timeouts and HTTP 5xx/429 are retried ``retries`` times, sleeping
     ``pause * 2**attempt`` seconds before retry ``attempt`` (0-based); other HTTP errors fail at once.
-    ``opener`` defaults to ``urllib.request.build_opener()`` (honours proxy environment variables).
+    ``opener`` defaults to ``urllib.request.build_opener()`` (honours proxy environment variables, except for
+    loopback hosts, which no proxy can reach). ``sleep`` is the function used for backoff and pauses.
     """
 
     def __init__(
@@ -280,9 +281,12 @@ class SinaClient:
         self.retries = int(retries)
         self.pause = float(pause)
         self.opener = opener or urllib.request.build_opener()
+        loopback = urllib.parse.urlsplit(base_url).hostname in ("127.0.0.1", "localhost", "::1")
+        if opener is None and loopback:
+            self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self.headers = dict(DEFAULT_HEADERS)
         self.headers.update(headers or {})
-        self._sleep = sleep
+        self.sleep = sleep
 
     def url(self, symbol: str, scale: int = 240, datalen: int = 1023) -> str:
         """The request URL for one symbol: ``{base_url}?symbol=..&scale=..&ma=no&datalen=..``."""
@@ -307,6 +311,8 @@ class SinaClient:
             except Exception as exc:  # noqa: BLE001 - classified below, everything else re-raised
                 if not isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException)):
                     raise
+                if isinstance(exc, urllib.error.HTTPError):
+                    exc.close()  # an HTTPError holds the open error response
                 if not _is_retryable(exc):
                     raise DataError(
                         f"Sina request for symbol '{symbol}' failed: {_describe(exc)} from {url}"
@@ -317,7 +323,7 @@ class SinaClient:
                     logger.debug("Sina %s: %s, retry %d/%d in %.2fs", symbol, _describe(exc), attempt + 1,
                                  self.retries, delay)
                     if delay > 0:
-                        self._sleep(delay)
+                        self.sleep(delay)
         raise DataError(
             f"Sina request for symbol '{symbol}' failed after {attempts} attempt(s): {_describe(last)} from {url}"
         )
@@ -326,3 +332,121 @@ class SinaClient:
         """Fetch and parse one symbol's bars (see :func:`parse_kline_body`; amount NaN where absent)."""
         symbol = normalize_symbol(symbol)
         return parse_kline_body(self.fetch_body(symbol, scale, datalen), symbol, self.url(symbol, scale, datalen))
+
+
+# ---------------------------------------------------------------------------------------------- processor
+def default_cache_dir(dataset_path: str) -> Path:
+    """Where raw Sina bodies are cached when ``sina_cache_dir`` is empty: ``<dataset_path>/raw_sina``."""
+    return Path(os.path.expanduser(dataset_path)) / "raw_sina"
+
+
+class SinaDataProcessor(BaseDataProcessor):
+    """The ``sina`` data source: K-lines of ``sina_symbols`` at ``sina_scale`` from Sina Finance.
+
+    :meth:`download_data` fetches every symbol not yet cached (pausing ``sina_pause`` between symbols), logs and
+    skips the ones that fail, and raises one DataError only when no symbol is available at all;
+    :meth:`load_raw` reads the cache. Keyword ``client`` replaces the :class:`SinaClient` built from the config.
+    """
+
+    name = "sina"
+
+    def __init__(self, config: Optional[Config] = None, client: Optional[SinaClient] = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        cfg = self.config
+        self.symbols: list[str] = normalize_symbols(cfg.sina_symbols)
+        self.scale = int(cfg.sina_scale)
+        self.datalen = int(cfg.sina_datalen)
+        self.cache_dir = Path(os.path.expanduser(cfg.sina_cache_dir)) if cfg.sina_cache_dir \
+            else default_cache_dir(cfg.dataset_path)
+        self.client = client or SinaClient(
+            cfg.sina_base_url, timeout=cfg.sina_timeout, retries=cfg.sina_retries, pause=cfg.sina_pause
+        )
+        self.source_info.update({
+            "sina_base_url": self.client.base_url,
+            "scale_minutes": self.scale,
+            "datalen": self.datalen,
+            "requested_symbols": list(self.symbols),
+            "cache_dir": str(self.cache_dir),
+            "volume_unit": "shares",  # Sina's numbers are kept as given
+        })
+
+    def cache_path(self, symbol: str) -> Path:
+        """The cached raw body of ``symbol`` (keyed by symbol, scale and datalen)."""
+        return self.cache_dir / f"{symbol}_{self.scale}_{self.datalen}.txt"
+
+    def _read_cached(self, symbol: str) -> Optional[pd.DataFrame]:
+        path = self.cache_path(symbol)
+        if not path.is_file():
+            return None
+        try:
+            return parse_kline_body(path.read_text(encoding="utf-8"), symbol, str(path))
+        except (DataError, OSError, UnicodeDecodeError) as exc:
+            logger.warning("ignoring unreadable Sina cache file %s (%s); fetching %s again", path, exc, symbol)
+            return None
+
+    def download_data(self) -> None:
+        """Fetch the symbols missing from the cache; failures are logged and recorded in ``skipped_symbols``."""
+        self.skipped_symbols.clear()
+        todo = [s for s in self.symbols if self._read_cached(s) is None]
+        if len(todo) < len(self.symbols):
+            logger.info("Sina: %d of %d symbol(s) already cached in %s", len(self.symbols) - len(todo),
+                        len(self.symbols), self.cache_dir)
+        for i, symbol in enumerate(tqdm(todo, desc="sina download", unit="symbol", disable=None)):
+            if i and self.client.pause > 0:
+                self.client.sleep(self.client.pause)  # be polite between symbols
+            try:
+                url = self.client.url(symbol, self.scale, self.datalen)
+                body = self.client.fetch_body(symbol, self.scale, self.datalen)
+                frame = parse_kline_body(body, symbol, url)  # validate before caching: bad bodies are not kept
+            except DataError as exc:
+                logger.warning("%s", exc)
+                self.skipped_symbols[symbol] = str(exc)
+                continue
+            try:
+                atomic_write_text(self.cache_path(symbol), body)
+            except OSError as exc:
+                raise DataError(
+                    f"cannot write the Sina cache file {self.cache_path(symbol)}: {exc.strerror or exc}; "
+                    "set config key 'sina_cache_dir' to a writable folder"
+                ) from None
+            logger.debug("Sina %s: %d bars cached", symbol, len(frame))
+        failed = [s for s in self.symbols if s in self.skipped_symbols]
+        if failed and len(failed) == len(self.symbols):
+            first = self.skipped_symbols[failed[0]]
+            raise DataError(
+                f"Sina download failed for every symbol ({', '.join(failed)}); first error: {first}"
+            )
+        if failed:
+            logger.warning(
+                "Sina: %d of %d symbol(s) failed and are left out: %s; rerun to fetch only those",
+                len(failed), len(self.symbols), ", ".join(failed),
+            )
+
+    def load_raw(self) -> dict[str, pd.DataFrame]:
+        """Canonical frames of the cached symbols (a missing ``amount`` derived as mean(OHLC) x volume)."""
+        frames: dict[str, pd.DataFrame] = {}
+        for symbol in self.symbols:
+            frame = self._read_cached(symbol)
+            if frame is None:
+                self.skipped_symbols.setdefault(symbol, f"no cached Sina data in {self.cache_path(symbol)}")
+                continue
+            frames[symbol] = fill_missing_amount(frame)
+        if not frames:
+            raise DataError(
+                f"no Sina data for {', '.join(self.symbols)} in the cache {self.cache_dir}; "
+                "run download_data() first (check the network and config key 'sina_base_url')"
+            )
+        return frames
+
+
+__all__ = [
+    "SINA_JSONP_URL",
+    "SINA_JSON_URL",
+    "SinaClient",
+    "SinaDataProcessor",
+    "default_cache_dir",
+    "fill_missing_amount",
+    "normalize_symbol",
+    "normalize_symbols",
+    "parse_kline_body",
+]

@@ -1,0 +1,30 @@
+"""Data processors of the seed's `finetune/sina_data_processor.py`, now living in `kronos.data.sources`.
+
+Kept so that existing scripts' `from sina_data_processor import DataProcessorFactory` keeps working::
+
+    processor = DataProcessorFactory.create_processor("sina", config)   # or "qlib", "csv"
+    processor.run_pipeline()
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+try:
+    import kronos  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from kronos.data.sources import BaseDataProcessor, DataProcessorFactory  # noqa: E402
+
+__all__ = ["BaseDataProcessor", "DataProcessorFactory", "QlibDataProcessor", "CsvDataProcessor", "SinaDataProcessor"]
+
+
+def __getattr__(name: str) -> Any:
+    # Source modules load on first use so a missing pyqlib does not break `import sina_data_processor`.
+    if name in ("QlibDataProcessor", "CsvDataProcessor", "SinaDataProcessor"):
+        import kronos.data.sources as sources
+
+        return getattr(sources, name)
+    raise AttributeError(f"module 'sina_data_processor' has no attribute '{name}'")

@@ -1,0 +1,16 @@
+"""Stage 2 of the official fine-tuning: train the Kronos predictor (one GPU, CPU, or torchrun DDP).
+
+    python finetune/train_predictor.py --config-path my.yaml [--resume] [--cpu]
+    torchrun --standalone --nproc_per_node=N finetune/train_predictor.py --config-path my.yaml
+
+Outputs go to <save_path>/<predictor_save_folder_name>/ (checkpoints/best_model, checkpoints/last, metrics.jsonl,
+summary.json). A thin wrapper over kronos.train; see its docs for multi-node launches.
+"""
+import sys
+
+import _bootstrap  # noqa: F401  (makes `kronos` importable from a source checkout)
+
+from kronos.train import main
+
+if __name__ == "__main__":
+    sys.exit(main("predictor"))

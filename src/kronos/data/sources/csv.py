@@ -1,0 +1,197 @@
+"""CSV/Parquet source: K-lines of any market and frequency from files (config key ``csv_data_path``).
+
+``csv_data_path`` may be
+- one file of one symbol (the symbol is the file name without extension),
+- a folder of such files (``.csv``, ``.csv.gz``, ``.parquet``, ``.pq``; one symbol per file), or
+- a long file (or folder of long files) with a symbol column: ``csv_symbol_column``, or the first of
+  symbol/code/ticker/instrument/stock_code found.
+Columns are matched case-insensitively with aliases (see :data:`kronos.data.schema.COLUMN_ALIASES`); a missing
+volume gives volume = amount = 0 and a missing amount is derived as mean(OHLC) x volume. All rows of the files are
+used (``dataset_begin_time``/``dataset_end_time`` apply to Qlib only); choose the rows per split with the
+``*_time_range`` keys or ``split_ratios``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+
+from kronos.data.schema import SYMBOL_ALIASES, find_column, validate_kline_frame
+from kronos.data.sources.base import BaseDataProcessor
+from kronos.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+CSV_SUFFIXES = (".csv", ".csv.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _kind(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    if name.endswith(CSV_SUFFIXES):
+        return "csv"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in CSV_SUFFIXES + PARQUET_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def read_table(path: Path, symbol_column: str = "") -> pd.DataFrame:
+    """Read one CSV or Parquet file; DataError naming the file when it cannot be read.
+
+    In CSV files the symbol column is read as text so codes such as ``000001`` keep their leading zeros.
+    """
+    kind = _kind(path)
+    try:
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        header = _read_csv(path, nrows=0)
+        sym = find_column(header.columns, SYMBOL_ALIASES, symbol_column)
+        return _read_csv(path, dtype={sym: str} if sym is not None else None)
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"file '{path}' is empty") from None
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot read file '{path}': {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # pyarrow raises its own types for damaged Parquet files
+        raise DataError(f"cannot read file '{path}': {type(exc).__name__}: {exc}") from None
+
+
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except UnicodeDecodeError:
+        # Chinese exports are often GBK-encoded
+        try:
+            return pd.read_csv(path, encoding="gb18030", **kwargs)
+        except UnicodeDecodeError:
+            raise DataError(f"file '{path}' is neither UTF-8 nor GBK text; save it as UTF-8 CSV") from None
+
+
+def read_kline_file(path: Union[str, os.PathLike], symbol: str = "", timestamp_column: str = "") -> pd.DataFrame:
+    """One symbol's bars from a CSV/Parquet file, cleaned and sorted (e.g. the history for a forecast).
+
+    Returns the canonical raw frame (``timestamps`` + six float64 values). A file with a symbol column holding
+    several symbols needs ``symbol``. Duplicate timestamps keep the last row; rows with missing or impossible
+    values are dropped with a warning. DataError when the file is unusable or nothing is left.
+    """
+    from kronos.data.processing import clean_kline_frame
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"K-line file '{file}' does not exist")
+    if _kind(file) is None:
+        raise DataError(f"K-line file '{file}' is not CSV or Parquet ({', '.join(CSV_SUFFIXES + PARQUET_SUFFIXES)})")
+    table = read_table(file)
+    where = f"file '{file}'"
+    if table.empty:
+        raise DataError(f"{where} has no rows")
+    frame = validate_kline_frame(table, where, timestamp_column=timestamp_column,
+                                 line_offset=2 if _kind(file) == "csv" else None)
+    sym_col = find_column(table.columns, SYMBOL_ALIASES)
+    if sym_col is not None:
+        codes = table[sym_col].astype(str).str.strip().reset_index(drop=True)
+        if symbol:
+            if not (codes == symbol).any():
+                raise DataError(f"{where}: symbol '{symbol}' not found in column '{sym_col}'")
+            frame = frame[(codes == symbol).to_numpy()]
+        elif codes.nunique() > 1:
+            raise DataError(
+                f"{where} holds {codes.nunique()} symbols in column '{sym_col}'; pick one (e.g. {codes.iloc[0]!r})"
+            )
+    clean, stats = clean_kline_frame(frame, str(file))
+    dropped = stats.rows_in - stats.rows_out
+    if dropped:
+        logger.warning("%s: dropped %d of %d rows (%d duplicate timestamps, %d missing values, %d impossible bars)",
+                       where, dropped, stats.rows_in, stats.duplicates, stats.missing, stats.impossible)
+    if clean.empty:
+        raise DataError(f"{where}: no usable rows left after dropping missing and impossible values")
+    return clean
+
+
+class CsvDataProcessor(BaseDataProcessor):
+    """K-lines from CSV/Parquet files; see the module docstring for the accepted layouts."""
+
+    name = "csv"
+
+    def files(self) -> list[Path]:
+        """The data files ``csv_data_path`` names (one file, or the data files of a folder, sorted)."""
+        raw = self.config.csv_data_path
+        if not raw:
+            raise ConfigError(
+                "config key 'csv_data_path' is empty; set it to a CSV/Parquet file or a folder of them"
+            )
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataError(f"csv_data_path '{path}' does not exist; set config key 'csv_data_path' to a file or folder")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _kind(p))
+            if not files:
+                raise DataError(
+                    f"folder '{path}' (csv_data_path) holds no data files; expected "
+                    f"{', '.join(CSV_SUFFIXES + PARQUET_SUFFIXES)}"
+                )
+            return files
+        if _kind(path) is None:
+            raise DataError(
+                f"file '{path}' (csv_data_path) is not CSV or Parquet; expected one of "
+                f"{', '.join(CSV_SUFFIXES + PARQUET_SUFFIXES)}"
+            )
+        return [path]
+
+    def load_raw(self) -> dict[str, pd.DataFrame]:
+        cfg = self.config
+        pieces: dict[str, list[pd.DataFrame]] = {}
+        files = self.files()
+        for file in files:
+            table = read_table(file, cfg.csv_symbol_column)
+            where = f"file '{file}'"
+            if table.empty:
+                raise DataError(f"{where} has no rows")
+            line_offset = 2 if _kind(file) == "csv" else None  # header line + 1-based lines
+            sym_col = find_column(table.columns, SYMBOL_ALIASES, cfg.csv_symbol_column)
+            if cfg.csv_symbol_column and sym_col is None:
+                raise DataError(
+                    f"{where}: symbol column '{cfg.csv_symbol_column}' (config key 'csv_symbol_column') not found; "
+                    f"columns are {list(map(str, table.columns))}"
+                )
+            frame = validate_kline_frame(
+                table, where, timestamp_column=cfg.csv_timestamp_column, line_offset=line_offset
+            )
+            if sym_col is None:
+                pieces.setdefault(_stem(file), []).append(frame)
+                continue
+            symbols = table[sym_col].reset_index(drop=True)
+            missing = symbols.isna().to_numpy()
+            if missing.any():
+                logger.warning("%s: %d row(s) without a symbol in column '%s' are ignored", where,
+                               int(missing.sum()), sym_col)
+            symbols = symbols.astype(str).str.strip()
+            for symbol, idx in frame[~missing].groupby(symbols[~missing], sort=True).groups.items():
+                pieces.setdefault(str(symbol), []).append(frame.loc[idx].reset_index(drop=True))
+            if not pieces:
+                raise DataError(f"{where}: column '{sym_col}' holds no symbols")
+        frames = {
+            symbol: parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+            for symbol, parts in pieces.items()
+        }
+        self.source_info.update({
+            "path": str(Path(cfg.csv_data_path).expanduser()),
+            "files": [str(f) for f in files],
+        })
+        logger.info("csv: %d symbol(s) from %d file(s)", len(frames), len(files))
+        return frames
+
+
+__all__ = ["CsvDataProcessor", "read_table", "read_kline_file"]

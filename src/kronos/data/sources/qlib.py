@@ -1,0 +1,204 @@
+"""Qlib source: daily bars of an instrument pool (e.g. csi300) from a local Qlib data folder.
+
+Needs pyqlib (``pip install 'kronos[qlib]'``). Follows the official ``qlib_data_preprocess.py``: the time range
+``dataset_begin_time .. dataset_end_time`` is widened by ``lookback_window`` trading days before and
+``predict_window`` trading days after (on the Qlib calendar), fields ``$open $high $low $close $volume`` are
+read, and ``amount`` is derived as mean(OHLC) x volume unless the data folder has an ``amount`` field.
+
+Pool membership: unlike the official script, which takes every row of every symbol that was a member at any
+time, a symbol's rows are kept only inside its membership spans (``instruments/<pool>.txt``), each span
+widened by ``lookback_window`` trading days before its start. Training then sees a stock only while it was in
+the pool (no look-ahead in the choice of stocks), and a window whose predicted part starts at the first day of
+membership still has a full lookback of history. Spans of one symbol are concatenated, as are the bars around
+a suspension, so a window may straddle such a gap.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from kronos.data.schema import derive_amount, validate_kline_frame
+from kronos.data.sources.base import BaseDataProcessor
+from kronos.errors import DataError, DependencyError
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("open", "high", "low", "close", "volume")
+FREQ = "day"
+
+_initialised_provider: Optional[str] = None
+
+
+def _missing_qlib(detail: str) -> DependencyError:
+    return DependencyError(
+        f"the Qlib data source needs pyqlib, which is not installed ({detail}); run: pip install 'kronos[qlib]'"
+    )
+
+
+def require_qlib() -> None:
+    """Raise DependencyError unless pyqlib is installed (without paying for its slow import)."""
+    try:
+        found = importlib.util.find_spec("qlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise _missing_qlib("no module named 'qlib'")
+
+
+def import_qlib() -> Any:
+    """Import pyqlib or raise DependencyError with the install command."""
+    try:
+        import qlib  # noqa: F401  (the top-level pyqlib package, not this module)
+        from qlib.data import D  # noqa: F401
+    except ImportError as exc:
+        raise _missing_qlib(str(exc)) from None
+    return qlib
+
+
+def check_provider(provider: Path, instrument: str = "") -> None:
+    """Raise DataError naming the path unless ``provider`` looks like a Qlib data folder with ``instrument``."""
+    if not provider.is_dir():
+        raise DataError(
+            f"Qlib data folder '{provider}' (config key 'qlib_data_path') does not exist; download the Qlib data "
+            "or point qlib_data_path at it"
+        )
+    calendar = provider / "calendars" / f"{FREQ}.txt"
+    if not calendar.is_file() or calendar.stat().st_size == 0:
+        raise DataError(
+            f"Qlib data folder '{provider}' has no calendar '{calendar}'; is qlib_data_path the folder that holds "
+            "calendars/, instruments/ and features/?"
+        )
+    if not (provider / "features").is_dir():
+        raise DataError(f"Qlib data folder '{provider}' has no 'features' folder; check config key 'qlib_data_path'")
+    if instrument:
+        pool = provider / "instruments" / f"{instrument.lower()}.txt"
+        if not pool.is_file():
+            known = sorted(p.stem for p in (provider / "instruments").glob("*.txt"))
+            raise DataError(
+                f"instrument pool '{instrument}' not found: '{pool}' does not exist; set config key 'instrument' to "
+                f"one of {known or 'the pools in instruments/'}"
+            )
+
+
+def init_qlib(provider_uri: str) -> None:
+    """Initialise Qlib for ``provider_uri`` (region cn) quietly, once per provider in this process."""
+    global _initialised_provider
+    provider = Path(provider_uri).expanduser().resolve()
+    check_provider(provider)
+    key = str(provider)
+    if _initialised_provider == key:
+        return
+    qlib = import_qlib()
+    try:
+        qlib.init(provider_uri=key, region="cn", logging_level=logging.WARNING)
+    except Exception as exc:  # qlib raises assorted types for a broken setup
+        raise DataError(f"Qlib could not be initialised on '{key}': {type(exc).__name__}: {exc}") from None
+    _initialised_provider = key
+
+
+class QlibDataProcessor(BaseDataProcessor):
+    """Daily K-lines of ``config.instrument`` from the Qlib folder ``config.qlib_data_path``."""
+
+    name = "qlib"
+
+    def load_raw(self) -> dict[str, pd.DataFrame]:
+        cfg = self.config
+        provider = Path(cfg.qlib_data_path).expanduser().resolve()
+        require_qlib()
+        check_provider(provider, cfg.instrument)
+        init_qlib(str(provider))
+        from qlib.data import D
+
+        try:
+            calendar = pd.DatetimeIndex(D.calendar(freq=FREQ))
+        except Exception as exc:
+            raise DataError(f"cannot read the Qlib calendar of '{provider}': {exc}") from None
+        if len(calendar) == 0:
+            raise DataError(f"the Qlib calendar of '{provider}' is empty")
+        start, end = self._time_range(calendar, provider)
+
+        try:
+            members = D.list_instruments(D.instruments(cfg.instrument), start_time=start, end_time=end, as_list=False)
+        except Exception as exc:
+            raise DataError(f"cannot read instrument pool '{cfg.instrument}' of '{provider}': {exc}") from None
+        if not members:
+            raise DataError(
+                f"instrument pool '{cfg.instrument}' in '{provider / 'instruments'}' has no members between "
+                f"{start.date()} and {end.date()}; check dataset_begin_time/dataset_end_time"
+            )
+        symbols = sorted(members)
+        fields = list(FIELDS)
+        has_amount = all((provider / "features" / s.lower() / f"amount.{FREQ}.bin").is_file() for s in symbols)
+        if has_amount:
+            fields.append("amount")
+        try:
+            data = D.features(symbols, [f"${f}" for f in fields], start_time=start, end_time=end, freq=FREQ)
+        except Exception as exc:
+            raise DataError(f"Qlib could not read features from '{provider}': {type(exc).__name__}: {exc}") from None
+        data = data.rename(columns=lambda c: str(c).lstrip("$")).astype("float64")  # Qlib stores float32
+
+        lookback = cfg.lookback_window
+        frames: dict[str, pd.DataFrame] = {}
+        suspended = 0
+        groups = dict(iter(data.groupby(level="instrument", sort=True))) if len(data) else {}
+        for symbol in symbols:
+            part = groups.get(symbol)
+            if part is None or part.empty:
+                self.skipped_symbols[symbol] = f"no Qlib data between {start.date()} and {end.date()}"
+                continue
+            part = part.droplevel("instrument").sort_index()
+            ts = pd.DatetimeIndex(part.index)
+            keep = np.zeros(len(part), dtype=bool)
+            for span_start, span_end in members[symbol]:
+                first = calendar[max(int(calendar.searchsorted(pd.Timestamp(span_start))) - lookback, 0)]
+                keep |= (ts >= first) & (ts <= pd.Timestamp(span_end))
+            part = part[keep]
+            suspended += int(part[list(FIELDS)].isna().all(axis=1).sum())
+            frame = part.reset_index().rename(columns={part.index.name or "index": "timestamps"})
+            if not has_amount:
+                frame["amount"] = derive_amount(frame)
+            frames[symbol] = validate_kline_frame(frame, f"Qlib symbol {symbol}", timestamp_column="timestamps")
+        logger.info(
+            "qlib: %d symbols of pool '%s' between %s and %s (%d suspended rows to drop)%s",
+            len(frames), cfg.instrument, start.date(), end.date(), suspended,
+            "" if has_amount else "; amount = mean(OHLC) x volume",
+        )
+        self.source_info.update({
+            "provider_uri": str(provider),
+            "instrument": cfg.instrument,
+            "freq": FREQ,
+            "load_start": start.isoformat(),
+            "load_end": end.isoformat(),
+            "amount": "field" if has_amount else "mean(OHLC) x volume",
+            "membership": f"spans from instruments/{cfg.instrument.lower()}.txt, widened by lookback_window "
+                          f"({lookback}) trading days before each span start",
+        })
+        return frames
+
+    def _time_range(self, calendar: pd.DatetimeIndex, provider: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
+        """dataset_begin/end_time widened by lookback/predict trading days, clipped to the calendar."""
+        cfg = self.config
+        try:
+            begin = pd.Timestamp(cfg.dataset_begin_time)
+            end = pd.Timestamp(cfg.dataset_end_time)
+        except ValueError as exc:
+            raise DataError(f"dataset_begin_time/dataset_end_time must be dates: {exc}") from None
+        first = int(calendar.searchsorted(begin))
+        last = int(calendar.searchsorted(end, side="right")) - 1
+        if first >= len(calendar) or last < 0 or first > last:
+            raise DataError(
+                f"no trading days between dataset_begin_time {cfg.dataset_begin_time} and dataset_end_time "
+                f"{cfg.dataset_end_time} in the calendar of '{provider}' ({calendar[0].date()} .. "
+                f"{calendar[-1].date()}); change those config keys"
+            )
+        start = calendar[max(first - cfg.lookback_window, 0)]
+        stop = calendar[min(last + cfg.predict_window, len(calendar) - 1)]
+        return pd.Timestamp(start), pd.Timestamp(stop)
+
+
+__all__ = ["QlibDataProcessor", "init_qlib", "import_qlib", "require_qlib", "check_provider"]

@@ -1,0 +1,379 @@
+"""KronosPredictor: K-line DataFrames in, forecasts (mean, sample paths, quantiles) out.
+
+Same constructor, ``predict`` / ``predict_batch`` arguments, defaults and outputs as the official predictor (spec 5),
+plus keyword-only extras: KV-cached generation (``use_cache``), reproducible sampling (``seed``), access to the
+sample paths (``return_samples``) and quantiles, histories of different lengths in one ``predict_batch`` call, and
+one-line :class:`kronos.errors.InputError` messages for bad input.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kronos.errors import InputError
+from kronos.inference.generate import SamplingConfig, mean_over_samples, sample_forecasts
+from kronos.model.kronos import Kronos
+from kronos.model.tokenizer import KronosTokenizer
+
+logger = logging.getLogger(__name__)
+
+PRICE_COLS = ["open", "high", "low", "close"]
+VOL_COL = "volume"
+AMT_COL = "amount"
+FEATURE_COLS = PRICE_COLS + [VOL_COL, AMT_COL]
+TIME_COLS = ["minute", "hour", "weekday", "day", "month"]
+
+Timestamps = Union[pd.Series, pd.DatetimeIndex, Sequence[Any], np.ndarray]
+
+
+def calc_time_stamps(timestamps: Timestamps) -> pd.DataFrame:
+    """Time features ``[minute, hour, weekday, day, month]`` (Mon=0) of each timestamp (spec 4.2, 5.1)."""
+    idx = _to_datetime_index(timestamps, "timestamps")
+    return pd.DataFrame(
+        {"minute": idx.minute, "hour": idx.hour, "weekday": idx.day_of_week, "day": idx.day, "month": idx.month}
+    )
+
+
+def _to_datetime_index(values: Timestamps, name: str) -> pd.DatetimeIndex:
+    if isinstance(values, pd.DataFrame):
+        raise InputError(f"{name} must be a Series, DatetimeIndex or list of datetimes, not a DataFrame")
+    try:
+        idx = pd.DatetimeIndex(values)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must hold datetimes (pandas Series, DatetimeIndex or list): {exc}") from None
+    if idx.hasnans:
+        pos = int(np.flatnonzero(idx.isna())[0])
+        raise InputError(f"{name} has a missing timestamp (NaT) at position {pos}")
+    return idx
+
+
+def _check_increasing(idx: pd.DatetimeIndex, name: str) -> None:
+    if len(idx) > 1:
+        values = idx.asi8
+        bad = np.flatnonzero(values[1:] <= values[:-1])
+        if len(bad):
+            i = int(bad[0]) + 1
+            raise InputError(
+                f"{name} must be strictly increasing: position {i} ({idx[i]}) is not after position {i - 1} "
+                f"({idx[i - 1]})"
+            )
+
+
+@dataclass
+class _Prepared:
+    """One series after the official pre-processing (spec 5.1)."""
+
+    x: np.ndarray  # [T, 6] normalised and clipped, float32
+    x_stamp: np.ndarray  # [T, 5] float32
+    y_stamp: np.ndarray  # [P, 5] float32
+    mean: np.ndarray  # [6] float32
+    std: np.ndarray  # [6] float32
+    y_index: pd.Index
+
+
+class KronosPredictor:
+    """Forecast K-lines with a Kronos tokenizer + predictor pair (official ``KronosPredictor`` API).
+
+    ``max_context`` is the predictor's window (512 for Kronos-small/base, 2048 for Kronos-mini); ``clip`` bounds the
+    normalised inputs. Both models are moved to ``device`` (auto: CUDA, then MPS, then CPU) and used in eval mode.
+    """
+
+    def __init__(
+        self,
+        model: Kronos,
+        tokenizer: KronosTokenizer,
+        device: Optional[Union[str, torch.device]] = None,
+        max_context: int = 512,
+        clip: float = 5,
+    ) -> None:
+        if device is None:
+            if torch.cuda.is_available():
+                device = "cuda:0"
+            elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                device = "mps"
+            else:
+                device = "cpu"
+        if int(max_context) < 1:
+            raise InputError(f"max_context must be >= 1, got {max_context}")
+        if model.s1_bits != tokenizer.s1_bits or model.s2_bits != tokenizer.s2_bits:
+            raise InputError(
+                f"tokenizer bits ({tokenizer.s1_bits}, {tokenizer.s2_bits}) do not match the predictor's "
+                f"({model.s1_bits}, {model.s2_bits}); use the tokenizer the predictor was trained with"
+            )
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer.to(self.device).eval()
+        self.max_context = int(max_context)
+        self.clip = clip
+        self.price_cols = list(PRICE_COLS)
+        self.vol_col = VOL_COL
+        self.amt_col = AMT_COL
+        self.time_cols = list(TIME_COLS)
+
+    # ------------------------------------------------------------------ pre-processing
+    def _prepare(
+        self, df: pd.DataFrame, x_timestamp: Timestamps, y_timestamp: Timestamps, pred_len: int, where: str = ""
+    ) -> _Prepared:
+        if not isinstance(df, pd.DataFrame):
+            raise InputError(f"{where}df must be a pandas DataFrame, got {type(df).__name__}")
+        if len(df) == 0:
+            raise InputError(f"{where}df is empty; give at least one row of history")
+        missing = [c for c in self.price_cols if c not in df.columns]
+        if missing:
+            raise InputError(f"{where}df is missing price column(s) {missing}; it needs {self.price_cols}")
+        present = [c for c in FEATURE_COLS if c in df.columns]
+        frame = df[present].copy()
+        for col in present:
+            if not pd.api.types.is_numeric_dtype(frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
+                raise InputError(f"{where}column '{col}' must be numeric, got dtype {frame[col].dtype}")
+        if self.vol_col not in frame.columns:
+            # Q10: no volume -> both volume and amount are zero (a supplied amount is overwritten).
+            frame[self.vol_col] = 0.0
+            frame[self.amt_col] = 0.0
+        elif self.amt_col not in frame.columns:
+            frame[self.amt_col] = frame[self.vol_col] * frame[self.price_cols].mean(axis=1)
+        x = frame[FEATURE_COLS].values.astype(np.float32)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            row, col = (int(v[0]) for v in np.nonzero(bad))
+            kind = "NaN" if np.isnan(x[row, col]) else "an infinite value"
+            raise InputError(
+                f"{where}column '{FEATURE_COLS[col]}' has {kind} at row {row} (index {df.index[row]!r}); "
+                "fill or drop such rows first"
+            )
+
+        x_idx = _to_datetime_index(x_timestamp, f"{where}x_timestamp")
+        y_idx = _to_datetime_index(y_timestamp, f"{where}y_timestamp")
+        if len(x_idx) != len(df):
+            raise InputError(f"{where}len(x_timestamp) = {len(x_idx)} but df has {len(df)} rows; they must match")
+        if len(y_idx) != pred_len:
+            raise InputError(f"{where}len(y_timestamp) = {len(y_idx)} but pred_len = {pred_len}; they must match")
+        _check_increasing(x_idx, f"{where}x_timestamp")
+        _check_increasing(y_idx, f"{where}y_timestamp")
+        if y_idx[0] <= x_idx[-1]:
+            raise InputError(
+                f"{where}y_timestamp must start after the last x_timestamp ({y_idx[0]} <= {x_idx[-1]})"
+            )
+
+        x_stamp = calc_time_stamps(x_idx).values.astype(np.float32)
+        y_stamp = calc_time_stamps(y_idx).values.astype(np.float32)
+        # Spec 5.1: statistics over the entire given history (Q7), numpy float32, population std.
+        mean, std = np.mean(x, axis=0), np.std(x, axis=0)
+        x = (x - mean) / (std + 1e-5)
+        x = np.clip(x, -self.clip, self.clip)
+        y_index = y_timestamp if isinstance(y_timestamp, pd.Series) else y_idx
+        return _Prepared(x, x_stamp, y_stamp, mean, std, pd.Index(y_index))
+
+    @staticmethod
+    def _check_args(pred_len: Any, T: Any, top_k: Any, top_p: Any, sample_count: Any) -> None:
+        if isinstance(pred_len, bool) or not isinstance(pred_len, (int, np.integer)) or pred_len < 1:
+            raise InputError(f"pred_len must be an integer >= 1, got {pred_len!r}")
+        if isinstance(sample_count, bool) or not isinstance(sample_count, (int, np.integer)) or sample_count < 1:
+            raise InputError(f"sample_count must be an integer >= 1, got {sample_count!r}")
+        if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p:
+            raise InputError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
+        if not isinstance(T, (int, float)) or not T > 0:
+            raise InputError(f"temperature T must be > 0, got {T!r}")
+
+    # ------------------------------------------------------------------ generation
+    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None  # the global torch RNG, as the official code
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed))
+        return gen
+
+    def _sample_paths(
+        self,
+        items: list[_Prepared],
+        pred_len: int,
+        sample_count: int,
+        sampling: SamplingConfig,
+        verbose: bool,
+        use_cache: bool,
+        generator: Optional[torch.Generator],
+        batch_size: Optional[int],
+    ) -> list[np.ndarray]:
+        """Normalised sample paths ``[S, P, 6]`` per series; series of equal length run as one batch."""
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(len(item.x), []).append(i)
+        out: list[Optional[np.ndarray]] = [None] * len(items)
+        for members in groups.values():
+            x = torch.from_numpy(np.stack([items[i].x for i in members])).to(self.device)
+            xs = torch.from_numpy(np.stack([items[i].x_stamp for i in members])).to(self.device)
+            ys = torch.from_numpy(np.stack([items[i].y_stamp for i in members])).to(self.device)
+            samples = sample_forecasts(
+                self.tokenizer, self.model, x, xs, ys, pred_len, self.max_context, self.clip, sample_count,
+                sampling, use_cache=use_cache, generator=generator, verbose=verbose, batch_size=batch_size,
+            ).cpu().numpy()  # fmt: skip
+            for j, i in enumerate(members):
+                out[i] = samples[j]
+        return out  # type: ignore[return-value]
+
+    def generate(
+        self,
+        x: np.ndarray,
+        x_stamp: np.ndarray,
+        y_stamp: np.ndarray,
+        pred_len: int,
+        T: float,
+        top_k: int,
+        top_p: float,
+        sample_count: int,
+        verbose: bool,
+        *,
+        use_cache: bool = True,
+        seed: Optional[int] = None,
+    ) -> np.ndarray:
+        """Official-compatible: normalised inputs ``[N, T, 6]`` -> mean normalised forecast ``[N, pred_len, 6]``."""
+        samples = sample_forecasts(
+            self.tokenizer, self.model,
+            torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device),
+            torch.as_tensor(np.asarray(x_stamp, dtype=np.float32), device=self.device),
+            torch.as_tensor(np.asarray(y_stamp, dtype=np.float32), device=self.device),
+            pred_len, self.max_context, self.clip, sample_count, SamplingConfig(T, top_k, top_p),
+            use_cache=use_cache, generator=self._generator(seed), verbose=verbose,
+        )  # fmt: skip
+        return mean_over_samples(samples.cpu().numpy())
+
+    def _frames(self, item: _Prepared, paths: np.ndarray, return_samples: bool):
+        # Q11: average the decoded paths in normalised space, then de-normalise with the exact inverse (sigma+1e-5).
+        mean = mean_over_samples(paths[None])[0]
+        preds = mean * (item.std + 1e-5) + item.mean  # Q10: zero-sigma columns come back as pred*1e-5 + mu
+        frame = pd.DataFrame(preds, columns=FEATURE_COLS, index=item.y_index)
+        if not return_samples:
+            return frame
+        return frame, paths * (item.std + 1e-5) + item.mean
+
+    # ------------------------------------------------------------------ public API
+    def predict(
+        self,
+        df: pd.DataFrame,
+        x_timestamp: Timestamps,
+        y_timestamp: Timestamps,
+        pred_len: int,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        sample_count: int = 1,
+        verbose: bool = True,
+        *,
+        use_cache: bool = True,
+        seed: Optional[int] = None,
+        return_samples: bool = False,
+        batch_size: Optional[int] = None,
+        top_k_then_top_p: bool = False,
+    ) -> Union[pd.DataFrame, tuple[pd.DataFrame, np.ndarray]]:
+        """Forecast ``pred_len`` steps after ``df`` (columns open, high, low, close[, volume[, amount]]).
+
+        Returns a DataFrame (columns open..amount, index ``y_timestamp``) holding the mean of ``sample_count``
+        sampled paths; with ``return_samples=True`` returns ``(mean_df, samples)``, samples ``[S, pred_len, 6]``
+        de-normalised. ``seed`` makes sampling reproducible; ``use_cache=False`` runs the official (slow) algorithm.
+        """
+        self._check_args(pred_len, T, top_k, top_p, sample_count)
+        item = self._prepare(df, x_timestamp, y_timestamp, pred_len)
+        sampling = SamplingConfig(T, top_k, top_p, top_k_then_top_p)
+        paths = self._sample_paths(
+            [item], pred_len, sample_count, sampling, verbose, use_cache, self._generator(seed), batch_size
+        )[0]
+        return self._frames(item, paths, return_samples)
+
+    def predict_batch(
+        self,
+        df_list: Sequence[pd.DataFrame],
+        x_timestamp_list: Sequence[Timestamps],
+        y_timestamp_list: Sequence[Timestamps],
+        pred_len: int,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        sample_count: int = 1,
+        verbose: bool = True,
+        *,
+        use_cache: bool = True,
+        seed: Optional[int] = None,
+        return_samples: bool = False,
+        batch_size: Optional[int] = None,
+        top_k_then_top_p: bool = False,
+    ) -> list:
+        """Forecast many series at once; returns one DataFrame (or ``(mean_df, samples)``) per series, in order.
+
+        Unlike the official method, histories may differ in length: series are grouped by length and each group
+        runs as one batch (results equal one-by-one prediction under greedy decoding).
+        """
+        self._check_args(pred_len, T, top_k, top_p, sample_count)
+        for name, value in (("df_list", df_list), ("x_timestamp_list", x_timestamp_list),
+                            ("y_timestamp_list", y_timestamp_list)):  # fmt: skip
+            if isinstance(value, (pd.DataFrame, pd.Series, str)) or not hasattr(value, "__len__"):
+                raise InputError(f"{name} must be a list (one entry per series), got {type(value).__name__}")
+        if not len(df_list):
+            raise InputError("df_list is empty; give at least one series")
+        if not len(df_list) == len(x_timestamp_list) == len(y_timestamp_list):
+            raise InputError(
+                f"df_list, x_timestamp_list and y_timestamp_list must have the same length, got "
+                f"{len(df_list)}, {len(x_timestamp_list)}, {len(y_timestamp_list)}"
+            )
+        items = [
+            self._prepare(df, xt, yt, pred_len, where=f"series {i}: ")
+            for i, (df, xt, yt) in enumerate(zip(df_list, x_timestamp_list, y_timestamp_list))
+        ]
+        sampling = SamplingConfig(T, top_k, top_p, top_k_then_top_p)
+        paths = self._sample_paths(
+            items, pred_len, sample_count, sampling, verbose, use_cache, self._generator(seed), batch_size
+        )
+        return [self._frames(item, p, return_samples) for item, p in zip(items, paths)]
+
+    def predict_quantiles(
+        self,
+        df: pd.DataFrame,
+        x_timestamp: Timestamps,
+        y_timestamp: Timestamps,
+        pred_len: int,
+        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+        sample_count: int = 20,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> dict[float, pd.DataFrame]:
+        """Quantiles of ``sample_count`` sampled paths: ``{q: DataFrame}`` with the layout of :meth:`predict`."""
+        return self.predict_quantiles_batch(
+            [df], [x_timestamp], [y_timestamp], pred_len, quantiles, sample_count, T, top_k, top_p, verbose, **kwargs
+        )[0]
+
+    def predict_quantiles_batch(
+        self,
+        df_list: Sequence[pd.DataFrame],
+        x_timestamp_list: Sequence[Timestamps],
+        y_timestamp_list: Sequence[Timestamps],
+        pred_len: int,
+        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+        sample_count: int = 20,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> list[dict[float, pd.DataFrame]]:
+        """Batch variant of :meth:`predict_quantiles`: one ``{q: DataFrame}`` per series."""
+        qs = [float(q) for q in quantiles]
+        if not qs or any(not 0.0 <= q <= 1.0 for q in qs):
+            raise InputError(f"quantiles must be numbers in [0, 1], got {list(quantiles)!r}")
+        kwargs["return_samples"] = True
+        results = self.predict_batch(
+            df_list, x_timestamp_list, y_timestamp_list, pred_len, T, top_k, top_p, sample_count, verbose, **kwargs
+        )
+        out = []
+        for mean_df, samples in results:
+            values = np.quantile(samples, qs, axis=0)
+            out.append({q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)})
+        return out

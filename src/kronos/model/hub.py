@@ -1,0 +1,252 @@
+"""Checkpoint save/load in the official format: a folder with ``config.json`` + ``model.safetensors``.
+
+``config.json`` holds exactly the constructor keyword arguments with sorted keys (what the official
+``PyTorchModelHubMixin`` writes and reads), so checkpoints move freely between this package and the official code.
+Local folders load without any network call; hub ids are resolved from the local Hugging Face cache first and
+otherwise fetched only after a quick reachability probe, so an offline machine fails fast with one clear message.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, TypeVar, Union
+from urllib.parse import urlparse
+
+import torch
+
+from kronos.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Deterministic buffers that may be recomputed when a checkpoint lacks them (spec 1.4).
+_RECOMPUTABLE_SUFFIXES = ("rotary.inv_freq", "bsq.basis", "bsq.group_basis")
+
+M = TypeVar("M", bound="CheckpointMixin")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly Python scalar (numpy/torch scalars become int/float/bool)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+class CheckpointMixin:
+    """``save_pretrained`` / ``from_pretrained`` for modules whose ``config`` dict is their constructor kwargs."""
+
+    config: dict
+
+    @classmethod
+    def constructor_keys(cls) -> list[str]:
+        params = inspect.signature(cls.__init__).parameters
+        return [n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    def _record_config(self, values: dict) -> None:
+        self.config = {k: _plain(values[k]) for k in sorted(self.constructor_keys())}
+
+    # ------------------------------------------------------------------ save
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` atomically into ``save_directory``.
+
+        Both files are first written to a temporary folder beside the target; a new target folder is then renamed
+        into place in one step, an existing one gets each file replaced atomically (other files there are kept).
+        """
+        from safetensors.torch import save_file
+
+        target = Path(save_directory).expanduser()
+        if target.exists() and not target.is_dir():
+            raise CheckpointError(f"cannot save checkpoint: {target} exists and is not a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}  # type: ignore
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True), encoding="utf-8")
+            os.chmod(tmp, 0o755)
+            if not target.exists():
+                os.replace(tmp, target)
+            else:
+                for name in (WEIGHTS_NAME, CONFIG_NAME):
+                    os.replace(tmp / name, target / name)
+                tmp.rmdir()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("saved %s checkpoint to %s", type(self).__name__, target)
+        return target
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        pretrained_model_name_or_path: Union[str, os.PathLike],
+        *,
+        map_location: Union[str, torch.device] = "cpu",
+        strict: bool = True,
+        revision: Optional[str] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        local_files_only: bool = False,
+        token: Optional[Union[str, bool]] = None,
+        **model_kwargs: Any,
+    ) -> M:
+        """Build the model from ``config.json`` and load ``model.safetensors`` (weights cast to float32, eval mode).
+
+        ``pretrained_model_name_or_path`` is a local folder or a Hugging Face hub id (e.g.
+        ``NeoQuasar/Kronos-small``). ``model_kwargs`` override config values. With ``strict`` (default) any
+        missing, unexpected or mis-shaped tensor is a :class:`CheckpointError` (recomputable buffers excepted).
+        """
+        config_path, weights_path = _resolve_files(
+            str(pretrained_model_name_or_path), revision, cache_dir, local_files_only, token
+        )
+        config = _read_config(cls, config_path)
+        unknown = sorted(set(model_kwargs) - set(cls.constructor_keys()))
+        if unknown:
+            raise CheckpointError(f"unknown {cls.__name__} argument(s) {unknown}; valid: {cls.constructor_keys()}")
+        config.update(model_kwargs)
+        try:
+            model = cls(**config)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{config_path}: cannot build {cls.__name__} from it: {exc}") from exc
+        state = _read_weights(weights_path)
+        _load_state(model, state, weights_path, strict)
+        model.to(map_location)  # type: ignore[attr-defined]
+        model.eval()  # type: ignore[attr-defined]
+        return model
+
+
+def _read_config(cls: type, path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of {cls.__name__} arguments")
+    keys = cls.constructor_keys()
+    unknown = sorted(set(config) - set(keys))
+    missing = [k for k in keys if k not in config]
+    if unknown:
+        raise CheckpointError(
+            f"{path}: unknown key(s) {unknown} for {cls.__name__} (is this the right checkpoint type?); "
+            f"expected exactly {sorted(keys)}"
+        )
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {missing} for {cls.__name__}; expected exactly {sorted(keys)}")
+    return config
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device="cpu")
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"cannot read weights {path}: {exc}") from exc
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def _load_state(model: Any, state: dict[str, torch.Tensor], path: Path, strict: bool) -> None:
+    own = model.state_dict()
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs expected {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if mismatched:
+        raise CheckpointError(f"{path}: tensor shape mismatch (config.json does not fit the weights): {mismatched[:3]}")
+    missing = [k for k in own if k not in state and not k.endswith(_RECOMPUTABLE_SUFFIXES)]
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        message = f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+        if strict:
+            raise CheckpointError(message + " (pass strict=False to load anyway)")
+        logger.warning(message)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _download_hint(repo_id: str) -> str:
+    name = repo_id.rsplit("/", 1)[-1]
+    return (
+        f"download the checkpoint to a folder and pass its path, e.g. "
+        f"`huggingface-cli download {repo_id} --local-dir ./{name}` then from_pretrained('./{name}')"
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick TCP probe of the hub endpoint, so an offline machine does not wait through HTTP retries."""
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+    except Exception:  # pragma: no cover - huggingface_hub is a dependency
+        return False
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_files(
+    name: str,
+    revision: Optional[str],
+    cache_dir: Optional[Union[str, os.PathLike]],
+    local_files_only: bool,
+    token: Optional[Union[str, bool]],
+) -> tuple[Path, Path]:
+    """(config path, weights path) of a local folder or a hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not config_path.is_file():
+            raise CheckpointError(f"checkpoint folder {path} has no {CONFIG_NAME}")
+        if not weights_path.is_file():
+            extra = " (only safetensors weights are supported)" if any(path.glob("*.bin")) else ""
+            raise CheckpointError(f"checkpoint folder {path} has no {WEIGHTS_NAME}{extra}")
+        return config_path, weights_path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds {CONFIG_NAME}")
+    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+
+    try:
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(f"'{name}' is not a local folder and huggingface_hub is missing; {_download_hint(name)}")
+    cached = [
+        try_to_load_from_cache(name, f, cache_dir=cache_dir, revision=revision) for f in (CONFIG_NAME, WEIGHTS_NAME)
+    ]
+    if all(isinstance(c, str) for c in cached):
+        return Path(cached[0]), Path(cached[1])
+    if local_files_only or constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"'{name}' is neither a local folder nor in the Hugging Face cache; {_download_hint(name)}")
+    if not _hub_reachable():
+        raise CheckpointError(
+            f"'{name}' is not a local folder and the Hugging Face Hub cannot be reached; {_download_hint(name)}"
+        )
+    files = []
+    for filename in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            files.append(
+                Path(hf_hub_download(name, filename, revision=revision, cache_dir=cache_dir, token=token))
+            )
+        except Exception as exc:  # network/HTTP/repo errors of huggingface_hub
+            raise CheckpointError(
+                f"cannot fetch {filename} of '{name}' from the Hugging Face Hub ({type(exc).__name__}); "
+                f"{_download_hint(name)}"
+            ) from exc
+    return files[0], files[1]

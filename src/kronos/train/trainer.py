@@ -1,0 +1,523 @@
+"""One training loop for both stages, on one CPU, one GPU, or ``torchrun`` DDP (one or many nodes).
+
+Usage (the seed's scripts are thin wrappers over :func:`main`)::
+
+    python finetune/train_tokenizer.py --config-path my.yaml            # one GPU (or CPU when there is none)
+    python finetune/train_tokenizer.py --config-path my.yaml --cpu      # force CPU
+    torchrun --standalone --nproc_per_node=8 finetune/train_tokenizer.py --config-path my.yaml
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 \
+        finetune/train_predictor.py --config-path my.yaml               # (and node_rank=1 on the other node)
+    python finetune/train_predictor.py --config-path my.yaml --resume  # continue from checkpoints/last/
+
+Per optimizer step: ``batch_size`` windows per process, split into ``accumulation_steps`` micro-batches whose
+gradients are summed (the official tokenizer script's meaning: accumulation saves memory, it does not change
+the effective batch); global-norm clipping; AdamW; OneCycleLR stepped once per optimizer step.
+
+Outputs, under ``save_path/<stage folder>/``: ``checkpoints/best_model/`` (official format, written whenever the
+validation loss improves), ``checkpoints/last/`` (everything for an exact resume; written at every epoch end
+and every ``checkpoint_interval`` optimizer steps), ``metrics.jsonl``, ``summary.json`` and, when enabled,
+TensorBoard events.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from kronos.config import Config
+from kronos.errors import CheckpointError, ConfigError, KronosError
+from kronos.train import checkpoint as ckpt
+from kronos.train.distributed import (
+    DistContext,
+    Precision,
+    all_gather_bytes,
+    all_reduce_min_int,
+    all_reduce_sum,
+    barrier,
+    broadcast_flag,
+    cleanup_distributed,
+    configure_backends,
+    deterministic_cpu,
+    resolve_precision,
+    setup_distributed,
+)
+from kronos.train.stages import Stage, get_stage
+from kronos.train.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+# Config keys whose change makes a resumed run's schedule or sample order differ from the interrupted one.
+_RESUME_KEYS = ("epochs", "batch_size", "n_train_iter", "accumulation_steps", "seed", "lookback_window",
+                "predict_window")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Batches(Dataset):
+    """A view of a WindowDataset whose items are whole batches (one vectorised gather per batch)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list) -> tuple:
+        return self.dataset.get_batch(indices)
+
+
+class _ChunkedSampler(torch.utils.data.Sampler):
+    """Groups a sampler's indices into lists of ``batch_size`` (dropping the incomplete tail)."""
+
+    def __init__(self, sampler: Any, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        batch: list = []
+        for i in self.sampler:
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class Trainer:
+    """Trains one stage. ``fit()`` runs the epochs; ``train_step()`` is one optimizer step (used by benchmarks)."""
+
+    def __init__(self, stage: Stage, config: Config, ctx: DistContext) -> None:
+        self.stage = stage
+        self.config = config
+        self.ctx = ctx
+        self.device = ctx.device
+        self.precision: Precision = resolve_precision(config, ctx.device)
+        self.stage_dir = Path(config.save_path) / stage.folder_name
+        self.ckpt_dir = self.stage_dir / "checkpoints"
+        self.best_dir = self.ckpt_dir / "best_model"
+        self.last_dir = self.ckpt_dir / "last"
+        if config.batch_size % config.accumulation_steps:
+            raise ConfigError(
+                f"config key 'batch_size' ({config.batch_size}) must be divisible by 'accumulation_steps' "
+                f"({config.accumulation_steps}): each optimizer step splits the batch into that many micro-batches"
+            )
+        # counters (restored on resume)
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.best_val = math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.elapsed = 0.0  # wall seconds over all (resumed) runs
+        self.epochs_run = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, resume: bool = False, datasets: Optional[tuple] = None) -> None:
+        """Data, model, optimizer, schedule; then, with ``resume``, the state of ``checkpoints/last/``."""
+        cfg = self.config
+        seed_everything(cfg.seed + self.ctx.rank)
+        configure_backends(self.device)
+
+        self.resume_from: Optional[Path] = ckpt.resolve_folder(self.last_dir) if resume else None
+        if resume and self.resume_from is None:
+            logger.warning("--resume: no checkpoint at %s; starting from the beginning", self.last_dir)
+        state = ckpt.read_json(self.resume_from / ckpt.TRAINER_STATE) if self.resume_from else None
+        if state is not None:
+            self._check_resume_config(state)
+
+        # data
+        if datasets is None:
+            from kronos.data.windows import WindowDataset
+
+            datasets = (WindowDataset.from_config(cfg, "train"), WindowDataset.from_config(cfg, "val"))
+        self.train_ds, self.val_ds = datasets
+        from kronos.data.windows import WindowSampler
+
+        r, w = self.ctx.rank, self.ctx.world_size
+        self.train_sampler = WindowSampler(len(self.train_ds), cfg.n_train_iter, seed=cfg.seed, rank=r, world_size=w)
+        self.val_sampler = WindowSampler(len(self.val_ds), cfg.n_val_iter, seed=cfg.seed, rank=r, world_size=w)
+        steps = self.train_sampler.per_rank // cfg.batch_size
+        self.steps_per_epoch = all_reduce_min_int(self.ctx, steps)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"config key 'n_train_iter' ({cfg.n_train_iter}) gives {self.train_sampler.per_rank} samples per "
+                f"process, fewer than one batch of batch_size {cfg.batch_size}; raise n_train_iter or lower batch_size"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        pin = self.device.type == "cuda"
+        # A private generator keeps DataLoader iterator creation off the global torch RNG (exact resume).
+        self.train_loader = DataLoader(_Batches(self.train_ds), batch_size=None,
+                                       sampler=_ChunkedSampler(self.train_sampler, cfg.batch_size),
+                                       num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator())
+
+        # model
+        self.stage.prepare(self.device)
+        if self.resume_from is not None:
+            raw = self.stage.model_class.from_pretrained(str(self.resume_from))
+        else:
+            raw = self.stage.initial_model()
+        self.stage.check_model(raw)
+        raw.to(self.device)
+        raw.train()
+        self.raw_model = raw
+        model: nn.Module = raw
+        if cfg.compile:
+            model = torch.compile(model)  # type: ignore[assignment]
+        self.eval_model = model
+        if self.ctx.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+
+        params = [p for p in raw.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=self.stage.lr, betas=self.stage.betas,
+                                           weight_decay=cfg.adam_weight_decay)
+        # Q14: with cycle_momentum (official default) OneCycleLR drives Adam's beta1 between 0.95 and 0.85.
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=self.stage.lr, total_steps=self.total_steps, pct_start=cfg.pct_start,
+            div_factor=cfg.div_factor, cycle_momentum=cfg.cycle_momentum,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+
+        if state is not None:
+            self._load_training_state(state)
+
+    def _check_resume_config(self, state: dict) -> None:
+        saved = state.get("config", {})
+        changed = [k for k in _RESUME_KEYS if k in saved and saved[k] != getattr(self.config, k)]
+        if int(state.get("world_size", self.ctx.world_size)) != self.ctx.world_size:
+            changed.append("world_size")
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k, state.get(k))} -> "
+                               f"{getattr(self.config, k, self.ctx.world_size)}" for k in changed)
+            raise CheckpointError(
+                f"cannot resume from {self.resume_from}: {detail} changed since it was written; restore those "
+                "settings or train without --resume"
+            )
+
+    def _load_training_state(self, state: dict) -> None:
+        assert self.resume_from is not None
+        folder = self.resume_from
+        try:
+            self.optimizer.load_state_dict(ckpt.load_state(folder, "optimizer"))
+            self.scheduler.load_state_dict(ckpt.load_state(folder, "scheduler"))
+            if self.precision.use_scaler and (folder / "grad_scaler.json").exists():
+                self.scaler.load_state_dict(ckpt.load_state(folder, "grad_scaler"))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot restore optimizer/scheduler from {folder} ({exc}); "
+                                  "train without --resume") from None
+        for key in ("global_step", "epoch", "step_in_epoch", "best_epoch", "bad_epochs", "epochs_run"):
+            setattr(self, key, int(state[key]))
+        self.best_val = float(state["best_val"]) if state.get("best_val") is not None else math.inf
+        self.stopped_early = bool(state.get("stopped_early", False))
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self.history = list(state.get("history", []))
+        rng_file = folder / f"rng_rank{self.ctx.rank}.safetensors"
+        if rng_file.exists():
+            ckpt.restore_rng(rng_file.read_bytes())
+        else:
+            logger.warning("%s has no RNG state for rank %d; dropout/sampling will differ from the interrupted run",
+                           folder, self.ctx.rank)
+        logger.info("resumed from %s at epoch %d, step %d/%d of the epoch (global step %d)", folder,
+                    self.epoch + 1, self.step_in_epoch, self.steps_per_epoch, self.global_step)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def train_step(self, x: torch.Tensor, stamp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step on a batch (``batch_size`` windows, split into micro-batches); returns detached parts."""
+        acc = self.config.accumulation_steps
+        x = x.to(self.device, non_blocking=True)
+        stamp = stamp.to(self.device, non_blocking=True)
+        chunk = x.shape[0] // acc
+        sums: dict[str, torch.Tensor] = {}
+        for j in range(acc):
+            xb, sb = x[j * chunk:(j + 1) * chunk], stamp[j * chunk:(j + 1) * chunk]
+            last = j == acc - 1
+            sync = contextlib.nullcontext() if (last or not self.ctx.distributed) else self.model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    loss, parts = self.stage.train_loss(self.model, xb, sb)
+                self.scaler.scale(loss / acc).backward()
+            for k, v in parts.items():
+                sums[k] = sums[k] + v if k in sums else v
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.stage.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        out = {k: v / acc for k, v in sums.items()}
+        out["grad_norm"] = grad_norm.detach()
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Sample-weighted mean validation loss over every rank's validation windows."""
+        model = self.eval_model
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        # Own RNG stream: sampled-sibling validation (teacher_forcing false) is the same every epoch and does not
+        # shift the training stream.
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed + self.ctx.rank)
+            for x, stamp in self._val_batches():
+                x = x.to(self.device, non_blocking=True)
+                stamp = stamp.to(self.device, non_blocking=True)
+                with self.precision.autocast():
+                    loss = self.stage.val_loss(model, x, stamp)
+                total += loss.double() * x.shape[0]
+                count += x.shape[0]
+        model.train()
+        s, n = all_reduce_sum(self.ctx, [float(total.item()), float(count)])
+        return s / n if n else math.nan
+
+    def _val_batches(self):
+        self.val_sampler.set_epoch(0)  # the same validation windows every epoch (official: reseeded with `seed`)
+        idx = list(iter(self.val_sampler))
+        bs = self.config.batch_size
+        for i in range(0, len(idx), bs):
+            yield self.val_ds.get_batch(idx[i:i + bs])
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_last(self) -> None:
+        """Write ``checkpoints/last/`` (collective: every rank contributes its RNG state)."""
+        rng = all_gather_bytes(self.ctx, ckpt.capture_rng())
+        if not self.ctx.is_main:
+            return
+        state = self._trainer_state()
+
+        def fill(folder: Path) -> None:
+            self.raw_model.save_pretrained(folder)
+            ckpt.save_state(folder, "optimizer", self.optimizer.state_dict())
+            ckpt.save_state(folder, "scheduler", self.scheduler.state_dict())
+            if self.precision.use_scaler:
+                ckpt.save_state(folder, "grad_scaler", self.scaler.state_dict())
+            for r, payload in enumerate(rng):
+                (folder / f"rng_rank{r}.safetensors").write_bytes(payload)
+            ckpt.write_json_atomically(folder / ckpt.TRAINER_STATE, state)
+
+        ckpt.write_folder_atomically(self.last_dir, fill)
+
+    def save_best(self) -> None:
+        if self.ctx.is_main:
+            ckpt.write_folder_atomically(self.best_dir, lambda folder: self.raw_model.save_pretrained(folder))
+
+    def _trainer_state(self) -> dict:
+        return {
+            "stage": self.stage.name,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "sampler": {"epoch": self.epoch, "start": self.step_in_epoch * self.config.batch_size},
+            "best_val": None if not math.isfinite(self.best_val) else self.best_val,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+            "epochs_run": self.epochs_run,
+            "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "world_size": self.ctx.world_size,
+            "history": self.history,
+            "config": self.config.to_dict(),
+        }
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Run the remaining epochs; returns the summary (also written to ``summary.json``)."""
+        cfg = self.config
+        self._t0 = time.perf_counter()
+        tracker = Tracker(cfg, self.stage_dir, self.stage.name, active=self.ctx.is_main,
+                          resume_step=self.global_step if self.resume_from is not None else None)
+        if self.ctx.is_main:
+            cfg.save(self.stage_dir / "config.json")
+            tracker.log_params(cfg.to_dict())
+            logger.info("%s: %d epochs x %d steps (batch %d x %d process(es), %s, %s), %d parameters",
+                        self.stage.name, cfg.epochs, self.steps_per_epoch, cfg.batch_size, self.ctx.world_size,
+                        self.device, self.precision.name, sum(p.numel() for p in self.params))
+        tokens_per_step = cfg.batch_size * self.ctx.world_size * self.stage.tokens_per_sample(cfg.window)
+        try:
+            while self.epoch < cfg.epochs and not self.stopped_early:
+                self._run_epoch(tracker, tokens_per_step)
+        finally:
+            tracker.close()
+        return self._finish()
+
+    def _run_epoch(self, tracker: Tracker, tokens_per_step: int) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        epoch = self.epoch
+        self.train_sampler.set_epoch(epoch)
+        self.train_sampler.set_start(self.step_in_epoch * cfg.batch_size)
+        remaining = self.steps_per_epoch - self.step_in_epoch
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.ctx.is_main,
+                   desc=f"{self.stage.name} {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+        sums: dict[str, torch.Tensor] = {}
+        n_sum = 0
+        t_log = time.perf_counter()
+        batches = iter(self.train_loader)
+        for _ in range(remaining):
+            x, stamp = next(batches)
+            parts = self.train_step(x, stamp)
+            self.global_step += 1
+            self.step_in_epoch += 1
+            for k, v in parts.items():
+                sums[k] = sums[k] + v if k in sums else v
+            n_sum += 1
+            bar.update(1)
+            if self.global_step % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
+                now = time.perf_counter()
+                means = {k: float(v.item()) / n_sum for k, v in sums.items()}
+                row = {"step": self.global_step, "epoch": epoch + 1}
+                row.update({f"train/{k}": v for k, v in means.items() if k != "grad_norm"})
+                row["grad_norm"] = means.get("grad_norm")
+                row["lr"] = self.scheduler.get_last_lr()[0]
+                row["tokens_per_s"] = tokens_per_step * n_sum / max(now - t_log, 1e-9)
+                row["steps_per_s"] = n_sum / max(now - t_log, 1e-9)
+                tracker.log(row)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                sums, n_sum, t_log = {}, 0, now
+            interval = cfg.checkpoint_interval
+            if interval > 0 and self.global_step % interval == 0 and self.step_in_epoch < self.steps_per_epoch:
+                self.save_last()
+        bar.close()
+        del batches
+
+        val = self.validate()
+        self.epochs_run += 1
+        improved = math.isfinite(val) and val < self.best_val
+        if improved:
+            self.best_val, self.best_epoch, self.bad_epochs = val, epoch + 1, 0
+            self.save_best()
+        else:
+            self.bad_epochs += 1
+        stop = cfg.patience > 0 and self.bad_epochs >= cfg.patience
+        self.stopped_early = broadcast_flag(self.ctx, stop)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        row = {"step": self.global_step, "epoch": epoch + 1, "val/loss": val, "val/best": self.best_val}
+        self.history.append({"epoch": epoch + 1, "step": self.global_step, "val_loss": val})
+        tracker.log(row)
+        if self.ctx.is_main:
+            logger.info("%s epoch %d/%d: val loss %.6f%s", self.stage.name, epoch + 1, cfg.epochs, val,
+                        " (best)" if improved else f" (best {self.best_val:.6f} at epoch {self.best_epoch})")
+            if self.stopped_early:
+                logger.info("early stopping: no improvement for %d epoch(s)", self.bad_epochs)
+        self.save_last()
+
+    def _finish(self) -> dict:
+        elapsed = self.elapsed + (time.perf_counter() - self._t0)
+        summary = {
+            "stage": self.stage.name,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "epochs": self.config.epochs,
+            "stopped_early": self.stopped_early,
+            "global_step": self.global_step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "samples_seen": self.global_step * self.config.batch_size * self.ctx.world_size,
+            "wall_time_s": elapsed,
+            "world_size": self.ctx.world_size,
+            "device": str(self.device),
+            "precision": self.precision.name,
+            "best_model": str(self.best_dir),
+            "last_checkpoint": str(self.last_dir),
+            "history": self.history,
+            "config": self.config.to_dict(),
+        }
+        if self.ctx.is_main:
+            ckpt.write_json_atomically(self.stage_dir / SUMMARY_FILE, summary)
+            logger.info("%s done: best val loss %s at epoch %d; best model in %s", self.stage.name,
+                        summary["best_val_loss"], self.best_epoch, self.best_dir)
+        barrier(self.ctx)
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def run_stage(stage_name: str, config: Config, resume: bool = False) -> dict:
+    """Train ``stage_name`` ('tokenizer' or 'predictor') with ``config``; returns the run summary."""
+    stage = get_stage(stage_name, config)
+    ctx = setup_distributed(config)
+    try:
+        with deterministic_cpu(ctx.device.type == "cpu"):
+            trainer = Trainer(stage, config, ctx)
+            trainer.setup(resume=resume)
+            return trainer.fit()
+    finally:
+        cleanup_distributed(ctx)
+
+
+def train_tokenizer(config: Config, resume: bool = False) -> dict:
+    """Stage 1: finetune (or train from a preset) the tokenizer; best checkpoint in ``config.finetuned_tokenizer``."""
+    return run_stage("tokenizer", config, resume)
+
+
+def train_predictor(config: Config, resume: bool = False) -> dict:
+    """Stage 2: finetune the predictor on tokens of the frozen finetuned tokenizer (run stage 1 first)."""
+    return run_stage("predictor", config, resume)
+
+
+def _setup_logging(rank: int) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(stage_name: str, argv: Optional[Sequence[str]] = None, force_cpu: bool = False) -> int:
+    """Command-line entry of the seed's scripts: ``--config-path PATH [--resume] [--cpu]``; returns the exit code."""
+    import os
+
+    what = {"tokenizer": "Stage 1: finetune the Kronos tokenizer",
+            "predictor": "Stage 2: finetune the Kronos predictor"}.get(stage_name, stage_name)
+    parser = argparse.ArgumentParser(description=f"{what} (CPU, one GPU, or torchrun DDP).")
+    parser.add_argument("--config-path", default=None, help="JSON or YAML file overriding the default config")
+    parser.add_argument("--resume", action="store_true", help="continue from <save_path>/<stage>/checkpoints/last/")
+    if not force_cpu:
+        parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is available")
+    args = parser.parse_args(argv)
+    _setup_logging(int(os.environ.get("RANK", "0")))
+    try:
+        config = Config.from_file(args.config_path) if args.config_path else Config()
+        if force_cpu or getattr(args, "cpu", False):
+            config.update({"device": "cpu"})
+        run_stage(stage_name, config, resume=args.resume)
+    except KronosError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    return 0

@@ -1,0 +1,138 @@
+"""CSV/Parquet source end to end: file, folder, long file, Parquet; errors; a failed run keeps the old dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kronos.config import Config
+from kronos.data.schema import SPLIT_COLUMNS
+from kronos.data.sources import DataProcessorFactory
+from kronos.data.sources.csv import read_kline_file
+from kronos.data.store import dataset_exists, load_manifest, load_split
+from kronos.errors import ConfigError, DataError
+
+CSV = Path(__file__).parent / "data" / "kline_5min.csv"
+
+
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    return pd.read_csv(CSV)
+
+
+def run_csv(path, dataset, **kw) -> dict:
+    cfg = Config(csv_data_path=str(path), dataset_path=str(dataset), lookback_window=20, predict_window=5,
+                 split_ratios=[0.7, 0.15, 0.15], **kw)
+    return DataProcessorFactory.create_processor("csv", cfg).run_pipeline()
+
+
+def test_single_csv_file_5min_bars(tmp_path, table):
+    manifest = run_csv(CSV, tmp_path / "ds")
+    assert manifest["source"] == "csv" and manifest["symbols"] == ["kline_5min"]
+    frames = {s: load_split(tmp_path / "ds", s) for s in ("train", "val", "test")}
+    assert sum(manifest["splits"][s]["rows"] for s in frames) == 2500 + 2 * 20
+    train = frames["train"]
+    assert list(train.columns) == list(SPLIT_COLUMNS)
+    assert train["minute"].nunique() > 1 and (train["hour"] > 0).all()  # intraday features are real
+    src = table.head(len(train))
+    np.testing.assert_allclose(train["close"].to_numpy(), src["close"].to_numpy())
+    assert (train["timestamps"].to_numpy() == pd.to_datetime(src["timestamps"]).to_numpy()).all()
+    assert manifest["median_bar_seconds"] == 300.0
+
+
+def test_folder_of_mixed_files_with_aliased_headers(tmp_path, table):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    a = table.iloc[:1500].rename(columns={"timestamps": "DateTime", "volume": "Vol", "amount": "Amt"})
+    a.to_csv(folder / "AAA.csv", index=False)
+    b = table.iloc[1000:].drop(columns=["amount"]).rename(columns=str.upper)
+    b.to_parquet(folder / "BBB.parquet", index=False)
+    (folder / "README.md").write_text("not data")
+    manifest = run_csv(folder, tmp_path / "ds")
+    assert manifest["symbols"] == ["AAA", "BBB"]
+    test = load_split(tmp_path / "ds", "test")
+    bbb = test[test["symbol"] == "BBB"]
+    expected = bbb[["open", "high", "low", "close"]].mean(axis=1) * bbb["volume"]
+    np.testing.assert_allclose(bbb["amount"].to_numpy(), expected.to_numpy())  # amount derived
+
+
+def test_long_file_with_symbol_column_keeps_leading_zeros(tmp_path, table):
+    long = pd.concat([table.assign(code="000001"), table.iloc[:800].assign(code="600000")], ignore_index=True)
+    long.to_csv(tmp_path / "long.csv", index=False)
+    manifest = run_csv(tmp_path / "long.csv", tmp_path / "ds")
+    assert manifest["symbols"] == ["000001", "600000"]
+    assert set(load_split(tmp_path / "ds", "val")["symbol"]) == {"000001", "600000"}
+    # an explicit column name overrides auto-detection
+    long.rename(columns={"code": "Asset"}).to_csv(tmp_path / "long2.csv", index=False)
+    manifest = run_csv(tmp_path / "long2.csv", tmp_path / "ds2", csv_symbol_column="asset")
+    assert manifest["symbols"] == ["000001", "600000"]
+
+
+def test_parquet_file_with_datetime_index_and_no_volume(tmp_path, table):
+    frame = table.drop(columns=["volume", "amount"])
+    frame = frame.set_index(pd.DatetimeIndex(pd.to_datetime(frame.pop("timestamps")), name="ts"))
+    frame.to_parquet(tmp_path / "SYM.pq")
+    manifest = run_csv(tmp_path / "SYM.pq", tmp_path / "ds")
+    assert manifest["symbols"] == ["SYM"]
+    train = load_split(tmp_path / "ds", "train")
+    assert (train["volume"] == 0).all() and (train["amount"] == 0).all()  # predictor convention (Q10)
+
+
+def test_csv_errors_are_one_clear_message(tmp_path, table):
+    with pytest.raises(ConfigError, match="csv_data_path"):
+        run_csv("", tmp_path / "ds")
+    with pytest.raises(DataError, match=r"does not exist"):
+        run_csv(tmp_path / "missing.csv", tmp_path / "ds")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"holds no data files"):
+        run_csv(tmp_path / "empty", tmp_path / "ds")
+    bad_ts = table.copy()
+    bad_ts.loc[41, "timestamps"] = "2024-13-45 99:00"
+    bad_ts.to_csv(tmp_path / "bad_ts.csv", index=False)
+    with pytest.raises(DataError, match=r"bad_ts\.csv.*line 43.*2024-13-45"):
+        run_csv(tmp_path / "bad_ts.csv", tmp_path / "ds")
+    table.drop(columns=["low"]).to_csv(tmp_path / "no_low.csv", index=False)
+    with pytest.raises(DataError, match=r"no_low\.csv.*'low' is missing"):
+        run_csv(tmp_path / "no_low.csv", tmp_path / "ds")
+    table.assign(high=table["low"] / 2).to_csv(tmp_path / "impossible.csv", index=False)
+    with pytest.raises(DataError, match=r"no symbol has 26 clean rows"):
+        run_csv(tmp_path / "impossible.csv", tmp_path / "ds")
+    (tmp_path / "garbage.parquet").write_bytes(b"\x00\x01 definitely not parquet")
+    with pytest.raises(DataError, match=r"cannot read file .*garbage\.parquet"):
+        run_csv(tmp_path / "garbage.parquet", tmp_path / "ds")
+    (tmp_path / "blank.csv").write_text("")
+    with pytest.raises(DataError, match=r"blank\.csv.*empty"):
+        run_csv(tmp_path / "blank.csv", tmp_path / "ds")
+    with pytest.raises(DataError, match=r"split 'test' is empty.*test_time_range"):
+        DataProcessorFactory.create_processor("csv", Config(
+            csv_data_path=str(CSV), dataset_path=str(tmp_path / "ds"), lookback_window=20, predict_window=5,
+            train_time_range=["2024-06-01", "2024-07-31"], val_time_range=["2024-08-01", "2024-08-31"],
+            test_time_range=["2025-01-01", "2025-06-30"])).run_pipeline()
+    with pytest.raises(DataError, match="symbol column 'ticker'"):
+        run_csv(CSV, tmp_path / "ds", csv_symbol_column="ticker")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_failed_run_leaves_previous_dataset_untouched(tmp_path, table):
+    run_csv(CSV, tmp_path / "ds")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()}
+    bad = table.copy()
+    bad.loc[100, "timestamps"] = "garbage"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError):
+        run_csv(tmp_path / "bad.csv", tmp_path / "ds")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()}
+    assert after == before and dataset_exists(tmp_path / "ds")
+    assert load_manifest(tmp_path / "ds")["symbols"] == ["kline_5min"]
+
+
+def test_read_kline_file_for_forecast_input(tmp_path, table):
+    frame = read_kline_file(CSV)
+    assert len(frame) == 2500 and frame["timestamps"].is_monotonic_increasing
+    long = pd.concat([table.assign(symbol="A"), table.assign(symbol="B")], ignore_index=True)
+    long.to_csv(tmp_path / "long.csv", index=False)
+    with pytest.raises(DataError, match="holds 2 symbols"):
+        read_kline_file(tmp_path / "long.csv")
+    assert len(read_kline_file(tmp_path / "long.csv", symbol="B")) == 2500

@@ -1,0 +1,178 @@
+"""The complete pipeline end to end on real data (fast mode, tiny models): qlib, csv and sina sources,
+the seed's flags, skip flags reusing what is on disk, the outputs layout, and the CLI's one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TINY = {
+    "lookback_window": 30,
+    "predict_window": 5,
+    "epochs": 1,
+    "batch_size": 8,
+    "n_train_iter": 48,
+    "n_val_iter": 16,
+    "log_interval": 2,
+    "pretrained_tokenizer_path": "",
+    "pretrained_predictor_path": "",
+    "tokenizer_preset": "tiny",
+    "predictor_preset": "tiny",
+    "tokenizer_learning_rate": 0.002,
+    "predictor_learning_rate": 0.002,
+    "inference_sample_count": 2,
+    "eval_max_anchors": 8,
+    "plot_n_symbols": 2,
+    "backtest_n_symbol_hold": 3,
+    "backtest_n_symbol_drop": 1,
+    "backtest_hold_thresh": 1,
+    "num_workers": 0,
+}
+
+
+def write_config(tmp: Path, **overrides) -> Path:
+    cfg = dict(TINY)
+    cfg.update({
+        "dataset_path": "data/processed",
+        "save_path": "outputs/models",
+        "backtest_result_path": "outputs/backtest_results",
+    })
+    cfg.update(overrides)
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def run_script(args, cwd=ROOT, env=None, timeout=600):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=e,
+                          timeout=timeout)
+
+
+QLIB = {
+    "data_source": "qlib",
+    "qlib_data_path": str(DATA / "qlib_cn"),
+    "instrument": "csi300",
+    "dataset_begin_time": "2021-01-01",
+    "dataset_end_time": "2024-12-31",
+    "train_time_range": ["2021-01-01", "2023-06-30"],
+    "val_time_range": ["2023-04-01", "2023-12-31"],
+    "test_time_range": ["2023-10-01", "2024-12-31"],
+    "backtest_time_range": ["2024-11-01", "2024-12-31"],
+}
+
+
+@pytest.fixture(scope="module")
+def qlib_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qlib_pipeline")
+    cfg = write_config(tmp, **QLIB)
+    # from finetune/, as the seed's guide runs it
+    r = run_script(["train_complete_pipeline.py", "--cpu", "--fast-mode", "--config-path", str(cfg)],
+                   cwd=ROOT / "finetune")
+    return tmp, cfg, r
+
+
+def test_qlib_pipeline_leaves_every_output(qlib_run):
+    tmp, cfg, r = qlib_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Kronos pipeline finished" in r.stdout
+    models = tmp / "outputs" / "models"
+    for stage in ("finetune_tokenizer_demo", "finetune_predictor_demo"):
+        best = models / stage / "checkpoints" / "best_model"
+        assert (best / "config.json").is_file() and (best / "model.safetensors").is_file()
+        summary = json.loads((models / stage / "summary.json").read_text())
+        assert np.isfinite(summary["best_val_loss"])
+        assert (models / stage / "training_curves.png").is_file()
+    assert json.loads((tmp / "outputs" / "pipeline_config.json").read_text())["data_source"] == "qlib"
+    res = tmp / "outputs" / "backtest_results" / "finetune_backtest_demo"
+    fc = pd.read_parquet(res / "forecast_latest.parquet")
+    assert fc["symbol"].nunique() >= 3 and set(fc["step"]) == set(range(1, 6))
+    assert {"close", "close_q0.1", "close_q0.9"} <= set(fc.columns)
+    assert (fc["close_q0.1"] <= fc["close_q0.9"] + 1e-9).all()
+    assert (res / "forecast_latest.csv").is_file()
+    assert len(list((res / "plots").glob("forecast_*.png"))) == 2
+    metrics = json.loads((res / "metrics.json").read_text())
+    for key in ("model/mse", "naive/mse", "model/mae", "model/direction_accuracy", "model/ic", "model/rank_ic"):
+        assert key in metrics
+    assert metrics["model/mse"] is not None and metrics["model/mse"] >= 0
+    bt = res / "backtest"
+    assert list(bt.rglob("*.png")), "backtest plot missing"
+    assert list(bt.rglob("report.json")) or list(bt.rglob("*.json"))
+    assert not list(tmp.rglob("*.pkl")) and not list(tmp.rglob("*.pickle"))
+
+
+def test_skip_flags_reuse_what_is_on_disk(qlib_run):
+    tmp, cfg, r = qlib_run
+    assert r.returncode == 0
+    best = tmp / "outputs/models/finetune_predictor_demo/checkpoints/best_model/model.safetensors"
+    before = best.stat().st_mtime_ns
+    r2 = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--config-path", str(cfg),
+                     "--skip-data-process", "--skip-tokenizer", "--skip-predictor"])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert best.stat().st_mtime_ns == before  # models untouched, prediction redone
+    assert "==== data ====" not in r2.stderr and "==== predict ====" in r2.stderr
+
+
+def test_skip_flags_say_what_is_missing(tmp_path):
+    cfg = write_config(tmp_path, **QLIB)
+    r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--config-path", str(cfg), "--skip-data-process"])
+    assert r.returncode == 1
+    assert "no processed dataset" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
+def test_csv_pipeline(tmp_path):
+    raw = pd.read_csv(DATA / "kline_5min.csv")
+    folder = tmp_path / "klines"
+    folder.mkdir()
+    raw.to_csv(folder / "AAA.csv", index=False)
+    other = raw.copy()
+    for c in ("open", "high", "low", "close"):
+        other[c] = other[c] * 1.5
+    other.to_parquet(folder / "BBB.parquet")
+    cfg = write_config(tmp_path, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2],
+                       test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-15", "2024-08-31"])
+    r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--data-source", "csv",
+                    "--config-path", str(cfg)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = tmp_path / "outputs/backtest_results/finetune_backtest_demo"
+    fc = pd.read_parquet(res / "forecast_latest.parquet")
+    assert set(fc["symbol"]) == {"AAA", "BBB"}
+    # 5-minute bars: the forecast continues inside trading hours
+    times = pd.to_datetime(fc["timestamps"]).dt.strftime("%H:%M")
+    assert times.isin(pd.to_datetime(raw["timestamps"]).dt.strftime("%H:%M")).all()
+    assert (res / "metrics.json").is_file()
+
+
+def test_sina_pipeline_against_loopback_server(tmp_path):
+    from sina_server import SinaTestServer
+
+    with SinaTestServer() as server:
+        cfg = write_config(tmp_path, data_source="sina", sina_symbols=["sh600000", "sz000001"], sina_scale=5,
+                           sina_base_url=server.jsonp_url, sina_pause=0.0, sina_retries=1, sina_timeout=5.0,
+                           split_ratios=[0.6, 0.2, 0.2], test_time_range=["2024-08-01", "2024-08-31"],
+                           backtest_time_range=["2024-08-15", "2024-08-31"])
+        r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--data-source", "sina",
+                        "--config-path", str(cfg), "--skip-backtest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "data/processed/manifest.json").read_text())
+    assert sorted(manifest["symbols"]) == ["sh600000", "sz000001"]
+    fc = pd.read_parquet(tmp_path / "outputs/backtest_results/finetune_backtest_demo/forecast_latest.parquet")
+    assert set(fc["symbol"]) == {"sh600000", "sz000001"}
+
+
+def test_bad_config_key_is_one_line(tmp_path):
+    cfg = write_config(tmp_path, lookback_windw=10)
+    r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--config-path", str(cfg)])
+    assert r.returncode == 1
+    assert "lookback_windw" in r.stderr and "lookback_window" in r.stderr
+    assert "Traceback" not in r.stderr

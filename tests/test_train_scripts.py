@@ -1,0 +1,205 @@
+"""The seed's training scripts as users run them: torchrun DDP over two gloo processes, kill -9 then --resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from kronos.config import Config
+from kronos.model import build_tokenizer
+from kronos.train import train_predictor, train_tokenizer
+
+from test_train_fixtures import PYTHON, REPO, make_dataset, tiny_config
+
+# Runs a finetune script in-process after patching the trainer (test-side hooks only): it can record the window
+# indices each rank trains on, and SIGKILL itself after a given optimizer step or inside a checkpoint write.
+DRIVER = textwrap.dedent(
+    """
+    import json, os, runpy, signal, sys
+    from pathlib import Path
+    from kronos.train import checkpoint, trainer
+
+    out = os.environ.get("TEST_SAMPLES_DIR")
+    if out:
+        orig_iter = trainer._ChunkedSampler.__iter__
+        def recording_iter(self):
+            for batch in orig_iter(self):
+                with open(Path(out) / f"rank{os.environ.get('RANK', '0')}.jsonl", "a") as f:
+                    f.write(json.dumps(batch) + "\\n")
+                yield batch
+        trainer._ChunkedSampler.__iter__ = recording_iter
+
+    kill_step = int(os.environ.get("TEST_KILL_AFTER_STEP", "0"))
+    if kill_step:
+        orig_step = trainer.Trainer.train_step
+        def step(self, x, stamp):
+            result = orig_step(self, x, stamp)
+            if self.global_step + 1 == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        trainer.Trainer.train_step = step
+
+    kill_write = int(os.environ.get("TEST_KILL_IN_WRITE", "0"))
+    if kill_write:
+        orig_write = checkpoint.write_folder_atomically
+        calls = {"n": 0}
+        def write(target, fill):
+            if Path(target).name == "last":
+                calls["n"] += 1
+                if calls["n"] == kill_write:
+                    def killing_fill(folder):
+                        fill(folder)
+                        os.kill(os.getpid(), signal.SIGKILL)  # folder written, not yet renamed into place
+                    return orig_write(target, killing_fill)
+            return orig_write(target, fill)
+        checkpoint.write_folder_atomically = write
+
+    script = sys.argv[1]
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script.py` would
+    runpy.run_path(script, run_name="__main__")
+    """
+)
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("LOCAL_RANK", None)
+    env.update(extra)
+    return env
+
+
+def _run(args: list, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYTHON), *map(str, args)], cwd=cwd, env=_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("train_scripts") / "dataset")
+
+
+def _write_config(path: Path, config: Config) -> Path:
+    config.save(path)
+    return path
+
+
+def _same_safetensors(a: Path, b: Path) -> bool:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and (ta[k] == tb[k]).all() for k in ta)
+
+
+def test_torchrun_two_gloo_processes_split_the_samples(dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, dataset, epochs=1, n_train_iter=16 * 6)
+    cfg_path = _write_config(tmp_path / "cfg.json", cfg)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    proc = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", driver,
+                 REPO / "finetune" / "train_tokenizer.py", "--config-path", cfg_path, "--cpu"],
+                cwd=REPO, timeout=180, TEST_SAMPLES_DIR=str(samples), OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((Path(cfg.tokenizer_dir) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["device"] == "cpu"
+    # 96 samples over 2 ranks -> 48 per rank -> 3 steps of 16 per rank.
+    assert summary["steps_per_epoch"] == 3 and summary["global_step"] == 3
+    seen = {}
+    for rank in (0, 1):
+        batches = [json.loads(line) for line in (samples / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert len(batches) == 3 and all(len(b) == 16 for b in batches)
+        seen[rank] = {i for b in batches for i in b}
+    assert len(seen[0]) == 48 and len(seen[1]) == 48
+    assert not seen[0] & seen[1]  # ranks train on disjoint windows
+    assert (Path(cfg.tokenizer_dir) / "checkpoints" / "best_model" / "model.safetensors").exists()
+    assert (Path(cfg.tokenizer_dir) / "checkpoints" / "last" / "rng_rank1.safetensors").exists()
+
+
+def test_kill_during_training_then_resume_is_bit_exact(dataset: Path, tmp_path: Path) -> None:
+    # Start from a pretrained folder whose model has dropout, so the resumed run must restore the RNG exactly.
+    pretrained = tmp_path / "pretrained_tok"
+    build_tokenizer("tiny", attn_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1).save_pretrained(pretrained)
+    common = dict(epochs=2, checkpoint_interval=3, pretrained_tokenizer_path=str(pretrained))
+
+    reference = train_tokenizer(tiny_config(tmp_path / "ref", dataset, **common))
+
+    cfg = tiny_config(tmp_path / "run", dataset, **common)
+    cfg_path = _write_config(tmp_path / "cfg.json", cfg)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    # 8 steps per epoch: checkpoints after steps 3, 6, 8 (epoch end), 9; killed after step 11 (epoch 2).
+    killed = _run([driver, REPO / "finetune" / "train_tokenizer_cpu.py", "--config-path", cfg_path], cwd=REPO,
+                  TEST_KILL_AFTER_STEP="11")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = Path(cfg.tokenizer_dir) / "checkpoints" / "last"
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (9, 1, 1)
+    assert not (Path(cfg.tokenizer_dir) / "summary.json").exists()
+
+    # Resume with the plain script, run from finetune/ (the seed's documented working directory).
+    resumed = _run(["train_tokenizer_cpu.py", "--config-path", cfg_path, "--resume"], cwd=REPO / "finetune")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((Path(cfg.tokenizer_dir) / "summary.json").read_text())
+    assert summary["global_step"] == reference["global_step"] == 16
+    assert summary["best_val_loss"] == reference["best_val_loss"]
+    ref_ckpt = Path(reference["last_checkpoint"])
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert _same_safetensors(last / name, ref_ckpt / name), name
+    assert _same_safetensors(Path(summary["best_model"]) / "model.safetensors",
+                             Path(reference["best_model"]) / "model.safetensors")
+    # The resumed metrics log continues the interrupted one without duplicated steps.
+    rows = [json.loads(line) for line in (Path(cfg.tokenizer_dir) / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (Path(reference["best_model"]).parents[1] / "metrics.jsonl")
+                .read_text().splitlines()]
+    assert [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in rows] == \
+        [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in ref_rows]
+
+
+def test_kill_inside_checkpoint_write_then_resume_is_bit_exact(dataset: Path, tmp_path: Path) -> None:
+    # Predictor with the released scripts' sampled sibling (Q13): its multinomial draws use the global RNG.
+    common = dict(epochs=2, checkpoint_interval=3, teacher_forcing=False)
+    tok_cfg = tiny_config(tmp_path, dataset, epochs=1)
+    train_tokenizer(tok_cfg)
+    tok_path = str(Path(tok_cfg.finetuned_tokenizer))
+    reference = train_predictor(tiny_config(tmp_path / "ref", dataset, finetuned_tokenizer_path=tok_path, **common))
+
+    cfg = tiny_config(tmp_path / "run", dataset, finetuned_tokenizer_path=tok_path, **common)
+    cfg_path = _write_config(tmp_path / "cfg.json", cfg)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    # last/ writes: step 3, step 6, epoch end (8); the 3rd is killed after its files exist but before the swap.
+    killed = _run([driver, REPO / "finetune" / "train_predictor.py", "--config-path", cfg_path, "--cpu"],
+                  cwd=REPO, TEST_KILL_IN_WRITE="3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = Path(cfg.predictor_dir) / "checkpoints" / "last"
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["global_step"] == 6  # the half-written epoch-end checkpoint is not visible
+
+    resumed = _run([REPO / "finetune" / "train_predictor.py", "--config-path", cfg_path, "--cpu", "--resume"],
+                   cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((Path(cfg.predictor_dir) / "summary.json").read_text())
+    assert summary["best_val_loss"] == reference["best_val_loss"]
+    assert _same_safetensors(last / "model.safetensors", Path(reference["last_checkpoint"]) / "model.safetensors")
+    assert _same_safetensors(Path(summary["best_model"]) / "model.safetensors",
+                             Path(reference["best_model"]) / "model.safetensors")
+    assert not list(last.parent.glob(".last.tmp-*"))  # the killed run's temp folder was cleaned up
+
+
+def test_script_reports_config_errors_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"batch_sise": 4}))
+    proc = _run([REPO / "finetune" / "train_tokenizer.py", "--config-path", bad], cwd=REPO, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "batch_sise" in lines[0] and "batch_size" in lines[0]
