@@ -232,3 +232,16 @@ def test_simple_backtest_intraday_bars():
     shifted = sig.rename(lambda d: d + pd.Timedelta("1min") if isinstance(d, pd.Timestamp) else d, level="datetime")
     with pytest.raises(DataError, match="bar"):
         run_simple_backtest(shifted, prices, cfg)
+
+
+def test_qlib_backtest_up_to_the_providers_last_day(qlib_setup):
+    # signals through the calendar's final day: the range is clipped so Qlib never reads past its calendar
+    from qlib.data import D
+
+    insts = ["SH600011", "SH600016", "SH600025", "SH600436"]
+    close = D.features(insts, ["$close"], "2024-11-01", "2024-12-31")["$close"].unstack(level=0)
+    sig = normalize_signal(close.pct_change(fill_method=None).fillna(0.0))
+    cfg = Config(**{**qlib_setup["cfg"].to_dict(), "backtest_time_range": ["2024-12-01", "2025-06-30"]})
+    rep = run_qlib_backtest(sig, cfg)
+    assert rep.summary["start"] == "2024-12-02" and rep.summary["end"] == "2024-12-30"
+    assert rep.summary["n_days"] == len(rep.daily) > 15

@@ -34,7 +34,7 @@ def _records(pred_fn, n_steps: int = 3) -> pd.DataFrame:
 def test_perfect_forecast():
     m = forecast_metrics(_records(lambda last, true: true))
     assert m["model/mse"] == 0.0 and m["model/mae"] == 0.0
-    assert m["model/direction_acc"] == 1.0
+    assert m["model/direction_accuracy"] == 1.0
     assert m["model/ic"] == pytest.approx(1.0) and m["model/rank_ic"] == pytest.approx(1.0)
     assert m["n_ic_dates"] == 3 and m["n_forecasts"] == 9 and m["n_rows"] == 27
     # the last-value forecast is worse than perfect
@@ -45,7 +45,7 @@ def test_anti_forecast_has_negative_ic_and_zero_direction():
     m = forecast_metrics(_records(lambda last, true: 2 * last - true))
     assert m["model/ic"] == pytest.approx(-1.0)
     assert m["model/rank_ic"] == pytest.approx(-1.0)
-    assert m["model/direction_acc"] == 0.0
+    assert m["model/direction_accuracy"] == 0.0
 
 
 def test_hand_computed_errors_and_naive_baselines():
@@ -59,10 +59,10 @@ def test_hand_computed_errors_and_naive_baselines():
     assert m["naive/mse"] == pytest.approx((1.0 + 4.0) / 2)
     assert m["naive/mae"] == pytest.approx(1.5)
     assert m["model/mape"] == pytest.approx((0.5 / 11 + 1.0 / 12) / 2)
-    assert m["model/direction_acc"] == 1.0
+    assert m["model/direction_accuracy"] == 1.0
     # one symbol, one anchor: no cross-section and no previous anchor -> NaN, not an exception
     assert math.isnan(m["model/ic"]) and math.isnan(m["model/icir"])
-    assert math.isnan(m["naive/direction_acc"])
+    assert math.isnan(m["naive/direction_accuracy"])
     assert m["naive/up_fraction"] == 1.0
 
 
@@ -78,7 +78,7 @@ def test_naive_momentum_direction_and_ic():
     })
     m = forecast_metrics(recs)
     # momentum at anchor 2: A up (continues up: right), B down (reverses up: wrong)
-    assert m["naive/direction_acc"] == pytest.approx(0.5)
+    assert m["naive/direction_accuracy"] == pytest.approx(0.5)
     # at anchor 2 the momentum signal (A +10%, B -10%) vs realised (A +9.1%, B +11.1%) is anti-correlated
     assert m["naive/ic"] == pytest.approx(-1.0)
     assert math.isnan(m["naive/icir"])  # a single IC date has no std
@@ -111,7 +111,7 @@ def test_unknown_future_and_small_data_give_nan_not_errors(tmp_path):
     recs = _records(lambda last, true: true)
     recs["true_close"] = np.nan
     m = forecast_metrics(recs)
-    assert m["n_rows"] == 0 and math.isnan(m["model/mse"]) and math.isnan(m["model/direction_acc"])
+    assert m["n_rows"] == 0 and math.isnan(m["model/mse"]) and math.isnan(m["model/direction_accuracy"])
     assert math.isnan(m["model/ic"])
     out = tmp_path / "metrics.json"
     save_metrics(m, out)

@@ -25,6 +25,15 @@ REL_TOL = min(MANIFEST["comparison"]["rel_tol"], 1e-4)  # the brief asks for <= 
 COLUMNS = ["open", "high", "low", "close", "volume", "amount"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from threads; on a shared 2-core machine oversubscription only slows tests.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _rel_err(got: np.ndarray, expected: np.ndarray, eps: float) -> float:
     return float(np.max(np.abs(got - expected) / (np.abs(expected) + eps)))
 

@@ -182,9 +182,11 @@ def print_result_summary(result) -> None:
     if result.backtest_dir:
         lines.append(f"  backtest:         {result.backtest_dir}")
         for sig, s in result.backtest_summary.items():
-            ann = s.get("excess_return_with_cost", {}) if isinstance(s.get("excess_return_with_cost"), dict) else {}
-            val = ann.get("annualized_return", s.get("annualized_return"))
-            lines.append(f"                    signal {sig}: annualised excess return (with cost) {_fmt(val)}")
+            lines.append(
+                f"                    signal {sig}: annualised excess return "
+                f"{_fmt(s.get('excess_return_without_cost/annualized_return'))} without cost, "
+                f"{_fmt(s.get('excess_return_with_cost/annualized_return'))} with cost; "
+                f"max drawdown {_fmt(s.get('excess_return_with_cost/max_drawdown'))}")
     if result.plots:
         lines.append(f"  plots:            {len(result.plots)} PNG files, e.g. {result.plots[0]}")
     lines.append(f"  step seconds:     {result.seconds}")
@@ -247,7 +249,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_forecast_command(args)
         config = build_config(args)
         if args.command == "config":
-            print(json.dumps(config.to_dict(), indent=2, ensure_ascii=False))
+            data = config.to_dict()
+            data["finetuned_tokenizer_path"] = config.finetuned_tokenizer
+            data["finetuned_predictor_path"] = config.finetuned_predictor
+            data["backtest_benchmark"] = config.benchmark
+            print(json.dumps(data, indent=2, ensure_ascii=False))
             return 0
         if args.command == "pipeline":
             return run_pipeline_command(args, config)
@@ -279,6 +285,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `kronos config | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

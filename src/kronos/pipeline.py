@@ -314,8 +314,6 @@ class KronosPipeline:
         if test_records.empty:
             test_records = records
         metrics = forecast_metrics(test_records)
-        metrics["n_forecasts"] = int(test_records.groupby(["symbol", "datetime"]).ngroups)
-        metrics["n_symbols"] = int(test_records["symbol"].nunique())
         out_dir = Path(cfg.backtest_dir)
         self.result.metrics_file = str(out_dir / "metrics.json")
         atomic_write_text(self.result.metrics_file, json.dumps(_jsonable(metrics), indent=2) + "\n")

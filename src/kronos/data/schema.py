@@ -127,25 +127,31 @@ def _parse_numeric_timestamps(s: pd.Series) -> pd.Series:
     return pd.to_datetime(v, unit=unit, errors="coerce")
 
 
+def _to_naive_datetimes(text: pd.Series, **kwargs) -> pd.Series:
+    out = pd.to_datetime(text, errors="coerce", **kwargs)
+    if isinstance(out.dtype, pd.DatetimeTZDtype):
+        return out.dt.tz_localize(None)
+    if not pd.api.types.is_datetime64_any_dtype(out.dtype):
+        # pandas 2.x returns objects for mixed UTC offsets where 3.x raises
+        raise ValueError("mixed time zones")
+    return out
+
+
 def _parse_text_timestamps(s: pd.Series) -> pd.Series:
     text = s.astype("object").where(s.notna(), None)
     text = text.map(lambda x: x.strip() if isinstance(x, str) else x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            parsed = pd.to_datetime(text, errors="coerce")
+            parsed = _to_naive_datetimes(text)
         except (ValueError, TypeError):
             # e.g. mixed UTC offsets (daylight saving): keep each row's local wall time
-            stripped = text.map(lambda x: _TZ_SUFFIX.sub("", x) if isinstance(x, str) else x)
-            parsed = pd.to_datetime(stripped, errors="coerce", format="mixed")
-        if isinstance(parsed.dtype, pd.DatetimeTZDtype):
-            parsed = parsed.dt.tz_localize(None)
+            text = text.map(lambda x: _TZ_SUFFIX.sub("", x) if isinstance(x, str) else x)
+            parsed = _to_naive_datetimes(text, format="mixed")
         if parsed.isna().sum() > s.isna().sum():
             # the format inferred from the first row did not fit every row: parse row by row
             try:
-                retry = pd.to_datetime(text, errors="coerce", format="mixed")
-                if isinstance(retry.dtype, pd.DatetimeTZDtype):
-                    retry = retry.dt.tz_localize(None)
+                retry = _to_naive_datetimes(text, format="mixed")
                 if retry.isna().sum() < parsed.isna().sum():
                     parsed = retry
             except (ValueError, TypeError):

@@ -586,7 +586,8 @@ def run_qlib_backtest(
     calendar = pd.DatetimeIndex(D.calendar(freq="day"))
     sig_dates = sig.index.get_level_values("datetime").unique().sort_values()
     after_last = calendar[calendar > sig_dates[-1]]
-    last_trade = after_last[0] if len(after_last) else calendar[-1]
+    # Qlib's last step reads the calendar day after it, so the provider's final day cannot be traded
+    last_trade = min(after_last[0] if len(after_last) else calendar[-1], calendar[-2])
     start, end = _clip_range(time_range if time_range is not None else config.backtest_time_range,
                              max(sig_dates[0], calendar[0]), last_trade, "backtest_time_range")
     days = calendar[(calendar >= start) & (calendar <= end)]

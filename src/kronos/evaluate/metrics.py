@@ -195,11 +195,11 @@ def forecast_metrics(records: pd.DataFrame) -> dict[str, float]:
 
     moved = realised & (fin["true_ret"] != 0)
     true_sign = np.sign(fin.loc[moved, "true_ret"])
-    out["model/direction_acc"] = (
+    out["model/direction_accuracy"] = (
         _f((np.sign(fin.loc[moved, "pred_ret"]) == true_sign).mean()) if moved.any() else _nan()
     )
     mom = moved & fin["mom_ret"].notna()
-    out["naive/direction_acc"] = (
+    out["naive/direction_accuracy"] = (
         _f((np.sign(fin.loc[mom, "mom_ret"]) == np.sign(fin.loc[mom, "true_ret"])).mean()) if mom.any() else _nan()
     )
     out["naive/up_fraction"] = _f((true_sign > 0).mean()) if moved.any() else _nan()

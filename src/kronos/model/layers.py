@@ -71,7 +71,9 @@ class RotaryPositionalEmbedding(nn.Module):
         key = (self.inv_freq.device, self.inv_freq.data_ptr(), version)
         table = self._table
         if table is None or table[0] != key or table[1].shape[2] < end:
-            size = max(end, 64 if table is None else table[1].shape[2])
+            size = 512  # grow geometrically so that step-by-step decoding does not rebuild the table each step
+            while size < end:
+                size *= 2
             # Built outside inference mode so the memoised table is usable for training afterwards.
             with torch.inference_mode(False), torch.no_grad():
                 t = torch.arange(size, device=self.inv_freq.device).type_as(self.inv_freq)

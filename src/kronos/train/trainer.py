@@ -142,6 +142,9 @@ class Trainer:
         self.elapsed = 0.0  # wall seconds over all (resumed) runs
         self.epochs_run = 0
         self.history: list[dict] = []
+        # running sums of the train metrics since the last log row (kept in last/ so logs resume exactly)
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._log_n = 0
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, resume: bool = False, datasets: Optional[tuple] = None) -> None:
@@ -245,6 +248,9 @@ class Trainer:
         self.stopped_early = bool(state.get("stopped_early", False))
         self.elapsed = float(state.get("elapsed", 0.0))
         self.history = list(state.get("history", []))
+        self._log_sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                          for k, v in state.get("log_sums", {}).items()}
+        self._log_n = int(state.get("log_n", 0))
         rng_file = folder / f"rng_rank{self.ctx.rank}.safetensors"
         if rng_file.exists():
             ckpt.restore_rng(rng_file.read_bytes())
@@ -352,6 +358,8 @@ class Trainer:
             "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
             "world_size": self.ctx.world_size,
             "history": self.history,
+            "log_sums": {k: float(v.item()) for k, v in self._log_sums.items()},
+            "log_n": self._log_n,
             "config": self.config.to_dict(),
         }
 
@@ -386,31 +394,32 @@ class Trainer:
         remaining = self.steps_per_epoch - self.step_in_epoch
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.ctx.is_main,
                    desc=f"{self.stage.name} {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
-        sums: dict[str, torch.Tensor] = {}
-        n_sum = 0
-        t_log = time.perf_counter()
+        t_log, n_timed = time.perf_counter(), 0
         batches = iter(self.train_loader)
         for _ in range(remaining):
             x, stamp = next(batches)
             parts = self.train_step(x, stamp)
             self.global_step += 1
             self.step_in_epoch += 1
+            sums = self._log_sums
             for k, v in parts.items():
                 sums[k] = sums[k] + v if k in sums else v
-            n_sum += 1
+            self._log_n += 1
+            n_timed += 1
             bar.update(1)
             if self.global_step % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
                 now = time.perf_counter()
+                n_sum = self._log_n
                 means = {k: float(v.item()) / n_sum for k, v in sums.items()}
                 row = {"step": self.global_step, "epoch": epoch + 1}
                 row.update({f"train/{k}": v for k, v in means.items() if k != "grad_norm"})
                 row["grad_norm"] = means.get("grad_norm")
                 row["lr"] = self.scheduler.get_last_lr()[0]
-                row["tokens_per_s"] = tokens_per_step * n_sum / max(now - t_log, 1e-9)
-                row["steps_per_s"] = n_sum / max(now - t_log, 1e-9)
+                row["tokens_per_s"] = tokens_per_step * n_timed / max(now - t_log, 1e-9)
+                row["steps_per_s"] = n_timed / max(now - t_log, 1e-9)
                 tracker.log(row)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{row['lr']:.2e}")
-                sums, n_sum, t_log = {}, 0, now
+                self._log_sums, self._log_n, t_log, n_timed = {}, 0, now, 0
             interval = cfg.checkpoint_interval
             if interval > 0 and self.global_step % interval == 0 and self.step_in_epoch < self.steps_per_epoch:
                 self.save_last()
@@ -430,7 +439,8 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         row = {"step": self.global_step, "epoch": epoch + 1, "val/loss": val, "val/best": self.best_val}
-        self.history.append({"epoch": epoch + 1, "step": self.global_step, "val_loss": val})
+        self.history.append({"epoch": epoch + 1, "step": self.global_step,
+                             "val_loss": val if math.isfinite(val) else None})
         tracker.log(row)
         if self.ctx.is_main:
             logger.info("%s epoch %d/%d: val loss %.6f%s", self.stage.name, epoch + 1, cfg.epochs, val,

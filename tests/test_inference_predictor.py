@@ -1,0 +1,215 @@
+"""KronosPredictor: DataFrame API, timestamps, batching of unequal histories, samples/quantiles, input errors."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kronos.errors import InputError
+from kronos.inference import KronosPredictor
+from kronos.model import build_predictor, build_tokenizer
+
+COLS = ["open", "high", "low", "close", "volume", "amount"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def predictor() -> KronosPredictor:
+    torch.manual_seed(21)
+    tokenizer = build_tokenizer("tiny")
+    model = build_predictor("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+        model.head.proj_s1.weight.mul_(3)
+    return KronosPredictor(model, tokenizer, device="cpu", max_context=24, clip=5)
+
+
+def make_series(n: int, pred_len: int, seed: int = 0, start: str = "2024-03-01 09:30", freq: str = "5min"):
+    rng = np.random.default_rng(seed)
+    close = 20 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+    open_ = np.r_[close[0], close[:-1]]
+    df = pd.DataFrame({
+        "open": open_, "high": np.maximum(open_, close) * 1.002, "low": np.minimum(open_, close) * 0.998,
+        "close": close, "volume": rng.integers(100, 1000, n).astype(float),
+    })  # fmt: skip
+    df["amount"] = df["volume"] * df["close"]
+    ts = pd.Series(pd.date_range(start, periods=n + pred_len, freq=freq), name="timestamps")
+    return df, ts[:n].reset_index(drop=True), ts[n:].reset_index(drop=True)
+
+
+GREEDY = dict(T=1.0, top_k=1, top_p=1.0, verbose=False)
+
+
+def test_predict_output_layout(predictor):
+    df, xt, yt = make_series(30, 5)
+    out = predictor.predict(df, xt, yt, 5, **GREEDY)
+    assert list(out.columns) == COLS
+    assert list(out.index) == list(yt) and out.index.name == "timestamps"
+    assert out.shape == (5, 6) and np.isfinite(out.to_numpy()).all()
+    assert out["close"].between(df["close"].min() * 0.5, df["close"].max() * 2).all()
+    assert list(df.columns) == COLS  # the caller's frame is untouched
+
+
+def test_timestamp_types_are_equivalent(predictor):
+    df, xt, yt = make_series(30, 5)
+    ref = predictor.predict(df, xt, yt, 5, **GREEDY)
+    variants = [
+        (pd.DatetimeIndex(xt), pd.DatetimeIndex(yt)),
+        (list(xt.dt.to_pydatetime()), list(yt.dt.to_pydatetime())),
+        (xt.to_numpy(), yt.to_numpy()),
+        ([str(t) for t in xt], [str(t) for t in yt]),
+    ]
+    for x_ts, y_ts in variants:
+        out = predictor.predict(df, x_ts, y_ts, 5, **GREEDY)
+        np.testing.assert_array_equal(out.to_numpy(), ref.to_numpy())
+        assert list(out.index) == list(yt)
+
+
+def test_cached_and_uncached_predict_identical(predictor):
+    df, xt, yt = make_series(40, 8, seed=2)  # 40 > max_context 24: window always slides
+    a = predictor.predict(df, xt, yt, 8, **GREEDY)
+    b = predictor.predict(df, xt, yt, 8, use_cache=False, **GREEDY)
+    pd.testing.assert_frame_equal(a, b)
+    df, xt, yt = make_series(18, 10, seed=3)  # slides from step 6
+    pd.testing.assert_frame_equal(predictor.predict(df, xt, yt, 10, **GREEDY),
+                                  predictor.predict(df, xt, yt, 10, use_cache=False, **GREEDY))  # fmt: skip
+
+
+def test_predict_batch_unequal_lengths_equals_one_by_one(predictor):
+    series = [make_series(n, 6, seed=s) for s, n in enumerate([30, 12, 30, 50, 12])]
+    dfs, xts, yts = (list(v) for v in zip(*series))
+    batch = predictor.predict_batch(dfs, xts, yts, 6, **GREEDY)
+    assert len(batch) == 5
+    for (df, xt, yt), got in zip(series, batch):
+        single = predictor.predict(df, xt, yt, 6, **GREEDY)
+        pd.testing.assert_frame_equal(got, single, check_exact=False, rtol=1e-5, atol=1e-6)
+    uncached = predictor.predict_batch(dfs, xts, yts, 6, use_cache=False, **GREEDY)
+    for a, b in zip(batch, uncached):
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_seed_and_samples(predictor):
+    df, xt, yt = make_series(30, 6, seed=4)
+    kwargs = dict(T=1.0, top_p=0.9, sample_count=5, verbose=False)
+    mean_a, samples_a = predictor.predict(df, xt, yt, 6, seed=123, return_samples=True, **kwargs)
+    mean_b, samples_b = predictor.predict(df, xt, yt, 6, seed=123, return_samples=True, **kwargs)
+    pd.testing.assert_frame_equal(mean_a, mean_b)
+    np.testing.assert_array_equal(samples_a, samples_b)
+    assert samples_a.shape == (5, 6, 6) and samples_a.dtype == np.float32
+    assert not np.array_equal(samples_a[0], samples_a[1])
+    # the mean is the average of the paths (taken in normalised space, hence only close in price space)
+    np.testing.assert_allclose(mean_a.to_numpy(), samples_a.mean(0), rtol=1e-5, atol=1e-3)
+    other = predictor.predict(df, xt, yt, 6, seed=124, **kwargs)
+    assert not np.array_equal(other.to_numpy(), mean_a.to_numpy())
+    # plain predict with the same seed gives the same mean
+    pd.testing.assert_frame_equal(predictor.predict(df, xt, yt, 6, seed=123, **kwargs), mean_a)
+    batch = predictor.predict_batch([df, df], [xt, xt], [yt, yt], 6, seed=9, return_samples=True, **kwargs)
+    assert len(batch) == 2 and all(s.shape == (5, 6, 6) for _, s in batch)
+
+
+def test_quantiles(predictor):
+    df, xt, yt = make_series(30, 6, seed=5)
+    qs = predictor.predict_quantiles(df, xt, yt, 6, quantiles=(0.1, 0.5, 0.9), sample_count=12, seed=1,
+                                     verbose=False)  # fmt: skip
+    assert list(qs) == [0.1, 0.5, 0.9]
+    for frame in qs.values():
+        assert list(frame.columns) == COLS and list(frame.index) == list(yt)
+    assert (qs[0.1].to_numpy() <= qs[0.5].to_numpy() + 1e-9).all()
+    assert (qs[0.5].to_numpy() <= qs[0.9].to_numpy() + 1e-9).all()
+    assert (qs[0.9] - qs[0.1]).to_numpy().sum() > 0
+    _, samples = predictor.predict(df, xt, yt, 6, sample_count=12, seed=1, return_samples=True, verbose=False)
+    np.testing.assert_allclose(qs[0.5].to_numpy(), np.quantile(samples, 0.5, axis=0), rtol=1e-6)
+    batch = predictor.predict_quantiles_batch([df, df.iloc[5:]], [xt, xt.iloc[5:]], [yt, yt], 6, sample_count=4,
+                                              verbose=False)  # fmt: skip
+    assert len(batch) == 2 and set(batch[1]) == {0.1, 0.5, 0.9}
+    with pytest.raises(InputError, match="quantiles"):
+        predictor.predict_quantiles(df, xt, yt, 6, quantiles=(1.5,), verbose=False)
+
+
+def test_volume_and_amount_filling(predictor):
+    df, xt, yt = make_series(30, 5, seed=6)
+    # amount absent -> volume * mean(open, high, low, close)
+    derived = df.drop(columns="amount")
+    explicit = df.assign(amount=df["volume"] * df[["open", "high", "low", "close"]].mean(axis=1))
+    pd.testing.assert_frame_equal(predictor.predict(derived, xt, yt, 5, **GREEDY),
+                                  predictor.predict(explicit, xt, yt, 5, **GREEDY))  # fmt: skip
+    # volume absent -> volume and amount are zero, even if amount is given (Q10); zero sigma -> pred * 1e-5
+    out = predictor.predict(df.drop(columns="volume"), xt, yt, 5, **GREEDY)
+    assert np.abs(out[["volume", "amount"]].to_numpy()).max() < 1e-4
+    ohlc = predictor.predict(df[["open", "high", "low", "close"]], xt, yt, 5, **GREEDY)
+    pd.testing.assert_frame_equal(out, ohlc)
+
+
+def test_train_mode_model_is_used_in_eval_mode(predictor):
+    df, xt, yt = make_series(30, 5, seed=7)
+    ref = predictor.predict(df, xt, yt, 5, **GREEDY)
+    predictor.model.train()
+    try:
+        out = predictor.predict(df, xt, yt, 5, verbose=True, T=1.0, top_k=1, top_p=1.0)  # progress bar path too
+        assert predictor.model.training
+    finally:
+        predictor.model.eval()
+    pd.testing.assert_frame_equal(out, ref)
+
+
+# ---------------------------------------------------------------------- errors
+def _err(predictor, match, *args, **kwargs):
+    with pytest.raises(InputError, match=match) as info:
+        predictor.predict(*args, **{"verbose": False, **kwargs})
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_input_errors(predictor):
+    df, xt, yt = make_series(30, 5)
+    _err(predictor, r"missing price column\(s\) \['high', 'low'\]", df.drop(columns=["high", "low"]), xt, yt, 5)
+    bad = df.copy()
+    bad.loc[7, "close"] = np.nan
+    _err(predictor, r"column 'close' has NaN at row 7", bad, xt, yt, 5)
+    bad = df.copy()
+    bad.loc[3, "volume"] = np.inf
+    _err(predictor, r"column 'volume' has an infinite value at row 3", bad, xt, yt, 5)
+    _err(predictor, "df is empty", df.iloc[:0], xt.iloc[:0], yt, 5)
+    _err(predictor, "must be a pandas DataFrame", df.to_numpy(), xt, yt, 5)
+    _err(predictor, r"len\(x_timestamp\) = 29 but df has 30 rows", df, xt.iloc[:29], yt, 5)
+    _err(predictor, r"len\(y_timestamp\) = 5 but pred_len = 4", df, xt, yt, 4)
+    _err(predictor, "pred_len must be an integer >= 1", df, xt, yt.iloc[:0], 0)
+    swapped = xt.copy()
+    swapped.iloc[[10, 11]] = swapped.iloc[[11, 10]].to_numpy()
+    _err(predictor, "x_timestamp must be strictly increasing: position 11", df, swapped, yt, 5)
+    _err(predictor, "y_timestamp must be strictly increasing", df, xt, yt.iloc[::-1], 5)
+    _err(predictor, "y_timestamp must start after the last x_timestamp", df, xt, xt.iloc[-5:], 5)
+    _err(predictor, "x_timestamp must hold datetimes", df, ["not a date"] * 30, yt, 5)
+    _err(predictor, "column 'open' must be numeric", df.assign(open="x"), xt, yt, 5)
+    _err(predictor, "sample_count must be an integer >= 1", df, xt, yt, 5, sample_count=0)
+    _err(predictor, "temperature T must be > 0", df, xt, yt, 5, T=0)
+    _err(predictor, "top_k must be an integer >= 0", df, xt, yt, 5, top_k=-1)
+
+
+def test_predict_batch_errors(predictor):
+    df, xt, yt = make_series(30, 5)
+    with pytest.raises(InputError, match="same length, got 2, 1, 2"):
+        predictor.predict_batch([df, df], [xt], [yt, yt], 5, verbose=False)
+    with pytest.raises(InputError, match="df_list is empty"):
+        predictor.predict_batch([], [], [], 5, verbose=False)
+    with pytest.raises(InputError, match="df_list must be a list"):
+        predictor.predict_batch(df, [xt], [yt], 5, verbose=False)
+    with pytest.raises(InputError, match=r"series 1: .*missing price column\(s\) \['close'\]"):
+        predictor.predict_batch([df, df.drop(columns="close")], [xt, xt], [yt, yt], 5, verbose=False)
+    with pytest.raises(InputError, match=r"series 0: len\(y_timestamp\) = 4 but pred_len = 5"):
+        predictor.predict_batch([df], [xt], [yt.iloc[:4]], 5, verbose=False)
+
+
+def test_mismatched_tokenizer_is_rejected():
+    with pytest.raises(InputError, match="tokenizer bits"):
+        KronosPredictor(build_predictor("tiny"), build_tokenizer("tiny", s1_bits=5, s2_bits=5), device="cpu")
