@@ -34,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = Config.from_file(args.config_path) if args.config_path else Config()
         manifest = DataProcessorFactory.create_processor("qlib", config).run_pipeline()
     except KronosError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever the cause
         return 1
     rows = ", ".join(f"{name} {info['rows']} rows" for name, info in manifest["splits"].items())
     logging.getLogger("qlib_data_preprocess").info(

@@ -1,7 +1,6 @@
 """DataProcessorFactory: built-in names, unknown names, custom sources via register(), lazy imports."""
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path

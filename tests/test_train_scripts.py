@@ -10,16 +10,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from kronos.config import Config
-from kronos.model import build_tokenizer
+from kronos.model import build_predictor
 from kronos.train import train_predictor, train_tokenizer
 
 from test_train_fixtures import PYTHON, REPO, make_dataset, tiny_config
 
 # Runs a finetune script in-process after patching the trainer (test-side hooks only): it can record the window
-# indices each rank trains on, and SIGKILL itself after a given optimizer step or inside a checkpoint write.
+# indices each rank trains on, and SIGKILL itself inside the n-th write of checkpoints/last/.
 DRIVER = textwrap.dedent(
     """
     import json, os, runpy, signal, sys
@@ -35,16 +36,6 @@ DRIVER = textwrap.dedent(
                     f.write(json.dumps(batch) + "\\n")
                 yield batch
         trainer._ChunkedSampler.__iter__ = recording_iter
-
-    kill_step = int(os.environ.get("TEST_KILL_AFTER_STEP", "0"))
-    if kill_step:
-        orig_step = trainer.Trainer.train_step
-        def step(self, x, stamp):
-            result = orig_step(self, x, stamp)
-            if self.global_step + 1 == kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return result
-        trainer.Trainer.train_step = step
 
     kill_write = int(os.environ.get("TEST_KILL_IN_WRITE", "0"))
     if kill_write:
@@ -71,7 +62,7 @@ DRIVER = textwrap.dedent(
 
 def _env(**extra: str) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src")
+    env["OMP_NUM_THREADS"] = "1"  # shared test machine: no OpenMP spin-waiting on oversubscribed cores
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env.pop("LOCAL_RANK", None)
@@ -82,6 +73,14 @@ def _env(**extra: str) -> dict:
 def _run(args: list, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(PYTHON), *map(str, args)], cwd=cwd, env=_env(**env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the subprocesses (OMP_NUM_THREADS=1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_torchrun_two_gloo_processes_split_the_samples(dataset: Path, tmp_path: 
     samples.mkdir()
     proc = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", driver,
                  REPO / "finetune" / "train_tokenizer.py", "--config-path", cfg_path, "--cpu"],
-                cwd=REPO, timeout=180, TEST_SAMPLES_DIR=str(samples), OMP_NUM_THREADS="1")
+                cwd=REPO, timeout=180, TEST_SAMPLES_DIR=str(samples))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((Path(cfg.tokenizer_dir) / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["device"] == "cpu"
@@ -125,75 +124,50 @@ def test_torchrun_two_gloo_processes_split_the_samples(dataset: Path, tmp_path: 
     assert (Path(cfg.tokenizer_dir) / "checkpoints" / "last" / "rng_rank1.safetensors").exists()
 
 
-def test_kill_during_training_then_resume_is_bit_exact(dataset: Path, tmp_path: Path) -> None:
-    # Start from a pretrained folder whose model has dropout, so the resumed run must restore the RNG exactly.
-    pretrained = tmp_path / "pretrained_tok"
-    build_tokenizer("tiny", attn_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1).save_pretrained(pretrained)
-    common = dict(epochs=2, checkpoint_interval=3, pretrained_tokenizer_path=str(pretrained))
-
-    reference = train_tokenizer(tiny_config(tmp_path / "ref", dataset, **common))
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run_bit_exactly(dataset: Path, tmp_path: Path) -> None:
+    # The predictor starts from a pretrained folder with dropout and uses the released scripts' sampled sibling
+    # (Q13), so both dropout masks and multinomial draws must continue exactly from the restored RNG states.
+    tok_cfg = tiny_config(tmp_path, dataset, epochs=1)
+    train_tokenizer(tok_cfg)
+    pretrained = tmp_path / "pretrained_predictor"
+    build_predictor("tiny", attn_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1,
+                    token_dropout_p=0.1).save_pretrained(pretrained)
+    common = dict(epochs=2, checkpoint_interval=3, teacher_forcing=False, pretrained_predictor_path=str(pretrained),
+                  finetuned_tokenizer_path=str(Path(tok_cfg.finetuned_tokenizer)))
+    reference = train_predictor(tiny_config(tmp_path / "ref", dataset, **common))
 
     cfg = tiny_config(tmp_path / "run", dataset, **common)
     cfg_path = _write_config(tmp_path / "cfg.json", cfg)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    # 8 steps per epoch: checkpoints after steps 3, 6, 8 (epoch end), 9; killed after step 11 (epoch 2).
-    killed = _run([driver, REPO / "finetune" / "train_tokenizer_cpu.py", "--config-path", cfg_path], cwd=REPO,
-                  TEST_KILL_AFTER_STEP="11")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    last = Path(cfg.tokenizer_dir) / "checkpoints" / "last"
-    state = json.loads((last / "trainer_state.json").read_text())
-    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (9, 1, 1)
-    assert not (Path(cfg.tokenizer_dir) / "summary.json").exists()
-
-    # Resume with the plain script, run from finetune/ (the seed's documented working directory).
-    resumed = _run(["train_tokenizer_cpu.py", "--config-path", cfg_path, "--resume"], cwd=REPO / "finetune")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads((Path(cfg.tokenizer_dir) / "summary.json").read_text())
-    assert summary["global_step"] == reference["global_step"] == 16
-    assert summary["best_val_loss"] == reference["best_val_loss"]
-    ref_ckpt = Path(reference["last_checkpoint"])
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        assert _same_safetensors(last / name, ref_ckpt / name), name
-    assert _same_safetensors(Path(summary["best_model"]) / "model.safetensors",
-                             Path(reference["best_model"]) / "model.safetensors")
-    # The resumed metrics log continues the interrupted one without duplicated steps.
-    rows = [json.loads(line) for line in (Path(cfg.tokenizer_dir) / "metrics.jsonl").read_text().splitlines()]
-    ref_rows = [json.loads(line) for line in (Path(reference["best_model"]).parents[1] / "metrics.jsonl")
-                .read_text().splitlines()]
-    assert [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in rows] == \
-        [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in ref_rows]
-
-
-def test_kill_inside_checkpoint_write_then_resume_is_bit_exact(dataset: Path, tmp_path: Path) -> None:
-    # Predictor with the released scripts' sampled sibling (Q13): its multinomial draws use the global RNG.
-    common = dict(epochs=2, checkpoint_interval=3, teacher_forcing=False)
-    tok_cfg = tiny_config(tmp_path, dataset, epochs=1)
-    train_tokenizer(tok_cfg)
-    tok_path = str(Path(tok_cfg.finetuned_tokenizer))
-    reference = train_predictor(tiny_config(tmp_path / "ref", dataset, finetuned_tokenizer_path=tok_path, **common))
-
-    cfg = tiny_config(tmp_path / "run", dataset, finetuned_tokenizer_path=tok_path, **common)
-    cfg_path = _write_config(tmp_path / "cfg.json", cfg)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    # last/ writes: step 3, step 6, epoch end (8); the 3rd is killed after its files exist but before the swap.
+    # 8 steps per epoch; last/ is written after steps 3, 6 and at the epoch end (8). kill -9 strikes inside the
+    # epoch-end write, after its files exist but before the folder swap: the step-6 checkpoint must survive.
     killed = _run([driver, REPO / "finetune" / "train_predictor.py", "--config-path", cfg_path, "--cpu"],
                   cwd=REPO, TEST_KILL_IN_WRITE="3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = Path(cfg.predictor_dir) / "checkpoints" / "last"
     state = json.loads((last / "trainer_state.json").read_text())
-    assert state["global_step"] == 6  # the half-written epoch-end checkpoint is not visible
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (6, 0, 6)
+    assert not (Path(cfg.predictor_dir) / "summary.json").exists()
 
-    resumed = _run([REPO / "finetune" / "train_predictor.py", "--config-path", cfg_path, "--cpu", "--resume"],
-                   cwd=tmp_path)
+    # Resume with the CPU script, run from finetune/ (the seed's documented working directory).
+    resumed = _run(["train_predictor_cpu.py", "--config-path", cfg_path, "--resume"], cwd=REPO / "finetune")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((Path(cfg.predictor_dir) / "summary.json").read_text())
+    assert summary["global_step"] == reference["global_step"] == 16
     assert summary["best_val_loss"] == reference["best_val_loss"]
-    assert _same_safetensors(last / "model.safetensors", Path(reference["last_checkpoint"]) / "model.safetensors")
+    ref_last = Path(reference["last_checkpoint"])
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert _same_safetensors(last / name, ref_last / name), name
     assert _same_safetensors(Path(summary["best_model"]) / "model.safetensors",
                              Path(reference["best_model"]) / "model.safetensors")
     assert not list(last.parent.glob(".last.tmp-*"))  # the killed run's temp folder was cleaned up
+    # The resumed metrics log continues the interrupted one: same rows, no duplicates.
+    def rows(stage_dir: Path) -> list:
+        lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in map(json.loads, lines)]
+
+    assert rows(Path(cfg.predictor_dir)) == rows(ref_last.parents[1])
 
 
 def test_script_reports_config_errors_in_one_line(tmp_path: Path) -> None:

@@ -143,23 +143,20 @@ def setup_logging(quiet: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def maybe_init_distributed(config: Config) -> None:
-    """Under torchrun (WORLD_SIZE > 1) bring the process group up before any step needs a barrier."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    from kronos.train.distributed import init_distributed
-
-    init_distributed(config)
-
-
 def run_pipeline_command(args: argparse.Namespace, config: Config) -> int:
+    """The whole pipeline; under torchrun the process group lives for all steps (barriers between them)."""
     from kronos.pipeline import KronosPipeline
+    from kronos.train.distributed import cleanup_distributed, launched_by_torchrun, setup_distributed
 
-    maybe_init_distributed(config)
-    pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
-    result = pipe.run(skip_data=args.skip_data_process, skip_tokenizer=args.skip_tokenizer,
-                      skip_predictor=args.skip_predictor, skip_predict=args.skip_predict,
-                      skip_backtest=args.skip_backtest)
+    ctx = setup_distributed(config) if launched_by_torchrun() else None
+    try:
+        pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
+        result = pipe.run(skip_data=args.skip_data_process, skip_tokenizer=args.skip_tokenizer,
+                          skip_predictor=args.skip_predictor, skip_predict=args.skip_predict,
+                          skip_backtest=args.skip_backtest)
+    finally:
+        if ctx is not None:
+            cleanup_distributed(ctx)
     if int(os.environ.get("RANK", "0")) == 0:
         print_result_summary(result)
     return 0
@@ -263,10 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "data":
             pipe.process_data()
         elif args.command == "train-tokenizer":
-            maybe_init_distributed(config)
             pipe.train_tokenizer()
         elif args.command == "train-predictor":
-            maybe_init_distributed(config)
             pipe.train_predictor()
         elif args.command == "predict":
             pipe.predict()

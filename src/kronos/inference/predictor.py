@@ -8,6 +8,7 @@ one-line :class:`kronos.errors.InputError` messages for bad input.
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -175,11 +176,11 @@ class KronosPredictor:
             raise InputError(f"pred_len must be an integer >= 1, got {pred_len!r}")
         if isinstance(sample_count, bool) or not isinstance(sample_count, (int, np.integer)) or sample_count < 1:
             raise InputError(f"sample_count must be an integer >= 1, got {sample_count!r}")
-        if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p:
+        if not isinstance(top_p, numbers.Real) or not 0 < top_p:
             raise InputError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
-        if not isinstance(T, (int, float)) or not T > 0:
+        if not isinstance(T, numbers.Real) or not T > 0:
             raise InputError(f"temperature T must be > 0, got {T!r}")
 
     # ------------------------------------------------------------------ generation

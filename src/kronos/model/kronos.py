@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kronos.errors import ConfigError
+from kronos.errors import ConfigError, InputError
 from kronos.model.hub import CheckpointMixin
 from kronos.model.layers import KVCache, MultiHeadCrossAttentionWithRoPE, RMSNorm, TransformerBlock
 from kronos.model.tokenizer import KronosTokenizer
@@ -223,7 +223,7 @@ class Kronos(nn.Module, CheckpointMixin):
         s1_logits, x = self.decode_s1(s1_ids, s2_ids, stamp, padding_mask)
         if use_teacher_forcing:
             if s1_targets is None:
-                raise ValueError("use_teacher_forcing=True needs s1_targets")
+                raise InputError("use_teacher_forcing=True needs s1_targets (the next-step s1 ids)")
             sibling = s1_targets
         else:
             probs = F.softmax(s1_logits.detach(), dim=-1)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kronos.errors import InputError
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (no mean subtraction, no bias), computed in float32."""
@@ -107,8 +109,6 @@ class KVCache:
 
 def _check_padding_mask(mask: Optional[torch.Tensor]) -> None:
     if mask is not None:
-        from kronos.errors import InputError
-
         # Spec 2: no official path passes a padding mask and their semantics are inconsistent.
         raise InputError("padding masks are not supported by Kronos attention; pass padding_mask=None")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,9 +31,6 @@ logger = logging.getLogger(__name__)
 
 FIELDS = ("open", "high", "low", "close", "volume")
 FREQ = "day"
-
-_initialised_provider: Optional[str] = None
-
 
 def _missing_qlib(detail: str) -> DependencyError:
     return DependencyError(
@@ -86,19 +84,36 @@ def check_provider(provider: Path, instrument: str = "") -> None:
 
 
 def init_qlib(provider_uri: str) -> None:
-    """Initialise Qlib for ``provider_uri`` (region cn) quietly, once per provider in this process."""
-    global _initialised_provider
+    """Initialise Qlib for ``provider_uri`` (region cn) quietly, unless it is already set up on that folder.
+
+    Whoever initialised Qlib in this process (this module, the backtest, user code), a second call for the same
+    provider costs nothing; a different provider re-initialises it.
+    """
     provider = Path(provider_uri).expanduser().resolve()
     check_provider(provider)
-    key = str(provider)
-    if _initialised_provider == key:
+    if current_qlib_provider() == str(provider):
         return
     qlib = import_qlib()
     try:
-        qlib.init(provider_uri=key, region="cn", logging_level=logging.WARNING)
+        qlib.init(provider_uri=str(provider), region="cn", logging_level=logging.WARNING)
     except Exception as exc:  # qlib raises assorted types for a broken setup
-        raise DataError(f"Qlib could not be initialised on '{key}': {type(exc).__name__}: {exc}") from None
-    _initialised_provider = key
+        raise DataError(f"Qlib could not be initialised on '{provider}': {type(exc).__name__}: {exc}") from None
+
+
+def current_qlib_provider() -> Optional[str]:
+    """The folder Qlib is initialised on in this process, or None (not initialised / not imported)."""
+    if "qlib" not in sys.modules or sys.modules["qlib"] is None:
+        return None
+    try:
+        from qlib.config import C
+
+        if not C.registered:
+            return None
+        uri = C["provider_uri"]
+        uri = next(iter(uri.values())) if isinstance(uri, dict) and uri else uri
+        return str(Path(str(uri)).expanduser().resolve())
+    except Exception:  # unexpected Qlib internals: initialise again to be safe
+        return None
 
 
 class QlibDataProcessor(BaseDataProcessor):
@@ -201,4 +216,4 @@ class QlibDataProcessor(BaseDataProcessor):
         return pd.Timestamp(start), pd.Timestamp(stop)
 
 
-__all__ = ["QlibDataProcessor", "init_qlib", "import_qlib", "require_qlib", "check_provider"]
+__all__ = ["QlibDataProcessor", "init_qlib", "import_qlib", "require_qlib", "check_provider", "current_qlib_provider"]
