@@ -8,7 +8,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +17,7 @@ from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokeniz
 from kronos.train import run_stage, train_predictor, train_tokenizer
 from kronos.train.checkpoint import flatten_state, resolve_folder, unflatten_state, write_folder_atomically
 
-from test_train_fixtures import QLIB, make_dataset, qlib_frame, tiny_config
+from test_train_fixtures import make_dataset, qlib_frame, tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -236,8 +235,31 @@ def test_comet_offline_without_api_key(dataset: Path, tmp_path: Path, monkeypatc
     assert Path(calls[0][1]["offline_directory"]).is_dir()
     assert calls[-1][0] == "end" and calls[-1][1] > 0
 
+    # With a key: online when Comet answers, offline (no waiting) when it cannot be reached.
+    from kronos.train import tracking
+
+    monkeypatch.setenv("COMET_API_KEY", "secret")
+    for reachable, expected in ((True, "Experiment"), (False, "OfflineExperiment")):
+        calls.clear()
+        monkeypatch.setattr(tracking, "_reachable", lambda host, *a, **k: reachable)
+        train_tokenizer(tiny_config(tmp_path / expected, dataset, epochs=1, use_comet=True))
+        assert calls[0][0] == expected
+        assert calls[0][1].get("api_key") == ("secret" if reachable else None)
+
 
 def test_comet_missing_is_a_dependency_error(dataset: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "comet_ml", None)  # import fails as if not installed
     with pytest.raises(DependencyError, match="comet_ml"):
         train_tokenizer(tiny_config(tmp_path, dataset, epochs=1, use_comet=True))
+
+
+def test_bf16_autocast_path_on_cpu(trained: dict, dataset: Path, tmp_path: Path) -> None:
+    # The mixed-precision path CUDA uses by default, exercised with CPU autocast: losses stay finite, weights fp32.
+    cfg = tiny_config(tmp_path, dataset, epochs=1, precision="bf16",
+                      finetuned_tokenizer_path=trained["config"].finetuned_tokenizer)
+    for summary in (train_tokenizer(cfg), train_predictor(cfg)):
+        assert summary["precision"] == "bf16" and math.isfinite(summary["best_val_loss"])
+        weights = load_file(str(Path(summary["best_model"]) / "model.safetensors"))
+        assert all(t.dtype in (torch.float32, torch.int64) for t in weights.values())
+    with pytest.raises(ConfigError, match="fp16"):
+        train_tokenizer(tiny_config(tmp_path, dataset, precision="fp16"))

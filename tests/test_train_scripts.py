@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -29,13 +28,18 @@ DRIVER = textwrap.dedent(
 
     out = os.environ.get("TEST_SAMPLES_DIR")
     if out:
-        orig_iter = trainer._ChunkedSampler.__iter__
-        def recording_iter(self):
-            for batch in orig_iter(self):
-                with open(Path(out) / f"rank{os.environ.get('RANK', '0')}.jsonl", "a") as f:
-                    f.write(json.dumps(batch) + "\\n")
-                yield batch
-        trainer._ChunkedSampler.__iter__ = recording_iter
+        orig_setup = trainer.Trainer.setup
+        def setup(self, *args, **kwargs):
+            orig_setup(self, *args, **kwargs)
+            base = type(self.train_sampler)
+            class Recording(base):
+                def __iter__(self):
+                    indices = list(base.__iter__(self))
+                    with open(Path(out) / f"rank{os.environ.get('RANK', '0')}.jsonl", "a") as f:
+                        f.write(json.dumps(indices) + "\\n")
+                    return iter(indices)
+            self.train_sampler.__class__ = Recording
+        trainer.Trainer.setup = setup
 
     kill_write = int(os.environ.get("TEST_KILL_IN_WRITE", "0"))
     if kill_write:
@@ -115,9 +119,9 @@ def test_torchrun_two_gloo_processes_split_the_samples(dataset: Path, tmp_path: 
     assert summary["steps_per_epoch"] == 3 and summary["global_step"] == 3
     seen = {}
     for rank in (0, 1):
-        batches = [json.loads(line) for line in (samples / f"rank{rank}.jsonl").read_text().splitlines()]
-        assert len(batches) == 3 and all(len(b) == 16 for b in batches)
-        seen[rank] = {i for b in batches for i in b}
+        epochs = [json.loads(line) for line in (samples / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert len(epochs) == 1 and len(epochs[0]) == 48  # one epoch of this rank's windows
+        seen[rank] = set(epochs[0])
     assert len(seen[0]) == 48 and len(seen[1]) == 48
     assert not seen[0] & seen[1]  # ranks train on disjoint windows
     assert (Path(cfg.tokenizer_dir) / "checkpoints" / "best_model" / "model.safetensors").exists()

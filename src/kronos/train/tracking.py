@@ -2,8 +2,8 @@
 
 Each metrics row is one JSON object, e.g. ``{"step": 120, "epoch": 1, "train/loss": 0.41, "lr": 1.9e-4}``;
 validation rows carry ``"val/loss"``. Comet is imported lazily; without an API key (``COMET_API_KEY`` or
-``comet_config["api_key"]``) it runs as an ``OfflineExperiment`` writing an archive under the stage folder, so a
-run never waits on the network.
+``comet_config["api_key"]``), or when Comet cannot be reached, it runs as an ``OfflineExperiment`` writing an
+archive under the stage folder (upload it later with ``comet upload``), so a run never waits on the network.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any, Optional
 
@@ -126,6 +127,18 @@ def _open_tensorboard(log_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(log_dir))
 
 
+COMET_HOST = "www.comet.com"
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Quick TCP probe, so a machine without network never waits on Comet's HTTP retries."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _open_comet(config: Config, stage_dir: Path, stage: str) -> Any:
     try:
         import comet_ml
@@ -137,6 +150,9 @@ def _open_comet(config: Config, stage_dir: Path, stage: str) -> Any:
     api_key = os.environ.get("COMET_API_KEY") or cc.get("api_key") or ""
     project = cc.get("project_name") or None
     workspace = cc.get("workspace") or None
+    if api_key and not _reachable(COMET_HOST):
+        logger.warning("Comet (%s) cannot be reached; logging offline instead", COMET_HOST)
+        api_key = ""
     if api_key:
         exp = comet_ml.Experiment(api_key=api_key, project_name=project, workspace=workspace)
         logger.info("Comet experiment %s", getattr(exp, "url", ""))

@@ -5,7 +5,7 @@ Usage (the seed's scripts are thin wrappers over :func:`main`)::
     python finetune/train_tokenizer.py --config-path my.yaml            # one GPU (or CPU when there is none)
     python finetune/train_tokenizer.py --config-path my.yaml --cpu      # force CPU
     torchrun --standalone --nproc_per_node=8 finetune/train_tokenizer.py --config-path my.yaml
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 \
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
         finetune/train_predictor.py --config-path my.yaml               # (and node_rank=1 on the other node)
     python finetune/train_predictor.py --config-path my.yaml --resume  # continue from checkpoints/last/
 
@@ -16,7 +16,8 @@ the effective batch); global-norm clipping; AdamW; OneCycleLR stepped once per o
 Outputs, under ``save_path/<stage folder>/``: ``checkpoints/best_model/`` (official format, written whenever the
 validation loss improves), ``checkpoints/last/`` (everything for an exact resume; written at every epoch end
 and every ``checkpoint_interval`` optimizer steps), ``metrics.jsonl``, ``summary.json`` and, when enabled,
-TensorBoard events.
+TensorBoard events. Only rank 0 writes; for a multi-node ``--resume`` every node must see ``save_path``
+(shared storage), since each rank reloads ``checkpoints/last/`` including its own RNG state.
 """
 from __future__ import annotations
 
@@ -24,16 +25,16 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
 
 from kronos.config import Config
 from kronos.errors import CheckpointError, ConfigError, KronosError
@@ -68,49 +69,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class _Batches(Dataset):
-    """A view of a WindowDataset whose items are whole batches (one vectorised gather per batch)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, indices: list) -> tuple:
-        return self.dataset.get_batch(indices)
-
-
-class _ChunkedSampler(torch.utils.data.Sampler):
-    """Groups a sampler's indices into lists of ``batch_size`` (dropping the incomplete tail)."""
-
-    def __init__(self, sampler: Any, batch_size: int) -> None:
-        self.sampler = sampler
-        self.batch_size = batch_size
-
-    def __iter__(self):
-        batch: list = []
-        for i in self.sampler:
-            batch.append(i)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 class Trainer:
@@ -166,7 +124,7 @@ class Trainer:
 
             datasets = (WindowDataset.from_config(cfg, "train"), WindowDataset.from_config(cfg, "val"))
         self.train_ds, self.val_ds = datasets
-        from kronos.data.windows import WindowSampler
+        from kronos.data.windows import WindowSampler, window_loader
 
         r, w = self.ctx.rank, self.ctx.world_size
         self.train_sampler = WindowSampler(len(self.train_ds), cfg.n_train_iter, seed=cfg.seed, rank=r, world_size=w)
@@ -179,11 +137,12 @@ class Trainer:
                 f"process, fewer than one batch of batch_size {cfg.batch_size}; raise n_train_iter or lower batch_size"
             )
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        pin = self.device.type == "cuda"
-        # A private generator keeps DataLoader iterator creation off the global torch RNG (exact resume).
-        self.train_loader = DataLoader(_Batches(self.train_ds), batch_size=None,
-                                       sampler=_ChunkedSampler(self.train_sampler, cfg.batch_size),
-                                       num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator())
+        # One vectorised get_batch per batch; a private generator keeps DataLoader iterator creation off the
+        # global torch RNG (exact resume). Indices come from the sampler in the main process, so workers never
+        # replay one another's samples (Q15).
+        self.train_loader = window_loader(self.train_ds, self.train_sampler, cfg.batch_size,
+                                          num_workers=cfg.num_workers, drop_last=True,
+                                          pin_memory=self.device.type == "cuda", generator=torch.Generator())
 
         # model
         self.stage.prepare(self.device)
@@ -511,8 +470,6 @@ def _setup_logging(rank: int) -> None:
 
 def main(stage_name: str, argv: Optional[Sequence[str]] = None, force_cpu: bool = False) -> int:
     """Command-line entry of the seed's scripts: ``--config-path PATH [--resume] [--cpu]``; returns the exit code."""
-    import os
-
     what = {"tokenizer": "Stage 1: finetune the Kronos tokenizer",
             "predictor": "Stage 2: finetune the Kronos predictor"}.get(stage_name, stage_name)
     parser = argparse.ArgumentParser(description=f"{what} (CPU, one GPU, or torchrun DDP).")
