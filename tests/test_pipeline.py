@@ -176,3 +176,17 @@ def test_bad_config_key_is_one_line(tmp_path):
     assert r.returncode == 1
     assert "lookback_windw" in r.stderr and "lookback_window" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_pipeline_under_torchrun_two_processes(tmp_path):
+    """Training stages run distributed (gloo), data/predict/backtest on rank 0 between barriers."""
+    cfg = write_config(tmp_path, **QLIB)
+    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--config-path", str(cfg),
+                    "--skip-backtest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("Kronos pipeline finished") == 1  # only rank 0 reports
+    for stage in ("finetune_tokenizer_demo", "finetune_predictor_demo"):
+        summary = json.loads((tmp_path / "outputs/models" / stage / "summary.json").read_text())
+        assert summary["world_size"] == 2
+    assert (tmp_path / "outputs/backtest_results/finetune_backtest_demo/forecast_latest.parquet").is_file()

@@ -27,13 +27,13 @@ PRICE_COLUMNS = ["open", "high", "low", "close", "volume", "amount"]
 
 # --fast-mode: the whole pipeline in a few minutes on a laptop CPU (caps, never raises a user's smaller value).
 FAST_MODE_CAPS = {
-    "epochs": 2,
-    "batch_size": 16,
-    "n_train_iter": 16 * 30,
-    "n_val_iter": 16 * 6,
-    "log_interval": 10,
-    "inference_sample_count": 3,
-    "eval_max_anchors": 30,
+    "epochs": 3,
+    "batch_size": 32,
+    "n_train_iter": 32 * 80,
+    "n_val_iter": 32 * 10,
+    "log_interval": 20,
+    "inference_sample_count": 4,
+    "eval_max_anchors": 120,
     "plot_n_symbols": 3,
 }
 
@@ -215,6 +215,9 @@ class KronosPipeline:
         rows = []
         out_dir = Path(cfg.backtest_dir)
         plot_dir = out_dir / "plots"
+        # plot the symbols with the most recent data first (pool members that left the index end earlier)
+        recency = sorted(range(len(symbols)), key=lambda k: (-x_ts[k].iloc[-1].value, symbols[k]))
+        to_plot = set(recency[: cfg.plot_n_symbols])
         for i, (symbol, (mean, samples)) in enumerate(zip(symbols, results)):
             part = mean.reset_index(drop=False).rename(columns={"index": "timestamps"})
             part.columns = ["timestamps"] + PRICE_COLUMNS
@@ -226,7 +229,7 @@ class KronosPipeline:
                 part[f"close_q{q:g}"] = qv[:, 3]
                 bands[q] = pd.DataFrame(qv, columns=PRICE_COLUMNS, index=mean.index)
             rows.append(part)
-            if i < cfg.plot_n_symbols:
+            if i in to_plot:
                 lo, hi = min(cfg.quantiles), max(cfg.quantiles)
                 history = contexts[i].set_index(pd.DatetimeIndex(x_ts[i]))
                 path = plot_dir / f"forecast_{symbol}.png"
