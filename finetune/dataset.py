@@ -7,14 +7,9 @@ Works when run from ``finetune/`` or the repository root, installed or not.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Optional
 
-try:
-    import kronos  # noqa: F401
-except ImportError:  # a plain checkout: use the package next to this folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+import _bootstrap  # noqa: F401,E402  (makes `kronos` importable from a source checkout)
 
 from kronos.config import Config  # noqa: E402
 from kronos.data.windows import WindowDataset, WindowSampler  # noqa: E402

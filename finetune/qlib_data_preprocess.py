@@ -12,13 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-try:
-    import kronos  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+import _bootstrap  # noqa: F401,E402  (makes `kronos` importable from a source checkout)
 
 from kronos.config import Config  # noqa: E402
 from kronos.data.sources import DataProcessorFactory  # noqa: E402

@@ -7,14 +7,9 @@ Kept so that existing scripts' `from sina_data_processor import DataProcessorFac
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-try:
-    import kronos  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+import _bootstrap  # noqa: F401,E402  (makes `kronos` importable from a source checkout)
 
 from kronos.data.sources import BaseDataProcessor, DataProcessorFactory  # noqa: E402
 

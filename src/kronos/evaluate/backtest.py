@@ -504,9 +504,6 @@ def infer_periods_per_year(index: pd.DatetimeIndex) -> float:
 
 
 # ---------------------------------------------------------------------- Qlib engine
-_QLIB_PROVIDER: Optional[str] = None
-
-
 def _import_qlib() -> SimpleNamespace:
     """pyqlib's backtest pieces, imported on first use (its optional gym dependency prints a notice to
     stderr on import; that notice is swallowed)."""
@@ -529,31 +526,11 @@ def _import_qlib() -> SimpleNamespace:
 
 
 def init_qlib(provider_uri: PathLike) -> None:
-    """Initialise Qlib once per provider folder (region CN, quiet logging, no worker processes)."""
-    global _QLIB_PROVIDER
-    q = _import_qlib()
-    path = Path(os.path.expanduser(str(provider_uri))).resolve()
-    if not (path / "calendars" / "day.txt").is_file():
-        raise DataError(
-            f"'{path}' is not a Qlib data folder (no calendars/day.txt); set 'qlib_data_path' to the provider "
-            "folder (the one holding calendars/, features/, instruments/)"
-        )
-    if _QLIB_PROVIDER == str(path) and _qlib_current_provider() == str(path):
-        return  # already initialised on this folder (by us, and nobody re-initialised Qlib since)
-    q.qlib.init(provider_uri=str(path), region=q.REG_CN, kernels=1, logging_level=logging.ERROR)
-    _QLIB_PROVIDER = str(path)
+    """Initialise Qlib once per provider folder (shared with the Qlib data source)."""
+    _import_qlib()  # the backtest's own pieces, with its DependencyError
+    from kronos.data.sources.qlib import init_qlib as _init
 
-
-def _qlib_current_provider() -> Optional[str]:
-    try:
-        from qlib.config import C
-
-        if not C.registered:
-            return None
-        uri = C["provider_uri"]
-        return str(next(iter(uri.values()))) if isinstance(uri, dict) and uri else str(uri)
-    except Exception:  # an unexpected Qlib internals layout: just initialise again
-        return None
+    _init(str(provider_uri))
 
 
 def run_qlib_backtest(
@@ -579,7 +556,8 @@ def run_qlib_backtest(
     _check_strategy(config)
     _risk_degree_check(risk_degree)
     sig = normalize_signal(signal)
-    init_qlib(provider_uri if provider_uri is not None else config.qlib_data_path)
+    provider = str(Path(os.path.expanduser(str(provider_uri or config.qlib_data_path))).resolve())
+    init_qlib(provider)
     q = _import_qlib()
     D, risk_analysis = q.D, q.risk_analysis
 
@@ -599,7 +577,7 @@ def run_qlib_backtest(
     bench = config.benchmark
     bench_px = D.features([bench], ["$close"], start, end, freq="day")
     if bench_px.empty or bench_px["$close"].notna().sum() == 0:
-        raise DataError(f"benchmark '{bench}' has no data in '{_QLIB_PROVIDER}' between {_fmt_time(start)} and "
+        raise DataError(f"benchmark '{bench}' has no data in '{provider}' between {_fmt_time(start)} and "
                         f"{_fmt_time(end)}; set 'backtest_benchmark' to an instrument the provider holds")
     codes = sorted(sig.index.get_level_values("instrument").unique())
     if limit_threshold is None:
@@ -634,7 +612,7 @@ def run_qlib_backtest(
                 account=config.backtest_account, exchange_kwargs=exchange_kwargs,
             )
         except (KeyError, ValueError, IndexError) as exc:
-            raise DataError(f"Qlib backtest failed on '{_QLIB_PROVIDER}' ({type(exc).__name__}: {exc}); check "
+            raise DataError(f"Qlib backtest failed on '{provider}' ({type(exc).__name__}: {exc}); check "
                             "that the signal's instruments and dates exist in the provider") from None
     report = portfolio["1day"][0]
     daily = pd.DataFrame({
@@ -647,7 +625,7 @@ def run_qlib_backtest(
     daily = _finish_daily(daily)
     summary = summarize(daily, TRADING_DAYS_PER_YEAR, _strategy_params(
         config, "qlib", bench, risk_degree, limit_threshold=limit_threshold, deal_price=deal_price,
-        provider_uri=_QLIB_PROVIDER))
+        provider_uri=provider))
     # the headline figures straight from Qlib's own risk_analysis, as the official script prints them
     for name, series in (("excess_return_without_cost", daily["excess_return_without_cost"]),
                          ("excess_return_with_cost", daily["excess_return_with_cost"]),

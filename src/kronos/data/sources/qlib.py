@@ -95,7 +95,7 @@ def init_qlib(provider_uri: str) -> None:
         return
     qlib = import_qlib()
     try:
-        qlib.init(provider_uri=str(provider), region="cn", logging_level=logging.WARNING)
+        qlib.init(provider_uri=str(provider), region="cn", kernels=1, logging_level=logging.ERROR)
     except Exception as exc:  # qlib raises assorted types for a broken setup
         raise DataError(f"Qlib could not be initialised on '{provider}': {type(exc).__name__}: {exc}") from None
 
