@@ -168,11 +168,13 @@ def _load_state(model: Any, state: dict[str, torch.Tensor], path: Path, strict: 
         raise CheckpointError(f"{path}: tensor shape mismatch (config.json does not fit the weights): {mismatched[:3]}")
     missing = [k for k in own if k not in state and not k.endswith(_RECOMPUTABLE_SUFFIXES)]
     unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        message = f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+    if missing:
+        message = f"{path}: missing tensors {missing[:5]} ({len(missing)} in all)"
         if strict:
-            raise CheckpointError(message + " (pass strict=False to load anyway)")
-        logger.warning(message)
+            raise CheckpointError(message + "; the checkpoint does not match this model (pass strict=False to load anyway)")
+        logger.warning(message + "; they keep their initial values")
+    if unexpected:  # extra tensors are ignored, as the official (non-strict) loader does
+        logger.warning("%s: ignoring %d tensors the model does not use: %s", path, len(unexpected), unexpected[:5])
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
