@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import _bootstrap  # noqa: F401,E402  (makes `kronos` importable from a source checkout)
+try:
+    import kronos  # noqa: F401
+except ImportError:  # a plain checkout without `pip install -e .`: use the package next to this folder
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from kronos.data.sources import BaseDataProcessor, DataProcessorFactory  # noqa: E402
 
