@@ -143,8 +143,9 @@ def qlib_setup():
     bench = D.features(["SH000300"], ["$close"], "2022-12-01", "2023-04-28")["$close"].droplevel(0)
     # oracle: the signal dated d scores the return earned by a position bought at d+1's close
     oracle = normalize_signal(close.shift(-2) / close.shift(-1) - 1)
+    # fills at the close, so the built-in engine (close prices only) can be compared trade for trade
     cfg = Config(qlib_data_path=str(QLIB_DIR), instrument="csi300", backtest_n_symbol_hold=3,
-                 backtest_n_symbol_drop=1, backtest_hold_thresh=1,
+                 backtest_n_symbol_drop=1, backtest_hold_thresh=1, backtest_deal_price="close",
                  backtest_time_range=["2023-01-04", "2023-03-31"])
     return {"close": close, "bench": bench, "oracle": oracle, "cfg": cfg}
 

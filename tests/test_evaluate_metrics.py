@@ -153,3 +153,26 @@ def test_signals_from_records_kinds():
         assert sig.loc[(pd.Timestamp("2024-01-02"), "T")] == pytest.approx(t_val)
     with pytest.raises(InputError, match="signal kind"):
         signals_from_records(recs, "median")
+
+
+def test_official_std_scaled_signal():
+    # the official qlib_test.py scores (forecast close - last close) in normalised units: / (lookback std + 1e-5)
+    from kronos.evaluate.metrics import signals_from_records as sig
+
+    rec = pd.DataFrame({
+        "symbol": ["A", "A", "B", "B"],
+        "datetime": pd.to_datetime(["2024-01-02"] * 4),
+        "step": [1, 2, 1, 2],
+        "last_close": [10.0, 10.0, 100.0, 100.0],
+        "close_scale": [0.5, 0.5, 20.0, 20.0],
+        "pred_close": [11.0, 12.0, 110.0, 90.0],
+    })
+    last = sig(rec, "last", scale="std")
+    assert last.loc[(pd.Timestamp("2024-01-02"), "A")] == pytest.approx(4.0)
+    assert last.loc[(pd.Timestamp("2024-01-02"), "B")] == pytest.approx(-0.5)
+    mx = sig(rec, "max", scale="std")
+    assert mx.loc[(pd.Timestamp("2024-01-02"), "B")] == pytest.approx(0.5)
+    ret = sig(rec, "last", scale="price")
+    assert ret.loc[(pd.Timestamp("2024-01-02"), "A")] == pytest.approx(0.2)
+    with pytest.raises(InputError, match="close_scale"):
+        sig(rec.drop(columns="close_scale"), "last", scale="std")

@@ -146,10 +146,14 @@ class Config:
     eval_max_anchors: int = 0  # keep only the latest N anchor dates (0 = all); --fast-mode caps it
     plot_n_symbols: int = 5
     inference_seed: int = 100
-    backtest_open_cost: float = 0.0005
+    # backtest costs and fills as the official qlib_test.py: buy 0.1%, sell 0.15%, min 5 yuan, fill at the open
+    # (its `delay_execution` executor flag is ignored by pyqlib 0.9.x, so it has no counterpart here)
+    backtest_open_cost: float = 0.001
     backtest_close_cost: float = 0.0015
     backtest_min_cost: float = 5.0
     backtest_account: float = 100_000_000.0
+    backtest_deal_price: str = "open"  # open | close (Qlib engine)
+    backtest_signal_scale: str = "std"  # std: forecast change / lookback close std (official) | price: a return
 
     def __post_init__(self) -> None:
         self.validate()
@@ -225,6 +229,10 @@ class Config:
             raise ConfigError(f"config key 'inference_top_p' must be in (0, 1], got {self.inference_top_p}")
         if self.inference_T <= 0:
             raise ConfigError(f"config key 'inference_T' must be > 0, got {self.inference_T}")
+        if self.backtest_deal_price not in ("open", "close"):
+            raise ConfigError(f"config key 'backtest_deal_price' must be open or close, got '{self.backtest_deal_price}'")
+        if self.backtest_signal_scale not in ("std", "price"):
+            raise ConfigError(f"config key 'backtest_signal_scale' must be std or price, got '{self.backtest_signal_scale}'")
         if self.inference_sample_count < 1:
             raise ConfigError(f"config key 'inference_sample_count' must be >= 1, got {self.inference_sample_count}")
 

@@ -280,7 +280,9 @@ class KronosPipeline:
                 contexts.append(pd.DataFrame(values[i + 1 - L:i + 1], columns=PRICE_COLUMNS))
                 x_ts.append(pd.Series(ctx_ts))
                 y_ts.append(pd.Series(fut))
-                meta.append((symbol, ts[i], values[i, 3], true_close))
+                # the predictor's normalisation scale of close over this context (official signal unit)
+                close_scale = float(np.std(values[i + 1 - L:i + 1, 3].astype(np.float32))) + 1e-5
+                meta.append((symbol, ts[i], values[i, 3], close_scale, true_close))
         if not contexts:
             raise DataError(
                 f"no anchor with lookback_window={L} bars of history inside test_time_range {cfg.test_time_range} "
@@ -288,13 +290,14 @@ class KronosPipeline:
             )
         results = self._forecast(contexts, x_ts, y_ts, desc="rolling forecasts")
         blocks = []
-        for (symbol, anchor, last_close, true_close), (mean, samples), fut in zip(meta, results, y_ts):
+        for (symbol, anchor, last_close, close_scale, true_close), (mean, samples), fut in zip(meta, results, y_ts):
             block = {
                 "symbol": symbol,
                 "datetime": anchor,
                 "step": np.arange(1, P + 1),
                 "timestamps": fut.to_numpy(),
                 "last_close": last_close,
+                "close_scale": close_scale,
                 "true_close": true_close,
             }
             for c in PRICE_COLUMNS:
@@ -340,7 +343,8 @@ class KronosPipeline:
                 "set it inside the dataset's time span"
             )
         records = _daily_anchors(records)
-        signals = {kind: signals_from_records(records, kind) for kind in ("last", "mean", "max", "min")}
+        signals = {kind: signals_from_records(records, kind, scale=cfg.backtest_signal_scale)
+                   for kind in ("last", "mean", "max", "min")}
         out_dir = Path(cfg.backtest_dir) / "backtest"
         if cfg.data_source == "qlib":
             reports = run_backtests(signals, cfg, out_dir=out_dir, engine="qlib")

@@ -541,10 +541,11 @@ def run_qlib_backtest(
     time_range: Optional[Sequence] = None,
     risk_degree: float = 0.95,
     limit_threshold: Optional[float] = 0.095,
-    deal_price: str = "close",
+    deal_price: Optional[str] = None,
 ) -> BacktestReport:
     """Backtest ``signal`` with Qlib's TopkDropoutStrategy over ``config.backtest_time_range`` (clipped to the
-    signal's dates), benchmark ``config.benchmark``, costs and account from the config.
+    signal's dates), benchmark ``config.benchmark``, costs, account and fill price (``backtest_deal_price``,
+    default the open as the official script) from the config.
 
     ``$change`` caveat: Qlib's float ``limit_threshold`` compares the provider's ``$change`` field with a ratio,
     but some providers (e.g. the bundled sample data) store ``$change`` in percent, which would flag most bars
@@ -593,6 +594,7 @@ def run_qlib_backtest(
         hold_thresh=config.backtest_hold_thresh,
         risk_degree=risk_degree,
     )
+    deal_price = deal_price or config.backtest_deal_price
     executor = q.SimulatorExecutor(time_per_step="day", generate_portfolio_metrics=True, verbose=False)
     exchange_kwargs = {
         "freq": "day",

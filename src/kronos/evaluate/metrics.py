@@ -268,14 +268,17 @@ def metrics_by_step(records: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def signals_from_records(records: pd.DataFrame, kind: str = "mean") -> pd.Series:
+def signals_from_records(records: pd.DataFrame, kind: str = "mean", scale: str = "price") -> pd.Series:
     """Trading signal per (datetime, instrument) from the forecast close path, as the official qlib_test.py.
 
-    ``kind`` picks the last / mean / max / min forecast close over the horizon. The official script subtracts
-    ``last_close`` (a price difference); here the difference is divided by ``last_close`` so that the score is a
-    return and stocks with different prices rank fairly. The index is a (datetime, instrument) MultiIndex, the
-    format Qlib's strategies take; NaN scores are dropped.
+    ``kind`` picks the last / mean / max / min forecast close over the horizon, minus ``last_close``. The official
+    script takes that difference in normalised space, i.e. divided by the lookback's close std (``scale="std"``,
+    needs a ``close_scale`` column holding ``std + 1e-5``); ``scale="price"`` divides by ``last_close`` instead, so
+    the score is a return. The index is a (datetime, instrument) MultiIndex, the format Qlib's strategies take;
+    NaN scores are dropped.
     """
+    if scale not in ("price", "std"):
+        raise InputError(f"signal scale '{scale}' is unknown; use 'price' or 'std'")
     if kind not in SIGNAL_KINDS:
         raise InputError(f"signal kind '{kind}' is unknown; use one of {list(SIGNAL_KINDS)}")
     df = _check_records(records, ("symbol", "datetime", "step", "last_close", "pred_close"))
@@ -283,7 +286,13 @@ def signals_from_records(records: pd.DataFrame, kind: str = "mean") -> pd.Series
     g = df.groupby(["datetime", "symbol"], sort=True)
     agg = g["pred_close"].agg(kind if kind != "last" else "last")
     last_close = g["last_close"].last()
-    score = (agg / last_close - 1.0).replace([np.inf, -np.inf], np.nan).dropna()
+    if scale == "std":
+        if "close_scale" not in df.columns:
+            raise InputError("signal scale 'std' needs a 'close_scale' column (lookback close std + 1e-5)")
+        score = (agg - last_close) / g["close_scale"].last()
+    else:
+        score = agg / last_close - 1.0
+    score = score.replace([np.inf, -np.inf], np.nan).dropna()
     score.index = score.index.set_names(["datetime", "instrument"])
     score.name = "score"
     return score.astype(float)
