@@ -113,8 +113,8 @@ def _check_padding_mask(mask: Optional[torch.Tensor]) -> None:
         raise InputError("padding masks are not supported by Kronos attention; pass padding_mask=None")
 
 
-class MultiHeadAttentionWithRoPE(nn.Module):
-    """Causal multi-head self-attention with RoPE and biases (always causal, also in eval: Q4)."""
+class _ProjectedAttention(nn.Module):
+    """What both attention layers share: q/k/v/out projections with biases, RoPE over the head dim, dropouts."""
 
     def __init__(self, d_model: int, n_heads: int, attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.0):
         super().__init__()
@@ -132,6 +132,14 @@ class MultiHeadAttentionWithRoPE(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         return x.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).contiguous().view(b, n, -1))
+
+
+class MultiHeadAttentionWithRoPE(_ProjectedAttention):
+    """Causal multi-head self-attention with RoPE and biases (always causal, also in eval: Q4)."""
 
     def forward(
         self,
@@ -160,12 +168,12 @@ class MultiHeadAttentionWithRoPE(nn.Module):
                     idx = torch.arange(end, device=x.device)
                     mask = idx[None, :] <= (start_pos + torch.arange(n, device=x.device))[:, None]
                     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
-                return self.resid_dropout(self.out_proj(out.transpose(1, 2).contiguous().view(b, n, -1)))
+                return self.resid_dropout(self._merge(out))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        return self.resid_dropout(self.out_proj(out.transpose(1, 2).contiguous().view(b, n, -1)))
+        return self.resid_dropout(self._merge(out))
 
 
-class MultiHeadCrossAttentionWithRoPE(nn.Module):
+class MultiHeadCrossAttentionWithRoPE(_ProjectedAttention):
     """Cross-attention of the dependency layer (queries from the sibling embedding, keys/values from the context).
 
     Q2: the RoPE table length follows the query, so a length-1 inference query rotates q and all keys by angle 0
@@ -174,22 +182,8 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int = 4, attn_dropout_p: float = 0.0, resid_dropout: float = 0.0):
-        super().__init__()
-        self.d_model = d_model
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-        self.rotary = RotaryPositionalEmbedding(self.head_dim)
-        self.attn_dropout_p = attn_dropout_p
-        self.resid_dropout = nn.Dropout(resid_dropout)
+        super().__init__(d_model, n_heads, attn_dropout_p, resid_dropout)
         self.positioned_query = False  # Q2 fix, off by default (not a constructor argument: config stays official)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -199,7 +193,7 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         _check_padding_mask(key_padding_mask)
-        b, nq, _ = query.shape
+        nq = query.shape[1]
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         nk = k.shape[2]
         if self.positioned_query and nq == 1 and nk > 1:
@@ -210,7 +204,7 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_dropout_p if self.training else 0.0, is_causal=causal
         )
-        return self.resid_dropout(self.out_proj(out.transpose(1, 2).contiguous().view(b, nq, -1)))
+        return self.resid_dropout(self._merge(out))
 
     def _rotate_positioned(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nk = k.shape[2]
@@ -230,13 +224,11 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
 
     def attend_cached(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Inference step: one query per row ``[B, 1, D]`` over cached keys/values ``[B, H, L, hd]``, no mask."""
-        b = query.shape[0]
         q = self._heads(self.q_proj(query))
         if self.positioned_query and keys.shape[2] > 1:
             cos, sin = self.rotary.cos_sin(keys.shape[2] - 1, 1, q.device)
             q = self.rotary.rotate(q, cos, sin)
-        out = F.scaled_dot_product_attention(q, keys, values)
-        return self.out_proj(out.transpose(1, 2).contiguous().view(b, 1, -1))
+        return self._merge(F.scaled_dot_product_attention(q, keys, values))
 
 
 class TransformerBlock(nn.Module):
