@@ -213,3 +213,20 @@ def test_predict_batch_errors(predictor):
 def test_mismatched_tokenizer_is_rejected():
     with pytest.raises(InputError, match="tokenizer bits"):
         KronosPredictor(build_predictor("tiny"), build_tokenizer("tiny", s1_bits=5, s2_bits=5), device="cpu")
+
+
+def test_history_truncation_and_amount_options(predictor):
+    # Q7 option: only the last max_context bars feed statistics and the tokenizer
+    df, xt, yt = make_series(60, 5, seed=9)
+    opt = KronosPredictor(predictor.model, predictor.tokenizer, device="cpu", max_context=24, truncate_history=True)
+    tail = opt.predict(df, xt, yt, 5, **GREEDY)
+    manual = predictor.predict(df.iloc[-24:].reset_index(drop=True), xt.iloc[-24:].reset_index(drop=True), yt, 5,
+                               **GREEDY)
+    pd.testing.assert_frame_equal(tail, manual)
+    official = predictor.predict(df, xt, yt, 5, **GREEDY)
+    assert not np.allclose(official.to_numpy(), tail.to_numpy())  # the default keeps the whole history
+    # Q10 option: a supplied amount survives a missing volume
+    keep = KronosPredictor(predictor.model, predictor.tokenizer, device="cpu", max_context=24, keep_amount=True)
+    out = keep.predict(df.drop(columns="volume"), xt, yt, 5, **GREEDY)
+    assert np.abs(out["volume"].to_numpy()).max() < 1e-4
+    assert out["amount"].abs().min() > 0.1 * df["amount"].min()

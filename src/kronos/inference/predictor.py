@@ -91,7 +91,13 @@ class KronosPredictor:
         device: Optional[Union[str, torch.device]] = None,
         max_context: int = 512,
         clip: float = 5,
+        *,
+        truncate_history: bool = False,
+        keep_amount: bool = False,
     ) -> None:
+        """``truncate_history`` (Q7 option): use only the last ``max_context`` bars for statistics and encoding
+        instead of the whole history. ``keep_amount`` (Q10 option): when ``volume`` is absent keep a supplied
+        ``amount`` column instead of zeroing it. Both default to the official behaviour."""
         if device is None:
             if torch.cuda.is_available():
                 device = "cuda:0"
@@ -111,6 +117,8 @@ class KronosPredictor:
         self.tokenizer = tokenizer.to(self.device).eval()
         self.max_context = int(max_context)
         self.clip = clip
+        self.truncate_history = bool(truncate_history)
+        self.keep_amount = bool(keep_amount)
         self.price_cols = list(PRICE_COLS)
         self.vol_col = VOL_COL
         self.amt_col = AMT_COL
@@ -133,9 +141,10 @@ class KronosPredictor:
             if not pd.api.types.is_numeric_dtype(frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
                 raise InputError(f"{where}column '{col}' must be numeric, got dtype {frame[col].dtype}")
         if self.vol_col not in frame.columns:
-            # Q10: no volume -> both volume and amount are zero (a supplied amount is overwritten).
+            # Q10: no volume -> both volume and amount are zero (a supplied amount is overwritten, unless keep_amount).
             frame[self.vol_col] = 0.0
-            frame[self.amt_col] = 0.0
+            if not (self.keep_amount and self.amt_col in frame.columns):
+                frame[self.amt_col] = 0.0
         elif self.amt_col not in frame.columns:
             frame[self.amt_col] = frame[self.vol_col] * frame[self.price_cols].mean(axis=1)
         x = frame[FEATURE_COLS].values.astype(np.float32)
@@ -161,6 +170,8 @@ class KronosPredictor:
                 f"{where}y_timestamp must start after the last x_timestamp ({y_idx[0]} <= {x_idx[-1]})"
             )
 
+        if self.truncate_history and len(x) > self.max_context:  # Q7 option: only the predictor's window
+            x, x_idx = x[-self.max_context:], x_idx[-self.max_context:]
         x_stamp = calc_time_stamps(x_idx).values.astype(np.float32)
         y_stamp = calc_time_stamps(y_idx).values.astype(np.float32)
         # Spec 5.1: statistics over the entire given history (Q7), numpy float32, population std.
