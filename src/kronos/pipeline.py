@@ -106,9 +106,7 @@ class KronosPipeline:
         from kronos.data.sources import DataProcessorFactory
 
         processor = DataProcessorFactory.create_processor(self.config.data_source, self.config)
-        manifest = processor.run_pipeline()
-        log.info("dataset written to %s", self.config.dataset_path)
-        return manifest
+        return processor.run_pipeline()
 
     def require_dataset(self) -> None:
         from kronos.data.store import dataset_exists
