@@ -26,13 +26,7 @@ from kronos.model import hub
 from kronos.model.kronos import FixedEmbedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads; on a shared 2-core machine oversubscription only slows tests.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Spec 1.1 / 1.2: config.json fields = constructor arguments.

@@ -25,13 +25,7 @@ REL_TOL = min(MANIFEST["comparison"]["rel_tol"], 1e-4)  # the brief asks for <= 
 COLUMNS = ["open", "high", "low", "close", "volume", "amount"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads; on a shared 2-core machine oversubscription only slows tests.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel_err(got: np.ndarray, expected: np.ndarray, eps: float) -> float:

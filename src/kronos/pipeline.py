@@ -308,7 +308,7 @@ class KronosPipeline:
 
     def evaluate(self) -> dict:
         """MSE/MAE, direction accuracy, IC and RankIC on the test split, beside the naive last-value forecast."""
-        from kronos.evaluate.metrics import forecast_metrics
+        from kronos.evaluate.metrics import forecast_metrics, save_metrics
 
         cfg = self.config
         records = self.forecast_records()
@@ -320,7 +320,7 @@ class KronosPipeline:
         metrics = forecast_metrics(test_records)
         out_dir = Path(cfg.backtest_dir)
         self.result.metrics_file = str(out_dir / "metrics.json")
-        atomic_write_text(self.result.metrics_file, json.dumps(_jsonable(metrics), indent=2) + "\n")
+        save_metrics(metrics, self.result.metrics_file)
         _write_table(records, out_dir / "forecast_records")
         self.result.metrics = metrics
         return metrics
@@ -392,8 +392,10 @@ class KronosPipeline:
         self.result.tokenizer_path = cfg.finetuned_tokenizer
         self.result.predictor_path = cfg.finetuned_predictor
         if is_main_process():
+            from kronos.evaluate.metrics import json_safe
+
             atomic_write_text(Path(cfg.backtest_dir) / "pipeline_result.json",
-                              json.dumps(_jsonable(dataclasses.asdict(self.result)), indent=2) + "\n")
+                              json.dumps(json_safe(dataclasses.asdict(self.result)), indent=2) + "\n")
         return self.result
 
     def _plot_curves(self, stage_dir: str) -> None:
@@ -434,21 +436,6 @@ def _write_table(frame: pd.DataFrame, stem: Path) -> str:
         writer(tmp, index=False)
         os.replace(tmp, path)
     return str(pq)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return None if not np.isfinite(v) else v
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (pd.Timestamp, np.datetime64)):
-        return str(pd.Timestamp(value))
-    return value
 
 
 __all__ = ["KronosPipeline", "PipelineResult", "apply_fast_mode", "FAST_MODE_CAPS", "KronosError"]

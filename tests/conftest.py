@@ -1,0 +1,12 @@
+"""Shared test fixtures."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's torch work on one thread (faster and steadier on the 2-core CI machine), then restore."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
