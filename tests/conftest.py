@@ -1,6 +1,19 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and paths. Tests mirror the package: tests/model, tests/data, tests/inference, tests/train,
+tests/evaluate, tests/e2e. Helpers (not tests) live in tests/_support; real data in tests/fixtures."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))  # makes `_support` importable from every test folder
+
+REPO = TESTS.parent
+FIXTURES = TESTS / "fixtures"
+KLINE_CSV = FIXTURES / "kline_5min.csv"
+QLIB_CN = FIXTURES / "qlib_cn"
+PARITY = FIXTURES / "parity-tiny"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from kronos.config import Config
 from kronos.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_seed_defaults():

@@ -1,4 +1,4 @@
-"""Cut a small Qlib provider folder out of a larger one (how tests/data and examples/data were made).
+"""Cut a small Qlib provider folder out of a larger one (how tests/fixtures/qlib_cn and examples/data were made).
 
     python tools/cut_qlib_sample.py SRC DST --start 2019-01-01 --symbols 10 [--indices SH000300 SH000905]
 

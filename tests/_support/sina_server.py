@@ -1,15 +1,15 @@
 """A loopback HTTP server that speaks Sina Finance's K-line API, for tests.
 
-Usage (from any test; ``tests/`` is on ``sys.path`` under pytest's rootdir conftest-less layout)::
+Usage (from any test; ``tests/conftest.py`` puts ``tests/`` on ``sys.path``)::
 
-    from sina_server import SinaTestServer
+    from _support.sina_server import SinaTestServer
 
     with SinaTestServer() as server:
         cfg = Config(data_source="sina", sina_base_url=server.jsonp_url, sina_symbols=server.symbols, ...)
         ...
         assert server.request_count("sh600000") == 1
 
-The bars are real: ``tests/data/kline_5min.csv`` (2,500 five-minute A-share bars, 2024-06-18..2024-08-29),
+The bars are real: ``tests/fixtures/kline_5min.csv`` (2,500 five-minute A-share bars, 2024-06-18..2024-08-29),
 aggregated to 15/30/60-minute bars on the exchange's session clock and to daily bars. Each symbol serves the
 same bars shifted by a price offset so that symbols differ. Volume is served in shares (the CSV's 100-share
 lots x 100), like Sina. ``scale`` and ``datalen`` (last N bars) are honoured; both the JSONP path
@@ -33,7 +33,7 @@ from typing import Optional
 
 import pandas as pd
 
-DATA_CSV = Path(__file__).resolve().parent / "data" / "kline_5min.csv"
+DATA_CSV = Path(__file__).resolve().parents[1] / "fixtures" / "kline_5min.csv"
 DEFAULT_SYMBOLS = {"sh600000": 0.0, "sz000001": 5.0, "bj430047": 2.5}
 
 JSONP_PATH_PREFIX = "/cn/api/jsonp_v2.php/"

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+pytestmark = pytest.mark.slow  # end-to-end / subprocess tests: `make test-fast` skips them
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "fixtures"
 
 TINY = {
     "lookback_window": 30,
@@ -154,7 +155,7 @@ def test_csv_pipeline(tmp_path):
 
 
 def test_sina_pipeline_against_loopback_server(tmp_path):
-    from sina_server import SinaTestServer
+    from _support.sina_server import SinaTestServer
 
     with SinaTestServer() as server:
         cfg = write_config(tmp_path, data_source="sina", sina_symbols=["sh600000", "sz000001"], sina_scale=5,

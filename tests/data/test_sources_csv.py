@@ -14,7 +14,7 @@ from kronos.data.sources.csv import read_kline_file
 from kronos.data.store import dataset_exists, load_manifest, load_split
 from kronos.errors import ConfigError, DataError
 
-CSV = Path(__file__).parent / "data" / "kline_5min.csv"
+CSV = Path(__file__).resolve().parents[1] / "fixtures" / "kline_5min.csv"
 
 
 @pytest.fixture(scope="module")

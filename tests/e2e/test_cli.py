@@ -5,10 +5,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # end-to-end / subprocess tests: `make test-fast` skips them
+
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "fixtures" / "parity-tiny" / "tiny"
-CSV = ROOT / "tests" / "data" / "kline_5min.csv"
+CSV = ROOT / "tests" / "fixtures" / "kline_5min.csv"
 
 
 def kronos(*args, cwd=ROOT):

@@ -18,8 +18,8 @@ from kronos.config import Config
 from kronos.data.windows import WindowDataset, WindowSampler, window_loader
 from kronos.errors import ConfigError, DataError, InputError
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 FEATS = ["open", "high", "low", "close", "volume", "amount"]
 TIME = ["minute", "hour", "weekday", "day", "month"]
 

@@ -21,7 +21,7 @@ from kronos.data.store import (
 )
 from kronos.errors import DataError, InputError
 
-CSV = Path(__file__).parent / "data" / "kline_5min.csv"
+CSV = Path(__file__).resolve().parents[1] / "fixtures" / "kline_5min.csv"
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from kronos.data.sources import BaseDataProcessor, DataProcessorFactory
 from kronos.data.store import load_manifest, load_split
 from kronos.errors import ConfigError, DependencyError
 
-ROOT = Path(__file__).resolve().parent.parent
-CSV = ROOT / "tests" / "data" / "kline_5min.csv"
+ROOT = Path(__file__).resolve().parents[2]
+CSV = ROOT / "tests" / "fixtures" / "kline_5min.csv"
 
 
 class HalvesProcessor(BaseDataProcessor):

@@ -18,9 +18,9 @@ from kronos.errors import DataError, DependencyError
 
 pytest.importorskip("qlib")
 
-ROOT = Path(__file__).resolve().parent.parent
-QLIB = ROOT / "tests" / "data" / "qlib_cn"
-CSV = ROOT / "tests" / "data" / "kline_5min.csv"
+ROOT = Path(__file__).resolve().parents[2]
+QLIB = ROOT / "tests" / "fixtures" / "qlib_cn"
+CSV = ROOT / "tests" / "fixtures" / "kline_5min.csv"
 
 QLIB_KEYS = dict(
     qlib_data_path=str(QLIB), instrument="csi300", lookback_window=20, predict_window=5,

@@ -11,7 +11,7 @@ def test_daily_bars_skip_weekends():
 
 
 def test_intraday_bars_follow_the_session():
-    raw = pd.read_csv(__import__("pathlib").Path(__file__).parent / "data" / "kline_5min.csv")
+    raw = pd.read_csv(__import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "kline_5min.csv")
     ts = pd.to_datetime(raw["timestamps"])
     fut = future_timestamps(pd.Series(ts), 60)
     assert fut[0] > ts.iloc[-1]

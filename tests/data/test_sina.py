@@ -22,7 +22,7 @@ from kronos.data.sources.sina import (
 )
 from kronos.data.store import dataset_exists, load_manifest, load_split
 from kronos.errors import ConfigError, DataError
-from sina_server import ANTI_EMBED_PREFIX, SinaTestServer
+from _support.sina_server import ANTI_EMBED_PREFIX, SinaTestServer
 
 ROW_MIN = {"day": "2024-01-10 14:55:00", "open": "6.570", "high": "6.580", "low": "6.560", "close": "6.570",
            "volume": "365900", "amount": "2404520.0000"}

@@ -18,7 +18,7 @@ from kronos.data.processing import (
 from kronos.data.schema import KLINE_COLUMNS, SPLIT_COLUMNS, validate_kline_frame
 from kronos.errors import ConfigError, DataError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 CSV = DATA / "kline_5min.csv"
 
 

@@ -1,6 +1,7 @@
-"""Shared helpers of the training tests (no tests here): a real daily dataset from tests/data/qlib_cn and tiny configs."""
+"""Shared helpers of the training tests (no tests here): a real daily dataset from tests/fixtures/qlib_cn and tiny configs."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ from kronos.config import Config
 from kronos.data.processing import add_time_features
 from kronos.data.store import save_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-QLIB = REPO / "tests" / "data" / "qlib_cn"
-PYTHON = REPO / ".venv" / "bin" / "python"
+REPO = Path(__file__).resolve().parents[2]
+QLIB = REPO / "tests" / "fixtures" / "qlib_cn"
+PYTHON = Path(sys.executable)
 
 
 def qlib_frame(symbols: int = 8) -> pd.DataFrame:
@@ -45,7 +46,7 @@ def make_dataset(path: Path) -> Path:
         "val": frame[(ts >= "2023-07-01") & (ts < "2024-04-01")],
         "test": frame[ts >= "2024-04-01"],
     }
-    save_dataset(path, splits, {"source": "tests/data/qlib_cn"})
+    save_dataset(path, splits, {"source": "tests/fixtures/qlib_cn"})
     return path
 
 

@@ -17,7 +17,7 @@ from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokeniz
 from kronos.train import run_stage, train_predictor, train_tokenizer
 from kronos.train.checkpoint import flatten_state, resolve_folder, unflatten_state, write_folder_atomically
 
-from test_train_fixtures import make_dataset, qlib_frame, tiny_config
+from _support.training import make_dataset, qlib_frame, tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,9 @@ from kronos.config import Config
 from kronos.model import build_predictor
 from kronos.train import train_predictor, train_tokenizer
 
-from test_train_fixtures import PYTHON, REPO, make_dataset, tiny_config
+from _support.training import PYTHON, REPO, make_dataset, tiny_config
+
+pytestmark = pytest.mark.slow  # end-to-end / subprocess tests: `make test-fast` skips them
 
 # Runs a finetune script in-process after patching the trainer (test-side hooks only): it can record the window
 # indices each rank trains on, and SIGKILL itself inside the n-th write of checkpoints/last/.

@@ -15,7 +15,7 @@ from kronos.errors import DataError, DependencyError, InputError
 from kronos.evaluate import run_backtests, run_qlib_backtest, run_simple_backtest
 from kronos.evaluate.backtest import normalize_signal, risk_stats
 
-QLIB_DIR = Path(__file__).parent / "data" / "qlib_cn"
+QLIB_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "qlib_cn"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DAYS = pd.bdate_range("2024-01-01", periods=12)
 
