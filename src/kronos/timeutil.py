@@ -1,33 +1,106 @@
-"""Calendar helpers shared by prediction and evaluation: future bar timestamps after a history."""
+"""Calendar helpers shared by prediction and evaluation: future bar timestamps after a history.
+
+Future bars follow an exchange's trading calendar when one is named (``calendar="XSHG"`` for China A-shares,
+``"XNYS"`` for US stocks: any code of the kept ``exchange_calendars`` library), so holidays such as New Year's
+Day are never forecast dates. Without a calendar (unknown markets, 24/7 crypto, FX) the rule is plain business
+days (or the history's own spacing), as before.
+"""
 from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
 
-from kronos.errors import InputError
+from kronos.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+# Data sources whose market is known: their forecasts follow that exchange's calendar by default.
+SOURCE_CALENDARS = {"qlib": "XSHG", "sina": "XSHG"}
 
 
-def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int) -> pd.DatetimeIndex:
+def resolve_calendar(name: Optional[str], data_source: str = "") -> Optional[str]:
+    """The exchange calendar code to use: ``"auto"`` picks the data source's market (A-shares for qlib/sina),
+    ``"none"``/empty means plain business days; any other value must be an ``exchange_calendars`` code."""
+    if name is None or str(name).strip().lower() in ("", "none", "business", "bday"):
+        return None
+    if str(name).strip().lower() == "auto":
+        return SOURCE_CALENDARS.get(data_source)
+    _calendar(str(name))  # validate early: a one-line error naming the key
+    return str(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _calendar(code: str):
+    try:
+        import exchange_calendars as xcals
+    except ImportError:  # pragma: no cover - exchange_calendars is a core dependency
+        raise ConfigError(f"trading_calendar '{code}' needs exchange_calendars: pip install exchange_calendars") from None
+    try:
+        return xcals.get_calendar(code)
+    except Exception:
+        names = ", ".join(n for n in ("XSHG", "XSHE", "XHKG", "XNYS", "XNAS", "XLON", "XTKS", "XETR"))
+        raise ConfigError(f"trading_calendar: unknown exchange calendar '{code}'; use one of {names}, ... "
+                          "(exchange_calendars.get_calendar_names()), or 'none' for business days") from None
+
+
+def _next_days(calendar: Optional[str]) -> Callable[[pd.Timestamp, int], pd.DatetimeIndex]:
+    """A function giving the ``k`` trading days strictly after a day (calendar sessions, else business days)."""
+    def bdays(day: pd.Timestamp, k: int) -> pd.DatetimeIndex:
+        return pd.bdate_range(day.normalize() + pd.Timedelta(days=1), periods=k)
+
+    if calendar is None:
+        return bdays
+    cal = _calendar(calendar)
+
+    def sessions(day: pd.Timestamp, k: int) -> pd.DatetimeIndex:
+        day = day.normalize().tz_localize(None) if day.tzinfo is not None else day.normalize()
+        last = cal.last_session.tz_localize(None) if cal.last_session.tzinfo is not None else cal.last_session
+        first = cal.first_session.tz_localize(None) if cal.first_session.tzinfo is not None else cal.first_session
+        if day < first or day >= last:
+            log.warning("trading calendar %s covers %s..%s only; business days used after %s",
+                        calendar, first.date(), last.date(), day.date())
+            return bdays(day, k)
+        out = cal.sessions_in_range(day + pd.Timedelta(days=1), last)[:k]
+        out = pd.DatetimeIndex(out).tz_localize(None) if getattr(out, "tz", None) is not None else pd.DatetimeIndex(out)
+        if len(out) < k:
+            out = out.append(bdays(out[-1] if len(out) else day, k - len(out)))
+        return pd.DatetimeIndex(out).as_unit("ns")
+
+    return sessions
+
+
+def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int,
+                      calendar: Optional[str] = None) -> pd.DatetimeIndex:
     """The ``n`` bar timestamps that follow ``history``, continuing its trading pattern.
 
-    Daily (and coarser) bars step over business days; intraday bars repeat the times of day seen in the
-    history on the following business days, so lunch breaks and overnight gaps are respected.
+    Daily bars step over trading days (the sessions of ``calendar``, an ``exchange_calendars`` code such as
+    ``"XSHG"``, or business days without one); intraday bars repeat the times of day seen in the history on the
+    following trading days, so lunch breaks, overnight gaps and holidays are respected.
     """
+    next_days = _next_days(calendar)
     ts = pd.DatetimeIndex(pd.to_datetime(history)).as_unit("ns")
     if len(ts) == 0:
         raise InputError("cannot extend an empty timestamp history")
+    if ts.tz is not None:  # work on the exchange's wall clock, then put the zone back
+        tz = ts.tz
+        out = future_timestamps(ts.tz_localize(None), n, calendar)
+        return out.tz_localize(tz, ambiguous="NaT", nonexistent="shift_forward")
     if n < 1:
         raise InputError(f"number of future bars must be >= 1, got {n}")
     last = ts[-1]
     if len(ts) == 1:
-        return pd.bdate_range(last + pd.Timedelta(days=1), periods=n)
+        return next_days(last, n) + (last - last.normalize())
     steps = np.diff(ts.asi8)
     step = pd.Timedelta(int(np.median(steps)), unit="ns")
     times = ts - ts.normalize()
     if step >= pd.Timedelta(days=1) or (times == pd.Timedelta(0)).all():
         if step > pd.Timedelta(days=5):  # weekly/monthly bars: keep the median spacing
             return pd.DatetimeIndex([last + step * (k + 1) for k in range(n)])
-        return pd.bdate_range(last.normalize() + pd.Timedelta(days=1), periods=n) + (last - last.normalize())
+        return next_days(last, n) + (last - last.normalize())
     # Intraday: the session's times of day, taken from the history (at most one day's worth of bars).
     day_times = np.unique(times.asi8)
     if len(day_times) > 24 * 60 * 60:  # second bars or irregular ticks: plain spacing
@@ -37,10 +110,11 @@ def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int) -> pd.Datet
     day = last.normalize()
     later = [day + t for t in day_times if day + t > last]
     out.extend(later[:n])
-    while len(out) < n:
-        day = (day + pd.offsets.BDay(1)).normalize()
-        for t in day_times:
-            out.append(day + t)
-            if len(out) == n:
-                break
-    return pd.DatetimeIndex(out)
+    if len(out) < n:
+        per_day = len(day_times)
+        for day in next_days(day, -(-(n - len(out)) // per_day)):
+            for t in day_times:
+                out.append(day + t)
+                if len(out) == n:
+                    break
+    return pd.DatetimeIndex(out).as_unit("ns")
