@@ -129,3 +129,24 @@ def test_preprocess_script_writes_dataset_and_reports_errors(tmp_path):
     assert run.returncode == 1
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no_such_qlib" in errors[0] and "Traceback" not in run.stderr
+
+
+def test_upper_case_feature_folders_load_like_lower_case(tmp_path, monkeypatch, qlib_dataset):
+    """Some public Qlib dumps write features/SH600000/CLOSE.day.bin; pyqlib alone finds 0 symbols there."""
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    upper = tmp_path / "qlib_upper"
+    shutil.copytree(QLIB, upper)
+    for folder in list((upper / "features").iterdir()):
+        for f in list(folder.iterdir()):
+            f.rename(folder / f.name.upper().replace(".DAY.BIN", ".day.bin"))
+        folder.rename(folder.with_name(folder.name.upper()))
+    path = tmp_path / "ds_upper"
+    DataProcessorFactory.create_processor("qlib", qlib_config(path, qlib_data_path=str(upper))).run_pipeline()
+    ref_path, _ = qlib_dataset
+    for split in SPLITS:
+        pd.testing.assert_frame_equal(load_split(path, split), load_split(ref_path, split))
+    views = list((tmp_path / "cache" / "kronos" / "qlib-views").iterdir())
+    assert len(views) == 1 and all(p.name == p.name.lower() for p in (views[0] / "features").rglob("*"))
+    assert all(f.name.upper() == f.name for f in (upper / "features").iterdir())  # the user's data is untouched

@@ -14,8 +14,11 @@ a suspension, so a window may straddle such a gap.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -83,21 +86,79 @@ def check_provider(provider: Path, instrument: str = "") -> None:
             )
 
 
-def init_qlib(provider_uri: str) -> None:
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kronos" / "qlib-views"
+
+
+def lowercase_view(provider: Path) -> Path:
+    """The folder pyqlib should read: ``provider`` itself, or a view of it with lower-case feature names.
+
+    pyqlib looks for ``features/<symbol in lower case>/<field>.day.bin``; some public dumps write the symbol
+    folders (or field files) in upper case, which pyqlib then silently misses ("0 symbols"). For such a folder a
+    view of symbolic links with lower-case names is built once in the user's cache (the data is not copied) and
+    reused while the folder's list of symbols is unchanged.
+    """
+    features = provider / "features"
+    folders = sorted(p for p in features.iterdir() if p.is_dir())
+    def needs_view(folder: Path) -> bool:
+        return folder.name != folder.name.lower() or any(f.name != f.name.lower() for f in folder.iterdir())
+    if not any(needs_view(f) for f in folders[:50]) and not any(f.name != f.name.lower() for f in folders):
+        return provider
+    seen: dict[str, str] = {}
+    for f in folders:
+        other = seen.setdefault(f.name.lower(), f.name)
+        if other != f.name:
+            raise DataError(f"Qlib data folder '{features}' holds both '{other}' and '{f.name}'; keep one of them")
+    key = hashlib.sha1("\n".join([str(provider)] + [f.name for f in folders]).encode()).hexdigest()[:16]
+    view = _cache_root() / key
+    if (view / ".complete").is_file():
+        return view
+    tmp = view.with_name(f".{view.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "features").mkdir(parents=True)
+        for sub in ("calendars", "instruments"):
+            os.symlink(provider / sub, tmp / sub)
+        for folder in folders:
+            dest = tmp / "features" / folder.name.lower()
+            dest.mkdir()
+            for f in folder.iterdir():
+                os.symlink(f, dest / f.name.lower())
+        (tmp / ".complete").write_text(str(provider) + "\n")
+        if view.exists():
+            shutil.rmtree(view)
+        os.replace(tmp, view)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(
+            f"Qlib data folder '{features}' has upper-case symbol folders or field files, which pyqlib does not "
+            f"find, and a lower-case view could not be made ({exc}); rename them to lower case, e.g. in that folder: "
+            "for d in *; do mv \"$d\" \"$(echo $d | tr A-Z a-z)\"; done"
+        ) from None
+    logger.info("qlib: '%s' has upper-case feature names; reading it through a lower-case view in %s",
+                features, view)
+    return view
+
+
+def init_qlib(provider_uri: str) -> Path:
     """Initialise Qlib for ``provider_uri`` (region cn) quietly, unless it is already set up on that folder.
 
     Whoever initialised Qlib in this process (this module, the backtest, user code), a second call for the same
-    provider costs nothing; a different provider re-initialises it.
+    provider costs nothing; a different provider re-initialises it. Returns the folder pyqlib reads (see
+    :func:`lowercase_view`).
     """
     provider = Path(provider_uri).expanduser().resolve()
     check_provider(provider)
+    provider = lowercase_view(provider)
     if current_qlib_provider() == str(provider):
-        return
+        return provider
     qlib = import_qlib()
     try:
         qlib.init(provider_uri=str(provider), region="cn", kernels=1, logging_level=logging.ERROR)
     except Exception as exc:  # qlib raises assorted types for a broken setup
         raise DataError(f"Qlib could not be initialised on '{provider}': {type(exc).__name__}: {exc}") from None
+    return provider
 
 
 def current_qlib_provider() -> Optional[str]:
@@ -126,7 +187,7 @@ class QlibDataProcessor(BaseDataProcessor):
         provider = Path(cfg.qlib_data_path).expanduser().resolve()
         require_qlib()
         check_provider(provider, cfg.instrument)
-        init_qlib(str(provider))
+        provider = init_qlib(str(provider))
         from qlib.data import D
 
         try:
@@ -216,4 +277,4 @@ class QlibDataProcessor(BaseDataProcessor):
         return pd.Timestamp(start), pd.Timestamp(stop)
 
 
-__all__ = ["QlibDataProcessor", "init_qlib", "import_qlib", "require_qlib", "check_provider", "current_qlib_provider"]
+__all__ = ["QlibDataProcessor", "init_qlib", "lowercase_view", "import_qlib", "require_qlib", "check_provider", "current_qlib_provider"]
