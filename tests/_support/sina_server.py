@@ -27,6 +27,7 @@ import json
 import threading
 import time
 import urllib.parse
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
@@ -53,6 +54,12 @@ FAILURE_MODES = {
     "null": "HTTP 200 with null (Sina's answer for unknown symbols)",
     "slow": "sleeps `delay` seconds before answering (client timeouts)",
     "no_amount": "normal bars without the amount field",
+    "drip": "normal bars, the body sent one byte every `delay` seconds (a wall-clock deadline must cut it off)",
+    "redirect_other_host": "HTTP 302 to the same path on host 'localhost' asking for symbol `target` (never follow)",
+    "redirect_same_host": "HTTP 302 to the plain-JSON path on the same host and port (followed)",
+    "oversize": "HTTP 200 with a valid body padded to `size` bytes",
+    "gzip_bomb": "HTTP 200, Content-Encoding gzip, a valid body padded to `size` bytes once decompressed",
+    "too_many": "ignores datalen and serves every bar",
 }
 
 
@@ -169,12 +176,17 @@ class SinaTestServer:
         shifted = bars.assign(**{c: bars[c] + offset for c in ("open", "high", "low", "close")})
         return shifted.reset_index(drop=True)
 
-    def fail(self, symbol: str, mode: str, times: Optional[int] = None, delay: float = 1.0) -> None:
-        """Make requests for ``symbol`` fail with ``mode`` (a FAILURE_MODES key); ``times`` then OK (None = always)."""
+    def fail(self, symbol: str, mode: str, times: Optional[int] = None, delay: float = 1.0,
+             size: int = 4 << 20, target: str = "sz000001") -> None:
+        """Make requests for ``symbol`` fail with ``mode`` (a FAILURE_MODES key); ``times`` then OK (None = always).
+
+        ``delay``: seconds of "slow" or per byte of "drip"; ``size``: bytes of "oversize"/"gzip_bomb" bodies;
+        ``target``: the symbol a cross-host redirect asks for.
+        """
         if mode not in FAILURE_MODES:
             raise ValueError(f"unknown failure mode {mode!r}; choose from {sorted(FAILURE_MODES)}")
         with self._lock:
-            self._failures[symbol] = {"mode": mode, "left": times, "delay": delay}
+            self._failures[symbol] = {"mode": mode, "left": times, "delay": delay, "size": size, "target": target}
 
     def clear_failures(self, symbol: Optional[str] = None) -> None:
         with self._lock:
@@ -284,8 +296,85 @@ class _SinaHandler(BaseHTTPRequestHandler):
             return self._send(200, self._wrap(callback, "[]"))
         if mode == "null" or symbol not in app.offsets or scale not in app.bars:
             return self._send(200, self._wrap(callback, "null"))
+        if mode == "redirect_other_host":
+            query = urllib.parse.urlencode({**{k: v[0] for k, v in query.items()}, "symbol": failure["target"]})
+            return self._redirect(f"http://localhost:{app.port}{parts.path}?{query}")
+        if mode == "redirect_same_host":
+            return self._redirect(f"{JSON_PATH}?{parts.query}")
+        if mode == "too_many":
+            datalen = len(app.bars[scale])
         rows = app.body_array(symbol, scale, datalen, with_amount=mode != "no_amount")
-        self._send(200, self._wrap(callback, json.dumps(rows, separators=(",", ":"))))
+        text = self._wrap(callback, json.dumps(rows, separators=(",", ":")))
+        if mode in ("oversize", "gzip_bomb"):
+            return self._send_padded(text.encode("utf-8"), failure["size"], gzipped=mode == "gzip_bomb")
+        if mode == "drip":
+            return self._drip(text.encode("utf-8"), failure["delay"])
+        self._send(200, text)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def _send_padded(self, body: bytes, size: int, gzipped: bool) -> None:
+        """``body`` padded with whitespace inside its JSONP parentheses to ``size`` bytes (valid, only too big).
+
+        Streamed without a Content-Length (the body ends when the connection closes), so a client has to count
+        what it reads; the gzip variant sends the compressed stream (about 1/1000 of ``size``). The server never
+        holds the padded body in memory.
+        """
+        head, tail = body[:-2], body[-2:]
+        pad = max(size - len(body), 0)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/javascript; charset=utf-8")
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        deflater = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if gzipped else None
+        block = b" " * (1 << 16)
+
+        def pieces():
+            yield head
+            left = pad
+            while left > 0:
+                yield block[:min(left, len(block))]
+                left -= len(block)
+            yield tail
+
+        try:
+            for piece in pieces():
+                if self.app._stop.is_set():
+                    return
+                data = deflater.compress(piece) if deflater else piece
+                if data:
+                    self.wfile.write(data)
+            if deflater:
+                self.wfile.write(deflater.flush())
+        except OSError:  # the client hung up (it refused the body): expected
+            return
+
+    def _drip(self, body: bytes, interval: float) -> None:
+        """Headers at once, then the body one byte per ``interval`` seconds (until the client hangs up)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/javascript; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        for i in range(len(body)):
+            if self.app._stop.is_set():
+                return
+            try:
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(interval)
 
     @staticmethod
     def _wrap(callback: Optional[str], payload: str) -> str:

@@ -350,3 +350,73 @@ def test_pipeline_on_minute_bars_with_time_ranges(sina, tmp_path):
     assert manifest["splits"]["test"]["end"].startswith("2024-08-29T11:30")
     assert (test["timestamps"].dt.minute % 30 == 0).all()
     assert set(test["hour"]) <= {10, 11, 13, 14, 15}
+
+
+# ------------------------------------------------------------------------------------------------ hostile servers
+def test_dripping_server_is_cut_off_at_one_deadline(sina):
+    # each byte arrives well within the socket timeout: only a per-request deadline stops this
+    client = SinaClient(sina.jsonp_url, timeout=0.6, retries=1, pause=0)
+    sina.fail("sh600000", "drip", delay=0.05)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"'sh600000' failed after 2 attempt\(s\): timed out.*0\.6s deadline"):
+        client.fetch("sh600000", 240, 5)
+    assert time.monotonic() - start < 2.5
+    assert sina.request_count("sh600000") == 2
+
+
+def test_redirect_to_another_host_is_refused_same_host_followed(sina):
+    client = SinaClient(sina.jsonp_url, timeout=2, retries=2, pause=0)
+    sina.fail("sh600000", "redirect_other_host", target="sz000001")
+    with pytest.raises(DataError, match=r"'sh600000' failed: refused a redirect \(HTTP 302\) to another host: "
+                                        r"http://localhost:\d+"):
+        client.fetch("sh600000", 240, 5)
+    assert sina.request_count("sh600000") == 1 and sina.request_count("sz000001") == 0  # not retried, not followed
+    sina.fail("sh600000", "redirect_same_host", times=1)
+    frame = client.fetch("sh600000", 240, 5)
+    assert frame["close"].tolist() == pytest.approx(sina.frame("sh600000", 240, 5)["close"].tolist(), abs=5e-4)
+
+
+@pytest.mark.parametrize("mode", ["oversize", "gzip_bomb"])
+def test_oversize_and_gzip_bomb_bodies_are_dropped_early(sina, mode):
+    import tracemalloc
+
+    client = SinaClient(sina.jsonp_url, timeout=5, retries=1, pause=0, max_bytes=256 << 10)
+    sina.fail("sh600000", mode, size=48 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"'sh600000' failed: (decompressed )?response .*exceeds the limit of "
+                                            r"262,144 bytes"):
+            client.fetch("sh600000", 240, 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB while rejecting a 48 MiB body"
+    assert sina.request_count("sh600000") == 1  # a refused body is not retried
+    sina.fail("sh600000", mode, size=64 << 10)  # under the limit: decoded and parsed as usual
+    assert len(client.fetch("sh600000", 240, 5)) == 5
+
+
+def test_more_bars_than_datalen_is_an_error(sina):
+    client = SinaClient(sina.jsonp_url, timeout=2, retries=0, pause=0)
+    sina.fail("sh600000", "too_many")
+    with pytest.raises(DataError, match=r"returned 53 bars for symbol 'sh600000', more than the 5 requested"):
+        client.fetch("sh600000", 240, 5)
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("drip", "timed out"),
+    ("redirect_other_host", "refused a redirect"),
+    ("oversize", "exceeds the limit"),
+    ("gzip_bomb", "exceeds the limit"),
+    ("too_many", "more than the 20 requested"),
+])
+def test_hostile_answer_for_one_symbol_does_not_lose_the_others(sina, tmp_path, mode, words):
+    cfg = make_config(sina, tmp_path, sina_timeout=0.5, sina_retries=0, sina_datalen=20)
+    sina.fail("sz000001", mode, delay=0.05, size=8 << 20, target="sh600000")  # 8 MiB > 64 KiB + 20 KiB default
+    proc = SinaDataProcessor(cfg)
+    start = time.monotonic()
+    proc.download_data()
+    assert time.monotonic() - start < 5
+    assert list(proc.skipped_symbols) == ["sz000001"] and words in proc.skipped_symbols["sz000001"]
+    assert sorted(proc.load_raw()) == ["bj430047", "sh600000"]
+    assert not proc.cache_path("sz000001").exists()
