@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import numpy as np
@@ -324,3 +325,231 @@ def json_safe(value: Any) -> Any:
 def save_metrics(metrics: dict[str, Any], path: Union[str, os.PathLike]) -> None:
     """Write a metrics dict as strict JSON (NaN -> null), atomically."""
     atomic_write_text(path, json.dumps(json_safe(metrics), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+# ====================================================================== sample-path forecasts (walk-forward report)
+# Everything below works on arrays: N forecasts (one per symbol and anchor), P steps, S sample paths.
+@dataclass
+class PathForecasts:
+    """N forecasts of P steps from one model or baseline, on the same anchors as every other forecaster.
+
+    ``samples`` ``[N, S, P]`` are the sampled close paths (a point forecast is one path, S = 1); ``point`` ``[N, P]``
+    is the point forecast (the predictor's mean path); ``true`` ``[N, P]`` the realised closes; ``last_close``
+    ``[N]`` the close at the anchor; ``scale`` ``[N]`` the in-sample naive error of the context (mean absolute
+    one-bar change of close), the MASE denominator.
+    """
+
+    name: str
+    symbol: np.ndarray
+    anchor: np.ndarray
+    last_close: np.ndarray
+    scale: np.ndarray
+    true: np.ndarray
+    point: np.ndarray
+    samples: np.ndarray
+
+    @property
+    def horizon(self) -> int:
+        return int(self.true.shape[1])
+
+
+def naive_scale(context_close: np.ndarray) -> np.ndarray:
+    """MASE denominator per context ``[N, L]``: mean |close_t - close_{t-1}| over the context (in-sample naive)."""
+    c = np.asarray(context_close, dtype=float)
+    if c.shape[-1] < 2:
+        return np.full(c.shape[:-1], np.nan)
+    return np.nanmean(np.abs(np.diff(c, axis=-1)), axis=-1)
+
+
+def crps_samples(samples: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """CRPS of the empirical distribution of ``samples`` (last axis) at ``y``: E|X - y| - E|X - X'| / 2.
+
+    Uses the sorted-sample identity E|X - X'| = 2/S^2 * sum_i (2i - S - 1) x_(i); a point mass gives |x - y|.
+    """
+    x = np.sort(np.asarray(samples, dtype=float), axis=-1)
+    y = np.asarray(y, dtype=float)
+    s = x.shape[-1]
+    term1 = np.mean(np.abs(x - y[..., None]), axis=-1)
+    weights = 2.0 * np.arange(1, s + 1) - s - 1
+    spread = 2.0 * np.sum(weights * x, axis=-1) / (s * s)
+    return term1 - 0.5 * spread
+
+
+def pit_values(samples: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Probability integral transform: share of samples below ``y`` (ties count half)."""
+    x = np.asarray(samples, dtype=float)
+    y = np.asarray(y, dtype=float)[..., None]
+    return np.mean(x < y, axis=-1) + 0.5 * np.mean(x == y, axis=-1)
+
+
+def central_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The central ``level`` interval of the samples (last axis): quantiles (1-level)/2 and (1+level)/2."""
+    check_levels([level])
+    lo, hi = np.quantile(np.asarray(samples, dtype=float), [(1 - level) / 2, (1 + level) / 2], axis=-1)
+    return lo, hi
+
+
+def check_levels(levels: Sequence[float], what: str = "nominal level") -> list[float]:
+    """Levels must be numbers strictly inside (0, 1); returns them as floats."""
+    out = []
+    for v in levels:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise InputError(f"{what} {v!r} is not a number; use values strictly between 0 and 1") from None
+        if not 0.0 < f < 1.0:
+            raise InputError(f"{what} {v!r} is outside (0, 1); use values strictly between 0 and 1 (e.g. 0.8)")
+        out.append(f)
+    return out
+
+
+def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[str, float]:
+    """Diebold-Mariano test of equal predictive accuracy with the Harvey-Leybourne-Newbold correction.
+
+    ``loss_a`` and ``loss_b`` are aligned loss series (time order). d = loss_a - loss_b; the long-run variance
+    uses autocovariances up to lag h-1; the statistic is scaled by sqrt((T + 1 - 2h + h(h-1)/T) / T) and compared
+    with Student's t on T-1 degrees of freedom (two-sided). A negative statistic means ``a`` has the lower loss.
+    """
+    from scipy import stats
+
+    d = np.asarray(loss_a, dtype=float) - np.asarray(loss_b, dtype=float)
+    d = d[np.isfinite(d)]
+    n = int(d.size)
+    h = max(1, int(h))
+    out = {"dm_stat": _nan(), "p_value": _nan(), "mean_loss_diff": _f(d.mean()) if n else _nan(), "n": float(n),
+           "lags": float(h - 1)}
+    if n < 3 or h >= n:
+        return out
+    dc = d - d.mean()
+    gamma = [float(np.dot(dc[k:], dc[:n - k]) / n) for k in range(h)]
+    var = (gamma[0] + 2.0 * sum(gamma[1:])) / n
+    if not var > 0:
+        return out
+    stat = d.mean() / math.sqrt(var)
+    stat *= math.sqrt((n + 1 - 2 * h + h * (h - 1) / n) / n)
+    out["dm_stat"] = _f(stat)
+    out["p_value"] = _f(2.0 * stats.t.sf(abs(stat), df=n - 1))
+    return out
+
+
+def _pearson_per_anchor(anchor: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """Mean cross-sectional IC, RankIC and ICIR (IC mean / IC std) over anchors with >= 2 symbols."""
+    frame = pd.DataFrame({"datetime": anchor, "s": a, "t": b})
+    ics = daily_ic(frame, "s", "t")
+    ic_mean, _, ic_ir, _ = _ic_summary(ics["ic"])
+    ric_mean, _, _, _ = _ic_summary(ics["rank_ic"])
+    return ic_mean, ric_mean, ic_ir
+
+
+def _nanmean(x: np.ndarray, axis=None):
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(x, axis=axis)
+
+
+def score_paths(fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[float],
+                pit_bins: int = 10) -> dict[str, Any]:
+    """Every point and probabilistic metric of one forecaster: ``{"overall": {...}, "by_step": {...}, "pit": [...]}``.
+
+    Point metrics on price and on return (``x / last_close - 1``): MSE, MAE, MASE, direction accuracy (rows whose
+    realised or forecast move is zero are left out), IC/RankIC/ICIR (cross-sectional per anchor; overall on the
+    horizon's final step). Probabilistic: CRPS (price and relative to last close), pinball per quantile, WQL,
+    coverage and relative width of each central interval, PIT histogram, P(up) Brier score, realised vs forecast
+    volatility of the horizon's log-returns (mean absolute error and correlation across forecasts).
+    """
+    levels = check_levels(levels)
+    y = fc.true
+    last = fc.last_close[:, None]
+    ok = np.isfinite(y) & np.isfinite(fc.point)
+    yr = y / last - 1.0
+    pr = fc.point / last - 1.0
+    e_price = np.where(ok, fc.point - y, np.nan)
+    e_ret = np.where(ok, pr - yr, np.nan)
+    scale = np.where(fc.scale > 0, fc.scale, np.nan)[:, None]
+    by: dict[str, Any] = {}
+    by["mse"] = _nanmean(e_price**2, 0)
+    by["mae"] = _nanmean(np.abs(e_price), 0)
+    by["mse_ret"] = _nanmean(e_ret**2, 0)
+    by["mae_ret"] = _nanmean(np.abs(e_ret), 0)
+    by["mase"] = _nanmean(np.abs(e_price) / scale, 0)
+    sp, st = np.sign(pr), np.sign(yr)
+    dir_ok = ok & (sp != 0) & (st != 0)
+    by["direction_accuracy"] = np.array([
+        _f((sp[dir_ok[:, k], k] == st[dir_ok[:, k], k]).mean()) if dir_ok[:, k].any() else _nan()
+        for k in range(fc.horizon)])
+    ic_rows = [_pearson_per_anchor(fc.anchor[ok[:, k]], pr[ok[:, k], k], yr[ok[:, k], k]) for k in range(fc.horizon)]
+    by["ic"] = np.array([r[0] for r in ic_rows])
+    by["rank_ic"] = np.array([r[1] for r in ic_rows])
+    by["icir"] = np.array([r[2] for r in ic_rows])
+    # probabilistic
+    s = fc.samples
+    crps = np.where(ok, crps_samples(np.moveaxis(s, 1, -1), np.nan_to_num(y)), np.nan)
+    by["crps"] = _nanmean(crps, 0)
+    by["crps_rel"] = _nanmean(crps / last, 0)
+    qs = np.quantile(s, list(quantiles), axis=1) if len(quantiles) else np.empty((0,) + y.shape)
+    denom = np.nansum(np.abs(np.where(ok, y, np.nan)), 0)
+    wql = []
+    for q, qv in zip(quantiles, qs):
+        loss = np.where(ok, pinball_loss(y, qv, q), np.nan)
+        by[f"pinball_q{q:g}"] = _nanmean(loss, 0)
+        wql.append(2.0 * np.nansum(loss, 0) / np.where(denom > 0, denom, np.nan))
+    if wql:
+        by["wql"] = np.mean(wql, axis=0)
+    for lv in levels:
+        lo, hi = np.quantile(s, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
+        inside = np.where(ok, ((y >= lo) & (y <= hi)).astype(float), np.nan)
+        by[f"coverage_{lv:g}"] = _nanmean(inside, 0)
+        by[f"width_{lv:g}"] = _nanmean(np.where(ok, (hi - lo) / last, np.nan), 0)
+    p_up = np.mean(s > fc.last_close[:, None, None], axis=1)
+    moved = ok & (y != last)
+    up = (y > last).astype(float)
+    by["brier_up"] = np.array([_f(np.mean((p_up[moved[:, k], k] - up[moved[:, k], k]) ** 2))
+                               if moved[:, k].any() else _nan() for k in range(fc.horizon)])
+    overall: dict[str, float] = {k: _f(_nanmean(v)) for k, v in by.items()
+                                 if k not in ("ic", "rank_ic", "icir", "wql")}
+    overall["ic"], overall["rank_ic"], overall["icir"] = ic_rows[-1]
+    if "wql" in by:
+        loss_all = [np.where(ok, pinball_loss(y, qv, q), np.nan) for q, qv in zip(quantiles, qs)]
+        tot = float(np.nansum(np.abs(np.where(ok, y, np.nan))))
+        overall["wql"] = _f(np.mean([2.0 * np.nansum(l) / tot for l in loss_all])) if tot > 0 else _nan()
+    all_moved = moved
+    overall["brier_up"] = _f(np.mean((p_up[all_moved] - up[all_moved]) ** 2)) if all_moved.any() else _nan()
+    overall["up_rate"] = _f(up[all_moved].mean()) if all_moved.any() else _nan()
+    overall["brier_base_rate"] = _f(overall["up_rate"] * (1 - overall["up_rate"])) if all_moved.any() else _nan()
+    pit = pit_values(np.moveaxis(s, 1, -1), np.nan_to_num(y))[ok]
+    hist, _ = np.histogram(pit, bins=pit_bins, range=(0.0, 1.0))
+    # volatility over the horizon: std of log-returns of [last, x_1..x_P]
+    full_ok = ok.all(axis=1)
+    vol = {"realised_vol": _nan(), "forecast_vol": _nan(), "vol_mae": _nan(), "vol_corr": _nan()}
+    if fc.horizon >= 2 and full_ok.sum() >= 1:
+        true_path = np.concatenate([fc.last_close[full_ok, None], y[full_ok]], axis=1)
+        rv = np.std(np.diff(np.log(true_path), axis=1), axis=1, ddof=1)
+        sp_path = np.concatenate([np.repeat(fc.last_close[full_ok, None, None], s.shape[1], 1), s[full_ok]], axis=2)
+        with np.errstate(all="ignore"):
+            fv = np.mean(np.std(np.diff(np.log(sp_path), axis=2), axis=2, ddof=1), axis=1)
+        vol = {"realised_vol": _f(np.nanmean(rv)), "forecast_vol": _f(np.nanmean(fv)),
+               "vol_mae": _f(np.nanmean(np.abs(fv - rv))), "vol_corr": _corr(fv, rv) if rv.size >= 3 else _nan()}
+    overall.update(vol)
+    overall["n_forecasts"] = float(ok.any(axis=1).sum())
+    overall["n_samples"] = float(s.shape[1])
+    return {"overall": overall, "by_step": {k: [_f(x) for x in v] for k, v in by.items()},
+            "pit": [int(c) for c in hist], "p_up": p_up}
+
+
+def dm_versus(model: PathForecasts, reference: PathForecasts, stride: int = 1) -> dict[str, float]:
+    """DM test of ``model`` against ``reference`` on squared return errors averaged per anchor date (time order).
+
+    Forecasts from anchors less than a horizon apart overlap, so the long-run variance keeps ceil(P / stride) - 1
+    autocovariance lags.
+    """
+    last = model.last_close[:, None]
+    ok = np.isfinite(model.true) & np.isfinite(model.point) & np.isfinite(reference.point)
+    la = np.where(ok, (model.point / last - model.true / last) ** 2, np.nan)
+    lb = np.where(ok, (reference.point / last - model.true / last) ** 2, np.nan)
+    frame = pd.DataFrame({"anchor": model.anchor, "a": _nanmean(la, 1), "b": _nanmean(lb, 1)}).dropna()
+    per = frame.groupby("anchor", sort=True)[["a", "b"]].mean()
+    h = max(1, math.ceil(model.horizon / max(1, int(stride))))
+    return diebold_mariano(per["a"].to_numpy(), per["b"].to_numpy(), h=h)

@@ -1,0 +1,378 @@
+"""Calibrated forecast bands and probability of an up move, fitted on the validation split.
+
+The predictor's sampled paths give bands that are usually too narrow (few samples, sampling temperature below 1,
+an overconfident model). :func:`fit_calibration` takes rolling forecasts on validation anchors (targets inside the
+validation split only) and corrects the band of each horizon step. Work is in return space (``x / last_close - 1``)
+so one correction serves every symbol. Three methods are fitted and compared on the LATER part of the validation
+anchors after fitting on the earlier part (a time-ordered hold-out); the one whose held-out coverage is nearest the
+nominal levels (ties: narrower bands) is chosen and refitted on all validation anchors:
+
+- ``cqr_additive``: conformalised quantiles (Romano et al., 2019): score ``max(lo - y, y - hi)``, the band of each
+  level and step widens (or narrows) by the finite-sample ``(1 - alpha)`` quantile of the scores;
+- ``cqr_multiplicative``: the band's distances from the sample median are multiplied by the conformal quantile of
+  ``max((m - y) / (m - lo), (y - m) / (hi - m))``;
+- ``spread_scale``: the sample paths are stretched around their median by one factor per step, the factor that
+  brings the coverage of all levels nearest nominal (it calibrates every quantile, the CRPS and P(up) at once);
+- ``none``: the raw bands, kept when nothing beats them.
+
+P(up), the share of sample paths above the last close, is recalibrated by Platt scaling (a logistic fit on its
+logit, pooled over steps). The result is saved as ``calibration.json`` beside the predictor's ``best_model`` with a
+fingerprint of the predictor's weights, the lookback and the horizon; a file for another model is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from kronos.errors import CheckpointError, InputError
+from kronos.evaluate.metrics import check_levels, json_safe
+
+METHODS = ("cqr_additive", "cqr_multiplicative", "spread_scale", "none")
+FORMAT_VERSION = 1
+_EPS = 1e-9
+_P_EPS = 1e-3
+
+
+def model_fingerprint(model: Any, lookback: int, horizon: int) -> str:
+    """sha256 of the predictor's weights (names, dtypes, shapes, bytes) plus the lookback and the horizon."""
+    import torch
+
+    net = getattr(model, "model", model)  # a KronosPredictor or the Kronos module
+    h = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(f"lookback={int(lookback)}|horizon={int(horizon)}".encode())
+    return h.hexdigest()
+
+
+def _conformal_quantile(scores: np.ndarray, level: float) -> float:
+    """The ceil((n+1) level)/n empirical quantile of ``scores`` (finite-sample split-conformal guarantee)."""
+    s = np.sort(scores[np.isfinite(scores)])
+    n = s.size
+    if n == 0:
+        return float("nan")
+    k = min(n, int(math.ceil((n + 1) * level)))
+    return float(s[k - 1])
+
+
+def _rel(samples: np.ndarray, last: np.ndarray) -> np.ndarray:
+    return np.asarray(samples, dtype=float) / np.asarray(last, dtype=float)[:, None, None] - 1.0
+
+
+@dataclass
+class Calibration:
+    """A fitted band correction (see the module docstring); load with :meth:`load`, apply with :meth:`quantiles`."""
+
+    method: str
+    levels: list
+    horizon: int
+    lookback: int
+    fingerprint: str
+    params: dict = field(default_factory=dict)  # {"<level>": [per-step value]} (cqr) | {"scale": [per step]}
+    p_up: dict = field(default_factory=lambda: {"method": "platt", "a": 1.0, "b": 0.0})
+    n_anchors: int = 0
+    coverage_before: dict = field(default_factory=dict)
+    coverage_after: dict = field(default_factory=dict)
+    holdout: dict = field(default_factory=dict)  # method -> held-out coverage per level, error, width
+    brier: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    version: int = FORMAT_VERSION
+
+    # ------------------------------------------------------------------ checks and I/O
+    def check(self, model: Any = None, lookback: Optional[int] = None, horizon: Optional[int] = None,
+              source: str = "calibration") -> "Calibration":
+        """Refuse (one line) a calibration fitted for another predictor, lookback or horizon."""
+        if horizon is not None and int(horizon) != self.horizon:
+            raise CheckpointError(f"{source} was fitted for a horizon of {self.horizon} bars, not {horizon}; "
+                                  "rerun `kronos calibrate` with this predict_window")
+        if lookback is not None and int(lookback) != self.lookback:
+            raise CheckpointError(f"{source} was fitted for a lookback of {self.lookback} bars, not {lookback}; "
+                                  "give that many bars of context or rerun `kronos calibrate`")
+        if model is not None:
+            fp = model_fingerprint(model, self.lookback, self.horizon)
+            if fp != self.fingerprint:
+                raise CheckpointError(f"{source} was fitted for another predictor (weights hash {self.fingerprint[:12]}"
+                                      f" != {fp[:12]}); rerun `kronos calibrate` for this model")
+        return self
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+    def save(self, path: Union[str, os.PathLike]) -> str:
+        from kronos.config import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return str(path)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "calibration") -> "Calibration":
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source} is not a calibration object; rerun `kronos calibrate`")
+        try:
+            obj = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except TypeError as exc:
+            raise CheckpointError(f"{source} lacks required fields ({exc}); rerun `kronos calibrate`") from None
+        if obj.method not in METHODS:
+            raise CheckpointError(f"{source} names an unknown method '{obj.method}'; expected one of {list(METHODS)}")
+        try:
+            obj.levels = check_levels(obj.levels, what=f"{source}: nominal level")
+        except InputError as exc:
+            raise CheckpointError(str(exc)) from None
+        if not isinstance(obj.horizon, int) or obj.horizon < 1 or not isinstance(obj.lookback, int):
+            raise CheckpointError(f"{source} has an invalid horizon/lookback; rerun `kronos calibrate`")
+        need = [f"{lv:g}" for lv in obj.levels] if obj.method.startswith("cqr") else (
+            ["scale"] if obj.method == "spread_scale" else [])
+        for key in need:
+            vals = obj.params.get(key) if isinstance(obj.params, dict) else None
+            if not isinstance(vals, list) or len(vals) != obj.horizon or not all(
+                    isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+                raise CheckpointError(f"{source}: parameter '{key}' must list {obj.horizon} finite numbers; "
+                                      "rerun `kronos calibrate`")
+        if not all(isinstance(obj.p_up.get(k), (int, float)) for k in ("a", "b")):
+            raise CheckpointError(f"{source}: p_up needs numbers 'a' and 'b'; rerun `kronos calibrate`")
+        return obj
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Calibration":
+        p = Path(path)
+        if not p.is_file():
+            raise CheckpointError(f"calibration file '{p}' not found; run `kronos calibrate` first")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"calibration file '{p}' is not valid JSON ({exc}); rerun `kronos calibrate`") from None
+        return cls.from_dict(data, source=f"calibration file '{p}'")
+
+    # ------------------------------------------------------------------ application
+    def _level_of(self, q: float) -> Optional[float]:
+        if abs(q - 0.5) < 1e-12:
+            return None
+        lv = abs(2.0 * q - 1.0)
+        for fitted in self.levels:
+            if abs(fitted - lv) < 1e-9:
+                return fitted
+        return lv
+
+    def quantiles(self, samples: np.ndarray, last_close: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+        """Calibrated quantiles ``[len(qs), N, P]`` (price units) from sample paths ``[N, S, P]``."""
+        samples = np.asarray(samples, dtype=float)
+        last = np.asarray(last_close, dtype=float)
+        if samples.ndim != 3 or samples.shape[2] != self.horizon:
+            raise InputError(f"calibration expects sample paths [N, S, {self.horizon}], got {samples.shape}")
+        z = _rel(samples, last)
+        med = np.median(z, axis=1)
+        out = []
+        for q in qs:
+            q = float(q)
+            if not 0.0 <= q <= 1.0:
+                raise InputError(f"quantile {q} is outside [0, 1]")
+            lv = self._level_of(q)
+            if lv is None or self.method == "none":
+                r = np.quantile(z, q, axis=1)
+            elif self.method == "spread_scale":
+                k = np.asarray(self.params["scale"], dtype=float)
+                r = med + k[None, :] * (np.quantile(z, q, axis=1) - med)
+            else:
+                key = f"{lv:g}"
+                if key not in self.params:
+                    raise InputError(f"quantile {q:g} (central level {lv:g}) was not calibrated; calibrated levels: "
+                                     f"{self.levels} (quantiles {self.quantile_levels()})")
+                r = _cqr_apply(self.method, np.asarray(self.params[key], dtype=float), z, med, lv, lower=q < 0.5)
+            out.append(last[:, None] * (1.0 + r))
+        return np.stack(out)
+
+    def quantile_levels(self) -> list:
+        return sorted({round((1 - lv) / 2, 10) for lv in self.levels} | {0.5} | {round((1 + lv) / 2, 10)
+                                                                                 for lv in self.levels})
+
+    def calibrated_samples(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
+        """Sample paths with the spread correction applied (unchanged for the CQR methods and ``none``)."""
+        if self.method != "spread_scale":
+            return np.asarray(samples, dtype=float)
+        last = np.asarray(last_close, dtype=float)
+        z = _rel(samples, last)
+        med = np.median(z, axis=1, keepdims=True)
+        k = np.asarray(self.params["scale"], dtype=float)[None, None, :]
+        return last[:, None, None] * (1.0 + med + k * (z - med))
+
+    def p_up_raw(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
+        return np.mean(np.asarray(samples) > np.asarray(last_close)[:, None, None], axis=1)
+
+    def p_up_calibrated(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
+        """Platt-scaled P(close at step h > last close) ``[N, P]``."""
+        return _platt(self.p_up_raw(samples, last_close), self.p_up["a"], self.p_up["b"])
+
+
+def _cqr_apply(method: str, corr: np.ndarray, z: np.ndarray, med: np.ndarray, level: float, lower: bool) -> np.ndarray:
+    lo, hi = np.quantile(z, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    if method == "cqr_additive":
+        return np.minimum(lo - corr, med) if lower else np.maximum(hi + corr, med)
+    return med - corr * np.maximum(med - lo, 0.0) if lower else med + corr * np.maximum(hi - med, 0.0)
+
+
+def _cqr_fit(method: str, z: np.ndarray, y: np.ndarray, level: float) -> np.ndarray:
+    """Per-step conformal correction for one level from paths ``z [N,S,P]`` and outcomes ``y [N,P]`` (returns)."""
+    lo, hi = np.quantile(z, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    med = np.median(z, axis=1)
+    if method == "cqr_additive":
+        scores = np.maximum(lo - y, y - hi)
+    else:
+        scores = np.maximum((med - y) / np.maximum(med - lo, _EPS), (y - med) / np.maximum(hi - med, _EPS))
+    return np.array([_conformal_quantile(scores[:, k], level) for k in range(z.shape[2])])
+
+
+_SCALE_GRID = np.exp(np.linspace(np.log(0.2), np.log(50.0), 241))
+
+
+def _spread_fit(z: np.ndarray, y: np.ndarray, levels: Sequence[float]) -> np.ndarray:
+    """Per-step stretch factor around the median minimising the squared coverage errors over the levels."""
+    med = np.median(z, axis=1)
+    scales = []
+    for k in range(z.shape[2]):
+        half = {lv: np.quantile(z[:, :, k], [(1 - lv) / 2, (1 + lv) / 2], axis=1) - med[None, :, k] for lv in levels}
+        dev = y[:, k] - med[:, k]
+        best, best_err = 1.0, float("inf")
+        for c in _SCALE_GRID:
+            err = 0.0
+            for lv, (lo, hi) in half.items():
+                cov = np.mean((dev >= c * lo) & (dev <= c * hi))
+                err += (cov - lv) ** 2
+            if err < best_err - 1e-12:
+                best, best_err = float(c), err
+        scales.append(best)
+    return np.array(scales)
+
+
+def _fit_params(method: str, z: np.ndarray, y: np.ndarray, levels: Sequence[float]) -> dict:
+    if method == "none":
+        return {}
+    if method == "spread_scale":
+        return {"scale": [float(v) for v in _spread_fit(z, y, levels)]}
+    out = {}
+    for lv in levels:
+        corr = _cqr_fit(method, z, y, lv)
+        out[f"{lv:g}"] = [float(v) if np.isfinite(v) else (0.0 if method == "cqr_additive" else 1.0) for v in corr]
+    return out
+
+
+def _coverage(cal: Calibration, samples: np.ndarray, last: np.ndarray, true: np.ndarray) -> dict:
+    """Coverage (overall and per step) and mean relative width of each central level."""
+    out = {}
+    for lv in cal.levels:
+        lo, hi = cal.quantiles(samples, last, [(1 - lv) / 2, (1 + lv) / 2])
+        inside = (true >= lo) & (true <= hi)
+        out[f"{lv:g}"] = {"coverage": float(inside.mean()), "by_step": [float(v) for v in inside.mean(axis=0)],
+                          "width": float(np.mean((hi - lo) / last[:, None]))}
+    return out
+
+
+def _platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
+    x = np.log(np.clip(p, _P_EPS, 1 - _P_EPS) / (1 - np.clip(p, _P_EPS, 1 - _P_EPS)))
+    return 1.0 / (1.0 + np.exp(-(a * x + b)))
+
+
+def _platt_fit(p: np.ndarray, up: np.ndarray) -> tuple[float, float]:
+    from scipy.optimize import minimize
+
+    x = np.log(np.clip(p, _P_EPS, 1 - _P_EPS) / (1 - np.clip(p, _P_EPS, 1 - _P_EPS)))
+    if x.size < 10 or up.min() == up.max():
+        return 1.0, 0.0
+
+    def loss(w):
+        s = w[0] * x + w[1]
+        return float(np.mean(np.logaddexp(0.0, s) - up * s) + 1e-4 * (w[0] - 1.0) ** 2)
+
+    res = minimize(loss, np.array([1.0, 0.0]), method="L-BFGS-B")
+    a, b = (float(v) for v in res.x)
+    return (a, b) if math.isfinite(a) and math.isfinite(b) else (1.0, 0.0)
+
+
+def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarray, anchors: np.ndarray,
+                    levels: Sequence[float], lookback: int, fingerprint: str, holdout_fraction: float = 0.4,
+                    methods: Sequence[str] = METHODS) -> Calibration:
+    """Fit and choose the band correction on validation forecasts.
+
+    ``samples [N, S, P]`` price paths, ``last_close [N]``, ``true [N, P]`` realised closes (all known), ``anchors
+    [N]`` the anchor times (used to split the anchors in time for the method choice).
+    """
+    import time
+
+    t0 = time.time()
+    levels = check_levels(levels)
+    samples = np.asarray(samples, dtype=float)
+    last = np.asarray(last_close, dtype=float)
+    true = np.asarray(true, dtype=float)
+    ok = np.isfinite(true).all(axis=1) & np.isfinite(samples).all(axis=(1, 2)) & (last > 0)
+    samples, last, true, anchors = samples[ok], last[ok], true[ok], np.asarray(anchors)[ok]
+    n, _, horizon = samples.shape
+    if n < 10:
+        raise InputError(f"calibration needs at least 10 validation forecasts with known targets, got {n}; "
+                         "lengthen the validation split or lower eval_stride")
+    z = _rel(samples, last)
+    y = true / last[:, None] - 1.0
+    base = dict(levels=levels, horizon=horizon, lookback=int(lookback), fingerprint=fingerprint)
+
+    # time-ordered hold-out for the choice of method
+    dates = np.unique(anchors)
+    cut = dates[int(len(dates) * (1 - holdout_fraction))] if len(dates) >= 4 else None
+    fit_rows = anchors < cut if cut is not None else np.ones(n, bool)
+    held = ~fit_rows if cut is not None else np.ones(n, bool)
+    holdout = {}
+    for method in methods:
+        cal = Calibration(method=method, params=_fit_params(method, z[fit_rows], y[fit_rows], levels), **base)
+        cov = _coverage(cal, samples[held], last[held], true[held])
+        err = float(np.mean([abs(cov[f"{lv:g}"]["coverage"] - lv) for lv in levels]))
+        width = float(np.mean([cov[f"{lv:g}"]["width"] for lv in levels]))
+        holdout[method] = {"coverage": {k: v["coverage"] for k, v in cov.items()},
+                           "width": {k: v["width"] for k, v in cov.items()}, "mean_abs_error": err,
+                           "n_fit": int(fit_rows.sum()), "n_holdout": int(held.sum())}
+    chosen = min(methods, key=lambda m: (round(holdout[m]["mean_abs_error"], 3),
+                                         float(np.mean(list(holdout[m]["width"].values())))))
+    cal = Calibration(method=chosen, params=_fit_params(chosen, z, y, levels), **base)
+    raw = Calibration(method="none", **base)
+    cal.coverage_before = _coverage(raw, samples, last, true)
+    cal.coverage_after = _coverage(cal, samples, last, true)
+    cal.holdout = holdout
+    cal.n_anchors = int(n)
+
+    # P(up): Platt on the logit of the raw share, pooled over steps (rows with no move left out)
+    p_raw = cal.p_up_raw(cal.calibrated_samples(samples, last), last)
+    moved = true != last[:, None]
+    up = (true > last[:, None]).astype(float)
+    a, b = _platt_fit(p_raw[moved], up[moved])
+    cal.p_up = {"method": "platt", "a": a, "b": b}
+    p_cal = _platt(p_raw, a, b)
+    rate = float(up[moved].mean()) if moved.any() else float("nan")
+    cal.brier = {"raw": float(np.mean((p_raw[moved] - up[moved]) ** 2)) if moved.any() else float("nan"),
+                 "calibrated": float(np.mean((p_cal[moved] - up[moved]) ** 2)) if moved.any() else float("nan"),
+                 "base_rate": rate * (1 - rate), "up_rate": rate}
+    cal.seconds = round(time.time() - t0, 3)
+    return cal
+
+
+def load_calibration(calibration: Union[str, os.PathLike, Calibration, dict, None]) -> Optional[Calibration]:
+    """A :class:`Calibration` from a path, a dict or an object (None stays None)."""
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    if isinstance(calibration, dict):
+        return Calibration.from_dict(calibration)
+    if isinstance(calibration, (str, os.PathLike)):
+        return Calibration.load(calibration)
+    raise InputError(f"calibration must be a path, a dict or a Calibration, got {type(calibration).__name__}")
+
+
+def calibration_path(predictor_path: Union[str, os.PathLike]) -> Path:
+    """Where ``calibration.json`` lives: beside the predictor's ``best_model`` folder."""
+    return Path(predictor_path).parent / "calibration.json"
+
+
+__all__ = ["Calibration", "METHODS", "calibration_path", "fit_calibration", "load_calibration", "model_fingerprint"]

@@ -1,0 +1,76 @@
+"""Band calibration: reaches nominal coverage on held-out anchors, round-trips, refuses another model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kronos.errors import CheckpointError, InputError
+from kronos.evaluate.calibration import Calibration, fit_calibration, load_calibration, model_fingerprint
+
+
+def _synthetic(n, seed, s=20, p=4, spread=0.4):
+    """Outcomes with known noise N(0, (1% sqrt h)^2); the 'model' samples are too narrow (spread x the truth)."""
+    rng = np.random.default_rng(seed)
+    sigma = 0.01 * np.sqrt(np.arange(1, p + 1))
+    last = rng.uniform(10, 200, size=n)
+    true = last[:, None] * (1 + rng.normal(size=(n, p)) * sigma)
+    samples = last[:, None, None] * (1 + rng.normal(size=(n, s, p)) * sigma * spread)
+    return samples, last, true, np.arange(n)
+
+
+@pytest.mark.parametrize("spread", [0.4, 2.5])
+def test_calibration_reaches_nominal_coverage_on_held_out_anchors(spread):
+    samples, last, true, anchors = _synthetic(800, 0, spread=spread)
+    cal = fit_calibration(samples, last, true, anchors, levels=[0.5, 0.8], lookback=30, fingerprint="x")
+    assert cal.method != "none"
+    test_s, test_last, test_true, _ = _synthetic(1500, 1, spread=spread)
+    for lv in (0.5, 0.8):
+        raw_lo, raw_hi = np.quantile(test_s, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
+        raw_cov = np.mean((test_true >= raw_lo) & (test_true <= raw_hi))
+        lo, hi = cal.quantiles(test_s, test_last, [(1 - lv) / 2, (1 + lv) / 2])
+        cov = np.mean((test_true >= lo) & (test_true <= hi))
+        assert abs(raw_cov - lv) > 0.1  # the raw band is badly off ...
+        assert cov == pytest.approx(lv, abs=0.05)  # ... the calibrated one is not
+    assert cal.coverage_before["0.8"]["coverage"] != pytest.approx(cal.coverage_after["0.8"]["coverage"], abs=0.05)
+    assert set(cal.holdout) == {"cqr_additive", "cqr_multiplicative", "spread_scale", "none"}
+    assert cal.brier["calibrated"] <= cal.brier["raw"] + 1e-9
+
+
+def test_file_round_trips_and_rejects_bad_files(tmp_path):
+    samples, last, true, anchors = _synthetic(200, 3)
+    cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=30, fingerprint="abc")
+    path = tmp_path / "calibration.json"
+    cal.save(path)
+    back = load_calibration(path)
+    assert back == Calibration.from_dict(json.loads(path.read_text()))
+    assert np.allclose(back.quantiles(samples, last, [0.1, 0.5, 0.9]), cal.quantiles(samples, last, [0.1, 0.5, 0.9]))
+    path.write_text("{ not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_calibration(path)
+    data = cal.to_dict()
+    data["levels"] = [1.2]
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="outside"):
+        load_calibration(path)
+    with pytest.raises(InputError, match="outside"):
+        fit_calibration(samples, last, true, anchors, levels=[0.0], lookback=30, fingerprint="abc")
+    with pytest.raises(InputError, match="not calibrated"):
+        back.quantiles(samples, last, [0.25])
+
+
+def test_mismatched_model_is_rejected():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    fp = model_fingerprint(a, 30, 4)
+    assert fp == model_fingerprint(a, 30, 4) and fp != model_fingerprint(a, 31, 4)
+    samples, last, true, anchors = _synthetic(50, 4)
+    cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=30, fingerprint=fp)
+    cal.check(a, lookback=30, horizon=4)
+    with pytest.raises(CheckpointError, match="another predictor"):
+        cal.check(b, lookback=30, horizon=4)
+    with pytest.raises(CheckpointError, match="horizon"):
+        cal.check(a, lookback=30, horizon=5)
+    with pytest.raises(CheckpointError, match="lookback"):
+        cal.check(a, lookback=20, horizon=4)
