@@ -9,6 +9,7 @@ import pytest
 
 from kronos.errors import DataError, InputError
 from kronos.evaluate import frames_from_records, plot_backtest, plot_forecast, plot_training_curves
+from kronos.evaluate.plots import DOWN, UP, drawdown, plot_forecast_vs_actual, plot_ic_over_time
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -93,3 +94,57 @@ def test_plot_backtest(tmp_path):
     assert _is_png(plot_backtest(daily, tmp_path / "bt.png", title="test"))
     with pytest.raises(InputError, match="bench"):
         plot_backtest(daily.drop(columns=["bench"]), tmp_path / "bt2.png")
+
+
+def _has_colour(path, hex_colour: str, min_pixels: int = 20) -> bool:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)[..., :3]
+    rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    return int((np.abs(img - rgb).max(axis=-1) < 0.02).sum()) >= min_pixels
+
+
+def test_forecast_figure_draws_candles_band_and_prob_up(tmp_path):
+    hist = _kline(80, "2024-01-02 09:30", 3)
+    rng = np.random.default_rng(1)
+    hist["open"] = hist["close"] + rng.normal(0, 0.05, len(hist))  # rising and falling bars
+    hist["high"] = hist[["open", "close"]].max(axis=1) + 0.05
+    hist["low"] = hist[["open", "close"]].min(axis=1) - 0.05
+    idx = pd.date_range(hist.index[-1] + pd.Timedelta(minutes=5), periods=12, freq="5min")
+    fc = pd.DataFrame({"open": 10.0, "high": 10.2, "low": 9.8, "close": np.linspace(10, 10.5, 12), "volume": 1.5e4},
+                      index=idx)
+    lo, hi = fc - 0.3, fc + 0.3
+    out = plot_forecast(hist, fc, (lo, hi), None, "candles", tmp_path / "c.png", prob_up=np.linspace(0.3, 0.8, 12))
+    assert _is_png(out) and _has_colour(out, UP) and _has_colour(out, DOWN)
+
+
+def test_importing_plots_leaves_the_matplotlib_backend_alone():
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import kronos.evaluate.plots, kronos.evaluate; "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_drawdown_ic_and_forecast_vs_actual_figures(tmp_path):
+    cum = pd.Series([0.0, 0.1, 0.05, 0.2, -0.1, 0.0])
+    assert np.allclose(drawdown(cum), [0.0, 0.0, -0.05, 0.0, -0.3, -0.2])
+    dates = pd.bdate_range("2024-01-02", periods=40)
+    rng = np.random.default_rng(0)
+    ic = pd.DataFrame({"ic": rng.normal(0.03, 0.1, 40), "rank_ic": rng.normal(0.02, 0.1, 40)}, index=dates)
+    assert _is_png(plot_ic_over_time(ic, tmp_path / "ic.png"))
+    rows = []
+    for sym in ("AAA", "BBB"):
+        for k, d in enumerate(dates):
+            true = 10 + 0.1 * k
+            rows.append({"symbol": sym, "datetime": d, "step": 1, "timestamps": d + pd.offsets.BDay(1),
+                         "pred_close": true + 0.05, "true_close": true, "last_close": true - 0.1,
+                         "pred_close_q0.1": true - 0.2, "pred_close_q0.9": true + 0.2})
+    out = plot_forecast_vs_actual(pd.DataFrame(rows), ["AAA", "BBB", "ZZZ"], tmp_path / "fva.png")
+    assert _is_png(out)
+    with pytest.raises(InputError, match="step 3"):
+        plot_forecast_vs_actual(pd.DataFrame(rows), ["AAA"], tmp_path / "x.png", step=3)
+    daily = pd.DataFrame({"return": rng.normal(0, 0.01, 40), "cost": 0.0005, "bench": rng.normal(0, 0.01, 40)},
+                         index=dates)
+    assert _is_png(plot_backtest(daily, tmp_path / "bt.png"))
