@@ -316,7 +316,7 @@ def test_unreachable_hub_id_fails_fast(tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
     message = str(info.value)
     assert "\n" not in message
-    assert "huggingface-cli download NeoQuasar/Kronos-small --local-dir ./Kronos-small" in message
+    assert "hf download NeoQuasar/Kronos-small --local-dir ./Kronos-small" in message
 
 
 def test_hub_id_without_network_mock_fails_fast_with_checkpoint_error(tmp_path):

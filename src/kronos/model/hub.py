@@ -182,7 +182,7 @@ def _download_hint(repo_id: str) -> str:
     name = repo_id.rsplit("/", 1)[-1]
     return (
         f"download the checkpoint to a folder and pass its path, e.g. "
-        f"`huggingface-cli download {repo_id} --local-dir ./{name}` then from_pretrained('./{name}')"
+        f"`hf download {repo_id} --local-dir ./{name}` then from_pretrained('./{name}')"
     )
 
 
