@@ -22,6 +22,7 @@ from kronos.data.schema import (
     TIME_FEATURES,
     VALUE_COLUMNS,
     derive_amount,
+    time_features,
 )
 from kronos.data.store import FORMAT_VERSION, SPLITS
 from kronos.errors import ConfigError, DataError
@@ -101,12 +102,9 @@ def add_time_features(df: pd.DataFrame) -> pd.DataFrame:
     Daily bars carry midnight timestamps, so their minute and hour are 0, as in the official pipeline.
     """
     out = df.copy()
-    ts = out["timestamps"].dt
-    out["minute"] = ts.minute.astype("int64")
-    out["hour"] = ts.hour.astype("int64")
-    out["weekday"] = ts.day_of_week.astype("int64")  # Monday = 0
-    out["day"] = ts.day.astype("int64")
-    out["month"] = ts.month.astype("int64")
+    feats = time_features(out["timestamps"])
+    for name in TIME_FEATURES:
+        out[name] = feats[name].to_numpy()
     return out
 
 

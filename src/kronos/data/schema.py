@@ -9,6 +9,16 @@ is the long form of many cleaned raw frames plus a ``symbol`` column and the cal
 case-insensitively with common aliases (also the Chinese headers of A-share exports), timestamps are parsed
 and made tz-naive, numbers are coerced, and a missing ``volume``/``amount`` is filled the way the predictor
 does it (Q10: no volume -> volume and amount 0; no amount -> mean(OHLC) x volume).
+
+This module is the package's one K-line vocabulary; data, inference, evaluation and the pipeline import from it:
+
+- column tuples: :data:`PRICE_COLUMNS` (the four prices), :data:`VALUE_COLUMNS` (the six model inputs, prices then
+  ``volume, amount``), :data:`KLINE_COLUMNS` (``timestamps`` + the six), :data:`TIME_FEATURES` (the five calendar
+  features) and :data:`SPLIT_COLUMNS` (a processed split's columns);
+- :func:`time_features`: the calendar features of timestamps;
+- :func:`complete_volume_amount` / :func:`derive_amount`: the volume/amount rule;
+- :data:`NORM_EPS` / :func:`norm_scale`: the ``std + 1e-5`` normalisation scale;
+- :func:`range_end`: the inclusive end of a configured ``[start, end]`` range.
 """
 from __future__ import annotations
 
@@ -29,6 +39,8 @@ VALUE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume", "amo
 KLINE_COLUMNS: tuple[str, ...] = ("timestamps",) + VALUE_COLUMNS
 TIME_FEATURES: tuple[str, ...] = ("minute", "hour", "weekday", "day", "month")
 SPLIT_COLUMNS: tuple[str, ...] = ("symbol",) + KLINE_COLUMNS + TIME_FEATURES
+#: Added to the population std before dividing, in training windows and in the predictor (official code).
+NORM_EPS: float = 1e-5
 
 # Accepted spellings per canonical column, in order of preference (matched case-insensitively).
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -73,6 +85,48 @@ def empty_kline_frame() -> pd.DataFrame:
 def derive_amount(frame: pd.DataFrame) -> pd.Series:
     """``mean(open, high, low, close) x volume`` row-wise, the official pipelines' stand-in for turnover."""
     return frame[list(PRICE_COLUMNS)].mean(axis=1, skipna=False) * frame["volume"]
+
+
+def complete_volume_amount(frame: pd.DataFrame, keep_amount: bool = False) -> pd.DataFrame:
+    """Add a missing ``volume``/``amount`` the way the official predictor does (Q10), in place; returns ``frame``.
+
+    No ``volume``: volume = 0 and amount = 0 (a supplied amount is overwritten unless ``keep_amount``).
+    No ``amount``: amount = mean(open, high, low, close) x volume (:func:`derive_amount`).
+    """
+    if "volume" not in frame.columns:
+        frame["volume"] = 0.0
+        if not (keep_amount and "amount" in frame.columns):
+            frame["amount"] = 0.0
+    elif "amount" not in frame.columns:
+        frame["amount"] = derive_amount(frame)
+    return frame
+
+
+def time_features(timestamps) -> pd.DataFrame:
+    """Calendar features :data:`TIME_FEATURES` (``minute, hour, weekday (Mon=0), day, month``, int64) of each
+    timestamp, as a frame with a RangeIndex. Daily bars carry midnight timestamps: minute and hour are 0."""
+    idx = pd.DatetimeIndex(timestamps)
+    return pd.DataFrame(
+        {
+            "minute": np.asarray(idx.minute, dtype="int64"),
+            "hour": np.asarray(idx.hour, dtype="int64"),
+            "weekday": np.asarray(idx.day_of_week, dtype="int64"),
+            "day": np.asarray(idx.day, dtype="int64"),
+            "month": np.asarray(idx.month, dtype="int64"),
+        },
+        columns=list(TIME_FEATURES),
+    )
+
+
+def norm_scale(std):
+    """The normalisation divisor ``std + NORM_EPS`` (population std over the context)."""
+    return std + NORM_EPS
+
+
+def range_end(value) -> pd.Timestamp:
+    """Inclusive end of a configured range: an end given as a plain date includes that whole day."""
+    ts = pd.Timestamp(value)
+    return ts + pd.Timedelta(days=1) - pd.Timedelta(1, unit="ns") if ts == ts.normalize() else ts
 
 
 def _is_time_of_day(values: pd.Series) -> bool:
@@ -229,16 +283,13 @@ def validate_kline_frame(
     if vol_col is None:
         # Q10: the predictor zeroes volume and amount when volume is absent; training data must match.
         logger.warning("%s: no volume column; using volume = 0 and amount = 0", source_name)
-        out["volume"] = 0.0
-        out["amount"] = 0.0
     else:
         out["volume"] = _coerce_numbers(frame[vol_col], source_name, str(vol_col), line_offset)
         if amt_col is None:
             logger.info("%s: no amount column; deriving amount = mean(open, high, low, close) x volume", source_name)
-            out["amount"] = derive_amount(out)
         else:
             out["amount"] = _coerce_numbers(frame[amt_col], source_name, str(amt_col), line_offset)
-    return out[list(KLINE_COLUMNS)]
+    return complete_volume_amount(out)[list(KLINE_COLUMNS)]
 
 
 def check_split_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from kronos.errors import ConfigError, DataError, InputError
+from kronos.data.schema import NORM_EPS, TIME_FEATURES, time_features
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +36,9 @@ __all__ = ["WindowDataset", "WindowSampler", "window_loader", "normalise_windows
 
 #: The seed's feature names; ``vol``/``amt`` are its short names for the frame's ``volume``/``amount`` columns.
 DEFAULT_FEATURES = ["open", "high", "low", "close", "vol", "amt"]
-DEFAULT_TIME_FEATURES = ["minute", "hour", "weekday", "day", "month"]
+DEFAULT_TIME_FEATURES = list(TIME_FEATURES)
 FEATURE_ALIASES = {"vol": "volume", "amt": "amount", "volume": "vol", "amount": "amt"}
 
-_EPS = 1e-5  # added to sigma before dividing (spec 6.1)
-_TIME_DERIVED = {
-    "minute": lambda t: t.dt.minute,
-    "hour": lambda t: t.dt.hour,
-    "weekday": lambda t: t.dt.day_of_week,
-    "day": lambda t: t.dt.day,
-    "month": lambda t: t.dt.month,
-}
 
 IndexLike = Union[Sequence[int], np.ndarray, torch.Tensor]
 
@@ -65,7 +58,7 @@ def normalise_windows(x: np.ndarray, lookback: int, clip: float) -> np.ndarray:
     sigma = np.add.reduce(dev, axis=-1, keepdims=True)
     sigma /= np.float32(lookback)
     np.sqrt(sigma, out=sigma)  # ddof=0, like np.std in the official dataset
-    sigma += np.float32(_EPS)
+    sigma += np.float32(NORM_EPS)
     x -= mu
     x /= sigma
     np.clip(x, -clip, clip, out=x)
@@ -233,6 +226,7 @@ class WindowDataset(Dataset):
 
     def _stamp_block(self, frame: pd.DataFrame, names: list[str]) -> np.ndarray:
         block = np.empty((len(frame), len(names)), dtype=np.float32)
+        derived = None
         for j, name in enumerate(names):
             if name in frame.columns:
                 col = frame[name]
@@ -241,8 +235,10 @@ class WindowDataset(Dataset):
                         f"{self.name}: time feature column '{name}' must be numeric, got dtype {col.dtype}"
                     )
                 block[:, j] = col.to_numpy(dtype=np.float64)
-            elif name in _TIME_DERIVED and self.timestamps is not None:
-                block[:, j] = _TIME_DERIVED[name](pd.Series(self.timestamps)).to_numpy(dtype=np.float64)
+            elif name in TIME_FEATURES and self.timestamps is not None:
+                if derived is None:
+                    derived = time_features(self.timestamps)
+                block[:, j] = derived[name].to_numpy(dtype=np.float64)
             else:
                 raise ConfigError(
                     f"{self.name}: config key 'time_feature_list' names '{name}', which is not a column of the "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -16,6 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kronos.data.schema import (
+    PRICE_COLUMNS,
+    TIME_FEATURES,
+    VALUE_COLUMNS,
+    complete_volume_amount,
+    norm_scale,
+    time_features,
+)
 from kronos.errors import InputError
 from kronos.inference.generate import SamplingConfig, mean_over_samples, sample_forecasts
 from kronos.model.kronos import Kronos
@@ -23,21 +32,39 @@ from kronos.model.tokenizer import KronosTokenizer
 
 logger = logging.getLogger(__name__)
 
-PRICE_COLS = ["open", "high", "low", "close"]
+# The official predictor's attribute names for the vocabulary of kronos.data.schema.
+PRICE_COLS = list(PRICE_COLUMNS)
 VOL_COL = "volume"
 AMT_COL = "amount"
-FEATURE_COLS = PRICE_COLS + [VOL_COL, AMT_COL]
-TIME_COLS = ["minute", "hour", "weekday", "day", "month"]
+FEATURE_COLS = list(VALUE_COLUMNS)
+TIME_COLS = list(TIME_FEATURES)
 
 Timestamps = Union[pd.Series, pd.DatetimeIndex, Sequence[Any], np.ndarray]
 
 
 def calc_time_stamps(timestamps: Timestamps) -> pd.DataFrame:
     """Time features ``[minute, hour, weekday, day, month]`` (Mon=0) of each timestamp (spec 4.2, 5.1)."""
-    idx = _to_datetime_index(timestamps, "timestamps")
-    return pd.DataFrame(
-        {"minute": idx.minute, "hour": idx.hour, "weekday": idx.day_of_week, "day": idx.day, "month": idx.month}
-    )
+    return time_features(_to_datetime_index(timestamps, "timestamps"))
+
+
+def check_quantiles(quantiles: Sequence[float]) -> list[float]:
+    """``quantiles`` as a list of floats in [0, 1]; one-line InputError otherwise."""
+    try:
+        qs = [float(q) for q in quantiles]
+    except (TypeError, ValueError):
+        raise InputError(f"quantiles must be numbers in [0, 1], got {quantiles!r}") from None
+    if not qs or any(not 0.0 <= q <= 1.0 for q in qs):
+        raise InputError(f"quantiles must be numbers in [0, 1], got {list(quantiles)!r}")
+    return qs
+
+
+def sample_quantiles(samples: np.ndarray, quantiles: Sequence[float], axis: int = 0) -> np.ndarray:
+    """The package's one quantile rule for sample paths: NumPy's linear interpolation over the sample ``axis``.
+
+    Returns ``[len(quantiles), *rest]``; :meth:`KronosPredictor.predict_quantiles` and
+    :meth:`KronosPredictor.predict_df` both use it.
+    """
+    return np.quantile(samples, check_quantiles(quantiles), axis=axis)
 
 
 def _to_datetime_index(values: Timestamps, name: str) -> pd.DatetimeIndex:
@@ -140,13 +167,8 @@ class KronosPredictor:
         for col in present:
             if not pd.api.types.is_numeric_dtype(frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
                 raise InputError(f"{where}column '{col}' must be numeric, got dtype {frame[col].dtype}")
-        if self.vol_col not in frame.columns:
-            # Q10: no volume -> both volume and amount are zero (a supplied amount is overwritten, unless keep_amount).
-            frame[self.vol_col] = 0.0
-            if not (self.keep_amount and self.amt_col in frame.columns):
-                frame[self.amt_col] = 0.0
-        elif self.amt_col not in frame.columns:
-            frame[self.amt_col] = frame[self.vol_col] * frame[self.price_cols].mean(axis=1)
+        # Q10: no volume -> both volume and amount are zero (a supplied amount is overwritten, unless keep_amount).
+        complete_volume_amount(frame, keep_amount=self.keep_amount)
         x = frame[FEATURE_COLS].values.astype(np.float32)
         bad = ~np.isfinite(x)
         if bad.any():
@@ -176,7 +198,7 @@ class KronosPredictor:
         y_stamp = calc_time_stamps(y_idx).values.astype(np.float32)
         # Spec 5.1: statistics over the entire given history (Q7), numpy float32, population std.
         mean, std = np.mean(x, axis=0), np.std(x, axis=0)
-        x = (x - mean) / (std + 1e-5)
+        x = (x - mean) / norm_scale(std)
         x = np.clip(x, -self.clip, self.clip)
         y_index = y_timestamp if isinstance(y_timestamp, pd.Series) else y_idx
         return _Prepared(x, x_stamp, y_stamp, mean, std, pd.Index(y_index))
@@ -259,11 +281,11 @@ class KronosPredictor:
     def _frames(self, item: _Prepared, paths: np.ndarray, return_samples: bool):
         # Q11: average the decoded paths in normalised space, then de-normalise with the exact inverse (sigma+1e-5).
         mean = mean_over_samples(paths[None])[0]
-        preds = mean * (item.std + 1e-5) + item.mean  # Q10: zero-sigma columns come back as pred*1e-5 + mu
+        preds = mean * norm_scale(item.std) + item.mean  # Q10: zero-sigma columns come back as pred*1e-5 + mu
         frame = pd.DataFrame(preds, columns=FEATURE_COLS, index=item.y_index)
         if not return_samples:
             return frame
-        return frame, paths * (item.std + 1e-5) + item.mean
+        return frame, paths * norm_scale(item.std) + item.mean
 
     # ------------------------------------------------------------------ public API
     def predict(
@@ -377,15 +399,254 @@ class KronosPredictor:
         **kwargs: Any,
     ) -> list[dict[float, pd.DataFrame]]:
         """Batch variant of :meth:`predict_quantiles`: one ``{q: DataFrame}`` per series."""
-        qs = [float(q) for q in quantiles]
-        if not qs or any(not 0.0 <= q <= 1.0 for q in qs):
-            raise InputError(f"quantiles must be numbers in [0, 1], got {list(quantiles)!r}")
+        qs = check_quantiles(quantiles)
         kwargs["return_samples"] = True
         results = self.predict_batch(
             df_list, x_timestamp_list, y_timestamp_list, pred_len, T, top_k, top_p, sample_count, verbose, **kwargs
         )
         out = []
         for mean_df, samples in results:
-            values = np.quantile(samples, qs, axis=0)
+            values = sample_quantiles(samples, qs)
             out.append({q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)})
         return out
+
+    # ------------------------------------------------------------------ one front door
+    _HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        tokenizer: Union[str, "os.PathLike[str]", KronosTokenizer],
+        model: Union[str, "os.PathLike[str]", Kronos],
+        device: Optional[Union[str, torch.device]] = None,
+        max_context: int = 512,
+        **kw: Any,
+    ) -> "KronosPredictor":
+        """Load a tokenizer and a predictor (local folders or hub ids, or already-loaded models) in one call.
+
+        ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` in ``kw`` go to both loads; every other
+        keyword (``clip``, ``truncate_history``, ``keep_amount``) goes to the constructor.
+        """
+        hub = {k: kw.pop(k) for k in cls._HUB_KEYS if k in kw}
+        tok = tokenizer if isinstance(tokenizer, KronosTokenizer) else KronosTokenizer.from_pretrained(tokenizer, **hub)
+        mod = model if isinstance(model, Kronos) else Kronos.from_pretrained(model, **hub)
+        return cls(mod, tok, device=device, max_context=max_context, **kw)
+
+    def predict_df(
+        self,
+        frame: pd.DataFrame,
+        *,
+        id_column: str = "symbol",
+        timestamp_column: str = "timestamps",
+        pred_len: int,
+        lookback: Optional[int] = None,
+        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+        anchors: Any = None,
+        future_timestamps: Any = None,
+        sample_count: int = 20,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        seed: Optional[int] = None,
+        return_samples: bool = False,
+        batch_size: int = 50,
+        calibration: Any = None,
+        progress: bool = True,
+        use_cache: bool = True,
+    ) -> Union[pd.DataFrame, tuple[pd.DataFrame, np.ndarray]]:
+        """Forecast every symbol of a long frame (many anchors each, if asked); long records out.
+
+        ``frame`` holds ``id_column``, ``timestamp_column`` and ``open, high, low, close`` (``volume``/``amount``
+        optional, filled by the Q10 rule). A forecast is made at each *anchor*: from the ``lookback`` bars up to
+        and including the anchor bar (default ``lookback``: ``max_context``), for the ``pred_len`` bars after it.
+
+        ``anchors``: ``None`` = each symbol's last bar; a DataFrame with ``id_column`` and ``timestamp_column``
+        (or ``anchor``) columns, or a list of ``(symbol, timestamp)`` pairs; or a list/DatetimeIndex of timestamps
+        used for every symbol that has a bar then. Anchors with fewer than ``lookback`` bars of history are
+        skipped (logged). Future timestamps are the frame's next bars, continued by
+        :func:`kronos.timeutil.future_timestamps` past its end; ``future_timestamps`` (only with ``anchors=None``)
+        overrides them: one sequence of ``pred_len`` timestamps for every symbol, or ``{symbol: sequence}``.
+
+        Returns a frame with one row per (symbol, anchor, step), sorted so: ``symbol`` (named ``id_column``),
+        ``anchor`` (the as-of timestamp), ``step`` (1..pred_len), ``timestamps`` (the forecast bar), the mean
+        ``open, high, low, close, volume, amount`` over ``sample_count`` paths, ``{column}_q{q}`` quantile columns
+        for all six columns (e.g. ``close_q0.1``, by :func:`sample_quantiles`), ``last_close`` (the anchor bar's
+        close), ``close_scale`` (this predictor's normalisation scale of close over the context: population std
+        + 1e-5, the unit of the official signals) and ``true_close`` (the realised close where the frame has
+        it, else NaN). With ``return_samples=True`` returns ``(records, samples)``: samples ``[N, S, pred_len, 6]``
+        de-normalised, forecast ``n`` being records rows ``n * pred_len`` to ``(n + 1) * pred_len - 1``.
+
+        Forecasts run through :meth:`predict_batch` in chunks of ``batch_size`` series (tqdm bar when
+        ``progress``); chunk ``k`` samples with seed ``seed + k``. ``calibration`` (optional) is handed with the
+        records to :func:`kronos.evaluate.calibration.apply_calibration`.
+        """
+        from tqdm.auto import tqdm
+
+        self._check_args(pred_len, T, top_k, top_p, sample_count)
+        qs = check_quantiles(quantiles)
+        L = self.max_context if lookback is None else lookback
+        if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
+            raise InputError(f"lookback must be an integer >= 1 (or None for max_context), got {lookback!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1 (series per predict_batch call), got {batch_size!r}")
+        tasks = _forecast_tasks(frame, id_column, timestamp_column, int(L), int(pred_len), anchors, future_timestamps)
+        n_chunks = -(-len(tasks) // batch_size)
+        means, quants, paths_out, scales = [], [], [], []
+        for k in tqdm(range(n_chunks), desc="forecast", unit="batch", disable=not progress):
+            chunk = tasks[k * batch_size:(k + 1) * batch_size]
+            dfs = [t.context for t in chunk]
+            xts = [t.x_ts for t in chunk]
+            yts = [t.y_ts for t in chunk]
+            for t in chunk:  # the predictor's own close scale: std over what it normalises + eps (float64)
+                item = self._prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ")
+                scales.append(norm_scale(float(item.std[3])))
+            res = self.predict_batch(
+                dfs, xts, yts, pred_len, T, top_k, top_p, sample_count, False, use_cache=use_cache,
+                seed=None if seed is None else int(seed) + k, return_samples=True,
+            )  # fmt: skip
+            samples = np.stack([s for _, s in res])  # [n, S, P, 6]
+            means.append(np.stack([m.to_numpy() for m, _ in res]))
+            quants.append(sample_quantiles(samples, qs, axis=1))  # [Q, n, P, 6]
+            if return_samples:
+                paths_out.append(samples)
+        records = _records(tasks, np.concatenate(means), np.concatenate(quants, axis=1), qs, scales, id_column,
+                           int(pred_len))
+        if calibration is not None:
+            from kronos.evaluate.calibration import apply_calibration
+
+            records = apply_calibration(records, calibration)
+        if return_samples:
+            return records, np.concatenate(paths_out)
+        return records
+
+
+@dataclass
+class _Task:
+    """One forecast of :meth:`KronosPredictor.predict_df`: a symbol's context up to an anchor bar."""
+
+    symbol: Any
+    anchor: pd.Timestamp
+    context: pd.DataFrame
+    x_ts: pd.Series
+    y_ts: pd.Series
+    last_close: float
+    true_close: np.ndarray
+
+
+def _anchor_lookup(anchors: Any, id_column: str, timestamp_column: str) -> tuple[Optional[dict], Optional[np.ndarray]]:
+    """``anchors`` as ``({symbol: int64 ns array}, None)`` for pairs or ``(None, int64 ns array)`` for timestamps."""
+    if isinstance(anchors, pd.DataFrame):
+        ts_col = "anchor" if "anchor" in anchors.columns else timestamp_column
+        missing = [c for c in (id_column, ts_col) if c not in anchors.columns]
+        if missing:
+            raise InputError(
+                f"anchors frame is missing column(s) {missing}; it needs '{id_column}' and '{timestamp_column}' "
+                "(or 'anchor')"
+            )
+        pairs = list(zip(anchors[id_column], anchors[ts_col]))
+    else:
+        items = list(anchors)
+        if items and all(isinstance(a, (tuple, list)) and len(a) == 2 for a in items):
+            pairs = items
+        else:
+            idx = _to_datetime_index(items, "anchors")
+            return None, np.unique(idx.as_unit("ns").asi8)
+    out: dict = {}
+    for symbol, ts in pairs:
+        stamp = _to_datetime_index([ts], f"anchor of {symbol!r}")
+        out.setdefault(symbol, []).append(stamp.as_unit("ns").asi8[0])
+    return {k: np.unique(np.asarray(v, dtype=np.int64)) for k, v in out.items()}, None
+
+
+def _forecast_tasks(
+    frame: pd.DataFrame, id_column: str, timestamp_column: str, L: int, P: int, anchors: Any, future: Any
+) -> list[_Task]:
+    from kronos.timeutil import future_timestamps as extend
+
+    if not isinstance(frame, pd.DataFrame):
+        raise InputError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in (id_column, timestamp_column, *PRICE_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"frame is missing column(s) {missing}; predict_df needs '{id_column}' (id_column), "
+            f"'{timestamp_column}' (timestamp_column) and {list(PRICE_COLUMNS)}"
+        )
+    if future is not None and anchors is not None:
+        raise InputError("future_timestamps can only be given with anchors=None (forecasts after each last bar)")
+    values_cols = [c for c in VALUE_COLUMNS if c in frame.columns]
+    by_symbol, shared = (None, None) if anchors is None else _anchor_lookup(anchors, id_column, timestamp_column)
+    tasks: list[_Task] = []
+    short: list[str] = []
+    seen: set = set()
+    for symbol, g in frame.groupby(id_column, sort=True):
+        seen.add(symbol)
+        ts = _to_datetime_index(g[timestamp_column], f"'{timestamp_column}' of {symbol!r}").as_unit("ns")
+        order = np.argsort(ts.asi8, kind="stable")
+        ts = ts[order]
+        _check_increasing(ts, f"'{timestamp_column}' of {symbol!r}")
+        values = g[values_cols].iloc[order].reset_index(drop=True)
+        if anchors is None:
+            positions = np.array([len(ts) - 1])
+        else:
+            wanted = shared if by_symbol is None else by_symbol.get(symbol)
+            if wanted is None or not len(wanted):
+                continue
+            positions = np.flatnonzero(np.isin(ts.asi8, wanted))
+            if by_symbol is not None and len(positions) < len(wanted):
+                absent = pd.Timestamp(np.setdiff1d(wanted, ts.asi8)[0])
+                raise InputError(f"anchor {absent} of {symbol!r} is not a bar of that symbol in the frame")
+        close = values["close"].to_numpy(dtype=np.float64)
+        for i in positions:
+            if i + 1 < L:
+                short.append(f"{symbol}@{ts[i]}")
+                continue
+            ctx_ts = ts[i + 1 - L:i + 1]
+            fut = ts[i + 1:i + 1 + P]
+            if future is not None:
+                given = future.get(symbol) if isinstance(future, dict) else future
+                if given is None:
+                    raise InputError(f"future_timestamps has no entry for symbol {symbol!r}")
+                fut = _to_datetime_index(given, f"future_timestamps of {symbol!r}")
+            elif len(fut) < P:
+                fut = fut.append(extend(ctx_ts.append(fut), P - len(fut)))
+            true_close = np.full(P, np.nan)
+            n_known = min(P, len(ts) - i - 1)
+            true_close[:n_known] = close[i + 1:i + 1 + n_known]
+            tasks.append(_Task(
+                symbol, ts[i], values.iloc[i + 1 - L:i + 1].reset_index(drop=True), pd.Series(ctx_ts),
+                pd.Series(fut), float(close[i]), true_close,
+            ))  # fmt: skip
+    if by_symbol is not None:
+        unknown = [s for s in by_symbol if s not in seen]
+        if unknown:
+            raise InputError(f"anchors name symbol(s) not in the frame's '{id_column}' column: {unknown[:5]}")
+    if short:
+        logger.warning("skipped %d anchor(s) with fewer than lookback=%d bars of history (e.g. %s)",
+                       len(short), L, ", ".join(short[:3]))
+    if not tasks:
+        raise InputError(
+            f"nothing to forecast: no anchor has lookback={L} bars of history in the frame "
+            f"({frame[id_column].nunique()} symbol(s), {len(frame)} rows); give more history or a shorter lookback"
+        )
+    return tasks
+
+
+def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list[float], scales: list[float],
+             id_column: str, P: int) -> pd.DataFrame:
+    """Long records of :meth:`KronosPredictor.predict_df` (see its docstring for the columns)."""
+    n = len(tasks)
+    data: dict[str, Any] = {
+        id_column: np.repeat(np.array([t.symbol for t in tasks], dtype=object), P),
+        "anchor": np.repeat(pd.DatetimeIndex([t.anchor for t in tasks]).as_unit("ns").to_numpy(), P),
+        "step": np.tile(np.arange(1, P + 1), n),
+        "timestamps": np.concatenate([pd.DatetimeIndex(t.y_ts).as_unit("ns").to_numpy() for t in tasks]),
+    }
+    for j, c in enumerate(VALUE_COLUMNS):
+        data[c] = means[:, :, j].reshape(-1)
+    for j, c in enumerate(VALUE_COLUMNS):
+        for qi, q in enumerate(qs):
+            data[f"{c}_q{q:g}"] = quants[qi, :, :, j].reshape(-1)
+    data["last_close"] = np.repeat([t.last_close for t in tasks], P)
+    data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)
+    data["true_close"] = np.concatenate([t.true_close for t in tasks])
+    return pd.DataFrame(data)
