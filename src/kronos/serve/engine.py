@@ -1,0 +1,373 @@
+"""The forecasting engine behind the REST API, the MCP server and the web page.
+
+Models load once. Forecasts run on one worker thread, never on the event loop. Concurrent requests are gathered
+for ``batch_wait_ms`` and run as one :meth:`KronosPredictor.predict_batch` call per group of compatible settings
+(same horizon and sampling settings; histories may differ in length). Each result says how long it waited in the
+queue and how many series shared its batch.
+
+Reproducibility: a request with a ``seed`` and random sampling runs in a batch of its own (the sampler's random
+stream is shared by the rows of one call), so the same request with the same seed always gives the same numbers.
+Greedy requests (``top_k=1``) and unseeded ones are batched freely; greedy results equal one-by-one results.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from kronos.errors import CheckpointError, DataError, InputError, KronosError
+from kronos.serve.inputs import Limits, LimitError, check_history, check_limit, check_settings
+
+log = logging.getLogger(__name__)
+
+VALUE_COLS = ("open", "high", "low", "close", "volume", "amount")
+DEFAULT_QUANTILES = (0.1, 0.5, 0.9)
+
+
+class QueueFullError(KronosError):
+    """The engine's queue is at its bound (``max_queue``); the client should retry later (HTTP 503)."""
+
+
+@dataclass
+class Settings:
+    """Sampling settings of one request (the predictor's names: T, top_k, top_p, sample_count)."""
+
+    horizon: Optional[int] = None  # default: min(24, max_horizon)
+    samples: Optional[int] = None  # default: min(16, max_samples)
+    T: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.9
+    seed: Optional[int] = None
+    quantiles: tuple[float, ...] = DEFAULT_QUANTILES
+    return_samples: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1
+
+    def check(self, limits: Limits) -> "Settings":
+        if self.horizon is None:
+            self.horizon = min(24, limits.max_horizon)
+        if self.samples is None:
+            self.samples = min(16, limits.max_samples)
+        self.quantiles = tuple(check_settings(self.horizon, self.samples, self.quantiles, limits))
+        if isinstance(self.T, bool) or not isinstance(self.T, (int, float)) or not 0 < self.T <= 100:
+            raise InputError(f"T (temperature) must be a number in (0, 100], got {self.T!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 = off, 1 = greedy), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
+        return self
+
+    def batch_key(self, job_id: int) -> tuple:
+        alone = job_id if (self.seed is not None and not self.greedy) else None
+        return (self.horizon, self.samples, float(self.T), self.top_k, float(self.top_p), alone)
+
+
+@dataclass
+class _Job:
+    frames: list[pd.DataFrame]
+    settings: Settings
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    tokenizer_path: str
+    model_path: str
+    parameters: int
+    tokenizer_parameters: int
+    max_context: int
+    device: str
+    calibration: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "tokenizer": self.tokenizer_path, "model": self.model_path,
+            "parameters": self.parameters, "tokenizer_parameters": self.tokenizer_parameters,
+            "max_context": self.max_context, "device": self.device, "calibration": self.calibration,
+        }
+
+
+def _jsonable(values: np.ndarray) -> list:
+    """Floats rounded to 6 significant digits for JSON; non-finite values become null."""
+    out = np.asarray(values, dtype=np.float64)
+    flat = [float(f"{v:.6g}") if math.isfinite(v) else None for v in out.ravel().tolist()]
+    return np.array(flat, dtype=object).reshape(out.shape).tolist() if out.ndim > 1 else flat
+
+
+def summarize(history: pd.DataFrame, mean: pd.DataFrame, samples: np.ndarray, settings: Settings,
+              timestamps: pd.DatetimeIndex, calibration: Optional["Calibration"] = None) -> dict:
+    """One forecast as JSON: mean OHLCV, quantile bands per column, P(up) per step (close above the last close)."""
+    last_close = float(history["close"].iloc[-1])
+    out: dict[str, Any] = {
+        "timestamps": [t.isoformat() for t in pd.DatetimeIndex(timestamps)],
+        "last_timestamp": pd.Timestamp(history["timestamps"].iloc[-1]).isoformat(),
+        "last_close": last_close,
+        "mean": {c: _jsonable(mean[c].to_numpy()) for c in VALUE_COLS},
+    }
+    qs = list(settings.quantiles)
+    bands = {}
+    if qs:
+        if calibration is not None:
+            values = calibration.quantiles(samples, qs, last_close)
+        else:
+            values = np.quantile(samples, qs, axis=0)  # [Q, P, 6]
+        for q, v in zip(qs, values):
+            bands[f"{q:g}"] = {c: _jsonable(v[:, i]) for i, c in enumerate(VALUE_COLS)}
+    out["quantiles"] = bands
+    out["calibrated"] = calibration is not None and bool(qs)
+    out["p_up"] = _jsonable((samples[:, :, 3] > last_close).mean(axis=0))
+    if settings.return_samples:
+        out["samples"] = {c: _jsonable(samples[:, :, i]) for i, c in enumerate(VALUE_COLS)}
+    return out
+
+
+class Calibration:
+    """Calibrated bands from a calibration file (JSON).
+
+    Uses :mod:`kronos.evaluate.calibration` when it provides ``load_calibration``; otherwise reads the simple
+    format ``{"scale": s, "coverage": {...}}``: band offsets from the sample median are multiplied by ``scale``.
+    """
+
+    def __init__(self, path: str) -> None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise CheckpointError(f"calibration file '{file}' does not exist; pass the file `kronos calibrate` wrote")
+        self.path = str(file)
+        self._impl = None
+        try:
+            from kronos.evaluate import calibration as impl  # added by the evaluation work when available
+
+            if hasattr(impl, "load_calibration"):
+                self._impl = impl.load_calibration(file)
+        except ImportError:
+            pass
+        try:
+            self.data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read calibration file '{file}': {exc}") from None
+        if not isinstance(self.data, dict):
+            raise CheckpointError(f"calibration file '{file}' is not a JSON object")
+        scale = self.data.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or not scale > 0:
+            raise CheckpointError(f"calibration file '{file}': 'scale' must be a number > 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def info(self) -> dict:
+        keys = ("coverage", "validation_coverage", "nominal", "split", "scale")
+        return {"file": self.path, **{k: self.data[k] for k in keys if k in self.data}}
+
+    def quantiles(self, samples: np.ndarray, qs: list[float], last_close: float) -> np.ndarray:
+        if self._impl is not None and hasattr(self._impl, "quantiles"):
+            return np.asarray(self._impl.quantiles(samples, qs))
+        median = np.quantile(samples, 0.5, axis=0)
+        raw = np.quantile(samples, qs, axis=0)
+        return median[None] + (raw - median[None]) * self.scale
+
+
+class Dataset:
+    """A processed dataset's bars per symbol (all splits, time-ordered), for ``/symbols`` and symbol forecasts."""
+
+    def __init__(self, path: str) -> None:
+        from kronos.data.store import SPLITS, dataset_exists, load_split
+
+        if not dataset_exists(path):
+            raise DataError(f"no processed dataset at '{path}' (train/val/test.parquet + manifest.json); "
+                            "run `kronos data` first or pass the dataset folder")
+        self.path = str(Path(path).expanduser().resolve())
+        parts = [load_split(path, s)[["symbol", "timestamps", *VALUE_COLS]] for s in SPLITS]
+        frame = pd.concat(parts, ignore_index=True)
+        frame = frame.drop_duplicates(["symbol", "timestamps"], keep="last")
+        frame = frame.sort_values(["symbol", "timestamps"], kind="mergesort")
+        self.bars = {str(s): g.drop(columns="symbol").reset_index(drop=True) for s, g in frame.groupby("symbol")}
+
+    def symbols(self) -> list[dict]:
+        return [{"symbol": s, "bars": len(g), "first": g["timestamps"].iloc[0].isoformat(),
+                 "last": g["timestamps"].iloc[-1].isoformat()} for s, g in self.bars.items()]
+
+    def history(self, symbol: str, lookback: int) -> pd.DataFrame:
+        if symbol not in self.bars:
+            sample = ", ".join(list(self.bars)[:5])
+            raise InputError(f"unknown symbol '{symbol}'; GET /symbols lists the loaded ones (e.g. {sample})")
+        return self.bars[symbol].iloc[-lookback:].reset_index(drop=True)
+
+
+class ForecastEngine:
+    """One loaded tokenizer + predictor, an optional dataset and calibration, and the micro-batching queue."""
+
+    def __init__(self, predictor, info: ModelInfo, *, dataset: Optional[Dataset] = None,
+                 calibration: Optional[Calibration] = None, limits: Optional[Limits] = None,
+                 batching: bool = True, batch_wait_ms: float = 5.0, max_batch: int = 64,
+                 run_dir: Optional[str] = None) -> None:
+        self.predictor = predictor
+        self.info = info
+        self.dataset = dataset
+        self.calibration = calibration
+        self.limits = limits or Limits()
+        self.batching = bool(batching)
+        self.batch_wait = max(0.0, float(batch_wait_ms)) / 1000.0
+        self.max_batch = max(1, int(max_batch)) if batching else 1
+        self.run_dir = run_dir
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kronos-forecast")
+        self._queue: Optional[asyncio.Queue] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._task: Optional[asyncio.Task] = None
+        self._job_ids = 0
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "batches": 0, "series": 0}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, tokenizer: str, model: str, *, device: Optional[str] = None, max_context: int = 512,
+             name: str = "", calibration: str = "", dataset: str = "", run_dir: Optional[str] = None,
+             **kwargs: Any) -> "ForecastEngine":
+        from kronos.inference import KronosPredictor
+        from kronos.model import Kronos, KronosTokenizer
+
+        tok = KronosTokenizer.from_pretrained(tokenizer)
+        mdl = Kronos.from_pretrained(model)
+        predictor = KronosPredictor(mdl, tok, device=device, max_context=max_context)
+        cal = Calibration(calibration) if calibration else None
+        info = ModelInfo(
+            name=name or Path(str(model).rstrip("/")).name or "model", tokenizer_path=str(tokenizer),
+            model_path=str(model), parameters=sum(p.numel() for p in mdl.parameters()),
+            tokenizer_parameters=sum(p.numel() for p in tok.parameters()), max_context=int(max_context),
+            device=str(predictor.device), calibration=cal.info() if cal else None,
+        )
+        data = Dataset(dataset) if dataset else None
+        log.info("loaded model '%s' (%d parameters) on %s%s", info.name, info.parameters, info.device,
+                 f", dataset {data.path} ({len(data.bars)} symbols)" if data else "")
+        return cls(predictor, info, dataset=data, calibration=cal, run_dir=run_dir, **kwargs)
+
+    def models(self) -> list[dict]:
+        return [self.info.to_dict()]
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name not in (None, "", self.info.name):
+            raise InputError(f"unknown model '{name}'; loaded: ['{self.info.name}'] (GET /models)")
+
+    # ------------------------------------------------------------------ requests
+    async def forecast(self, histories: list[pd.DataFrame], settings: Settings) -> list[dict]:
+        """Forecast each (already checked) history; results in order, each with ``queue_wait_ms``/``batch_size``."""
+        settings.check(self.limits)
+        check_limit(len(histories), "max_batch_series", self.limits, "number of series")
+        if not histories:
+            raise InputError("no series given; send at least one")
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._batch_loop())
+        if self._queue.qsize() >= self.limits.max_queue:
+            raise QueueFullError(f"the forecast queue is full (max_queue={self.limits.max_queue}); retry shortly")
+        job = _Job(histories, settings, loop.create_future())
+        self._queue.put_nowait(job)
+        self.stats["requests"] += 1
+        return await job.future
+
+    def history_for(self, table: pd.DataFrame, where: str = "bars") -> pd.DataFrame:
+        frame = check_history(table, self.limits, where)
+        return frame.iloc[-self.info.max_context:].reset_index(drop=True) if len(frame) > self.info.max_context \
+            else frame
+
+    def symbol_history(self, symbol: str) -> pd.DataFrame:
+        if self.dataset is None:
+            raise InputError("no dataset is loaded; start the service with --dataset PATH or --run DIR")
+        return self.dataset.history(symbol, self.info.max_context)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        self._queue = None
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ batching
+    async def _batch_loop(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await queue.get()]
+            rows = len(jobs[0].frames)
+            deadline = loop.time() + self.batch_wait
+            while rows < self.max_batch:
+                try:
+                    remaining = deadline - loop.time()
+                    job = queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(queue.get(), remaining)
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+                jobs.append(job)
+                rows += len(job.frames)
+            groups: dict[tuple, list[_Job]] = {}
+            for job in jobs:
+                self._job_ids += 1
+                groups.setdefault(job.settings.batch_key(self._job_ids), []).append(job)
+            for group in groups.values():
+                started = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(self._executor, self._run_group, group)
+                except Exception as exc:  # every error goes to the waiting requests, the loop lives on
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                done = time.perf_counter()
+                n = sum(len(j.frames) for j in group)
+                self.stats["batches"] += 1
+                self.stats["series"] += n
+                for job, res in zip(group, results):
+                    for r in res:
+                        r["queue_wait_ms"] = round((started - job.enqueued) * 1000, 2)
+                        r["compute_ms"] = round((done - started) * 1000, 2)
+                        r["batch_size"] = n
+                    if not job.future.done():
+                        job.future.set_result(res)
+
+    def _run_group(self, group: list[_Job]) -> list[list[dict]]:
+        """Worker thread: one ``predict_batch`` call for every series of the group."""
+        from kronos.timeutil import future_timestamps
+
+        s = group[0].settings
+        frames = [f for job in group for f in job.frames]
+        y_ts = [pd.Series(future_timestamps(f["timestamps"], s.horizon)) for f in frames]
+        outputs = self.predictor.predict_batch(
+            [f[list(VALUE_COLS)] for f in frames], [f["timestamps"] for f in frames], y_ts, pred_len=s.horizon,
+            T=float(s.T), top_k=s.top_k, top_p=float(s.top_p), sample_count=s.samples, verbose=False,
+            seed=s.seed, return_samples=True,
+        )
+        results, k = [], 0
+        for job in group:
+            res = []
+            for f in job.frames:
+                mean, samples = outputs[k]
+                res.append(summarize(f, mean, samples, job.settings, pd.DatetimeIndex(y_ts[k]), self.calibration))
+                res[-1]["model"] = self.info.name
+                k += 1
+            results.append(res)
+        return results
+
+
+__all__ = ["ForecastEngine", "Settings", "Limits", "LimitError", "QueueFullError", "Dataset", "Calibration"]

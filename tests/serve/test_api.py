@@ -1,0 +1,206 @@
+"""The REST API of `kronos serve` against the app in-process (httpx through Starlette's TestClient)."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("mcp")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from kronos.errors import ConfigError  # noqa: E402
+from kronos.serve.app import create_app  # noqa: E402
+from kronos.serve.command import resolve_token  # noqa: E402
+from kronos.serve.engine import ForecastEngine, Settings  # noqa: E402
+from kronos.serve.inputs import Limits  # noqa: E402
+
+TESTS = Path(__file__).resolve().parents[1]
+TINY = TESTS / "fixtures" / "parity-tiny" / "tiny"
+CSV = TESTS / "fixtures" / "kline_5min.csv"
+
+
+@pytest.fixture(scope="module")
+def engine(one_thread):
+    eng = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
+                              name="tiny", limits=Limits(max_horizon=16, max_samples=8, max_bars=600,
+                                                         max_body_bytes=200_000))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(create_app(engine)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def bars():
+    return pd.read_csv(CSV).iloc[:80].to_dict("records")
+
+
+def test_health_and_models(client):
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/models").json()
+    model = info["models"][0]
+    assert model["name"] == "tiny" and model["max_context"] == 64 and model["parameters"] > 1000
+    assert info["limits"]["max_horizon"] == 16
+    assert client.get("/openapi.json").json()["paths"]["/forecast"]["post"]
+
+
+def test_forecast_json_rows(client, bars):
+    r = client.post("/forecast", json={"bars": bars, "horizon": 6, "samples": 4, "seed": 3,
+                                       "quantiles": [0.1, 0.9], "return_samples": True})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert len(res["timestamps"]) == 6 and pd.Timestamp(res["timestamps"][0]) > pd.Timestamp(bars[-1]["timestamps"])
+    assert set(res["mean"]) == {"open", "high", "low", "close", "volume", "amount"}
+    lo, hi = np.array(res["quantiles"]["0.1"]["close"]), np.array(res["quantiles"]["0.9"]["close"])
+    assert (lo <= hi).all()
+    paths = np.array(res["samples"]["close"])
+    assert paths.shape == (4, 6)
+    np.testing.assert_allclose(res["mean"]["close"], paths.mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(res["p_up"], (paths > bars[-1]["close"]).mean(axis=0))
+    assert res["queue_wait_ms"] >= 0 and res["batch_size"] == 1 and res["model"] == "tiny"
+
+
+def test_upload_csv_equals_json_rows_for_a_seed(client, bars):
+    frame = pd.DataFrame(bars)
+    by_json = client.post("/forecast", json={"bars": bars, "horizon": 4, "samples": 3, "seed": 11}).json()
+    by_file = client.post("/forecast", files={"file": ("k.csv", frame.to_csv(index=False).encode())},
+                          data={"horizon": "4", "samples": "3", "seed": "11", "history": "10"}).json()
+    assert by_file["mean"] == by_json["mean"] and by_file["quantiles"] == by_json["quantiles"]
+    assert by_file["history"]["close"] == [round(v, 6) for v in frame["close"].iloc[-10:]]
+    pq = client.post("/forecast", files={"file": ("k.parquet", frame.to_parquet(index=False))},
+                     data={"horizon": "4", "samples": "3", "seed": "11"}).json()
+    assert pq["mean"] == by_json["mean"]
+
+
+def test_batch_endpoint_mixed_lengths_equal_single_greedy(client, bars):
+    series = [{"bars": bars}, {"bars": bars[-40:]}, {"bars": bars[:50]}]
+    r = client.post("/forecast/batch", json={"series": series, "horizon": 3, "top_k": 1})
+    assert r.status_code == 200, r.text
+    batch = r.json()["forecasts"]
+    assert [f["batch_size"] for f in batch] == [3, 3, 3]
+    for item, got in zip(series, batch):
+        single = client.post("/forecast", json={"bars": item["bars"], "horizon": 3, "top_k": 1}).json()
+        np.testing.assert_allclose(got["mean"]["close"], single["mean"]["close"], rtol=1e-5)
+
+
+def test_concurrent_requests_share_one_batch(engine, bars):
+    history = engine.history_for(pd.DataFrame(bars))
+    histories = [history.iloc[i:].reset_index(drop=True) for i in range(6)]
+
+    async def go():
+        settings = [Settings(horizon=3, samples=1, top_k=1) for _ in histories]
+        together = await asyncio.gather(*(engine.forecast([h], s) for h, s in zip(histories, settings)))
+        alone = [await engine.forecast([h], Settings(horizon=3, samples=1, top_k=1)) for h in histories]
+        await engine.close()
+        return together, alone
+
+    together, alone = asyncio.run(go())
+    assert max(r[0]["batch_size"] for r in together) > 1
+    for a, b in zip(together, alone):
+        assert b[0]["batch_size"] == 1
+        np.testing.assert_allclose(a[0]["mean"]["close"], b[0]["mean"]["close"], rtol=1e-5)
+
+
+def test_seeded_sampling_runs_alone_and_repeats(engine, bars):
+    history = engine.history_for(pd.DataFrame(bars))
+
+    async def go():
+        out = await asyncio.gather(*(engine.forecast([history], Settings(horizon=3, samples=4, seed=5))
+                                     for _ in range(3)))
+        await engine.close()
+        return out
+
+    results = asyncio.run(go())
+    assert all(r[0]["batch_size"] == 1 for r in results)
+    assert results[0][0]["mean"] == results[1][0]["mean"] == results[2][0]["mean"]
+
+
+def _bad_requests(bars):
+    """Ten kinds of bad request: (name, kwargs for client.request, expected status, phrase in the error)."""
+    nan = [dict(b) for b in bars]
+    nan[7]["close"] = float("nan")
+    dup = bars[:20] + bars[19:30]
+    post = dict(method="POST", url="/forecast")
+    return [
+        ("invalid JSON", dict(post, content=b"{not json"), 422, "not valid JSON"),
+        ("missing bars", dict(post, json={"horizon": 3}), 422, "missing field 'bars'"),
+        ("too few bars", dict(post, json={"bars": bars[:3]}), 422, "min_bars=8"),
+        ("NaN", dict(post, content=_nan_json(nan)), 422, "missing or infinite value at row 7"),
+        ("unsorted", dict(post, json={"bars": bars[::-1]}), 422, "not sorted"),
+        ("duplicates", dict(post, json={"bars": dup}), 422, "duplicate timestamp"),
+        ("horizon over limit", dict(post, json={"bars": bars, "horizon": 999}), 422, "max_horizon=16"),
+        ("model path", dict(post, json={"bars": bars, "model": "/etc/passwd"}), 422, "unknown model"),
+        ("malformed CSV", dict(post, files={"file": ("x.csv", b'a,b\n1,2\n"3')}), 422, "cannot be read"),
+        ("body too large", dict(post, json={"bars": bars * 40}), 413, "max_body_bytes=200000"),
+    ]
+
+
+def _nan_json(rows) -> bytes:
+    import json
+
+    return json.dumps({"bars": rows}).encode()  # Python writes NaN, as many clients do
+
+
+def test_200_bad_requests_get_4xx_and_the_service_stays_up(client, bars):
+    kinds = _bad_requests(bars)
+    assert len(kinds) == 10
+    for i in range(200):
+        name, request, status, phrase = kinds[i % 10]
+        r = client.request(**request)
+        assert r.status_code == status, (name, r.text)
+        assert phrase in r.json()["error"], (name, r.json())
+    assert client.get("/health").status_code == 200
+    assert client.post("/forecast", json={"bars": bars, "horizon": 2, "samples": 1}).status_code == 200
+
+
+def test_token_required_everywhere_but_health(engine, bars):
+    with TestClient(create_app(engine, token="s3cret", mcp=False)) as c:
+        assert c.get("/health").status_code == 200
+        r = c.get("/models")
+        assert r.status_code == 401 and "token" in r.json()["error"]
+        assert c.post("/forecast", json={"bars": bars}).status_code == 401
+        assert c.get("/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        page = c.get("/?token=s3cret")  # opening the page with ?token= keeps the token in a cookie
+        assert page.status_code == 200 and "kronos_token" in page.headers.get("set-cookie", "")
+        assert c.get("/models").status_code == 200
+
+
+def test_non_local_host_needs_a_token(monkeypatch):
+    monkeypatch.delenv("KRONOS_API_TOKEN", raising=False)
+    assert resolve_token("127.0.0.1", "") is None
+    with pytest.raises(ConfigError, match="--token"):
+        resolve_token("0.0.0.0", "")
+    monkeypatch.setenv("KRONOS_API_TOKEN", "abc")
+    assert resolve_token("0.0.0.0", "") == "abc"
+
+
+def test_dataset_symbols(one_thread, tmp_path):
+    from _support.training import make_dataset
+
+    dataset = make_dataset(tmp_path / "ds")
+    eng = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
+                              dataset=str(dataset))
+    try:
+        with TestClient(create_app(eng, mcp=False)) as c:
+            symbols = c.get("/symbols").json()["symbols"]
+            assert len(symbols) == 8 and symbols[0]["bars"] > 100
+            sym = symbols[0]["symbol"]
+            res = c.get(f"/symbols/{sym}/forecast", params={"horizon": 3, "samples": 2, "history": 20}).json()
+            assert res["symbol"] == sym and len(res["timestamps"]) == 3 and len(res["history"]["close"]) == 20
+            assert pd.Timestamp(res["timestamps"][0]) > pd.Timestamp(symbols[0]["last"])
+            r = c.get("/symbols/NOPE/forecast")
+            assert r.status_code == 422 and "unknown symbol" in r.json()["error"]
+            batch = c.post("/forecast/batch", json={"series": [{"symbol": sym}], "horizon": 2, "samples": 1})
+            assert batch.status_code == 200
+    finally:
+        eng.shutdown()
