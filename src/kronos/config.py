@@ -144,6 +144,8 @@ class Config:
     quantiles: list = field(default_factory=lambda: [0.1, 0.5, 0.9])
     eval_stride: int = 1  # rolling evaluation/backtest forecasts every N bars
     eval_max_anchors: int = 0  # keep only the latest N anchor dates (0 = all); --fast-mode caps it
+    eval_seeds: list = field(default_factory=list)  # walk-forward report sampling seeds (empty: [inference_seed])
+    interval_levels: list = field(default_factory=lambda: [0.5, 0.8])  # central bands scored and calibrated
     plot_n_symbols: int = 5
     inference_seed: int = 100
     # backtest costs and fills as the official qlib_test.py: buy 0.1%, sell 0.15%, min 5 yuan, fill at the open
@@ -235,6 +237,12 @@ class Config:
             raise ConfigError(f"config key 'backtest_signal_scale' must be std or price, got '{self.backtest_signal_scale}'")
         if self.inference_sample_count < 1:
             raise ConfigError(f"config key 'inference_sample_count' must be >= 1, got {self.inference_sample_count}")
+        if not self.interval_levels or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in self.interval_levels):
+            raise ConfigError(f"config key 'interval_levels' must list central levels strictly between 0 and 1 "
+                              f"(e.g. [0.5, 0.8]), got {self.interval_levels}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in self.eval_seeds):
+            raise ConfigError(f"config key 'eval_seeds' must list integer seeds (e.g. [100, 101, 102]), got {self.eval_seeds}")
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod

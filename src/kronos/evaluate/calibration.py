@@ -375,4 +375,40 @@ def calibration_path(predictor_path: Union[str, os.PathLike]) -> Path:
     return Path(predictor_path).parent / "calibration.json"
 
 
-__all__ = ["Calibration", "METHODS", "calibration_path", "fit_calibration", "load_calibration", "model_fingerprint"]
+def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
+                            out_path: Union[str, os.PathLike, None] = None) -> Calibration:
+    """Rolling forecasts at validation anchors (every target inside validation), fit, save ``calibration.json``.
+
+    ``frame`` is the dataset's long frame (all splits, sorted by symbol and time); ``bounds`` the split dates of
+    :func:`kronos.evaluate.report.split_bounds`. Anchors follow ``eval_stride`` and ``eval_max_anchors``.
+    """
+    import logging
+    import time
+
+    from kronos.evaluate.report import model_paths, select_anchors
+
+    t0 = time.time()
+    L, P = int(cfg.lookback_window), int(cfg.predict_window)
+    anchors = select_anchors(frame, bounds.get("train_end"), bounds.get("val_end"), L, P, cfg.eval_stride,
+                             cfg.eval_max_anchors)
+    if len(anchors) < 10:
+        raise InputError(
+            f"calibration needs at least 10 validation anchors whose {P} target bars lie inside the validation "
+            f"split ({bounds.get('val_start')} .. {bounds.get('val_end')}), found {len(anchors)}; lengthen the "
+            "validation split, lower eval_stride or raise eval_max_anchors"
+        )
+    fc = model_paths("validation", predictor, frame, anchors, cfg, int(cfg.inference_seed))
+    fp = model_fingerprint(predictor, L, P)
+    levels = [float(v) for v in (getattr(cfg, "interval_levels", None) or [0.5, 0.8])]
+    cal = fit_calibration(fc.samples, fc.last_close, fc.true, fc.anchor, levels, L, fp)
+    cal.seconds = round(time.time() - t0, 2)
+    path = Path(out_path) if out_path is not None else calibration_path(cfg.finetuned_predictor)
+    cal.save(path)
+    logging.getLogger(__name__).info(
+        "calibration (%s) fitted on %d validation forecasts in %.1fs: coverage %s -> %s; saved %s", cal.method,
+        cal.n_anchors, cal.seconds, {k: round(v["coverage"], 3) for k, v in cal.coverage_before.items()},
+        {k: round(v["coverage"], 3) for k, v in cal.coverage_after.items()}, path)
+    return cal
+
+
+__all__ = ["Calibration", "calibrate_on_validation", "METHODS", "calibration_path", "fit_calibration", "load_calibration", "model_fingerprint"]

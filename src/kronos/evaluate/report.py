@@ -1,0 +1,388 @@
+"""Walk-forward report: the model beside simple baselines on the same test anchors.
+
+Anchors are bars whose whole forecast horizon lies after the last validation bar (their context may reach back
+into earlier splits), every ``eval_stride`` anchor dates, the latest ``eval_max_anchors`` dates when set. At each
+anchor the finetuned predictor and, when a pretrained predictor is configured, the zero-shot starting model sample
+paths (repeated over ``eval_seeds``); the baselines of :mod:`kronos.evaluate.baselines` forecast from the same
+context. :func:`kronos.evaluate.metrics.score_paths` scores each; a calibration (``calibration.json``) is applied
+to the finetuned model's bands and P(up) and reported beside the raw figures.
+
+Outputs in ``out_dir``: ``report.json`` (everything), ``report.md`` (the table a person reads), and the PNGs
+``error_by_horizon.png``, ``pit_histogram.png``, ``coverage_by_horizon.png``, ``reliability.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from kronos.errors import DataError
+from kronos.evaluate.baselines import baseline_forecasts
+from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, json_safe, naive_scale, pinball_loss, score_paths
+
+log = logging.getLogger(__name__)
+
+PRICE_COLUMNS = ["open", "high", "low", "close", "volume", "amount"]
+HEADLINE = ("mse_ret", "mae_ret", "mase", "direction_accuracy", "ic", "rank_ic", "crps_rel", "wql",
+            "coverage_0.5", "coverage_0.8", "width_0.8", "brier_up", "vol_corr")
+
+
+# ---------------------------------------------------------------------- splits and anchors
+def split_bounds(dataset_path: str) -> dict[str, pd.Timestamp]:
+    """First and last timestamp of each split of the processed dataset (global over symbols)."""
+    from kronos.data.store import SPLITS, load_split
+
+    out = {}
+    for split in SPLITS:
+        ts = load_split(dataset_path, split)["timestamps"]
+        out[f"{split}_start"] = pd.Timestamp(ts.min()) if len(ts) else pd.NaT
+        out[f"{split}_end"] = pd.Timestamp(ts.max()) if len(ts) else pd.NaT
+    return out
+
+
+def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], targets_until: Optional[pd.Timestamp],
+                   lookback: int, horizon: int, stride: int = 1, max_anchors: int = 0) -> pd.DataFrame:
+    """(symbol, anchor, position) of every bar with ``lookback`` bars of history whose ``horizon`` target bars all
+    exist and lie in ``(targets_after, targets_until]``; every ``stride``-th anchor date, the latest
+    ``max_anchors`` dates when > 0. ``frame`` is sorted by symbol and time."""
+    rows = []
+    for symbol, g in frame.groupby("symbol", sort=True):
+        ts = pd.DatetimeIndex(g["timestamps"])
+        n = len(ts)
+        pos = np.arange(lookback - 1, n - horizon)
+        if not len(pos):
+            continue
+        first_target = ts[pos + 1]
+        last_target = ts[pos + horizon]
+        ok = np.ones(len(pos), bool)
+        if targets_after is not None and not pd.isna(targets_after):
+            ok &= np.asarray(first_target > targets_after)
+        if targets_until is not None and not pd.isna(targets_until):
+            ok &= np.asarray(last_target <= targets_until)
+        rows.append(pd.DataFrame({"symbol": symbol, "anchor": ts[pos[ok]], "pos": pos[ok]}))
+    if not rows:
+        return pd.DataFrame(columns=["symbol", "anchor", "pos"])
+    out = pd.concat(rows, ignore_index=True)
+    dates = np.sort(out["anchor"].unique())[:: max(1, int(stride))]
+    if max_anchors and max_anchors > 0:
+        dates = dates[-int(max_anchors):]
+    return out[out["anchor"].isin(dates)].reset_index(drop=True)
+
+
+def _contexts(frame: pd.DataFrame, anchors: pd.DataFrame, lookback: int, horizon: int):
+    groups = {s: g for s, g in frame.groupby("symbol", sort=True)}
+    ctx, x_ts, y_ts, ctx_close, true = [], [], [], [], []
+    for symbol, pos in zip(anchors["symbol"], anchors["pos"]):
+        g = groups[symbol]
+        c = g.iloc[pos + 1 - lookback:pos + 1]
+        f = g.iloc[pos + 1:pos + 1 + horizon]
+        ctx.append(c[PRICE_COLUMNS].reset_index(drop=True))
+        x_ts.append(c["timestamps"].reset_index(drop=True))
+        y_ts.append(f["timestamps"].reset_index(drop=True))
+        ctx_close.append(c["close"].to_numpy(dtype=float))
+        true.append(f["close"].to_numpy(dtype=float))
+    return ctx, x_ts, y_ts, np.stack(ctx_close), np.stack(true)
+
+
+def sample_paths(predictor: Any, contexts: list, x_ts: list, y_ts: list, horizon: int, cfg: Any, seed: int,
+                 desc: str = "forecasts") -> tuple[np.ndarray, np.ndarray]:
+    """Mean close ``[N, P]`` and sampled close paths ``[N, S, P]`` at every context, in chunks (tqdm)."""
+    from tqdm.auto import tqdm
+
+    chunk = max(1, int(cfg.backtest_batch_size) // max(1, int(cfg.inference_sample_count)))
+    means, paths = [], []
+    starts = range(0, len(contexts), chunk)
+    for k, a in enumerate(tqdm(starts, desc=desc, unit="batch", disable=len(starts) < 2)):
+        b = min(a + chunk, len(contexts))
+        res = predictor.predict_batch(
+            contexts[a:b], x_ts[a:b], y_ts[a:b], pred_len=horizon, T=cfg.inference_T, top_k=cfg.inference_top_k,
+            top_p=cfg.inference_top_p, sample_count=cfg.inference_sample_count, verbose=False, seed=seed + k,
+            return_samples=True,
+        )
+        for mean, samples in res:
+            means.append(mean["close"].to_numpy(dtype=float))
+            paths.append(np.asarray(samples)[:, :, 3])
+    return np.stack(means), np.stack(paths)
+
+
+def model_paths(name: str, predictor: Any, frame: pd.DataFrame, anchors: pd.DataFrame, cfg: Any, seed: int,
+                prepared=None) -> PathForecasts:
+    """The predictor's forecasts at ``anchors`` as :class:`PathForecasts`."""
+    L, P = int(cfg.lookback_window), int(cfg.predict_window)
+    ctx, x_ts, y_ts, ctx_close, true = prepared if prepared is not None else _contexts(frame, anchors, L, P)
+    point, samples = sample_paths(predictor, ctx, x_ts, y_ts, P, cfg, seed, desc=f"{name} (seed {seed})")
+    return PathForecasts(name, symbol=anchors["symbol"].to_numpy(), anchor=anchors["anchor"].to_numpy(),
+                         last_close=ctx_close[:, -1], scale=naive_scale(ctx_close), true=true, point=point,
+                         samples=samples)
+
+
+# ---------------------------------------------------------------------- scoring helpers
+def _seed_summary(runs: list[dict]) -> dict:
+    """Mean and spread (sample std; 0 with one seed) of each overall metric over seeds; by-step means."""
+    keys = runs[0]["overall"].keys()
+    mean = {k: float(_nanmean(np.array([r["overall"][k] for r in runs]))) if any(
+        np.isfinite(r["overall"][k]) for r in runs) else float("nan") for k in keys}
+    std = {k: float(np.nanstd([r["overall"][k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys}
+    by_step = {k: [float(v) for v in _nanmean(np.array([r["by_step"][k] for r in runs], dtype=float), axis=0)]
+               for k in runs[0]["by_step"]}
+    pit = [int(v) for v in np.sum([r["pit"] for r in runs], axis=0)]
+    return {"overall": mean, "overall_std": std, "by_step": by_step, "pit": pit, "n_seeds": len(runs)}
+
+
+def _quantile_crps(qv: np.ndarray, qs: Sequence[float], y: np.ndarray, last: np.ndarray) -> float:
+    """2 * mean pinball over the quantile set, relative to last close (a quantile approximation of CRPS)."""
+    losses = [pinball_loss(y, v, q) / last[:, None] for q, v in zip(qs, qv)]
+    return float(2.0 * np.nanmean(losses))
+
+
+def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
+    """Raw vs calibrated coverage, width, quantile-CRPS (and P(up) Brier, reliability bins) of one forecaster."""
+    from kronos.evaluate.calibration import Calibration
+
+    raw = Calibration(method="none", levels=cal.levels, horizon=cal.horizon, lookback=cal.lookback,
+                      fingerprint=cal.fingerprint)
+    y, last = fc.true, fc.last_close
+    qs = cal.quantile_levels()
+    out: dict[str, Any] = {"method": cal.method, "levels": cal.levels, "quantiles": qs}
+    for tag, c in (("raw", raw), ("calibrated", cal)):
+        qv = c.quantiles(fc.samples, last, qs)
+        row: dict[str, Any] = {"crps_q": _quantile_crps(qv, qs, y, last)}
+        for lv in cal.levels:
+            lo, hi = qv[qs.index(round((1 - lv) / 2, 10))], qv[qs.index(round((1 + lv) / 2, 10))]
+            inside = (y >= lo) & (y <= hi)
+            row[f"coverage_{lv:g}"] = float(inside.mean())
+            row[f"coverage_{lv:g}_by_step"] = [float(v) for v in inside.mean(axis=0)]
+            row[f"width_{lv:g}"] = float(np.mean((hi - lo) / last[:, None]))
+        p = c.p_up_raw(c.calibrated_samples(fc.samples, last), last) if tag == "raw" else cal.p_up_calibrated(
+            cal.calibrated_samples(fc.samples, last), last)
+        moved = y != last[:, None]
+        up = (y > last[:, None]).astype(float)
+        row["brier_up"] = float(np.mean((p[moved] - up[moved]) ** 2)) if moved.any() else float("nan")
+        row["reliability"] = _reliability(p[moved], up[moved])
+        out[tag] = row
+    moved = y != last[:, None]
+    rate = float((y > last[:, None])[moved].mean()) if moved.any() else float("nan")
+    out["up_rate"] = rate
+    out["brier_base_rate"] = rate * (1 - rate)
+    return out
+
+
+def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    mean_p, freq, count = [], [], []
+    for b in range(bins):
+        m = idx == b
+        count.append(int(m.sum()))
+        mean_p.append(float(p[m].mean()) if m.any() else float("nan"))
+        freq.append(float(up[m].mean()) if m.any() else float("nan"))
+    return {"mean_p": mean_p, "observed": freq, "count": count}
+
+
+# ---------------------------------------------------------------------- the report
+def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, Any], out_dir: str,
+                 calibration: Any = None, skipped: Optional[dict] = None) -> dict:
+    """Score ``models`` ({name: KronosPredictor}) and the baselines on the test anchors; write the outputs."""
+    t0 = time.time()
+    L, P = int(cfg.lookback_window), int(cfg.predict_window)
+    anchors = select_anchors(frame, bounds.get("val_end"), None, L, P, cfg.eval_stride, cfg.eval_max_anchors)
+    if anchors.empty:
+        raise DataError(
+            f"no test anchor has lookback_window={L} bars of history and predict_window={P} known bars after the "
+            f"last validation bar ({bounds.get('val_end')}); lengthen the test split or shorten the windows"
+        )
+    prepared = _contexts(frame, anchors, L, P)
+    ctx_close, true = prepared[3], prepared[4]
+    seeds = list(getattr(cfg, "eval_seeds", None) or [cfg.inference_seed])
+    quantiles = [float(q) for q in cfg.quantiles]
+    levels = [float(v) for v in getattr(cfg, "interval_levels", None) or [0.5, 0.8]]
+    symbols, dates = anchors["symbol"].to_numpy(), anchors["anchor"].to_numpy()
+    report: dict[str, Any] = {
+        "anchors": {"n_forecasts": int(len(anchors)), "n_dates": int(anchors["anchor"].nunique()),
+                    "n_symbols": int(anchors["symbol"].nunique()), "first": str(anchors["anchor"].min()),
+                    "last": str(anchors["anchor"].max()), "eval_stride": int(cfg.eval_stride)},
+        "splits": {k: str(v) for k, v in bounds.items()}, "seeds": seeds, "quantiles": quantiles,
+        "levels": levels, "lookback_window": L, "predict_window": P,
+        "sample_count": int(cfg.inference_sample_count), "forecasters": {}, "skipped": dict(skipped or {}),
+    }
+    base = baseline_forecasts(ctx_close, true, symbols, dates, n_samples=200, seed=int(cfg.inference_seed))
+    for name, fc in base.items():
+        res = score_paths(fc, quantiles, levels)
+        summary = _seed_summary([res])
+        summary["kind"] = "baseline"
+        report["forecasters"][name] = summary
+    model_fc: dict[str, PathForecasts] = {}
+    for name, predictor in models.items():
+        runs, dms = [], []
+        for seed in seeds:
+            fc = model_paths(name, predictor, frame, anchors, cfg, int(seed), prepared)
+            runs.append(score_paths(fc, quantiles, levels))
+            dms.append(dm_versus(fc, base["last_value"], stride=cfg.eval_stride))
+            model_fc.setdefault(name, fc)
+        summary = _seed_summary(runs)
+        summary["kind"] = "model"
+        fc0 = model_fc[name]
+        moved = fc0.true != fc0.last_close[:, None]
+        summary["reliability"] = _reliability(runs[0]["p_up"][moved], (fc0.true > fc0.last_close[:, None])[moved])
+        summary["dm_vs_last_value"] = {k: float(np.nanmean([d[k] for d in dms])) for k in dms[0]}
+        summary["dm_vs_last_value"]["p_value_by_seed"] = [d["p_value"] for d in dms]
+        report["forecasters"][name] = summary
+    if calibration is not None and "finetuned" in model_fc:
+        report["calibration"] = calibration_comparison(model_fc["finetuned"], calibration)
+        report["calibration"]["validation"] = {"n_anchors": calibration.n_anchors,
+                                               "coverage_before": calibration.coverage_before,
+                                               "coverage_after": calibration.coverage_after,
+                                               "holdout": calibration.holdout}
+    report["seconds"] = round(time.time() - t0, 2)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from kronos.config import atomic_write_text
+
+    report["files"] = {"json": str(out / "report.json"), "markdown": str(out / "report.md"),
+                       "plots": _plots(report, out)}
+    report["headline"] = headline(report)
+    atomic_write_text(out / "report.md", render_markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def headline(report: dict) -> dict:
+    """{forecaster: {metric: mean}} for the headline metrics (what the CLI prints)."""
+    return {name: {k: s["overall"].get(k) for k in HEADLINE if k in s["overall"]}
+            for name, s in report["forecasters"].items()}
+
+
+def _fmt(v: Any, sd: Any = None) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    txt = f"{v:.4g}"
+    if sd is not None and isinstance(sd, float) and math.isfinite(sd) and sd > 0:
+        txt += f" ± {sd:.2g}"
+    return txt
+
+
+_LABELS = {
+    "mse_ret": "MSE (return)", "mae_ret": "MAE (return)", "mse": "MSE (price)", "mae": "MAE (price)",
+    "mase": "MASE", "direction_accuracy": "direction accuracy", "ic": "IC (final step)",
+    "rank_ic": "RankIC (final step)", "icir": "ICIR", "crps_rel": "CRPS / last close", "wql": "WQL",
+    "coverage_0.5": "coverage 50%", "coverage_0.8": "coverage 80%", "width_0.5": "width 50% / last close",
+    "width_0.8": "width 80% / last close", "brier_up": "P(up) Brier", "vol_corr": "volatility corr.",
+    "vol_mae": "volatility MAE",
+}
+
+
+def render_markdown(report: dict) -> str:
+    names = list(report["forecasters"])
+    keys = ["mse_ret", "mae_ret", "mse", "mae", "mase", "direction_accuracy", "ic", "rank_ic", "icir", "crps_rel",
+            "wql"] + [f"coverage_{lv:g}" for lv in report["levels"]] + [f"width_{lv:g}" for lv in report["levels"]] + [
+        "brier_up", "vol_mae", "vol_corr"]
+    a = report["anchors"]
+    lines = [
+        "# Walk-forward report", "",
+        f"{a['n_forecasts']} forecasts at {a['n_dates']} anchor dates ({a['first']} .. {a['last']}, every "
+        f"{a['eval_stride']} bar(s)) over {a['n_symbols']} symbol(s); lookback {report['lookback_window']}, horizon "
+        f"{report['predict_window']}, {report['sample_count']} sample paths, seeds {report['seeds']} (mean ± std). "
+        f"Every target lies after the last validation bar ({report['splits'].get('val_end')}).", "",
+        "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        cells = []
+        for n in names:
+            s = report["forecasters"][n]
+            cells.append(_fmt(s["overall"].get(k), s["overall_std"].get(k)))
+        if all(c == "–" for c in cells):
+            continue
+        lines.append(f"| {_LABELS.get(k, k)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for n in names:
+        dm = report["forecasters"][n].get("dm_vs_last_value")
+        if dm:
+            lines.append(f"- Diebold-Mariano, {n} vs last value (squared return error, HLN): statistic "
+                         f"{_fmt(dm['dm_stat'])}, p-value {_fmt(dm['p_value'])} (negative: {n} more accurate).")
+    for n, why in report.get("skipped", {}).items():
+        lines.append(f"- {n}: not scored ({why}).")
+    cal = report.get("calibration")
+    if cal:
+        lines += ["", f"## Calibration ({cal['method']}, fitted on {cal['validation']['n_anchors']} validation "
+                      "forecasts)", "", "| | uncalibrated | calibrated |", "|---|---|---|"]
+        for lv in cal["levels"]:
+            lines.append(f"| coverage {lv:.0%} | {_fmt(cal['raw'][f'coverage_{lv:g}'])} | "
+                         f"{_fmt(cal['calibrated'][f'coverage_{lv:g}'])} |")
+            lines.append(f"| width {lv:.0%} / last close | {_fmt(cal['raw'][f'width_{lv:g}'])} | "
+                         f"{_fmt(cal['calibrated'][f'width_{lv:g}'])} |")
+        lines.append(f"| quantile CRPS / last close | {_fmt(cal['raw']['crps_q'])} | {_fmt(cal['calibrated']['crps_q'])} |")
+        lines.append(f"| P(up) Brier (base rate {_fmt(cal['brier_base_rate'])}) | {_fmt(cal['raw']['brier_up'])} | "
+                     f"{_fmt(cal['calibrated']['brier_up'])} |")
+    lines += ["", "Figures: " + ", ".join(Path(p).name for p in report["files"]["plots"]), ""]
+    return "\n".join(lines)
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kronos.evaluate.plots import _save
+
+    files = []
+    steps = np.arange(1, report["predict_window"] + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in report["forecasters"].items():
+        ax.plot(steps, s["by_step"]["mase"], marker="o", label=name)
+    ax.set(xlabel="horizon step", ylabel="MASE", title="Error by horizon (lower is better)")
+    ax.legend()
+    files.append(str(_save(fig, out / "error_by_horizon.png")))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in report["forecasters"].items():
+        if s["kind"] == "model" or name == "random_walk":
+            pit = np.asarray(s["pit"], dtype=float)
+            if pit.sum() > 0:
+                centers = (np.arange(len(pit)) + 0.5) / len(pit)
+                ax.plot(centers, pit / pit.sum() * len(pit), drawstyle="steps-mid", label=name)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="uniform (calibrated)")
+    ax.set(xlabel="PIT", ylabel="density", title="PIT histogram")
+    ax.legend()
+    files.append(str(_save(fig, out / "pit_histogram.png")))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cal = report.get("calibration")
+    for lv in report["levels"]:
+        key = f"coverage_{lv:g}"
+        ax.axhline(lv, ls="--", lw=1, color="gray")
+        for name, s in report["forecasters"].items():
+            if s["kind"] == "model" or name == "random_walk":
+                ax.plot(steps, s["by_step"][key], marker="o", label=f"{name} {lv:.0%}")
+        if cal:
+            ax.plot(steps, cal["calibrated"][f"{key}_by_step"], marker="s", label=f"finetuned calibrated {lv:.0%}")
+    ax.set(xlabel="horizon step", ylabel="coverage", ylim=(0, 1), title="Coverage by horizon (dashed: nominal)")
+    ax.legend(fontsize=7)
+    files.append(str(_save(fig, out / "coverage_by_horizon.png")))
+
+    curves = [(f"{n} raw", s["reliability"], s["overall"].get("brier_up")) for n, s in report["forecasters"].items()
+              if s.get("reliability")]
+    if cal:
+        curves.append(("finetuned calibrated", cal["calibrated"]["reliability"], cal["calibrated"]["brier_up"]))
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for label, r, brier in curves:
+            ax.plot(r["mean_p"], r["observed"], marker="o", label=f"{label} (Brier {_fmt(brier)})")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+        first = next(iter(report["forecasters"].values()))["overall"]
+        ax.axhline(first.get("up_rate", float("nan")), color="gray", lw=1,
+                   label=f"base rate (Brier {_fmt(first.get('brier_base_rate'))})")
+        ax.set(xlabel="forecast P(up)", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
+               title="P(up) reliability")
+        ax.legend(fontsize=8)
+        files.append(str(_save(fig, out / "reliability.png")))
+    return files
+
+
+__all__ = ["build_report", "headline", "model_paths", "render_markdown", "sample_paths", "select_anchors",
+           "split_bounds"]

@@ -1,0 +1,73 @@
+"""Walk-forward report and validation calibration with a tiny model on the real Qlib fixture (fast)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _support.training import qlib_frame
+from kronos.config import Config
+from kronos.evaluate.calibration import calibrate_on_validation, load_calibration
+from kronos.evaluate.report import build_report, select_anchors
+from kronos.inference import KronosPredictor
+from kronos.model import build_predictor, build_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    frame = qlib_frame(symbols=3).sort_values(["symbol", "timestamps"]).reset_index(drop=True)
+    ts = frame["timestamps"]
+    bounds = {"train_start": ts.min(), "train_end": pd.Timestamp("2023-06-30"),
+              "val_start": pd.Timestamp("2023-07-01"), "val_end": pd.Timestamp("2024-03-29"),
+              "test_start": pd.Timestamp("2024-04-01"), "test_end": ts.max()}
+    torch.manual_seed(0)
+    predictor = KronosPredictor(build_predictor("tiny"), build_tokenizer("tiny"), device="cpu", max_context=32)
+    cfg = Config.from_dict(dict(lookback_window=20, predict_window=3, inference_sample_count=8, eval_stride=5,
+                                eval_max_anchors=12, device="cpu", quantiles=[0.1, 0.25, 0.5, 0.75, 0.9]))
+    return frame, bounds, predictor, cfg
+
+
+def test_anchors_targets_stay_in_their_split(setup):
+    frame, bounds, _, _ = setup
+    test = select_anchors(frame, bounds["val_end"], None, 20, 3)
+    val = select_anchors(frame, bounds["train_end"], bounds["val_end"], 20, 3, stride=2, max_anchors=30)
+    for anchors, lo, hi in ((test, bounds["val_end"], None), (val, bounds["train_end"], bounds["val_end"])):
+        for symbol, pos in zip(anchors["symbol"], anchors["pos"]):
+            g = frame[frame["symbol"] == symbol].reset_index(drop=True)
+            targets = g["timestamps"].iloc[pos + 1:pos + 4]
+            assert len(targets) == 3 and (targets > lo).all()
+            assert hi is None or (targets <= hi).all()
+    assert val["anchor"].nunique() == 30
+
+
+def test_report_and_calibration_end_to_end(setup, tmp_path):
+    frame, bounds, predictor, cfg = setup
+    cal = calibrate_on_validation(cfg, predictor, frame, bounds, out_path=tmp_path / "calibration.json")
+    assert cal.n_anchors >= 10 and load_calibration(tmp_path / "calibration.json").method == cal.method
+    cfg.update({"eval_seeds": [1, 2]})
+    report = build_report(cfg, frame, bounds, {"finetuned": predictor}, str(tmp_path / "r"), calibration=cal)
+    assert set(report["forecasters"]) == {"finetuned", "last_value", "drift", "random_walk"}
+    fin = report["forecasters"]["finetuned"]
+    assert 0 <= fin["dm_vs_last_value"]["p_value"] <= 1
+    assert len(fin["by_step"]["mase"]) == 3
+    assert report["forecasters"]["last_value"]["overall"]["width_0.8"] == 0.0
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert saved["calibration"]["calibrated"]["coverage_0.8"] is not None
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| MASE |" in md and "random_walk" in md and "calibrated" in md
+    for name in ("error_by_horizon", "pit_histogram", "coverage_by_horizon", "reliability"):
+        assert (tmp_path / "r" / f"{name}.png").stat().st_size > 1000
+
+
+def test_config_keys_are_checked():
+    from kronos.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="interval_levels"):
+        Config.from_dict({"interval_levels": [0.8, 1.0]})
+    with pytest.raises(ConfigError, match="eval_seeds"):
+        Config.from_dict({"eval_seeds": ["a"]})
