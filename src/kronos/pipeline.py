@@ -20,6 +20,7 @@ import pandas as pd
 
 from kronos.config import Config, atomic_write_text
 from kronos.errors import CheckpointError, DataError, KronosError
+from kronos.paths import path_in, safe_filename
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class KronosPipeline:
             if i in to_plot:
                 lo, hi = min(cfg.quantiles), max(cfg.quantiles)
                 history = contexts[i].set_index(pd.DatetimeIndex(x_ts[i]))
-                path = plot_dir / f"forecast_{symbol}.png"
+                path = path_in(plot_dir, f"forecast_{safe_filename(symbol)}.png")
                 plot_forecast(history, mean, (bands[lo], bands[hi]) if lo < hi else None, None,
                               f"{symbol}: {cfg.predict_window}-bar forecast (band q{lo:g}-q{hi:g})", path)
                 self.result.plots.append(str(path))
@@ -369,7 +370,7 @@ class KronosPipeline:
             timings[name] = round(time.time() - t0, 2)
 
         if is_main_process():
-            cfg.save(Path(cfg.save_path).parent / "pipeline_config.json")
+            cfg.save(Path(cfg.save_path) / "pipeline_config.json")  # inside the outputs, never beside them
         if skip_data:
             self.require_dataset()
         else:

@@ -93,7 +93,7 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
         summary = json.loads((models / stage / "summary.json").read_text())
         assert np.isfinite(summary["best_val_loss"])
         assert (models / stage / "training_curves.png").is_file()
-    assert json.loads((tmp / "outputs" / "pipeline_config.json").read_text())["data_source"] == "qlib"
+    assert json.loads((tmp / "outputs" / "models" / "pipeline_config.json").read_text())["data_source"] == "qlib"
     res = tmp / "outputs" / "backtest_results" / "finetune_backtest_demo"
     fc = pd.read_parquet(res / "forecast_latest.parquet")
     assert fc["symbol"].nunique() >= 3 and set(fc["step"]) == set(range(1, 6))
@@ -140,14 +140,23 @@ def test_csv_pipeline(tmp_path):
     for c in ("open", "high", "low", "close"):
         other[c] = other[c] * 1.5
     other.to_parquet(folder / "BBB.parquet")
+    # a symbol is data, never a path: this one would write <tmp_path>/ESCAPED.png through forecast_<symbol>.png
+    hostile = "x/" + "../" * 40 + str(tmp_path.relative_to(tmp_path.anchor) / "ESCAPED")
+    raw.assign(symbol=hostile).to_csv(folder / "long.csv", index=False)
     cfg = write_config(tmp_path, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2],
-                       test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-15", "2024-08-31"])
+                       test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-15", "2024-08-31"],
+                       plot_n_symbols=3)
+    before = set(tmp_path.iterdir())
     r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--data-source", "csv",
                     "--config-path", str(cfg)])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert set(tmp_path.iterdir()) - before == {tmp_path / "data", tmp_path / "outputs"}  # nothing outside
+    assert (tmp_path / "outputs" / "models" / "pipeline_config.json").is_file()
     res = tmp_path / "outputs/backtest_results/finetune_backtest_demo"
+    plots = sorted(p.name for p in (res / "plots").iterdir())
+    assert len(plots) == 3 and "forecast_AAA.png" in plots and all(p.startswith("forecast_") for p in plots)
     fc = pd.read_parquet(res / "forecast_latest.parquet")
-    assert set(fc["symbol"]) == {"AAA", "BBB"}
+    assert set(fc["symbol"]) == {"AAA", "BBB", hostile}
     # 5-minute bars: the forecast continues inside trading hours
     times = pd.to_datetime(fc["timestamps"]).dt.strftime("%H:%M")
     assert times.isin(pd.to_datetime(raw["timestamps"]).dt.strftime("%H:%M")).all()

@@ -32,6 +32,7 @@ import pandas as pd
 from kronos.config import Config, atomic_write_text
 from kronos.errors import DataError, DependencyError, InputError
 from kronos.evaluate.metrics import json_safe
+from kronos.paths import path_in, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class BacktestComparison:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, report in self.reports.items():
-            report.save(out / _safe_name(name), title=f"signal '{name}'")
+            report.save(path_in(out, safe_filename(name, 'signal')), title=f"signal '{name}'")
         paths = {"json": out / "comparison.json", "csv": out / "comparison.csv", "plot": out / "comparison.png"}
         rows = {name: json_safe(report.summary) for name, report in self.reports.items()}
         atomic_write_text(paths["json"], json.dumps(rows, indent=2, allow_nan=False) + "\n")
@@ -687,8 +688,3 @@ def _atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     frame.to_csv(tmp)
     os.replace(tmp, path)
-
-
-def _safe_name(name: str) -> str:
-    cleaned = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(name)).strip(".")
-    return cleaned or "signal"
