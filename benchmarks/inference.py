@@ -9,6 +9,12 @@ checks that both paths return identical forecasts.
     python benchmarks/inference.py --quick      # batch 1 only
     python benchmarks/inference.py --cases 400/100 --batch-sizes 1 8 --threads 2
 
+A second table times sampling (``top_p=0.9``): one sample path against ``--samples`` paths (default 32) of one
+series, with the context shared across the paths (encoded, prefilled and decoded once: the default) and without
+(each path recomputes the context), and prints the ratio to one path (goal: 32 paths in at most 4x one path).
+
+    python benchmarks/inference.py --only-samples  # just the sampling table (lookback 400, pred_len 10)
+
 With max_context 512, lookback 400 and pred_len 120 the window slides for the last steps (each of those steps
 recomputes a full 512-token window, by design: positions restart at 0 for each window); pred_len 100 never slides.
 """
@@ -24,10 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kronos.inference import KronosPredictor
+from kronos.inference import KronosPredictor, SamplingConfig, sample_forecasts
 from kronos.model import build_predictor, build_tokenizer
 
 TARGETS = {(400, 120): 7.0, (400, 100): 10.0}  # minimum cached/uncached ratio at batch 1
+SAMPLES_TARGET = 4.0  # maximum time of --samples paths over one path, context shared
 
 
 def synthetic_series(n: int, pred_len: int, seed: int):
@@ -52,6 +59,42 @@ def timed(predictor: KronosPredictor, inputs, pred_len: int, use_cache: bool):
     return time.perf_counter() - start, out
 
 
+def sampling_table(predictor: KronosPredictor, lookback: int, pred_len: int, samples: int, seed: int,
+                   repeats: int) -> bool:
+    """Time one series with 1 and ``samples`` sample paths, context shared or recomputed per path."""
+    df, xt, yt = synthetic_series(lookback, pred_len, seed)
+    item = predictor._prepare(df, xt, yt, pred_len)
+    x = torch.from_numpy(item.x)[None]
+    xs, ys = torch.from_numpy(item.x_stamp)[None], torch.from_numpy(item.y_stamp)[None]
+    cfg = SamplingConfig(T=1.0, top_k=0, top_p=0.9)
+
+    def run(count: int, share: bool) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sample_forecasts(predictor.tokenizer, predictor.model, x, xs, ys, pred_len, predictor.max_context,
+                             predictor.clip, count, cfg, generator=torch.Generator().manual_seed(seed),
+                             share_prefix=share)  # fmt: skip
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    print(f"\nsampling (top_p 0.9), lookback {lookback}, pred_len {pred_len}, best of {repeats}")
+    header = f"{'samples':>7} {'context':>9} {'seconds':>8} {'x one path':>10} {'load':>5}"
+    print(header)
+    print("-" * len(header))
+    one = run(1, True)
+    print(f"{1:>7} {'-':>9} {one:>8.3f} {1.0:>9.1f}x {os.getloadavg()[0]:>5.2f}", flush=True)
+    ratios = {}
+    for share in (True, False):
+        t = run(samples, share)
+        ratios[share] = t / one
+        print(f"{samples:>7} {'shared' if share else 'per path':>9} {t:>8.3f} {t / one:>9.1f}x "
+              f"{os.getloadavg()[0]:>5.2f}", flush=True)  # fmt: skip
+    print(f"{samples} paths, shared context: {ratios[True]:.2f}x one path (goal <= {SAMPLES_TARGET}x); "
+          f"per-path context: {ratios[False]:.2f}x; speed-up from sharing {ratios[False] / ratios[True]:.1f}x")
+    return ratios[True] <= SAMPLES_TARGET
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=["400/120", "400/100", "256/32"], help="lookback/pred_len")
@@ -60,6 +103,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--max-context", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=32, help="sample paths in the sampling table")
+    parser.add_argument("--samples-case", default="400/10", help="lookback/pred_len of the sampling table")
+    parser.add_argument("--repeats", type=int, default=2, help="sampling table: best of this many runs")
+    parser.add_argument("--only-samples", action="store_true", help="only the sampling table")
+    parser.add_argument("--no-samples", action="store_true", help="skip the sampling table")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,6 +123,15 @@ def main(argv=None) -> int:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.2f}")  # fmt: skip
     timed(predictor, tuple([v] for v in synthetic_series(64, 4, 99)), 4, True)  # warm-up (one-time costs)
+    samples_ok = True
+    if not args.no_samples:
+        lookback, pred_len = (int(v) for v in args.samples_case.split("/"))
+        samples_ok = sampling_table(predictor, lookback, pred_len, args.samples, args.seed, args.repeats)
+        if not samples_ok:
+            print("sampling goal missed (machine load affects this)")
+    if args.only_samples:
+        return 0
+    print()
 
     header = (f"{'lookback':>8} {'pred_len':>8} {'batch':>5} {'slides':>6} {'cached s/fc':>12} "
               f"{'uncached s/fc':>14} {'speedup':>8} {'identical':>9} {'load':>5}")  # fmt: skip

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kronos.inference.sampling import sample_from_logits
-from kronos.model.kronos import Kronos
+from kronos.model.kronos import Kronos, KronosCache
 from kronos.model.tokenizer import KronosTokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,40 +68,57 @@ def generate_tokens(
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
     verbose: bool = False,
+    paths: int = 1,
+    share_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extend token sequences ``s1, s2 [B, T]`` by ``pred_len`` sampled tokens; returns ``[B, T + pred_len]`` each.
+    """Extend token sequences ``s1, s2 [B, T]`` by ``pred_len`` sampled tokens; returns ``[B * paths, T + pred_len]``.
 
     ``stamps [B, >= T + pred_len - 1, 5]`` are the time features of every step (context then future); the stamp of a
     token is that of its own input step, so the last future stamp is never read (Q9). Only the last ``max_context``
     tokens are fed to the predictor, positions restarting at 0 for each window (Q7).
+
+    Each input row is decoded as ``paths`` independent sample paths (rows series-major). With the cache and
+    ``share_prefix`` (the default), the part of a window that is still context (identical for all paths of a series)
+    runs through the predictor once per series and its keys/values are copied to the paths; only the generated
+    tokens run per path. This gives the same tokens as decoding every path on its own, with the same random draws.
     """
     sampling = sampling or SamplingConfig()
     batch, t0 = s1.shape
+    rows = batch * paths
     total = t0 + pred_len
-    s1_all = s1.new_empty(batch, total)
-    s2_all = s2.new_empty(batch, total)
-    s1_all[:, :t0] = s1
-    s2_all[:, :t0] = s2
+    s1_all = s1.new_empty(rows, total)
+    s2_all = s2.new_empty(rows, total)
+    s1_all[:, :t0] = s1.repeat_interleave(paths, dim=0) if paths > 1 else s1
+    s2_all[:, :t0] = s2.repeat_interleave(paths, dim=0) if paths > 1 else s2
+    stamps_rows = stamps.repeat_interleave(paths, dim=0) if stamps is not None and paths > 1 else stamps
 
     def draw(logits: torch.Tensor) -> torch.Tensor:
         return sample_from_logits(
             logits, sampling.T, sampling.top_k, sampling.top_p, generator, sampling.top_k_then_top_p
         )[:, 0]
 
-    cache = model.new_cache(batch, min(max_context, total - 1), device=s1.device) if use_cache else None
+    share = use_cache and share_prefix and paths > 1
+    capacity = min(max_context, total - 1)
+    cache = model.new_cache(rows, capacity, device=s1.device) if use_cache else None
+    shared = model.new_cache(batch, min(capacity, t0), device=s1.device) if share else None
     with eval_mode(model):
         for i in _progress(pred_len, verbose, "generating"):
             n = t0 + i
             a = max(0, n - max_context)
-            st = None if stamps is None else stamps[:, a:n]
+            st = None if stamps_rows is None else stamps_rows[:, a:n]
             if cache is not None:
                 if i == 0 or a > 0:  # fresh or slid window: positions restart at 0, recompute it fully
                     cache.length = 0
-                    context = model.forward_cached(s1_all[:, a:n], s2_all[:, a:n], st, cache)
+                    if shared is not None and a < t0:
+                        last = _prefill_shared(model, s1, s2, stamps, a, t0, shared, cache, paths)
+                        if n > t0:  # the generated part of the window, per path
+                            st = None if stamps_rows is None else stamps_rows[:, t0:n]
+                            last = model.forward_cached(s1_all[:, t0:n], s2_all[:, t0:n], st, cache)[:, -1]
+                    else:
+                        last = model.forward_cached(s1_all[:, a:n], s2_all[:, a:n], st, cache)[:, -1]
                 else:
-                    st = None if stamps is None else stamps[:, n - 1 : n]
-                    context = model.forward_cached(s1_all[:, n - 1 : n], s2_all[:, n - 1 : n], st, cache)
-                last = context[:, -1]
+                    st = None if stamps_rows is None else stamps_rows[:, n - 1 : n]
+                    last = model.forward_cached(s1_all[:, n - 1 : n], s2_all[:, n - 1 : n], st, cache)[:, -1]
                 tok1 = draw(model.head(last))
                 tok2 = draw(model.decode_s2_cached(last, tok1, cache))
             else:  # reference: the official per-step computation over the whole window
@@ -111,6 +128,29 @@ def generate_tokens(
             s1_all[:, n] = tok1
             s2_all[:, n] = tok2
     return s1_all, s2_all
+
+
+def _prefill_shared(
+    model: Kronos,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    stamps: Optional[torch.Tensor],
+    a: int,
+    t0: int,
+    shared: KronosCache,
+    cache: KronosCache,
+    paths: int,
+) -> torch.Tensor:
+    """Run the context part ``[a, t0)`` of a fresh window once per series (``B`` rows) and copy its keys/values into
+    every path's rows of ``cache``; returns the last context row per path ``[B * paths, D]``."""
+    shared.length = 0
+    st = None if stamps is None else stamps[:, a:t0]
+    context = model.forward_cached(s1[:, a:t0], s2[:, a:t0], st, shared)
+    m = t0 - a
+    for src, dst in zip(shared.layers + [shared.dep], cache.layers + [cache.dep]):
+        dst.share_prefix(src, m, paths)
+    cache.length = m
+    return context[:, -1].repeat_interleave(paths, dim=0)
 
 
 def _cache_bytes_per_row(model: Kronos, capacity: int) -> int:
@@ -135,11 +175,16 @@ def sample_forecasts(
     generator: Optional[torch.Generator] = None,
     verbose: bool = False,
     batch_size: Optional[int] = None,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Sample paths for normalised series ``x [N, T, d]``: returns ``[N, sample_count, pred_len, d]`` (normalised).
 
     Each path is decoded on its own (the last ``min(T + pred_len, max_context)`` tokens, context included: Q11).
     Samples are series-major (spec 5.2). ``batch_size`` caps the series per chunk (default: a cache-memory budget).
+
+    With the cache, ``share_prefix`` (default) encodes, prefills and decodes the context once per series and shares
+    it across the ``sample_count`` paths (see :func:`generate_tokens`): the same numbers as recomputing it per path
+    (same random draws for a fixed ``generator``), at a fraction of the cost. ``use_cache=False`` is the reference.
     """
     if pred_len < 1:
         raise ValueError("pred_len must be >= 1")
@@ -164,14 +209,17 @@ def sample_forecasts(
             # Q7: the whole history is encoded, even beyond max_context. Each series is encoded once; its tokens are
             # then replicated series-major for the sample paths.
             s1, s2 = tokenizer.encode(x[sl], half=True)
-            s1 = s1.repeat_interleave(sample_count, dim=0)
-            s2 = s2.repeat_interleave(sample_count, dim=0)
-            st = None if stamps is None else stamps[sl].repeat_interleave(sample_count, dim=0)
+            st = None if stamps is None else stamps[sl]
             s1_all, s2_all = generate_tokens(
-                model, s1, s2, st, pred_len, max_context, sampling,
-                use_cache=use_cache, generator=generator, verbose=verbose,
+                model, s1, s2, st, pred_len, max_context, sampling, use_cache=use_cache, generator=generator,
+                verbose=verbose, paths=sample_count, share_prefix=share_prefix,
             )  # fmt: skip
-            z = tokenizer.decode([s1_all[:, -window:], s2_all[:, -window:]], half=True)
+            start = s1_all.shape[1] - window  # the decoded window starts here; its context part is [start, t0)
+            if use_cache and share_prefix and sample_count > 1:
+                prefix = [s1[:, start:t0], s2[:, start:t0]]
+                z = tokenizer.decode_after_prefix(prefix, [s1_all[:, t0:], s2_all[:, t0:]], sample_count, half=True)
+            else:
+                z = tokenizer.decode([s1_all[:, start:], s2_all[:, start:]], half=True)
             outputs.append(z[:, -pred_len:].reshape(-1, sample_count, pred_len, z.shape[-1]))
     return torch.cat(outputs, dim=0).to(device)
 

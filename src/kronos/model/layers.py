@@ -106,6 +106,13 @@ class KVCache:
         self.k = torch.empty(batch, n_heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
 
+    def share_prefix(self, src: "KVCache", length: int, paths: int) -> None:
+        """Copy the first ``length`` positions of ``src`` (``B`` rows) into every one of this cache's ``B * paths``
+        rows (series-major: rows ``b * paths .. b * paths + paths - 1`` get ``src`` row ``b``)."""
+        batch = src.k.shape[0]
+        for a, b in ((src.k, self.k), (src.v, self.v)):
+            b.view(batch, paths, *b.shape[1:])[:, :, :, :length] = a[:, None, :, :length]
+
 
 def _check_padding_mask(mask: Optional[torch.Tensor]) -> None:
     if mask is not None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kronos.model.hub import CheckpointMixin
-from kronos.model.layers import TransformerBlock
+from kronos.model.layers import KVCache, TransformerBlock
 from kronos.model.quantizer import BSQuantizer
 
 TokenIds = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -110,3 +110,32 @@ class KronosTokenizer(nn.Module, CheckpointMixin):
         """Reconstruct normalised K-lines ``[B, L, d_in]`` from token ids (``[s1, s2]`` when ``half``)."""
         q = self.indices_to_bits(x, half)
         return self._decode_latent(self.post_quant_embed(q))
+
+    def decode_after_prefix(
+        self, prefix: TokenIds, suffix: TokenIds, paths: int = 1, half: bool = False
+    ) -> torch.Tensor:
+        """Decode ``suffix`` tokens that follow a prefix shared by ``paths`` rows: returns ``[B * paths, n, d_in]``.
+
+        ``prefix`` holds ``[B, m]`` token ids (one row per series), ``suffix`` ``[B * paths, n]`` (series-major). The
+        result equals ``decode(prefix repeated paths times ++ suffix)[:, m:]`` (the decoder is causal), but the
+        prefix runs through the decoder once per series and its keys/values are shared by the paths.
+        """
+        q_suffix = self.indices_to_bits(suffix, half)
+        h = self.post_quant_embed(q_suffix)
+        rows, n = h.shape[0], h.shape[1]
+        m = (prefix[0] if half else prefix).shape[1]  # type: ignore[index, union-attr]
+        if m == 0:
+            return self._decode_latent(h)
+        hp = self.post_quant_embed(self.indices_to_bits(prefix, half))
+        batch = hp.shape[0]
+        if batch * paths != rows:
+            raise ValueError(f"suffix has {rows} rows; expected {batch} prefix rows x {paths} paths")
+        for block in self.decoder:
+            attn = block.self_attn
+            shared = KVCache(batch, attn.n_heads, attn.head_dim, m, hp.device, hp.dtype)
+            hp = block(hp, cache=shared, start_pos=0)
+            cache = KVCache(rows, attn.n_heads, attn.head_dim, m + n, h.device, h.dtype)
+            cache.share_prefix(shared, m, paths)
+            h = block(h, cache=cache, start_pos=m)
+        return self.head(h)
+
