@@ -102,8 +102,10 @@ class Config:
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 on capable CUDA, else fp32) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPUs of compute capability >= 8, fp16 older, else fp32) | fp32 | bf16 | fp16
     compile: bool = False
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses/gradients in a row (each step is skipped)
+    dist_wait_hours: float = 48.0  # under torchrun, how long other ranks wait for rank-0-only steps (predict, evaluate)
     use_tensorboard: bool = False
     checkpoint_interval: int = 500  # also write checkpoints/last/ every N optimizer steps (0 = epoch ends only)
     cycle_momentum: bool = True  # OneCycleLR cycles Adam beta1 0.95<->0.85 (official, Q14); False keeps adam_beta1
@@ -202,6 +204,10 @@ class Config:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         if self.clip <= 0:
             raise ConfigError(f"config key 'clip' must be > 0, got {self.clip}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"config key 'max_nonfinite_steps' must be >= 1, got {self.max_nonfinite_steps}")
+        if self.dist_wait_hours <= 0:
+            raise ConfigError(f"config key 'dist_wait_hours' must be > 0, got {self.dist_wait_hours}")
         for key in ("checkpoint_interval", "patience", "num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")

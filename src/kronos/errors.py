@@ -27,3 +27,7 @@ class InputError(KronosError, ValueError):
 
 class DependencyError(KronosError, ImportError):
     """An optional dependency (e.g. pyqlib) is needed but not installed."""
+
+
+class TrainingError(KronosError, RuntimeError):
+    """Training cannot go on (e.g. the loss or gradients stayed non-finite for too many steps in a row)."""

@@ -63,9 +63,21 @@ class RotaryPositionalEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq)
         self._table: Optional[tuple] = None  # (key, cos, sin)
 
+    def _angles(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions ``0..length-1``, shaped ``[1, 1, length, dim]`` (elementwise, so a slice of a longer
+        table equals a shorter table)."""
+        t = torch.arange(length, device=self.inv_freq.device).type_as(self.inv_freq)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos()[None, None], emb.sin()[None, None]
+
     def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions ``start .. start+length-1``, shaped ``[1, 1, length, dim]``."""
         end = start + length
+        if torch.compiler.is_compiling():
+            # Under torch.compile the table is part of the graph (fused, no Python-side memo): no graph breaks.
+            cos, sin = self._angles(end)
+            return cos[:, :, start:end].to(device), sin[:, :, start:end].to(device)
         try:
             version = self.inv_freq._version
         except RuntimeError:  # an inference tensor has no version counter
@@ -78,10 +90,7 @@ class RotaryPositionalEmbedding(nn.Module):
                 size *= 2
             # Built outside inference mode so the memoised table is usable for training afterwards.
             with torch.inference_mode(False), torch.no_grad():
-                t = torch.arange(size, device=self.inv_freq.device).type_as(self.inv_freq)
-                freqs = torch.outer(t, self.inv_freq)
-                emb = torch.cat((freqs, freqs), dim=-1)
-                cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+                cos, sin = self._angles(size)
             self._table = table = (key, cos, sin)
         cos, sin = table[1][:, :, start:end], table[2][:, :, start:end]
         if cos.device != device:

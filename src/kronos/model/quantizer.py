@@ -71,7 +71,15 @@ class BinarySphericalQuantizer(nn.Module):
         return {"loss": loss, "commit_loss": commit, "per_sample_entropy": per_sample, "codebook_entropy": codebook}
 
     def forward(self, u: torch.Tensor, compute_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Quantise normalised latents ``u [..., K]``; returns ``(q, bsq_loss, metrics)``."""
+        """Quantise normalised latents ``u [..., K]``; returns ``(q, bsq_loss, metrics)``.
+
+        Always float32, also inside an autocast region: the entropy loss subtracts two numbers near ``K ln 2``
+        (about 13.9 for K=20), which bf16 cannot resolve.
+        """
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            return self._forward(u.float(), compute_loss)
+
+    def _forward(self, u: torch.Tensor, compute_loss: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
         q = self.quantize(u) * self.q_scale
         if not compute_loss:
             return q, u.new_zeros(()), {}
@@ -100,7 +108,8 @@ class BSQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor, half: bool = False, compute_loss: bool = True):
         """Returns ``(bsq_loss, quantized, indices)``; indices are ``[s1, s2]`` when ``half`` else one id."""
-        u = F.normalize(z, dim=-1)
+        with torch.autocast(device_type=z.device.type, enabled=False):  # fp32 under any autocast (see bsq.forward)
+            u = F.normalize(z.float(), dim=-1)
         q, loss, metrics = self.bsq(u, compute_loss=compute_loss)
         if half:
             indices = [self.bits_to_indices(q[..., : self.s1_bits]), self.bits_to_indices(q[..., self.s1_bits :])]

@@ -184,38 +184,70 @@ class Precision:
     dtype: Optional[torch.dtype]
     device_type: str
     use_scaler: bool
+    reason: str = ""  # why this precision (logged at the start of training)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
+    def compute(self) -> contextlib.AbstractContextManager:
+        """Where a training step runs: TF32 matmuls only for a mixed-precision step on CUDA (restored after), so
+        fp32 training and any later fp32 prediction in the same process keep full float32 matmuls."""
+        return tf32_matmuls(self.dtype is not None and self.device_type == "cuda")
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
 
 def resolve_precision(config: Config, device: torch.device) -> Precision:
-    """config.precision 'auto' = bf16 on CUDA devices that support it, fp32 elsewhere."""
+    """config.precision 'auto': bf16 on GPUs with native bfloat16 (compute capability >= 8), fp16 with a GradScaler
+    on older GPUs, fp32 elsewhere. ``torch.cuda.is_bf16_supported()`` is not used: it counts slow emulation."""
     want = config.precision
+    reason = f"precision '{want}' from the config"
     if want == "auto":
-        want = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cuda":
+            major, minor = _cuda_capability(device)
+            want = "bf16" if major >= 8 else "fp16"
+            reason = (f"precision auto -> {want}: GPU compute capability {major}.{minor} "
+                      f"{'has native' if major >= 8 else 'lacks native'} bfloat16")
+        else:
+            want = "fp32"
+            reason = f"precision auto -> fp32 on {device.type}"
     if want == "fp32":
-        return Precision("fp32", None, device.type, False)
+        return Precision("fp32", None, device.type, False, reason)
     if want == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("config key 'precision' is 'bf16' but this GPU does not support bfloat16; use fp16 or fp32")
+        if device.type == "cuda":
+            major, minor = _cuda_capability(device)
+            if major < 8:
+                raise ConfigError(
+                    f"config key 'precision' is 'bf16' but this GPU (compute capability {major}.{minor}) has no "
+                    "native bfloat16 (it would be emulated and slow); use fp16, fp32 or auto"
+                )
         if device.type == "mps":
             raise ConfigError("config key 'precision' 'bf16' is not supported on MPS; use fp32")
-        return Precision("bf16", torch.bfloat16, device.type, False)
+        return Precision("bf16", torch.bfloat16, device.type, False, reason)
     if want == "fp16":
         if device.type != "cuda":
             raise ConfigError(f"config key 'precision' 'fp16' needs a CUDA device (got {device.type}); use bf16 or fp32")
-        return Precision("fp16", torch.float16, "cuda", True)
+        return Precision("fp16", torch.float16, "cuda", True, reason)
     raise ConfigError(f"config key 'precision' must be one of auto, fp32, bf16, fp16, got '{want}'")
 
 
-def configure_backends(device: torch.device) -> None:
-    """TF32 matmuls/convolutions on CUDA (the fp32 parts of a mixed-precision step)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls/convolutions on CUDA inside the block only (the previous settings are restored after)."""
+    if not enabled:
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @contextlib.contextmanager

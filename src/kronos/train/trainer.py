@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from kronos.config import Config
-from kronos.errors import CheckpointError, ConfigError, KronosError
+from kronos.errors import CheckpointError, ConfigError, KronosError, TrainingError
 from kronos.train import checkpoint as ckpt
 from kronos.train.distributed import (
     DistContext,
@@ -48,7 +48,6 @@ from kronos.train.distributed import (
     barrier,
     broadcast_flag,
     cleanup_distributed,
-    configure_backends,
     deterministic_cpu,
     resolve_precision,
     setup_distributed,
@@ -103,13 +102,16 @@ class Trainer:
         # running sums of the train metrics since the last log row (kept in last/ so logs resume exactly)
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_n = 0
+        # skipped (non-finite) steps: in a row, since the last log row, and in total
+        self._nonfinite_run = 0
+        self._nonfinite_logged = 0
+        self.nonfinite_total = 0
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, resume: bool = False, datasets: Optional[tuple] = None) -> None:
         """Data, model, optimizer, schedule; then, with ``resume``, the state of ``checkpoints/last/``."""
         cfg = self.config
         seed_everything(cfg.seed + self.ctx.rank)
-        configure_backends(self.device)
 
         self.resume_from: Optional[Path] = ckpt.resolve_folder(self.last_dir) if resume else None
         if resume and self.resume_from is None:
@@ -210,6 +212,7 @@ class Trainer:
         self._log_sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
                           for k, v in state.get("log_sums", {}).items()}
         self._log_n = int(state.get("log_n", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
         rng_file = folder / f"rng_rank{self.ctx.rank}.safetensors"
         if rng_file.exists():
             ckpt.restore_rng(rng_file.read_bytes())
@@ -221,7 +224,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
     def train_step(self, x: torch.Tensor, stamp: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimizer step on a batch (``batch_size`` windows, split into micro-batches); returns detached parts."""
+        """One optimizer step on a batch (``batch_size`` windows, split into micro-batches); returns detached parts.
+
+        A non-finite loss or gradient norm skips the update (optimizer, scheduler and loss scaler untouched, the
+        gradients dropped); the returned ``nonfinite`` is 1 then. Under fp16 an overflow of the *scaled* gradients
+        with a finite loss is the GradScaler's business (it skips and lowers its scale), not counted here.
+        """
+        with self.precision.compute():
+            return self._train_step(x, stamp)
+
+    def _train_step(self, x: torch.Tensor, stamp: torch.Tensor) -> dict[str, torch.Tensor]:
         acc = self.config.accumulation_steps
         x = x.to(self.device, non_blocking=True)
         stamp = stamp.to(self.device, non_blocking=True)
@@ -239,17 +251,30 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.stage.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        loss_ok = torch.isfinite(sums["loss"]) if "loss" in sums else torch.ones((), dtype=torch.bool)
+        # With a loss scaler, inf/nan gradients under a finite loss are scale overflow: the scaler handles them.
+        ok = loss_ok if self.precision.use_scaler else loss_ok & torch.isfinite(grad_norm)
+        # One decision for every rank (a NaN on one rank must not leave the others stepping alone).
+        finite = all_reduce_min_int(self.ctx, int(ok.item())) == 1
         out = {k: v / acc for k, v in sums.items()}
         out["grad_norm"] = grad_norm.detach()
+        out["nonfinite"] = torch.tensor(0.0 if finite else 1.0)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        elif self.precision.use_scaler:
+            self.scaler.update(self.scaler.get_scale())  # clears the unscale_ record; the scale stays as it was
+        self.optimizer.zero_grad(set_to_none=True)
         return out
 
-    @torch.no_grad()
     def validate(self) -> float:
         """Sample-weighted mean validation loss over every rank's validation windows."""
+        with self.precision.compute():
+            return self._validate()
+
+    @torch.no_grad()
+    def _validate(self) -> float:
         model = self.eval_model
         model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -319,6 +344,7 @@ class Trainer:
             "history": self.history,
             "log_sums": {k: float(v.item()) for k, v in self._log_sums.items()},
             "log_n": self._log_n,
+            "nonfinite_total": self.nonfinite_total,
             "config": self.config.to_dict(),
         }
 
@@ -335,6 +361,7 @@ class Trainer:
             logger.info("%s: %d epochs x %d steps (batch %d x %d process(es), %s, %s), %d parameters",
                         self.stage.name, cfg.epochs, self.steps_per_epoch, cfg.batch_size, self.ctx.world_size,
                         self.device, self.precision.name, sum(p.numel() for p in self.params))
+            logger.info("%s", self.precision.reason)
         tokens_per_step = cfg.batch_size * self.ctx.world_size * self.stage.tokens_per_sample(cfg.window)
         try:
             while self.epoch < cfg.epochs and not self.stopped_early:
@@ -360,24 +387,28 @@ class Trainer:
             parts = self.train_step(x, stamp)
             self.global_step += 1
             self.step_in_epoch += 1
+            self._count_nonfinite(bool(parts.pop("nonfinite").item()), parts)
             sums = self._log_sums
-            for k, v in parts.items():
-                sums[k] = sums[k] + v if k in sums else v
-            self._log_n += 1
+            if not self._nonfinite_run:  # a skipped step's NaN parts stay out of the logged means
+                for k, v in parts.items():
+                    sums[k] = sums[k] + v if k in sums else v
+                self._log_n += 1
             n_timed += 1
             bar.update(1)
             if self.global_step % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
                 now = time.perf_counter()
-                n_sum = self._log_n
+                n_sum = max(self._log_n, 1)
                 means = {k: float(v.item()) / n_sum for k, v in sums.items()}
                 row = {"step": self.global_step, "epoch": epoch + 1}
                 row.update({f"train/{k}": v for k, v in means.items() if k != "grad_norm"})
                 row["grad_norm"] = means.get("grad_norm")
+                row["nonfinite_steps"] = self._nonfinite_logged
+                self._nonfinite_logged = 0
                 row["lr"] = self.scheduler.get_last_lr()[0]
                 row["tokens_per_s"] = tokens_per_step * n_timed / max(now - t_log, 1e-9)
                 row["steps_per_s"] = n_timed / max(now - t_log, 1e-9)
                 tracker.log(row)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                bar.set_postfix(loss=f"{means.get('loss', math.nan):.4f}", lr=f"{row['lr']:.2e}")
                 self._log_sums, self._log_n, t_log, n_timed = {}, 0, now, 0
             interval = cfg.checkpoint_interval
             if interval > 0 and self.global_step % interval == 0 and self.step_in_epoch < self.steps_per_epoch:
@@ -408,6 +439,27 @@ class Trainer:
                 logger.info("early stopping: no improvement for %d epoch(s)", self.bad_epochs)
         self.save_last()
 
+    def _count_nonfinite(self, skipped: bool, parts: dict) -> None:
+        """Count skipped (non-finite) steps; stop after ``max_nonfinite_steps`` of them in a row."""
+        if not skipped:
+            self._nonfinite_run = 0
+            return
+        self._nonfinite_run += 1
+        self._nonfinite_logged += 1
+        self.nonfinite_total += 1
+        limit = self.config.max_nonfinite_steps
+        if self.ctx.is_main:
+            logger.warning("%s step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped "
+                           "(%d in a row, stop at %d)", self.stage.name, self.global_step,
+                           float(parts["loss"]) if "loss" in parts else "?", float(parts["grad_norm"]),
+                           self._nonfinite_run, limit)
+        if self._nonfinite_run >= limit:
+            raise TrainingError(
+                f"{self.stage.name} training stopped at step {self.global_step}: {self._nonfinite_run} non-finite "
+                f"losses/gradients in a row (config key 'max_nonfinite_steps' = {limit}); check the data for "
+                "NaN/inf, lower the learning rate, or use precision fp32"
+            )
+
     def _finish(self) -> dict:
         elapsed = self.elapsed + (time.perf_counter() - self._t0)
         summary = {
@@ -420,6 +472,7 @@ class Trainer:
             "global_step": self.global_step,
             "steps_per_epoch": self.steps_per_epoch,
             "samples_seen": self.global_step * self.config.batch_size * self.ctx.world_size,
+            "nonfinite_steps": self.nonfinite_total,
             "wall_time_s": elapsed,
             "world_size": self.ctx.world_size,
             "device": str(self.device),
