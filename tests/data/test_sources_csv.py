@@ -136,3 +136,41 @@ def test_read_kline_file_for_forecast_input(tmp_path, table):
     with pytest.raises(DataError, match="holds 2 symbols"):
         read_kline_file(tmp_path / "long.csv")
     assert len(read_kline_file(tmp_path / "long.csv", symbol="B")) == 2500
+
+
+def test_same_symbol_in_two_files_is_an_error_naming_both(tmp_path, table):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    table.iloc[:1500].to_csv(folder / "AAA.csv", index=False)
+    table.iloc[1000:].to_parquet(folder / "AAA.parquet", index=False)
+    table.iloc[:1500].to_csv(folder / "BBB.csv", index=False)
+    with pytest.raises(DataError) as info:
+        run_csv(folder, tmp_path / "ds")
+    msg = str(info.value)
+    assert "symbol 'AAA' comes from more than one file" in msg and "AAA.csv" in msg and "AAA.parquet" in msg
+    assert "\n" not in msg and not (tmp_path / "ds").exists()
+    # a long export split over two files is one history in parts, not a duplicate
+    (folder / "AAA.parquet").unlink()
+    (folder / "AAA.csv").unlink()
+    table.iloc[:1200].assign(symbol="CCC").to_csv(folder / "part1.csv", index=False)
+    table.iloc[1200:].assign(symbol="CCC").to_csv(folder / "part2.csv", index=False)
+    assert run_csv(folder, tmp_path / "ds")["symbols"] == ["BBB", "CCC"]
+
+
+def test_mixed_time_zone_offsets_are_rejected_with_the_line(tmp_path, table):
+    t = table.iloc[:300].copy()
+    stamps = pd.to_datetime(t["timestamps"])
+    t["timestamps"] = stamps.dt.strftime("%Y-%m-%d %H:%M:%S+08:00")
+    # one bar written in UTC: by local clock it would sort 8 hours early
+    t.loc[t.index[150], "timestamps"] = (stamps.iloc[150] - pd.Timedelta(hours=8)).strftime("%Y-%m-%d %H:%M:%S+00:00")
+    t.to_csv(tmp_path / "AAA.csv", index=False)
+    with pytest.raises(DataError, match=r"mixes UTC offsets \+08:00 and \+00:00 \(first at line 152, value "):
+        run_csv(tmp_path / "AAA.csv", tmp_path / "ds")
+    # daylight-saving offsets whose wall clock agrees with true time keep their local wall time
+    dst = pd.Series(["2024-03-08 15:00:00-05:00", "2024-03-11 15:00:00-04:00", "2024-03-12 15:00:00-04:00"])
+    from kronos.data.schema import parse_timestamps
+
+    assert parse_timestamps(dst, "x").dt.hour.tolist() == [15, 15, 15]
+    fall_back = pd.Series(["2024-11-03 01:30:00-04:00", "2024-11-03 01:10:00-05:00"])
+    with pytest.raises(DataError, match="disagree on the order of bars at row 2"):
+        parse_timestamps(fall_back, "x")

@@ -156,6 +156,7 @@ def parse_timestamps(
         parsed = _parse_numeric_timestamps(s)
     else:
         parsed = _parse_text_timestamps(s)
+        _check_mixed_offsets(s, parsed, source_name, column, line_offset)
     bad = parsed.isna().to_numpy()
     if bad.any():
         pos = int(np.flatnonzero(bad)[0])
@@ -167,6 +168,61 @@ def parse_timestamps(
         return parsed.astype("datetime64[ns]")
     except (ValueError, OverflowError, pd.errors.OutOfBoundsDatetime) as exc:
         raise DataError(f"{source_name}: column '{column}' has timestamps out of range: {exc}") from None
+
+
+def _offset_minutes(text: str) -> Optional[int]:
+    m = _TZ_SUFFIX.search(text.strip()) if isinstance(text, str) else None
+    if m is None:
+        return None
+    suffix = m.group(0).strip()
+    if suffix in ("Z", "UTC"):
+        return 0
+    digits = suffix[1:].replace(":", "")
+    return (1 if suffix[0] == "+" else -1) * (int(digits[:2]) * 60 + int(digits[2:]))
+
+
+def _check_mixed_offsets(s: pd.Series, wall: pd.Series, source_name: str, column: str,
+                         line_offset: Optional[int]) -> None:
+    """Reject timestamps whose UTC offsets differ in a way that makes local clock time lie.
+
+    Bars keep their local wall time. With one offset, or daylight-saving offsets (at most one hour apart) whose
+    wall times are in the same order as the instants, that is right. Offsets further apart (bars written in
+    two zones) or an order that differs between wall clock and instants would silently reorder or shift bars:
+    a DataError names the row.
+    """
+    offsets = s.map(_offset_minutes)
+    known = offsets.dropna()
+    if known.nunique() <= 1:
+        return
+    values = [int(v) for v in known.unique()]
+    first = int(known.iloc[0])
+
+    def fmt(minutes: int) -> str:
+        return f"{'+' if minutes >= 0 else '-'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+    hint = ("write every timestamp in one time zone (e.g. the exchange's local time) or without offsets, "
+            "then run again")
+    far = known[(known - first).abs() > 60]
+    if len(far):
+        pos = int(far.index[0])
+        raise DataError(
+            f"{source_name}: column '{column}' mixes UTC offsets {fmt(first)} and {fmt(int(far.iloc[0]))} "
+            f"(first at {_where(pos, line_offset)}, value {s.iloc[pos]!r}); {hint}"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        instants = pd.to_datetime(s.where(offsets.notna(), None), utc=True, errors="coerce", format="mixed")
+    ok = instants.notna() & wall.notna()
+    order = np.argsort(instants[ok].to_numpy(), kind="stable")
+    walls = wall[ok].to_numpy()[order]
+    back = np.flatnonzero(walls[1:] < walls[:-1])
+    if len(back):
+        pos = int(np.flatnonzero(ok.to_numpy())[order[back[0] + 1]])
+        raise DataError(
+            f"{source_name}: column '{column}' mixes UTC offsets ({', '.join(fmt(v) for v in sorted(values))}) so "
+            f"that local clock time and true time disagree on the order of bars at {_where(pos, line_offset)} "
+            f"(value {s.iloc[pos]!r}); {hint}"
+        )
 
 
 def _parse_numeric_timestamps(s: pd.Series) -> pd.Series:

@@ -154,6 +154,7 @@ class CsvDataProcessor(BaseDataProcessor):
         cfg = self.config
         pieces: dict[str, list[pd.DataFrame]] = {}
         files = self.files()
+        origin: dict[str, list[tuple[Path, bool]]] = {}  # symbol -> (file, whether the file is that one symbol's)
         for file in files:
             table = read_table(file, cfg.csv_symbol_column)
             where = f"file '{file}'"
@@ -171,6 +172,7 @@ class CsvDataProcessor(BaseDataProcessor):
             )
             if sym_col is None:
                 pieces.setdefault(_stem(file), []).append(frame)
+                origin.setdefault(_stem(file), []).append((file, True))
                 continue
             symbols = table[sym_col].reset_index(drop=True)
             missing = symbols.isna().to_numpy()
@@ -180,8 +182,18 @@ class CsvDataProcessor(BaseDataProcessor):
             symbols = symbols.astype(str).str.strip()
             for symbol, idx in frame[~missing].groupby(symbols[~missing], sort=True).groups.items():
                 pieces.setdefault(str(symbol), []).append(frame.loc[idx].reset_index(drop=True))
+                origin.setdefault(str(symbol), []).append((file, False))
             if not pieces:
                 raise DataError(f"{where}: column '{sym_col}' holds no symbols")
+        for symbol, where_from in origin.items():
+            # a long export split over several files is one symbol's history in parts; a file named after the
+            # symbol next to another source of the same symbol is two copies (e.g. AAA.csv and AAA.parquet)
+            if len(where_from) > 1 and any(own for _, own in where_from):
+                names = " and ".join(f"'{f}'" for f, _ in where_from)
+                raise DataError(
+                    f"symbol '{symbol}' comes from more than one file: {names}; keep one of them in "
+                    "csv_data_path (they would be merged silently)"
+                )
         frames = {
             symbol: parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
             for symbol, parts in pieces.items()
