@@ -113,3 +113,49 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
 
     assert data["epochs"] == min(7, FAST_MODE_CAPS["epochs"])  # fast mode caps, never raises
     assert data["eval_max_anchors"] > 0
+
+
+# ------------------------------------------------------------------ hostile and mistaken values
+@pytest.mark.parametrize("overrides, words", [
+    ({"split_ratios": [0.6, "a", 0.2]}, "split_ratios"),
+    ({"tokenizer_learning_rate": float("nan")}, "tokenizer_learning_rate"),
+    ({"predictor_learning_rate": -1e-4}, "predictor_learning_rate"),
+    ({"predictor_learning_rate": 5.0}, "predictor_learning_rate"),
+    ({"quantiles": [0.1, 1.2]}, "quantiles"),
+    ({"quantiles": [0.0, 0.5]}, "quantiles"),
+    ({"quantiles": []}, "quantiles"),
+    ({"inference_top_k": -1}, "inference_top_k"),
+    ({"inference_top_p": 2.0}, "inference_top_p"),
+    ({"inference_T": float("inf")}, "inference_T"),
+    ({"lookback_window": -5}, "lookback_window"),
+])
+def test_bad_values_are_one_line_config_errors(overrides, words):
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(overrides)
+    assert f"'{words}'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_alias_bomb_is_refused_fast(tmp_path):
+    import time
+
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdef", "bcdefg"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"uses the YAML alias \*a at line 2; aliases are not allowed"):
+        Config.from_file(path)
+    assert time.monotonic() - start < 2
+    big = tmp_path / "big.json"
+    big.write_text('{"epochs": 1' + " " * (2 << 20) + "}")
+    with pytest.raises(ConfigError, match="at most 1,048,576 bytes"):
+        Config.from_file(big)
+
+
+def test_yaml_dates_are_read_as_dates(tmp_path):
+    path = tmp_path / "dates.yaml"
+    path.write_text("dataset_begin_time: 2021-01-01\ntrain_time_range: [2021-01-01, 2023-06-30 15:00:00]\n")
+    cfg = Config.from_file(path)
+    assert cfg.dataset_begin_time == "2021-01-01"
+    assert cfg.train_time_range == ["2021-01-01", "2023-06-30 15:00:00"]

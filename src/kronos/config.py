@@ -7,9 +7,11 @@ wrong types are rejected with a message that names the key and suggests the clos
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import difflib
 import functools
 import json
+import math
 import os
 import types
 import typing
@@ -227,7 +229,8 @@ class Config:
                 raise ConfigError(f"config key '{key}' must be [start, end], got {value}")
         if self.split_ratios is not None:
             r = self.split_ratios
-            if len(r) != 3 or any(float(v) < 0 for v in r) or abs(sum(float(v) for v in r) - 1) > 1e-6:
+            if len(r) != 3 or not all(_is_number(v) for v in r) or any(float(v) < 0 for v in r) \
+                    or abs(sum(float(v) for v in r) - 1) > 1e-6:
                 raise ConfigError(f"config key 'split_ratios' must be three non-negative numbers summing to 1, got {r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"config key 'precision' must be one of auto, fp32, bf16, fp16, got '{self.precision}'")
@@ -247,6 +250,19 @@ class Config:
                 isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in self.interval_levels):
             raise ConfigError(f"config key 'interval_levels' must list central levels strictly between 0 and 1 "
                               f"(e.g. [0.5, 0.8]), got {self.interval_levels}")
+        for key in ("tokenizer_learning_rate", "predictor_learning_rate"):
+            lr = getattr(self, key)
+            if not math.isfinite(lr) or not 0 < lr < 1:
+                raise ConfigError(f"config key '{key}' must be a finite number in (0, 1) (e.g. 2e-4), got {lr}")
+        if self.inference_top_k < 0:
+            raise ConfigError(f"config key 'inference_top_k' must be >= 0 (0 = off), got {self.inference_top_k}")
+        if not math.isfinite(self.inference_T):
+            raise ConfigError(f"config key 'inference_T' must be a finite number > 0, got {self.inference_T}")
+        if not self.quantiles or not all(_is_number(q) and 0 < q < 1 for q in self.quantiles):
+            raise ConfigError(
+                f"config key 'quantiles' must list numbers strictly between 0 and 1 (e.g. [0.1, 0.5, 0.9]), "
+                f"got {self.quantiles}"
+            )
         if any(isinstance(v, bool) or not isinstance(v, int) for v in self.eval_seeds):
             raise ConfigError(f"config key 'eval_seeds' must list integer seeds (e.g. [100, 101, 102]), got {self.eval_seeds}")
 
@@ -309,14 +325,20 @@ def load_overrides(path: Union[str, os.PathLike]) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist; pass an existing JSON or YAML file to --config-path")
     try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file '{p}' is {size:,} bytes; a config file may hold at most "
+                              f"{MAX_CONFIG_BYTES:,} bytes")
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file '{p}' cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
-            data = yaml.safe_load(text) or {}
+            data = _plain_dates(yaml.load(text, Loader=_yaml_loader(p)) or {})
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -329,6 +351,39 @@ def load_overrides(path: Union[str, os.PathLike]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold an object of config keys, got {type(data).__name__}")
     return data
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _yaml_loader(path: Path) -> Any:
+    """A safe YAML loader that refuses aliases (``*name``): a few nested aliases expand to billions of nodes."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ConfigError(
+                    f"config file '{path}' uses the YAML alias *{event.anchor} at line {event.start_mark.line + 1}; "
+                    "aliases are not allowed in config files, write the value out"
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def _plain_dates(value: Any) -> Any:
+    """YAML reads ``2024-01-31`` as a date: turn dates and datetimes back into the ISO strings the keys expect."""
+    if isinstance(value, dict):
+        return {k: _plain_dates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_dates(v) for v in value]
+    if isinstance(value, _dt.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, _dt.date):
+        return value.isoformat()
+    return value
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
@@ -348,6 +403,10 @@ def _type_hints() -> dict[str, Any]:
 
 def _field_type(f: dataclasses.Field) -> Any:
     return _type_hints()[f.name]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _coerce(key: str, value: Any, tp: Any, source: str = "config") -> Any:
