@@ -18,7 +18,7 @@ except ImportError:  # a plain checkout without `pip install -e .`: use the pack
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from kronos.config import Config  # noqa: E402
-from kronos.data.windows import WindowDataset, WindowSampler  # noqa: E402
+from kronos.data.windows import WindowDataset, WindowSampler, split_target_range  # noqa: E402
 from kronos.errors import InputError  # noqa: E402
 
 __all__ = ["QlibDataset", "WindowDataset", "WindowSampler"]
@@ -47,6 +47,7 @@ class QlibDataset(WindowDataset):
             time_feature_list=self.config.time_feature_list,
             return_index=return_index,
             name=data_type,
+            target_range=split_target_range(self.config.dataset_path, data_type),
         )
         n_iter = self.config.n_train_iter if data_type == "train" else self.config.n_val_iter
         self.n_samples = min(n_iter, len(self))

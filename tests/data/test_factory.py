@@ -61,7 +61,9 @@ def test_register_custom_source_runs_the_whole_pipeline(registry, tmp_path):
     manifest = registry.create_processor("halves", cfg, origin="test").run_pipeline()
     assert manifest["source"] == "halves" and manifest["symbols"] == ["H1", "H2"]
     assert load_manifest(tmp_path / "ds")["source_info"] == {"origin": "test"}
-    assert set(load_split(tmp_path / "ds", "test")["symbol"]) == {"H1", "H2"}
+    # One global cut date: H1 (the first half of the calendar) lies wholly before it, so only H2 has test bars.
+    assert set(load_split(tmp_path / "ds", "train")["symbol"]) == {"H1", "H2"}
+    assert set(load_split(tmp_path / "ds", "test")["symbol"]) == {"H2"}
     with pytest.raises(ConfigError, match="subclass of BaseDataProcessor"):
         registry.register("bad", dict)
 

@@ -160,21 +160,41 @@ def test_short_symbol_is_dropped_from_a_split_and_recorded(bars):
     assert set(splits["test"]["symbol"]) == {"LONG", "SHORT"}
 
 
-def test_ratio_split_is_chronological_per_symbol_with_lookback_history(bars):
+def test_ratio_split_cuts_every_symbol_at_one_global_date(bars):
     cfg = small_config(split_ratios=[0.6, 0.2, 0.2])
-    a = add_time_features(bars)
-    b = add_time_features(bars.iloc[:1000].reset_index(drop=True))
+    a = add_time_features(bars)  # 2500 bars
+    b = add_time_features(bars.iloc[1000:].reset_index(drop=True))  # listed later: 1500 bars, same end
     splits, info = split_frames({"A": a, "B": b}, cfg)
-    for sym, frame, n in (("A", a, 2500), ("B", b, 1000)):
+    pooled = np.sort(np.concatenate([a["timestamps"].to_numpy(), b["timestamps"].to_numpy()]))
+    cut1, cut2 = pd.Timestamp(pooled[round(0.6 * 4000) - 1]), pd.Timestamp(pooled[round(0.8 * 4000) - 1])
+    assert pd.Timestamp(info["train"]["last"]) == cut1 and pd.Timestamp(info["val"]["last"]) == cut2
+    for sym, frame in (("A", a), ("B", b)):
         train = splits["train"][splits["train"]["symbol"] == sym]
         val = splits["val"][splits["val"]["symbol"] == sym]
         test = splits["test"][splits["test"]["symbol"] == sym]
-        assert len(train) == round(0.6 * n)
-        assert len(val) == round(0.8 * n) - round(0.6 * n) + 20  # reaches lookback_window rows back
-        assert len(test) == n - round(0.8 * n) + 20
+        assert train["timestamps"].max() == cut1  # one cut date, whatever the symbol's length
+        own_val = val[val["timestamps"] > cut1]
+        assert own_val["timestamps"].max() == cut2
+        assert len(val) - len(own_val) == 20  # lookback_window bars of history from the train period
+        assert (test["timestamps"] > cut2).sum() == (frame["timestamps"] > cut2).sum()
+        assert len(test) - (test["timestamps"] > cut2).sum() == 20
         assert test["timestamps"].max() == frame["timestamps"].max()
-        assert val["timestamps"].min() == frame["timestamps"].iloc[round(0.6 * n) - 20]
+    assert pd.Timestamp(info["val"]["first"]) > cut1 and pd.Timestamp(info["test"]["first"]) > cut2
     assert info["train"]["ratio"] == 0.6
+    # about 60/20/20 of all bars, counted over both symbols
+    assert abs(info["train"]["target_rows"] - 2400) <= 2 and abs(info["test"]["target_rows"] - 800) <= 2
+
+
+def test_time_range_split_owns_only_bars_after_the_previous_split(bars):
+    cfg = small_config(train_time_range=["2024-06-18", "2024-07-31"], val_time_range=["2024-07-01", "2024-08-10"],
+                       test_time_range=["2024-08-05", "2024-08-29"])
+    splits, info = split_frames({"A": add_time_features(bars)}, cfg)
+    train_last = splits["train"]["timestamps"].max()
+    assert pd.Timestamp(info["val"]["first"]) > train_last
+    assert pd.Timestamp(info["test"]["first"]) > pd.Timestamp(info["val"]["last"])
+    # history = lookback_window bars before the first own bar, not the whole overlapping range
+    assert info["val"]["rows"] - info["val"]["target_rows"] == 20
+    assert pd.Timestamp(info["val"]["history_from"]) < train_last
 
 
 def test_empty_split_names_split_range_and_key(bars):

@@ -347,7 +347,7 @@ def test_pipeline_on_minute_bars_with_time_ranges(sina, tmp_path):
     )
     manifest = DataProcessorFactory.create_processor("sina", cfg).run_pipeline()
     test = load_split(cfg.dataset_path, "test")
-    assert manifest["splits"]["test"]["end"].startswith("2024-08-29T11:30")
+    assert manifest["splits"]["test"]["last"].startswith("2024-08-29T11:30")
     assert (test["timestamps"].dt.minute % 30 == 0).all()
     assert set(test["hour"]) <= {10, 11, 13, 14, 15}
 

@@ -63,7 +63,8 @@ def test_long_file_with_symbol_column_keeps_leading_zeros(tmp_path, table):
     long.to_csv(tmp_path / "long.csv", index=False)
     manifest = run_csv(tmp_path / "long.csv", tmp_path / "ds")
     assert manifest["symbols"] == ["000001", "600000"]
-    assert set(load_split(tmp_path / "ds", "val")["symbol"]) == {"000001", "600000"}
+    assert set(load_split(tmp_path / "ds", "train")["symbol"]) == {"000001", "600000"}
+    assert set(load_split(tmp_path / "ds", "val")["symbol"]) == {"000001"}  # 600000 ends before the cut date
     # an explicit column name overrides auto-detection
     long.rename(columns={"code": "Asset"}).to_csv(tmp_path / "long2.csv", index=False)
     manifest = run_csv(tmp_path / "long2.csv", tmp_path / "ds2", csv_symbol_column="asset")

@@ -67,8 +67,13 @@ def test_qlib_dataset_has_split_format_and_respects_membership(qlib_dataset):
     # SH600521 was a member for a single day: too short for one window of 26 rows
     assert "SH600521" in manifest["skipped_symbols"] and "SH600521" not in manifest["symbols"]
     # SH600023 joined on 2023-12-11: it appears no earlier than 20 trading days before that
-    sh23 = frames["test"][frames["test"]["symbol"] == "SH600023"]
+    sh23 = frames["val"][frames["val"]["symbol"] == "SH600023"]
     assert sh23["timestamps"].min() == calendar[calendar.searchsorted(pd.Timestamp("2023-12-11")) - 20]
+    # the test split owns the bars after the last val bar and keeps lookback_window (20) bars of history
+    test_first = pd.Timestamp(manifest["splits"]["test"]["first"])
+    assert test_first > pd.Timestamp(manifest["splits"]["val"]["last"])
+    sh23 = frames["test"][frames["test"]["symbol"] == "SH600023"]
+    assert sh23["timestamps"].min() == calendar[calendar.searchsorted(test_first) - 20]
     # the loaded range is widened by predict_window trading days after dataset_end_time
     end = calendar[calendar.searchsorted(pd.Timestamp("2024-06-28")) + 5]
     assert frames["test"]["timestamps"].max() == end

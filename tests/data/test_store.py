@@ -55,6 +55,28 @@ def test_round_trip_keeps_columns_dtypes_and_values(tmp_path, processed):
     assert m == json.loads(json.dumps(manifest))
 
 
+def test_saved_splits_give_windows_that_never_cross_into_the_next_split(tmp_path, processed):
+    from kronos.data.windows import WindowDataset
+
+    splits, manifest = processed
+    save_dataset(tmp_path / "ds", splits, manifest)
+    dates = load_manifest(tmp_path / "ds")["splits"]
+    cfg = Config(dataset_path=str(tmp_path / "ds"), lookback_window=20, predict_window=5)
+    # one cut date for both symbols (X and the shorter, later-starting Y)
+    for split in SPLITS:
+        own = splits[split][splits[split]["timestamps"] >= pd.Timestamp(dates[split]["first"])]
+        assert own.groupby("symbol")["timestamps"].max().max() == pd.Timestamp(dates[split]["last"])
+    assert pd.Timestamp(dates["train"]["last"]) < pd.Timestamp(dates["val"]["first"])
+    assert pd.Timestamp(dates["val"]["last"]) < pd.Timestamp(dates["test"]["first"])
+    for split in SPLITS:
+        ds = WindowDataset.from_config(cfg, split)
+        first, last = (pd.Timestamp(dates[split][k]) for k in ("first", "last"))
+        rows = np.array([ds.window_rows(i)[0] for i in range(len(ds))])
+        assert len(rows) > 0
+        assert ds.timestamps[rows + ds.window - 1].max() <= last  # no window reaches past the split's end
+        assert ds.timestamps[rows + 20].min() >= first  # its target bars are the split's own
+
+
 def test_missing_dataset_errors_name_the_path_and_the_data_step(tmp_path):
     assert not dataset_exists(tmp_path / "nothing")
     with pytest.raises(DataError, match=r"nothing.*train\.parquet.*data step"):

@@ -316,8 +316,41 @@ def fake_store(monkeypatch, qlib_frame):
         return qlib_frame
 
     module.load_split = load_split
+    module.load_manifest = lambda path: {"splits": {}}  # a dataset written before per-split dates
     monkeypatch.setitem(sys.modules, "kronos.data.store", module)
     return calls
+
+
+def test_windows_stay_inside_the_split_dates_history_may_reach_back(qlib_frame):
+    first, last = pd.Timestamp("2023-03-01"), pd.Timestamp("2023-09-29")
+    lookback, predict = 20, 5
+    ds = WindowDataset(qlib_frame, lookback, predict, return_index=True, target_range=(first, last))
+    full = WindowDataset(qlib_frame, lookback, predict)
+    expected = 0
+    for _, part in qlib_frame.groupby("symbol"):
+        ts = part["timestamps"].sort_values().to_numpy()
+        n = len(ts) - ds.window + 1
+        expected += sum(1 for r in range(max(n, 0)) if ts[r + lookback] >= first and ts[r + ds.window - 1] <= last)
+    assert len(ds) == expected and 0 < len(ds) < len(full)
+    for i in range(len(ds)):
+        a, b = ds.window_rows(i)
+        stamps = ds.timestamps[a:b]
+        assert stamps[lookback] >= first and stamps[-1] <= last  # every target bar inside the split
+    assert min(pd.Timestamp(ds.timestamps[ds.window_rows(i)[0]]) for i in range(len(ds))) < first  # history
+    # the values match the unrestricted dataset's window with the same rows
+    j = next(k for k in range(len(full)) if full.window_rows(k) == ds.window_rows(0))
+    torch.testing.assert_close(ds[0][0], full[j][0])
+    with pytest.raises(DataError, match="no window whose 6 target bars lie in its own dates"):
+        WindowDataset(qlib_frame, lookback, predict, target_range=("2023-03-01", "2023-03-03"))
+
+
+def test_from_config_limits_windows_to_the_manifest_dates(fake_store, monkeypatch):
+    store = sys.modules["kronos.data.store"]
+    monkeypatch.setattr(store, "load_manifest", lambda path: {
+        "splits": {"val": {"first": "2023-01-03T00:00:00", "last": "2023-06-30T00:00:00"}}}, raising=False)
+    ds = WindowDataset.from_config(Config(dataset_path="/p", lookback_window=20, predict_window=5), "val")
+    assert ds.target_range == (pd.Timestamp("2023-01-03"), pd.Timestamp("2023-06-30"))
+    assert max(pd.Timestamp(ds.timestamps[ds.window_rows(i)[1] - 1]) for i in range(len(ds))) <= ds.target_range[1]
 
 
 def test_from_config_uses_the_config_keys(fake_store):

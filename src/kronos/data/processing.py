@@ -132,58 +132,102 @@ def _time_mask(ts: pd.Series, bounds: tuple[pd.Timestamp, pd.Timestamp, bool]) -
     return ((ts >= start) & (ts <= end)).to_numpy()
 
 
+def _ratio_cuts(frames: Mapping[str, pd.DataFrame], ratios: list[float]) -> tuple[Optional[pd.Timestamp], ...]:
+    """Global cut dates ``(train_last, val_last)`` of a ratio split, shared by every symbol.
+
+    All symbols' bars are pooled and sorted by time; the cuts sit at the bars that close the first ``ratios[0]``
+    and ``ratios[0] + ratios[1]`` of the pooled rows. ``None`` = nothing falls before that cut.
+    """
+    pooled = np.sort(np.concatenate([f["timestamps"].to_numpy(dtype="datetime64[ns]") for f in frames.values()]))
+    n = len(pooled)
+    cuts = []
+    for share in (ratios[0], ratios[0] + ratios[1]):
+        k = min(int(round(n * share)), n)
+        cuts.append(pd.Timestamp(pooled[k - 1]) if k > 0 else None)
+    return tuple(cuts)
+
+
+def _window_count(n_rows: int, own_start: int, window: int, lookback: int) -> int:
+    """Windows of a piece whose target rows (after the lookback) all lie at/after row ``own_start``."""
+    lo = max(0, own_start - lookback)
+    return max(0, n_rows - window - lo + 1)
+
+
 def split_frames(
     frames: Mapping[str, pd.DataFrame], config: Config
 ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
-    """Split clean per-symbol frames into the long train/val/test frames.
+    """Split clean per-symbol frames into the long train/val/test frames, without leaks between splits.
 
-    By ``train/val/test_time_range`` (inclusive; ranges may overlap, as in the seed's config, so that the
-    first val/test windows have history) or, when ``split_ratios`` is set, chronologically per symbol with
-    val and test reaching ``lookback_window`` rows back into the previous part for the same reason. A symbol
-    with fewer than one window (``lookback_window + predict_window + 1`` rows) in a split is left out of it.
+    Each split owns the bars after the previous split's last bar (global calendar dates, shared by all symbols):
+
+    * ``split_ratios``: the cut dates are where the pooled bars of all symbols reach the ratios (one date per
+      cut for every symbol, so one stock's training bars never cover another's test dates);
+    * ``train/val/test_time_range`` (inclusive; they may overlap, as in the seed's config): the val split owns
+      its range's bars after the last training bar, the test split its range's bars after the last val bar.
+
+    The val and test frames also hold the ``lookback_window`` bars before their first own bar as history, so
+    their first window has context; :class:`~kronos.data.windows.WindowDataset` only samples windows whose
+    target bars (those after the lookback) lie in the split's own ``first .. last`` dates, which the returned
+    info (and the manifest) records. A symbol with no such window in a split is left out of it.
     Returns the split frames and per-split info for the manifest; an empty split raises DataError.
     """
     window = config.window
+    lookback = config.lookback_window
     parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
     dropped: dict[str, dict[str, str]] = {s: {} for s in SPLITS}
     if config.split_ratios is not None:
         ratios = [float(r) for r in config.split_ratios]
         selection: dict[str, Any] = {s: {"ratio": r} for s, r in zip(SPLITS, ratios)}
+        cuts = dict(zip(SPLITS, _ratio_cuts(frames, ratios) + (None,)))  # last own bar of each split
+        own = {s: (lambda ts, c=cuts[s]: np.ones(len(ts), bool) if c is None else (ts <= c).to_numpy())
+               for s in SPLITS}
+        if cuts["train"] is None:
+            own["train"] = lambda ts: np.zeros(len(ts), bool)
     else:
         bounds = {s: parse_time_range(getattr(config, f"{s}_time_range"), f"{s}_time_range") for s in SPLITS}
         selection = {s: {"time_range": list(getattr(config, f"{s}_time_range"))} for s in SPLITS}
+        own = {s: (lambda ts, b=bounds[s]: _time_mask(ts, b)) for s in SPLITS}
 
-    for symbol in sorted(frames):
-        frame = frames[symbol]
-        n = len(frame)
-        if config.split_ratios is not None:
-            cut1 = int(round(n * ratios[0]))
-            cut2 = int(round(n * (ratios[0] + ratios[1])))
-            history = config.lookback_window  # val/test reach back for context, like the seed's overlapping ranges
-            val_start = max(cut1 - history, 0) if cut2 > cut1 else cut2
-            test_start = max(cut2 - history, 0) if n > cut2 else n
-            pieces = {"train": frame.iloc[:cut1], "val": frame.iloc[val_start:cut2], "test": frame.iloc[test_start:]}
-        else:
-            pieces = {s: frame[_time_mask(frame["timestamps"], bounds[s])] for s in SPLITS}
-        for split, piece in pieces.items():
-            if len(piece) >= window:
-                piece = piece.reset_index(drop=True)
-                piece.insert(0, "symbol", symbol)
-                parts[split].append(piece)
-            elif len(piece) > 0:
-                dropped[split][symbol] = f"{len(piece)} rows in the split, fewer than one window of {window}"
-
+    info: dict[str, dict[str, Any]] = {}
+    splits: dict[str, pd.DataFrame] = {}
     data_start = min((f["timestamps"].iloc[0] for f in frames.values() if len(f)), default=None)
     data_end = max((f["timestamps"].iloc[-1] for f in frames.values() if len(f)), default=None)
-    splits: dict[str, pd.DataFrame] = {}
-    info: dict[str, dict[str, Any]] = {}
+    after: Optional[pd.Timestamp] = None  # last bar of the previous split: this split owns only later bars
     for split in SPLITS:
+        first_own: list[pd.Timestamp] = []
+        target_rows = 0
+        for symbol in sorted(frames):
+            frame = frames[symbol]
+            ts = frame["timestamps"]
+            mask = own[split](ts)
+            if after is not None:
+                mask = mask & (ts > after).to_numpy()
+            rows = np.flatnonzero(mask)
+            if len(rows) == 0:
+                continue
+            start, stop = int(rows[0]), int(rows[-1]) + 1  # own rows are contiguous (one time interval)
+            begin = start if split == "train" else max(start - lookback, 0)
+            piece = frame.iloc[begin:stop]
+            if _window_count(len(piece), start - begin, window, lookback) < 1:
+                dropped[split][symbol] = (
+                    f"{stop - start} rows in the split (+{start - begin} history), fewer than one window of "
+                    f"{window} whose {config.predict_window + 1} target bars lie in the split"
+                )
+                continue
+            piece = piece.reset_index(drop=True)
+            piece.insert(0, "symbol", symbol)
+            parts[split].append(piece)
+            first_own.append(ts.iloc[start])
+            target_rows += stop - start
+
         if not parts[split]:
             if config.split_ratios is not None:
                 how = f"split_ratios {config.split_ratios}"
                 fix = "raise its share in 'split_ratios'"
             else:
                 how = f"{split}_time_range {getattr(config, f'{split}_time_range')}"
+                if after is not None:
+                    how += f" after the previous split's last bar {after}"
                 fix = f"change config key '{split}_time_range'"
             coverage = f"the data covers {data_start} .. {data_end}" if data_start is not None else "no data"
             raise DataError(
@@ -194,14 +238,21 @@ def split_frames(
         frame["symbol"] = frame["symbol"].astype(str)
         frame = frame[list(SPLIT_COLUMNS)]
         splits[split] = frame
+        first = min(first_own)
+        last = frame["timestamps"].max()
         info[split] = {
             **selection[split],
+            "first": first.isoformat(),
+            "last": last.isoformat(),
             "rows": int(len(frame)),
+            "target_rows": int(target_rows),
+            "history_from": frame["timestamps"].min().isoformat(),
             "n_symbols": int(frame["symbol"].nunique()),
-            "start": frame["timestamps"].min().isoformat(),
-            "end": frame["timestamps"].max().isoformat(),
             "dropped_symbols": dropped[split],
         }
+        # The next split owns only later bars: after the ratio cut date (the same for every symbol), or after the
+        # last bar this split holds (time ranges, which may overlap).
+        after = cuts[split] if config.split_ratios is not None and cuts[split] is not None else last
     return splits, info
 
 
@@ -263,8 +314,8 @@ def process_frames(
         )
     splits, split_info = split_frames(clean, config)
     for split, info in split_info.items():
-        logger.info("%s split: %d rows, %d symbols, %s .. %s", split, info["rows"], info["n_symbols"],
-                    info["start"], info["end"])
+        logger.info("%s split: %d symbols, target bars %s .. %s (%d rows, %d of them history)", split,
+                    info["n_symbols"], info["first"], info["last"], info["rows"], info["rows"] - info["target_rows"])
     symbols = sorted(set().union(*(set(f["symbol"].unique()) for f in splits.values())))
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

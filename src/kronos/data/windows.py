@@ -31,7 +31,7 @@ from kronos.data.schema import NORM_EPS, TIME_FEATURES, time_features
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WindowDataset", "WindowSampler", "window_loader", "normalise_windows", "FEATURE_ALIASES",
+__all__ = ["WindowDataset", "WindowSampler", "window_loader", "split_target_range", "normalise_windows", "FEATURE_ALIASES",
            "DEFAULT_FEATURES", "DEFAULT_TIME_FEATURES"]
 
 #: The seed's feature names; ``vol``/``amt`` are its short names for the frame's ``volume``/``amount`` columns.
@@ -83,6 +83,10 @@ class WindowDataset(Dataset):
         time_feature_list: five time-feature columns.
         return_index: also return the window index (for checks and per-sample bookkeeping).
         name: label used in error messages (the split name, e.g. ``"train"``).
+        target_range: ``(first, last)`` timestamps of the split's own bars (the manifest's ``first``/``last``):
+            only windows whose target bars -- every row after the lookback -- lie in it are used, so no window
+            reaches past the split's end and none scores bars of an earlier split; the lookback may reach back
+            (history). ``None`` = every window. Needs a ``timestamps`` column.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class WindowDataset(Dataset):
         time_feature_list: Optional[Sequence[str]] = None,
         return_index: bool = False,
         name: str = "data",
+        target_range: Optional[tuple[Any, Any]] = None,
     ) -> None:
         for key, value in (("lookback_window", lookback), ("predict_window", predict)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -132,8 +137,17 @@ class WindowDataset(Dataset):
         self._check_finite(run_start, run_symbols, feat_cols)
 
         n_win = run_len - self.window + 1
+        first_row = np.zeros_like(run_start)  # offset of each run's first usable window start
+        self.target_range: Optional[tuple[pd.Timestamp, pd.Timestamp]] = None
+        if target_range is not None:
+            first_row, n_win = self._target_limits(target_range, run_start, run_len)
         keep = n_win > 0
         if not keep.any():
+            if target_range is not None and (run_len >= self.window).any():
+                raise DataError(
+                    f"split '{self.name}' has no window whose {self.predict + 1} target bars lie in its own dates "
+                    f"{self.target_range[0]} .. {self.target_range[1]}; re-run the data step or widen the split"
+                )
             self._raise_too_short(run_symbols, run_len)
         skipped = [s for s, k in zip(run_symbols, keep) if not k]
         if skipped:
@@ -143,16 +157,41 @@ class WindowDataset(Dataset):
             )
         #: symbols that contribute at least one window, in row order
         self.symbols = [s for s, k in zip(run_symbols, keep) if k]
-        self._sym_row0 = run_start[keep]
+        self._sym_row0 = (run_start + first_row)[keep]
         counts = n_win[keep]
         self._win_cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._n = int(self._win_cum[-1])
         self._offsets = np.arange(self.window, dtype=np.int64)
 
+    def _target_limits(self, target_range: tuple[Any, Any], run_start: np.ndarray,
+                       run_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per symbol run: first usable window start (offset) and number of windows inside ``target_range``."""
+        if self.timestamps is None:
+            raise InputError(f"{self.name}: target_range needs a 'timestamps' column")
+        first, last = (pd.Timestamp(t) for t in target_range)
+        if first.tzinfo is not None or last.tzinfo is not None:
+            first, last = first.tz_localize(None), last.tz_localize(None)
+        self.target_range = (first, last)
+        lo_t, hi_t = np.datetime64(first, "ns"), np.datetime64(last, "ns")
+        offset = np.zeros_like(run_start)
+        count = np.zeros_like(run_start)
+        for k, (r0, n) in enumerate(zip(run_start.tolist(), run_len.tolist())):
+            ts = self.timestamps[r0:r0 + n]  # sorted within the run
+            own_start = int(np.searchsorted(ts, lo_t, side="left"))  # first row the split owns
+            own_stop = int(np.searchsorted(ts, hi_t, side="right"))  # one past its last
+            lo = max(0, own_start - self.lookback)  # the first target row (index lookback) must be owned
+            hi = own_stop - self.window  # the last row must be owned
+            offset[k], count[k] = lo, max(0, hi - lo + 1)
+        return offset, count
+
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_config(cls, config: Any, split: str, return_index: bool = False) -> "WindowDataset":
-        """Load ``split`` from ``config.dataset_path`` (see :func:`kronos.data.store.load_split`)."""
+        """Load ``split`` from ``config.dataset_path`` (see :func:`kronos.data.store.load_split`).
+
+        Windows are limited to the split's own dates recorded in the dataset manifest (see
+        :func:`split_target_range`), so training never sees validation bars and validation never test bars.
+        """
         from kronos.data.store import load_split  # data store is optional for users who build frames themselves
 
         frame = load_split(config.dataset_path, split)
@@ -165,6 +204,7 @@ class WindowDataset(Dataset):
             time_feature_list=config.time_feature_list,
             return_index=return_index,
             name=split,
+            target_range=split_target_range(config.dataset_path, split),
         )
 
     def _sorted(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -356,6 +396,19 @@ class WindowDataset(Dataset):
             f"{type(self).__name__}(name={self.name!r}, windows={self._n}, symbols={len(self.symbols)}, "
             f"rows={len(self.features)}, window={self.window}, lookback={self.lookback})"
         )
+
+
+def split_target_range(dataset_path: Any, split: str) -> Optional[tuple[pd.Timestamp, pd.Timestamp]]:
+    """``(first, last)`` own dates of ``split`` from the dataset manifest (``None`` for a dataset written before
+    they were recorded; its windows are then not limited, and a warning says to re-run the data step)."""
+    from kronos.data.store import load_manifest
+
+    info = (load_manifest(dataset_path).get("splits") or {}).get(split) or {}
+    if "first" not in info or "last" not in info:
+        logger.warning("dataset '%s' predates per-split dates in its manifest: %s windows may overlap other "
+                       "splits; re-run the data step", dataset_path, split)
+        return None
+    return pd.Timestamp(info["first"]), pd.Timestamp(info["last"])
 
 
 class WindowSampler(Sampler[int]):
