@@ -74,3 +74,48 @@ def test_mismatched_model_is_rejected():
         cal.check(a, lookback=30, horizon=5)
     with pytest.raises(CheckpointError, match="lookback"):
         cal.check(a, lookback=20, horizon=4)
+
+
+def _tiny_predictor(seed):
+    from kronos.inference import KronosPredictor
+    from kronos.model import build_predictor, build_tokenizer
+
+    torch.manual_seed(seed)
+    return KronosPredictor(build_predictor("tiny"), build_tokenizer("tiny"), device="cpu", max_context=32)
+
+
+def test_predictor_applies_calibration_and_refuses_another_model(tmp_path):
+    import pandas as pd
+
+    from kronos.evaluate.calibration import model_fingerprint
+
+    pred, other = _tiny_predictor(0), _tiny_predictor(1)
+    rng = np.random.default_rng(0)
+    n, P, L = 40, 3, 24
+    ts = pd.date_range("2024-01-01", periods=n + P, freq="D")
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n + P)))
+    frame = pd.DataFrame({"symbol": "A", "timestamps": ts, "open": close, "high": close * 1.01,
+                          "low": close * 0.99, "close": close, "volume": 1000.0})
+    samples, last, true, anchors = _synthetic(100, 5, p=P, spread=0.3)
+    cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=L,
+                          fingerprint=model_fingerprint(pred, L, P))
+    path = cal.save(tmp_path / "calibration.json")
+    ctx = frame.iloc[n - L:n]
+    args = (ctx[["open", "high", "low", "close", "volume"]], ctx["timestamps"], frame["timestamps"].iloc[n:n + P], P)
+    kw = dict(quantiles=(0.1, 0.5, 0.9), sample_count=6, verbose=False, seed=3)
+    raw = pred.predict_quantiles(*args, **kw)
+    calq = pred.predict_quantiles(*args, calibration=path, **kw)
+    assert np.allclose(raw[0.5]["close"], calq[0.5]["close"])  # the median stays
+    assert (calq[0.9]["close"] - calq[0.1]["close"] >= raw[0.9]["close"] - raw[0.1]["close"] - 1e-9).all()
+    with pytest.raises(CheckpointError, match="another predictor"):
+        other.predict_quantiles(*args, calibration=path, **kw)
+    with pytest.raises(CheckpointError, match="lookback"):
+        pred.predict_quantiles(ctx.iloc[1:][["open", "high", "low", "close"]], ctx["timestamps"].iloc[1:],
+                               frame["timestamps"].iloc[n:n + P], P, calibration=path, **kw)
+    records = pred.predict_df(frame.iloc[:n], pred_len=P, lookback=L, sample_count=6, seed=3, calibration=path,
+                              progress=False)
+    assert {"close_q0.9_raw", "close_q0.1_raw"} <= set(records.columns)
+    assert (records["close_q0.9"] - records["close_q0.1"] >= records["close_q0.9_raw"] - records["close_q0.1_raw"]
+            - 1e-9).all()
+    with pytest.raises(CheckpointError, match="another predictor"):
+        other.predict_df(frame.iloc[:n], pred_len=P, lookback=L, sample_count=2, calibration=path, progress=False)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -170,25 +171,39 @@ class Calibration:
             raise InputError(f"calibration expects sample paths [N, S, {self.horizon}], got {samples.shape}")
         z = _rel(samples, last)
         med = np.median(z, axis=1)
+        steps = np.broadcast_to(np.arange(self.horizon), med.shape)
         out = []
         for q in qs:
             q = float(q)
             if not 0.0 <= q <= 1.0:
                 raise InputError(f"quantile {q} is outside [0, 1]")
             lv = self._level_of(q)
-            if lv is None or self.method == "none":
-                r = np.quantile(z, q, axis=1)
-            elif self.method == "spread_scale":
-                k = np.asarray(self.params["scale"], dtype=float)
-                r = med + k[None, :] * (np.quantile(z, q, axis=1) - med)
+            if lv is None or self.method in ("none", "spread_scale"):
+                lo = hi = None
             else:
-                key = f"{lv:g}"
-                if key not in self.params:
-                    raise InputError(f"quantile {q:g} (central level {lv:g}) was not calibrated; calibrated levels: "
-                                     f"{self.levels} (quantiles {self.quantile_levels()})")
-                r = _cqr_apply(self.method, np.asarray(self.params[key], dtype=float), z, med, lv, lower=q < 0.5)
-            out.append(last[:, None] * (1.0 + r))
+                lo, hi = np.quantile(z, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
+            out.append(last[:, None] * (1.0 + self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps)))
         return np.stack(out)
+
+    def _adjust(self, q: float, r_q: np.ndarray, r_lo: Optional[np.ndarray], r_hi: Optional[np.ndarray],
+                med: np.ndarray, step_idx: np.ndarray) -> np.ndarray:
+        """The calibrated q-quantile in return space from the raw one (and the raw band of its level, the median);
+        ``step_idx`` (0-based horizon step) picks the per-step parameter."""
+        lv = self._level_of(q)
+        if lv is None or self.method == "none":
+            return r_q
+        if self.method == "spread_scale":
+            k = np.asarray(self.params["scale"], dtype=float)[step_idx]
+            return med + k * (r_q - med)
+        key = f"{lv:g}"
+        if key not in self.params:
+            raise InputError(f"quantile {q:g} (central level {lv:g}) was not calibrated; calibrated quantiles: "
+                             f"{self.quantile_levels()} (levels {self.levels})")
+        corr = np.asarray(self.params[key], dtype=float)[step_idx]
+        lower = q < 0.5
+        if self.method == "cqr_additive":
+            return np.minimum(r_lo - corr, med) if lower else np.maximum(r_hi + corr, med)
+        return med - corr * np.maximum(med - r_lo, 0.0) if lower else med + corr * np.maximum(r_hi - med, 0.0)
 
     def quantile_levels(self) -> list:
         return sorted({round((1 - lv) / 2, 10) for lv in self.levels} | {0.5} | {round((1 + lv) / 2, 10)
@@ -210,13 +225,6 @@ class Calibration:
     def p_up_calibrated(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
         """Platt-scaled P(close at step h > last close) ``[N, P]``."""
         return _platt(self.p_up_raw(samples, last_close), self.p_up["a"], self.p_up["b"])
-
-
-def _cqr_apply(method: str, corr: np.ndarray, z: np.ndarray, med: np.ndarray, level: float, lower: bool) -> np.ndarray:
-    lo, hi = np.quantile(z, [(1 - level) / 2, (1 + level) / 2], axis=1)
-    if method == "cqr_additive":
-        return np.minimum(lo - corr, med) if lower else np.maximum(hi + corr, med)
-    return med - corr * np.maximum(med - lo, 0.0) if lower else med + corr * np.maximum(hi - med, 0.0)
 
 
 def _cqr_fit(method: str, z: np.ndarray, y: np.ndarray, level: float) -> np.ndarray:
@@ -345,7 +353,7 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
     cal.n_anchors = int(n)
 
     # P(up): Platt on the logit of the raw share, pooled over steps (rows with no move left out)
-    p_raw = cal.p_up_raw(cal.calibrated_samples(samples, last), last)
+    p_raw = cal.p_up_raw(samples, last)  # the raw share, as forecast records carry it
     moved = true != last[:, None]
     up = (true > last[:, None]).astype(float)
     a, b = _platt_fit(p_raw[moved], up[moved])
@@ -357,6 +365,70 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
                  "base_rate": rate * (1 - rate), "up_rate": rate}
     cal.seconds = round(time.time() - t0, 3)
     return cal
+
+
+_QCOL = re.compile(r"^(open|high|low|close)_q(\d*\.?\d+(?:[eE][-+]?\d+)?)$")
+
+
+def apply_calibration(records: Any, calibration: Any, model: Any = None, lookback: Optional[int] = None) -> Any:
+    """Calibrate the quantile columns (``open/high/low/close_q{q}``) and ``p_up`` of forecast records in place of
+    the raw ones, which are kept as ``{column}_raw``; ``p_up_calibrated`` holds the calibrated P(up).
+
+    Records are long (one row per forecast and ``step``) with ``last_close``; the band of every price column is
+    corrected in return space relative to ``last_close`` with the parameters fitted on close. The median comes
+    from the ``close_q0.5`` column (the mean ``close`` when absent). ``model``/``lookback`` (optional) are checked
+    against the calibration's fingerprint.
+    """
+    import pandas as pd
+
+    cal = load_calibration(calibration)
+    if model is not None or lookback is not None:
+        cal.check(model, lookback=lookback, source="calibration")
+    if not isinstance(records, pd.DataFrame):
+        raise InputError(f"records must be a DataFrame, got {type(records).__name__}")
+    missing = [c for c in ("step", "last_close") if c not in records.columns]
+    if missing:
+        raise InputError(f"records lack column(s) {missing} needed to apply a calibration")
+    out = records.copy()
+    steps = out["step"].to_numpy(dtype=int)
+    if len(steps) and (steps.min() < 1 or steps.max() > cal.horizon):
+        raise CheckpointError(f"calibration was fitted for a horizon of {cal.horizon} bars; records reach step "
+                              f"{steps.max()}; rerun `kronos calibrate` with this predict_window")
+    idx = steps - 1
+    last = out["last_close"].to_numpy(dtype=float)
+    cols: dict[str, dict[float, str]] = {}
+    for c in out.columns:
+        m = _QCOL.match(str(c))
+        if m:
+            cols.setdefault(m.group(1), {})[float(m.group(2))] = c
+    for base, qcols in cols.items():
+        rel = {q: out[c].to_numpy(dtype=float) / last - 1.0 for q, c in qcols.items()}
+        if 0.5 in rel:
+            med = rel[0.5]
+        else:
+            med = out[base].to_numpy(dtype=float) / last - 1.0 if base in out.columns else None
+            if med is None:
+                raise InputError(f"records need '{base}_q0.5' (or '{base}') to apply a calibration")
+        new = {}
+        for q, c in qcols.items():
+            lv = cal._level_of(q)
+            r_lo = r_hi = None
+            if lv is not None and cal.method.startswith("cqr"):
+                q_lo, q_hi = round((1 - lv) / 2, 10), round((1 + lv) / 2, 10)
+                partner = [qq for qq in (q_lo, q_hi) if not any(abs(qq - k) < 1e-9 for k in rel)]
+                if partner:
+                    raise InputError(f"calibrating '{c}' needs the column '{base}_q{partner[0]:g}' too "
+                                     f"(the other end of its {lv:g} band)")
+                r_lo = next(v for k, v in rel.items() if abs(k - q_lo) < 1e-9)
+                r_hi = next(v for k, v in rel.items() if abs(k - q_hi) < 1e-9)
+            new[c] = last * (1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx))
+        for c, v in new.items():
+            out[f"{c}_raw"] = out[c]
+            out[c] = v
+    if "p_up" in out.columns:
+        out["p_up_raw"] = out["p_up"]
+        out["p_up_calibrated"] = _platt(out["p_up"].to_numpy(dtype=float), cal.p_up["a"], cal.p_up["b"])
+    return out
 
 
 def load_calibration(calibration: Union[str, os.PathLike, Calibration, dict, None]) -> Optional[Calibration]:
@@ -411,4 +483,4 @@ def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
     return cal
 
 
-__all__ = ["Calibration", "calibrate_on_validation", "METHODS", "calibration_path", "fit_calibration", "load_calibration", "model_fingerprint"]
+__all__ = ["Calibration", "apply_calibration", "calibrate_on_validation", "METHODS", "calibration_path", "fit_calibration", "load_calibration", "model_fingerprint"]

@@ -159,8 +159,7 @@ def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
             row[f"coverage_{lv:g}"] = float(inside.mean())
             row[f"coverage_{lv:g}_by_step"] = [float(v) for v in inside.mean(axis=0)]
             row[f"width_{lv:g}"] = float(np.mean((hi - lo) / last[:, None]))
-        p = c.p_up_raw(c.calibrated_samples(fc.samples, last), last) if tag == "raw" else cal.p_up_calibrated(
-            cal.calibrated_samples(fc.samples, last), last)
+        p = c.p_up_raw(fc.samples, last) if tag == "raw" else cal.p_up_calibrated(fc.samples, last)
         moved = y != last[:, None]
         up = (y > last[:, None]).astype(float)
         row["brier_up"] = float(np.mean((p[moved] - up[moved]) ** 2)) if moved.any() else float("nan")

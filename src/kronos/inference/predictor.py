@@ -379,7 +379,12 @@ class KronosPredictor:
         verbose: bool = True,
         **kwargs: Any,
     ) -> dict[float, pd.DataFrame]:
-        """Quantiles of ``sample_count`` sampled paths: ``{q: DataFrame}`` with the layout of :meth:`predict`."""
+        """Quantiles of ``sample_count`` sampled paths: ``{q: DataFrame}`` with the layout of :meth:`predict`.
+
+        ``calibration=`` (keyword: a ``calibration.json`` path or a loaded :class:`~kronos.evaluate.calibration.
+        Calibration`) corrects the open/high/low/close bands as fitted on the validation split by ``kronos
+        calibrate``; it must belong to this predictor, this context length and ``pred_len``.
+        """
         return self.predict_quantiles_batch(
             [df], [x_timestamp], [y_timestamp], pred_len, quantiles, sample_count, T, top_k, top_p, verbose, **kwargs
         )[0]
@@ -400,13 +405,26 @@ class KronosPredictor:
     ) -> list[dict[float, pd.DataFrame]]:
         """Batch variant of :meth:`predict_quantiles`: one ``{q: DataFrame}`` per series."""
         qs = check_quantiles(quantiles)
+        cal = kwargs.pop("calibration", None)
+        if cal is not None:
+            from kronos.evaluate.calibration import load_calibration
+
+            cal = load_calibration(cal)
+            cal.check(self, horizon=pred_len)
+            for i, df in enumerate(df_list):
+                n = min(len(df), self.max_context) if self.truncate_history else len(df)
+                cal.check(lookback=n, source=f"calibration (series {i})")
         kwargs["return_samples"] = True
         results = self.predict_batch(
             df_list, x_timestamp_list, y_timestamp_list, pred_len, T, top_k, top_p, sample_count, verbose, **kwargs
         )
         out = []
-        for mean_df, samples in results:
+        for (mean_df, samples), df in zip(results, df_list):
             values = sample_quantiles(samples, qs)
+            if cal is not None:  # price columns: the close-fitted correction relative to the last close
+                last = np.array([float(df["close"].iloc[-1])])
+                for c in range(4):
+                    values[:, :, c] = cal.quantiles(samples[None, :, :, c], last, qs)[:, 0]
             out.append({q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)})
         return out
 
@@ -514,7 +532,7 @@ class KronosPredictor:
         if calibration is not None:
             from kronos.evaluate.calibration import apply_calibration
 
-            records = apply_calibration(records, calibration)
+            records = apply_calibration(records, calibration, model=self, lookback=int(L))
         if return_samples:
             return records, np.concatenate(paths_out)
         return records
