@@ -64,9 +64,9 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    d = _dist()
-    if d is not None:
-        d.barrier()
+    from kronos.train.distributed import wait_for_main  # a wait that a long rank-0 step cannot time out
+
+    wait_for_main()
 
 
 @dataclass
@@ -356,7 +356,15 @@ class KronosPipeline:
         return self.result.backtest_summary
 
     # ------------------------------------------------------------------ everything
-    def run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
+    def run(self, *args: Any, **kwargs: Any) -> PipelineResult:
+        """Every step (see :meth:`_run` for the skip flags); under ``torchrun`` from Python it sets up, and tears
+        down, its own process group when none exists."""
+        from kronos.train.distributed import process_group
+
+        with process_group(self.config):
+            return self._run(*args, **kwargs)
+
+    def _run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
             skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
         cfg = self.config
         timings = self.result.seconds

@@ -20,6 +20,12 @@ from kronos.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# Timeout of the training collectives (all-reduce, broadcast): a hung peer fails the job after this long.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# Waits for rank-0-only work (prediction, evaluation, backtest) use their own CPU (gloo) group with this timeout,
+# so a long evaluation never trips the training group's timeout or the NCCL watchdog (config key dist_wait_hours).
+_WAIT: dict[str, Any] = {"hours": 48.0, "world": None, "group": None}
+
 
 @dataclass
 class DistContext:
@@ -100,11 +106,12 @@ def setup_distributed(config: Config) -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    _WAIT["hours"] = float(config.dist_wait_hours)
     owns = False
     if dist.is_available() and dist.is_initialized():
         backend = dist.get_backend()
     else:
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=30)}
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": COLLECTIVE_TIMEOUT}
         if device.type == "cuda":
             kwargs["device_id"] = device
         try:
@@ -122,6 +129,39 @@ def cleanup_distributed(ctx: DistContext) -> None:
     """Destroy the process group if :func:`setup_distributed` created it."""
     if ctx.owns_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _WAIT["world"] = _WAIT["group"] = None
+
+
+@contextlib.contextmanager
+def process_group(config: Config) -> Iterator[Optional[DistContext]]:
+    """For a whole pipeline run: under ``torchrun`` with no process group yet, set one up for the block and tear it
+    down after; otherwise (plain ``python``, or a group the caller made) do nothing. Yields the context or None."""
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        if dist.is_available() and dist.is_initialized():
+            _WAIT["hours"] = float(config.dist_wait_hours)
+        yield None
+        return
+    ctx = setup_distributed(config)
+    try:
+        yield ctx
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _wait_group():
+    """The CPU (gloo) group used for waits, made once per default group (every rank calls this at the same point)."""
+    world = dist.group.WORLD
+    if _WAIT["world"] is not world or _WAIT["group"] is None:
+        _WAIT["group"] = dist.new_group(backend="gloo", timeout=timedelta(hours=_WAIT["hours"]))
+        _WAIT["world"] = world
+    return _WAIT["group"]
+
+
+def wait_for_main() -> None:
+    """Barrier of every rank after rank-0-only work: on a gloo group with the ``dist_wait_hours`` timeout, so other
+    ranks can wait for a long prediction/evaluation/backtest without the job timing out. No-op without a group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_wait_group())
 
 
 def barrier(ctx: DistContext) -> None:
