@@ -252,8 +252,8 @@ class Config:
                               f"(e.g. [0.5, 0.8]), got {self.interval_levels}")
         for key in ("tokenizer_learning_rate", "predictor_learning_rate"):
             lr = getattr(self, key)
-            if not math.isfinite(lr) or not 0 < lr < 1:
-                raise ConfigError(f"config key '{key}' must be a finite number in (0, 1) (e.g. 2e-4), got {lr}")
+            if not math.isfinite(lr) or not 0 <= lr <= 1:  # 0 freezes the weights (used on purpose)
+                raise ConfigError(f"config key '{key}' must be a finite number in [0, 1] (e.g. 2e-4), got {lr}")
         if self.inference_top_k < 0:
             raise ConfigError(f"config key 'inference_top_k' must be >= 0 (0 = off), got {self.inference_top_k}")
         if not math.isfinite(self.inference_T):

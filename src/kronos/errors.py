@@ -31,3 +31,7 @@ class DependencyError(KronosError, ImportError):
 
 class TrainingError(KronosError, RuntimeError):
     """Training cannot go on (e.g. the loss or gradients stayed non-finite for too many steps in a row)."""
+
+
+class BusyError(KronosError, RuntimeError):
+    """Another run holds the output folders (run lock), or the lock cannot be taken."""

@@ -366,6 +366,19 @@ class KronosPipeline:
 
     def _run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
             skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
+        """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`)."""
+        from kronos.runlock import is_rank_zero, run_locks
+
+        cfg = self.config
+        kwargs = dict(skip_data=skip_data, skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor,
+                      skip_predict=skip_predict, skip_backtest=skip_backtest)
+        if not is_rank_zero():
+            return self._run(**kwargs)
+        with run_locks([cfg.save_path, cfg.backtest_dir], whole=[] if skip_data else [cfg.dataset_path]):
+            return self._run(**kwargs)
+
+    def _run(self, skip_data: bool, skip_tokenizer: bool, skip_predictor: bool, skip_predict: bool,
+             skip_backtest: bool) -> PipelineResult:
         cfg = self.config
         timings = self.result.seconds
 

@@ -493,10 +493,16 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------- entry points
 def run_stage(stage_name: str, config: Config, resume: bool = False) -> dict:
     """Train ``stage_name`` ('tokenizer' or 'predictor') with ``config``; returns the run summary."""
+    import contextlib
+
+    from kronos.runlock import run_locks
+
     stage = get_stage(stage_name, config)
     ctx = setup_distributed(config)
     try:
-        with deterministic_cpu(ctx.device.type == "cpu"):
+        # one run per output folder: rank 0 locks save_path (re-entrant inside the pipeline's own lock)
+        lock = run_locks([config.save_path]) if ctx.rank == 0 else contextlib.nullcontext()
+        with lock, deterministic_cpu(ctx.device.type == "cpu"):
             trainer = Trainer(stage, config, ctx)
             trainer.setup(resume=resume)
             return trainer.fit()
