@@ -362,10 +362,10 @@ class KronosPipeline:
         from kronos.train.distributed import process_group
 
         with process_group(self.config):
-            return self._run(*args, **kwargs)
+            return self._locked_run(*args, **kwargs)
 
-    def _run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
-            skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
+    def _locked_run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
+                    skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
         """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`)."""
         from kronos.runlock import is_rank_zero, run_locks
 
@@ -377,8 +377,8 @@ class KronosPipeline:
         with run_locks([cfg.save_path, cfg.backtest_dir], whole=[] if skip_data else [cfg.dataset_path]):
             return self._run(**kwargs)
 
-    def _run(self, skip_data: bool, skip_tokenizer: bool, skip_predictor: bool, skip_predict: bool,
-             skip_backtest: bool) -> PipelineResult:
+    def _run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
+             skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
         cfg = self.config
         timings = self.result.seconds
 
