@@ -32,6 +32,7 @@ EPILOG = """examples:
   kronos predict --config-path my.json
   kronos forecast --input my_klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small --pred-len 24
   kronos config --config-path my.json
+  kronos serve --run outputs            # REST API, MCP at /mcp, web page at http://127.0.0.1:8000/
 """
 
 
@@ -120,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--output", default="", help="write the forecast (CSV or .parquet); default: print it")
     p.add_argument("--plot", default="", help="also write a PNG of history and forecast")
+    from kronos.serve.command import add_model_args, add_serve_args
+
+    add_serve_args(command("serve", "forecasting service: REST API (/docs), MCP (/mcp) and a web page (/)",
+                           "kronos serve --tokenizer ./tok --model ./pred --dataset ./data/processed"))
+    add_model_args(command("mcp", "MCP server over stdio (tools forecast, list_models, list_symbols)",
+                           "kronos mcp --run outputs"))
     p = command("config", "print the effective config (defaults + file + flags) as JSON",
                 "kronos config --config-path examples/configs/demo.json --fast-mode")
     add_config_args(p)
@@ -244,6 +251,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "forecast":
             return run_forecast_command(args)
+        if args.command in ("serve", "mcp"):
+            from kronos.serve.command import run_mcp, run_serve
+
+            return run_serve(args) if args.command == "serve" else run_mcp(args)
         config = build_config(args)
         if args.command == "config":
             data = config.to_dict()

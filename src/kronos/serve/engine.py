@@ -224,6 +224,7 @@ class ForecastEngine:
         self.batch_wait = max(0.0, float(batch_wait_ms)) / 1000.0
         self.max_batch = max(1, int(max_batch)) if batching else 1
         self.run_dir = run_dir
+        self.lookback = info.max_context  # bars of a dataset symbol's history used for its forecast
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kronos-forecast")
         self._queue: Optional[asyncio.Queue] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -282,14 +283,13 @@ class ForecastEngine:
         return await job.future
 
     def history_for(self, table: pd.DataFrame, where: str = "bars") -> pd.DataFrame:
-        frame = check_history(table, self.limits, where)
-        return frame.iloc[-self.info.max_context:].reset_index(drop=True) if len(frame) > self.info.max_context \
-            else frame
+        """The checked history of a request, whole (the predictor uses all of it, as the official one)."""
+        return check_history(table, self.limits, where)
 
     def symbol_history(self, symbol: str) -> pd.DataFrame:
         if self.dataset is None:
             raise InputError("no dataset is loaded; start the service with --dataset PATH or --run DIR")
-        return self.dataset.history(symbol, self.info.max_context)
+        return self.dataset.history(symbol, self.lookback)
 
     async def close(self) -> None:
         if self._task is not None:

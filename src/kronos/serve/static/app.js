@@ -66,7 +66,8 @@ function drawForecast(res) {
     drawn.band_low = line(res.quantiles[lo].close, Object.assign({ title: `q${lo}` }, style));
     drawn.band_high = line(res.quantiles[hi].close, Object.assign({ title: `q${hi}` }, style));
   }
-  chart.timeScale().fitContent();
+  // the last bars of the history and the whole forecast (scroll or zoom for more)
+  chart.timeScale().setVisibleLogicalRange({ from: Math.max(0, hist.length - 120), to: hist.length + res.timestamps.length + 2 });
 
   const pchart = newChart($("pup-chart"), { rightPriceScale: { scaleMargins: { top: 0.1, bottom: 0 } } });
   const pup = pchart.addHistogramSeries({ priceFormat: { type: "percent" }, base: 0 });
