@@ -94,8 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     p = command("predict", "forecast the bars after every symbol's latest lookback window",
                 "kronos predict --config-path examples/configs/demo.json")
     add_config_args(p)
-    p = command("evaluate", "rolling forecasts on the test split: MSE/MAE, direction, IC/RankIC vs naive",
+    p = command("evaluate", "walk-forward report on the test split: the model beside baselines (report.json/md, PNGs)",
                 "kronos evaluate --config-path examples/configs/demo.json --fast-mode")
+    add_config_args(p)
+    p = command("calibrate", "fit calibrated bands and P(up) on validation anchors (calibration.json beside best_model)",
+                "kronos calibrate --config-path examples/configs/demo.json --fast-mode")
     add_config_args(p)
     p = command("backtest", "top-k backtest of the forecast signals over backtest_time_range",
                 "kronos backtest --config-path examples/configs/demo.json --fast-mode")
@@ -118,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--sample-count", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--calibration", default="", metavar="PATH",
+                   help="calibration.json of this model (kronos calibrate) for calibrated bands")
     p.add_argument("--device", default=None)
     p.add_argument("--output", default="", help="write the forecast (CSV or .parquet); default: print it")
     p.add_argument("--plot", default="", help="also write a PNG of history and forecast")
@@ -183,6 +188,9 @@ def print_result_summary(result) -> None:
         keys = [k for k in ("model/mse", "naive/mse", "model/direction_accuracy", "model/ic", "model/rank_ic") if k in m]
         if keys:
             lines.append("                    " + ", ".join(f"{k}={_fmt(m[k])}" for k in keys))
+    if getattr(result, "report_file", ""):
+        lines.append(f"  report:           {result.report_file} (and report.md)")
+        lines.extend("                    " + row for row in headline_rows(result.report_headline))
     if result.backtest_dir:
         lines.append(f"  backtest:         {result.backtest_dir}")
         for sig, s in result.backtest_summary.items():
@@ -195,6 +203,20 @@ def print_result_summary(result) -> None:
         lines.append(f"  plots:            {len(result.plots)} PNG files, e.g. {result.plots[0]}")
     lines.append(f"  step seconds:     {result.seconds}")
     print("\n".join(lines), flush=True)
+
+
+def headline_rows(headline: dict) -> list[str]:
+    """One line per forecaster: the report's headline metrics."""
+    keys = ("mase", "direction_accuracy", "ic", "crps_rel", "coverage_0.8", "brier_up")
+    rows = []
+    for name, m in headline.items():
+        rows.append(f"{name:<12} " + ", ".join(f"{k}={_fmt(m.get(k))}" for k in keys if k in m))
+    return rows
+
+
+def print_headline(result) -> None:
+    print(f"report: {result.report_file} (and report.md, PNGs); metrics: {result.metrics_file}")
+    print("\n".join(headline_rows(result.report_headline)), flush=True)
 
 
 def _fmt(v: Any) -> str:
@@ -215,6 +237,12 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     tokenizer = KronosTokenizer.from_pretrained(args.tokenizer)
     model = Kronos.from_pretrained(args.model)
     predictor = KronosPredictor(model, tokenizer, device=args.device, max_context=args.max_context)
+    cal = None
+    if args.calibration:  # checked before sampling: a calibration for another model/lookback/horizon is refused
+        from kronos.evaluate.calibration import load_calibration
+
+        cal = load_calibration(args.calibration)
+        cal.check(predictor, lookback=len(frame), horizon=args.pred_len, source=f"calibration file '{args.calibration}'")
     x_ts = frame["timestamps"].reset_index(drop=True)
     y_ts = pd.Series(future_timestamps(x_ts, args.pred_len))
     cols = ["open", "high", "low", "close", "volume", "amount"]
@@ -224,7 +252,13 @@ def run_forecast_command(args: argparse.Namespace) -> int:
                                       return_samples=True)
     out = mean.copy()
     out.index.name = "timestamps"
-    if args.sample_count > 1:
+    if args.calibration:
+        qs = cal.quantile_levels()
+        values = cal.quantiles(samples[None, :, :, 3], [float(frame["close"].iloc[-1])], qs)[:, 0]
+        for q, v in zip(qs, values):
+            out[f"close_q{q:g}"] = v
+        out["p_up"] = cal.p_up_calibrated(samples[None, :, :, 3], [float(frame["close"].iloc[-1])])[0]
+    elif args.sample_count > 1:
         import numpy as np
 
         for q in (0.1, 0.9):
@@ -278,8 +312,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pipe.predict()
             print(f"forecasts: {pipe.result.forecast_file}")
         elif args.command == "evaluate":
-            metrics = pipe.evaluate()
-            print(json.dumps({k: v for k, v in metrics.items()}, indent=2, default=str))
+            pipe.evaluate()
+            print_headline(pipe.result)
+        elif args.command == "calibrate":
+            cal = pipe.calibrate()
+            print(f"calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): {pipe.result.calibration_file}")
+            for lv, before in cal["coverage_before"].items():
+                print(f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
+                      f"{_fmt(cal['coverage_after'][lv]['coverage'])}")
         elif args.command == "backtest":
             summary = pipe.backtest()
             print(f"backtest results: {pipe.result.backtest_dir}")

@@ -79,6 +79,9 @@ class PipelineResult:
     results_dir: str = ""
     forecast_file: str = ""
     metrics_file: str = ""
+    report_file: str = ""
+    report_headline: dict = field(default_factory=dict)
+    calibration_file: str = ""
     backtest_dir: str = ""
     plots: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
@@ -324,6 +327,7 @@ class KronosPipeline:
         save_metrics(metrics, self.result.metrics_file)
         _write_table(records, out_dir / "forecast_records")
         self.result.metrics = metrics
+        self.report()
         return metrics
 
     # ------------------------------------------------------------------ step 6: backtest
@@ -406,6 +410,8 @@ class KronosPipeline:
         else:
             step("predictor", self.train_predictor, main_only=False)
             self._plot_curves(cfg.predictor_dir)
+            if not skip_predict:  # skipped with the predictor: a reused predictor keeps its calibration.json
+                step("calibrate", self.calibrate, main_only=True)
         if not skip_predict:
             step("predict", self.predict, main_only=True)
             step("evaluate", self.evaluate, main_only=True)
@@ -419,6 +425,63 @@ class KronosPipeline:
             atomic_write_text(Path(cfg.backtest_dir) / "pipeline_result.json",
                               json.dumps(json_safe(dataclasses.asdict(self.result)), indent=2) + "\n")
         return self.result
+
+    # ------------------------------------------------------------------ calibration and the walk-forward report
+    def calibrate(self) -> dict:
+        """Fit the band/P(up) calibration on validation anchors; writes ``calibration.json`` beside best_model."""
+        from kronos.evaluate.calibration import calibrate_on_validation, calibration_path
+        from kronos.evaluate.report import split_bounds
+
+        cfg = self.config
+        path = calibration_path(cfg.finetuned_predictor)
+        cal = calibrate_on_validation(cfg, self.load_predictor(), self.full_frame(), split_bounds(cfg.dataset_path),
+                                      out_path=path)
+        self.result.calibration_file = str(path)
+        return cal.to_dict()
+
+    def load_calibration(self):
+        """The finetuned predictor's ``calibration.json`` when present and fitted for it (else None, logged)."""
+        from kronos.evaluate.calibration import Calibration, calibration_path
+
+        cfg = self.config
+        path = calibration_path(cfg.finetuned_predictor)
+        if not path.is_file():
+            log.info("no calibration at %s (run `kronos calibrate`): bands are reported uncalibrated", path)
+            return None
+        try:
+            cal = Calibration.load(path).check(self.load_predictor(), cfg.lookback_window, cfg.predict_window,
+                                               source=f"calibration file '{path}'")
+        except KronosError as exc:
+            log.warning("%s; bands are reported uncalibrated", exc)
+            return None
+        self.result.calibration_file = str(path)
+        return cal
+
+    def report(self) -> dict:
+        """Walk-forward report on the test split: finetuned (and zero-shot) model beside the baselines."""
+        from kronos.evaluate.report import build_report, split_bounds
+
+        cfg = self.config
+        models = {"finetuned": self.load_predictor()}
+        skipped = {}
+        if cfg.pretrained_predictor_path and cfg.pretrained_tokenizer_path:
+            from kronos.inference import KronosPredictor
+
+            try:
+                device = None if cfg.device == "auto" else cfg.device
+                models["zero_shot"] = KronosPredictor.from_pretrained(
+                    cfg.pretrained_tokenizer_path, cfg.pretrained_predictor_path, device=device,
+                    max_context=cfg.max_context, clip=cfg.clip)
+            except (KronosError, OSError) as exc:
+                skipped["zero_shot"] = f"pretrained model not loadable: {exc}"
+                log.warning("zero-shot model left out of the report: %s", exc)
+        report = build_report(cfg, self.full_frame(), split_bounds(cfg.dataset_path), models, cfg.backtest_dir,
+                              calibration=self.load_calibration(), skipped=skipped)
+        self.result.report_file = report["files"]["json"]
+        self.result.report_headline = report["headline"]
+        self.result.plots.extend(report["files"]["plots"])
+        log.info("walk-forward report: %s", report["files"]["markdown"])
+        return report
 
     def _plot_curves(self, stage_dir: str) -> None:
         if not is_main_process():
