@@ -137,7 +137,10 @@ class KronosPipeline:
 
     @staticmethod
     def require_checkpoint(path: str, what: str, flag: str) -> None:
-        if not (Path(path) / "config.json").is_file():
+        from kronos.train.checkpoint import resolve_folder
+
+        folder = resolve_folder(path)  # falls back to <path>.prev when a swap was interrupted
+        if folder is None or not (folder / "config.json").is_file():
             raise CheckpointError(
                 f"no finetuned {what} checkpoint at '{path}'; train it first (drop {flag}) "
                 f"or set finetuned_{what}_path to an existing checkpoint folder"

@@ -43,14 +43,10 @@ _P_EPS = 1e-3
 
 def model_fingerprint(model: Any, lookback: int, horizon: int) -> str:
     """sha256 of the predictor's weights (names, dtypes, shapes, bytes) plus the lookback and the horizon."""
-    import torch
+    from kronos.model.hub import weights_sha256
 
     net = getattr(model, "model", model)  # a KronosPredictor or the Kronos module
-    h = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h = hashlib.sha256(weights_sha256(net).encode())
     h.update(f"lookback={int(lookback)}|horizon={int(horizon)}".encode())
     return h.hexdigest()
 

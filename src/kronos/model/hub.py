@@ -126,6 +126,22 @@ class CheckpointMixin:
         return model
 
 
+def weights_sha256(module: Any) -> str:
+    """sha256 of a module's weights: every state-dict entry's name, dtype, shape and bytes, in name order.
+
+    Identical for the same weights wherever they were loaded from (folder, hub, memory); any changed value,
+    shape or dtype changes it.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _read_config(cls: type, path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -210,8 +226,20 @@ def _resolve_files(
     local_files_only: bool,
     token: Optional[Union[str, bool]],
 ) -> tuple[Path, Path]:
-    """(config path, weights path) of a local folder or a hub id."""
+    """(config path, weights path) of a local folder or a hub id.
+
+    A folder whose atomic swap was interrupted (see :func:`kronos.train.checkpoint.write_folder_atomically`)
+    is read from its complete previous version ``<folder>.prev``.
+    """
     path = Path(name).expanduser()
+    if not path.exists():
+        from kronos.train.checkpoint import resolve_folder
+
+        prev = resolve_folder(path)
+        if prev is not None:
+            logger.warning("%s is missing (a checkpoint swap was interrupted); loading its previous version %s",
+                           path, prev)
+            path = prev
     if path.is_dir():
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not config_path.is_file():

@@ -200,6 +200,8 @@ class MultiHeadCrossAttentionWithRoPE(_ProjectedAttention):
     def __init__(self, d_model: int, n_heads: int = 4, attn_dropout_p: float = 0.0, resid_dropout: float = 0.0):
         super().__init__(d_model, n_heads, attn_dropout_p, resid_dropout)
         self.positioned_query = False  # Q2 fix, off by default (not a constructor argument: config stays official)
+        # Q4: causal also in eval mode when set (the trainer's causal validation loss); never saved in config.json.
+        self.causal_in_eval = False
 
     def forward(
         self,
@@ -216,7 +218,7 @@ class MultiHeadCrossAttentionWithRoPE(_ProjectedAttention):
             q, k = self._rotate_positioned(q, k)
         else:
             q, k = self.rotary(q, k)  # Q2: table length from the query
-        causal = self.training  # Q4: causal flag tied to train mode
+        causal = self.training or self.causal_in_eval  # Q4: causal flag tied to train mode (official)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_dropout_p if self.training else 0.0, is_causal=causal
         )

@@ -45,6 +45,10 @@ class Stage:
     def check_model(self, model: nn.Module) -> None:
         """Raise CheckpointError when the trained model cannot work with the stage's other parts."""
 
+    def inputs_fingerprint(self) -> dict[str, str]:
+        """Hashes of the fixed parts training depends on (after :meth:`prepare`); a resume must see the same."""
+        return {}
+
     # -- how to train it -----------------------------------------------------------------------
     lr: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -60,6 +64,11 @@ class Stage:
     def val_loss(self, model: nn.Module, x: torch.Tensor, stamp: torch.Tensor) -> torch.Tensor:
         """Validation metric of one batch (mean over the batch), model in eval mode, under no_grad."""
         raise NotImplementedError
+
+    def val_losses(self, model: nn.Module, x: torch.Tensor, stamp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Validation metrics of one batch: ``loss`` (ranks epochs: best model, early stopping) and any others
+        logged beside it under ``val/<name>``."""
+        return {"loss": self.val_loss(model, x, stamp)}
 
 
 def _from_pretrained(cls: type, path: str, what: str) -> nn.Module:
@@ -158,7 +167,9 @@ class PredictorStage(Stage):
         from kronos.model import KronosTokenizer
 
         path = self.config.finetuned_tokenizer
-        if not self.config.finetuned_tokenizer_path and not Path(path).is_dir():
+        from kronos.train.checkpoint import resolve_folder
+
+        if not self.config.finetuned_tokenizer_path and resolve_folder(path) is None:
             raise CheckpointError(
                 f"finetuned tokenizer '{path}' does not exist; run the tokenizer stage first "
                 "(finetune/train_tokenizer.py or `kronos train-tokenizer`) or set finetuned_tokenizer_path"
@@ -172,7 +183,15 @@ class PredictorStage(Stage):
         for p in tok.parameters():
             p.requires_grad_(False)
         self.tokenizer = tok
-        logger.info("predictor: tokenising with the frozen tokenizer at %s", path)
+        from kronos.model.hub import weights_sha256
+
+        self.tokenizer_sha256 = weights_sha256(tok)
+        logger.info("predictor: tokenising with the frozen tokenizer at %s (weights sha256 %s)", path,
+                    self.tokenizer_sha256[:12])
+
+    def inputs_fingerprint(self) -> dict[str, str]:
+        sha = getattr(self, "tokenizer_sha256", None)
+        return {"tokenizer_sha256": sha} if sha else {}
 
     def check_model(self, model: nn.Module) -> None:
         tok = self.tokenizer
@@ -213,9 +232,35 @@ class PredictorStage(Stage):
         return loss, {"loss": loss.detach(), "ce_s1": ce1.detach(), "ce_s2": ce2.detach()}
 
     def val_loss(self, model: nn.Module, x: torch.Tensor, stamp: torch.Tensor) -> torch.Tensor:
-        # Eval mode makes the dependency layer non-causal over full-length queries (Q4), as in the official scripts.
-        ce1, ce2 = self._logits(model, x, stamp)
-        return (ce1 + ce2) / 2
+        return self.val_losses(model, x, stamp)["loss"]
+
+    def val_losses(self, model: nn.Module, x: torch.Tensor, stamp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss``: causal cross-entropy (ranks epochs); ``loss_official``: the official number, whose s2 part
+        runs the dependency layer non-causally in eval mode (Q4), so each position's s2 logits see later
+        positions, the target included; kept so old runs compare, never used to pick a model."""
+        raw = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the Kronos module
+        raw = getattr(raw, "module", raw)  # DDP wrapper
+        s1, s2 = self._tokens(x)
+        t1, t2 = s1[:, 1:], s2[:, 1:]
+        logits1, context = raw.decode_s1(s1[:, :-1], s2[:, :-1], stamp[:, :-1])
+        if self.teacher_forcing:
+            sibling = t1
+        else:  # one sampled sibling per position (Q13), shared by both numbers
+            probs = F.softmax(logits1.detach().float(), dim=-1)
+            sibling = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(t1.shape)
+        ce1 = F.cross_entropy(logits1.float().reshape(-1, logits1.shape[-1]), t1.reshape(-1))
+        cross = raw.dep_layer.cross_attn
+        out = {}
+        for name, causal in (("loss", True), ("loss_official", False)):
+            before = cross.causal_in_eval
+            cross.causal_in_eval = causal
+            try:
+                logits2 = raw.decode_s2(context, sibling)
+            finally:
+                cross.causal_in_eval = before
+            ce2 = F.cross_entropy(logits2.float().reshape(-1, logits2.shape[-1]), t2.reshape(-1))
+            out[name] = (ce1 + ce2) / 2
+        return out
 
 
 STAGES: dict[str, type[Stage]] = {"tokenizer": TokenizerStage, "predictor": PredictorStage}

@@ -129,14 +129,21 @@ class Trainer:
         from kronos.data.windows import WindowSampler, window_loader
 
         r, w = self.ctx.rank, self.ctx.world_size
-        self.train_sampler = WindowSampler(len(self.train_ds), cfg.n_train_iter, seed=cfg.seed, rank=r, world_size=w)
-        self.val_sampler = WindowSampler(len(self.val_ds), cfg.n_val_iter, seed=cfg.seed, rank=r, world_size=w)
+        # An epoch is min(n_train_iter, windows) samples, as the official dataset's min(n_samples, len(indices)):
+        # a small dataset is not passed over many times per "epoch" (and the OneCycle schedule is not stretched).
+        self.train_samples = min(cfg.n_train_iter, len(self.train_ds))
+        self.val_samples = min(cfg.n_val_iter, len(self.val_ds))
+        self.train_sampler = WindowSampler(len(self.train_ds), self.train_samples, seed=cfg.seed, rank=r,
+                                           world_size=w)
+        self.val_sampler = WindowSampler(len(self.val_ds), self.val_samples, seed=cfg.seed, rank=r, world_size=w)
         steps = self.train_sampler.per_rank // cfg.batch_size
         self.steps_per_epoch = all_reduce_min_int(self.ctx, steps)
+        self.val_steps = math.ceil(self.val_sampler.per_rank / cfg.batch_size)
         if self.steps_per_epoch < 1:
             raise ConfigError(
-                f"config key 'n_train_iter' ({cfg.n_train_iter}) gives {self.train_sampler.per_rank} samples per "
-                f"process, fewer than one batch of batch_size {cfg.batch_size}; raise n_train_iter or lower batch_size"
+                f"an epoch of min(n_train_iter {cfg.n_train_iter}, {len(self.train_ds)} training windows) gives "
+                f"{self.train_sampler.per_rank} samples per process, fewer than one batch of batch_size "
+                f"{cfg.batch_size}; lower batch_size, raise n_train_iter or use more training data"
             )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         # One vectorised get_batch per batch; a private generator keeps DataLoader iterator creation off the
@@ -148,6 +155,8 @@ class Trainer:
 
         # model
         self.stage.prepare(self.device)
+        if state is not None:
+            self._check_resume_inputs(state)
         if self.resume_from is not None:
             raw = self.stage.model_class.from_pretrained(str(self.resume_from))
         else:
@@ -191,6 +200,19 @@ class Trainer:
                 f"cannot resume from {self.resume_from}: {detail} changed since it was written; restore those "
                 "settings or train without --resume"
             )
+
+    def _check_resume_inputs(self, state: dict) -> None:
+        """A resumed predictor must train on the very tokenizer it started with (its tokens define the task)."""
+        saved = state.get("inputs") or {}
+        for key, now in self.stage.inputs_fingerprint().items():
+            before = saved.get(key)
+            if before is not None and before != now:
+                what = key.replace("_sha256", "")
+                raise CheckpointError(
+                    f"cannot resume from {self.resume_from}: it was trained on a different {what} (weights sha256 "
+                    f"{before[:12]}, now {now[:12]} at {self.config.finetuned_tokenizer}); restore that {what} "
+                    "or train without --resume"
+                )
 
     def _load_training_state(self, state: dict) -> None:
         assert self.resume_from is not None
@@ -269,7 +291,11 @@ class Trainer:
         return out
 
     def validate(self) -> float:
-        """Sample-weighted mean validation loss over every rank's validation windows."""
+        """Sample-weighted mean validation loss over every rank's validation windows (the loss that ranks epochs).
+
+        Every metric of :meth:`Stage.val_losses` is kept in ``self.val_metrics`` (e.g. the predictor's
+        ``loss_official``, the official non-causal number).
+        """
         with self.precision.compute():
             return self._validate()
 
@@ -277,7 +303,7 @@ class Trainer:
     def _validate(self) -> float:
         model = self.eval_model
         model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        totals: dict[str, torch.Tensor] = {}
         count = 0
         # Own RNG stream: sampled-sibling validation (teacher_forcing false) is the same every epoch and does not
         # shift the training stream.
@@ -288,12 +314,18 @@ class Trainer:
                 x = x.to(self.device, non_blocking=True)
                 stamp = stamp.to(self.device, non_blocking=True)
                 with self.precision.autocast():
-                    loss = self.stage.val_loss(model, x, stamp)
-                total += loss.double() * x.shape[0]
+                    losses = self.stage.val_losses(model, x, stamp)
+                for k, v in losses.items():
+                    part = v.detach().double() * x.shape[0]
+                    totals[k] = totals[k] + part if k in totals else part
                 count += x.shape[0]
         model.train()
-        s, n = all_reduce_sum(self.ctx, [float(total.item()), float(count)])
-        return s / n if n else math.nan
+        names = sorted(totals) or ["loss"]
+        sums = all_reduce_sum(self.ctx, [float(totals[k].item()) if k in totals else 0.0 for k in names]
+                              + [float(count)])
+        n = sums[-1]
+        self.val_metrics = {k: (v / n if n else math.nan) for k, v in zip(names, sums[:-1])}
+        return self.val_metrics.get("loss", math.nan)
 
     def _val_batches(self):
         self.val_sampler.set_epoch(0)  # the same validation windows every epoch (official: reseeded with `seed`)
@@ -341,6 +373,7 @@ class Trainer:
             "epochs_run": self.epochs_run,
             "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
             "world_size": self.ctx.world_size,
+            "inputs": self.stage.inputs_fingerprint(),
             "history": self.history,
             "log_sums": {k: float(v.item()) for k, v in self._log_sums.items()},
             "log_n": self._log_n,
@@ -361,6 +394,11 @@ class Trainer:
             logger.info("%s: %d epochs x %d steps (batch %d x %d process(es), %s, %s), %d parameters",
                         self.stage.name, cfg.epochs, self.steps_per_epoch, cfg.batch_size, self.ctx.world_size,
                         self.device, self.precision.name, sum(p.numel() for p in self.params))
+            logger.info("%s: epoch = min(n_train_iter %d, %d training windows) = %d samples -> %d steps of batch "
+                        "%d; validation = min(n_val_iter %d, %d windows) = %d samples -> %d batches; OneCycle over "
+                        "%d steps", self.stage.name, cfg.n_train_iter, len(self.train_ds), self.train_samples,
+                        self.steps_per_epoch, cfg.batch_size, cfg.n_val_iter, len(self.val_ds), self.val_samples,
+                        self.val_steps, self.total_steps)
             logger.info("%s", self.precision.reason)
         tokens_per_step = cfg.batch_size * self.ctx.world_size * self.stage.tokens_per_sample(cfg.window)
         try:
@@ -428,12 +466,16 @@ class Trainer:
         self.stopped_early = broadcast_flag(self.ctx, stop)
         self.epoch += 1
         self.step_in_epoch = 0
+        others = {k: v for k, v in getattr(self, "val_metrics", {}).items() if k != "loss"}
         row = {"step": self.global_step, "epoch": epoch + 1, "val/loss": val, "val/best": self.best_val}
+        row.update({f"val/{k}": v for k, v in others.items()})
         self.history.append({"epoch": epoch + 1, "step": self.global_step,
-                             "val_loss": val if math.isfinite(val) else None})
+                             "val_loss": val if math.isfinite(val) else None,
+                             **{f"val_{k}": (v if math.isfinite(v) else None) for k, v in others.items()}})
         tracker.log(row)
         if self.ctx.is_main:
-            logger.info("%s epoch %d/%d: val loss %.6f%s", self.stage.name, epoch + 1, cfg.epochs, val,
+            extra = "".join(f", {k} {v:.6f}" for k, v in others.items())
+            logger.info("%s epoch %d/%d: val loss %.6f%s%s", self.stage.name, epoch + 1, cfg.epochs, val, extra,
                         " (best)" if improved else f" (best {self.best_val:.6f} at epoch {self.best_epoch})")
             if self.stopped_early:
                 logger.info("early stopping: no improvement for %d epoch(s)", self.bad_epochs)
@@ -471,6 +513,9 @@ class Trainer:
             "stopped_early": self.stopped_early,
             "global_step": self.global_step,
             "steps_per_epoch": self.steps_per_epoch,
+            "val_steps": self.val_steps,
+            "train_windows": len(self.train_ds),
+            "val_windows": len(self.val_ds),
             "samples_seen": self.global_step * self.config.batch_size * self.ctx.world_size,
             "nonfinite_steps": self.nonfinite_total,
             "wall_time_s": elapsed,
