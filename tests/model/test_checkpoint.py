@@ -325,3 +325,44 @@ def test_hub_id_without_network_mock_fails_fast_with_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="download the checkpoint to a folder"):
         KronosTokenizer.from_pretrained("kronos-tests-nonexistent/no-such-model", cache_dir=tmp_path)
     assert time.monotonic() - start < 15
+
+
+def test_config_with_fewer_layers_than_the_weights_is_an_error(tmp_path):
+    folder = tmp_path / "pred"
+    build_predictor("tiny").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["n_layers"] >= 2
+    (folder / "config.json").write_text(json.dumps({**config, "n_layers": config["n_layers"] - 1}))
+    with pytest.raises(CheckpointError, match=r"layers config.json does not have .*check n_layers") as info:
+        Kronos.from_pretrained(folder)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="layers config.json does not have"):
+        Kronos.from_pretrained(folder, strict=False)  # never silently a different model
+
+
+def test_absurd_config_fails_before_allocating(tmp_path):
+    folder = tmp_path / "pred"
+    build_predictor("tiny").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "d_model": 1 << 16, "ff_dim": 1 << 18}))
+    start = time.monotonic()  # the model described would need hundreds of GB: checked on the meta device first
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        Kronos.from_pretrained(folder)
+    assert time.monotonic() - start < 5
+
+
+def test_hub_endpoint_that_never_answers_fails_within_seconds(tmp_path, monkeypatch):
+    import socket as _socket
+
+    from huggingface_hub import constants
+
+    with _socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        start = time.monotonic()
+        with pytest.raises(CheckpointError, match="cannot be reached") as info:
+            Kronos.from_pretrained("NeoQuasar/Kronos-small", cache_dir=tmp_path)
+        assert time.monotonic() - start < 8
+        assert "\n" not in str(info.value)

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
@@ -115,6 +114,14 @@ class CheckpointMixin:
         if unknown:
             raise CheckpointError(f"unknown {cls.__name__} argument(s) {unknown}; valid: {cls.constructor_keys()}")
         config.update(model_kwargs)
+        # Check config.json against the weights' header on the meta device before allocating anything: an absurd
+        # d_model must fail in milliseconds, not try to allocate 80 GB.
+        try:
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in cls(**config).state_dict().items()}
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{config_path}: cannot build {cls.__name__} from it: {exc}") from exc
+        _check_against_weights(expected, _read_header(weights_path), weights_path, strict)
         try:
             model = cls(**config)
         except (TypeError, ValueError) as exc:
@@ -162,6 +169,47 @@ def _read_config(cls: type, path: Path) -> dict:
     return config
 
 
+def _read_header(path: Path) -> dict[str, tuple]:
+    """Tensor names and shapes from the safetensors header (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read weights {path}: {exc}") from None
+
+
+_INDEX = re.compile(r"\.\d+\.")
+
+
+def _check_against_weights(expected: dict[str, tuple], found: dict[str, tuple], path: Path, strict: bool) -> None:
+    """config.json must describe the weights exactly: same shapes, no missing tensors, no extra layers.
+
+    Extra tensors of a kind the model has (``transformer.12.*`` for a config with 12 layers) mean the config
+    describes a smaller model than the weights: always an error. Other extra tensors are ignored with a
+    warning (as the official loader does); missing ones are an error unless ``strict=False``.
+    """
+    mismatched = [f"{k} {found[k]} vs expected {v}" for k, v in expected.items() if k in found and found[k] != v]
+    if mismatched:
+        raise CheckpointError(
+            f"{path}: tensor shape mismatch (config.json does not fit the weights): {mismatched[:3]}"
+        )
+    kinds = {_INDEX.sub(".#.", k) for k in expected}
+    extra_layers = sorted(k for k in set(found) - set(expected) if _INDEX.sub(".#.", k) in kinds)
+    if extra_layers:
+        raise CheckpointError(
+            f"{path}: the weights hold {len(extra_layers)} tensor(s) of layers config.json does not have (e.g. "
+            f"{extra_layers[0]}); config.json describes a smaller model than the weights (check n_layers)"
+        )
+    missing = [k for k in expected if k not in found and not k.endswith(_RECOMPUTABLE_SUFFIXES)]
+    if missing and strict:
+        raise CheckpointError(
+            f"{path}: missing tensors {missing[:5]} ({len(missing)} in all); the checkpoint does not match this "
+            "model (pass strict=False to load anyway)"
+        )
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -203,19 +251,30 @@ def _download_hint(repo_id: str) -> str:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick TCP probe of the hub endpoint, so an offline machine does not wait through HTTP retries."""
+    """Quick HTTP probe of the hub endpoint, so an offline machine does not wait through HTTP retries.
+
+    A TCP connect is not enough: an endpoint that accepts connections but never answers (a dead proxy, a
+    captive portal) would stall the download for minutes. Any HTTP answer (even 404) within ``timeout``
+    seconds counts as reachable.
+    """
+    import urllib.error
+    import urllib.request
+
     try:
         from huggingface_hub import constants
 
-        endpoint = urlparse(constants.ENDPOINT)
+        endpoint = constants.ENDPOINT.rstrip("/")
     except Exception:  # pragma: no cover - huggingface_hub is a dependency
         return False
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    host = urlparse(endpoint).hostname or ""
+    handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
+    opener = urllib.request.build_opener(*handlers)
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with opener.open(urllib.request.Request(endpoint + "/api/models", method="HEAD"), timeout=timeout):
             return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
         return False
 
 
@@ -272,7 +331,8 @@ def _resolve_files(
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
         try:
             files.append(
-                Path(hf_hub_download(name, filename, revision=revision, cache_dir=cache_dir, token=token))
+                Path(hf_hub_download(name, filename, revision=revision, cache_dir=cache_dir, token=token,
+                                     etag_timeout=10))
             )
         except Exception as exc:  # network/HTTP/repo errors of huggingface_hub
             raise CheckpointError(
