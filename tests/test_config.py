@@ -19,7 +19,7 @@ def test_seed_defaults():
     assert c.time_feature_list == ["minute", "hour", "weekday", "day", "month"]
     assert c.batch_size == 50 and c.n_train_iter == 100_000 and c.n_val_iter == 20_000
     assert c.tokenizer_learning_rate == 2e-4 and c.predictor_learning_rate == 4e-5
-    assert (c.inference_T, c.inference_top_p, c.inference_top_k, c.inference_sample_count) == (0.6, 0.9, 0, 5)
+    assert (c.inference_T, c.inference_top_p, c.inference_top_k, c.inference_sample_count) == (0.6, 0.9, 0, 32)
     assert c.benchmark == "SH000300"
     assert c.finetuned_tokenizer.endswith("finetune_tokenizer_demo/checkpoints/best_model")
 

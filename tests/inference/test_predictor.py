@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kronos.errors import InputError
-from kronos.inference import KronosPredictor
+from kronos.inference import KronosPredictor, prob_up
 from kronos.model import build_predictor, build_tokenizer
 
 COLS = ["open", "high", "low", "close", "volume", "amount"]
@@ -129,6 +129,68 @@ def test_quantiles(predictor):
     assert len(batch) == 2 and set(batch[1]) == {0.1, 0.5, 0.9}
     with pytest.raises(InputError, match="quantiles"):
         predictor.predict_quantiles(df, xt, yt, 6, quantiles=(1.5,), verbose=False)
+
+
+def test_prob_up_rule():
+    paths = np.array([[1.0, 2.0], [3.0, 0.5], [2.0, 2.0]])  # 3 paths x 2 steps (closes)
+    np.testing.assert_allclose(prob_up(paths, 1.5), [2 / 3, 2 / 3])
+    np.testing.assert_allclose(prob_up(paths, 2.0), [1 / 3, 0.0])  # a path ending at the last close is not "up"
+    batch = np.stack([paths, paths + 10])  # [2 series, 3 paths, 2 steps], one last close each
+    np.testing.assert_allclose(prob_up(batch, np.array([1.5, 1.5])), [[2 / 3, 2 / 3], [1.0, 1.0]])
+    with pytest.raises(ValueError, match="samples, steps"):
+        prob_up(np.array([1.0, 2.0]), 1.0)
+
+
+def test_predict_prob_up_per_step(predictor):
+    df, xt, yt = make_series(30, 6, seed=8)
+    kw = dict(T=1.0, top_p=0.9, sample_count=16, seed=3, verbose=False)
+    plain = predictor.predict(df, xt, yt, 6, **kw)
+    out, samples = predictor.predict(df, xt, yt, 6, return_p_up=True, return_samples=True, **kw)
+    assert list(out.columns) == COLS + ["p_up"]
+    pd.testing.assert_frame_equal(out[COLS], plain)  # the forecast itself is unchanged
+    expected = np.mean(samples[:, :, COLS.index("close")] > df["close"].iloc[-1], axis=0)
+    np.testing.assert_array_equal(out["p_up"].to_numpy(), expected)
+    assert ((out["p_up"] * 16) % 1 == 0).all() and out["p_up"].between(0, 1).all()
+    # batches of unequal histories: each series against its own last close
+    d2, x2, y2 = make_series(40, 6, seed=9)
+    res = predictor.predict_batch([df, d2], [xt, x2], [yt, y2], 6, return_p_up=True, return_samples=True, **kw)
+    for (frame, paths), hist in zip(res, (df, d2)):
+        np.testing.assert_array_equal(frame["p_up"].to_numpy(), prob_up(paths[..., 3], hist["close"].iloc[-1]))
+    qs = predictor.predict_quantiles(df, xt, yt, 6, quantiles=(0.1, 0.9), return_p_up=True, **kw)
+    assert set(qs) == {0.1, 0.9, "p_up"}
+    pd.testing.assert_series_equal(qs["p_up"], out["p_up"])
+
+
+def test_quantiles_p_up_with_calibration(predictor):
+    from kronos.evaluate.calibration import fit_calibration, model_fingerprint
+
+    rng = np.random.default_rng(0)
+    last = rng.uniform(10, 50, 200)
+    true = last[:, None] * (1 + rng.normal(0, 0.01, (200, 6)))
+    paths = last[:, None, None] * (1 + rng.normal(0.002, 0.004, (200, 20, 6)))  # overconfident in an up move
+    cal = fit_calibration(paths, last, true, np.arange(200), levels=[0.8], lookback=30,
+                          fingerprint=model_fingerprint(predictor, 30, 6))  # fmt: skip
+    df, xt, yt = make_series(30, 6, seed=8)
+    kw = dict(T=1.0, top_p=0.9, sample_count=16, seed=3, verbose=False)
+    qs = predictor.predict_quantiles(df, xt, yt, 6, quantiles=(0.1, 0.9), calibration=cal, return_p_up=True, **kw)
+    _, samples = predictor.predict(df, xt, yt, 6, return_samples=True, **kw)
+    close = samples[None, :, :, 3]
+    np.testing.assert_array_equal(qs["p_up"].to_numpy(), prob_up(close, [df["close"].iloc[-1]])[0])
+    np.testing.assert_allclose(qs["p_up_calibrated"].to_numpy(),
+                               cal.p_up_calibrated(close, np.array([df["close"].iloc[-1]]))[0])  # fmt: skip
+
+
+def test_shared_context_sampling_matches_reference_for_unequal_histories(predictor):
+    """Seeded sampling with the context shared across paths (default) draws the same paths as the reference
+    algorithm, for a batch of series of different lengths and with the window sliding (max_context 24)."""
+    series = [make_series(n, 8, seed=n) for n in (12, 20, 30)]
+    args = [list(v) for v in zip(*series)]
+    kw = dict(T=1.0, top_p=0.9, sample_count=6, seed=11, verbose=False, return_samples=True)
+    fast = predictor.predict_batch(*args, 8, **kw)
+    ref = predictor.predict_batch(*args, 8, use_cache=False, **kw)
+    for (mean_a, paths_a), (mean_b, paths_b) in zip(fast, ref):
+        np.testing.assert_allclose(paths_a, paths_b, rtol=1e-5, atol=1e-4)
+        pd.testing.assert_frame_equal(mean_a, mean_b, check_exact=False, rtol=1e-5, atol=1e-4)
 
 
 def test_volume_and_amount_filling(predictor):

@@ -6,7 +6,7 @@ from kronos.inference.generate import (
     mean_over_samples,
     sample_forecasts,
 )
-from kronos.inference.predictor import FEATURE_COLS, KronosPredictor, calc_time_stamps
+from kronos.inference.predictor import FEATURE_COLS, KronosPredictor, calc_time_stamps, prob_up
 from kronos.inference.sampling import sample_from_logits, top_k_top_p_filtering
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "calc_time_stamps",
     "generate_tokens",
     "mean_over_samples",
+    "prob_up",
     "sample_forecasts",
     "sample_from_logits",
     "top_k_top_p_filtering",

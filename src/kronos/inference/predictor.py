@@ -67,6 +67,17 @@ def sample_quantiles(samples: np.ndarray, quantiles: Sequence[float], axis: int 
     return np.quantile(samples, check_quantiles(quantiles), axis=axis)
 
 
+def prob_up(close_paths: np.ndarray, last_close: Union[float, np.ndarray]) -> np.ndarray:
+    """Probability of an up move per horizon step: the share of sample paths whose close is strictly above the last
+    close of the context. ``close_paths [..., S, P]`` (prices), ``last_close`` a number or ``[...]``; returns
+    ``[..., P]`` in [0, 1] (float64). The package's one P(up) rule (the predictor's ``return_p_up`` uses it)."""
+    paths = np.asarray(close_paths)
+    if paths.ndim < 2:
+        raise ValueError(f"close_paths must be [..., samples, steps], got shape {paths.shape}")
+    last = np.asarray(last_close, dtype=np.float64)[..., None, None]
+    return np.mean(paths > last, axis=-2)
+
+
 def _to_datetime_index(values: Timestamps, name: str) -> pd.DatetimeIndex:
     if isinstance(values, pd.DataFrame):
         raise InputError(f"{name} must be a Series, DatetimeIndex or list of datetimes, not a DataFrame")
@@ -102,6 +113,7 @@ class _Prepared:
     mean: np.ndarray  # [6] float32
     std: np.ndarray  # [6] float32
     y_index: pd.Index
+    last_close: float  # close of the last history row, in prices (the reference of P(up))
 
 
 class KronosPredictor:
@@ -201,7 +213,8 @@ class KronosPredictor:
         x = (x - mean) / norm_scale(std)
         x = np.clip(x, -self.clip, self.clip)
         y_index = y_timestamp if isinstance(y_timestamp, pd.Series) else y_idx
-        return _Prepared(x, x_stamp, y_stamp, mean, std, pd.Index(y_index))
+        last_close = float(frame["close"].iloc[-1])
+        return _Prepared(x, x_stamp, y_stamp, mean, std, pd.Index(y_index), last_close)
 
     @staticmethod
     def _check_args(pred_len: Any, T: Any, top_k: Any, top_p: Any, sample_count: Any) -> None:
@@ -278,14 +291,17 @@ class KronosPredictor:
         )  # fmt: skip
         return mean_over_samples(samples.cpu().numpy())
 
-    def _frames(self, item: _Prepared, paths: np.ndarray, return_samples: bool):
+    def _frames(self, item: _Prepared, paths: np.ndarray, return_samples: bool, return_p_up: bool = False):
         # Q11: average the decoded paths in normalised space, then de-normalise with the exact inverse (sigma+1e-5).
         mean = mean_over_samples(paths[None])[0]
         preds = mean * norm_scale(item.std) + item.mean  # Q10: zero-sigma columns come back as pred*1e-5 + mu
         frame = pd.DataFrame(preds, columns=FEATURE_COLS, index=item.y_index)
+        prices = paths * norm_scale(item.std) + item.mean if (return_samples or return_p_up) else None
+        if return_p_up:
+            frame["p_up"] = prob_up(prices[..., FEATURE_COLS.index("close")], item.last_close)
         if not return_samples:
             return frame
-        return frame, paths * norm_scale(item.std) + item.mean
+        return frame, prices
 
     # ------------------------------------------------------------------ public API
     def predict(
@@ -305,12 +321,15 @@ class KronosPredictor:
         return_samples: bool = False,
         batch_size: Optional[int] = None,
         top_k_then_top_p: bool = False,
+        return_p_up: bool = False,
     ) -> Union[pd.DataFrame, tuple[pd.DataFrame, np.ndarray]]:
         """Forecast ``pred_len`` steps after ``df`` (columns open, high, low, close[, volume[, amount]]).
 
         Returns a DataFrame (columns open..amount, index ``y_timestamp``) holding the mean of ``sample_count``
         sampled paths; with ``return_samples=True`` returns ``(mean_df, samples)``, samples ``[S, pred_len, 6]``
         de-normalised. ``seed`` makes sampling reproducible; ``use_cache=False`` runs the official (slow) algorithm.
+        ``return_p_up=True`` adds a column ``p_up``: per step, the share of the sample paths whose close is
+        above the last close of ``df`` (:func:`prob_up`; it needs many paths, e.g. ``sample_count=32``).
         """
         self._check_args(pred_len, T, top_k, top_p, sample_count)
         item = self._prepare(df, x_timestamp, y_timestamp, pred_len)
@@ -318,7 +337,7 @@ class KronosPredictor:
         paths = self._sample_paths(
             [item], pred_len, sample_count, sampling, verbose, use_cache, self._generator(seed), batch_size
         )[0]
-        return self._frames(item, paths, return_samples)
+        return self._frames(item, paths, return_samples, return_p_up)
 
     def predict_batch(
         self,
@@ -337,11 +356,13 @@ class KronosPredictor:
         return_samples: bool = False,
         batch_size: Optional[int] = None,
         top_k_then_top_p: bool = False,
+        return_p_up: bool = False,
     ) -> list:
         """Forecast many series at once; returns one DataFrame (or ``(mean_df, samples)``) per series, in order.
 
         Unlike the official method, histories may differ in length: series are grouped by length and each group
-        runs as one batch (results equal one-by-one prediction under greedy decoding).
+        runs as one batch (results equal one-by-one prediction under greedy decoding). ``return_p_up`` as in
+        :meth:`predict`.
         """
         self._check_args(pred_len, T, top_k, top_p, sample_count)
         for name, value in (("df_list", df_list), ("x_timestamp_list", x_timestamp_list),
@@ -363,7 +384,7 @@ class KronosPredictor:
         paths = self._sample_paths(
             items, pred_len, sample_count, sampling, verbose, use_cache, self._generator(seed), batch_size
         )
-        return [self._frames(item, p, return_samples) for item, p in zip(items, paths)]
+        return [self._frames(item, p, return_samples, return_p_up) for item, p in zip(items, paths)]
 
     def predict_quantiles(
         self,
@@ -372,18 +393,22 @@ class KronosPredictor:
         y_timestamp: Timestamps,
         pred_len: int,
         quantiles: Sequence[float] = (0.1, 0.5, 0.9),
-        sample_count: int = 20,
+        sample_count: int = 32,
         T: float = 1.0,
         top_k: int = 0,
         top_p: float = 0.9,
         verbose: bool = True,
         **kwargs: Any,
-    ) -> dict[float, pd.DataFrame]:
+    ) -> dict[Union[float, str], Union[pd.DataFrame, pd.Series]]:
         """Quantiles of ``sample_count`` sampled paths: ``{q: DataFrame}`` with the layout of :meth:`predict`.
 
         ``calibration=`` (keyword: a ``calibration.json`` path or a loaded :class:`~kronos.evaluate.calibration.
         Calibration`) corrects the open/high/low/close bands as fitted on the validation split by ``kronos
         calibrate``; it must belong to this predictor, this context length and ``pred_len``.
+
+        With ``return_p_up=True`` (keyword) the dict also holds ``"p_up"``: a Series (index ``y_timestamp``) of the
+        per-step share of paths whose close is above the last close (:func:`prob_up`), and with a calibration also
+        ``"p_up_calibrated"`` (its fitted correction of that share).
         """
         return self.predict_quantiles_batch(
             [df], [x_timestamp], [y_timestamp], pred_len, quantiles, sample_count, T, top_k, top_p, verbose, **kwargs
@@ -396,13 +421,13 @@ class KronosPredictor:
         y_timestamp_list: Sequence[Timestamps],
         pred_len: int,
         quantiles: Sequence[float] = (0.1, 0.5, 0.9),
-        sample_count: int = 20,
+        sample_count: int = 32,
         T: float = 1.0,
         top_k: int = 0,
         top_p: float = 0.9,
         verbose: bool = True,
         **kwargs: Any,
-    ) -> list[dict[float, pd.DataFrame]]:
+    ) -> list[dict[Union[float, str], Union[pd.DataFrame, pd.Series]]]:
         """Batch variant of :meth:`predict_quantiles`: one ``{q: DataFrame}`` per series."""
         qs = check_quantiles(quantiles)
         cal = kwargs.pop("calibration", None)
@@ -425,7 +450,13 @@ class KronosPredictor:
                 last = np.array([float(df["close"].iloc[-1])])
                 for c in range(4):
                     values[:, :, c] = cal.quantiles(samples[None, :, :, c], last, qs)[:, 0]
-            out.append({q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)})
+            bands: dict = {q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)}
+            if "p_up" in mean_df.columns:
+                bands["p_up"] = mean_df["p_up"].copy()
+                if cal is not None:
+                    fixed = cal.p_up_calibrated(samples[None, :, :, 3], np.array([float(df["close"].iloc[-1])]))[0]
+                    bands["p_up_calibrated"] = pd.Series(fixed, index=mean_df.index, name="p_up_calibrated")
+            out.append(bands)
         return out
 
     # ------------------------------------------------------------------ one front door
@@ -461,7 +492,7 @@ class KronosPredictor:
         quantiles: Sequence[float] = (0.1, 0.5, 0.9),
         anchors: Any = None,
         future_timestamps: Any = None,
-        sample_count: int = 20,
+        sample_count: int = 32,
         T: float = 1.0,
         top_k: int = 0,
         top_p: float = 0.9,
