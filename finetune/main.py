@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import _bootstrap  # noqa: F401  (makes `kronos` importable from a source checkout)
 
-from kronos.config import Config
-from kronos.pipeline import KronosPipeline, apply_fast_mode
+from kronos.config import Config, apply_fast_mode
+from kronos.pipeline import KronosPipeline
 
 
 class KronosTrainingPipeline(KronosPipeline):

@@ -109,7 +109,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    from kronos.pipeline import FAST_MODE_CAPS
+    from kronos.config import FAST_MODE_CAPS
 
     assert data["epochs"] == min(7, FAST_MODE_CAPS["epochs"])  # fast mode caps, never raises
     assert data["eval_max_anchors"] > 0
@@ -159,3 +159,55 @@ def test_yaml_dates_are_read_as_dates(tmp_path):
     cfg = Config.from_file(path)
     assert cfg.dataset_begin_time == "2021-01-01"
     assert cfg.train_time_range == ["2021-01-01", "2023-06-30 15:00:00"]
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"inference_top_p": 1.5}, ["inference_top_p", "(0, 1]", "1.5"]),
+        ({"device": "gpu"}, ["device", "cuda:N"]),
+        ({"sina_scale": 7}, ["sina_scale", "240"]),
+        ({"sina_timeout": 0}, ["sina_timeout", "> 0"]),
+        ({"sina_symbols": []}, ["sina_symbols", "at least one"]),
+        ({"sina_base_url": "ftp://x"}, ["sina_base_url", "http"]),
+        ({"quantiles": [0.1, 1.0]}, ["quantiles", "between 0 and 1"]),
+        ({"test_time_range": ["2024-05-01", "2024-01-01"]}, ["test_time_range", "start <= end"]),
+        ({"split_ratios": [0.5, 0.5, 0.5]}, ["split_ratios", "summing to 1"]),
+        ({"batch_size": 10, "accumulation_steps": 3}, ["batch_size", "accumulation_steps", "divisible"]),
+    ],
+)
+def test_the_validation_table_names_key_rule_and_value(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(overrides)
+    assert "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_every_rule_names_a_real_key():
+    from kronos.config import RULES
+
+    assert set(RULES) <= set(Config.keys())
+
+
+def test_fast_mode_caps_never_raise_and_zero_means_unlimited():
+    from kronos.config import FAST_MODE_CAPS, apply_fast_mode
+
+    c = apply_fast_mode(Config.from_dict({"epochs": 2, "eval_max_anchors": 0, "batch_size": 64}))
+    assert c.epochs == 2  # a smaller value is kept
+    assert c.batch_size == FAST_MODE_CAPS["batch_size"] and c.eval_max_anchors == FAST_MODE_CAPS["eval_max_anchors"]
+
+
+def test_to_dict_redacts_every_secret_by_default(tmp_path):
+    c = Config.from_dict({"comet_config": {"api_key": "k-123", "project_name": "p", "workspace": "w",
+                                           "nested": {"hf_token": "t-9", "db_password": "pw"}}})
+    data = c.to_dict()
+    assert data["comet_config"]["api_key"] == "***" and data["comet_config"]["project_name"] == "p"
+    assert data["comet_config"]["nested"] == {"hf_token": "***", "db_password": "***"}
+    assert data["tokenizer_learning_rate"] == c.tokenizer_learning_rate  # "tokenizer" is not a token
+    assert c.to_dict(redact=False)["comet_config"]["api_key"] == "k-123"
+    assert c.comet_config["api_key"] == "k-123"  # the object itself keeps it for the Comet client
+    c.save(tmp_path / "cfg.json")
+    text = (tmp_path / "cfg.json").read_text()
+    assert "k-123" not in text and "t-9" not in text and "pw\"" not in text
+    assert Config.from_dict({"comet_config": {"api_key": ""}}).to_dict()["comet_config"]["api_key"] == ""

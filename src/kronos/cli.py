@@ -47,7 +47,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> Config:
     """Config from defaults, the --config-path file, --set overrides and the flags (in that order)."""
-    from kronos.pipeline import apply_fast_mode
+    from kronos.config import apply_fast_mode
 
     config = Config.from_file(args.config_path) if args.config_path else Config()
     overrides: dict[str, Any] = {}
@@ -264,9 +264,9 @@ def run_forecast_command(args: argparse.Namespace) -> int:
         for q in (0.1, 0.9):
             out[f"close_q{q:g}"] = np.quantile(samples[:, :, 3], q, axis=0)
     if args.output:
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        (out.to_parquet if args.output.endswith((".parquet", ".pq")) else out.to_csv)(tmp)
-        os.replace(tmp, args.output)
+        from kronos import io as kio
+
+        kio.write_file(args.output, out.to_parquet if args.output.endswith((".parquet", ".pq")) else out.to_csv)
         log.info("forecast written to %s", args.output)
     else:
         print(out.to_string())
@@ -291,11 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_serve(args) if args.command == "serve" else run_mcp(args)
         config = build_config(args)
         if args.command == "config":
-            data = config.to_dict()
-            data["finetuned_tokenizer_path"] = config.finetuned_tokenizer
-            data["finetuned_predictor_path"] = config.finetuned_predictor
-            data["backtest_benchmark"] = config.benchmark
-            print(json.dumps(data, indent=2, ensure_ascii=False))
+            print(json.dumps(config.effective_dict(), indent=2, ensure_ascii=False))
             return 0
         if args.command == "pipeline":
             return run_pipeline_command(args, config)

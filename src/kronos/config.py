@@ -13,11 +13,12 @@ import functools
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from kronos.errors import ConfigError
 
@@ -197,82 +198,31 @@ class Config:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Coerce every key to its type, then check it against :data:`RULES` and :data:`CROSS_RULES`."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_type(f)))
-        positive = ["lookback_window", "predict_window", "max_context", "batch_size", "epochs",
-                    "n_train_iter", "n_val_iter", "accumulation_steps", "log_interval", "sina_datalen"]
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        if self.clip <= 0:
-            raise ConfigError(f"config key 'clip' must be > 0, got {self.clip}")
-        if self.max_nonfinite_steps < 1:
-            raise ConfigError(f"config key 'max_nonfinite_steps' must be >= 1, got {self.max_nonfinite_steps}")
-        if self.dist_wait_hours <= 0:
-            raise ConfigError(f"config key 'dist_wait_hours' must be > 0, got {self.dist_wait_hours}")
-        for key in ("checkpoint_interval", "patience", "num_workers"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
-        if len(self.feature_list) != 6:
-            raise ConfigError(
-                "config key 'feature_list' must list 6 features (open, high, low, close, volume, amount), "
-                f"got {self.feature_list}"
-            )
-        if len(self.time_feature_list) != 5:
-            raise ConfigError(
-                "config key 'time_feature_list' must list 5 features (minute, hour, weekday, day, month), "
-                f"got {self.time_feature_list}"
-            )
-        for key in ("train_time_range", "val_time_range", "test_time_range", "backtest_time_range"):
+        for key, rules in RULES.items():
             value = getattr(self, key)
-            if len(value) != 2:
-                raise ConfigError(f"config key '{key}' must be [start, end], got {value}")
-        if self.split_ratios is not None:
-            r = self.split_ratios
-            if len(r) != 3 or not all(_is_number(v) for v in r) or any(float(v) < 0 for v in r) \
-                    or abs(sum(float(v) for v in r) - 1) > 1e-6:
-                raise ConfigError(f"config key 'split_ratios' must be three non-negative numbers summing to 1, got {r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"config key 'precision' must be one of auto, fp32, bf16, fp16, got '{self.precision}'")
-        if self.sina_scale not in (5, 15, 30, 60, 240):
-            raise ConfigError(f"config key 'sina_scale' must be one of 5, 15, 30, 60, 240, got {self.sina_scale}")
-        if not 0 < self.inference_top_p <= 1:
-            raise ConfigError(f"config key 'inference_top_p' must be in (0, 1], got {self.inference_top_p}")
-        if self.inference_T <= 0:
-            raise ConfigError(f"config key 'inference_T' must be > 0, got {self.inference_T}")
-        if self.backtest_deal_price not in ("open", "close"):
-            raise ConfigError(f"config key 'backtest_deal_price' must be open or close, got '{self.backtest_deal_price}'")
-        if self.backtest_signal_scale not in ("std", "price"):
-            raise ConfigError(f"config key 'backtest_signal_scale' must be std or price, got '{self.backtest_signal_scale}'")
-        if self.inference_sample_count < 1:
-            raise ConfigError(f"config key 'inference_sample_count' must be >= 1, got {self.inference_sample_count}")
-        if not self.interval_levels or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1 for v in self.interval_levels):
-            raise ConfigError(f"config key 'interval_levels' must list central levels strictly between 0 and 1 "
-                              f"(e.g. [0.5, 0.8]), got {self.interval_levels}")
-        for key in ("tokenizer_learning_rate", "predictor_learning_rate"):
-            lr = getattr(self, key)
-            if not math.isfinite(lr) or not 0 <= lr <= 1:  # 0 freezes the weights (used on purpose)
-                raise ConfigError(f"config key '{key}' must be a finite number in [0, 1] (e.g. 2e-4), got {lr}")
-        if self.inference_top_k < 0:
-            raise ConfigError(f"config key 'inference_top_k' must be >= 0 (0 = off), got {self.inference_top_k}")
-        if not math.isfinite(self.inference_T):
-            raise ConfigError(f"config key 'inference_T' must be a finite number > 0, got {self.inference_T}")
-        if not self.quantiles or not all(_is_number(q) and 0 < q < 1 for q in self.quantiles):
-            raise ConfigError(
-                f"config key 'quantiles' must list numbers strictly between 0 and 1 (e.g. [0.1, 0.5, 0.9]), "
-                f"got {self.quantiles}"
-            )
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in self.eval_seeds):
-            raise ConfigError(f"config key 'eval_seeds' must list integer seeds (e.g. [100, 101, 102]), got {self.eval_seeds}")
+            for rule in rules:
+                if not rule.check(value):
+                    raise ConfigError(f"config key '{key}' {rule.message}, got {value!r}")
+        for rule in CROSS_RULES:
+            if not rule.check(self):
+                raise ConfigError(rule.message(self))
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """All keys as plain values; with ``redact`` (the default) every secret (see :func:`redact`) is ``"***"``.
+
+        Every file, log line and tracker parameter gets the redacted form; only code that talks to the service
+        itself (the Comet client) reads the secret from the Config object.
+        """
+        data = dataclasses.asdict(self)
+        return redact_secrets(data) if redact else data
 
     def update(self, overrides: dict[str, Any], source: str = "overrides") -> "Config":
         """Apply ``overrides`` in place (validated); returns self."""
@@ -311,13 +261,163 @@ class Config:
                     overrides[key] = os.path.normpath(str(candidate))
         return cls().update(overrides, source=str(path))
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the effective config (derived paths resolved) as JSON, atomically."""
-        data = self.to_dict()
+    def effective_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` (redacted) with the derived paths and benchmark resolved."""
+        data = self.to_dict(redact=True)
         data["finetuned_tokenizer_path"] = self.finetuned_tokenizer
         data["finetuned_predictor_path"] = self.finetuned_predictor
         data["backtest_benchmark"] = self.benchmark
-        atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        return data
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the effective config (derived paths resolved, secrets redacted) as JSON, atomically."""
+        from kronos import io as kio
+
+        kio.write_json(path, self.effective_dict())
+
+
+# ---------------------------------------------------------------------- secrets
+# a key whose name has one of these words (split at "_", "-" or "."): api_key, hf_token, db_password; not "tokenizer_*"
+SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|apikey|token|secret|password|passwd)s?($|[_.-])", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of ``value`` where every non-empty value under a key named like a secret is ``"***"``."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if (isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, ""))
+                    else redact_secrets(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_secrets(v) for v in value)
+    return value
+
+
+# ---------------------------------------------------------------------- validation table
+@dataclass(frozen=True)
+class Rule:
+    """One check of one key's value; ``message`` completes "config key 'K' ..." (the value is appended)."""
+
+    check: Callable[[Any], bool]
+    message: str
+
+
+def _at_least(n: float) -> Rule:
+    return Rule(lambda v: v >= n, f"must be >= {n}")
+
+
+def _above(n: float) -> Rule:
+    return Rule(lambda v: v > n, f"must be > {n}")
+
+
+def _one_of(*choices: Any) -> Rule:
+    return Rule(lambda v: v in choices, "must be one of " + ", ".join(map(str, choices)))
+
+
+def _length(n: int, what: str) -> Rule:
+    return Rule(lambda v: len(v) == n, f"must list {n} {what}")
+
+
+def _date_range(v: list) -> bool:
+    import pandas as pd
+
+    try:
+        start, end = (pd.Timestamp(x) for x in v)
+    except (TypeError, ValueError):
+        return False
+    return start <= end
+
+
+def _ratios(v: Optional[list]) -> bool:
+    if v is None:
+        return True
+    if not all(_is_number(x) for x in v):
+        return False
+    r = [float(x) for x in v]
+    return len(r) == 3 and all(x >= 0 for x in r) and abs(sum(r) - 1) < 1e-6
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_RANGE = (_length(2, "dates [start, end]"),
+          Rule(_date_range, "must be [start, end] dates with start <= end"))
+
+# Every static check of a key, next to the key's name. Checks that need the data, the machine or the model zoo (a
+# column that must exist, a CUDA device that must be present, a preset name of kronos.model) stay where that is known.
+RULES: dict[str, tuple[Rule, ...]] = {
+    **{k: (_at_least(1),) for k in ("lookback_window", "predict_window", "max_context", "batch_size", "epochs",
+                                    "n_train_iter", "n_val_iter", "accumulation_steps", "log_interval",
+                                    "sina_datalen", "inference_sample_count", "eval_stride")},
+    **{k: (_at_least(0),) for k in ("checkpoint_interval", "patience", "num_workers", "sina_retries", "sina_pause",
+                                    "eval_max_anchors", "plot_n_symbols", "inference_top_k",
+                                    "backtest_open_cost", "backtest_close_cost", "backtest_min_cost")},
+    **{k: (_above(0),) for k in ("clip", "sina_timeout", "backtest_account")},
+    **{k: (Rule(lambda v: math.isfinite(v) and 0 < v < 1, "must be a finite number in (0, 1) (e.g. 2e-4)"),)
+       for k in ("tokenizer_learning_rate", "predictor_learning_rate")},
+    "feature_list": (_length(6, "features (open, high, low, close, volume, amount)"),),
+    "time_feature_list": (_length(5, "features (minute, hour, weekday, day, month)"),),
+    "train_time_range": _RANGE,
+    "val_time_range": _RANGE,
+    "test_time_range": _RANGE,
+    "backtest_time_range": _RANGE,
+    "split_ratios": (Rule(_ratios, "must be three non-negative numbers summing to 1"),),
+    "sina_symbols": (Rule(lambda v: len(v) > 0, 'must list at least one symbol, e.g. ["sh600000"]'),),
+    "sina_scale": (_one_of(5, 15, 30, 60, 240),),
+    "sina_base_url": (Rule(lambda v: v.startswith(("http://", "https://")), "must be an http(s) URL"),),
+    "device": (Rule(lambda v: bool(_DEVICE.match(v)), "must be auto, cpu, cuda, cuda:N or mps"),),
+    "precision": (_one_of("auto", "fp32", "bf16", "fp16"),),
+    "inference_top_p": (Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),),
+    "quantiles": (Rule(lambda v: len(v) > 0 and all(_is_number(q) and 0 < q < 1 for q in v),
+                       "must list numbers strictly between 0 and 1 (e.g. [0.1, 0.5, 0.9])"),),
+    "interval_levels": (Rule(lambda v: len(v) > 0 and all(_is_number(q) and 0 < q < 1 for q in v),
+                             "must list central levels strictly between 0 and 1 (e.g. [0.5, 0.8])"),),
+    "eval_seeds": (Rule(lambda v: all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+                        "must list integer seeds (e.g. [100, 101, 102])"),),
+    "inference_T": (Rule(lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),),
+    "dist_wait_hours": (_above(0),),
+    "max_nonfinite_steps": (_at_least(1),),
+    "backtest_deal_price": (_one_of("open", "close"),),
+    "backtest_signal_scale": (_one_of("std", "price"),),
+}
+
+
+@dataclass(frozen=True)
+class CrossRule:
+    """A check over several keys; ``message(config)`` is the whole one-line error."""
+
+    check: Callable[["Config"], bool]
+    message: Callable[["Config"], str]
+
+
+CROSS_RULES: tuple[CrossRule, ...] = (
+    CrossRule(lambda c: c.batch_size % c.accumulation_steps == 0,
+              lambda c: f"config key 'batch_size' ({c.batch_size}) must be divisible by 'accumulation_steps' "
+                        f"({c.accumulation_steps}): each optimizer step splits the batch into that many micro-batches"),
+)
+
+
+# ---------------------------------------------------------------------- fast mode
+# --fast-mode: the whole pipeline in a few minutes on a laptop CPU. Each key is capped (a user's smaller value is
+# kept); for keys where 0 means "no limit" (eval_max_anchors) 0 becomes the cap.
+FAST_MODE_CAPS: dict[str, int] = {
+    "epochs": 3,
+    "batch_size": 32,
+    "n_train_iter": 32 * 80,
+    "n_val_iter": 32 * 10,
+    "log_interval": 20,
+    "inference_sample_count": 4,
+    "eval_max_anchors": 120,
+    "plot_n_symbols": 3,
+}
+_ZERO_MEANS_UNLIMITED = ("eval_max_anchors",)
+
+
+def apply_fast_mode(config: Config) -> Config:
+    """Shrink epochs, batches and evaluation (see :data:`FAST_MODE_CAPS`) so the pipeline finishes in minutes."""
+    overrides = {}
+    for key, cap in FAST_MODE_CAPS.items():
+        value = getattr(config, key)
+        unlimited = key in _ZERO_MEANS_UNLIMITED and value <= 0
+        overrides[key] = cap if unlimited else min(value, cap)
+    return config.update(overrides, source="--fast-mode")
 
 
 def load_overrides(path: Union[str, os.PathLike]) -> dict[str, Any]:
@@ -384,15 +484,6 @@ def _plain_dates(value: Any) -> Any:
     if isinstance(value, _dt.date):
         return value.isoformat()
     return value
-
-
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
 
 
 # ---------------------------------------------------------------------- type checking helpers

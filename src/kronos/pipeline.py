@@ -6,10 +6,7 @@ distributed while data processing, prediction, evaluation and backtest run on ra
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,38 +15,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pandas as pd
 
-from kronos.config import Config, atomic_write_text
-from kronos.errors import CheckpointError, DataError, KronosError
+from kronos import io as kio
+from kronos.config import Config
+from kronos.errors import CheckpointError, DataError
 from kronos.paths import path_in, safe_filename
 
 log = logging.getLogger(__name__)
 
 PRICE_COLUMNS = ["open", "high", "low", "close", "volume", "amount"]
-
-# --fast-mode: the whole pipeline in a few minutes on a laptop CPU (caps, never raises a user's smaller value).
-FAST_MODE_CAPS = {
-    "epochs": 3,
-    "batch_size": 32,
-    "n_train_iter": 32 * 80,
-    "n_val_iter": 32 * 10,
-    "log_interval": 20,
-    "inference_sample_count": 4,
-    "eval_max_anchors": 120,
-    "plot_n_symbols": 3,
-}
-
-
-def apply_fast_mode(config: Config) -> Config:
-    """Shrink epochs, batches and evaluation so the pipeline finishes in minutes on CPU."""
-    overrides = {}
-    for key, cap in FAST_MODE_CAPS.items():
-        value = getattr(config, key)
-        if key == "eval_max_anchors":
-            overrides[key] = cap if value <= 0 else min(value, cap)
-        else:
-            overrides[key] = min(value, cap)
-    return config.update(overrides, source="--fast-mode")
-
 
 def _dist():
     """torch.distributed if a process group is up, else None."""
@@ -242,7 +215,7 @@ class KronosPipeline:
                               f"{symbol}: {cfg.predict_window}-bar forecast (band q{lo:g}-q{hi:g})", path)
                 self.result.plots.append(str(path))
         forecasts = pd.concat(rows, ignore_index=True)
-        self.result.forecast_file = _write_table(forecasts, out_dir / "forecast_latest")
+        self.result.forecast_file = str(kio.write_table(forecasts, out_dir / "forecast_latest"))
         log.info("forecasts for %d symbols written to %s", len(symbols), self.result.forecast_file)
         return forecasts
 
@@ -328,7 +301,7 @@ class KronosPipeline:
         out_dir = Path(cfg.backtest_dir)
         self.result.metrics_file = str(out_dir / "metrics.json")
         save_metrics(metrics, self.result.metrics_file)
-        _write_table(records, out_dir / "forecast_records")
+        kio.write_table(records, out_dir / "forecast_records")
         self.result.metrics = metrics
         self.report()
         return metrics
@@ -423,10 +396,7 @@ class KronosPipeline:
         self.result.tokenizer_path = cfg.finetuned_tokenizer
         self.result.predictor_path = cfg.finetuned_predictor
         if is_main_process():
-            from kronos.evaluate.metrics import json_safe
-
-            atomic_write_text(Path(cfg.backtest_dir) / "pipeline_result.json",
-                              json.dumps(json_safe(dataclasses.asdict(self.result)), indent=2) + "\n")
+            kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
         return self.result
 
     # ------------------------------------------------------------------ calibration and the walk-forward report
@@ -514,16 +484,4 @@ def _daily_anchors(records: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _write_table(frame: pd.DataFrame, stem: Path) -> str:
-    """Write ``frame`` as Parquet and CSV (atomically); returns the Parquet path."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    pq = stem.with_suffix(".parquet")
-    csv = stem.with_suffix(".csv")
-    for path, writer in ((pq, frame.to_parquet), (csv, frame.to_csv)):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        writer(tmp, index=False)
-        os.replace(tmp, path)
-    return str(pq)
-
-
-__all__ = ["KronosPipeline", "PipelineResult", "apply_fast_mode", "FAST_MODE_CAPS", "KronosError"]
+__all__ = ["KronosPipeline", "PipelineResult"]

@@ -207,7 +207,10 @@ def test_empty_split_names_split_range_and_key(bars):
 
 
 def test_bad_time_range_is_a_config_error(bars):
-    cfg = small_config(train_time_range=["2024-13-45", "2024-07-31"])
+    with pytest.raises(ConfigError, match="train_time_range"):  # rejected when the config is built
+        small_config(train_time_range=["2024-13-45", "2024-07-31"])
+    cfg = small_config()
+    cfg.train_time_range = ["2024-08-01", "2024-07-31"]  # set on the object afterwards: caught when used
     with pytest.raises(ConfigError, match="train_time_range"):
         split_frames({"A": add_time_features(bars)}, cfg)
 

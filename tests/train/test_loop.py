@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from kronos.errors import CheckpointError, ConfigError, DependencyError
 from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokenizer
 from kronos.train import run_stage, train_predictor, train_tokenizer
-from kronos.train.checkpoint import flatten_state, resolve_folder, unflatten_state, write_folder_atomically
+from kronos.io import resolve_folder
+from kronos.io import write_folder as write_folder_atomically
+from kronos.train.checkpoint import flatten_state, unflatten_state
 
 from _support.training import make_dataset, qlib_frame, tiny_config
 

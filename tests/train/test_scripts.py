@@ -26,7 +26,8 @@ DRIVER = textwrap.dedent(
     """
     import json, os, runpy, signal, sys
     from pathlib import Path
-    from kronos.train import checkpoint, trainer
+    import kronos.io as kio
+    from kronos.train import trainer
 
     out = os.environ.get("TEST_SAMPLES_DIR")
     if out:
@@ -45,7 +46,7 @@ DRIVER = textwrap.dedent(
 
     kill_write = int(os.environ.get("TEST_KILL_IN_WRITE", "0"))
     if kill_write:
-        orig_write = checkpoint.write_folder_atomically
+        orig_write = kio.write_folder
         calls = {"n": 0}
         def write(target, fill):
             if Path(target).name == "last":
@@ -56,7 +57,7 @@ DRIVER = textwrap.dedent(
                         os.kill(os.getpid(), signal.SIGKILL)  # folder written, not yet renamed into place
                     return orig_write(target, killing_fill)
             return orig_write(target, fill)
-        checkpoint.write_folder_atomically = write
+        kio.write_folder = write
 
     script = sys.argv[1]
     sys.argv = sys.argv[1:]

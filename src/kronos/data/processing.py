@@ -256,15 +256,6 @@ def split_frames(
     return splits, info
 
 
-def _redacted_config(config: Config) -> dict[str, Any]:
-    data = config.to_dict()
-    comet = dict(data.get("comet_config") or {})
-    if comet.get("api_key"):
-        comet["api_key"] = "***"  # never write secrets into a dataset folder
-    data["comet_config"] = comet
-    return data
-
-
 def _median_bar_seconds(frames: Mapping[str, pd.DataFrame]) -> Optional[float]:
     gaps = [f["timestamps"].diff().dropna().dt.total_seconds().to_numpy() for f in frames.values() if len(f) > 1]
     gaps = [g for g in gaps if len(g)]
@@ -331,7 +322,7 @@ def process_frames(
         "cleaning": dataclasses.asdict(total),
         "median_bar_seconds": _median_bar_seconds(clean),
         "source_info": dict(source_info or {}),
-        "config": _redacted_config(config),
+        "config": config.to_dict(redact=True),
     }
     return splits, manifest
 

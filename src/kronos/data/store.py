@@ -3,21 +3,20 @@
 Each split file holds one long frame (see :data:`kronos.data.schema.SPLIT_COLUMNS`); the manifest records
 where the data came from (source, config, symbols, rows and time range per split, skipped symbols).
 Nothing is pickled. :func:`save_dataset` builds the new dataset in a temporary folder beside the target and
-swaps it into place, so a failed run never leaves a half-written dataset or loses the previous one.
+swaps it into place (:func:`kronos.io.write_folder`), so a failed run never leaves a half-written dataset or loses
+the previous one.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-import numpy as np
 import pandas as pd
 
+from kronos import io as kio
 from kronos.errors import DataError, InputError
 
 logger = logging.getLogger(__name__)
@@ -46,20 +45,6 @@ def dataset_exists(path: PathLike) -> bool:
     return all((p / name).is_file() for name in DATASET_FILES)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (pd.Timestamp, np.datetime64)):
-        return pd.Timestamp(value).isoformat()
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (os.PathLike, set, tuple)):
-        return os.fspath(value) if isinstance(value, os.PathLike) else list(value)
-    raise TypeError(f"manifest value of type {type(value).__name__} is not JSON-serialisable")
-
-
 def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any]) -> None:
     """Write ``splits`` (train, val, test long frames) and ``manifest`` to the folder ``path`` atomically.
 
@@ -80,56 +65,24 @@ def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: M
         if frame.duplicated(["symbol", "timestamps"]).any():
             raise DataError(f"split '{split}' repeats a (symbol, timestamps) pair; each bar must appear once")
         frames[split] = frame.sort_values(["symbol", "timestamps"], kind="mergesort").reset_index(drop=True)
-    manifest_text = json.dumps(dict(manifest), indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    manifest_text = kio.dumps_json(dict(manifest))
 
     target = Path(path).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise DataError(f"dataset path '{target}' is a file; set config key 'dataset_path' to a folder")
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = target.with_name(f".{target.name}.tmp-{token}")
-    old = target.with_name(f".{target.name}.old-{token}")
+
+    def fill(folder: Path) -> None:
+        for split, frame in frames.items():
+            frame[list(SPLIT_COLUMNS)].to_parquet(folder / f"{split}.parquet", index=False, engine="pyarrow")
+        (folder / MANIFEST_NAME).write_text(manifest_text, encoding="utf-8")
+
     try:
-        try:
-            tmp.mkdir(parents=True)
-            for split, frame in frames.items():
-                frame[list(SPLIT_COLUMNS)].to_parquet(tmp / f"{split}.parquet", index=False, engine="pyarrow")
-            (tmp / MANIFEST_NAME).write_text(manifest_text, encoding="utf-8")
-        except OSError as exc:
-            raise DataError(f"cannot write the dataset beside '{target}': {exc.strerror or exc}") from None
-        if target.exists():
-            try:
-                os.rename(target, old)
-            except OSError as exc:
-                raise DataError(f"cannot replace the dataset folder '{target}': {exc.strerror or exc}") from None
-            try:
-                os.rename(tmp, target)
-            except OSError as exc:
-                os.rename(old, target)  # put the previous dataset back
-                raise DataError(f"cannot replace the dataset folder '{target}': {exc.strerror or exc}") from None
-            _carry_over(old, target)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        # entries of the old folder that are not dataset files (a raw-data cache, notes) move into the new one
+        kio.write_folder(target, fill, keep_others=True)
+    except OSError as exc:
+        raise DataError(f"cannot write the dataset folder '{target}': {exc.strerror or exc}") from None
     logger.info("dataset written to %s (%s)", target,
                 ", ".join(f"{s}: {len(frames[s])} rows" for s in SPLITS))
-
-
-def _carry_over(old: Path, target: Path) -> None:
-    """Move entries of the previous folder that are not dataset files into the new one, then drop it."""
-    left = []
-    for entry in old.iterdir():
-        if entry.name in DATASET_FILES:
-            continue
-        try:
-            os.rename(entry, target / entry.name)
-        except OSError:
-            left.append(entry.name)
-    if left:
-        logger.warning("could not move %s from the previous dataset folder; they remain in %s", left, old)
-    else:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_split(path: PathLike, split: str) -> pd.DataFrame:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -29,9 +28,9 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from kronos.config import Config, atomic_write_text
+from kronos import io as kio
+from kronos.config import Config
 from kronos.errors import DataError, DependencyError, InputError
-from kronos.evaluate.metrics import json_safe
 from kronos.paths import path_in, safe_filename
 
 logger = logging.getLogger(__name__)
@@ -63,8 +62,8 @@ class BacktestReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"report": out / "report.json", "daily": out / "daily.csv", "plot": out / "cumulative_return.png"}
-        atomic_write_text(paths["report"], json.dumps(json_safe(self.summary), indent=2, allow_nan=False) + "\n")
-        _atomic_write_csv(self.daily, paths["daily"])
+        kio.write_json(paths["report"], self.summary)
+        kio.write_file(paths["daily"], self.daily.to_csv)
         if title is None:
             title = f"{self.summary.get('engine', '')} backtest vs {self.summary.get('benchmark', 'benchmark')}"
         plot_backtest(self.daily, paths["plot"], title=title)
@@ -106,9 +105,8 @@ class BacktestComparison:
         for name, report in self.reports.items():
             report.save(path_in(out, safe_filename(name, 'signal')), title=f"signal '{name}'")
         paths = {"json": out / "comparison.json", "csv": out / "comparison.csv", "plot": out / "comparison.png"}
-        rows = {name: json_safe(report.summary) for name, report in self.reports.items()}
-        atomic_write_text(paths["json"], json.dumps(rows, indent=2, allow_nan=False) + "\n")
-        _atomic_write_csv(self.table, paths["csv"])
+        kio.write_json(paths["json"], {name: report.summary for name, report in self.reports.items()})
+        kio.write_file(paths["csv"], self.table.to_csv)
         bench_name = next(iter(self.reports.values())).summary.get("benchmark", "benchmark") if self.reports else ""
         plot_backtest_comparison({k: r.daily for k, r in self.reports.items()}, paths["plot"],
                                  benchmark_label=str(bench_name))
@@ -682,9 +680,3 @@ def run_backtests(
 
 
 # ---------------------------------------------------------------------- files
-def _atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp)
-    os.replace(tmp, path)

@@ -33,7 +33,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from kronos.errors import CheckpointError, InputError
-from kronos.evaluate.metrics import check_levels, json_safe
+from kronos import io as kio
+from kronos.evaluate.metrics import check_levels
 
 METHODS = ("cqr_additive", "cqr_multiplicative", "spread_scale", "none")
 FORMAT_VERSION = 1
@@ -102,12 +103,10 @@ class Calibration:
         return self
 
     def to_dict(self) -> dict:
-        return json_safe(asdict(self))
+        return kio.to_jsonable(asdict(self))
 
     def save(self, path: Union[str, os.PathLike]) -> str:
-        from kronos.config import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        kio.write_json(path, self.to_dict())
         return str(path)
 
     @classmethod

@@ -28,7 +28,6 @@ Undefined values (one symbol, no realised data, ...) are NaN, never exceptions.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -38,7 +37,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from kronos.config import atomic_write_text
+from kronos import io as kio
 from kronos.errors import InputError
 
 REQUIRED_COLUMNS = ("symbol", "datetime", "step", "last_close", "pred_close", "true_close")
@@ -304,27 +303,9 @@ def all_signals(records: pd.DataFrame) -> dict[str, pd.Series]:
     return {kind: signals_from_records(records, kind) for kind in SIGNAL_KINDS}
 
 
-def json_safe(value: Any) -> Any:
-    """Recursively replace NaN/inf by None and numpy scalars by Python ones so the result is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, (pd.Timestamp, np.datetime64)):
-        return str(pd.Timestamp(value))
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
 def save_metrics(metrics: dict[str, Any], path: Union[str, os.PathLike]) -> None:
     """Write a metrics dict as strict JSON (NaN -> null), atomically."""
-    atomic_write_text(path, json.dumps(json_safe(metrics), indent=2, sort_keys=False, allow_nan=False) + "\n")
+    kio.write_json(path, metrics)
 
 
 # ====================================================================== sample-path forecasts (walk-forward report)

@@ -1,8 +1,8 @@
 """Figures: a forecast against its history (candlesticks), training curves, backtests, IC over time.
 
 No global backend is chosen: figures are ``matplotlib.figure.Figure`` objects rendered by Agg when saved, so
-importing this module leaves ``plt.show()`` in a notebook alone. Every figure is written to a temporary file
-beside its target and renamed into place, so a reader never sees half a PNG. Time axes of K-line figures count
+importing this module leaves ``plt.show()`` in a notebook alone. Every figure is written atomically
+(:func:`kronos.io.write_file`), so a reader never sees half a PNG. Time axes of K-line figures count
 trading bars, not calendar time: weekends, holidays and overnight breaks leave no gaps or straight lines.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from kronos import io as kio
 from kronos.errors import DataError, InputError
 
 PathLike = Union[str, os.PathLike]
@@ -34,15 +35,7 @@ def _figure(nrows: int, figsize: tuple, ratios: Optional[Sequence[float]] = None
 def _save(fig: Figure, path: Optional[PathLike], dpi: int = 120) -> Path:
     if path is None:
         raise InputError("a plot needs an output path (path=...)")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return kio.write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
 
 
 def _bar_axis(ax: Any, index: pd.Index) -> None:

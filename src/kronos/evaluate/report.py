@@ -12,7 +12,6 @@ Outputs in ``out_dir``: ``report.json`` (everything), ``report.md`` (the table a
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -24,7 +23,8 @@ import pandas as pd
 
 from kronos.errors import DataError
 from kronos.evaluate.baselines import baseline_forecasts
-from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, json_safe, naive_scale, pinball_loss, score_paths
+from kronos import io as kio
+from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, naive_scale, pinball_loss, score_paths
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +241,11 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
     report["seconds"] = round(time.time() - t0, 2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from kronos.config import atomic_write_text
-
     report["files"] = {"json": str(out / "report.json"), "markdown": str(out / "report.md"),
                        "plots": _plots(report, out)}
     report["headline"] = headline(report)
-    atomic_write_text(out / "report.md", render_markdown(report))
-    atomic_write_text(out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    kio.write_text(out / "report.md", render_markdown(report))
+    kio.write_json(out / "report.json", report)
     return report
 
 

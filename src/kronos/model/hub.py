@@ -12,14 +12,13 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 from urllib.parse import urlparse
 
 import torch
 
+from kronos import io as kio
 from kronos.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -67,22 +66,21 @@ class CheckpointMixin:
         target = Path(save_directory).expanduser()
         if target.exists() and not target.is_dir():
             raise CheckpointError(f"cannot save checkpoint: {target} exists and is not a folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}  # type: ignore
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True), encoding="utf-8")
-            os.chmod(tmp, 0o755)
-            if not target.exists():
-                os.replace(tmp, target)
-            else:
-                for name in (WEIGHTS_NAME, CONFIG_NAME):
-                    os.replace(tmp / name, target / name)
-                tmp.rmdir()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}  # type: ignore
+        config_text = json.dumps(self.config, indent=2, sort_keys=True)
+
+        def write_weights(path: Path) -> None:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+
+        if not target.exists():
+            def fill(folder: Path) -> None:
+                write_weights(folder / WEIGHTS_NAME)
+                (folder / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+
+            kio.write_folder(target, fill)
+        else:  # keep other files in the folder; replace each of ours atomically
+            kio.write_file(target / WEIGHTS_NAME, write_weights)
+            kio.write_text(target / CONFIG_NAME, config_text)
         logger.info("saved %s checkpoint to %s", type(self).__name__, target)
         return target
 

@@ -9,8 +9,9 @@
     last/rng_rank{r}.safetensors                python, numpy, torch CPU and CUDA generator states of rank r
     last/trainer_state.json                     step counters, best loss, sampler position, run config
 
-A folder is written beside its final place and renamed into it; the previous version is kept as ``<name>.prev``
-until the swap is done, so a kill -9 at any moment leaves one complete checkpoint to resume from.
+Folders are written with :func:`kronos.io.write_folder`: beside their final place, then renamed into it; the
+previous version is kept as ``<name>.prev`` until the swap is done, so a kill -9 at any moment leaves one complete
+checkpoint to resume from (:func:`kronos.io.resolve_folder`).
 """
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ import json
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import load_file, save, save_file
 
+from kronos import io as kio
 from kronos.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -139,80 +140,9 @@ def restore_rng(payload: bytes) -> None:
             torch.cuda.set_rng_state(t[cuda[i]], device=i)
 
 
-# ---------------------------------------------------------------------------------------------- atomic folders
-def write_folder_atomically(target: PathLike, fill: Callable[[Path], None]) -> None:
-    """Create ``target`` by calling ``fill(tmp_folder)`` and renaming it into place.
-
-    The previous ``target`` survives as ``target.prev`` until the new one is in place, so at every instant either
-    ``target`` or ``target.prev`` is a complete folder (see :func:`resolve_folder`).
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    prev = target.with_name(f"{target.name}.prev")
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    fill(tmp)
-    _fsync_folder(tmp)
-    if target.exists():
-        if prev.exists():
-            shutil.rmtree(prev)
-        os.replace(target, prev)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    if prev.exists():
-        shutil.rmtree(prev, ignore_errors=True)
-
-
-def resolve_folder(target: PathLike) -> Optional[Path]:
-    """The complete version of a folder written by :func:`write_folder_atomically` (``None`` if there is none)."""
-    target = Path(target)
-    if target.is_dir():
-        return target
-    prev = target.with_name(f"{target.name}.prev")
-    if prev.is_dir():
-        return prev
-    return None
-
-
-def _fsync_folder(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:  # best effort (some filesystems refuse fsync)
-                pass
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomically(path: PathLike, data: Any) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
-
-
+# ---------------------------------------------------------------------------------------------- JSON
 def read_json(path: PathLike) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return kio.read_json(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read '{path}' ({exc}); delete it or train without --resume") from None

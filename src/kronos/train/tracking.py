@@ -9,24 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 from pathlib import Path
 from typing import Any, Optional
 
+from kronos import io as kio
 from kronos.config import Config
 from kronos.errors import DependencyError
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
-    return value
 
 
 def truncate_metrics(path: Path, max_step: int) -> None:
@@ -43,9 +37,7 @@ def truncate_metrics(path: Path, max_step: int) -> None:
             continue
         if int(row.get("step", 0)) <= max_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    kio.write_text(path, "".join(k + "\n" for k in kept))
 
 
 class Tracker:
@@ -77,9 +69,9 @@ class Tracker:
         """Append one row (must contain ``step``); numeric entries also go to TensorBoard/Comet."""
         if not self.active:
             return
-        row = {k: _clean(v) for k, v in row.items()}
+        row = kio.to_jsonable(row)  # strict JSON: NaN/inf become null
         assert self._file is not None
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(kio.dumps_json(row, indent=None) + "\n")
         self._file.flush()
         step = int(row.get("step", 0))
         numeric = {k: float(v) for k, v in row.items()

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from kronos import io as kio
 from kronos.config import Config
 from kronos.errors import CheckpointError, ConfigError, KronosError, TrainingError
 from kronos.train import checkpoint as ckpt
@@ -83,11 +84,7 @@ class Trainer:
         self.ckpt_dir = self.stage_dir / "checkpoints"
         self.best_dir = self.ckpt_dir / "best_model"
         self.last_dir = self.ckpt_dir / "last"
-        if config.batch_size % config.accumulation_steps:
-            raise ConfigError(
-                f"config key 'batch_size' ({config.batch_size}) must be divisible by 'accumulation_steps' "
-                f"({config.accumulation_steps}): each optimizer step splits the batch into that many micro-batches"
-            )
+        config.validate()  # keys may have been set on the object after it was built
         # counters (restored on resume)
         self.global_step = 0
         self.epoch = 0
@@ -113,7 +110,7 @@ class Trainer:
         cfg = self.config
         seed_everything(cfg.seed + self.ctx.rank)
 
-        self.resume_from: Optional[Path] = ckpt.resolve_folder(self.last_dir) if resume else None
+        self.resume_from: Optional[Path] = kio.resolve_folder(self.last_dir) if resume else None
         if resume and self.resume_from is None:
             logger.warning("--resume: no checkpoint at %s; starting from the beginning", self.last_dir)
         state = ckpt.read_json(self.resume_from / ckpt.TRAINER_STATE) if self.resume_from else None
@@ -350,13 +347,13 @@ class Trainer:
                 ckpt.save_state(folder, "grad_scaler", self.scaler.state_dict())
             for r, payload in enumerate(rng):
                 (folder / f"rng_rank{r}.safetensors").write_bytes(payload)
-            ckpt.write_json_atomically(folder / ckpt.TRAINER_STATE, state)
+            kio.write_json(folder / ckpt.TRAINER_STATE, state)
 
-        ckpt.write_folder_atomically(self.last_dir, fill)
+        kio.write_folder(self.last_dir, fill)
 
     def save_best(self) -> None:
         if self.ctx.is_main:
-            ckpt.write_folder_atomically(self.best_dir, lambda folder: self.raw_model.save_pretrained(folder))
+            kio.write_folder(self.best_dir, lambda folder: self.raw_model.save_pretrained(folder))
 
     def _trainer_state(self) -> dict:
         return {
@@ -528,7 +525,7 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         if self.ctx.is_main:
-            ckpt.write_json_atomically(self.stage_dir / SUMMARY_FILE, summary)
+            kio.write_json(self.stage_dir / SUMMARY_FILE, summary)
             logger.info("%s done: best val loss %s at epoch %d; best model in %s", self.stage.name,
                         summary["best_val_loss"], self.best_epoch, self.best_dir)
         barrier(self.ctx)

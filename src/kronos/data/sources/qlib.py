@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +27,7 @@ import pandas as pd
 
 from kronos.data.schema import derive_amount, validate_kline_frame
 from kronos.data.sources.base import BaseDataProcessor
+from kronos import io as kio
 from kronos.errors import DataError, DependencyError
 
 logger = logging.getLogger(__name__)
@@ -114,9 +114,8 @@ def lowercase_view(provider: Path) -> Path:
     view = _cache_root() / key
     if (view / ".complete").is_file():
         return view
-    tmp = view.with_name(f".{view.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "features").mkdir(parents=True)
         for sub in ("calendars", "instruments"):
             os.symlink(provider / sub, tmp / sub)
@@ -126,11 +125,10 @@ def lowercase_view(provider: Path) -> Path:
             for f in folder.iterdir():
                 os.symlink(f, dest / f.name.lower())
         (tmp / ".complete").write_text(str(provider) + "\n")
-        if view.exists():
-            shutil.rmtree(view)
-        os.replace(tmp, view)
+
+    try:
+        kio.write_folder(view, fill)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(
             f"Qlib data folder '{features}' has upper-case symbol folders or field files, which pyqlib does not "
             f"find, and a lower-case view could not be made ({exc}); rename them to lower case, e.g. in that folder: "

@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kronos.config import Config, atomic_write_text
+from kronos import io as kio
+from kronos.config import Config
 from kronos.data.schema import KLINE_COLUMNS, PRICE_COLUMNS, VALUE_COLUMNS, derive_amount
 from kronos.data.sources.base import BaseDataProcessor
 from kronos.errors import ConfigError, DataError
@@ -587,7 +588,7 @@ class SinaDataProcessor(BaseDataProcessor):
                 self.skipped_symbols[symbol] = str(exc)
                 continue
             try:
-                atomic_write_text(self.cache_path(symbol), body)
+                kio.write_text(self.cache_path(symbol), body)
             except OSError as exc:
                 raise DataError(
                     f"cannot write the Sina cache file {self.cache_path(symbol)}: {exc.strerror or exc}; "
