@@ -351,7 +351,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
                                     "backtest_open_cost", "backtest_close_cost", "backtest_min_cost")},
     **{k: (_above(0),) for k in ("clip", "sina_timeout", "backtest_account")},
     # 0 is allowed: it freezes the weights (tests and sanity checks use it)
-    **{k: (Rule(lambda v: math.isfinite(v) and 0 <= v < 1, "must be a finite number in [0, 1) (e.g. 2e-4)"),)
+    **{k: (Rule(lambda v: math.isfinite(v) and 0 <= v <= 1, "must be a finite number in [0, 1] (e.g. 2e-4)"),)
        for k in ("tokenizer_learning_rate", "predictor_learning_rate")},
     "feature_list": (_length(6, "features (open, high, low, close, volume, amount)"),),
     "time_feature_list": (_length(5, "features (minute, hour, weekday, day, month)"),),

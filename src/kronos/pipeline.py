@@ -17,7 +17,7 @@ import pandas as pd
 
 from kronos import io as kio
 from kronos.config import Config
-from kronos.errors import CheckpointError, DataError
+from kronos.errors import CheckpointError, DataError, KronosError
 from kronos.paths import path_in, safe_filename
 
 log = logging.getLogger(__name__)
