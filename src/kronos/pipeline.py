@@ -110,7 +110,7 @@ class KronosPipeline:
 
     @staticmethod
     def require_checkpoint(path: str, what: str, flag: str) -> None:
-        from kronos.train.checkpoint import resolve_folder
+        from kronos.io import resolve_folder
 
         folder = resolve_folder(path)  # falls back to <path>.prev when a swap was interrupted
         if folder is None or not (folder / "config.json").is_file():

@@ -285,12 +285,12 @@ def _resolve_files(
 ) -> tuple[Path, Path]:
     """(config path, weights path) of a local folder or a hub id.
 
-    A folder whose atomic swap was interrupted (see :func:`kronos.train.checkpoint.write_folder_atomically`)
+    A folder whose atomic swap was interrupted (see :func:`kronos.io.write_folder`)
     is read from its complete previous version ``<folder>.prev``.
     """
     path = Path(name).expanduser()
     if not path.exists():
-        from kronos.train.checkpoint import resolve_folder
+        from kronos.io import resolve_folder
 
         prev = resolve_folder(path)
         if prev is not None:

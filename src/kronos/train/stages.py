@@ -167,7 +167,7 @@ class PredictorStage(Stage):
         from kronos.model import KronosTokenizer
 
         path = self.config.finetuned_tokenizer
-        from kronos.train.checkpoint import resolve_folder
+        from kronos.io import resolve_folder
 
         if not self.config.finetuned_tokenizer_path and resolve_folder(path) is None:
             raise CheckpointError(
