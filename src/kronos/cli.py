@@ -231,6 +231,10 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     from kronos.model import Kronos, KronosTokenizer
     from kronos.timeutil import future_timestamps
 
+    from kronos.errors import InputError
+
+    if args.lookback < 0:  # checked before any file or model is read
+        raise InputError(f"--lookback must be >= 0 (0 = all bars, up to --max-context), got {args.lookback}")
     frame = read_kline_file(args.input)
     if args.lookback > 0:
         frame = frame.iloc[-args.lookback:]

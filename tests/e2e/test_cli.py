@@ -60,6 +60,12 @@ def test_errors_are_one_line(tmp_path):
          "--set", f"dataset_path={tmp_path / 'ds'}"),
         ("data", "--data-source", "nosuchsource"),
         ("predict", "--set", f"dataset_path={tmp_path / 'ds'}"),
+        ("forecast", "--input", str(CSV), "--tokenizer", str(TINY / "tokenizer"), "--model",
+         str(TINY / "predictor"), "--pred-len", "3", "--lookback", "-5"),
+        ("forecast", "--input", str(CSV), "--tokenizer", str(TINY / "tokenizer"), "--model",
+         str(TINY / "predictor"), "--pred-len", "3", "--top-p", "2"),
+        ("forecast", "--input", str(CSV), "--tokenizer", str(TINY / "tokenizer"), "--model",
+         str(TINY / "predictor"), "--pred-len", "3", "--lookback", "2"),
     ]
     for args in cases:
         r = kronos(*args)

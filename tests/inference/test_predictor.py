@@ -249,8 +249,11 @@ def test_input_errors(predictor):
     _err(predictor, "x_timestamp must hold datetimes", df, ["not a date"] * 30, yt, 5)
     _err(predictor, "column 'open' must be numeric", df.assign(open="x"), xt, yt, 5)
     _err(predictor, "sample_count must be an integer >= 1", df, xt, yt, 5, sample_count=0)
-    _err(predictor, "temperature T must be > 0", df, xt, yt, 5, T=0)
+    _err(predictor, "temperature T must be a finite number > 0", df, xt, yt, 5, T=0)
+    _err(predictor, "temperature T must be a finite number > 0", df, xt, yt, 5, T=float("inf"))
     _err(predictor, "top_k must be an integer >= 0", df, xt, yt, 5, top_k=-1)
+    _err(predictor, r"top_p must be a number in \(0, 1\]", df, xt, yt, 5, top_p=2.0)
+    _err(predictor, r"df has only 2 row\(s\) of history; give at least 8", df.iloc[:2], xt.iloc[:2], yt, 5)
 
 
 def test_predict_batch_errors(predictor):

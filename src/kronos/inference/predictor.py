@@ -26,6 +26,8 @@ from kronos.data.schema import (
     time_features,
 )
 from kronos.errors import InputError
+
+MIN_HISTORY = 8  # bars of history a forecast needs at least (its normalisation statistics come from them)
 from kronos.inference.generate import SamplingConfig, mean_over_samples, sample_forecasts
 from kronos.model.kronos import Kronos
 from kronos.model.tokenizer import KronosTokenizer
@@ -170,7 +172,12 @@ class KronosPredictor:
         if not isinstance(df, pd.DataFrame):
             raise InputError(f"{where}df must be a pandas DataFrame, got {type(df).__name__}")
         if len(df) == 0:
-            raise InputError(f"{where}df is empty; give at least one row of history")
+            raise InputError(f"{where}df is empty; give at least {MIN_HISTORY} rows of history")
+        if len(df) < MIN_HISTORY:
+            raise InputError(
+                f"{where}df has only {len(df)} row(s) of history; give at least {MIN_HISTORY} (the forecast is "
+                "normalised by the history's mean and std, which a few bars cannot estimate)"
+            )
         missing = [c for c in self.price_cols if c not in df.columns]
         if missing:
             raise InputError(f"{where}df is missing price column(s) {missing}; it needs {self.price_cols}")
@@ -224,10 +231,10 @@ class KronosPredictor:
             raise InputError(f"sample_count must be an integer >= 1, got {sample_count!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-        if not isinstance(top_p, numbers.Real) or not 0 < top_p:
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
             raise InputError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
-        if not isinstance(T, numbers.Real) or not T > 0:
-            raise InputError(f"temperature T must be > 0, got {T!r}")
+        if isinstance(T, bool) or not isinstance(T, numbers.Real) or not 0 < T < float("inf"):
+            raise InputError(f"temperature T must be a finite number > 0, got {T!r}")
 
     # ------------------------------------------------------------------ generation
     def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
