@@ -27,6 +27,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/band_samples.py
 	$(PY) benchmarks/data_loading.py
 	$(PY) benchmarks/training.py
 
