@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kronos-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ bench: setup
 	$(PY) benchmarks/band_samples.py
 	$(PY) benchmarks/data_loading.py
 	$(PY) benchmarks/training.py
+
+# On a GPU machine: the machine's python3 (with CUDA PyTorch), no venv; results in $OUT or ./gpu-check/.
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) outputs data
