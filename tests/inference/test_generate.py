@@ -36,7 +36,8 @@ def test_top_p_keeps_smallest_prefix_reaching_mass():
 
 
 def test_sample_from_logits_greedy_and_seeded():
-    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))  # fixed: no near-ties by chance
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    logits[torch.arange(64), logits.argmax(-1)] += 0.01  # a clear arg-max in every row (randn can nearly tie)
     assert torch.equal(sample_from_logits(logits, 0.7, top_k=1)[:, 0], logits.argmax(-1))
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     a = sample_from_logits(logits, 1.0, 0, 0.9, generator=g1)
