@@ -67,17 +67,19 @@ def sampling_table(predictor: KronosPredictor, lookback: int, pred_len: int, sam
     """Time one series with 1 and ``samples`` sample paths, context shared or recomputed per path."""
     df, xt, yt = synthetic_series(lookback, pred_len, seed)
     item = predictor._prepare(df, xt, yt, pred_len)
-    x = torch.from_numpy(item.x)[None]
-    xs, ys = torch.from_numpy(item.x_stamp)[None], torch.from_numpy(item.y_stamp)[None]
+    dev = predictor.device
+    x = torch.from_numpy(item.x)[None].to(dev)
+    xs, ys = torch.from_numpy(item.x_stamp)[None].to(dev), torch.from_numpy(item.y_stamp)[None].to(dev)
     cfg = SamplingConfig(T=1.0, top_k=0, top_p=0.9)
 
     def run(count: int, share: bool) -> float:
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            sample_forecasts(predictor.tokenizer, predictor.model, x, xs, ys, pred_len, predictor.max_context,
-                             predictor.clip, count, cfg, generator=torch.Generator().manual_seed(seed),
-                             share_prefix=share)  # fmt: skip
+            out = sample_forecasts(predictor.tokenizer, predictor.model, x, xs, ys, pred_len, predictor.max_context,
+                                   predictor.clip, count, cfg, generator=torch.Generator(dev).manual_seed(seed),
+                                   share_prefix=share)  # fmt: skip
+            out.cpu()  # waits for the device
             best = min(best, time.perf_counter() - start)
         return best
 
