@@ -204,3 +204,34 @@ def test_dataset_symbols(one_thread, tmp_path):
             assert batch.status_code == 200
     finally:
         eng.shutdown()
+
+
+def test_calibrated_bands_for_the_calibrations_horizon(one_thread, tmp_path, bars):
+    from kronos.evaluate.calibration import Calibration, model_fingerprint
+    from kronos.inference.predictor import sample_quantiles
+
+    plain = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64)
+    cal = Calibration(method="spread_scale", levels=[0.8], horizon=4, lookback=40,
+                      fingerprint=model_fingerprint(plain.predictor, 40, 4), params={"scale": [2.0] * 4},
+                      p_up={"method": "platt", "a": 1.0, "b": 0.0}, coverage_after={"0.8": 0.79})
+    cal.save(tmp_path / "calibration.json")
+    eng = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
+                              calibration=str(tmp_path / "calibration.json"))
+    try:
+        with TestClient(create_app(eng, mcp=False)) as c:
+            info = c.get("/models").json()["models"][0]["calibration"]
+            assert info["horizon"] == 4 and info["coverage_after"] == {"0.8": 0.79}
+            body = {"bars": bars, "horizon": 4, "samples": 6, "seed": 2, "return_samples": True}
+            res = c.post("/forecast", json=body).json()
+            assert res["calibrated"] is True and res["context_bars"] == 40 and "p_up_raw" in res
+            paths = np.array(res["samples"]["close"])
+            med, raw_lo = np.median(paths, axis=0), sample_quantiles(paths, [0.1])[0]
+            # spread_scale 2: the band's distance from the median doubles (up to the JSON rounding)
+            np.testing.assert_allclose(np.array(res["quantiles"]["0.1"]["close"]) - med, 2 * (raw_lo - med),
+                                       atol=1e-3)
+            other = c.post("/forecast", json=dict(body, horizon=3)).json()
+            assert other["calibrated"] is False and "horizon 4" in other["calibration_note"]
+            assert other["context_bars"] == len(bars)
+    finally:
+        plain.shutdown()
+        eng.shutdown()

@@ -87,6 +87,12 @@ def test_forecast_for_unseen_data_over_http(served_run):
     symbols = httpx.get(url + "/symbols").json()["symbols"]
     assert symbols
     assert httpx.get(f"{url}/symbols/{symbols[0]['symbol']}/forecast", params={"horizon": 3}, timeout=120).is_success
+    # the run's calibrate step wrote calibration.json: its horizon (predict_window 5) gets calibrated bands
+    cal = models["models"][0]["calibration"]
+    assert cal and cal["horizon"] == 5 and cal["lookback"] == 30
+    sym = httpx.get(f"{url}/symbols/{symbols[0]['symbol']}/forecast", params={"horizon": 5, "samples": 8},
+                    timeout=120).json()
+    assert sym["calibrated"] is True and sym["context_bars"] == 30 and len(sym["p_up_raw"]) == 5
 
 
 def test_mcp_over_streamable_http(served_run):

@@ -259,7 +259,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
             "samples": {"type": "integer"}, "seed": {"type": "integer"}}}}}}}
 
     @app.post("/forecast", openapi_extra=forecast_doc)
-    async def forecast(request: Request) -> dict:
+    async def forecast(request: Request):
         """Forecast one series: JSON ``{"bars": [...], "horizon": 24, ...}`` or a multipart CSV/Parquet upload."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
@@ -285,10 +285,10 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
             where = "bars"
         history = engine.history_for(table, where)
         result = (await engine.forecast([history], settings))[0]
-        return _with_history(result, history, echo)
+        return JSONResponse(_with_history(result, history, echo))
 
     @app.post("/forecast/batch")
-    async def forecast_batch(request: Request) -> dict:
+    async def forecast_batch(request: Request):
         """Forecast many series with one setting: ``{"series": [{"bars": [...]}, ...], "horizon": 24}``."""
         body = await _json_body(request)
         settings = _settings(body, BATCH_FIELDS)
@@ -307,7 +307,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
                 histories.append(engine.symbol_history(str(item["symbol"])))
             else:
                 histories.append(engine.history_for(frame_from_rows(item["bars"], f"series {i}"), f"series {i}"))
-        return {"forecasts": await engine.forecast(histories, settings)}
+        return JSONResponse({"forecasts": await engine.forecast(histories, settings)})
 
     @app.get("/symbols")
     async def symbols() -> dict:
@@ -319,7 +319,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
     @app.get("/symbols/{symbol}/forecast")
     async def symbol_forecast(symbol: str, horizon: Optional[int] = None, samples: Optional[int] = None, seed: Optional[int] = None,
                               T: float = 1.0, top_k: int = 0, top_p: float = 0.9, history: int = 200,
-                              quantiles: str = "0.1,0.5,0.9") -> dict:
+                              quantiles: str = "0.1,0.5,0.9"):
         """Forecast after a dataset symbol's latest bar; the response also carries the last ``history`` bars."""
         qs = _form_value(quantiles, "quantiles")
         settings = Settings(horizon=horizon, samples=samples, seed=seed, T=T, top_k=top_k, top_p=top_p,
@@ -327,7 +327,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
         frame = engine.symbol_history(symbol)
         result = (await engine.forecast([frame], settings))[0]
         result["symbol"] = symbol
-        return _with_history(result, frame, history)
+        return JSONResponse(_with_history(result, frame, history))
 
     @app.get("/run")
     async def run_view() -> dict:

@@ -53,6 +53,8 @@ def build_engine(args: argparse.Namespace):
         run = RunFolder(args.run)
         tokenizer, model = tokenizer or run.tokenizer, model or run.predictor
         dataset = dataset or run.dataset
+        if not args.calibration and run.calibration:
+            args.calibration = run.calibration
     if not tokenizer or not model:
         raise ConfigError("give --tokenizer and --model (checkpoint folders or hub ids), or --run DIR")
     limits = Limits(max_bars=args.max_bars, max_horizon=args.max_horizon, max_samples=args.max_samples,

@@ -82,6 +82,7 @@ class _Job:
     frames: list[pd.DataFrame]
     settings: Settings
     future: asyncio.Future
+    calibrate: list[bool]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -112,8 +113,16 @@ def _jsonable(values: np.ndarray) -> list:
 
 
 def summarize(history: pd.DataFrame, mean: pd.DataFrame, samples: np.ndarray, settings: Settings,
-              timestamps: pd.DatetimeIndex, calibration: Optional["Calibration"] = None) -> dict:
-    """One forecast as JSON: mean OHLCV, quantile bands per column, P(up) per step (close above the last close)."""
+              timestamps: pd.DatetimeIndex, calibration: Any = None) -> dict:
+    """One forecast as JSON: mean OHLCV, quantile bands per column, P(up) per step (close above the last close).
+
+    Uses the package's rules (:func:`~kronos.inference.predictor.sample_quantiles`,
+    :func:`~kronos.inference.predictor.prob_up`); with a calibration (a fitted
+    :class:`kronos.evaluate.calibration.Calibration` that applies to this request) the price bands and P(up) are
+    the calibrated ones and ``p_up_raw`` keeps the share of paths.
+    """
+    from kronos.inference.predictor import prob_up, sample_quantiles
+
     last_close = float(history["close"].iloc[-1])
     out: dict[str, Any] = {
         "timestamps": [t.isoformat() for t in pd.DatetimeIndex(timestamps)],
@@ -124,61 +133,38 @@ def summarize(history: pd.DataFrame, mean: pd.DataFrame, samples: np.ndarray, se
     qs = list(settings.quantiles)
     bands = {}
     if qs:
+        values = sample_quantiles(samples, qs)  # [Q, P, 6]
         if calibration is not None:
-            values = calibration.quantiles(samples, qs, last_close)
-        else:
-            values = np.quantile(samples, qs, axis=0)  # [Q, P, 6]
+            last = np.array([last_close])
+            for c in range(4):  # open/high/low/close: the close-fitted correction relative to the last close
+                values[:, :, c] = calibration.quantiles(samples[None, :, :, c], last, qs)[:, 0]
         for q, v in zip(qs, values):
             bands[f"{q:g}"] = {c: _jsonable(v[:, i]) for i, c in enumerate(VALUE_COLS)}
     out["quantiles"] = bands
-    out["calibrated"] = calibration is not None and bool(qs)
-    out["p_up"] = _jsonable((samples[:, :, 3] > last_close).mean(axis=0))
+    p_up = prob_up(samples[:, :, 3], last_close)
+    if calibration is not None:
+        out["p_up_raw"] = _jsonable(p_up)
+        p_up = calibration.p_up_calibrated(samples[None, :, :, 3], np.array([last_close]))[0]
+    out["p_up"] = _jsonable(p_up)
+    out["calibrated"] = calibration is not None
     if settings.return_samples:
         out["samples"] = {c: _jsonable(samples[:, :, i]) for i, c in enumerate(VALUE_COLS)}
     return out
 
 
-class Calibration:
-    """Calibrated bands from a calibration file (JSON).
+def load_calibration(path: str, predictor) -> Any:
+    """The fitted calibration of ``path`` (``kronos calibrate``), checked to belong to the loaded predictor."""
+    from kronos.evaluate.calibration import load_calibration as load
 
-    Uses :mod:`kronos.evaluate.calibration` when it provides ``load_calibration``; otherwise reads the simple
-    format ``{"scale": s, "coverage": {...}}``: band offsets from the sample median are multiplied by ``scale``.
-    """
+    cal = load(path)
+    return cal.check(predictor, source=f"calibration file '{path}'")
 
-    def __init__(self, path: str) -> None:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise CheckpointError(f"calibration file '{file}' does not exist; pass the file `kronos calibrate` wrote")
-        self.path = str(file)
-        self._impl = None
-        try:
-            from kronos.evaluate import calibration as impl  # added by the evaluation work when available
 
-            if hasattr(impl, "load_calibration"):
-                self._impl = impl.load_calibration(file)
-        except ImportError:
-            pass
-        try:
-            self.data = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"cannot read calibration file '{file}': {exc}") from None
-        if not isinstance(self.data, dict):
-            raise CheckpointError(f"calibration file '{file}' is not a JSON object")
-        scale = self.data.get("scale", 1.0)
-        if not isinstance(scale, (int, float)) or not scale > 0:
-            raise CheckpointError(f"calibration file '{file}': 'scale' must be a number > 0, got {scale!r}")
-        self.scale = float(scale)
-
-    def info(self) -> dict:
-        keys = ("coverage", "validation_coverage", "nominal", "split", "scale")
-        return {"file": self.path, **{k: self.data[k] for k in keys if k in self.data}}
-
-    def quantiles(self, samples: np.ndarray, qs: list[float], last_close: float) -> np.ndarray:
-        if self._impl is not None and hasattr(self._impl, "quantiles"):
-            return np.asarray(self._impl.quantiles(samples, qs))
-        median = np.quantile(samples, 0.5, axis=0)
-        raw = np.quantile(samples, qs, axis=0)
-        return median[None] + (raw - median[None]) * self.scale
+def calibration_info(cal: Any, path: str) -> dict:
+    """What /models shows of a calibration: the method, its horizon/lookback and the validation coverage."""
+    return {"file": str(path), "method": cal.method, "levels": cal.levels, "horizon": cal.horizon,
+            "lookback": cal.lookback, "coverage_before": cal.coverage_before, "coverage_after": cal.coverage_after,
+            "n_anchors": cal.n_anchors}
 
 
 class Dataset:
@@ -212,7 +198,7 @@ class ForecastEngine:
     """One loaded tokenizer + predictor, an optional dataset and calibration, and the micro-batching queue."""
 
     def __init__(self, predictor, info: ModelInfo, *, dataset: Optional[Dataset] = None,
-                 calibration: Optional[Calibration] = None, limits: Optional[Limits] = None,
+                 calibration: Any = None, limits: Optional[Limits] = None,
                  batching: bool = True, batch_wait_ms: float = 5.0, max_batch: int = 64,
                  run_dir: Optional[str] = None) -> None:
         self.predictor = predictor
@@ -224,7 +210,8 @@ class ForecastEngine:
         self.batch_wait = max(0.0, float(batch_wait_ms)) / 1000.0
         self.max_batch = max(1, int(max_batch)) if batching else 1
         self.run_dir = run_dir
-        self.lookback = info.max_context  # bars of a dataset symbol's history used for its forecast
+        # bars of a dataset symbol's history used for its forecast (the calibration's lookback when one is loaded)
+        self.lookback = int(calibration.lookback) if calibration is not None else info.max_context
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kronos-forecast")
         self._queue: Optional[asyncio.Queue] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -244,12 +231,12 @@ class ForecastEngine:
         tok = KronosTokenizer.from_pretrained(tokenizer)
         mdl = Kronos.from_pretrained(model)
         predictor = KronosPredictor(mdl, tok, device=device, max_context=max_context)
-        cal = Calibration(calibration) if calibration else None
+        cal = load_calibration(calibration, predictor) if calibration else None
         info = ModelInfo(
             name=name or Path(str(model).rstrip("/")).name or "model", tokenizer_path=str(tokenizer),
             model_path=str(model), parameters=sum(p.numel() for p in mdl.parameters()),
             tokenizer_parameters=sum(p.numel() for p in tok.parameters()), max_context=int(max_context),
-            device=str(predictor.device), calibration=cal.info() if cal else None,
+            device=str(predictor.device), calibration=calibration_info(cal, calibration) if cal else None,
         )
         data = Dataset(dataset) if dataset else None
         log.info("loaded model '%s' (%d parameters) on %s%s", info.name, info.parameters, info.device,
@@ -277,10 +264,24 @@ class ForecastEngine:
             self._task = loop.create_task(self._batch_loop())
         if self._queue.qsize() >= self.limits.max_queue:
             raise QueueFullError(f"the forecast queue is full (max_queue={self.limits.max_queue}); retry shortly")
-        job = _Job(histories, settings, loop.create_future())
+        histories, flags = self._apply_calibration_context(histories, settings)
+        job = _Job(histories, settings, loop.create_future(), flags)
         self._queue.put_nowait(job)
         self.stats["requests"] += 1
         return await job.future
+
+    def _apply_calibration_context(self, histories: list[pd.DataFrame], settings: Settings):
+        """With a calibration: a request for its horizon with enough bars uses its lookback and gets calibrated
+        bands; any other request gets the raw bands (and a note saying why)."""
+        cal = self.calibration
+        if cal is None:
+            return histories, [False] * len(histories)
+        out, flags = [], []
+        for h in histories:
+            ok = settings.horizon == cal.horizon and len(h) >= cal.lookback
+            out.append(h.iloc[-cal.lookback:].reset_index(drop=True) if ok else h)
+            flags.append(ok)
+        return out, flags
 
     def history_for(self, table: pd.DataFrame, where: str = "bars") -> pd.DataFrame:
         """The checked history of a request, whole (the predictor uses all of it, as the official one)."""
@@ -361,13 +362,19 @@ class ForecastEngine:
         results, k = [], 0
         for job in group:
             res = []
-            for f in job.frames:
+            for f, calibrate in zip(job.frames, job.calibrate):
                 mean, samples = outputs[k]
-                res.append(summarize(f, mean, samples, job.settings, pd.DatetimeIndex(y_ts[k]), self.calibration))
+                cal = self.calibration if calibrate else None
+                res.append(summarize(f, mean, samples, job.settings, pd.DatetimeIndex(y_ts[k]), cal))
                 res[-1]["model"] = self.info.name
+                res[-1]["context_bars"] = len(f)
+                if self.calibration is not None and not calibrate:
+                    res[-1]["calibration_note"] = (
+                        f"bands not calibrated: the calibration was fitted for horizon {self.calibration.horizon} "
+                        f"with at least {self.calibration.lookback} bars of history")
                 k += 1
             results.append(res)
         return results
 
 
-__all__ = ["ForecastEngine", "Settings", "Limits", "LimitError", "QueueFullError", "Dataset", "Calibration"]
+__all__ = ["ForecastEngine", "Settings", "Limits", "LimitError", "QueueFullError", "Dataset"]

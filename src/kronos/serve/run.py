@@ -1,6 +1,7 @@
 """A pipeline run's folder seen by the service: its models, dataset and results (curves, evaluation, backtest).
 
-``--run DIR`` names the folder holding ``pipeline_config.json`` (the parent of the config's ``save_path``).
+``--run DIR`` names the run's output folder: the one holding ``pipeline_config.json`` (the config's ``save_path``)
+or its parent (e.g. ``outputs`` for ``outputs/models/pipeline_config.json``).
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from kronos.errors import ConfigError
 MAX_CURVE_POINTS = 2000
 
 
-def _resolve(value: str, run_dir: Path) -> Path:
-    """A path from the run's config: as written when it exists, else relative to the run folder's parent."""
+def _resolve(value: str, config_dir: Path) -> Path:
+    """A path from the run's config: as written when it exists (relative to the current folder), else relative to
+    the config's folder or one of its parents (where the pipeline ran)."""
     p = Path(value).expanduser()
     if p.exists() or p.is_absolute():
         return p
-    for base in (run_dir, run_dir.parent):
+    for base in [config_dir, *list(config_dir.parents)[:3]]:
         if (base / p).exists():
             return base / p
     return p
@@ -40,18 +42,25 @@ class RunFolder:
         from kronos.config import Config
 
         self.dir = Path(path).expanduser().resolve()
-        cfg_file = self.dir / "pipeline_config.json"
-        if not cfg_file.is_file():
-            raise ConfigError(f"--run '{self.dir}' holds no pipeline_config.json; point it at the folder a "
-                              "`kronos pipeline` run wrote (the parent of its save_path)")
+        found = [self.dir / "pipeline_config.json", *sorted(self.dir.glob("*/pipeline_config.json"))]
+        found = [f for f in found if f.is_file()]
+        if not found:
+            raise ConfigError(f"--run '{self.dir}' holds no pipeline_config.json (nor does a subfolder); point it "
+                              "at the output folder of a `kronos pipeline` run (e.g. outputs)")
+        cfg_file = found[0]
         self.config = Config.from_file(str(cfg_file))
         c = self.config
-        self.tokenizer = str(_resolve(c.finetuned_tokenizer, self.dir))
-        self.predictor = str(_resolve(c.finetuned_predictor, self.dir))
-        self.dataset = str(_resolve(c.dataset_path, self.dir)) if c.dataset_path else ""
-        self.results = _resolve(c.backtest_dir, self.dir)
-        self.stage_dirs = {"tokenizer": _resolve(c.tokenizer_dir, self.dir),
-                           "predictor": _resolve(c.predictor_dir, self.dir)}
+        base = cfg_file.parent
+        self.tokenizer = str(_resolve(c.finetuned_tokenizer, base))
+        self.predictor = str(_resolve(c.finetuned_predictor, base))
+        self.dataset = str(_resolve(c.dataset_path, base)) if c.dataset_path else ""
+        self.results = _resolve(c.backtest_dir, base)
+        from kronos.evaluate.calibration import calibration_path
+
+        cal = calibration_path(self.predictor)  # written by the pipeline's calibrate step
+        self.calibration = str(cal) if cal.is_file() else ""
+        self.stage_dirs = {"tokenizer": _resolve(c.tokenizer_dir, base),
+                           "predictor": _resolve(c.predictor_dir, base)}
 
     def summary(self) -> dict:
         """Training curves (``metrics.jsonl``), the evaluation metrics and the backtest curves, JSON-ready."""
