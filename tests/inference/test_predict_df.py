@@ -8,7 +8,7 @@ import torch
 
 from kronos.errors import InputError
 from kronos.inference import KronosPredictor
-from kronos.inference.predictor import sample_quantiles
+from kronos.inference.predictor import prob_up, sample_quantiles
 from kronos.model import build_predictor, build_tokenizer
 
 COLS = ["open", "high", "low", "close", "volume", "amount"]
@@ -82,6 +82,9 @@ def test_anchors_rolling_with_true_close_and_samples(predictor):
     np.testing.assert_allclose(out["close"].to_numpy(), samples[:, :, :, 3].mean(axis=1).reshape(-1), rtol=1e-5)
     q = sample_quantiles(samples, (0.25, 0.75), axis=1)
     np.testing.assert_allclose(out["close_q0.75"].to_numpy(), q[1, :, :, 3].reshape(-1))
+    # P(up): share of the paths above the anchor bar's close, per step
+    last = out["last_close"].to_numpy().reshape(-1, 3)[:, 0]
+    np.testing.assert_array_equal(out["p_up"].to_numpy(), prob_up(samples[:, :, :, 3], last).reshape(-1))
     # seeded sampling is reproducible
     again = predictor.predict_df(frame, pred_len=3, lookback=20, anchors=anchors, sample_count=4, seed=1,
                                  quantiles=(0.25, 0.75), batch_size=2, progress=False)

@@ -526,7 +526,8 @@ class KronosPredictor:
         Returns a frame with one row per (symbol, anchor, step), sorted so: ``symbol`` (named ``id_column``),
         ``anchor`` (the as-of timestamp), ``step`` (1..pred_len), ``timestamps`` (the forecast bar), the mean
         ``open, high, low, close, volume, amount`` over ``sample_count`` paths, ``{column}_q{q}`` quantile columns
-        for all six columns (e.g. ``close_q0.1``, by :func:`sample_quantiles`), ``last_close`` (the anchor bar's
+        for all six columns (e.g. ``close_q0.1``, by :func:`sample_quantiles`), ``p_up`` (the share of paths whose
+        close at that step is above the anchor bar's close, by :func:`prob_up`), ``last_close`` (the anchor bar's
         close), ``close_scale`` (this predictor's normalisation scale of close over the context: population std
         + 1e-5, the unit of the official signals) and ``true_close`` (the realised close where the frame has
         it, else NaN). With ``return_samples=True`` returns ``(records, samples)``: samples ``[N, S, pred_len, 6]``
@@ -547,7 +548,7 @@ class KronosPredictor:
             raise InputError(f"batch_size must be an integer >= 1 (series per predict_batch call), got {batch_size!r}")
         tasks = _forecast_tasks(frame, id_column, timestamp_column, int(L), int(pred_len), anchors, future_timestamps)
         n_chunks = -(-len(tasks) // batch_size)
-        means, quants, paths_out, scales = [], [], [], []
+        means, quants, ups, paths_out, scales = [], [], [], [], []
         for k in tqdm(range(n_chunks), desc="forecast", unit="batch", disable=not progress):
             chunk = tasks[k * batch_size:(k + 1) * batch_size]
             dfs = [t.context for t in chunk]
@@ -563,10 +564,11 @@ class KronosPredictor:
             samples = np.stack([s for _, s in res])  # [n, S, P, 6]
             means.append(np.stack([m.to_numpy() for m, _ in res]))
             quants.append(sample_quantiles(samples, qs, axis=1))  # [Q, n, P, 6]
+            ups.append(prob_up(samples[..., VALUE_COLUMNS.index("close")], [t.last_close for t in chunk]))
             if return_samples:
                 paths_out.append(samples)
         records = _records(tasks, np.concatenate(means), np.concatenate(quants, axis=1), qs, scales, id_column,
-                           int(pred_len))
+                           int(pred_len), np.concatenate(ups))
         if calibration is not None:
             from kronos.evaluate.calibration import apply_calibration
 
@@ -688,7 +690,7 @@ def _forecast_tasks(
 
 
 def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list[float], scales: list[float],
-             id_column: str, P: int) -> pd.DataFrame:
+             id_column: str, P: int, p_up: np.ndarray) -> pd.DataFrame:
     """Long records of :meth:`KronosPredictor.predict_df` (see its docstring for the columns)."""
     n = len(tasks)
     data: dict[str, Any] = {
@@ -702,6 +704,7 @@ def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list
     for j, c in enumerate(VALUE_COLUMNS):
         for qi, q in enumerate(qs):
             data[f"{c}_q{q:g}"] = quants[qi, :, :, j].reshape(-1)
+    data["p_up"] = p_up.reshape(-1)
     data["last_close"] = np.repeat([t.last_close for t in tasks], P)
     data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)
     data["true_close"] = np.concatenate([t.true_close for t in tasks])
