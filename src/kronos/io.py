@@ -10,6 +10,10 @@ Every writer in the package goes through here, so a reader (or a crash) never se
 * :func:`to_jsonable` / :func:`dumps_json` / :func:`write_json`: strict JSON. NaN and +-inf become ``null``;
   numpy and pandas scalars, arrays, Timestamps, Paths, sets and dataclasses become plain JSON values.
 * :func:`write_table`: a frame as Parquet and CSV side by side.
+
+Every rename goes through :func:`_replace`. For crash tests only, the environment variable
+``KRONOS_TEST_KILL_AFTER_RENAME=N`` makes the process SIGKILL itself right after its N-th rename, so a test can
+stop a writer between any two renames and check that every configured path still loads.
 """
 from __future__ import annotations
 
@@ -27,6 +31,21 @@ PathLike = Union[str, os.PathLike]
 
 PREV_SUFFIX = ".prev"
 _TMP_MARK = ".tmp-"
+KILL_ENV = "KRONOS_TEST_KILL_AFTER_RENAME"
+_renames = 0
+
+
+def _replace(src: PathLike, dst: PathLike) -> None:
+    """``os.replace``, counted for the crash-test hook (see the module docstring)."""
+    global _renames
+    os.replace(src, dst)
+    limit = os.environ.get(KILL_ENV)
+    if limit:
+        _renames += 1
+        if _renames >= int(limit):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -42,7 +61,7 @@ def write_file(path: PathLike, write: Callable[[Path], Any]) -> Path:
     try:
         write(tmp)
         _fsync_file(tmp)
-        os.replace(tmp, target)
+        _replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -165,7 +184,10 @@ def write_folder(target: PathLike, fill: Callable[[Path], Any], keep: Optional[I
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     if not target.exists() and prev.is_dir():
-        os.replace(prev, target)  # a crash between the two renames: the .prev copy is the complete one
+        _replace(prev, target)  # a crash between the two renames: the .prev copy is the complete one
+    elif target.is_dir() and prev.is_dir():
+        _carry_over(prev, target, keep, keep_others)  # a crash while carrying entries over: finish it
+        shutil.rmtree(prev, ignore_errors=True)
     tmp = target.with_name(f".{target.name}{_TMP_MARK}{_token()}")
     tmp.mkdir()
     try:
@@ -177,16 +199,21 @@ def write_folder(target: PathLike, fill: Callable[[Path], Any], keep: Optional[I
     if target.exists():
         if prev.exists():
             shutil.rmtree(prev)
-        os.replace(target, prev)
-    os.replace(tmp, target)
+        _replace(target, prev)
+    _replace(tmp, target)
     _fsync_dir(target.parent)
     if prev.exists():
-        wanted = set(keep or ())
-        for entry in prev.iterdir():
-            if (entry.name in wanted or keep_others) and not (target / entry.name).exists():
-                os.replace(entry, target / entry.name)
+        _carry_over(prev, target, keep, keep_others)
         shutil.rmtree(prev, ignore_errors=True)
     return target
+
+
+def _carry_over(prev: Path, target: Path, keep: Optional[Iterable[str]], keep_others: bool) -> None:
+    """Move the entries of the old folder that the new one should keep (named in ``keep``, or all others)."""
+    wanted = set(keep or ())
+    for entry in list(prev.iterdir()):
+        if (entry.name in wanted or keep_others) and not (target / entry.name).exists():
+            _replace(entry, target / entry.name)
 
 
 def resolve_folder(target: PathLike) -> Optional[Path]:

@@ -44,8 +44,14 @@ def barrier() -> None:
 
 @dataclass
 class PipelineResult:
-    """What a pipeline run left on disk (paths) and its headline numbers."""
+    """What a pipeline run left on disk (paths) and its headline numbers.
 
+    ``run_id`` names the run that wrote it (also in ``metrics.json``), so results of different runs in one folder
+    are detectable; ``status`` is ``running`` from the start of a run until it finishes (``finished``).
+    """
+
+    run_id: str = ""
+    status: str = ""
     dataset_path: str = ""
     tokenizer_path: str = ""
     predictor_path: str = ""
@@ -300,7 +306,7 @@ class KronosPipeline:
         metrics = forecast_metrics(test_records)
         out_dir = Path(cfg.backtest_dir)
         self.result.metrics_file = str(out_dir / "metrics.json")
-        save_metrics(metrics, self.result.metrics_file)
+        save_metrics({**metrics, "run_id": self.result.run_id}, self.result.metrics_file)
         kio.write_table(records, out_dir / "forecast_records")
         self.result.metrics = metrics
         self.report()
@@ -371,7 +377,12 @@ class KronosPipeline:
             timings[name] = round(time.time() - t0, 2)
 
         if is_main_process():
+            from kronos.runlock import RUN_ID
+
             cfg.save(Path(cfg.save_path) / "pipeline_config.json")  # inside the outputs, never beside them
+            # a run killed later leaves status 'running' under its own id: its results are never taken for finished
+            self.result.run_id, self.result.status = RUN_ID, "running"
+            kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
         if skip_data:
             self.require_dataset()
         else:
@@ -396,6 +407,7 @@ class KronosPipeline:
         self.result.tokenizer_path = cfg.finetuned_tokenizer
         self.result.predictor_path = cfg.finetuned_predictor
         if is_main_process():
+            self.result.status = "finished"
             kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
         return self.result
 

@@ -36,12 +36,20 @@ def split_file(path: PathLike, split: str) -> Path:
     """Path of one split's Parquet file inside the dataset folder ``path``."""
     if split not in SPLITS:
         raise InputError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
-    return Path(path).expanduser() / f"{split}.parquet"
+    return dataset_folder(path) / f"{split}.parquet"
+
+
+def dataset_folder(path: PathLike) -> Path:
+    """The complete copy of the dataset folder ``path``: itself, or ``<path>.prev`` when a swap was killed."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    return kio.resolve_folder(p) or p
 
 
 def dataset_exists(path: PathLike) -> bool:
-    """True when ``path`` holds all three split files and the manifest."""
-    p = Path(path).expanduser()
+    """True when ``path`` (or its ``.prev`` copy after a killed swap) holds all three splits and the manifest."""
+    p = dataset_folder(path)
     return all((p / name).is_file() for name in DATASET_FILES)
 
 
@@ -101,7 +109,7 @@ def load_split(path: PathLike, split: str) -> pd.DataFrame:
 
 def load_manifest(path: PathLike) -> dict[str, Any]:
     """Read ``manifest.json`` of the dataset folder ``path``."""
-    file = Path(path).expanduser() / MANIFEST_NAME
+    file = dataset_folder(path) / MANIFEST_NAME
     if not file.is_file():
         raise DataError(f"dataset manifest not found at '{file}'; {_RERUN}")
     try:
@@ -115,6 +123,7 @@ def load_manifest(path: PathLike) -> dict[str, Any]:
 
 __all__ = [
     "SPLITS",
+    "dataset_folder",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "DATASET_FILES",
