@@ -466,7 +466,11 @@ def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
         )
     fc = model_paths("validation", predictor, frame, anchors, cfg, int(cfg.inference_seed))
     fp = model_fingerprint(predictor, L, P)
-    levels = [float(v) for v in (getattr(cfg, "interval_levels", None) or [0.5, 0.8])]
+    # the report's central levels plus the bands the forecasts carry (quantiles q and 1 - q)
+    levels = {round(float(v), 10) for v in (getattr(cfg, "interval_levels", None) or [0.5, 0.8])}
+    levels |= {round(abs(2 * float(q) - 1), 10) for q in getattr(cfg, "quantiles", []) if 0 < float(q) < 1
+               and abs(float(q) - 0.5) > 1e-9}
+    levels = sorted(levels)
     cal = fit_calibration(fc.samples, fc.last_close, fc.true, fc.anchor, levels, L, fp)
     cal.seconds = round(time.time() - t0, 2)
     path = Path(out_path) if out_path is not None else calibration_path(cfg.finetuned_predictor)

@@ -28,7 +28,6 @@ from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, naive_sc
 
 log = logging.getLogger(__name__)
 
-PRICE_COLUMNS = ["open", "high", "low", "close", "volume", "amount"]
 HEADLINE = ("mse_ret", "mae_ret", "mase", "direction_accuracy", "ic", "rank_ic", "crps_rel", "wql",
             "coverage_0.5", "coverage_0.8", "width_0.8", "brier_up", "vol_corr")
 
@@ -76,50 +75,36 @@ def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], t
 
 
 def _contexts(frame: pd.DataFrame, anchors: pd.DataFrame, lookback: int, horizon: int):
-    groups = {s: g for s, g in frame.groupby("symbol", sort=True)}
-    ctx, x_ts, y_ts, ctx_close, true = [], [], [], [], []
+    """Context closes ``[N, L]`` and realised target closes ``[N, P]`` at the anchors (for baselines and scores)."""
+    groups = {s: g["close"].to_numpy(dtype=float) for s, g in frame.groupby("symbol", sort=True)}
+    ctx_close, true = [], []
     for symbol, pos in zip(anchors["symbol"], anchors["pos"]):
-        g = groups[symbol]
-        c = g.iloc[pos + 1 - lookback:pos + 1]
-        f = g.iloc[pos + 1:pos + 1 + horizon]
-        ctx.append(c[PRICE_COLUMNS].reset_index(drop=True))
-        x_ts.append(c["timestamps"].reset_index(drop=True))
-        y_ts.append(f["timestamps"].reset_index(drop=True))
-        ctx_close.append(c["close"].to_numpy(dtype=float))
-        true.append(f["close"].to_numpy(dtype=float))
-    return ctx, x_ts, y_ts, np.stack(ctx_close), np.stack(true)
-
-
-def sample_paths(predictor: Any, contexts: list, x_ts: list, y_ts: list, horizon: int, cfg: Any, seed: int,
-                 desc: str = "forecasts") -> tuple[np.ndarray, np.ndarray]:
-    """Mean close ``[N, P]`` and sampled close paths ``[N, S, P]`` at every context, in chunks (tqdm)."""
-    from tqdm.auto import tqdm
-
-    chunk = max(1, int(cfg.backtest_batch_size) // max(1, int(cfg.inference_sample_count)))
-    means, paths = [], []
-    starts = range(0, len(contexts), chunk)
-    for k, a in enumerate(tqdm(starts, desc=desc, unit="batch", disable=len(starts) < 2)):
-        b = min(a + chunk, len(contexts))
-        res = predictor.predict_batch(
-            contexts[a:b], x_ts[a:b], y_ts[a:b], pred_len=horizon, T=cfg.inference_T, top_k=cfg.inference_top_k,
-            top_p=cfg.inference_top_p, sample_count=cfg.inference_sample_count, verbose=False, seed=seed + k,
-            return_samples=True,
-        )
-        for mean, samples in res:
-            means.append(mean["close"].to_numpy(dtype=float))
-            paths.append(np.asarray(samples)[:, :, 3])
-    return np.stack(means), np.stack(paths)
+        close = groups[symbol]
+        ctx_close.append(close[pos + 1 - lookback:pos + 1])
+        true.append(close[pos + 1:pos + 1 + horizon])
+    return np.stack(ctx_close), np.stack(true)
 
 
 def model_paths(name: str, predictor: Any, frame: pd.DataFrame, anchors: pd.DataFrame, cfg: Any, seed: int,
                 prepared=None) -> PathForecasts:
-    """The predictor's forecasts at ``anchors`` as :class:`PathForecasts`."""
+    """The predictor's forecasts at ``anchors`` (via :meth:`KronosPredictor.predict_df`) as :class:`PathForecasts`."""
     L, P = int(cfg.lookback_window), int(cfg.predict_window)
-    ctx, x_ts, y_ts, ctx_close, true = prepared if prepared is not None else _contexts(frame, anchors, L, P)
-    point, samples = sample_paths(predictor, ctx, x_ts, y_ts, P, cfg, seed, desc=f"{name} (seed {seed})")
+    ctx_close, true = prepared if prepared is not None else _contexts(frame, anchors, L, P)
+    pairs = list(zip(anchors["symbol"], anchors["anchor"]))
+    records, samples = predictor.predict_df(
+        frame, pred_len=P, lookback=L, quantiles=[0.5], anchors=pairs, sample_count=int(cfg.inference_sample_count),
+        T=cfg.inference_T, top_k=cfg.inference_top_k, top_p=cfg.inference_top_p, seed=int(seed),
+        return_samples=True, batch_size=max(1, int(cfg.backtest_batch_size) // max(1, int(cfg.inference_sample_count))),
+        progress=True,
+    )
+    first = records[records["step"] == 1]
+    if len(first) != len(anchors) or not (np.asarray(first["symbol"]) == anchors["symbol"].to_numpy()).all() or not (
+            pd.DatetimeIndex(first["anchor"]) == pd.DatetimeIndex(anchors["anchor"])).all():
+        raise RuntimeError("predict_df returned forecasts in another order than the report's anchors")
+    point = records["close"].to_numpy(dtype=float).reshape(len(anchors), P)
     return PathForecasts(name, symbol=anchors["symbol"].to_numpy(), anchor=anchors["anchor"].to_numpy(),
                          last_close=ctx_close[:, -1], scale=naive_scale(ctx_close), true=true, point=point,
-                         samples=samples)
+                         samples=np.asarray(samples, dtype=float)[:, :, :, 3])
 
 
 # ---------------------------------------------------------------------- scoring helpers
@@ -197,7 +182,7 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
             f"last validation bar ({bounds.get('val_end')}); lengthen the test split or shorten the windows"
         )
     prepared = _contexts(frame, anchors, L, P)
-    ctx_close, true = prepared[3], prepared[4]
+    ctx_close, true = prepared
     seeds = list(getattr(cfg, "eval_seeds", None) or [cfg.inference_seed])
     quantiles = [float(q) for q in cfg.quantiles]
     levels = [float(v) for v in getattr(cfg, "interval_levels", None) or [0.5, 0.8]]
@@ -381,5 +366,5 @@ def _plots(report: dict, out: Path) -> list[str]:
     return files
 
 
-__all__ = ["build_report", "headline", "model_paths", "render_markdown", "sample_paths", "select_anchors",
+__all__ = ["build_report", "headline", "model_paths", "render_markdown", "select_anchors",
            "split_bounds"]
