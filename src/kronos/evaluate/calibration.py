@@ -215,7 +215,10 @@ class Calibration:
         return last[:, None, None] * (1.0 + med + k * (z - med))
 
     def p_up_raw(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
-        return np.mean(np.asarray(samples) > np.asarray(last_close)[:, None, None], axis=1)
+        """The package's P(up) rule (:func:`kronos.inference.predictor.prob_up`) on close paths ``[N, S, P]``."""
+        from kronos.inference.predictor import prob_up
+
+        return prob_up(samples, np.asarray(last_close, dtype=float))
 
     def p_up_calibrated(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
         """Platt-scaled P(close at step h > last close) ``[N, P]``."""

@@ -484,7 +484,9 @@ def score_paths(fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[
         inside = np.where(ok, ((y >= lo) & (y <= hi)).astype(float), np.nan)
         by[f"coverage_{lv:g}"] = _nanmean(inside, 0)
         by[f"width_{lv:g}"] = _nanmean(np.where(ok, (hi - lo) / last, np.nan), 0)
-    p_up = np.mean(s > fc.last_close[:, None, None], axis=1)
+    from kronos.inference.predictor import prob_up
+
+    p_up = prob_up(s, fc.last_close)
     moved = ok & (y != last)
     up = (y > last).astype(float)
     by["brier_up"] = np.array([_f(np.mean((p_up[moved[:, k], k] - up[moved[:, k], k]) ** 2))
