@@ -354,7 +354,9 @@ def _plots(report: dict, out: Path) -> list[str]:
     if curves:
         fig, ax = plt.subplots(figsize=(5, 5))
         for label, r, brier in curves:
-            ax.plot(r["mean_p"], r["observed"], marker="o", label=f"{label} (Brier {_fmt(brier)})")
+            x, y = np.asarray(r["mean_p"], dtype=float), np.asarray(r["observed"], dtype=float)
+            keep = np.isfinite(x) & np.isfinite(y)  # empty bins have no point
+            ax.plot(x[keep], y[keep], marker="o", label=f"{label} (Brier {_fmt(brier)})")
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
         first = next(iter(report["forecasters"].values()))["overall"]
         ax.axhline(first.get("up_rate", float("nan")), color="gray", lw=1,
