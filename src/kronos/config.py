@@ -69,6 +69,10 @@ class Config:
     csv_data_path: str = ""
     csv_symbol_column: str = ""  # long file: column holding the symbol (auto-detected when empty)
     csv_timestamp_column: str = ""  # auto-detected when empty
+    # a bar whose open/high/low/close is more than this many times (or less than 1/this) the median close of the
+    # 21 bars around it is a spike (a vendor error such as 1e12); 0 turns the check off
+    price_spike_factor: float = 10.0
+    price_spike_action: str = "drop"  # drop | keep (spikes are always counted and logged)
     sina_symbols: list = field(default_factory=lambda: ["sh600000"])
     sina_scale: int = 240  # 5/15/30/60 minutes or 240 (daily)
     sina_datalen: int = 1023
@@ -376,6 +380,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "dist_wait_hours": (_above(0),),
     "max_nonfinite_steps": (_at_least(1),),
     "backtest_deal_price": (_one_of("open", "close"),),
+    "price_spike_factor": (Rule(lambda v: v == 0 or (math.isfinite(v) and v > 1), "must be 0 (off) or a number > 1"),),
+    "price_spike_action": (_one_of("drop", "keep"),),
     "backtest_signal_scale": (_one_of("std", "price"),),
 }
 

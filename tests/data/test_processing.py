@@ -232,3 +232,40 @@ def test_all_rows_filtered_away_is_one_clear_error(bars):
     raw = {"A": bars.assign(close=np.nan)}
     with pytest.raises(DataError, match=r"no symbol has 26 clean rows"):
         process_frames(raw, small_config(split_ratios=[0.7, 0.15, 0.15]), "csv")
+
+
+# ---------------------------------------------------------------------------- price spikes
+def test_price_spikes_are_flagged_then_dropped_or_kept(bars, caplog):
+    import logging
+
+    from _support.training import qlib_frame
+
+    spiky = bars.copy()
+    spiky.loc[1000, ["high", "close"]] = 1e12  # a vendor error
+    spiky.loc[2000, ["open", "low"]] = 1e-6
+    with caplog.at_level(logging.WARNING, logger="kronos.data.processing"):
+        clean, stats = clean_kline_frame(spiky, "AAA")
+    assert stats.spikes == 2 and len(clean) == len(bars) - 2 and clean["high"].max() < 1e3
+    assert any("2 price spike(s)" in r.getMessage() and str(bars.loc[1000, "timestamps"]) in r.getMessage()
+               for r in caplog.records)
+    kept, stats = clean_kline_frame(spiky, "AAA", drop_spikes=False)
+    assert stats.spikes == 2 and len(kept) == len(bars)
+    off, stats = clean_kline_frame(spiky, "AAA", spike_factor=0)
+    assert stats.spikes == 0 and len(off) == len(bars)
+    # through the data step: config keys and the manifest's cleaning counts
+    _, manifest = process_frames({"AAA": spiky}, small_config(split_ratios=[0.7, 0.15, 0.15]), "csv")
+    assert manifest["cleaning"]["spikes"] == 2
+    splits, manifest = process_frames({"AAA": spiky}, small_config(split_ratios=[0.7, 0.15, 0.15],
+                                                                   price_spike_action="keep"), "csv")
+    assert manifest["cleaning"]["spikes"] == 2 and max(f["high"].max() for f in splits.values()) == 1e12
+    # real data (5-minute bars, daily Qlib bars with limit moves) has none
+    assert clean_kline_frame(bars, "real")[1].spikes == 0
+    daily = qlib_frame()
+    assert sum(clean_kline_frame(g.drop(columns="symbol"), s)[1].spikes for s, g in daily.groupby("symbol")) == 0
+
+
+@pytest.mark.parametrize("overrides", [{"price_spike_factor": 0.5}, {"price_spike_factor": float("nan")},
+                                       {"price_spike_action": "ignore"}])
+def test_price_spike_keys_are_validated(overrides):
+    with pytest.raises(ConfigError, match="price_spike"):
+        Config(**overrides)

@@ -42,6 +42,7 @@ class CleaningStats:
     duplicates: int = 0  # same timestamp seen again; the last one is kept
     missing: int = 0  # NaN / infinite values (e.g. suspended days in Qlib)
     impossible: int = 0  # high < low, close above high, non-positive price, negative volume/amount, ...
+    spikes: int = 0  # prices far from the surrounding bars' median close (dropped or kept: price_spike_action)
     amount_derived: int = 0  # NaN amount filled with mean(OHLC) x volume
     rows_out: int = 0
 
@@ -49,11 +50,28 @@ class CleaningStats:
         return CleaningStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
-def clean_kline_frame(df: pd.DataFrame, symbol: str = "") -> tuple[pd.DataFrame, CleaningStats]:
+SPIKE_WINDOW = 21  # bars around each bar whose median close is the reference of the spike check
+
+
+def find_price_spikes(frame: pd.DataFrame, factor: float) -> np.ndarray:
+    """Boolean mask of bars with an open/high/low/close above ``factor`` x (or below 1/``factor`` x) the median
+    close of the :data:`SPIKE_WINDOW` bars centred on them (a robust bound: one wild bar cannot move the median)."""
+    if factor <= 0 or len(frame) < 3:
+        return np.zeros(len(frame), dtype=bool)
+    log_close = np.log(frame["close"].to_numpy(dtype="float64"))
+    ref = pd.Series(log_close).rolling(SPIKE_WINDOW, center=True, min_periods=1).median().to_numpy()
+    prices = np.log(frame[["open", "high", "low", "close"]].to_numpy(dtype="float64"))
+    return (np.abs(prices - ref[:, None]) > np.log(factor)).any(axis=1)
+
+
+def clean_kline_frame(df: pd.DataFrame, symbol: str = "", spike_factor: float = 10.0,
+                      drop_spikes: bool = True) -> tuple[pd.DataFrame, CleaningStats]:
     """Sort by time, drop duplicate timestamps (keep last), fill a missing amount, drop bad bars.
 
-    Bad bars are rows with a NaN/inf value or an impossible price/volume (see :data:`BAR_TOLERANCE`).
-    Returns the clean frame (RangeIndex, canonical columns) and the counts of what was removed.
+    Bad bars are rows with a NaN/inf value or an impossible price/volume (see :data:`BAR_TOLERANCE`). Price
+    spikes (see :func:`find_price_spikes`; ``spike_factor`` 0 = off) are counted, logged with their first time,
+    and dropped unless ``drop_spikes`` is False. Returns the clean frame (RangeIndex, canonical columns) and the
+    counts of what was removed.
     """
     stats = CleaningStats(rows_in=len(df))
     frame = df[list(KLINE_COLUMNS)].copy()
@@ -87,6 +105,17 @@ def clean_kline_frame(df: pd.DataFrame, symbol: str = "") -> tuple[pd.DataFrame,
     impossible &= finite
     stats.impossible = int(impossible.sum())
     frame = frame[finite & ~impossible].reset_index(drop=True)
+    spikes = find_price_spikes(frame, spike_factor)
+    stats.spikes = int(spikes.sum())
+    if stats.spikes:
+        first = int(np.flatnonzero(spikes)[0])
+        logger.warning(
+            "%s: %d price spike(s) more than %gx away from the surrounding bars' median close, first at %s "
+            "(close %r); %s (config keys price_spike_factor, price_spike_action)", symbol or "frame", stats.spikes,
+            spike_factor, frame["timestamps"].iloc[first], float(frame["close"].iloc[first]),
+            "dropped" if drop_spikes else "kept")
+        if drop_spikes:
+            frame = frame[~spikes].reset_index(drop=True)
     stats.rows_out = len(frame)
     if stats.duplicates or stats.missing or stats.impossible:
         logger.debug(
@@ -282,7 +311,8 @@ def process_frames(
     total = CleaningStats()
     clean: dict[str, pd.DataFrame] = {}
     for symbol in tqdm(sorted(raw, key=str), desc=f"cleaning {source_name}", unit="symbol", disable=None):
-        frame, stats = clean_kline_frame(raw[symbol], str(symbol))
+        frame, stats = clean_kline_frame(raw[symbol], str(symbol), spike_factor=config.price_spike_factor,
+                                         drop_spikes=config.price_spike_action == "drop")
         total = total + stats
         if len(frame) < window:
             reason = (
@@ -294,8 +324,9 @@ def process_frames(
             continue
         clean[str(symbol)] = add_time_features(frame)
     logger.info(
-        "%s: %d rows in, dropped %d duplicate, %d NaN/inf and %d impossible bar(s); derived %d amount(s)",
-        source_name, total.rows_in, total.duplicates, total.missing, total.impossible, total.amount_derived,
+        "%s: %d rows in, dropped %d duplicate, %d NaN/inf and %d impossible bar(s); %d price spike(s); derived %d "
+        "amount(s)", source_name, total.rows_in, total.duplicates, total.missing, total.impossible, total.spikes,
+        total.amount_derived,
     )
     if not clean:
         raise DataError(
