@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from kronos.config import Config
 from kronos.errors import ConfigError, KronosError
@@ -70,46 +70,28 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kronos", description="Train, finetune and use Kronos on your K-line data.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def _add_global_flags(p: argparse.ArgumentParser, root: bool) -> None:
+    """Flags every command takes, before or after the subcommand (``kronos -q pipeline`` = ``kronos pipeline -q``).
 
-    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        return p
+    On subcommand parsers the default is SUPPRESS, so a flag given before the subcommand is not reset by it.
+    """
+    default = False if root else argparse.SUPPRESS
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors")
 
-    p = command("data", "load, clean and split market data into the processed dataset",
-                "kronos data --config-path examples/configs/demo.json")
+
+def _new_command_parser(factory: Any, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    p = factory(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_global_flags(p, root=False)
+    return p
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
-    for name, what in (("train-tokenizer", "tokenizer"), ("train-predictor", "predictor")):
-        p = command(name, f"train or finetune the {what} (torchrun for several GPUs/processes)",
-                    f"kronos {name} --config-path examples/configs/demo.json --cpu --fast-mode")
-        add_config_args(p)
-        p.add_argument("--resume", action="store_true", help="continue from the stage's last/ checkpoint")
-    p = command("predict", "forecast the bars after every symbol's latest lookback window",
-                "kronos predict --config-path examples/configs/demo.json")
-    add_config_args(p)
-    p = command("evaluate", "walk-forward report on the test split: the model beside baselines (report.json/md, PNGs)",
-                "kronos evaluate --config-path examples/configs/demo.json --fast-mode")
-    add_config_args(p)
-    p = command("calibrate", "fit calibrated bands and P(up) on validation anchors (calibration.json beside best_model)",
-                "kronos calibrate --config-path examples/configs/demo.json --fast-mode")
-    add_config_args(p)
-    p = command("backtest", "top-k backtest of the forecast signals over backtest_time_range",
-                "kronos backtest --config-path examples/configs/demo.json --fast-mode")
-    add_config_args(p)
-    p = command("pipeline", "the complete pipeline: data, tokenizer, predictor, predict, evaluate, backtest",
-                "kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode")
-    add_config_args(p)
-    add_pipeline_flags(p)
-    p = command("forecast", "forecast one K-line file (CSV/Parquet) with any tokenizer/predictor checkpoints",
-                "kronos forecast --input klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small "
-                "--pred-len 24 --output forecast.csv")
+    p.add_argument("--resume", action="store_true", help="continue from the stage's last/ checkpoint")
+
+
+def _add_forecast_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="CSV or Parquet with timestamps, open, high, low, close[, volume, amount]")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (or hub id)")
     p.add_argument("--model", required=True, help="predictor checkpoint folder (or hub id)")
@@ -126,15 +108,80 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--output", default="", help="write the forecast (CSV or .parquet); default: print it")
     p.add_argument("--plot", default="", help="also write a PNG of history and forecast")
-    from kronos.serve.command import add_model_args, add_serve_args
 
-    add_serve_args(command("serve", "forecasting service: REST API (/docs), MCP (/mcp) and a web page (/)",
-                           "kronos serve --tokenizer ./tok --model ./pred --dataset ./data/processed"))
-    add_model_args(command("mcp", "MCP server over stdio (tools forecast, list_models, list_symbols)",
-                           "kronos mcp --run outputs"))
-    p = command("config", "print the effective config (defaults + file + flags) as JSON",
-                "kronos config --config-path examples/configs/demo.json --fast-mode")
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
+    add_pipeline_flags(p)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from kronos.serve.command import add_serve_args
+
+    add_serve_args(p)
+
+
+def _add_mcp_args(p: argparse.ArgumentParser) -> None:
+    from kronos.serve.command import add_model_args
+
+    add_model_args(p)
+
+
+# name -> (help, example, add_arguments); the `kronos` parser and every finetune/ script are built from this table
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "data": ("load, clean and split market data into the processed dataset",
+             "kronos data --config-path examples/configs/demo.json", add_config_args),
+    "train-tokenizer": ("train or finetune the tokenizer (torchrun for several GPUs/processes)",
+                        "kronos train-tokenizer --config-path examples/configs/demo.json --cpu --fast-mode",
+                        _add_train_args),
+    "train-predictor": ("train or finetune the predictor (torchrun for several GPUs/processes)",
+                        "kronos train-predictor --config-path examples/configs/demo.json --cpu --fast-mode",
+                        _add_train_args),
+    "predict": ("forecast the bars after every symbol's latest lookback window",
+                "kronos predict --config-path examples/configs/demo.json", add_config_args),
+    "evaluate": ("walk-forward report on the test split: the model beside baselines (report.json/md, PNGs)",
+                 "kronos evaluate --config-path examples/configs/demo.json --fast-mode", add_config_args),
+    "calibrate": ("fit calibrated bands and P(up) on validation anchors (calibration.json beside best_model)",
+                  "kronos calibrate --config-path examples/configs/demo.json --fast-mode", add_config_args),
+    "backtest": ("top-k backtest of the forecast signals over backtest_time_range",
+                 "kronos backtest --config-path examples/configs/demo.json --fast-mode", add_config_args),
+    "pipeline": ("the complete pipeline: data, tokenizer, predictor, predict, evaluate, backtest",
+                 "kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode", _add_pipeline_args),
+    "forecast": ("forecast one K-line file (CSV/Parquet) with any tokenizer/predictor checkpoints",
+                 "kronos forecast --input klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small "
+                 "--pred-len 24 --output forecast.csv", _add_forecast_args),
+    "serve": ("forecasting service: REST API (/docs), MCP (/mcp) and a web page (/)",
+              "kronos serve --tokenizer ./tok --model ./pred --dataset ./data/processed", _add_serve_args),
+    "mcp": ("MCP server over stdio (tools forecast, list_models, list_symbols)", "kronos mcp --run outputs",
+            _add_mcp_args),
+    "config": ("print the effective config (defaults + file + flags) as JSON",
+               "kronos config --config-path examples/configs/demo.json --fast-mode", add_config_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The one argument parser: ``kronos [-q] COMMAND [flags]``."""
+    from kronos import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kronos", description="Train, finetune and use Kronos on your K-line data.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_flags(parser, root=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, example, add_args) in COMMANDS.items():
+        add_args(_new_command_parser(sub.add_parser, name, help_text, example))
+    return parser
+
+
+def script_parser(command: str, prog: str, description: str = "") -> argparse.ArgumentParser:
+    """A finetune/ script's parser: the flags of ``kronos COMMAND``, under the script's own name."""
+    help_text, example, add_args = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=prog, description=description or help_text, epilog=f"same as: {example}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_global_flags(parser, root=True)
+    add_args(parser)
+    parser.set_defaults(command=command)
     return parser
 
 
@@ -148,6 +195,7 @@ def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(quiet: bool = False) -> None:
+    """The one logging setup: INFO on rank 0 (WARNING with -q and on other ranks), noisy libraries at WARNING."""
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if quiet or rank != 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -282,51 +330,28 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _parser()
+def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None, prog: Optional[str] = None,
+         description: str = "", **defaults: Any) -> int:
+    """Run ``kronos ARGS`` (or, with ``command``, one command as a finetune/ script named ``prog``); the exit code.
+
+    ``defaults`` pre-set flags of a script (e.g. ``cpu=True`` for the *_cpu.py scripts). Every user error is a
+    :class:`KronosError`, printed as one line ``error: ...`` on stderr (exit 1); Ctrl-C exits 130.
+    """
+    if command is None:
+        parser = build_parser()
+    else:
+        parser = script_parser(command, prog or f"kronos {command}", description)
+    if defaults:
+        parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `kronos`
+        parser.print_help()
+        return 0
     setup_logging(args.quiet)
     try:
-        if args.command == "forecast":
-            return run_forecast_command(args)
-        if args.command in ("serve", "mcp"):
-            from kronos.serve.command import run_mcp, run_serve
-
-            return run_serve(args) if args.command == "serve" else run_mcp(args)
-        config = build_config(args)
-        if args.command == "config":
-            print(json.dumps(config.effective_dict(), indent=2, ensure_ascii=False))
-            return 0
-        if args.command == "pipeline":
-            return run_pipeline_command(args, config)
-        from kronos.pipeline import KronosPipeline
-
-        pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
-        if args.command == "data":
-            pipe.process_data()
-        elif args.command == "train-tokenizer":
-            pipe.train_tokenizer()
-        elif args.command == "train-predictor":
-            pipe.train_predictor()
-        elif args.command == "predict":
-            pipe.predict()
-            print(f"forecasts: {pipe.result.forecast_file}")
-        elif args.command == "evaluate":
-            pipe.evaluate()
-            print_headline(pipe.result)
-        elif args.command == "calibrate":
-            cal = pipe.calibrate()
-            print(f"calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): {pipe.result.calibration_file}")
-            for lv, before in cal["coverage_before"].items():
-                print(f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
-                      f"{_fmt(cal['coverage_after'][lv]['coverage'])}")
-        elif args.command == "backtest":
-            summary = pipe.backtest()
-            print(f"backtest results: {pipe.result.backtest_dir}")
-            print(json.dumps(summary, indent=2, default=str))
-        return 0
+        return run(args)
     except KronosError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -335,6 +360,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+def print_error(exc: BaseException) -> None:
+    """The one error printer: ``error: <message>`` on one line of stderr, no traceback."""
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch parsed arguments to their command."""
+    if args.command == "forecast":
+        return run_forecast_command(args)
+    if args.command in ("serve", "mcp"):
+        from kronos.serve.command import run_mcp, run_serve
+
+        return run_serve(args) if args.command == "serve" else run_mcp(args)
+    config = build_config(args)
+    if args.command == "config":
+        print(json.dumps(config.effective_dict(), indent=2, ensure_ascii=False))
+        return 0
+    if args.command == "pipeline":
+        return run_pipeline_command(args, config)
+    from kronos.pipeline import KronosPipeline
+
+    pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
+    if args.command == "data":
+        manifest = pipe.process_data()
+        rows = ", ".join(f"{name} {info['rows']} rows" for name, info in manifest["splits"].items())
+        log.info("dataset ready at %s: %d symbols; %s", config.dataset_path, len(manifest["symbols"]), rows)
+    elif args.command == "train-tokenizer":
+        pipe.train_tokenizer()
+    elif args.command == "train-predictor":
+        pipe.train_predictor()
+    elif args.command == "predict":
+        pipe.predict()
+        print(f"forecasts: {pipe.result.forecast_file}")
+    elif args.command == "evaluate":
+        pipe.evaluate()
+        print_headline(pipe.result)
+    elif args.command == "calibrate":
+        cal = pipe.calibrate()
+        print(f"calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): {pipe.result.calibration_file}")
+        for lv, before in cal["coverage_before"].items():
+            print(f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
+                  f"{_fmt(cal['coverage_after'][lv]['coverage'])}")
+    elif args.command == "backtest":
+        summary = pipe.backtest()
+        print(f"backtest results: {pipe.result.backtest_dir}")
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
 
 
 if __name__ == "__main__":

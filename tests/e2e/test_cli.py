@@ -80,3 +80,22 @@ def test_config_command_prints_resolved_paths():
     data = json.loads(r.stdout)
     assert data["finetuned_tokenizer_path"].endswith("finetune_tokenizer_demo/checkpoints/best_model")
     assert Path(data["qlib_data_path"]).is_dir()
+
+
+def test_front_door_as_a_user_runs_it(tmp_path):
+    # bare `kronos`: help, exit 0; --version; -q before or after the subcommand; one-line errors from a script
+    r = kronos()
+    assert r.returncode == 0 and "usage: kronos" in r.stdout and r.stderr == ""
+    r = kronos("--version")
+    assert r.returncode == 0 and r.stdout.startswith("kronos ")
+    for args in (("-q", "config", "--set", "epochs=2"), ("config", "--set", "epochs=2", "-q")):
+        r = kronos(*args)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["epochs"] == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"lookback_window": 0}))
+    for script in ("train_complete_pipeline.py", "qlib_data_preprocess.py", "train_predictor_cpu.py"):
+        r = subprocess.run([sys.executable, str(ROOT / "finetune" / script), "--config-path", str(bad), "-q"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, (script, r.stderr)
+        assert r.stderr.startswith("error: ") and "lookback_window" in r.stderr and ">= 1" in r.stderr

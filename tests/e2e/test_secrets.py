@@ -33,7 +33,7 @@ def test_comet_api_key_never_reaches_a_file_log_or_tracker(tmp_path):
     (tmp_path / "klines").mkdir()
     raw.to_csv(tmp_path / "klines" / "AAA.csv", index=False)
     raw.assign(close=raw["close"] * 1.01).to_csv(tmp_path / "klines" / "BBB.csv", index=False)
-    cfg = dict(TINY, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2],
+    cfg = dict(TINY, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2], eval_max_anchors=40,
                test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-15", "2024-08-31"],
                dataset_path="data/processed", save_path="outputs/models",
                backtest_result_path="outputs/backtest_results", use_tensorboard=True, use_comet=True,

@@ -21,13 +21,10 @@ TensorBoard events. Only rank 0 writes; for a multi-node ``--resume`` every node
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
-import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,7 +35,7 @@ import torch.nn as nn
 
 from kronos import io as kio
 from kronos.config import Config
-from kronos.errors import CheckpointError, ConfigError, KronosError, TrainingError
+from kronos.errors import CheckpointError, ConfigError, TrainingError
 from kronos.train import checkpoint as ckpt
 from kronos.train.distributed import (
     DistContext,
@@ -562,30 +559,17 @@ def train_predictor(config: Config, resume: bool = False) -> dict:
     return run_stage("predictor", config, resume)
 
 
-def _setup_logging(rank: int) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
 def main(stage_name: str, argv: Optional[Sequence[str]] = None, force_cpu: bool = False) -> int:
-    """Command-line entry of the seed's scripts: ``--config-path PATH [--resume] [--cpu]``; returns the exit code."""
+    """Entry of the seed's scripts (``finetune/train_*.py``): ``kronos train-<stage>`` under the script's name.
+
+    Same flags as every command (``--config-path``, ``--set KEY=VALUE``, ``--fast-mode``, ``--cpu``, ``-q``,
+    ``--resume``); ``force_cpu`` makes ``--cpu`` the default (the ``*_cpu.py`` scripts). Returns the exit code.
+    """
+    from kronos import cli
+
     what = {"tokenizer": "Stage 1: finetune the Kronos tokenizer",
             "predictor": "Stage 2: finetune the Kronos predictor"}.get(stage_name, stage_name)
-    parser = argparse.ArgumentParser(description=f"{what} (CPU, one GPU, or torchrun DDP).")
-    parser.add_argument("--config-path", default=None, help="JSON or YAML file overriding the default config")
-    parser.add_argument("--resume", action="store_true", help="continue from <save_path>/<stage>/checkpoints/last/")
-    if not force_cpu:
-        parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is available")
-    args = parser.parse_args(argv)
-    _setup_logging(int(os.environ.get("RANK", "0")))
-    try:
-        config = Config.from_file(args.config_path) if args.config_path else Config()
-        if force_cpu or getattr(args, "cpu", False):
-            config.update({"device": "cpu"})
-        run_stage(stage_name, config, resume=args.resume)
-    except KronosError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    return 0
+    script = f"train_{stage_name}{'_cpu' if force_cpu else ''}.py"
+    extra = {"cpu": True} if force_cpu else {}
+    return cli.main(argv, command=f"train-{stage_name}", prog=script,
+                    description=f"{what} (CPU, one GPU, or torchrun DDP).", **extra)
