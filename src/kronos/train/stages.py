@@ -5,7 +5,6 @@ The loop in :mod:`kronos.train.trainer` is shared; a stage only answers "which m
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 import torch
