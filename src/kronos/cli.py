@@ -306,7 +306,10 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     out.index.name = "timestamps"
     if args.calibration:
         qs = cal.quantile_levels()
-        values = cal.quantiles(samples[None, :, :, 3], [float(frame["close"].iloc[-1])], qs)[:, 0]
+        from kronos.evaluate.metrics import context_volatility
+
+        vol = context_volatility(frame["close"].to_numpy(dtype=float)[None])
+        values = cal.quantiles(samples[None, :, :, 3], [float(frame["close"].iloc[-1])], qs, vol)[:, 0]
         for q, v in zip(qs, values):
             out[f"close_q{q:g}"] = v
         out["p_up"] = cal.p_up_calibrated(samples[None, :, :, 3], [float(frame["close"].iloc[-1])])[0]

@@ -119,3 +119,39 @@ def test_predictor_applies_calibration_and_refuses_another_model(tmp_path):
             - 1e-9).all()
     with pytest.raises(CheckpointError, match="another predictor"):
         other.predict_df(frame.iloc[:n], pred_len=P, lookback=L, sample_count=2, calibration=path, progress=False)
+    # a volatility-normalised calibration takes each context's volatility from the records / the context
+    rng2 = np.random.default_rng(9)
+    vol = rng2.uniform(0.005, 0.02, 200)
+    flat = np.repeat(np.full((200, 1, P), 50.0), 4, axis=1)
+    true2 = 50 * (1 + rng2.normal(size=(200, P)) * vol[:, None])
+    cal_vol = fit_calibration(flat, np.full(200, 50.0), true2, np.arange(200), levels=[0.8], lookback=L,
+                              fingerprint=model_fingerprint(pred, L, P), context_vol=vol)
+    assert cal_vol.method == "cqr_vol"
+    records = pred.predict_df(frame.iloc[:n], pred_len=P, lookback=L, sample_count=6, seed=3, calibration=cal_vol,
+                              progress=False)
+    assert (records["close_q0.9"] > records["close_q0.9_raw"]).all() and (records["context_vol"] > 0).all()
+    calq = pred.predict_quantiles(*args, calibration=cal_vol, **kw)
+    assert (calq[0.9]["close"] > raw[0.9]["close"]).all()
+
+
+def test_volatility_normalised_cqr_follows_a_regime_change():
+    """Degenerate samples (zero-width bands) and noise proportional to each context's volatility: only the
+    volatility-normalised correction stays calibrated when the test period is twice as volatile."""
+    def make(n, seed, vol_scale):
+        rng = np.random.default_rng(seed)
+        vol = rng.uniform(0.005, 0.02, size=n) * vol_scale
+        last = rng.uniform(10, 200, size=n)
+        true = last[:, None] * (1 + rng.normal(size=(n, 4)) * vol[:, None] * np.sqrt(np.arange(1, 5)))
+        samples = np.repeat(last[:, None, None], 4, axis=1) * np.ones((1, 1, 4))
+        return samples, last, true, vol
+
+    s, last, true, vol = make(1000, 0, 1.0)
+    cal = fit_calibration(s, last, true, np.arange(1000), levels=[0.5, 0.8], lookback=30, fingerprint="x",
+                          context_vol=vol)
+    assert cal.method == "cqr_vol"
+    ts, tlast, ttrue, tvol = make(2000, 1, 2.0)
+    for lv in (0.5, 0.8):
+        lo, hi = cal.quantiles(ts, tlast, [(1 - lv) / 2, (1 + lv) / 2], tvol)
+        assert np.mean((ttrue >= lo) & (ttrue <= hi)) == pytest.approx(lv, abs=0.05)
+    with pytest.raises(InputError, match="context volatility"):
+        cal.quantiles(ts, tlast, [0.1])

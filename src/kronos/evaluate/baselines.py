@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kronos.evaluate.metrics import PathForecasts, naive_scale
+from kronos.evaluate.metrics import PathForecasts, context_volatility, naive_scale
 
 BASELINES = ("last_value", "drift", "random_walk")
 
@@ -33,8 +33,9 @@ def baseline_forecasts(context_close: np.ndarray, true: np.ndarray, symbol: np.n
     steps = np.arange(1, horizon + 1, dtype=float)
     r = _log_returns(ctx)
     mu = np.nan_to_num(np.nanmean(r, axis=1)) if r.shape[1] else np.zeros(n)
-    sigma = np.nan_to_num(np.nanstd(r, axis=1, ddof=1)) if r.shape[1] > 1 else np.zeros(n)
-    common = dict(symbol=np.asarray(symbol), anchor=np.asarray(anchor), last_close=last, scale=scale, true=true)
+    sigma = context_volatility(ctx)
+    common = dict(symbol=np.asarray(symbol), anchor=np.asarray(anchor), last_close=last, scale=scale, true=true,
+                  vol=sigma)
 
     flat = np.repeat(last[:, None], horizon, axis=1)
     drift = last[:, None] * np.exp(mu[:, None] * steps[None, :])

@@ -7,6 +7,9 @@ so one correction serves every symbol. Three methods are fitted and compared on 
 anchors after fitting on the earlier part (a time-ordered hold-out); the one whose held-out coverage is nearest the
 nominal levels (ties: narrower bands) is chosen and refitted on all validation anchors:
 
+- ``cqr_vol``: conformalised quantiles normalised by the context's volatility: score ``max(lo - y, y - hi) /
+  (sigma * sqrt(h))`` with ``sigma`` the standard deviation of the context's log-returns, so the widening follows
+  the volatility regime of each forecast (it needs that ``sigma``: ``context_vol`` in records and calls);
 - ``cqr_additive``: conformalised quantiles (Romano et al., 2019): score ``max(lo - y, y - hi)``, the band of each
   level and step widens (or narrows) by the finite-sample ``(1 - alpha)`` quantile of the scores;
 - ``cqr_multiplicative``: the band's distances from the sample median are multiplied by the conformal quantile of
@@ -36,7 +39,7 @@ from kronos.errors import CheckpointError, InputError
 from kronos import io as kio
 from kronos.evaluate.metrics import check_levels
 
-METHODS = ("cqr_additive", "cqr_multiplicative", "spread_scale", "none")
+METHODS = ("cqr_vol", "cqr_additive", "cqr_multiplicative", "spread_scale", "none")
 FORMAT_VERSION = 1
 _EPS = 1e-9
 _P_EPS = 1e-3
@@ -158,8 +161,10 @@ class Calibration:
                 return fitted
         return lv
 
-    def quantiles(self, samples: np.ndarray, last_close: np.ndarray, qs: Sequence[float]) -> np.ndarray:
-        """Calibrated quantiles ``[len(qs), N, P]`` (price units) from sample paths ``[N, S, P]``."""
+    def quantiles(self, samples: np.ndarray, last_close: np.ndarray, qs: Sequence[float],
+                  context_vol: Optional[np.ndarray] = None) -> np.ndarray:
+        """Calibrated quantiles ``[len(qs), N, P]`` (price units) from sample paths ``[N, S, P]``; ``context_vol
+        [N]`` (:func:`context_volatility` of each context) is needed by ``cqr_vol``."""
         samples = np.asarray(samples, dtype=float)
         last = np.asarray(last_close, dtype=float)
         if samples.ndim != 3 or samples.shape[2] != self.horizon:
@@ -177,11 +182,12 @@ class Calibration:
                 lo = hi = None
             else:
                 lo, hi = np.quantile(z, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
-            out.append(last[:, None] * (1.0 + self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps)))
+            vol = None if context_vol is None else np.asarray(context_vol, dtype=float)[:, None]
+            out.append(last[:, None] * (1.0 + self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps, vol)))
         return np.stack(out)
 
     def _adjust(self, q: float, r_q: np.ndarray, r_lo: Optional[np.ndarray], r_hi: Optional[np.ndarray],
-                med: np.ndarray, step_idx: np.ndarray) -> np.ndarray:
+                med: np.ndarray, step_idx: np.ndarray, vol: Optional[np.ndarray] = None) -> np.ndarray:
         """The calibrated q-quantile in return space from the raw one (and the raw band of its level, the median);
         ``step_idx`` (0-based horizon step) picks the per-step parameter."""
         lv = self._level_of(q)
@@ -195,8 +201,13 @@ class Calibration:
             raise InputError(f"quantile {q:g} (central level {lv:g}) was not calibrated; calibrated quantiles: "
                              f"{self.quantile_levels()} (levels {self.levels})")
         corr = np.asarray(self.params[key], dtype=float)[step_idx]
+        if self.method == "cqr_vol":
+            if vol is None:
+                raise InputError("this calibration (cqr_vol) needs the context volatility of each forecast "
+                                 "(context_vol: std of the context's close log-returns)")
+            corr = corr * vol * np.sqrt(step_idx + 1.0)
         lower = q < 0.5
-        if self.method == "cqr_additive":
+        if self.method in ("cqr_additive", "cqr_vol"):
             return np.minimum(r_lo - corr, med) if lower else np.maximum(r_hi + corr, med)
         return med - corr * np.maximum(med - r_lo, 0.0) if lower else med + corr * np.maximum(r_hi - med, 0.0)
 
@@ -225,12 +236,14 @@ class Calibration:
         return _platt(self.p_up_raw(samples, last_close), self.p_up["a"], self.p_up["b"])
 
 
-def _cqr_fit(method: str, z: np.ndarray, y: np.ndarray, level: float) -> np.ndarray:
+def _cqr_fit(method: str, z: np.ndarray, y: np.ndarray, level: float, vol: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-step conformal correction for one level from paths ``z [N,S,P]`` and outcomes ``y [N,P]`` (returns)."""
     lo, hi = np.quantile(z, [(1 - level) / 2, (1 + level) / 2], axis=1)
     med = np.median(z, axis=1)
-    if method == "cqr_additive":
+    if method in ("cqr_additive", "cqr_vol"):
         scores = np.maximum(lo - y, y - hi)
+        if method == "cqr_vol":
+            scores = scores / (vol[:, None] * np.sqrt(np.arange(1, z.shape[2] + 1))[None, :])
     else:
         scores = np.maximum((med - y) / np.maximum(med - lo, _EPS), (y - med) / np.maximum(hi - med, _EPS))
     return np.array([_conformal_quantile(scores[:, k], level) for k in range(z.shape[2])])
@@ -258,23 +271,26 @@ def _spread_fit(z: np.ndarray, y: np.ndarray, levels: Sequence[float]) -> np.nda
     return np.array(scales)
 
 
-def _fit_params(method: str, z: np.ndarray, y: np.ndarray, levels: Sequence[float]) -> dict:
+def _fit_params(method: str, z: np.ndarray, y: np.ndarray, levels: Sequence[float],
+                vol: Optional[np.ndarray] = None) -> dict:
     if method == "none":
         return {}
     if method == "spread_scale":
         return {"scale": [float(v) for v in _spread_fit(z, y, levels)]}
     out = {}
     for lv in levels:
-        corr = _cqr_fit(method, z, y, lv)
-        out[f"{lv:g}"] = [float(v) if np.isfinite(v) else (0.0 if method == "cqr_additive" else 1.0) for v in corr]
+        corr = _cqr_fit(method, z, y, lv, vol)
+        out[f"{lv:g}"] = [float(v) if np.isfinite(v) else (1.0 if method == "cqr_multiplicative" else 0.0)
+                          for v in corr]
     return out
 
 
-def _coverage(cal: Calibration, samples: np.ndarray, last: np.ndarray, true: np.ndarray) -> dict:
+def _coverage(cal: Calibration, samples: np.ndarray, last: np.ndarray, true: np.ndarray,
+              vol: Optional[np.ndarray] = None) -> dict:
     """Coverage (overall and per step) and mean relative width of each central level."""
     out = {}
     for lv in cal.levels:
-        lo, hi = cal.quantiles(samples, last, [(1 - lv) / 2, (1 + lv) / 2])
+        lo, hi = cal.quantiles(samples, last, [(1 - lv) / 2, (1 + lv) / 2], vol)
         inside = (true >= lo) & (true <= hi)
         out[f"{lv:g}"] = {"coverage": float(inside.mean()), "by_step": [float(v) for v in inside.mean(axis=0)],
                           "width": float(np.mean((hi - lo) / last[:, None]))}
@@ -304,11 +320,12 @@ def _platt_fit(p: np.ndarray, up: np.ndarray) -> tuple[float, float]:
 
 def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarray, anchors: np.ndarray,
                     levels: Sequence[float], lookback: int, fingerprint: str, holdout_fraction: float = 0.4,
-                    methods: Sequence[str] = METHODS) -> Calibration:
+                    methods: Sequence[str] = METHODS, context_vol: Optional[np.ndarray] = None) -> Calibration:
     """Fit and choose the band correction on validation forecasts.
 
     ``samples [N, S, P]`` price paths, ``last_close [N]``, ``true [N, P]`` realised closes (all known), ``anchors
-    [N]`` the anchor times (used to split the anchors in time for the method choice).
+    [N]`` the anchor times (used to split the anchors in time for the method choice), ``context_vol [N]`` the
+    context's log-return volatility (without it ``cqr_vol`` is not a candidate).
     """
     import time
 
@@ -319,6 +336,9 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
     true = np.asarray(true, dtype=float)
     ok = np.isfinite(true).all(axis=1) & np.isfinite(samples).all(axis=(1, 2)) & (last > 0)
     samples, last, true, anchors = samples[ok], last[ok], true[ok], np.asarray(anchors)[ok]
+    vol = None if context_vol is None else np.asarray(context_vol, dtype=float)[ok]
+    if vol is None:
+        methods = [m for m in methods if m != "cqr_vol"]
     n, _, horizon = samples.shape
     if n < 10:
         raise InputError(f"calibration needs at least 10 validation forecasts with known targets, got {n}; "
@@ -334,8 +354,10 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
     held = ~fit_rows if cut is not None else np.ones(n, bool)
     holdout = {}
     for method in methods:
-        cal = Calibration(method=method, params=_fit_params(method, z[fit_rows], y[fit_rows], levels), **base)
-        cov = _coverage(cal, samples[held], last[held], true[held])
+        vf = None if vol is None else vol[fit_rows]
+        vh = None if vol is None else vol[held]
+        cal = Calibration(method=method, params=_fit_params(method, z[fit_rows], y[fit_rows], levels, vf), **base)
+        cov = _coverage(cal, samples[held], last[held], true[held], vh)
         err = float(np.mean([abs(cov[f"{lv:g}"]["coverage"] - lv) for lv in levels]))
         width = float(np.mean([cov[f"{lv:g}"]["width"] for lv in levels]))
         holdout[method] = {"coverage": {k: v["coverage"] for k, v in cov.items()},
@@ -343,10 +365,10 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
                            "n_fit": int(fit_rows.sum()), "n_holdout": int(held.sum())}
     chosen = min(methods, key=lambda m: (round(holdout[m]["mean_abs_error"], 3),
                                          float(np.mean(list(holdout[m]["width"].values())))))
-    cal = Calibration(method=chosen, params=_fit_params(chosen, z, y, levels), **base)
+    cal = Calibration(method=chosen, params=_fit_params(chosen, z, y, levels, vol), **base)
     raw = Calibration(method="none", **base)
     cal.coverage_before = _coverage(raw, samples, last, true)
-    cal.coverage_after = _coverage(cal, samples, last, true)
+    cal.coverage_after = _coverage(cal, samples, last, true, vol)
     cal.holdout = holdout
     cal.n_anchors = int(n)
 
@@ -394,6 +416,12 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
                               f"{steps.max()}; rerun `kronos calibrate` with this predict_window")
     idx = steps - 1
     last = out["last_close"].to_numpy(dtype=float)
+    vol = None
+    if cal.method == "cqr_vol":
+        if "context_vol" not in out.columns:
+            raise InputError("this calibration (cqr_vol) needs a 'context_vol' column in the records (std of each "
+                             "context's close log-returns; predict_df writes it)")
+        vol = out["context_vol"].to_numpy(dtype=float)
     cols: dict[str, dict[float, str]] = {}
     for c in out.columns:
         m = _QCOL.match(str(c))
@@ -419,7 +447,7 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
                                      f"(the other end of its {lv:g} band)")
                 r_lo = next(v for k, v in rel.items() if abs(k - q_lo) < 1e-9)
                 r_hi = next(v for k, v in rel.items() if abs(k - q_hi) < 1e-9)
-            new[c] = last * (1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx))
+            new[c] = last * (1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx, vol))
         for c, v in new.items():
             out[f"{c}_raw"] = out[c]
             out[c] = v
@@ -474,7 +502,7 @@ def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
     levels |= {round(abs(2 * float(q) - 1), 10) for q in getattr(cfg, "quantiles", []) if 0 < float(q) < 1
                and abs(float(q) - 0.5) > 1e-9}
     levels = sorted(levels)
-    cal = fit_calibration(fc.samples, fc.last_close, fc.true, fc.anchor, levels, L, fp)
+    cal = fit_calibration(fc.samples, fc.last_close, fc.true, fc.anchor, levels, L, fp, context_vol=fc.vol)
     cal.seconds = round(time.time() - t0, 2)
     path = Path(out_path) if out_path is not None else calibration_path(cfg.finetuned_predictor)
     cal.save(path)
@@ -485,4 +513,4 @@ def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
     return cal
 
 
-__all__ = ["Calibration", "apply_calibration", "calibrate_on_validation", "METHODS", "calibration_path", "fit_calibration", "load_calibration", "model_fingerprint"]
+__all__ = ["Calibration", "apply_calibration", "calibrate_on_validation", "context_volatility", "METHODS", "calibration_path", "fit_calibration", "load_calibration", "model_fingerprint"]

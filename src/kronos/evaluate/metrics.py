@@ -32,7 +32,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -328,6 +328,7 @@ class PathForecasts:
     true: np.ndarray
     point: np.ndarray
     samples: np.ndarray
+    vol: Optional[np.ndarray] = None  # [N] the context's log-return volatility (context_volatility)
 
     @property
     def horizon(self) -> int:
@@ -340,6 +341,23 @@ def naive_scale(context_close: np.ndarray) -> np.ndarray:
     if c.shape[-1] < 2:
         return np.full(c.shape[:-1], np.nan)
     return np.nanmean(np.abs(np.diff(c, axis=-1)), axis=-1)
+
+
+def context_volatility(close: np.ndarray) -> np.ndarray:
+    """Standard deviation (ddof 1) of the log-returns of context closes ``[..., L]``; tiny floor so it divides."""
+    c = np.asarray(close, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.diff(np.log(c), axis=-1)
+    r = np.where(np.isfinite(r), r, np.nan)
+    if r.shape[-1] < 2:
+        return np.full(r.shape[:-1], 1e-8)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            vol = np.nanstd(r, axis=-1, ddof=1)
+    return np.maximum(np.nan_to_num(vol, nan=1e-8), 1e-8)
 
 
 def crps_samples(samples: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import pandas as pd
 from kronos.errors import DataError
 from kronos.evaluate.baselines import baseline_forecasts
 from kronos import io as kio
-from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, naive_scale, pinball_loss, score_paths
+from kronos.evaluate.metrics import PathForecasts, _nanmean, context_volatility, dm_versus, naive_scale, pinball_loss, score_paths
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def model_paths(name: str, predictor: Any, frame: pd.DataFrame, anchors: pd.Data
     point = records["close"].to_numpy(dtype=float).reshape(len(anchors), P)
     return PathForecasts(name, symbol=anchors["symbol"].to_numpy(), anchor=anchors["anchor"].to_numpy(),
                          last_close=ctx_close[:, -1], scale=naive_scale(ctx_close), true=true, point=point,
-                         samples=np.asarray(samples, dtype=float)[:, :, :, 3])
+                         samples=np.asarray(samples, dtype=float)[:, :, :, 3], vol=context_volatility(ctx_close))
 
 
 # ---------------------------------------------------------------------- scoring helpers
@@ -136,7 +136,7 @@ def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
     qs = cal.quantile_levels()
     out: dict[str, Any] = {"method": cal.method, "levels": cal.levels, "quantiles": qs}
     for tag, c in (("raw", raw), ("calibrated", cal)):
-        qv = c.quantiles(fc.samples, last, qs)
+        qv = c.quantiles(fc.samples, last, qs, fc.vol)
         row: dict[str, Any] = {"crps_q": _quantile_crps(qv, qs, y, last)}
         for lv in cal.levels:
             lo, hi = qv[qs.index(round((1 - lv) / 2, 10))], qv[qs.index(round((1 + lv) / 2, 10))]

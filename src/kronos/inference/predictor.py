@@ -455,8 +455,12 @@ class KronosPredictor:
             values = sample_quantiles(samples, qs)
             if cal is not None:  # price columns: the close-fitted correction relative to the last close
                 last = np.array([float(df["close"].iloc[-1])])
+                from kronos.evaluate.metrics import context_volatility
+
+                close = df["close"].to_numpy(dtype=float)
+                vol = context_volatility(close[-self.max_context:][None] if self.truncate_history else close[None])
                 for c in range(4):
-                    values[:, :, c] = cal.quantiles(samples[None, :, :, c], last, qs)[:, 0]
+                    values[:, :, c] = cal.quantiles(samples[None, :, :, c], last, qs, vol)[:, 0]
             bands: dict = {q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)}
             if "p_up" in mean_df.columns:
                 bands["p_up"] = mean_df["p_up"].copy()
@@ -708,4 +712,9 @@ def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list
     data["last_close"] = np.repeat([t.last_close for t in tasks], P)
     data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)
     data["true_close"] = np.concatenate([t.true_close for t in tasks])
+    # the context's close log-return volatility (what a volatility-normalised calibration scales by)
+    from kronos.evaluate.metrics import context_volatility
+
+    data["context_vol"] = np.repeat(context_volatility(np.stack([t.context["close"].to_numpy(dtype=np.float64)
+                                                                  for t in tasks])) if tasks else [], P)
     return pd.DataFrame(data)
