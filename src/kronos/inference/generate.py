@@ -5,6 +5,10 @@ last ``max_context`` tokens with positions restarting at 0. The cached path comp
 while the window only grows, each step embeds one token and attends over cached keys/values (trunk blocks and the
 dependency layer); once the window slides, positions restart at 0 for the new window (Q7/Q11), so that window is
 recomputed in full. Greedy decoding gives identical tokens on both paths.
+
+Sample paths of one series share their context (``share_prefix``, default): its encoding, the predictor's
+keys/values of the context positions and the tokenizer decoder's context states are computed once per series and
+copied to the paths (MODEL_ARCHITECTURE_ANALYSIS.md 6.4); same tokens and random draws as per-path recomputation.
 """
 from __future__ import annotations
 
