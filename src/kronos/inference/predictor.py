@@ -709,12 +709,12 @@ def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list
         for qi, q in enumerate(qs):
             data[f"{c}_q{q:g}"] = quants[qi, :, :, j].reshape(-1)
     data["p_up"] = p_up.reshape(-1)
-    data["last_close"] = np.repeat([t.last_close for t in tasks], P)
-    data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)
-    data["true_close"] = np.concatenate([t.true_close for t in tasks])
     # the context's close log-return volatility (what a volatility-normalised calibration scales by)
     from kronos.evaluate.metrics import context_volatility
 
     data["context_vol"] = np.repeat(context_volatility(np.stack([t.context["close"].to_numpy(dtype=np.float64)
                                                                   for t in tasks])) if tasks else [], P)
+    data["last_close"] = np.repeat([t.last_close for t in tasks], P)
+    data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)
+    data["true_close"] = np.concatenate([t.true_close for t in tasks])
     return pd.DataFrame(data)
