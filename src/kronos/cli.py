@@ -13,6 +13,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -333,6 +334,9 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     return 0
 
 
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EMFILE}
+
+
 def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None, prog: Optional[str] = None,
          description: str = "", **defaults: Any) -> int:
     """Run ``kronos ARGS`` (or, with ``command``, one command as a finetune/ script named ``prog``); the exit code.
@@ -363,6 +367,14 @@ def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None,
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # a read-only folder, a full disk, a quota: the environment, not a bug; writers left no partial file
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print_error(f"cannot write{where}: {exc.strerror or exc}; free space or choose a writable folder "
+                    "(save_path, backtest_result_path, dataset_path, --output)")
+        return 1
 
 
 def print_error(exc: BaseException) -> None:

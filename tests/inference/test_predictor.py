@@ -290,3 +290,11 @@ def test_history_truncation_and_amount_options(predictor):
     out = keep.predict(df.drop(columns="volume"), xt, yt, 5, **GREEDY)
     assert np.abs(out["volume"].to_numpy()).max() < 1e-4
     assert out["amount"].abs().min() > 0.1 * df["amount"].min()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_missing_cuda_device_is_one_line(predictor):
+    for device in ("cuda", "cuda:3", "nonsense"):
+        with pytest.raises(InputError) as info:
+            KronosPredictor(predictor.model, predictor.tokenizer, device=device)
+        assert "\n" not in str(info.value) and "device" in str(info.value)

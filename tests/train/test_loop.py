@@ -277,3 +277,36 @@ def test_bf16_autocast_path_on_cpu(trained: dict, dataset: Path, tmp_path: Path)
         assert all(t.dtype in (torch.float32, torch.int64) for t in weights.values())
     with pytest.raises(ConfigError, match="fp16"):
         train_tokenizer(tiny_config(tmp_path, dataset, precision="fp16"))
+
+
+def test_damaged_resume_state_is_one_checkpoint_error(dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    cfg = tiny_config(tmp_path, dataset, epochs=1)
+    train_tokenizer(cfg)
+    last = Path(cfg.tokenizer_dir) / "checkpoints" / "last"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(last, pristine)
+    names = sorted(p.name for p in pristine.iterdir() if p.is_file())
+    assert "trainer_state.json" in names and "model.safetensors" in names
+    damages = {
+        "truncated": lambda b: b[: len(b) // 2],
+        "garbage": lambda b: b"\x00\xff" * 16,
+        "empty": lambda b: b"",
+    }
+    if (pristine / "trainer_state.json").is_file():  # a state that parses but lacks its fields
+        damages_json = {"trainer_state.json": b'{"global_step": 1}'}
+    for name in names:
+        for kind, damage in damages.items():
+            shutil.rmtree(last)
+            shutil.copytree(pristine, last)
+            (last / name).write_bytes(damage((pristine / name).read_bytes()))
+            with pytest.raises(CheckpointError) as info:
+                train_tokenizer(cfg, resume=True)
+            assert "\n" not in str(info.value), (name, kind)
+    for name, content in damages_json.items():
+        shutil.rmtree(last)
+        shutil.copytree(pristine, last)
+        (last / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match="trainer_state.json"):
+            train_tokenizer(cfg, resume=True)

@@ -93,6 +93,22 @@ def _to_datetime_index(values: Timestamps, name: str) -> pd.DatetimeIndex:
     return idx
 
 
+def _check_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` as a torch device that exists here; one-line InputError for a missing CUDA/MPS device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device {device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device '{device}' was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device '{device}' was asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise InputError(f"device '{device}' was asked for but MPS is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
 def _check_increasing(idx: pd.DatetimeIndex, name: str) -> None:
     if len(idx) > 1:
         values = idx.asi8
@@ -153,7 +169,7 @@ class KronosPredictor:
                 f"tokenizer bits ({tokenizer.s1_bits}, {tokenizer.s2_bits}) do not match the predictor's "
                 f"({model.s1_bits}, {model.s2_bits}); use the tokenizer the predictor was trained with"
             )
-        self.device = torch.device(device)
+        self.device = _check_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer.to(self.device).eval()
         self.max_context = int(max_context)

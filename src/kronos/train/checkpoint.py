@@ -24,6 +24,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import load_file, save, save_file
 
@@ -101,7 +102,7 @@ def load_state(folder: Path, name: str) -> Any:
         tpath = folder / f"{name}.safetensors"
         tensors = load_file(str(tpath)) if tpath.exists() else {}
         return unflatten_state(structure, tensors)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint '{folder}' has an unreadable '{name}' state ({exc}); "
                               "delete the folder to start over or train without --resume") from None
 

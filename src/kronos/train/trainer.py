@@ -219,19 +219,27 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"cannot restore optimizer/scheduler from {folder} ({exc}); "
                                   "train without --resume") from None
-        for key in ("global_step", "epoch", "step_in_epoch", "best_epoch", "bad_epochs", "epochs_run"):
-            setattr(self, key, int(state[key]))
-        self.best_val = float(state["best_val"]) if state.get("best_val") is not None else math.inf
-        self.stopped_early = bool(state.get("stopped_early", False))
-        self.elapsed = float(state.get("elapsed", 0.0))
-        self.history = list(state.get("history", []))
-        self._log_sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
-                          for k, v in state.get("log_sums", {}).items()}
-        self._log_n = int(state.get("log_n", 0))
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        try:
+            for key in ("global_step", "epoch", "step_in_epoch", "best_epoch", "bad_epochs", "epochs_run"):
+                setattr(self, key, int(state[key]))
+            self.best_val = float(state["best_val"]) if state.get("best_val") is not None else math.inf
+            self.stopped_early = bool(state.get("stopped_early", False))
+            self.elapsed = float(state.get("elapsed", 0.0))
+            self.history = list(state.get("history", []))
+            self._log_sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                              for k, v in state.get("log_sums", {}).items()}
+            self._log_n = int(state.get("log_n", 0))
+            self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"cannot resume from {folder}: {ckpt.TRAINER_STATE} is damaged ({type(exc).__name__}: "
+                                  f"{exc}); delete the folder to start over or train without --resume") from None
         rng_file = folder / f"rng_rank{self.ctx.rank}.safetensors"
         if rng_file.exists():
-            ckpt.restore_rng(rng_file.read_bytes())
+            try:
+                ckpt.restore_rng(rng_file.read_bytes())
+            except Exception as exc:  # safetensors/torch raise several types for a damaged RNG state
+                raise CheckpointError(f"cannot resume from {folder}: {rng_file.name} is damaged ({type(exc).__name__}); "
+                                      "delete the folder to start over or train without --resume") from None
         else:
             logger.warning("%s has no RNG state for rank %d; dropout/sampling will differ from the interrupted run",
                            folder, self.ctx.rank)
