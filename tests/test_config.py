@@ -128,6 +128,9 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     ({"inference_top_p": 2.0}, "inference_top_p"),
     ({"inference_T": float("inf")}, "inference_T"),
     ({"lookback_window": -5}, "lookback_window"),
+    ({"tokenizer_save_folder_name": "../../escaped"}, "tokenizer_save_folder_name"),
+    ({"backtest_save_folder_name": "/tmp/x"}, "backtest_save_folder_name"),
+    ({"predictor_save_folder_name": ""}, "predictor_save_folder_name"),
 ])
 def test_bad_values_are_one_line_config_errors(overrides, words):
     with pytest.raises(ConfigError) as info:

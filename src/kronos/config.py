@@ -331,6 +331,12 @@ def _date_range(v: list) -> bool:
     return start <= end
 
 
+def _plain_name(v: str) -> bool:
+    from kronos.paths import safe_filename
+
+    return bool(v) and safe_filename(v) == v
+
+
 def _ratios(v: Optional[list]) -> bool:
     if v is None:
         return True
@@ -382,6 +388,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "backtest_deal_price": (_one_of("open", "close"),),
     "price_spike_factor": (Rule(lambda v: v == 0 or (math.isfinite(v) and v > 1), "must be 0 (off) or a number > 1"),),
     "price_spike_action": (_one_of("drop", "keep"),),
+    # folder names are names, never paths: '../x' would put a stage's outputs outside save_path
+    **{k: (Rule(_plain_name, "must be one plain folder name (letters, digits, '-', '_', '.'; no '/' or '..')"),)
+       for k in ("tokenizer_save_folder_name", "predictor_save_folder_name", "backtest_save_folder_name")},
     "backtest_signal_scale": (_one_of("std", "price"),),
 }
 
