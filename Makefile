@@ -1,8 +1,12 @@
-# The README's commands. Every target creates .venv (CPU PyTorch pinned) on first use.
+# The README's commands. Every target creates .venv (PyTorch 2.13.0 pinned) on first use.
+# Which torch build: pip's default index decides (pypi.org: the CUDA build on Linux x86_64, which also runs on
+# CPU-only machines; the CPU build on macOS and Windows). CPU-only on Linux:
+#   make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kronos-installed
 PYTEST_ARGS ?=
+TORCH_INDEX_URL ?=
 
 .PHONY: setup test test-fast demo bench gpu-check clean
 
@@ -11,8 +15,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e '.[qlib,tracking,serve,dev]'
+	$(PY) -c "import torch; print('installed torch', torch.__version__, '(CUDA', torch.version.cuda, ')' if torch.version.cuda else '(CPU-only build)')"
 	touch $(STAMP)
 
 test: setup

@@ -6,7 +6,7 @@ window start that stays inside one symbol. Fetching a window is then pure NumPy 
 path -- and a whole batch is one fancy-indexing gather (``get_batch`` / ``__getitems__``).
 
 Each window has ``W = lookback + predict + 1`` rows. It is normalised with the mean and population standard
-deviation (float32) of its first ``lookback`` rows only, then clipped (spec 6.1)::
+deviation (float32) of its first ``lookback`` rows only, then clipped (MODEL_ARCHITECTURE_ANALYSIS.md §5.1)::
 
     x_norm = clip((x - mu) / (sigma + 1e-5), -clip, clip)
 
@@ -47,7 +47,7 @@ def normalise_windows(x: np.ndarray, lookback: int, clip: float) -> np.ndarray:
     """Normalise windows laid out feature-major, ``x [F, B, W]`` float32, in place; returns ``x``.
 
     Population mean/std (float32) of each window's first ``lookback`` rows, applied to all ``W`` rows, then
-    clipped to ``[-clip, clip]`` (spec 6.1). Time is the last, contiguous axis: NumPy's reductions and
+    clipped to ``[-clip, clip]`` (analysis §5.1). Time is the last, contiguous axis: NumPy's reductions and
     broadcasts are several times faster that way than over a middle axis of length 6.
     """
     past = x[..., :lookback]
@@ -77,7 +77,7 @@ class WindowDataset(Dataset):
         frame: long frame with ``symbol`` (optional: absent = one series), ``timestamps`` (optional), the feature
             columns and the time-feature columns (derived from ``timestamps`` when missing), sorted or not.
         lookback: rows whose statistics normalise the window (config ``lookback_window``).
-        predict: rows after the lookback (config ``predict_window``); the window has one extra row (spec 6.1).
+        predict: rows after the lookback (config ``predict_window``); the window has one extra row (analysis §5.1).
         clip: normalised values are clipped to ``[-clip, clip]``.
         feature_list: six feature columns; ``vol``/``amt`` are aliases of ``volume``/``amount``.
         time_feature_list: five time-feature columns.

@@ -517,7 +517,7 @@ def _import_qlib() -> SimpleNamespace:
             from qlib.data import D
     except ImportError:
         raise DependencyError(
-            "the Qlib backtest needs pyqlib: pip install 'kronos[qlib]' (or pass close prices to use the "
+            "the Qlib backtest needs pyqlib: pip install pyqlib (or pass close prices to use the "
             "built-in backtest)"
         ) from None
     return SimpleNamespace(qlib=qlib, backtest=backtest, SimulatorExecutor=SimulatorExecutor, REG_CN=REG_CN,

@@ -1,4 +1,4 @@
-"""Autoregressive generation on normalised tensors (spec 5.2), with a key/value cache.
+"""Autoregressive generation on normalised tensors (MODEL_ARCHITECTURE_ANALYSIS.md §6.1, §6.3), with a key/value cache.
 
 The reference path (``use_cache=False``) is the official algorithm: every step recomputes the whole window of the
 last ``max_context`` tokens with positions restarting at 0. The cached path computes the same thing incrementally:
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kronos.errors import InputError
 from kronos.inference.sampling import sample_from_logits
 from kronos.model.kronos import Kronos, KronosCache
 from kronos.model.tokenizer import KronosTokenizer
@@ -184,14 +185,14 @@ def sample_forecasts(
     """Sample paths for normalised series ``x [N, T, d]``: returns ``[N, sample_count, pred_len, d]`` (normalised).
 
     Each path is decoded on its own (the last ``min(T + pred_len, max_context)`` tokens, context included: Q11).
-    Samples are series-major (spec 5.2). ``batch_size`` caps the series per chunk (default: a cache-memory budget).
+    Samples are series-major (analysis §6.1). ``batch_size`` caps the series per chunk (default: a cache-memory budget).
 
     With the cache, ``share_prefix`` (default) encodes, prefills and decodes the context once per series and shares
     it across the ``sample_count`` paths (see :func:`generate_tokens`): the same numbers as recomputing it per path
     (same random draws for a fixed ``generator``), at a fraction of the cost. ``use_cache=False`` is the reference.
     """
     if pred_len < 1:
-        raise ValueError("pred_len must be >= 1")
+        raise InputError(f"pred_len must be >= 1, got {pred_len}")
     n_series, t0, _ = x.shape
     device = x.device
     x = torch.clip(x, -clip, clip)

@@ -1,6 +1,6 @@
 """KronosPredictor: K-line DataFrames in, forecasts (mean, sample paths, quantiles) out.
 
-Same constructor, ``predict`` / ``predict_batch`` arguments, defaults and outputs as the official predictor (spec 5),
+Same constructor, ``predict`` / ``predict_batch`` arguments, defaults and outputs as the official predictor (MODEL_ARCHITECTURE_ANALYSIS.md §6),
 plus keyword-only extras: KV-cached generation (``use_cache``), reproducible sampling (``seed``), access to the
 sample paths (``return_samples``) and quantiles, histories of different lengths in one ``predict_batch`` call, and
 one-line :class:`kronos.errors.InputError` messages for bad input.
@@ -45,7 +45,7 @@ Timestamps = Union[pd.Series, pd.DatetimeIndex, Sequence[Any], np.ndarray]
 
 
 def calc_time_stamps(timestamps: Timestamps) -> pd.DataFrame:
-    """Time features ``[minute, hour, weekday, day, month]`` (Mon=0) of each timestamp (spec 4.2, 5.1)."""
+    """Time features ``[minute, hour, weekday, day, month]`` (Mon=0) of each timestamp (analysis §4.2, §6.1)."""
     return time_features(_to_datetime_index(timestamps, "timestamps"))
 
 
@@ -75,7 +75,7 @@ def prob_up(close_paths: np.ndarray, last_close: Union[float, np.ndarray]) -> np
     ``[..., P]`` in [0, 1] (float64). The package's one P(up) rule (the predictor's ``return_p_up`` uses it)."""
     paths = np.asarray(close_paths)
     if paths.ndim < 2:
-        raise ValueError(f"close_paths must be [..., samples, steps], got shape {paths.shape}")
+        raise InputError(f"close_paths must be [..., samples, steps], got shape {paths.shape}")
     last = np.asarray(last_close, dtype=np.float64)[..., None, None]
     return np.mean(paths > last, axis=-2)
 
@@ -123,7 +123,7 @@ def _check_increasing(idx: pd.DatetimeIndex, name: str) -> None:
 
 @dataclass
 class _Prepared:
-    """One series after the official pre-processing (spec 5.1)."""
+    """One series after the official pre-processing (analysis §6.1)."""
 
     x: np.ndarray  # [T, 6] normalised and clipped, float32
     x_stamp: np.ndarray  # [T, 5] float32

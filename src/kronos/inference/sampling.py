@@ -1,4 +1,4 @@
-"""Token sampling: temperature, top-k, top-p (nucleus), as the official ``sample_from_logits`` (spec 5.3)."""
+"""Token sampling: temperature, top-k, top-p (nucleus), as the official ``sample_from_logits`` (MODEL_ARCHITECTURE_ANALYSIS.md §6.1, quirk Q8)."""
 from __future__ import annotations
 
 from typing import Optional

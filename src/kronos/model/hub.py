@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Deterministic buffers that may be recomputed when a checkpoint lacks them (spec 1.4).
+# Deterministic buffers that may be recomputed when a checkpoint lacks them (the official state-dict layout).
 _RECOMPUTABLE_SUFFIXES = ("rotary.inv_freq", "bsq.basis", "bsq.group_basis")
 
 M = TypeVar("M", bound="CheckpointMixin")

@@ -1,6 +1,6 @@
 """Kronos: the decoder-only autoregressive predictor over (s1, s2) tokens, and the published size presets.
 
-The module reproduces the official ``Kronos`` class (constructor, state dict, numerics; spec 4). On top of the
+The module reproduces the official ``Kronos`` class (constructor, state dict, numerics; MODEL_ARCHITECTURE_ANALYSIS.md §4). On top of the
 official ``forward`` / ``decode_s1`` / ``decode_s2`` it offers an incremental path with a key/value cache
 (:meth:`Kronos.new_cache`, :meth:`Kronos.forward_cached`, :meth:`Kronos.decode_s2_cached`) used by fast generation.
 """
@@ -22,7 +22,7 @@ from kronos.model.tokenizer import KronosTokenizer
 
 
 class HierarchicalEmbedding(nn.Module):
-    """``fusion_proj([sqrt(D) E1[s1], sqrt(D) E2[s2]])`` (spec 4.1)."""
+    """``fusion_proj([sqrt(D) E1[s1], sqrt(D) E2[s2]])`` (analysis §4.1)."""
 
     def __init__(self, s1_bits: int, s2_bits: int, d_model: int) -> None:
         super().__init__()
@@ -69,7 +69,7 @@ class FixedEmbedding(nn.Module):
 
 
 class TemporalEmbedding(nn.Module):
-    """Sum of minute/hour/weekday/day/month table look-ups (stamp fields in that order, spec 4.2)."""
+    """Sum of minute/hour/weekday/day/month table look-ups (stamp fields in that order, analysis §4.2)."""
 
     SIZES = {"minute": 60, "hour": 24, "weekday": 7, "day": 32, "month": 13}
 
@@ -137,7 +137,7 @@ class KronosCache:
 
 
 class Kronos(nn.Module, CheckpointMixin):
-    """The Kronos predictor with the official constructor arguments and state-dict layout (spec 1.2, 1.4)."""
+    """The Kronos predictor with the official constructor arguments and state-dict layout."""
 
     def __init__(
         self,
@@ -215,7 +215,7 @@ class Kronos(nn.Module, CheckpointMixin):
         use_teacher_forcing: bool = False,
         s1_targets: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training/validation pass: ``(s1_logits, s2_logits)`` ``[B, L, V1]``, ``[B, L, V2]`` (spec 4.5).
+        """Training/validation pass: ``(s1_logits, s2_logits)`` ``[B, L, V1]``, ``[B, L, V2]`` (analysis §5.3).
 
         The s2 head is conditioned on ``s1_targets`` with teacher forcing, else on one multinomial sample per
         position of the model's own s1 distribution (Q13, what the released scripts do).
@@ -238,7 +238,7 @@ class Kronos(nn.Module, CheckpointMixin):
         stamp: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Trunk pass: ``(s1_logits, context)``, context = normed hidden states ``[B, L, D]`` (spec 4.3)."""
+        """Trunk pass: ``(s1_logits, context)``, context = normed hidden states ``[B, L, D]`` (analysis §4.3-4.4)."""
         x = self._embed(s1_ids, s2_ids, stamp)
         for block in self.transformer:
             x = block(x, key_padding_mask=padding_mask)
@@ -248,7 +248,7 @@ class Kronos(nn.Module, CheckpointMixin):
     def decode_s2(
         self, context: torch.Tensor, s1_ids: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """s2 logits conditioned on sibling s1 ids (spec 4.4). Q3: sibling = raw ``emb_s1`` row, no sqrt(D)."""
+        """s2 logits conditioned on sibling s1 ids (analysis §4.5). Q3: sibling = raw ``emb_s1`` row, no sqrt(D)."""
         sibling = self.embedding.emb_s1(s1_ids)
         x2 = self.dep_layer(context, sibling, key_padding_mask=padding_mask)
         return self.head.cond_forward(x2)
@@ -278,7 +278,7 @@ class Kronos(nn.Module, CheckpointMixin):
         start = cache.length
         n = s1_ids.shape[1]
         if start + n > cache.capacity:
-            raise ValueError(f"KV cache overflow: {start + n} positions > capacity {cache.capacity}")
+            raise InputError(f"KV cache overflow: {start + n} positions > capacity {cache.capacity}")
         x = self._embed(s1_ids, s2_ids, stamp)
         for block, layer_cache in zip(self.transformer, cache.layers):
             x = block(x, cache=layer_cache, start_pos=start)
@@ -342,7 +342,7 @@ PREDICTOR_PRESETS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
-# Context length each published predictor was trained with (not stored in checkpoints, spec 1.3).
+# Context length each published predictor was trained with (not stored in checkpoints; MODEL_ARCHITECTURE_ANALYSIS.md §7).
 DEFAULT_MAX_CONTEXT: dict[str, int] = {"mini": 2048, "small": 512, "base": 512, "tiny": 512}
 
 

@@ -103,7 +103,7 @@ class RotaryPositionalEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k with positions ``0..Lq-1``; the table length follows the query and broadcasts onto
-        the keys (spec 2: this is what makes the length-1 inference query of the dependency layer position-free)."""
+        the keys (analysis §4.5 and quirk Q2: this is what makes the length-1 inference query of the dependency layer position-free)."""
         cos, sin = self.cos_sin(0, q.shape[-2], q.device)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 

@@ -1,4 +1,4 @@
-"""Binary Spherical Quantization (BSQ) and its training loss (spec 3.1, 3.4).
+"""Binary Spherical Quantization (BSQ) and its training loss (MODEL_ARCHITECTURE_ANALYSIS.md §2.2, §5.2).
 
 A latent vector is L2-normalised and quantised to the signs of its components, scaled by ``1/sqrt(K)``. The first
 ``s1_bits`` dimensions form the coarse token, the remaining ``s2_bits`` the fine token; bits are LSB-first within each
@@ -59,7 +59,7 @@ class BinarySphericalQuantizer(nn.Module):
         return u + (hard - u).detach()
 
     def loss_terms(self, u: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Commitment, per-sample entropy and codebook entropy (spec 3.4) for normalised ``u`` and scaled ``q``."""
+        """Commitment, per-sample entropy and codebook entropy (analysis §5.2) for normalised ``u`` and scaled ``q``."""
         commit = self.beta * torch.mean(((q.detach() - u) ** 2).sum(dim=-1))
         p = torch.sigmoid(-4 * u / (self.embed_dim**0.5) * self.inv_temperature)
         prob = torch.stack([p, 1 - p], dim=-1)  # [..., K, 2]

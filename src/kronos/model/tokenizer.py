@@ -1,4 +1,4 @@
-"""KronosTokenizer: K-line vectors -> hierarchical (s1, s2) tokens and back (spec 3).
+"""KronosTokenizer: K-line vectors -> hierarchical (s1, s2) tokens and back (MODEL_ARCHITECTURE_ANALYSIS.md §2-3).
 
 An encoder Transformer maps each normalised time step to a latent vector that Binary Spherical Quantization turns
 into ``s1_bits + s2_bits`` sign bits; a decoder Transformer reconstructs the K-line from the bits.
@@ -10,6 +10,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from kronos.errors import InputError
 from kronos.model.hub import CheckpointMixin
 from kronos.model.layers import KVCache, TransformerBlock
 from kronos.model.quantizer import BSQuantizer
@@ -18,7 +19,7 @@ TokenIds = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 class KronosTokenizer(nn.Module, CheckpointMixin):
-    """Tokenizer with the official constructor arguments and state-dict layout (spec 1.1, 1.4)."""
+    """Tokenizer with the official constructor arguments and state-dict layout (the official ``config.json`` fields and weight names)."""
 
     def __init__(
         self,
@@ -73,7 +74,7 @@ class KronosTokenizer(nn.Module, CheckpointMixin):
         return self.head(h)
 
     def forward(self, x: torch.Tensor):
-        """Training pass: ``((x_hat_pre, x_hat), bsq_loss, quantized, indices)`` (spec 3.3).
+        """Training pass: ``((x_hat_pre, x_hat), bsq_loss, quantized, indices)`` (analysis §2.4).
 
         ``x_hat_pre`` is reconstructed from the s1 bits alone (scaled by 1/sqrt(K) as in the full code),
         ``x_hat`` from all bits; both share the decoder blocks and head.
@@ -129,7 +130,7 @@ class KronosTokenizer(nn.Module, CheckpointMixin):
         hp = self.post_quant_embed(self.indices_to_bits(prefix, half))
         batch = hp.shape[0]
         if batch * paths != rows:
-            raise ValueError(f"suffix has {rows} rows; expected {batch} prefix rows x {paths} paths")
+            raise InputError(f"suffix has {rows} rows; expected {batch} prefix rows x {paths} paths")
         for block in self.decoder:
             attn = block.self_attn
             shared = KVCache(batch, attn.n_heads, attn.head_dim, m, hp.device, hp.dtype)

@@ -44,7 +44,7 @@ def build_engine(args: argparse.Namespace):
         from kronos.serve.engine import ForecastEngine
         from kronos.serve.inputs import Limits
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DependencyError(f"`kronos serve` needs the serve extra: pip install 'kronos[serve]' ({exc})") from None
+        raise DependencyError(f"`kronos serve` needs the serve extra: pip install 'kronos-kline[serve]' ({exc})") from None
     run = None
     tokenizer, model, dataset = args.tokenizer, args.model, args.dataset
     if args.run:

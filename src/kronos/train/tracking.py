@@ -114,7 +114,7 @@ def _open_tensorboard(log_dir: Path) -> Any:
     except ImportError:
         raise DependencyError(
             "use_tensorboard is true but tensorboard is not installed; run `pip install tensorboard` "
-            "(or `pip install kronos[tracking]`) or set use_tensorboard to false"
+            "(or `pip install 'kronos-kline[tracking]'`) or set use_tensorboard to false"
         ) from None
     return SummaryWriter(log_dir=str(log_dir))
 

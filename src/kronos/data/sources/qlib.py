@@ -1,6 +1,6 @@
 """Qlib source: daily bars of an instrument pool (e.g. csi300) from a local Qlib data folder.
 
-Needs pyqlib (``pip install 'kronos[qlib]'``). Follows the official ``qlib_data_preprocess.py``: the time range
+Needs pyqlib (``pip install pyqlib``, or the ``qlib`` extra: ``pip install 'kronos-kline[qlib]'``). Follows the official ``qlib_data_preprocess.py``: the time range
 ``dataset_begin_time .. dataset_end_time`` is widened by ``lookback_window`` trading days before and
 ``predict_window`` trading days after (on the Qlib calendar), fields ``$open $high $low $close $volume`` are
 read, and ``amount`` is derived as mean(OHLC) x volume unless the data folder has an ``amount`` field.
@@ -37,7 +37,7 @@ FREQ = "day"
 
 def _missing_qlib(detail: str) -> DependencyError:
     return DependencyError(
-        f"the Qlib data source needs pyqlib, which is not installed ({detail}); run: pip install 'kronos[qlib]'"
+        f"the Qlib data source needs pyqlib, which is not installed ({detail}); run: pip install pyqlib"
     )
 
 
