@@ -112,7 +112,7 @@ def test_qlib_errors_name_the_path(tmp_path, monkeypatch):
             tmp_path / "ds", dataset_begin_time="2030-01-01", dataset_end_time="2030-12-31")).load_raw()
     monkeypatch.setitem(sys.modules, "qlib", None)  # pyqlib not installed
     monkeypatch.setitem(sys.modules, "qlib.data", None)
-    with pytest.raises(DependencyError, match=r"pip install 'kronos\[qlib\]'"):
+    with pytest.raises(DependencyError, match=r"pip install pyqlib"):
         DataProcessorFactory.create_processor("qlib", qlib_config(tmp_path / "ds")).run_pipeline()
     assert not (tmp_path / "ds").exists()
 
