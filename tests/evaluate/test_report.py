@@ -60,6 +60,8 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
     assert saved["calibration"]["calibrated"]["coverage_0.8"] is not None
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| MASE |" in md and "random_walk" in md and "calibrated" in md
+    assert set(saved["calibration"]["candidates"]) >= {"none", "cqr_additive", "cqr_vol", "spread_scale"}
+    assert f"| {cal.method} (chosen) |" in md
     for name in ("error_by_horizon", "pit_histogram", "coverage_by_horizon", "reliability"):
         assert (tmp_path / "r" / f"{name}.png").stat().st_size > 1000
 

@@ -84,6 +84,7 @@ class Calibration:
     coverage_before: dict = field(default_factory=dict)
     coverage_after: dict = field(default_factory=dict)
     holdout: dict = field(default_factory=dict)  # method -> held-out coverage per level, error, width
+    alternatives: dict = field(default_factory=dict)  # method -> params refitted on all anchors (for reports)
     brier: dict = field(default_factory=dict)
     seconds: float = 0.0
     version: int = FORMAT_VERSION
@@ -297,6 +298,16 @@ def _coverage(cal: Calibration, samples: np.ndarray, last: np.ndarray, true: np.
     return out
 
 
+def candidate(cal: "Calibration", method: str) -> "Calibration":
+    """The calibration as if ``method`` had been chosen (its parameters from ``alternatives``)."""
+    if method == cal.method:
+        return cal
+    if method != "none" and method not in cal.alternatives:
+        raise InputError(f"calibration has no fitted parameters for method '{method}'")
+    return Calibration(method=method, levels=cal.levels, horizon=cal.horizon, lookback=cal.lookback,
+                       fingerprint=cal.fingerprint, params=cal.alternatives.get(method, {}), p_up=cal.p_up)
+
+
 def _platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
     x = np.log(np.clip(p, _P_EPS, 1 - _P_EPS) / (1 - np.clip(p, _P_EPS, 1 - _P_EPS)))
     return 1.0 / (1.0 + np.exp(-(a * x + b)))
@@ -365,7 +376,9 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
                            "n_fit": int(fit_rows.sum()), "n_holdout": int(held.sum())}
     chosen = min(methods, key=lambda m: (round(holdout[m]["mean_abs_error"], 3),
                                          float(np.mean(list(holdout[m]["width"].values())))))
-    cal = Calibration(method=chosen, params=_fit_params(chosen, z, y, levels, vol), **base)
+    alternatives = {m: _fit_params(m, z, y, levels, vol) for m in methods if m != "none"}
+    cal = Calibration(method=chosen, params=alternatives.get(chosen, {}), **base)
+    cal.alternatives = alternatives
     raw = Calibration(method="none", **base)
     cal.coverage_before = _coverage(raw, samples, last, true)
     cal.coverage_after = _coverage(cal, samples, last, true, vol)

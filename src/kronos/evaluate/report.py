@@ -150,6 +150,18 @@ def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
         row["brier_up"] = float(np.mean((p[moved] - up[moved]) ** 2)) if moved.any() else float("nan")
         row["reliability"] = _reliability(p[moved], up[moved])
         out[tag] = row
+    # every candidate method on the test anchors (parameters fitted on all validation anchors): the evidence
+    from kronos.evaluate.calibration import candidate
+
+    out["candidates"] = {}
+    for method in ["none", *cal.alternatives]:
+        c = candidate(cal, method)
+        row = {}
+        for lv in cal.levels:
+            lo, hi = c.quantiles(fc.samples, last, [(1 - lv) / 2, (1 + lv) / 2], fc.vol)
+            row[f"coverage_{lv:g}"] = float(((y >= lo) & (y <= hi)).mean())
+            row[f"width_{lv:g}"] = float(np.mean((hi - lo) / last[:, None]))
+        out["candidates"][method] = row
     moved = y != last[:, None]
     rate = float((y > last[:, None])[moved].mean()) if moved.any() else float("nan")
     out["up_rate"] = rate
@@ -300,6 +312,20 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| quantile CRPS / last close | {_fmt(cal['raw']['crps_q'])} | {_fmt(cal['calibrated']['crps_q'])} |")
         lines.append(f"| P(up) Brier (base rate {_fmt(cal['brier_base_rate'])}) | {_fmt(cal['raw']['brier_up'])} | "
                      f"{_fmt(cal['calibrated']['brier_up'])} |")
+        hold = cal["validation"]["holdout"]
+        lv_keys = [f"{lv:g}" for lv in cal["levels"]]
+        lines += ["", "Every candidate method: coverage (width / last close) on the later 40% of validation anchors "
+                      "after fitting on the earlier 60% (the choice), and on these test anchors after fitting on all "
+                      "validation anchors:", "",
+                  "| method | " + " | ".join(f"validation {float(k):.0%}" for k in lv_keys) + " | "
+                  + " | ".join(f"test {float(k):.0%}" for k in lv_keys) + " |",
+                  "|---|" + "---|" * (2 * len(lv_keys))]
+        for method, row in cal.get("candidates", {}).items():
+            h = hold.get(method, {})
+            val_cells = [f"{_fmt(h.get('coverage', {}).get(k))} ({_fmt(h.get('width', {}).get(k))})" for k in lv_keys]
+            test_cells = [f"{_fmt(row[f'coverage_{k}'])} ({_fmt(row[f'width_{k}'])})" for k in lv_keys]
+            mark = " (chosen)" if method == cal["method"] else ""
+            lines.append(f"| {method}{mark} | " + " | ".join(val_cells + test_cells) + " |")
     lines += ["", "Figures: " + ", ".join(Path(p).name for p in report["files"]["plots"]), ""]
     return "\n".join(lines)
 
