@@ -14,6 +14,9 @@ from torch import nn
 
 from kronos.errors import InputError
 
+# True while torch.compile traces (a constant to dynamo); torch.compiler.is_compiling is torch >= 2.3.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (no mean subtraction, no bias), computed in float32."""
@@ -74,7 +77,7 @@ class RotaryPositionalEmbedding(nn.Module):
     def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions ``start .. start+length-1``, shaped ``[1, 1, length, dim]``."""
         end = start + length
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             # Under torch.compile the table is part of the graph (fused, no Python-side memo): no graph breaks.
             cos, sin = self._angles(end)
             return cos[:, :, start:end].to(device), sin[:, :, start:end].to(device)

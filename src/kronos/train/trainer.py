@@ -275,7 +275,7 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.stage.grad_clip)
-        loss_ok = torch.isfinite(sums["loss"]) if "loss" in sums else torch.ones((), dtype=torch.bool)
+        loss_ok = torch.isfinite(sums["loss"]) if "loss" in sums else torch.isfinite(grad_norm).new_ones(())
         # With a loss scaler, inf/nan gradients under a finite loss are scale overflow: the scaler handles them.
         ok = loss_ok if self.precision.use_scaler else loss_ok & torch.isfinite(grad_norm)
         # One decision for every rank (a NaN on one rank must not leave the others stepping alone).
