@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/band_samples.py
 	$(PY) benchmarks/data_loading.py
 	$(PY) benchmarks/training.py
+	$(PY) benchmarks/serve.py
 
 # On a GPU machine: the machine's python3 (with CUDA PyTorch), no venv; results in $OUT or ./gpu-check/.
 gpu-check:

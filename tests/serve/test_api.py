@@ -235,3 +235,17 @@ def test_calibrated_bands_for_the_calibrations_horizon(one_thread, tmp_path, bar
     finally:
         plain.shutdown()
         eng.shutdown()
+
+
+def test_cli_refuses_unsafe_or_incomplete_starts(tmp_path, capsys, monkeypatch):
+    from kronos.cli import main
+
+    monkeypatch.delenv("KRONOS_API_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--tokenizer", str(TINY / "tokenizer"),
+                 "--model", str(TINY / "predictor")]) == 1
+    assert "--token" in capsys.readouterr().err
+    assert main(["serve"]) == 1
+    assert "give --tokenizer and --model" in capsys.readouterr().err
+    assert main(["mcp", "--run", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "pipeline_config.json" in err and err.count("\n") == 1

@@ -5,6 +5,7 @@ Routes: ``GET /health``, ``GET /models``, ``POST /forecast`` (JSON rows or a CSV
 results), ``/mcp`` (MCP streamable HTTP), ``/`` (the page) and ``/docs`` (OpenAPI). Every error is JSON
 ``{"error": "...", "limit": "..."?}`` with a 4xx status; the service never dies on a bad request.
 """
+import asyncio
 import contextlib
 import hmac
 import json
@@ -272,7 +273,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
             echo = fields.pop("history", 0)
             settings = _settings(fields, FORECAST_FIELDS - {"bars"})
             engine.check_model(fields.get("model"))
-            table = frame_from_upload(await upload.read(), upload.filename or "upload")
+            table = await asyncio.to_thread(frame_from_upload, await upload.read(), upload.filename or "upload")
             where = f"file '{upload.filename}'"
         else:
             body = await _json_body(request)
@@ -283,7 +284,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
                 raise KronosErrorUnknown("missing field 'bars': a list of rows with timestamps, open, high, low, close")
             table = frame_from_rows(body["bars"])
             where = "bars"
-        history = engine.history_for(table, where)
+        history = await asyncio.to_thread(engine.history_for, table, where)  # parsing stays off the event loop
         result = (await engine.forecast([history], settings))[0]
         return JSONResponse(_with_history(result, history, echo))
 
@@ -306,7 +307,8 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
             if "symbol" in item:
                 histories.append(engine.symbol_history(str(item["symbol"])))
             else:
-                histories.append(engine.history_for(frame_from_rows(item["bars"], f"series {i}"), f"series {i}"))
+                table = frame_from_rows(item["bars"], f"series {i}")
+                histories.append(await asyncio.to_thread(engine.history_for, table, f"series {i}"))
         return JSONResponse({"forecasts": await engine.forecast(histories, settings)})
 
     @app.get("/symbols")
@@ -334,9 +336,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
         """The pipeline run's training curves, evaluation table and backtest curves (with ``--run``)."""
         if run is None:
             raise KronosErrorUnknown("no pipeline run is loaded; start the service with --run DIR")
-        import asyncio
-
-        return await asyncio.get_running_loop().run_in_executor(None, run.summary)
+        return await asyncio.to_thread(run.summary)
 
     @app.get("/", include_in_schema=False)
     async def index():

@@ -35,7 +35,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default="", help="API token required on every route but /health "
                                                "(default: $KRONOS_API_TOKEN); required to bind a non-local host")
     p.add_argument("--no-batching", action="store_true", help="run requests one at a time (for comparison)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather concurrent requests")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long to gather concurrent requests into one batch (default 20 ms)")
     p.add_argument("--max-queue", type=int, default=256, help="limit: requests waiting (503 beyond)")
 
 
@@ -63,7 +64,7 @@ def build_engine(args: argparse.Namespace):
     engine = ForecastEngine.load(tokenizer, model, device=args.device, max_context=args.max_context,
                                  calibration=args.calibration, dataset=dataset, limits=limits,
                                  batching=not getattr(args, "no_batching", False),
-                                 batch_wait_ms=getattr(args, "batch_wait_ms", 5.0),
+                                 batch_wait_ms=getattr(args, "batch_wait_ms", 20.0),
                                  run_dir=str(run.dir) if run else None)
     return engine, run
 

@@ -1,7 +1,7 @@
 """The forecasting engine behind the REST API, the MCP server and the web page.
 
 Models load once. Forecasts run on one worker thread, never on the event loop. Concurrent requests are gathered
-for ``batch_wait_ms`` and run as one :meth:`KronosPredictor.predict_batch` call per group of compatible settings
+for ``batch_wait_ms`` (up to 5x that while fewer requests came than in the previous batch) and run as one :meth:`KronosPredictor.predict_batch` call per group of compatible settings
 (same horizon and sampling settings; histories may differ in length). Each result says how long it waited in the
 queue and how many series shared its batch.
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 VALUE_COLS = ("open", "high", "low", "close", "volume", "amount")
 DEFAULT_QUANTILES = (0.1, 0.5, 0.9)
+MAX_WAIT_FACTOR = 5.0  # longest gathering, in batch_wait units, while fewer requests came than last time
 
 
 class QueueFullError(KronosError):
@@ -199,7 +200,7 @@ class ForecastEngine:
 
     def __init__(self, predictor, info: ModelInfo, *, dataset: Optional[Dataset] = None,
                  calibration: Any = None, limits: Optional[Limits] = None,
-                 batching: bool = True, batch_wait_ms: float = 5.0, max_batch: int = 64,
+                 batching: bool = True, batch_wait_ms: float = 20.0, max_batch: int = 64,
                  run_dir: Optional[str] = None) -> None:
         self.predictor = predictor
         self.info = info
@@ -217,6 +218,7 @@ class ForecastEngine:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._task: Optional[asyncio.Task] = None
         self._job_ids = 0
+        self._last_jobs = 1
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "batches": 0, "series": 0}
 
@@ -313,15 +315,19 @@ class ForecastEngine:
         while True:
             jobs = [await queue.get()]
             rows = len(jobs[0].frames)
-            deadline = loop.time() + self.batch_wait
+            # Gather for batch_wait; while fewer requests than in the previous batch have come, keep gathering up
+            # to MAX_WAIT_FACTOR x batch_wait (steady concurrent clients come back together, a little apart).
+            start = loop.time()
             while rows < self.max_batch:
+                factor = MAX_WAIT_FACTOR if len(jobs) < self._last_jobs else 1.0
                 try:
-                    remaining = deadline - loop.time()
+                    remaining = start + self.batch_wait * factor - loop.time()
                     job = queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(queue.get(), remaining)
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
                 jobs.append(job)
                 rows += len(job.frames)
+            self._last_jobs = len(jobs)
             groups: dict[tuple, list[_Job]] = {}
             for job in jobs:
                 self._job_ids += 1
