@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from kronos.config import Config
@@ -35,6 +36,25 @@ EPILOG = """examples:
   kronos config --config-path my.json
   kronos serve --run outputs            # REST API, MCP at /mcp, web page at http://127.0.0.1:8000/
 """
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; every flag's help ends with its default unless it says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or action.required or default is argparse.SUPPRESS or default in (None, False, "")
+                or default == [] or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line ``error: ...`` on stderr and exit code 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(1, f"error: {self.prog}: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -82,7 +102,7 @@ def _add_global_flags(p: argparse.ArgumentParser, root: bool) -> None:
 
 def _new_command_parser(factory: Any, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
     p = factory(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=_HelpFormatter)
     _add_global_flags(p, root=False)
     return p
 
@@ -92,23 +112,51 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the stage's last/ checkpoint")
 
 
+def _quantile_list(text: str) -> list[float]:
+    """``--quantiles 0.05,0.5,0.95``: comma-separated levels strictly inside (0, 1), sorted, no duplicates."""
+    levels = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            q = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{part}' is not a number (give levels in (0, 1), e.g. 0.1,0.9)") from None
+        if not 0.0 < q < 1.0:
+            raise argparse.ArgumentTypeError(f"{part} is outside (0, 1) (give levels in (0, 1), e.g. 0.1,0.9)")
+        levels.append(q)
+    return sorted(set(levels))
+
+
 def _add_forecast_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="CSV or Parquet with timestamps, open, high, low, close[, volume, amount]")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (or hub id)")
-    p.add_argument("--model", required=True, help="predictor checkpoint folder (or hub id)")
-    p.add_argument("--pred-len", type=int, required=True, help="number of future bars")
-    p.add_argument("--lookback", type=int, default=0, help="use only the last N bars (default: all, up to max-context)")
-    p.add_argument("--max-context", type=int, default=512)
-    p.add_argument("--T", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--sample-count", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--input", required=True, metavar="FILE",
+                   help="CSV or Parquet with timestamps, open, high, low, close[, volume, amount] (required)")
+    p.add_argument("--symbol", default="", help="the symbol to forecast when FILE holds several (a symbol/code "
+                   "column); default: the file's only symbol")
+    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer checkpoint folder or hub id (required)")
+    p.add_argument("--model", required=True, metavar="PATH", help="predictor checkpoint folder or hub id (required)")
+    p.add_argument("--pred-len", type=int, required=True, metavar="N", help="number of future bars (required)")
+    p.add_argument("--lookback", type=int, default=0, metavar="N",
+                   help="use only the last N bars; 0 = all bars (the model sees at most --max-context)")
+    p.add_argument("--max-context", type=int, default=512, metavar="N",
+                   help="bars fed to the model (512 for Kronos-small/base, 2048 for Kronos-mini)")
+    p.add_argument("--T", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--sample-count", type=int, default=1, metavar="S",
+                   help="sample paths averaged into the forecast; >= 2 adds quantile bands and p_up")
+    p.add_argument("--quantiles", type=_quantile_list, default=None, metavar="Q1,Q2,...",
+                   help="close quantile levels in (0, 1) for the band columns close_qQ (needs --sample-count >= 2); "
+                        "default: 0.1,0.9, or the calibrated levels with --calibration")
+    p.add_argument("--seed", type=int, default=None, help="random seed for a reproducible forecast; default: unseeded")
     p.add_argument("--calibration", default="", metavar="PATH",
-                   help="calibration.json of this model (kronos calibrate) for calibrated bands")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output", default="", help="write the forecast (CSV or .parquet); default: print it")
-    p.add_argument("--plot", default="", help="also write a PNG of history and forecast")
+                   help="calibration.json of this model (kronos calibrate) for calibrated bands and P(up); "
+                        "default: raw bands")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; default: CUDA, then MPS, then CPU")
+    p.add_argument("--output", default="", metavar="FILE",
+                   help="write the forecast (CSV, or Parquet for .parquet); parent folders are created; "
+                        "default: print it")
+    p.add_argument("--plot", default="", metavar="PNG",
+                   help="also write a figure: history candles, the forecast from the last close, the band and "
+                        "P(up); default: no figure")
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -164,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The one argument parser: ``kronos [-q] COMMAND [flags]``."""
     from kronos import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kronos", description="Train, finetune and use Kronos on your K-line data.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_flags(parser, root=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -178,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 def script_parser(command: str, prog: str, description: str = "") -> argparse.ArgumentParser:
     """A finetune/ script's parser: the flags of ``kronos COMMAND``, under the script's own name."""
     help_text, example, add_args = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=prog, description=description or help_text, epilog=f"same as: {example}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=prog, description=description or help_text, epilog=f"same as: {example}",
+                     formatter_class=_HelpFormatter)
     _add_global_flags(parser, root=True)
     add_args(parser)
     parser.set_defaults(command=command)
@@ -273,18 +321,26 @@ def _fmt(v: Any) -> str:
 
 
 def run_forecast_command(args: argparse.Namespace) -> int:
+    import numpy as np
     import pandas as pd
 
     from kronos.data.sources.csv import read_kline_file
-    from kronos.inference import KronosPredictor
+    from kronos.errors import InputError
+    from kronos.inference import KronosPredictor, prob_up
     from kronos.model import Kronos, KronosTokenizer
     from kronos.timeutil import future_timestamps
 
-    from kronos.errors import InputError
-
-    if args.lookback < 0:  # checked before any file or model is read
+    # flags are checked before any file or model is read
+    if args.lookback < 0:
         raise InputError(f"--lookback must be >= 0 (0 = all bars, up to --max-context), got {args.lookback}")
-    frame = read_kline_file(args.input)
+    for flag, value, least in (("--pred-len", args.pred_len, 1), ("--sample-count", args.sample_count, 1),
+                               ("--max-context", args.max_context, 1)):
+        if value < least:
+            raise InputError(f"{flag} must be >= {least}, got {value}")
+    if args.quantiles and args.sample_count < 2:
+        raise InputError(f"--quantiles {','.join(f'{q:g}' for q in args.quantiles)} needs several sample paths; "
+                         f"add --sample-count 32 (got --sample-count {args.sample_count})")
+    frame = read_kline_file(args.input, symbol=args.symbol)
     if args.lookback > 0:
         frame = frame.iloc[-args.lookback:]
     tokenizer = KronosTokenizer.from_pretrained(args.tokenizer)
@@ -305,20 +361,23 @@ def run_forecast_command(args: argparse.Namespace) -> int:
                                       return_samples=True)
     out = mean.copy()
     out.index.name = "timestamps"
-    if args.calibration:
-        qs = cal.quantile_levels()
+    last_close = float(frame["close"].iloc[-1])
+    close_paths = samples[:, :, 3]
+    qs: list = []
+    if cal is not None:
         from kronos.evaluate.metrics import context_volatility
 
+        qs = args.quantiles or cal.quantile_levels()
         vol = context_volatility(frame["close"].to_numpy(dtype=float)[None])
-        values = cal.quantiles(samples[None, :, :, 3], [float(frame["close"].iloc[-1])], qs, vol)[:, 0]
+        values = cal.quantiles(close_paths[None], [last_close], qs, vol)[:, 0]
         for q, v in zip(qs, values):
             out[f"close_q{q:g}"] = v
-        out["p_up"] = cal.p_up_calibrated(samples[None, :, :, 3], [float(frame["close"].iloc[-1])])[0]
+        out["p_up"] = cal.p_up_calibrated(close_paths[None], [last_close])[0]
     elif args.sample_count > 1:
-        import numpy as np
-
-        for q in (0.1, 0.9):
-            out[f"close_q{q:g}"] = np.quantile(samples[:, :, 3], q, axis=0)
+        qs = args.quantiles or [0.1, 0.9]
+        for q in qs:
+            out[f"close_q{q:g}"] = np.quantile(close_paths, q, axis=0)
+        out["p_up"] = prob_up(close_paths, last_close)  # the predictor's P(up) rule
     if args.output:
         from kronos import io as kio
 
@@ -330,7 +389,18 @@ def run_forecast_command(args: argparse.Namespace) -> int:
         from kronos.evaluate.plots import plot_forecast
 
         history = frame.set_index("timestamps")[cols]
-        plot_forecast(history, mean, None, None, f"{args.input}: {args.pred_len}-bar forecast", args.plot)
+        band = None
+        label = ""
+        if len(qs) >= 2:
+            lo, hi = min(qs), max(qs)
+            band = (out[[f"close_q{lo:g}"]].rename(columns={f"close_q{lo:g}": "close"}),
+                    out[[f"close_q{hi:g}"]].rename(columns={f"close_q{hi:g}": "close"}))
+            label = f", {'calibrated ' if cal is not None else ''}band q{lo:g}-q{hi:g}"
+        name = f"{args.symbol} in {Path(args.input).name}" if args.symbol else Path(args.input).name
+        title = f"{name}: {args.pred_len}-bar forecast from last close {last_close:.4g}{label}"
+        path = plot_forecast(history, mean, band, None, title, args.plot,
+                             prob_up=out["p_up"].to_numpy() if "p_up" in out.columns else None)
+        log.info("figure written to %s", path)
     return 0
 
 
@@ -394,6 +464,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(json.dumps(config.effective_dict(), indent=2, ensure_ascii=False))
         return 0
+    if args.command != "data" and str(config.device).strip().lower() not in ("auto", "cpu"):
+        from kronos.train.distributed import _resolve_device
+
+        _resolve_device(config.device, 0)  # a missing CUDA/MPS device fails now, not after the data step
     if args.command == "pipeline":
         return run_pipeline_command(args, config)
     from kronos.pipeline import KronosPipeline

@@ -486,6 +486,8 @@ def _yaml_loader(path: Path) -> Any:
                 )
             return super().compose_node(parent, index)
 
+    # unquoted dates stay the strings written (2018-13-45 included: the key's check names it, no ValueError)
+    NoAliasLoader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node))
     return NoAliasLoader
 
 

@@ -35,3 +35,15 @@ class TrainingError(KronosError, RuntimeError):
 
 class BusyError(KronosError, RuntimeError):
     """Another run holds the output folders (run lock), or the lock cannot be taken."""
+
+
+def cuda_missing_hint() -> str:
+    """Why CUDA is unavailable and what to install: the end of every 'CUDA asked, not available' message."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build (pip install "
+                "torch==<version> --index-url <the URL pytorch.org's selector gives for your CUDA>, see README "
+                "Install) or use device 'cpu'")
+    return (f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check the driver with "
+            "`nvidia-smi` and CUDA_VISIBLE_DEVICES, or use device 'cpu'")

@@ -25,7 +25,7 @@ from kronos.data.schema import (
     norm_scale,
     time_features,
 )
-from kronos.errors import InputError
+from kronos.errors import InputError, cuda_missing_hint
 
 MIN_HISTORY = 8  # bars of history a forecast needs at least (its normalisation statistics come from them)
 from kronos.inference.generate import SamplingConfig, mean_over_samples, sample_forecasts
@@ -101,7 +101,7 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
         raise InputError(f"device {device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device '{device}' was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+            raise InputError(f"device '{device}' was asked for but CUDA is not available here: {cuda_missing_hint()}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(f"device '{device}' was asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from kronos.config import Config
-from kronos.errors import ConfigError
+from kronos.errors import ConfigError, cuda_missing_hint
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"config key 'device' is '{name}' but CUDA is not available; set device to 'auto' or 'cpu'"
+                f"config key 'device' is '{name}' but CUDA is not available: {cuda_missing_hint()} (or 'auto')"
             )
         if name == "cuda":
             return torch.device("cuda", local_rank % torch.cuda.device_count())

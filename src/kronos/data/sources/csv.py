@@ -104,11 +104,15 @@ def read_kline_file(path: Union[str, os.PathLike], symbol: str = "", timestamp_c
         codes = table[sym_col].astype(str).str.strip().reset_index(drop=True)
         if symbol:
             if not (codes == symbol).any():
-                raise DataError(f"{where}: symbol '{symbol}' not found in column '{sym_col}'")
+                known = codes.drop_duplicates()
+                raise DataError(f"{where}: symbol '{symbol}' not found in column '{sym_col}'; it holds {len(known)}: "
+                                f"{', '.join(known.iloc[:5])}{', ...' if len(known) > 5 else ''}")
             frame = frame[(codes == symbol).to_numpy()]
         elif codes.nunique() > 1:
             raise DataError(
-                f"{where} holds {codes.nunique()} symbols in column '{sym_col}'; pick one (e.g. {codes.iloc[0]!r})"
+                f"{where} holds {codes.nunique()} symbols in column '{sym_col}' (e.g. "
+                f"{', '.join(repr(c) for c in codes.drop_duplicates().iloc[:3])}); pick one with "
+                f"`kronos forecast --symbol {codes.iloc[0]}` (symbol= in Python)"
             )
     clean, stats = clean_kline_frame(frame, str(file))
     dropped = stats.rows_in - stats.rows_out
