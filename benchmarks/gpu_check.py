@@ -65,6 +65,7 @@ class Check:
             self.steps.append({"step": name, "status": "skipped", "why": skip, "seconds": 0.0})
             print(f"[{name}] skipped: {skip}", flush=True)
             return False
+        timeout = timeout * 3 if self.cpu else timeout  # the CPU smoke run is slower
         limit = max(10.0, min(timeout, self.left()))
         print(f"[{name}] {' '.join(cmd)}  (limit {limit:.0f} s)", flush=True)
         start = time.monotonic()
@@ -225,20 +226,20 @@ def main(argv=None) -> int:
     check.run("inference", [py, "benchmarks/inference.py", "--device", dev, "--no-samples", *inference,
                             "--json", str(out / "inference.json")], timeout=80)
     check.run("training", [py, "benchmarks/training.py", "--device", dev, *training,
-                           "--json", str(out / "training.json")], timeout=150)
+                           "--json", str(out / "training.json")], timeout=140)
     with tempfile.TemporaryDirectory(prefix="kronos-gpu-check-") as tmp:
         work = Path(tmp)
         cfg = pipeline_config(work, args.cpu)
         pipe = [py, str(ROOT / "finetune" / "train_complete_pipeline.py"), "--fast-mode", "--data-source", "csv",
                 "--config-path", str(cfg)] + (["--cpu"] if args.cpu else [])
-        if check.run("pipeline", pipe, timeout=70, cwd=work):
+        if check.run("pipeline", pipe, timeout=100, cwd=work):
             for found in work.glob("outputs/backtest_results/*/pipeline_result.json"):
                 shutil.copy(found, out / "pipeline_result.json")
         nproc = 2 if args.cpu else n_gpus
         runner = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                   str(ROOT / "finetune" / "train_tokenizer.py"), "--config-path", str(cfg)]
         skip = "" if (work / "data" / "processed").exists() else "no dataset (the pipeline step failed)"
-        if check.run("torchrun", runner + (["--cpu"] if args.cpu else []), timeout=50, cwd=work, skip=skip):
+        if check.run("torchrun", runner + (["--cpu"] if args.cpu else []), timeout=60, cwd=work, skip=skip):
             for found in work.glob("outputs/models/*/summary.json"):
                 shutil.copy(found, out / "torchrun_summary.json")
     return summarise(check)
