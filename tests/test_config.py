@@ -111,8 +111,28 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     data = json.loads(r.stdout)
     from kronos.config import FAST_MODE_CAPS
 
-    assert data["epochs"] == min(7, FAST_MODE_CAPS["epochs"])  # fast mode caps, never raises
-    assert data["eval_max_anchors"] > 0
+    assert data["epochs"] == 7  # a key the user set wins over fast mode
+    assert data["n_train_iter"] == FAST_MODE_CAPS["n_train_iter"] and data["eval_max_anchors"] > 0
+
+
+def test_fast_mode_picks_cpu_presets_from_scratch_and_keeps_what_the_user_set(caplog):
+    from kronos.config import FAST_MODE_CAPS, apply_fast_mode
+
+    cfg = Config(pretrained_tokenizer_path="", pretrained_predictor_path="", n_train_iter=10**6,
+                 predictor_preset="mini", epochs=30)
+    with caplog.at_level("INFO", logger="kronos.config"):
+        apply_fast_mode(cfg, explicit={"predictor_preset", "pretrained_tokenizer_path", "pretrained_predictor_path"})
+    assert cfg.tokenizer_preset == "tiny" and cfg.tokenizer_learning_rate == 2e-3  # from scratch: CPU-sized
+    assert cfg.predictor_preset == "mini"  # the user's own preset wins
+    assert cfg.n_train_iter == FAST_MODE_CAPS["n_train_iter"] and cfg.epochs == FAST_MODE_CAPS["epochs"]
+    assert "tokenizer_preset 'base' -> 'tiny'" in caplog.text and "epochs 30 -> 2" in caplog.text
+    assert "kept your own predictor_preset='mini'" in caplog.text
+    # finetuning a pretrained model: presets are not used, so fast mode leaves them and the learning rates alone
+    pre = apply_fast_mode(Config(), explicit=set())
+    assert pre.predictor_preset == Config().predictor_preset and pre.predictor_learning_rate == 4e-5
+    # without the list of keys (Python callers), presets and learning rates other than the defaults are kept
+    own = apply_fast_mode(Config(pretrained_predictor_path="", pretrained_tokenizer_path="", predictor_preset="mini"))
+    assert own.predictor_preset == "mini" and own.tokenizer_preset == "tiny"
 
 
 # ------------------------------------------------------------------ hostile and mistaken values

@@ -87,7 +87,12 @@ def build_config(args: argparse.Namespace) -> Config:
     if overrides:
         config.update(overrides, source="command line")
     if args.fast_mode:
-        apply_fast_mode(config)
+        from kronos.config import load_overrides
+
+        explicit = set(overrides)
+        if args.config_path:
+            explicit |= set(load_overrides(args.config_path))
+        apply_fast_mode(config, explicit=explicit)
     return config
 
 
