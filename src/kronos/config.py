@@ -414,14 +414,14 @@ CROSS_RULES: tuple[CrossRule, ...] = (
 
 
 # ---------------------------------------------------------------------- fast mode
-# --fast-mode: data -> backtest in under 5 minutes on a loaded 2-core CPU (README "Fast mode"): 2 x 60 optimizer
+# --fast-mode: data -> backtest in under 5 minutes on a loaded 2-core CPU (README "Fast mode"): 2 x 40 optimizer
 # steps per stage, and each of the three forecast passes (calibration, rolling evaluation, walk-forward report) on
 # the latest 20 anchor dates. Each key is capped (a user's smaller value is kept); for keys where 0 means
 # "no limit" (eval_max_anchors) 0 becomes the cap.
 FAST_MODE_CAPS: dict[str, int] = {
     "epochs": 2,
     "batch_size": 32,
-    "n_train_iter": 32 * 60,
+    "n_train_iter": 32 * 40,
     "n_val_iter": 32 * 5,
     "log_interval": 20,
     "inference_sample_count": 4,
