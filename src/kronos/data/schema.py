@@ -75,13 +75,6 @@ def find_column(columns: Iterable[object], aliases: Iterable[str], explicit: str
     return None
 
 
-def empty_kline_frame() -> pd.DataFrame:
-    """A raw frame with no rows but the canonical columns and dtypes."""
-    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in VALUE_COLUMNS})
-    frame.insert(0, "timestamps", pd.Series(dtype="datetime64[ns]"))
-    return frame
-
-
 def derive_amount(frame: pd.DataFrame) -> pd.Series:
     """``mean(open, high, low, close) x volume`` row-wise, the official pipelines' stand-in for turnover."""
     return frame[list(PRICE_COLUMNS)].mean(axis=1, skipna=False) * frame["volume"]
