@@ -231,7 +231,7 @@ def test_comet_online_branch_when_reachable(dataset: Path, tmp_path: Path, monke
             self.metrics.append((step, metrics))
 
         def log_parameters(self, params):
-            pass
+            calls.append(("params", params))
 
         def add_tag(self, tag):
             pass
@@ -259,6 +259,17 @@ def test_comet_online_branch_when_reachable(dataset: Path, tmp_path: Path, monke
         train_tokenizer(tiny_config(tmp_path / expected, dataset, epochs=1, use_comet=True))
         assert calls[0][0] == expected
         assert calls[0][1].get("api_key") == ("secret" if reachable else None)
+    # a key in the config reaches the Comet client, but the logged parameters carry "***"; the placeholder of a
+    # saved (redacted) config is never sent as a key
+    monkeypatch.delenv("COMET_API_KEY")
+    monkeypatch.setattr(tracking, "_reachable", lambda host, *a, **k: True)
+    for key, expected in (("k-42", "Experiment"), ("***", "OfflineExperiment")):
+        calls.clear()
+        train_tokenizer(tiny_config(tmp_path / f"cfg{expected}", dataset, epochs=1, use_comet=True,
+                                    comet_config={"api_key": key, "project_name": "p", "workspace": ""}))
+        assert calls[0][0] == expected and calls[0][1].get("api_key") == ("k-42" if key == "k-42" else None)
+        params = [c[1] for c in calls if c[0] == "params"]
+        assert params and all(p["comet_config"]["api_key"] == "***" for p in params)
 
 
 def test_comet_missing_is_a_dependency_error(dataset: Path, tmp_path: Path, monkeypatch) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kronos import io as kio
-from kronos.config import Config
+from kronos.config import REDACTED, Config
 from kronos.errors import DependencyError
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,9 @@ def _open_comet(config: Config, stage_dir: Path, stage: str) -> Any:
         ) from None
     cc = dict(config.comet_config or {})
     api_key = os.environ.get("COMET_API_KEY") or cc.get("api_key") or ""
+    if api_key == REDACTED:  # a config saved by a run (secrets written as "***"): the key itself is not there
+        logger.warning("comet_config.api_key is the redacted placeholder %r; set COMET_API_KEY or the real key", REDACTED)
+        api_key = ""
     project = cc.get("project_name") or None
     workspace = cc.get("workspace") or None
     if api_key and not _reachable(COMET_HOST):
