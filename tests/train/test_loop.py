@@ -16,7 +16,7 @@ from kronos.errors import CheckpointError, ConfigError, DependencyError
 from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokenizer
 from kronos.train import run_stage, train_predictor, train_tokenizer
 from kronos.io import resolve_folder
-from kronos.io import write_folder as write_folder_atomically
+from kronos.io import write_folder
 from kronos.train.checkpoint import flatten_state, unflatten_state
 
 from _support.training import make_dataset, qlib_frame, tiny_config
@@ -182,19 +182,19 @@ def test_optimizer_state_round_trips_without_pickle() -> None:
 
 def test_atomic_folder_keeps_a_complete_version(tmp_path: Path) -> None:
     target = tmp_path / "last"
-    write_folder_atomically(target, lambda f: (f / "a.txt").write_text("1"))
+    write_folder(target, lambda f: (f / "a.txt").write_text("1"))
 
     def broken(folder: Path) -> None:
         (folder / "a.txt").write_text("2")
         raise RuntimeError("killed while writing")
 
     with pytest.raises(RuntimeError):
-        write_folder_atomically(target, broken)
+        write_folder(target, broken)
     assert (resolve_folder(target) / "a.txt").read_text() == "1"
     # a crash between the two renames leaves only last.prev: it is still found
     target.rename(tmp_path / "last.prev")
     assert (resolve_folder(target) / "a.txt").read_text() == "1"
-    write_folder_atomically(target, lambda f: (f / "a.txt").write_text("3"))
+    write_folder(target, lambda f: (f / "a.txt").write_text("3"))
     assert (resolve_folder(target) / "a.txt").read_text() == "3" and not (tmp_path / "last.prev").exists()
 
 
