@@ -249,3 +249,36 @@ def test_cli_refuses_unsafe_or_incomplete_starts(tmp_path, capsys, monkeypatch):
     assert main(["mcp", "--run", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "pipeline_config.json" in err and err.count("\n") == 1
+
+
+def test_full_queue_is_a_503_naming_the_limit(engine, bars):
+    import threading
+
+    from kronos.serve.engine import QueueFullError
+
+    history = engine.history_for(pd.DataFrame(bars))
+    saved, release = engine.limits.max_queue, threading.Event()
+
+    async def go():
+        engine._executor.submit(release.wait)  # the worker is busy until released
+        first = asyncio.ensure_future(engine.forecast([history], Settings(horizon=2, samples=1)))
+        await asyncio.sleep(0.5)  # the batcher took it and waits for the worker
+        second = asyncio.ensure_future(engine.forecast([history], Settings(horizon=2, samples=1)))
+        await asyncio.sleep(0.05)  # queued: the queue now holds max_queue=1 request
+        try:
+            await engine.forecast([history], Settings(horizon=2, samples=1))
+            refused = None
+        except QueueFullError as exc:
+            refused = exc
+        release.set()
+        await asyncio.gather(first, second)
+        await engine.close()
+        return refused
+
+    engine.limits.max_queue = 1
+    try:
+        refused = asyncio.run(go())
+    finally:
+        engine.limits.max_queue = saved
+        release.set()
+    assert refused is not None and "max_queue=1" in str(refused)

@@ -119,10 +119,14 @@ class GuardMiddleware:
         await self.app(scope, limited_receive, send_with_cookie)
 
 
+class RequestError(KronosError):
+    """A request field is unknown or of the wrong kind."""
+
+
 def _settings(body: dict, allowed: set, defaults: Optional[dict] = None) -> Settings:
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise KronosErrorUnknown(f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        raise RequestError(f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
     values = dict(defaults or {})
     values.update({k: v for k, v in body.items() if k in SETTING_FIELDS and v is not None})
     for key, value in values.items():
@@ -130,22 +134,18 @@ def _settings(body: dict, allowed: set, defaults: Optional[dict] = None) -> Sett
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
         elif kind is list and not isinstance(value, list):
-            raise KronosErrorUnknown(f"'{key}' must be a list of numbers, e.g. [0.1, 0.9]")
+            raise RequestError(f"'{key}' must be a list of numbers, e.g. [0.1, 0.9]")
         elif kind is bool and not isinstance(value, bool):
-            raise KronosErrorUnknown(f"'{key}' must be true or false, got {value!r}")
+            raise RequestError(f"'{key}' must be true or false, got {value!r}")
     if "quantiles" in values:
         values["quantiles"] = tuple(values["quantiles"])
     return Settings(**values)
 
 
-class KronosErrorUnknown(KronosError):
-    """A request field is unknown or of the wrong kind."""
-
-
 def _with_history(result: dict, frame, n: Any) -> dict:
     """Echo the last ``n`` bars of the history into the result (for drawing it beside the forecast)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise KronosErrorUnknown(f"'history' must be an integer >= 0 (bars to echo back), got {n!r}")
+        raise RequestError(f"'history' must be an integer >= 0 (bars to echo back), got {n!r}")
     if n:
         tail = frame.iloc[-min(n, len(frame)):]
         result["history"] = {"timestamps": [t.isoformat() for t in tail["timestamps"]],
@@ -165,7 +165,7 @@ def _form_value(raw: str, key: str) -> Any:
         if kind is list:
             return [float(x) for x in raw.replace(",", " ").split()]
     except ValueError:
-        raise KronosErrorUnknown(f"form field '{key}' must be a {kind.__name__}, got {raw!r}") from None
+        raise RequestError(f"form field '{key}' must be a {kind.__name__}, got {raw!r}") from None
     return raw
 
 
@@ -241,9 +241,9 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
         try:
             body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise KronosErrorUnknown(f"request body is not valid JSON ({exc})") from None
+            raise RequestError(f"request body is not valid JSON ({exc})") from None
         if not isinstance(body, dict):
-            raise KronosErrorUnknown("request body must be a JSON object, e.g. {\"bars\": [...], \"horizon\": 24}")
+            raise RequestError("request body must be a JSON object, e.g. {\"bars\": [...], \"horizon\": 24}")
         return body
 
     forecast_doc = {"requestBody": {"content": {
@@ -268,7 +268,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
             form = await request.form(max_files=1, max_fields=len(SETTING_FIELDS) + 2)
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
-                raise KronosErrorUnknown("multipart upload needs a 'file' field holding a CSV or Parquet file")
+                raise RequestError("multipart upload needs a 'file' field holding a CSV or Parquet file")
             fields = {k: _form_value(v, k) for k, v in form.items() if k != "file" and isinstance(v, str)}
             echo = fields.pop("history", 0)
             settings = _settings(fields, FORECAST_FIELDS - {"bars"})
@@ -281,7 +281,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
             engine.check_model(body.get("model"))
             echo = body.get("history", 0)
             if "bars" not in body:
-                raise KronosErrorUnknown("missing field 'bars': a list of rows with timestamps, open, high, low, close")
+                raise RequestError("missing field 'bars': a list of rows with timestamps, open, high, low, close")
             table = frame_from_rows(body["bars"])
             where = "bars"
         history = await asyncio.to_thread(engine.history_for, table, where)  # parsing stays off the event loop
@@ -296,14 +296,14 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
         engine.check_model(body.get("model"))
         series = body.get("series")
         if not isinstance(series, list) or not series:
-            raise KronosErrorUnknown("'series' must be a non-empty list of {\"bars\": [...]} or {\"symbol\": ...}")
+            raise RequestError("'series' must be a non-empty list of {\"bars\": [...]} or {\"symbol\": ...}")
         from kronos.serve.inputs import check_limit
 
         check_limit(len(series), "max_batch_series", engine.limits, "number of series")
         histories = []
         for i, item in enumerate(series):
             if not isinstance(item, dict) or not ({"bars", "symbol"} & set(item)):
-                raise KronosErrorUnknown(f"series {i}: give {{\"bars\": [...]}} or {{\"symbol\": \"...\"}}")
+                raise RequestError(f"series {i}: give {{\"bars\": [...]}} or {{\"symbol\": \"...\"}}")
             if "symbol" in item:
                 histories.append(engine.symbol_history(str(item["symbol"])))
             else:
@@ -315,7 +315,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
     async def symbols() -> dict:
         """The loaded dataset's symbols (with bar counts and time ranges)."""
         if engine.dataset is None:
-            raise KronosErrorUnknown("no dataset is loaded; start the service with --dataset PATH or --run DIR")
+            raise RequestError("no dataset is loaded; start the service with --dataset PATH or --run DIR")
         return {"dataset": engine.dataset.path, "symbols": engine.dataset.symbols()}
 
     @app.get("/symbols/{symbol}/forecast")
@@ -335,7 +335,7 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
     async def run_view() -> dict:
         """The pipeline run's training curves, evaluation table and backtest curves (with ``--run``)."""
         if run is None:
-            raise KronosErrorUnknown("no pipeline run is loaded; start the service with --run DIR")
+            raise RequestError("no pipeline run is loaded; start the service with --run DIR")
         return await asyncio.to_thread(run.summary)
 
     @app.get("/", include_in_schema=False)
