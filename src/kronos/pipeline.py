@@ -398,7 +398,7 @@ class KronosPipeline:
             step("predictor", self.train_predictor, main_only=False)
             self._plot_curves(cfg.predictor_dir)
             if not skip_predict:  # skipped with the predictor: a reused predictor keeps its calibration.json
-                step("calibrate", self.calibrate, main_only=True)
+                step("calibrate", self._calibrate_step, main_only=True)
         if not skip_predict:
             step("predict", self.predict, main_only=True)
             step("evaluate", self.evaluate, main_only=True)
@@ -423,6 +423,15 @@ class KronosPipeline:
                                       out_path=path)
         self.result.calibration_file = str(path)
         return cal.to_dict()
+
+    def _calibrate_step(self) -> None:
+        """The pipeline's calibrate step: too few validation anchors leave the bands uncalibrated (logged)."""
+        from kronos.errors import InputError
+
+        try:
+            self.calibrate()
+        except InputError as exc:
+            log.warning("calibration skipped: %s", exc)
 
     def load_calibration(self):
         """The finetuned predictor's ``calibration.json`` when present and fitted for it (else None, logged)."""
