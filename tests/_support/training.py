@@ -46,7 +46,9 @@ def make_dataset(path: Path) -> Path:
         "val": frame[(ts >= "2023-07-01") & (ts < "2024-04-01")],
         "test": frame[ts >= "2024-04-01"],
     }
-    save_dataset(path, splits, {"source": "tests/fixtures/qlib_cn"})
+    dates = {s: {"first": f["timestamps"].min().isoformat(), "last": f["timestamps"].max().isoformat(),
+                 "rows": len(f)} for s, f in splits.items()}  # disjoint splits: every bar is the split's own
+    save_dataset(path, splits, {"source": "tests/fixtures/qlib_cn", "splits": dates})
     return path
 
 
