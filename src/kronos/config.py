@@ -166,8 +166,10 @@ class Config:
     backtest_close_cost: float = 0.0015
     backtest_min_cost: float = 5.0
     backtest_account: float = 100_000_000.0
-    backtest_deal_price: str = "open"  # open | close (Qlib engine)
+    backtest_deal_price: str = "open"  # open | close: fill price of both backtest engines
     backtest_signal_scale: str = "std"  # std: forecast change / lookback close std (official) | price: a return
+    # Unsafe: let evaluation/backtest anchors target bars on or before the last validation bar (see README).
+    allow_eval_overlap: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -231,8 +233,13 @@ class Config:
         data = dataclasses.asdict(self)
         return redact_secrets(data) if redact else data
 
-    def update(self, overrides: dict[str, Any], source: str = "overrides") -> "Config":
-        """Apply ``overrides`` in place (validated); returns self."""
+    def is_set(self, key: str) -> bool:
+        """Whether ``key`` was set by the user (config file, ``--set`` or a dict), not left at its default."""
+        return key in self.__dict__.get("_user_keys", ())
+
+    def update(self, overrides: dict[str, Any], source: str = "overrides", user: bool = True) -> "Config":
+        """Apply ``overrides`` in place (validated); returns self. ``user=False`` (fast mode) does not count the
+        keys as set by the user (:meth:`is_set`)."""
         if not isinstance(overrides, dict):
             raise ConfigError(f"{source}: expected a mapping of config keys, got {type(overrides).__name__}")
         valid = set(self.keys())
@@ -243,6 +250,8 @@ class Config:
                 hint = f"; did you mean '{close[0]}'?" if close else "; run `kronos config` to list valid keys"
                 raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
             setattr(self, key, _coerce(key, value, _field_type(fields[key]), source))
+            if user:
+                self.__dict__.setdefault("_user_keys", set()).add(key)
         self.validate()
         return self
 
@@ -466,7 +475,7 @@ def apply_fast_mode(config: Config, explicit: Optional[Any] = None) -> Config:
                                                           for k, v in changes.items()))
     if kept:
         logger.info("--fast-mode kept your own %s", ", ".join(f"{k}={getattr(config, k)!r}" for k in kept))
-    return config.update(changes, source="--fast-mode")
+    return config.update(changes, source="--fast-mode", user=False)
 
 
 def load_overrides(path: Union[str, os.PathLike]) -> dict[str, Any]:

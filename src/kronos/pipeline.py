@@ -12,17 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import pandas as pd
 
 from kronos import io as kio
 from kronos.config import Config
-from kronos.errors import CheckpointError, DataError, KronosError
+from kronos.errors import CheckpointError, DataError, InputError, KronosError
 from kronos.paths import path_in, safe_filename
 
 log = logging.getLogger(__name__)
 
-PRICE_COLUMNS = ["open", "high", "low", "close", "volume", "amount"]
 
 def _dist():
     """torch.distributed if a process group is up, else None."""
@@ -154,155 +152,102 @@ class KronosPipeline:
             self._frame = frame.sort_values(["symbol", "timestamps"], kind="stable").reset_index(drop=True)
         return self._frame
 
-    def _forecast(self, contexts: list[pd.DataFrame], x_ts: list[pd.Series], y_ts: list[pd.Series],
-                  desc: str) -> list[tuple[pd.DataFrame, np.ndarray]]:
-        """Forecast many series in chunks of ``backtest_batch_size``; returns (mean, samples) per series."""
-        from tqdm.auto import tqdm
-
+    def _predict_df(self, anchors=None):
+        """``predict_df`` over the processed frame with the config's inference settings."""
         cfg = self.config
-        predictor = self.load_predictor()
-        out: list[tuple[pd.DataFrame, np.ndarray]] = []
-        chunk = max(1, cfg.backtest_batch_size // max(1, cfg.inference_sample_count))
-        starts = range(0, len(contexts), chunk)
-        for k, a in enumerate(tqdm(starts, desc=desc, unit="batch", disable=len(starts) < 2)):
-            b = min(a + chunk, len(contexts))
-            res = predictor.predict_batch(
-                contexts[a:b], x_ts[a:b], y_ts[a:b], pred_len=cfg.predict_window,
-                T=cfg.inference_T, top_k=cfg.inference_top_k, top_p=cfg.inference_top_p,
-                sample_count=cfg.inference_sample_count, verbose=False,
-                seed=cfg.inference_seed + k, return_samples=True,
-            )
-            out.extend(res)
-        return out
+        return self.load_predictor().predict_df(
+            self.full_frame(), pred_len=cfg.predict_window, lookback=cfg.lookback_window, quantiles=cfg.quantiles,
+            anchors=anchors, sample_count=cfg.inference_sample_count, T=cfg.inference_T, top_k=cfg.inference_top_k,
+            top_p=cfg.inference_top_p, seed=cfg.inference_seed,
+            batch_size=max(1, cfg.backtest_batch_size // max(1, cfg.inference_sample_count)),
+        )
 
     # ------------------------------------------------------------------ step 4: prediction
     def predict(self) -> pd.DataFrame:
         """Forecast the ``predict_window`` bars after every symbol's latest ``lookback_window`` bars."""
+        from kronos.data.schema import VALUE_COLUMNS
         from kronos.evaluate.plots import plot_forecast
-        from kronos.timeutil import future_timestamps
 
         cfg = self.config
-        frame = self.full_frame()
-        contexts, x_ts, y_ts, symbols = [], [], [], []
-        for symbol, g in frame.groupby("symbol", sort=True):
-            if len(g) < cfg.lookback_window:
-                log.warning("skipping %s: %d bars, fewer than lookback_window=%d", symbol, len(g), cfg.lookback_window)
-                continue
-            ctx = g.iloc[-cfg.lookback_window:]
-            contexts.append(ctx[PRICE_COLUMNS].reset_index(drop=True))
-            x_ts.append(ctx["timestamps"].reset_index(drop=True))
-            y_ts.append(pd.Series(future_timestamps(ctx["timestamps"], cfg.predict_window)))
-            symbols.append(symbol)
-        if not symbols:
-            raise DataError(f"no symbol in '{cfg.dataset_path}' has lookback_window={cfg.lookback_window} bars to forecast from")
-        results = self._forecast(contexts, x_ts, y_ts, desc="forecast latest")
-        rows = []
+        try:
+            records = self._predict_df()
+        except InputError as exc:
+            raise DataError(f"dataset '{cfg.dataset_path}': {exc}") from None
+        forecasts = records[["symbol", "step", "timestamps", *VALUE_COLUMNS,
+                             *(f"close_q{q:g}" for q in cfg.quantiles)]]
         out_dir = Path(cfg.backtest_dir)
         plot_dir = out_dir / "plots"
         # plot the symbols with the most recent data first (pool members that left the index end earlier)
-        recency = sorted(range(len(symbols)), key=lambda k: (-x_ts[k].iloc[-1].value, symbols[k]))
-        to_plot = set(recency[: cfg.plot_n_symbols])
-        for i, (symbol, (mean, samples)) in enumerate(zip(symbols, results)):
-            part = mean.reset_index(drop=False).rename(columns={"index": "timestamps"})
-            part.columns = ["timestamps"] + PRICE_COLUMNS
-            part.insert(0, "step", np.arange(1, len(part) + 1))
-            part.insert(0, "symbol", symbol)
-            bands = {}
-            for q in cfg.quantiles:
-                qv = np.quantile(samples, q, axis=0)  # [pred_len, 6]
-                part[f"close_q{q:g}"] = qv[:, 3]
-                bands[q] = pd.DataFrame(qv, columns=PRICE_COLUMNS, index=mean.index)
-            rows.append(part)
-            if i in to_plot:
-                lo, hi = min(cfg.quantiles), max(cfg.quantiles)
-                history = contexts[i].set_index(pd.DatetimeIndex(x_ts[i]))
-                path = path_in(plot_dir, f"forecast_{safe_filename(symbol)}.png")
-                plot_forecast(history, mean, (bands[lo], bands[hi]) if lo < hi else None, None,
-                              f"{symbol}: {cfg.predict_window}-bar forecast (band q{lo:g}-q{hi:g})", path)
-                self.result.plots.append(str(path))
-        forecasts = pd.concat(rows, ignore_index=True)
+        latest = records.drop_duplicates("symbol").sort_values(["anchor", "symbol"], ascending=[False, True])
+        frame = self.full_frame()
+        lo, hi = min(cfg.quantiles), max(cfg.quantiles)
+        for symbol in latest["symbol"].iloc[: cfg.plot_n_symbols]:
+            rows = records[records["symbol"] == symbol].set_index("timestamps")
+            history = frame[frame["symbol"] == symbol].iloc[-cfg.lookback_window:]
+            band = None
+            if lo < hi:
+                band = tuple(rows[[f"{c}_q{q:g}" for c in VALUE_COLUMNS]].set_axis(list(VALUE_COLUMNS), axis=1)
+                             for q in (lo, hi))
+            path = path_in(plot_dir, f"forecast_{safe_filename(symbol)}.png")
+            plot_forecast(history.set_index("timestamps")[list(VALUE_COLUMNS)], rows[list(VALUE_COLUMNS)], band,
+                          None, f"{symbol}: {cfg.predict_window}-bar forecast (band q{lo:g}-q{hi:g})", path)
+            self.result.plots.append(str(path))
         self.result.forecast_file = str(kio.write_table(forecasts, out_dir / "forecast_latest"))
-        log.info("forecasts for %d symbols written to %s", len(symbols), self.result.forecast_file)
+        log.info("forecasts for %d symbols written to %s", len(latest), self.result.forecast_file)
         return forecasts
 
     # ------------------------------------------------------------------ step 5: evaluation
+    def eval_periods(self):
+        """Evaluation and backtest anchor periods: only the test split (see :mod:`kronos.evaluate.anchors`)."""
+        from kronos.evaluate.anchors import eval_periods
+
+        self.require_dataset()
+        return eval_periods(self.config)
+
     def forecast_records(self) -> pd.DataFrame:
-        """Rolling forecasts at every anchor bar in the test and backtest ranges (one row per anchor and step).
+        """Rolling forecasts at every anchor bar of the test and backtest periods (one row per anchor and step).
 
         Each anchor uses only the ``lookback_window`` bars up to it; the actual future close is attached where
-        known. Anchors are bars in ``test_time_range`` ∪ ``backtest_time_range``, every ``eval_stride`` bars,
-        the latest ``eval_max_anchors`` dates when that is set.
+        known. Anchors: bars whose whole horizon lies after the last validation bar, inside the test or backtest
+        period, every ``eval_stride`` bars, the latest ``eval_max_anchors`` dates when that is set.
         """
         if self._records is not None:
             return self._records
-        cfg = self.config
-        frame = self.full_frame()
-        lo = min(pd.Timestamp(cfg.test_time_range[0]), pd.Timestamp(cfg.backtest_time_range[0]))
-        hi = max(_range_end(cfg.test_time_range[1]), _range_end(cfg.backtest_time_range[1]))
-        dates = frame.loc[(frame["timestamps"] >= lo) & (frame["timestamps"] <= hi), "timestamps"]
-        anchor_dates = np.sort(dates.unique())[:: max(1, cfg.eval_stride)]
-        if cfg.eval_max_anchors > 0:
-            anchor_dates = anchor_dates[-cfg.eval_max_anchors:]
-        anchor_set = np.unique(pd.DatetimeIndex(anchor_dates).as_unit("ns").asi8)
-        contexts, x_ts, y_ts, meta = [], [], [], []
-        P, L = cfg.predict_window, cfg.lookback_window
-        from kronos.timeutil import future_timestamps
+        from kronos.data.schema import VALUE_COLUMNS
+        from kronos.evaluate.anchors import anchor_dates
 
-        for symbol, g in frame.groupby("symbol", sort=True):
-            ts = pd.DatetimeIndex(g["timestamps"]).as_unit("ns")
-            values = g[PRICE_COLUMNS].to_numpy(dtype=np.float64)
-            for i in np.flatnonzero(np.isin(ts.asi8, anchor_set)):
-                if i + 1 < L:
-                    continue
-                ctx_ts = ts[i + 1 - L:i + 1]
-                fut = ts[i + 1:i + 1 + P]
-                if len(fut) < P:
-                    fut = fut.append(future_timestamps(ctx_ts if len(fut) == 0 else ctx_ts.append(fut), P - len(fut)))
-                true_close = np.full(P, np.nan)
-                n_known = min(P, len(ts) - i - 1)
-                true_close[:n_known] = values[i + 1:i + 1 + n_known, 3]
-                contexts.append(pd.DataFrame(values[i + 1 - L:i + 1], columns=PRICE_COLUMNS))
-                x_ts.append(pd.Series(ctx_ts))
-                y_ts.append(pd.Series(fut))
-                # the predictor's normalisation scale of close over this context (official signal unit)
-                close_scale = float(np.std(values[i + 1 - L:i + 1, 3].astype(np.float32))) + 1e-5
-                meta.append((symbol, ts[i], values[i, 3], close_scale, true_close))
-        if not contexts:
+        cfg = self.config
+        periods = self.eval_periods()
+        anchors = anchor_dates(self.full_frame()["timestamps"], periods, cfg.eval_stride, cfg.eval_max_anchors)
+        try:
+            records = self._predict_df(anchors=anchors)
+        except InputError as exc:
             raise DataError(
-                f"no anchor with lookback_window={L} bars of history inside test_time_range {cfg.test_time_range} "
-                f"or backtest_time_range {cfg.backtest_time_range}; widen the ranges or shorten lookback_window"
-            )
-        results = self._forecast(contexts, x_ts, y_ts, desc="rolling forecasts")
-        blocks = []
-        for (symbol, anchor, last_close, close_scale, true_close), (mean, samples), fut in zip(meta, results, y_ts):
-            block = {
-                "symbol": symbol,
-                "datetime": anchor,
-                "step": np.arange(1, P + 1),
-                "timestamps": fut.to_numpy(),
-                "last_close": last_close,
-                "close_scale": close_scale,
-                "true_close": true_close,
-            }
-            for c in PRICE_COLUMNS:
-                block[f"pred_{c}"] = mean[c].to_numpy()
-            for q in cfg.quantiles:
-                block[f"pred_close_q{q:g}"] = np.quantile(samples[:, :, 3], q, axis=0)
-            blocks.append(pd.DataFrame(block))
-        self._records = pd.concat(blocks, ignore_index=True)
+                f"no rolling forecast possible in test period {periods.test} or backtest period {periods.backtest} "
+                f"(test_time_range {cfg.test_time_range}, backtest_time_range {cfg.backtest_time_range}): {exc}"
+            ) from None
+        # the evaluation's column names: anchor -> datetime, forecasts prefixed pred_ (close quantiles only)
+        predicted = [*VALUE_COLUMNS, *(f"close_q{q:g}" for q in cfg.quantiles)]
+        records = records.rename(columns={"anchor": "datetime", **{c: f"pred_{c}" for c in predicted}})
+        keep = ["symbol", "datetime", "step", "timestamps", "last_close", "close_scale", "true_close",
+                *(f"pred_{c}" for c in predicted)]
+        self._records = records[keep]
         return self._records
 
     def evaluate(self) -> dict:
-        """MSE/MAE, direction accuracy, IC and RankIC on the test split, beside the naive last-value forecast."""
+        """MSE/MAE, direction accuracy, IC and RankIC on the test period, beside the naive last-value forecast."""
+        from kronos.evaluate.anchors import in_period
         from kronos.evaluate.metrics import forecast_metrics, save_metrics
 
         cfg = self.config
         records = self.forecast_records()
-        in_test = (records["datetime"] >= pd.Timestamp(cfg.test_time_range[0])) & (
-            records["datetime"] <= _range_end(cfg.test_time_range[1]))
-        test_records = records.loc[in_test]
+        periods = self.eval_periods()
+        test_records = records.loc[in_period(records["datetime"], periods.test)]
         if test_records.empty:
-            test_records = records
+            raise DataError(
+                f"no forecast anchor lies in the test period {periods.test} (test_time_range {cfg.test_time_range}, "
+                f"after the last validation bar {periods.last_val}); widen test_time_range or lower eval_stride"
+            )
         metrics = forecast_metrics(test_records)
         out_dir = Path(cfg.backtest_dir)
         self.result.metrics_file = str(out_dir / "metrics.json")
@@ -318,13 +263,16 @@ class KronosPipeline:
         from kronos.evaluate.backtest import run_backtests
         from kronos.evaluate.metrics import signals_from_records
 
+        from kronos.evaluate.anchors import in_period
+
         cfg = self.config
         records = self.forecast_records()
-        start, end = pd.Timestamp(cfg.backtest_time_range[0]), _range_end(cfg.backtest_time_range[1])
-        records = records.loc[(records["datetime"] >= start) & (records["datetime"] <= end)]
+        period = self.eval_periods().backtest
+        records = records.loc[in_period(records["datetime"], period)]
         if records.empty:
             raise DataError(
-                f"no forecasts fall inside backtest_time_range {cfg.backtest_time_range}; "
+                f"no forecasts fall inside the backtest period {period} (backtest_time_range "
+                f"{cfg.backtest_time_range}); "
                 "set it inside the dataset's time span"
             )
         records = _daily_anchors(records)
@@ -332,11 +280,16 @@ class KronosPipeline:
                    for kind in ("last", "mean", "max", "min")}
         out_dir = Path(cfg.backtest_dir) / "backtest"
         if cfg.data_source == "qlib":
-            reports = run_backtests(signals, cfg, out_dir=out_dir, engine="qlib")
+            reports = run_backtests(signals, cfg, out_dir=out_dir, engine="qlib", time_range=list(period))
         else:
-            close = self.full_frame().pivot_table(index="timestamps", columns="symbol", values="close")
+            frame = self.full_frame()
+            close = frame.pivot_table(index="timestamps", columns="symbol", values="close")
+            opens = frame.pivot_table(index="timestamps", columns="symbol", values="open")
+            # daily bars: the day's first open and last close
             close = close.groupby(close.index.normalize()).last()
-            reports = run_backtests(signals, cfg, out_dir=out_dir, engine="simple", close=close)
+            opens = opens.groupby(opens.index.normalize()).first()
+            reports = run_backtests(signals, cfg, out_dir=out_dir, engine="simple", close=close, open_prices=opens,
+                                    time_range=list(period))
         self.result.backtest_dir = str(out_dir)
         self.result.backtest_summary = {k: r.summary for k, r in reports.items()}
         return self.result.backtest_summary
@@ -490,12 +443,6 @@ class KronosPipeline:
 
 
 # ---------------------------------------------------------------------- helpers
-def _range_end(value: str) -> pd.Timestamp:
-    """A range end given as a date includes that whole day."""
-    ts = pd.Timestamp(value)
-    return ts + pd.Timedelta(days=1) - pd.Timedelta(1, unit="ns") if ts == ts.normalize() else ts
-
-
 def _daily_anchors(records: pd.DataFrame) -> pd.DataFrame:
     """Keep one anchor per symbol and day (the last), so intraday forecasts drive a daily backtest."""
     day = records["datetime"].dt.normalize()

@@ -143,8 +143,8 @@ def test_csv_pipeline(tmp_path):
     # a symbol is data, never a path: this one would write <tmp_path>/ESCAPED.png through forecast_<symbol>.png
     hostile = "x/" + "../" * 40 + str(tmp_path.relative_to(tmp_path.anchor) / "ESCAPED")
     raw.assign(symbol=hostile).to_csv(folder / "long.csv", index=False)
+    # with split_ratios the test and backtest periods are the test split (no date ranges needed)
     cfg = write_config(tmp_path, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2],
-                       test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-15", "2024-08-31"],
                        plot_n_symbols=3)
     before = set(tmp_path.iterdir())
     r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--data-source", "csv",

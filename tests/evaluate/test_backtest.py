@@ -23,7 +23,8 @@ DAYS = pd.bdate_range("2024-01-01", periods=12)
 def _cfg(**kw) -> Config:
     base = dict(backtest_n_symbol_hold=1, backtest_n_symbol_drop=1, backtest_hold_thresh=1,
                 backtest_open_cost=0.0, backtest_close_cost=0.0, backtest_min_cost=0.0,
-                backtest_account=1_000_000.0, backtest_time_range=[str(DAYS[0].date()), str(DAYS[-1].date())])
+                backtest_account=1_000_000.0, backtest_time_range=[str(DAYS[0].date()), str(DAYS[-1].date())],
+                backtest_deal_price="close")  # hand-made close prices only
     base.update(kw)
     return Config(**base)
 
@@ -246,3 +247,44 @@ def test_qlib_backtest_up_to_the_providers_last_day(qlib_setup):
     rep = run_qlib_backtest(sig, cfg)
     assert rep.summary["start"] == "2024-12-02" and rep.summary["end"] == "2024-12-30"
     assert rep.summary["n_days"] == len(rep.daily) > 15
+
+
+def test_simple_backtest_deal_price_open_needs_and_uses_open_prices():
+    prices = _prices()
+    opens = prices.shift(1).fillna(prices) * 1.002  # opens a little above the previous close
+    with pytest.raises(InputError, match="open prices"):
+        run_simple_backtest(_signal(), prices, _cfg(backtest_deal_price="open"))
+    rep = run_simple_backtest(_signal(), prices, _cfg(backtest_deal_price="open"), open_prices=opens,
+                              risk_degree=1.0)
+    assert rep.summary["deal_price"] == "open"
+    # A bought at day 1's open: the first bar earns open-to-close, then A's close-to-close 1 %
+    first = prices["A"].iloc[1] / opens["A"].iloc[1] - 1
+    assert rep.daily["return"].iloc[1] == pytest.approx(first, rel=1e-9)
+    np.testing.assert_allclose(rep.daily["return"].iloc[2:], 0.01, rtol=1e-9)
+    assert (rep.holdings.columns == ["A"]).all() and rep.holdings["A"].iloc[1:].gt(0.99).all()
+
+
+def test_both_engines_agree_on_open_fills(qlib_setup):
+    """The official default (fills at the next open) on the bundled provider: Qlib and the built-in engine hold
+    the same names every day, and their daily returns agree to 2e-3 (Qlib trades 100-share lots, the built-in
+    engine fractional shares; limits off in both)."""
+    from qlib.data import D
+
+    s = qlib_setup
+    cfg = Config(**{**s["cfg"].to_dict(), "backtest_deal_price": "open"})
+    insts = list(s["close"].columns)
+    opens = D.features(insts, ["$open"], "2022-12-01", "2023-04-28")["$open"].unstack(level=0)
+    q = run_qlib_backtest(s["oracle"], cfg, limit_threshold=None)
+    simple = run_simple_backtest(s["oracle"], s["close"], cfg, benchmark=s["bench"], open_prices=opens)
+    assert q.summary["deal_price"] == simple.summary["deal_price"] == "open"
+    assert list(simple.daily.index) == list(q.daily.index)
+    held_q = q.holdings.gt(0).apply(lambda r: frozenset(r.index[r]), axis=1)
+    held_s = simple.holdings.gt(0).apply(lambda r: frozenset(r.index[r]), axis=1)
+    assert list(held_q) == list(held_s)
+    weights = q.holdings.reindex(columns=simple.holdings.columns, fill_value=0.0)
+    np.testing.assert_allclose(simple.holdings.to_numpy(), weights.to_numpy(), atol=5e-3)
+    np.testing.assert_allclose(simple.daily["return"], q.daily["return"], atol=2e-3)
+    assert simple.summary["total_return_with_cost"] == pytest.approx(q.summary["total_return_with_cost"], abs=0.01)
+    # open fills differ from close fills: the setting is honoured, not ignored
+    closes = run_simple_backtest(s["oracle"], s["close"], s["cfg"], benchmark=s["bench"])
+    assert not np.allclose(closes.daily["return"], simple.daily["return"], atol=1e-4)

@@ -6,7 +6,9 @@ cost). ``run_simple_backtest`` replays the same trading rule on a wide close-pri
 Qlib provider (CSV files, Sina downloads, other markets and bar frequencies).
 
 Timing, shared by both engines: the signal dated ``d`` (the forecast's anchor, known at the close of ``d``) is
-traded on the next bar at its close price; positions then earn close-to-close returns. Daily columns follow
+traded on the next bar at the fill price ``backtest_deal_price`` (default ``open``, as the official script: the
+next bar's open; ``close``: its close); positions are valued at each bar's close, so a name bought at the open
+earns open-to-close on its first bar and close-to-close afterwards. Daily columns follow
 Qlib's report: ``return`` is the portfolio's return before costs, ``cost`` the costs as a fraction of the
 previous value, ``bench`` the benchmark's return. Summary statistics use Qlib's convention (``risk_analysis``,
 mode "sum": annualised return = mean · N, information ratio = mean / std · sqrt(N), max drawdown of the summed
@@ -50,10 +52,12 @@ class BacktestReport:
     ``excess_return_without_cost`` (= return - bench), ``excess_return_with_cost`` (= return - bench - cost),
     ``turnover`` (traded value / previous value), ``account`` (portfolio value at the close).
     ``summary``: flat dict of risk statistics and the strategy's parameters (see :func:`summarize`).
+    ``holdings``: per bar (rows) the share of the account held in each name (columns) after the bar's close.
     """
 
     daily: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
+    holdings: Optional[pd.DataFrame] = None
 
     def save(self, out_dir: PathLike, title: Optional[str] = None) -> dict[str, Path]:
         """Write ``report.json`` (strict JSON, atomic), ``daily.csv`` and ``cumulative_return.png`` to ``out_dir``."""
@@ -314,14 +318,17 @@ def run_simple_backtest(
     limit_threshold: Optional[float] = None,
     periods_per_year: Optional[float] = None,
     benchmark_name: Optional[str] = None,
+    open_prices: Optional[pd.DataFrame] = None,
+    deal_price: Optional[str] = None,
 ) -> BacktestReport:
     """Top-k long-only backtest on a wide close-price frame (index times, columns symbols).
 
     The trading rule is Qlib's TopkDropoutStrategy (see :func:`topk_dropout_orders`): keep the book, sell up to
     ``backtest_n_symbol_drop`` of the worst-ranked held names once held ``backtest_hold_thresh`` bars, and spend
     ``risk_degree`` of the cash equally on the best-ranked names not held, up to ``backtest_n_symbol_hold``
-    names. Orders fill at the close of the bar after the signal's date, in fractional shares; a bar with no price
-    (suspension) blocks trading that name. Costs: ``backtest_open_cost`` of the value bought,
+    names. Orders fill on the bar after the signal's date at ``deal_price`` (default ``backtest_deal_price``:
+    ``open`` fills at that bar's open from ``open_prices``, a wide frame shaped like ``close``; ``close`` at its
+    close), in fractional shares; a bar with no price (suspension) blocks trading that name. Costs: ``backtest_open_cost`` of the value bought,
     ``backtest_close_cost`` of the value sold, at least ``backtest_min_cost`` (currency; the book starts with
     ``backtest_account``). ``limit_threshold`` (e.g. 0.095) optionally blocks trading a name whose bar return
     reaches ±threshold, like Qlib's ``forbid_all_trade_at_limit``.
@@ -333,6 +340,12 @@ def run_simple_backtest(
     """
     _check_strategy(config)
     _risk_degree_check(risk_degree)
+    deal_price = deal_price or config.backtest_deal_price
+    if deal_price not in ("open", "close"):
+        raise InputError(f"deal_price must be 'open' or 'close' (config key 'backtest_deal_price'), got {deal_price!r}")
+    if deal_price == "open" and open_prices is None:
+        raise InputError("backtest_deal_price 'open' needs open prices (open_prices=wide DataFrame like close); "
+                         "pass them or set backtest_deal_price: close")
     sig = normalize_signal(signal)
     prices = _prepare_close(close)
     symbols = list(prices.columns)
@@ -367,6 +380,11 @@ def run_simple_backtest(
 
     px = prices.to_numpy(dtype=float)
     px_ff = prices.ffill().to_numpy(dtype=float)
+    if deal_price == "open":
+        opens = _prepare_close(open_prices).reindex(index=calendar, columns=symbols)
+        fill = np.where(np.isfinite(px), opens.to_numpy(dtype=float), np.nan)  # no close: no bar, no trade
+    else:
+        fill = px
     bar_ret = prices.ffill().pct_change(fill_method=None).to_numpy(dtype=float)
     if benchmark is not None:
         bench_ret = _benchmark_returns(benchmark, calendar)
@@ -391,10 +409,11 @@ def run_simple_backtest(
     held_days: dict[str, int] = {}
     prev_value = cash
     rows = []
+    held_value: list[np.ndarray] = []
     for i in pos:
         t = calendar[i]
         price_ff = np.nan_to_num(px_ff[i], nan=0.0)
-        tradable = np.isfinite(px[i])
+        tradable = np.isfinite(fill[i])
         if limit_threshold is not None:
             with np.errstate(invalid="ignore"):
                 tradable &= ~(np.abs(bar_ret[i]) >= limit_threshold)
@@ -410,7 +429,7 @@ def run_simple_backtest(
                 j = col[code]
                 if not tradable[j] or held_days.get(code, 0) < hold_thresh:
                     continue
-                value = shares[j] * px[i, j]
+                value = shares[j] * fill[i, j]
                 fee = max(value * close_cost, min_cost)
                 cash += value - fee
                 cost_today += fee
@@ -429,9 +448,10 @@ def run_simple_backtest(
                 cash -= value + fee
                 cost_today += fee
                 traded += value
-                shares[j] += value / px[i, j]
+                shares[j] += value / fill[i, j]
                 held_days[code] = 0
         value_now = cash + float(shares @ price_ff)
+        held_value.append(shares * price_ff / value_now if value_now > 0 else shares * 0.0)
         base = prev_value if prev_value > 0 else float("nan")
         rows.append((t, (value_now - prev_value + cost_today) / base, cost_today / base, float(bench_ret[i]),
                      traded / base, value_now))
@@ -443,8 +463,11 @@ def run_simple_backtest(
     daily = daily.set_index("datetime")
     daily["bench"] = daily["bench"].fillna(0.0)
     daily = _finish_daily(daily)
-    extra = _strategy_params(config, "simple", bench_label, risk_degree, limit_threshold=limit_threshold)
-    return BacktestReport(daily=daily, summary=summarize(daily, periods_per_year, extra))
+    extra = _strategy_params(config, "simple", bench_label, risk_degree, limit_threshold=limit_threshold,
+                             deal_price=deal_price)
+    holdings = pd.DataFrame(np.array(held_value).reshape(len(pos), len(symbols)), index=daily.index, columns=symbols)
+    return BacktestReport(daily=daily, summary=summarize(daily, periods_per_year, extra),
+                          holdings=holdings.loc[:, (holdings > 0).any()])
 
 
 def _finish_daily(daily: pd.DataFrame) -> pd.DataFrame:
@@ -615,7 +638,7 @@ def run_qlib_backtest(
         except (KeyError, ValueError, IndexError) as exc:
             raise DataError(f"Qlib backtest failed on '{provider}' ({type(exc).__name__}: {exc}); check "
                             "that the signal's instruments and dates exist in the provider") from None
-    report = portfolio["1day"][0]
+    report, positions = portfolio["1day"]
     daily = pd.DataFrame({
         "return": report["return"].astype(float),
         "cost": report["cost"].astype(float),
@@ -634,10 +657,18 @@ def run_qlib_backtest(
         qlib_risk = risk_analysis(series, freq="day")["risk"]
         for key in ("mean", "std", "annualized_return", "information_ratio", "max_drawdown"):
             summary[f"{name}/{key}"] = float(qlib_risk[key])
-    return BacktestReport(daily=daily, summary=summary)
+    return BacktestReport(daily=daily, summary=summary, holdings=_qlib_holdings(positions, daily.index))
 
 
-# ---------------------------------------------------------------------- several signals
+def _qlib_holdings(positions: Any, index: pd.DatetimeIndex) -> pd.DataFrame:
+    """Share of the account in each name after each day's close, from Qlib's daily positions."""
+    rows = {}
+    for t, position in dict(positions).items():
+        weights = position.get_stock_weight_dict(only_stock=False)
+        rows[pd.Timestamp(t)] = {str(k): float(v) for k, v in weights.items()}
+    frame = pd.DataFrame.from_dict(rows, orient="index").reindex(index).fillna(0.0)
+    frame.index.name = "datetime"
+    return frame.loc[:, (frame > 0).any()] if len(frame.columns) else frame
 def run_backtests(
     signals: dict[str, Union[pd.Series, pd.DataFrame]],
     config: Config,

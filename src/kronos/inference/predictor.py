@@ -66,7 +66,9 @@ def sample_quantiles(samples: np.ndarray, quantiles: Sequence[float], axis: int 
     Returns ``[len(quantiles), *rest]``; :meth:`KronosPredictor.predict_quantiles` and
     :meth:`KronosPredictor.predict_df` both use it.
     """
-    return np.quantile(samples, check_quantiles(quantiles), axis=axis)
+    samples = np.asarray(samples)
+    # one level at a time: a scalar level keeps the samples' dtype (float32 paths give float32 quantiles)
+    return np.stack([np.quantile(samples, q, axis=axis) for q in check_quantiles(quantiles)])
 
 
 def prob_up(close_paths: np.ndarray, last_close: Union[float, np.ndarray]) -> np.ndarray:

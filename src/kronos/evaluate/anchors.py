@@ -1,0 +1,119 @@
+"""Which bars evaluation and backtest forecasts are anchored at: only the test split (history allowed, targets not).
+
+An anchor is the last bar of a forecast's context; its targets are the ``predict_window`` bars after it. The rule
+(issue 8): every target lies after the last validation bar, so an anchor is a bar at or after that bar. The
+context may reach back into earlier splits. Periods:
+
+- with ``split_ratios`` set, the test and backtest periods default to the test split's first..last bar (the date
+  ranges of the config are used only when the user set them);
+- a ``test_time_range`` may start before the end of validation (its first bars are the history of the first
+  windows, as in the official configs): evaluation anchors start at the last validation bar;
+- a ``backtest_time_range`` that starts before the last validation bar, or a ``test_time_range`` that ends on or
+  before it, is a :class:`~kronos.errors.DataError` naming both ranges, unless ``allow_eval_overlap: true``
+  (unsafe: such numbers are scored on bars that chose the checkpoint).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from kronos.data.schema import range_end
+from kronos.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalPeriods:
+    """Anchor periods (inclusive) for evaluation and backtest, and the last validation bar they follow."""
+
+    test: tuple[pd.Timestamp, pd.Timestamp]
+    backtest: tuple[pd.Timestamp, pd.Timestamp]
+    last_val: Optional[pd.Timestamp]
+
+
+def split_bounds(dataset_path: str, split: str) -> Optional[tuple[pd.Timestamp, pd.Timestamp]]:
+    """First and last timestamp of ``split`` from the dataset's manifest (``first``/``last`` or ``start``/``end``),
+    else from the split's rows; None when the split is empty."""
+    from kronos.data.store import load_manifest, load_split
+
+    info = (load_manifest(dataset_path).get("splits") or {}).get(split) or {}
+    lo, hi = info.get("first", info.get("start")), info.get("last", info.get("end"))
+    if lo and hi:
+        return pd.Timestamp(lo), pd.Timestamp(hi)
+    ts = load_split(dataset_path, split)["timestamps"]
+    return (ts.min(), ts.max()) if len(ts) else None
+
+
+def eval_periods(config, dataset_path: Optional[str] = None) -> EvalPeriods:
+    """The evaluation and backtest anchor periods of ``config`` over its processed dataset (see the module doc)."""
+    path = dataset_path or config.dataset_path
+    val = split_bounds(path, "val")
+    last_val = val[1] if val else None
+    unsafe = bool(getattr(config, "allow_eval_overlap", False))
+    user_set = getattr(config, "is_set", lambda key: True)
+    test_split = split_bounds(path, "test") if config.split_ratios is not None else None
+
+    def period(key: str) -> tuple[pd.Timestamp, pd.Timestamp]:
+        if test_split is not None and not user_set(key):
+            return test_split
+        rng = getattr(config, key)
+        return pd.Timestamp(rng[0]), range_end(rng[1])
+
+    test, backtest = period("test_time_range"), period("backtest_time_range")
+    if last_val is not None and not unsafe and test_split is not None:
+        # periods taken from the test split (not set by the user) follow the rule without complaint
+        if not user_set("test_time_range"):
+            test = (max(test[0], last_val), test[1])
+        if not user_set("backtest_time_range"):
+            backtest = (max(backtest[0], last_val), backtest[1])
+    if last_val is not None and not unsafe:
+        val_desc = f"the validation split ends at {last_val} (val_time_range {config.val_time_range})"
+        if test[1] <= last_val:
+            raise DataError(
+                f"test_time_range {_show(test)} ends on or before the last validation bar: {val_desc}; every "
+                "evaluation target must lie after it: move test_time_range later (or set allow_eval_overlap: true, "
+                "unsafe)"
+            )
+        if backtest[0] < last_val:
+            raise DataError(
+                f"backtest_time_range {_show(backtest)} starts before the last validation bar: {val_desc}; its "
+                "forecasts would target validation bars: start it after that bar (or set allow_eval_overlap: true, "
+                "unsafe)"
+            )
+        if test[0] < last_val:
+            log.info("evaluation anchors start at the last validation bar %s (test_time_range %s starts earlier: "
+                     "those bars are history only)", last_val, _show(test))
+            test = (last_val, test[1])
+    elif unsafe:
+        log.warning("allow_eval_overlap: true: evaluation/backtest anchors are not limited to the test split; "
+                    "their targets may be bars that trained or selected the model")
+    return EvalPeriods(test, backtest, last_val)
+
+
+def anchor_dates(timestamps: pd.Series, periods: EvalPeriods, stride: int, max_anchors: int) -> pd.DatetimeIndex:
+    """Anchor dates: bars in the test or backtest period, every ``stride``-th, the latest ``max_anchors`` (0 = all)."""
+    ts = pd.DatetimeIndex(timestamps).as_unit("ns")
+    keep = np.zeros(len(ts), dtype=bool)
+    for lo, hi in (periods.test, periods.backtest):
+        keep |= (ts >= lo) & (ts <= hi)
+    dates = np.unique(ts[keep].asi8)[:: max(1, int(stride))]
+    if max_anchors > 0:
+        dates = dates[-int(max_anchors):]
+    return pd.DatetimeIndex(dates).as_unit("ns")
+
+
+def in_period(anchors: pd.Series, period: tuple[pd.Timestamp, pd.Timestamp]) -> pd.Series:
+    """Mask of ``anchors`` inside the inclusive ``period``."""
+    return (anchors >= period[0]) & (anchors <= period[1])
+
+
+def _show(period: tuple[pd.Timestamp, pd.Timestamp]) -> str:
+    return f"[{period[0]}, {period[1]}]"
+
+
+__all__ = ["EvalPeriods", "anchor_dates", "eval_periods", "in_period", "split_bounds"]
