@@ -326,14 +326,10 @@ def _fmt(v: Any) -> str:
 
 
 def run_forecast_command(args: argparse.Namespace) -> int:
-    import numpy as np
-    import pandas as pd
-
+    from kronos.data.schema import VALUE_COLUMNS
     from kronos.data.sources.csv import read_kline_file
     from kronos.errors import InputError
-    from kronos.inference import KronosPredictor, prob_up
-    from kronos.model import Kronos, KronosTokenizer
-    from kronos.timeutil import future_timestamps
+    from kronos.inference import KronosPredictor
 
     # flags are checked before any file or model is read
     if args.lookback < 0:
@@ -345,44 +341,28 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     if args.quantiles and args.sample_count < 2:
         raise InputError(f"--quantiles {','.join(f'{q:g}' for q in args.quantiles)} needs several sample paths; "
                          f"add --sample-count 32 (got --sample-count {args.sample_count})")
-    frame = read_kline_file(args.input, symbol=args.symbol)
-    if args.lookback > 0:
-        frame = frame.iloc[-args.lookback:]
-    tokenizer = KronosTokenizer.from_pretrained(args.tokenizer)
-    model = Kronos.from_pretrained(args.model)
-    predictor = KronosPredictor(model, tokenizer, device=args.device, max_context=args.max_context)
-    cal = None
+    name = f"{args.symbol} in {Path(args.input).name}" if args.symbol else Path(args.input).name
+    frame = read_kline_file(args.input, symbol=args.symbol).assign(symbol=name)
+    lookback = min(args.lookback, len(frame)) if args.lookback > 0 else len(frame)  # default: the whole file
+    predictor = KronosPredictor.from_pretrained(args.tokenizer, args.model, device=args.device,
+                                                max_context=args.max_context)
+    cal, qs = None, []
     if args.calibration:  # checked before sampling: a calibration for another model/lookback/horizon is refused
         from kronos.evaluate.calibration import load_calibration
 
         cal = load_calibration(args.calibration)
-        cal.check(predictor, lookback=len(frame), horizon=args.pred_len, source=f"calibration file '{args.calibration}'")
-    x_ts = frame["timestamps"].reset_index(drop=True)
-    y_ts = pd.Series(future_timestamps(x_ts, args.pred_len))
-    cols = ["open", "high", "low", "close", "volume", "amount"]
-    mean, samples = predictor.predict(frame[cols].reset_index(drop=True), x_ts, y_ts, pred_len=args.pred_len,
-                                      T=args.T, top_k=args.top_k, top_p=args.top_p,
-                                      sample_count=args.sample_count, verbose=True, seed=args.seed,
-                                      return_samples=True)
-    out = mean.copy()
-    out.index.name = "timestamps"
-    last_close = float(frame["close"].iloc[-1])
-    close_paths = samples[:, :, 3]
-    qs: list = []
-    if cal is not None:
-        from kronos.evaluate.metrics import context_volatility
-
-        qs = args.quantiles or cal.quantile_levels()
-        vol = context_volatility(frame["close"].to_numpy(dtype=float)[None])
-        values = cal.quantiles(close_paths[None], [last_close], qs, vol)[:, 0]
-        for q, v in zip(qs, values):
-            out[f"close_q{q:g}"] = v
-        out["p_up"] = cal.p_up_calibrated(close_paths[None], [last_close])[0]
+        cal.check(predictor, lookback=lookback, horizon=args.pred_len, source=f"calibration file '{args.calibration}'")
+        qs = list(args.quantiles or cal.quantile_levels())
     elif args.sample_count > 1:
-        qs = args.quantiles or [0.1, 0.9]
-        for q in qs:
-            out[f"close_q{q:g}"] = np.quantile(close_paths, q, axis=0)
-        out["p_up"] = prob_up(close_paths, last_close)  # the predictor's P(up) rule
+        qs = list(args.quantiles or [0.1, 0.9])
+    records = predictor.predict_df(frame, pred_len=args.pred_len, lookback=lookback, quantiles=qs or [0.5],
+                                   sample_count=args.sample_count, T=args.T, top_k=args.top_k, top_p=args.top_p,
+                                   seed=args.seed, batch_size=1, calibration=cal)
+    out = records.set_index("timestamps")[[*VALUE_COLUMNS, *(f"close_q{q:g}" for q in qs)]]
+    if qs:  # P(up) per step (calibrated with a calibration)
+        out = out.assign(p_up=records["p_up_calibrated" if cal is not None else "p_up"].to_numpy())
+    last_close = float(records["last_close"].iloc[0])
+    mean = out[list(VALUE_COLUMNS)]
     if args.output:
         from kronos import io as kio
 
@@ -393,7 +373,7 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     if args.plot:
         from kronos.evaluate.plots import plot_forecast
 
-        history = frame.set_index("timestamps")[cols]
+        history = frame.iloc[-lookback:].set_index("timestamps")[list(VALUE_COLUMNS)]
         band = None
         label = ""
         if len(qs) >= 2:
@@ -401,15 +381,11 @@ def run_forecast_command(args: argparse.Namespace) -> int:
             band = (out[[f"close_q{lo:g}"]].rename(columns={f"close_q{lo:g}": "close"}),
                     out[[f"close_q{hi:g}"]].rename(columns={f"close_q{hi:g}": "close"}))
             label = f", {'calibrated ' if cal is not None else ''}band q{lo:g}-q{hi:g}"
-        name = f"{args.symbol} in {Path(args.input).name}" if args.symbol else Path(args.input).name
         title = f"{name}: {args.pred_len}-bar forecast from last close {last_close:.4g}{label}"
         path = plot_forecast(history, mean, band, None, title, args.plot,
                              prob_up=out["p_up"].to_numpy() if "p_up" in out.columns else None)
         log.info("figure written to %s", path)
     return 0
-
-
-_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EMFILE}
 
 
 def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None, prog: Optional[str] = None,

@@ -1,6 +1,8 @@
 """KronosPredictor.predict_df: a long frame of many symbols in, long records out; from_pretrained in one call."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,7 +50,7 @@ def test_latest_forecast_per_symbol_matches_predict(predictor):
     out = predictor.predict_df(frame, pred_len=4, lookback=20, sample_count=1, **GREEDY)
     assert list(out.columns[:10]) == ["symbol", "anchor", "step", "timestamps", *COLS]
     assert {f"{c}_q0.1" for c in COLS} <= set(out.columns)
-    assert list(out.columns[-3:]) == ["last_close", "close_scale", "true_close"]
+    assert list(out.columns[-4:]) == ["p_up", "last_close", "close_scale", "true_close"]
     assert list(out["symbol"]) == ["AAA"] * 4 + ["BBB"] * 4 and list(out["step"]) == [1, 2, 3, 4] * 2
     assert out["true_close"].isna().all()  # nothing after the last bar
     # the same forecast through the per-series API
@@ -80,6 +82,8 @@ def test_anchors_rolling_with_true_close_and_samples(predictor):
     assert out[(out["symbol"] == "AAA") & (out["anchor"] == ts.iloc[39])]["true_close"].isna().all()
     # records are the mean and the one quantile rule over the returned samples
     np.testing.assert_allclose(out["close"].to_numpy(), samples[:, :, :, 3].mean(axis=1).reshape(-1), rtol=1e-5)
+    last = out.groupby(["symbol", "anchor"], sort=False)["last_close"].first().to_numpy()
+    np.testing.assert_allclose(out["p_up"].to_numpy(), (samples[:, :, :, 3] > last[:, None, None]).mean(axis=1).reshape(-1))
     q = sample_quantiles(samples, (0.25, 0.75), axis=1)
     np.testing.assert_allclose(out["close_q0.75"].to_numpy(), q[1, :, :, 3].reshape(-1))
     # P(up): share of the paths above the anchor bar's close, per step
@@ -128,3 +132,15 @@ def test_from_pretrained_loads_both(tmp_path, predictor):
     a = predictor.predict_df(frame, pred_len=2, lookback=10, sample_count=1, **GREEDY)
     b = loaded.predict_df(frame, pred_len=2, lookback=10, sample_count=1, **GREEDY)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_quantiles_and_forecasting_live_in_one_place():
+    """np.quantile only in kronos.inference / kronos.evaluate; pipeline.py is wiring (no numerics, no time logic)."""
+    src = Path(__file__).resolve().parents[2] / "src" / "kronos"
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if "np.quantile(" in p.read_text(encoding="utf-8")
+                 and p.relative_to(src).parts[0] not in ("inference", "evaluate")]
+    assert offenders == []
+    pipeline = (src / "pipeline.py").read_text(encoding="utf-8")
+    for banned in ("import numpy", "np.", ".std(", "future_timestamps", "1e-5"):
+        assert banned not in pipeline, banned
