@@ -169,8 +169,7 @@ def test_sina_pipeline_against_loopback_server(tmp_path):
     with SinaTestServer() as server:
         cfg = write_config(tmp_path, data_source="sina", sina_symbols=["sh600000", "sz000001"], sina_scale=5,
                            sina_base_url=server.jsonp_url, sina_pause=0.0, sina_retries=1, sina_timeout=5.0,
-                           split_ratios=[0.6, 0.2, 0.2], test_time_range=["2024-08-01", "2024-08-31"],
-                           backtest_time_range=["2024-08-15", "2024-08-31"])
+                           split_ratios=[0.6, 0.2, 0.2])  # test and backtest periods: the test split
         r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--data-source", "sina",
                         "--config-path", str(cfg), "--skip-backtest"])
     assert r.returncode == 0, r.stderr[-3000:]

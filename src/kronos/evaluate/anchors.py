@@ -72,7 +72,9 @@ def eval_periods(config, dataset_path: Optional[str] = None) -> EvalPeriods:
         if not user_set("backtest_time_range"):
             backtest = (max(backtest[0], last_val), backtest[1])
     if last_val is not None and not unsafe:
-        val_desc = f"the validation split ends at {last_val} (val_time_range {config.val_time_range})"
+        split_by = (f"split_ratios {config.split_ratios}" if config.split_ratios is not None
+                    else f"val_time_range {config.val_time_range}")
+        val_desc = f"the validation split ends at {last_val} ({split_by})"
         if test[1] <= last_val:
             raise DataError(
                 f"test_time_range {_show(test)} ends on or before the last validation bar: {val_desc}; every "
