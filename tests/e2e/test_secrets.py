@@ -32,9 +32,12 @@ def test_comet_api_key_never_reaches_a_file_log_or_tracker(tmp_path):
     raw = pd.read_csv(DATA / "kline_5min.csv")
     (tmp_path / "klines").mkdir()
     raw.to_csv(tmp_path / "klines" / "AAA.csv", index=False)
-    raw.assign(close=raw["close"] * 1.01).to_csv(tmp_path / "klines" / "BBB.csv", index=False)
+    # a second valid symbol (all prices scaled: a close above the high would drop every bar of BBB)
+    raw.assign(**{c: raw[c] * 1.01 for c in ("open", "high", "low", "close")}).to_csv(
+        tmp_path / "klines" / "BBB.csv", index=False)
+    # backtest after the last validation bar (2024-08-15 09:50); the test range's earlier bars are history only
     cfg = dict(TINY, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2], eval_max_anchors=40,
-               test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-15", "2024-08-31"],
+               test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-16", "2024-08-31"],
                dataset_path="data/processed", save_path="outputs/models",
                backtest_result_path="outputs/backtest_results", use_tensorboard=True, use_comet=True,
                comet_config={"api_key": SECRET, "project_name": "p", "workspace": "w"})

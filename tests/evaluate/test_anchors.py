@@ -103,7 +103,7 @@ def pipe_frame(cfg: Config) -> pd.DataFrame:
 
 
 def test_fast_mode_keys_are_not_user_keys(tmp_path):
-    from kronos.pipeline import apply_fast_mode
+    from kronos.config import apply_fast_mode
 
     cfg = apply_fast_mode(Config.from_dict({"epochs": 5}))
     assert cfg.is_set("epochs") and not cfg.is_set("batch_size") and not cfg.is_set("test_time_range")

@@ -569,16 +569,16 @@ class KronosPredictor:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1 (series per predict_batch call), got {batch_size!r}")
         tasks = _forecast_tasks(frame, id_column, timestamp_column, int(L), int(pred_len), anchors, future_timestamps)
-        n_chunks = -(-len(tasks) // batch_size)
         means, quants, ups, paths_out, scales = [], [], [], [], []
+        for t in tasks:  # every input checked before sampling; the predictor's own close scale (std + eps, float64)
+            item = self._prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ")
+            scales.append(norm_scale(float(item.std[3])))
+        n_chunks = -(-len(tasks) // batch_size)
         for k in tqdm(range(n_chunks), desc="forecast", unit="batch", disable=not progress):
             chunk = tasks[k * batch_size:(k + 1) * batch_size]
             dfs = [t.context for t in chunk]
             xts = [t.x_ts for t in chunk]
             yts = [t.y_ts for t in chunk]
-            for t in chunk:  # the predictor's own close scale: std over what it normalises + eps (float64)
-                item = self._prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ")
-                scales.append(norm_scale(float(item.std[3])))
             res = self.predict_batch(
                 dfs, xts, yts, pred_len, T, top_k, top_p, sample_count, False, use_cache=use_cache,
                 seed=None if seed is None else int(seed) + k, return_samples=True,
