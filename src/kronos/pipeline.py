@@ -155,8 +155,9 @@ class KronosPipeline:
     def _predict_df(self, anchors=None):
         """``predict_df`` over the processed frame with the config's inference settings."""
         cfg = self.config
+        frame = self.full_frame()  # the dataset is checked before the checkpoints
         return self.load_predictor().predict_df(
-            self.full_frame(), pred_len=cfg.predict_window, lookback=cfg.lookback_window, quantiles=cfg.quantiles,
+            frame, pred_len=cfg.predict_window, lookback=cfg.lookback_window, quantiles=cfg.quantiles,
             anchors=anchors, sample_count=cfg.inference_sample_count, T=cfg.inference_T, top_k=cfg.inference_top_k,
             top_p=cfg.inference_top_p, seed=cfg.inference_seed,
             batch_size=max(1, cfg.backtest_batch_size // max(1, cfg.inference_sample_count)),
