@@ -87,3 +87,15 @@ def test_folder_swap_keeps_a_complete_version_and_carries_named_entries(tmp_path
     kio.write_folder(target, lambda f: (f / "c.txt").write_text("4"))
     assert sorted(p.name for p in target.iterdir()) == ["c.txt"] and not (tmp_path / "data.prev").exists()
     assert kio.resolve_folder(tmp_path / "missing") is None
+
+
+def test_logs_name_the_final_path_never_the_temporary(tmp_path: Path, caplog) -> None:
+    from kronos.model import KronosTokenizer
+
+    assert kio.final_path(tmp_path / ".best_model.tmp-12-ab12cd34") == tmp_path / "best_model"
+    assert kio.final_path(tmp_path / ".x.csv.tmp-12-ab12cd34.csv") == tmp_path / "x.csv"
+    assert kio.final_path(tmp_path / ".hidden") == tmp_path / ".hidden"
+    tok = KronosTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "parity-tiny" / "tiny" / "tokenizer")
+    with caplog.at_level("INFO", logger="kronos"):
+        kio.write_folder(tmp_path / "best_model", tok.save_pretrained)  # the trainer's way: a temporary, renamed
+    assert ".tmp-" not in caplog.text and f"checkpoint to {tmp_path / 'best_model'}" in caplog.text

@@ -288,6 +288,8 @@ def print_result_summary(result) -> None:
         lines.append(f"  metrics:          {result.metrics_file}")
         m = result.metrics
         keys = [k for k in ("model/mse", "naive/mse", "model/direction_accuracy", "model/ic", "model/rank_ic") if k in m]
+        if "ic_note" in m:  # one symbol: no cross-sectional IC (the note says why), not "ic=nan"
+            keys = [k for k in keys if not k.endswith(("/ic", "/rank_ic"))]
         if keys:
             lines.append("                    " + ", ".join(f"{k}={_fmt(m[k])}" for k in keys))
     if getattr(result, "report_file", ""):
@@ -303,6 +305,8 @@ def print_result_summary(result) -> None:
                 f"max drawdown {_fmt(s.get('excess_return_with_cost/max_drawdown'))}")
     if result.plots:
         lines.append(f"  plots:            {len(result.plots)} PNG files, e.g. {result.plots[0]}")
+    for note in getattr(result, "notes", []):
+        lines.append(f"  note:             {note}")
     lines.append(f"  step seconds:     {result.seconds}")
     print("\n".join(lines), flush=True)
 
@@ -312,7 +316,8 @@ def headline_rows(headline: dict) -> list[str]:
     keys = ("mase", "direction_accuracy", "ic", "crps_rel", "coverage_0.8", "brier_up")
     rows = []
     for name, m in headline.items():
-        rows.append(f"{name:<12} " + ", ".join(f"{k}={_fmt(m.get(k))}" for k in keys if k in m))
+        shown = [k for k in keys if k in m and m[k] is not None and m[k] == m[k]]  # undefined (NaN) left out
+        rows.append(f"{name:<12} " + ", ".join(f"{k}={_fmt(m[k])}" for k in shown))
     return rows
 
 
@@ -476,6 +481,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{_fmt(cal['coverage_after'][lv]['coverage'])}")
     elif args.command == "backtest":
         summary = pipe.backtest()
+        if not summary:
+            print("\n".join(pipe.result.notes))
+            return 0
         print(f"backtest results: {pipe.result.backtest_dir}")
         print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -226,6 +226,18 @@ def resolve_folder(target: PathLike) -> Optional[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- fsync
+def final_path(path: PathLike) -> Path:
+    """The path a temporary of :func:`write_file`/:func:`write_folder` (``.<name>.tmp-<token>[suffix]``) becomes
+    once renamed; any other path unchanged. Logs name this, never the temporary."""
+    p = Path(path)
+    name = p.name
+    if name.startswith(".") and _TMP_MARK in name:
+        base, _, rest = name[1:].rpartition(_TMP_MARK)
+        if base and "-" in rest:
+            return p.with_name(base)
+    return p
+
+
 def _token() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 

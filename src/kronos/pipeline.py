@@ -6,6 +6,7 @@ distributed while data processing, prediction, evaluation and backtest run on ra
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class PipelineResult:
     metrics: dict = field(default_factory=dict)
     backtest_summary: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # parts skipped or adapted (e.g. too few symbols), one line each
 
 
 class KronosPipeline:
@@ -250,6 +252,10 @@ class KronosPipeline:
                 f"after the last validation bar {periods.last_val}); widen test_time_range or lower eval_stride"
             )
         metrics = forecast_metrics(test_records)
+        if not metrics.get("n_ic_dates"):  # thin data: say so instead of a bare NaN
+            metrics["ic_note"] = self._note(
+                "IC and RankIC not computed: they need >= 2 symbols forecast on the same anchor date; the test "
+                f"forecasts cover {test_records['symbol'].nunique()} symbol(s)")
         out_dir = Path(cfg.backtest_dir)
         self.result.metrics_file = str(out_dir / "metrics.json")
         save_metrics({**metrics, "run_id": self.result.run_id}, self.result.metrics_file)
@@ -277,6 +283,10 @@ class KronosPipeline:
                 "set it inside the dataset's time span"
             )
         records = _daily_anchors(records)
+        cfg = self._backtest_config(int(records["symbol"].nunique()))
+        if cfg is None:
+            self.result.backtest_summary = {}
+            return {}
         signals = {kind: signals_from_records(records, kind, scale=cfg.backtest_signal_scale)
                    for kind in ("last", "mean", "max", "min")}
         out_dir = Path(cfg.backtest_dir) / "backtest"
@@ -292,8 +302,33 @@ class KronosPipeline:
             reports = run_backtests(signals, cfg, out_dir=out_dir, engine="simple", close=close, open_prices=opens,
                                     time_range=list(period))
         self.result.backtest_dir = str(out_dir)
+        self.result.plots.extend(str(p) for p in reports.plots)  # the summary counts every PNG written
         self.result.backtest_summary = {k: r.summary for k, r in reports.items()}
         return self.result.backtest_summary
+
+    def _note(self, text: str) -> str:
+        """Log a skipped or adapted part of the run and keep it in the result (pipeline_result.json)."""
+        log.warning("%s", text)
+        self.result.notes.append(text)
+        return text
+
+    def _backtest_config(self, n_symbols: int) -> Optional[Config]:
+        """The config the top-k backtest can honour with ``n_symbols`` names: None (skipped, with a note) below
+        two, else top-k capped at half of them (a 1-name "top-50" is no strategy), with a note."""
+        cfg = self.config
+        if n_symbols < 2:
+            self._note(f"backtest skipped: a top-k strategy ranks symbols against each other and the backtest range "
+                       f"holds {n_symbols} symbol(s); use a dataset with more symbols")
+            return None
+        hold, drop = cfg.backtest_n_symbol_hold, cfg.backtest_n_symbol_drop
+        if hold <= n_symbols // 2:
+            return cfg
+        new_hold = max(1, n_symbols // 2)
+        new_drop = min(drop, new_hold)
+        self._note(f"backtest adapted to {n_symbols} symbols: holding top {new_hold} (backtest_n_symbol_hold "
+                   f"{hold}) and dropping {new_drop} (backtest_n_symbol_drop {drop}) per rebalance")
+        return copy.deepcopy(cfg).update({"backtest_n_symbol_hold": new_hold, "backtest_n_symbol_drop": new_drop},
+                                         source="thin data")
 
     # ------------------------------------------------------------------ everything
     def run(self, *args: Any, **kwargs: Any) -> PipelineResult:
@@ -345,12 +380,12 @@ class KronosPipeline:
             self.require_checkpoint(cfg.finetuned_tokenizer, "tokenizer", "--skip-tokenizer")
         else:
             step("tokenizer", self.train_tokenizer, main_only=False)
-            self._plot_curves(cfg.tokenizer_dir)
+            self._plot_curves(cfg.tokenizer_dir, "tokenizer training")
         if skip_predictor:
             self.require_checkpoint(cfg.finetuned_predictor, "predictor", "--skip-predictor")
         else:
             step("predictor", self.train_predictor, main_only=False)
-            self._plot_curves(cfg.predictor_dir)
+            self._plot_curves(cfg.predictor_dir, "predictor training")
             if not skip_predict:  # skipped with the predictor: a reused predictor keeps its calibration.json
                 step("calibrate", self._calibrate_step, main_only=True)
         if not skip_predict:
@@ -431,7 +466,7 @@ class KronosPipeline:
         log.info("walk-forward report: %s", report["files"]["markdown"])
         return report
 
-    def _plot_curves(self, stage_dir: str) -> None:
+    def _plot_curves(self, stage_dir: str, stage: str) -> None:
         if not is_main_process():
             return
         path = Path(stage_dir) / "metrics.jsonl"
@@ -439,7 +474,7 @@ class KronosPipeline:
             from kronos.evaluate.plots import plot_training_curves
 
             out = Path(stage_dir) / "training_curves.png"
-            plot_training_curves(path, out)
+            plot_training_curves(path, out, title=f"{stage}: loss curves")
             self.result.plots.append(str(out))
 
 

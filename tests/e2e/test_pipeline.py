@@ -199,3 +199,63 @@ def test_pipeline_under_torchrun_two_processes(tmp_path):
         summary = json.loads((tmp_path / "outputs/models" / stage / "summary.json").read_text())
         assert summary["world_size"] == 2
     assert (tmp_path / "outputs/backtest_results/finetune_backtest_demo/forecast_latest.parquet").is_file()
+
+
+def test_summary_counts_every_png_and_logs_name_no_temporary_path(qlib_run):
+    import re
+
+    tmp, cfg, r = qlib_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    written = sorted((tmp / "outputs").rglob("*.png"))
+    reported = re.search(r"plots:\s+(\d+) PNG files", r.stdout)
+    assert reported and int(reported.group(1)) == len(written), (r.stdout, written)
+    assert ".tmp-" not in r.stderr and ".tmp-" not in r.stdout  # logs name final paths, never temporaries
+    assert "saved" in r.stderr and "best_model" in r.stderr
+
+
+def test_training_curve_titles_name_the_stage(tmp_path, monkeypatch):
+    import kronos.evaluate.plots as plots
+    from kronos.config import Config
+    from kronos.pipeline import KronosPipeline
+
+    titles = {}
+    monkeypatch.setattr(plots, "plot_training_curves", lambda path, out, title="": titles.setdefault(Path(out).parent.name, title))
+    pipe = KronosPipeline(Config())
+    for stage, name in (("tok", "tokenizer training"), ("pred", "predictor training")):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text('{"step": 1, "train_loss": 1.0}\n')
+        pipe._plot_curves(str(tmp_path / stage), name)
+    assert titles["tok"].startswith("tokenizer training") and titles["pred"].startswith("predictor training")
+
+
+def test_one_symbol_pipeline_says_what_it_skips(tmp_path):
+    # thin data: one symbol has no cross-section, so no IC and no top-k backtest; the run says so (log, summary,
+    # metrics.json, pipeline_result.json) instead of reporting NaN IC or a one-name "top-50"
+    folder = tmp_path / "klines"
+    folder.mkdir()
+    pd.read_csv(DATA / "kline_5min.csv").to_csv(folder / "ONLY.csv", index=False)
+    cfg = write_config(tmp_path, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2],
+                       test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-15", "2024-08-31"],
+                       backtest_n_symbol_hold=50, eval_max_anchors=30)
+    r = run_script(["-m", "kronos.cli", "pipeline", "--cpu", "--fast-mode", "--config-path", str(cfg)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "backtest skipped" in r.stderr and "IC and RankIC not computed" in r.stderr  # the log
+    assert "note:" in r.stdout and "backtest skipped" in r.stdout and "model/ic=" not in r.stdout  # the summary
+    metrics = json.loads(next((tmp_path / "outputs").rglob("metrics.json")).read_text())
+    assert metrics["model/ic"] is None and "1 symbol" in metrics["ic_note"]
+    result = json.loads(next((tmp_path / "outputs").rglob("pipeline_result.json")).read_text())
+    assert any(n.startswith("backtest skipped") for n in result["notes"]) and result["backtest_summary"] == {}
+    assert not list((tmp_path / "outputs").rglob("comparison.json"))
+
+
+@pytest.mark.parametrize("n_symbols, hold, drop", [(2, 1, 1), (3, 1, 1), (10, 5, 2), (200, 50, 2)])
+def test_topk_fits_the_symbols_there_are(n_symbols, hold, drop):
+    from kronos.config import Config
+    from kronos.pipeline import KronosPipeline
+
+    pipe = KronosPipeline(Config(backtest_n_symbol_hold=50, backtest_n_symbol_drop=2))
+    cfg = pipe._backtest_config(n_symbols)
+    assert (cfg.backtest_n_symbol_hold, cfg.backtest_n_symbol_drop) == (hold, drop)
+    assert pipe.config.backtest_n_symbol_hold == 50  # the run's own config is left as it is
+    assert bool(pipe.result.notes) == (n_symbols < 100)
+    assert pipe._backtest_config(1) is None and pipe.result.notes[-1].startswith("backtest skipped")

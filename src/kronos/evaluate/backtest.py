@@ -80,6 +80,7 @@ class BacktestComparison:
 
     reports: dict[str, BacktestReport]
     table: pd.DataFrame  # one row per signal, the summary fields as columns
+    plots: list = field(default_factory=list)  # the PNG files written by save()
 
     # read-only mapping access to the reports: comparison["mean"], comparison.items(), ...
     def __getitem__(self, name: str) -> BacktestReport:
@@ -106,14 +107,17 @@ class BacktestComparison:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        self.plots = []
         for name, report in self.reports.items():
-            report.save(path_in(out, safe_filename(name, 'signal')), title=f"signal '{name}'")
+            saved = report.save(path_in(out, safe_filename(name, 'signal')), title=f"signal '{name}'")
+            self.plots.append(saved["plot"])
         paths = {"json": out / "comparison.json", "csv": out / "comparison.csv", "plot": out / "comparison.png"}
         kio.write_json(paths["json"], {name: report.summary for name, report in self.reports.items()})
         kio.write_file(paths["csv"], self.table.to_csv)
         bench_name = next(iter(self.reports.values())).summary.get("benchmark", "benchmark") if self.reports else ""
         plot_backtest_comparison({k: r.daily for k, r in self.reports.items()}, paths["plot"],
                                  benchmark_label=str(bench_name))
+        self.plots.append(paths["plot"])
         return paths
 
 

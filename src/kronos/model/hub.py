@@ -81,7 +81,7 @@ class CheckpointMixin:
         else:  # keep other files in the folder; replace each of ours atomically
             kio.write_file(target / WEIGHTS_NAME, write_weights)
             kio.write_text(target / CONFIG_NAME, config_text)
-        logger.info("saved %s checkpoint to %s", type(self).__name__, target)
+        logger.info("saved %s checkpoint to %s", type(self).__name__, kio.final_path(target))
         return target
 
     # ------------------------------------------------------------------ load
