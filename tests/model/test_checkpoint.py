@@ -249,6 +249,9 @@ def test_loading_casts_to_float32_and_moves_device(tmp_path):
 def test_missing_folder_and_files(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
         Kronos.from_pretrained(tmp_path / "nope")
+    # the README's quick start before its download step: the error says how to download that checkpoint
+    with pytest.raises(CheckpointError, match=r"hf download NeoQuasar/Kronos-small --local-dir \./Kronos-small"):
+        Kronos.from_pretrained(tmp_path / "Kronos-small")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):
         Kronos.from_pretrained(tmp_path / "empty")

@@ -240,6 +240,10 @@ def _load_state(model: Any, state: dict[str, torch.Tensor], path: Path, strict: 
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
+# the official checkpoints on the Hugging Face Hub (NeoQuasar/<name>)
+OFFICIAL_NAMES = ("Kronos-Tokenizer-base", "Kronos-Tokenizer-2k", "Kronos-mini", "Kronos-small", "Kronos-base")
+
+
 def _download_hint(repo_id: str) -> str:
     name = repo_id.rsplit("/", 1)[-1]
     return (
@@ -308,7 +312,9 @@ def _resolve_files(
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds {CONFIG_NAME}")
     if not _HUB_ID.match(name) or name.startswith((".", "~")):
-        raise CheckpointError(f"checkpoint folder not found: {path}")
+        official = path.name in OFFICIAL_NAMES  # e.g. ./Kronos-small before the README's download step
+        raise CheckpointError(f"checkpoint folder not found: {path}"
+                              + (f"; {_download_hint('NeoQuasar/' + path.name)}" if official else ""))
 
     try:
         from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
