@@ -416,6 +416,16 @@ def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None,
     except KronosError as exc:
         print_error(exc)
         return 1
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if not missing or missing == "kronos":
+            raise  # a broken install of kronos itself: a bug, keep the traceback
+        # e.g. `python finetune/...py` with a Python that is not the project's environment
+        install = "pip install pyqlib" if missing == "qlib" else "pip install -e . from the checkout"
+        print_error(f"Python package '{missing}' is not installed in {sys.executable}; run kronos in the "
+                    "environment you installed it into (`make setup`, then `source .venv/bin/activate`) or install "
+                    f"it here with `{install}`")
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -192,3 +192,22 @@ def test_yaml_unquoted_dates_are_read_and_saved(tmp_path):
     assert config.train_time_range == ["2018-01-01", "2020-06-30"] and config.dataset_end_time == "2024-12-31"
     config.save(tmp_path / "saved.json")
     assert json.loads((tmp_path / "saved.json").read_text())["train_time_range"] == ["2018-01-01", "2020-06-30"]
+
+
+def test_a_python_without_the_dependencies_is_one_line(monkeypatch, capsys):
+    # `python finetune/train_complete_pipeline.py` with a Python that is not the project's environment
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'pandas'", name="pandas")
+
+    monkeypatch.setattr(cli, "run", missing)
+    assert cli.main(["config"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: Python package 'pandas' is not installed in ")
+    assert sys.executable in err and "source .venv/bin/activate" in err
+
+    def broken(args):  # a module of kronos itself missing is a bug: the traceback stays
+        raise ModuleNotFoundError("No module named 'kronos.nothing'", name="kronos.nothing")
+
+    monkeypatch.setattr(cli, "run", broken)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["config"])
