@@ -266,8 +266,8 @@ def test_simple_backtest_deal_price_open_needs_and_uses_open_prices():
 
 def test_both_engines_agree_on_open_fills(qlib_setup):
     """The official default (fills at the next open) on the bundled provider: Qlib and the built-in engine hold
-    the same names every day, and their daily returns agree to 2e-3 (Qlib trades 100-share lots, the built-in
-    engine fractional shares; limits off in both)."""
+    the same names every day, their weights agree to 2e-3 and their daily returns to 2e-4 (measured: 4.7e-4 and
+    3.2e-5; Qlib trades 100-share lots, the built-in engine fractional shares; limits off in both)."""
     from qlib.data import D
 
     s = qlib_setup
@@ -282,8 +282,8 @@ def test_both_engines_agree_on_open_fills(qlib_setup):
     held_s = simple.holdings.gt(0).apply(lambda r: frozenset(r.index[r]), axis=1)
     assert list(held_q) == list(held_s)
     weights = q.holdings.reindex(columns=simple.holdings.columns, fill_value=0.0)
-    np.testing.assert_allclose(simple.holdings.to_numpy(), weights.to_numpy(), atol=5e-3)
-    np.testing.assert_allclose(simple.daily["return"], q.daily["return"], atol=2e-3)
+    np.testing.assert_allclose(simple.holdings.to_numpy(), weights.to_numpy(), atol=2e-3)
+    np.testing.assert_allclose(simple.daily["return"], q.daily["return"], atol=2e-4)
     assert simple.summary["total_return_with_cost"] == pytest.approx(q.summary["total_return_with_cost"], abs=0.01)
     # open fills differ from close fills: the setting is honoured, not ignored
     closes = run_simple_backtest(s["oracle"], s["close"], s["cfg"], benchmark=s["bench"])
