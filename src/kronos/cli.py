@@ -393,6 +393,9 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     return 0
 
 
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EMFILE}
+
+
 def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None, prog: Optional[str] = None,
          description: str = "", **defaults: Any) -> int:
     """Run ``kronos ARGS`` (or, with ``command``, one command as a finetune/ script named ``prog``); the exit code.
