@@ -261,6 +261,7 @@ class KronosPipeline:
         save_metrics({**metrics, "run_id": self.result.run_id}, self.result.metrics_file)
         kio.write_table(records, out_dir / "forecast_records")
         self.result.metrics = metrics
+        self._evaluation_figures(test_records)
         self.report()
         return metrics
 
@@ -305,6 +306,23 @@ class KronosPipeline:
         self.result.plots.extend(str(p) for p in reports.plots)  # the summary counts every PNG written
         self.result.backtest_summary = {k: r.summary for k, r in reports.items()}
         return self.result.backtest_summary
+
+    def _evaluation_figures(self, records: pd.DataFrame) -> None:
+        """Forecast vs realised close (1 bar ahead) for the symbols with the most test anchors, and IC/RankIC per
+        anchor date (when there is a cross-section), beside metrics.json."""
+        from kronos.evaluate.metrics import ic_by_date
+        from kronos.evaluate.plots import plot_forecast_vs_actual, plot_ic_over_time
+
+        out_dir = Path(self.config.backtest_dir)
+        known = records.loc[records["true_close"].notna()]
+        symbols = list(known.loc[known["step"] == 1, "symbol"].value_counts().index[:3])
+        if symbols:
+            path = plot_forecast_vs_actual(known, symbols, out_dir / "forecast_vs_actual.png", step=1,
+                                           title="test split: 1-bar-ahead forecast vs realised close")
+            self.result.plots.append(str(path))
+        ic = ic_by_date(records).dropna(how="all", subset=["ic", "rank_ic"])
+        if not ic.empty:
+            self.result.plots.append(str(plot_ic_over_time(ic, out_dir / "ic_over_time.png")))
 
     def _note(self, text: str) -> str:
         """Log a skipped or adapted part of the run and keep it in the result (pipeline_result.json)."""

@@ -209,6 +209,8 @@ def test_summary_counts_every_png_and_logs_name_no_temporary_path(qlib_run):
     written = sorted((tmp / "outputs").rglob("*.png"))
     reported = re.search(r"plots:\s+(\d+) PNG files", r.stdout)
     assert reported and int(reported.group(1)) == len(written), (r.stdout, written)
+    names = {p.name for p in written}
+    assert {"forecast_vs_actual.png", "ic_over_time.png", "comparison.png", "cumulative_return.png"} <= names
     assert ".tmp-" not in r.stderr and ".tmp-" not in r.stdout  # logs name final paths, never temporaries
     assert "saved" in r.stderr and "best_model" in r.stderr
 
@@ -235,8 +237,7 @@ def test_one_symbol_pipeline_says_what_it_skips(tmp_path):
     folder.mkdir()
     pd.read_csv(DATA / "kline_5min.csv").to_csv(folder / "ONLY.csv", index=False)
     cfg = write_config(tmp_path, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2],
-                       test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-15", "2024-08-31"],
-                       backtest_n_symbol_hold=50, eval_max_anchors=30)
+                       backtest_n_symbol_hold=50, eval_max_anchors=30)  # test and backtest: the test split
     r = run_script(["-m", "kronos.cli", "pipeline", "--cpu", "--fast-mode", "--config-path", str(cfg)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "backtest skipped" in r.stderr and "IC and RankIC not computed" in r.stderr  # the log
@@ -246,6 +247,8 @@ def test_one_symbol_pipeline_says_what_it_skips(tmp_path):
     result = json.loads(next((tmp_path / "outputs").rglob("pipeline_result.json")).read_text())
     assert any(n.startswith("backtest skipped") for n in result["notes"]) and result["backtest_summary"] == {}
     assert not list((tmp_path / "outputs").rglob("comparison.json"))
+    figures = {p.name for p in (tmp_path / "outputs").rglob("*.png")}
+    assert "forecast_vs_actual.png" in figures and "ic_over_time.png" not in figures  # no cross-section, no IC
 
 
 @pytest.mark.parametrize("n_symbols, hold, drop", [(2, 1, 1), (3, 1, 1), (10, 5, 2), (200, 50, 2)])

@@ -138,6 +138,15 @@ def daily_ic(frame: pd.DataFrame, signal: str, target: str, by: str = "datetime"
     return pd.DataFrame(rows, columns=[by, "ic", "rank_ic", "n"]).set_index(by)
 
 
+def ic_by_date(records: pd.DataFrame) -> pd.DataFrame:
+    """The model's per-anchor-date IC and RankIC (as in :func:`forecast_metrics`: forecast vs realised return to
+    the horizon's last step), for :func:`kronos.evaluate.plots.plot_ic_over_time`."""
+    fin = _final_rows(_check_records(records))
+    fin = fin.assign(pred_ret=fin["pred_close"] / fin["last_close"] - 1.0,
+                     true_ret=fin["true_close"] / fin["last_close"] - 1.0).replace([np.inf, -np.inf], np.nan)
+    return daily_ic(fin, "pred_ret", "true_ret")
+
+
 def _ic_summary(ic: pd.Series) -> tuple[float, float, float, int]:
     ic = ic.dropna()
     n = int(len(ic))
