@@ -154,8 +154,8 @@ class KronosPipeline:
             self._frame = frame.sort_values(["symbol", "timestamps"], kind="stable").reset_index(drop=True)
         return self._frame
 
-    def _predict_df(self, anchors=None):
-        """``predict_df`` over the processed frame with the config's inference settings."""
+    def _predict_df(self, anchors=None, calibration=None):
+        """``predict_df`` over the processed frame with the config's inference settings (and a calibration)."""
         cfg = self.config
         frame = self.full_frame()  # the dataset is checked before the checkpoints
         return self.load_predictor().predict_df(
@@ -163,6 +163,7 @@ class KronosPipeline:
             anchors=anchors, sample_count=cfg.inference_sample_count, T=cfg.inference_T, top_k=cfg.inference_top_k,
             top_p=cfg.inference_top_p, seed=cfg.inference_seed,
             batch_size=max(1, cfg.backtest_batch_size // max(1, cfg.inference_sample_count)),
+            calibration=calibration,
         )
 
     # ------------------------------------------------------------------ step 4: prediction
@@ -172,12 +173,16 @@ class KronosPipeline:
         from kronos.evaluate.plots import plot_forecast
 
         cfg = self.config
+        self.require_dataset()
+        calibration = self.load_calibration()  # bands calibrated on validation when calibration.json fits
         try:
-            records = self._predict_df()
+            records = self._predict_df(calibration=calibration)
         except InputError as exc:
             raise DataError(f"dataset '{cfg.dataset_path}': {exc}") from None
+        extra = [c for c in (*(f"close_q{q:g}_raw" for q in cfg.quantiles), "p_up", "p_up_raw", "p_up_calibrated")
+                 if c in records.columns]
         forecasts = records[["symbol", "step", "timestamps", *VALUE_COLUMNS,
-                             *(f"close_q{q:g}" for q in cfg.quantiles)]]
+                             *(f"close_q{q:g}" for q in cfg.quantiles), *extra]]
         out_dir = Path(cfg.backtest_dir)
         plot_dir = out_dir / "plots"
         # plot the symbols with the most recent data first (pool members that left the index end earlier)

@@ -30,6 +30,11 @@ def test_calibrate_evaluate_and_forecast_with_calibration(tmp_path, capsys):
     cal = json.loads(cal_file.read_text())
     assert cal["n_anchors"] >= 10 and set(cal["coverage_before"]) == {"0.5", "0.8"}
 
+    assert main(["predict", "--config-path", str(config_file)]) == 0  # latest forecasts use the calibration
+    latest = pd.read_parquet(Path(cfg.backtest_dir) / "forecast_latest.parquet")
+    assert {"close_q0.9_raw", "p_up_calibrated"} <= set(latest.columns)
+    assert (latest["close_q0.9"] - latest["close_q0.1"] >= latest["close_q0.9_raw"] - latest["close_q0.1_raw"]
+            - 1e-9).all() or cal["method"] in ("cqr_multiplicative", "spread_scale", "none")
     assert main(["evaluate", "--config-path", str(config_file)]) == 0
     out = capsys.readouterr().out
     assert "last_value" in out and "finetuned" in out and "mase=" in out
