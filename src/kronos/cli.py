@@ -330,6 +330,22 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) and v is not None else str(v)
 
 
+def _check_output_file(flag: str, target: str) -> None:
+    """An output path must name a file whose existing parents are folders (missing ones are created later)."""
+    from kronos.errors import InputError
+
+    if not target:
+        return
+    path = Path(target).expanduser()
+    if path.is_dir():
+        raise InputError(f"{flag} '{target}' is a folder; give a file name in it, e.g. {path / ('forecast.png' if flag == '--plot' else 'forecast.csv')}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{flag} '{target}': '{parent}' is a file, not a folder")
+            break
+
+
 def run_forecast_command(args: argparse.Namespace) -> int:
     from kronos.data.schema import VALUE_COLUMNS
     from kronos.data.sources.csv import read_kline_file
@@ -346,6 +362,8 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     if args.quantiles and args.sample_count < 2:
         raise InputError(f"--quantiles {','.join(f'{q:g}' for q in args.quantiles)} needs several sample paths; "
                          f"add --sample-count 32 (got --sample-count {args.sample_count})")
+    for flag, target in (("--output", args.output), ("--plot", args.plot)):
+        _check_output_file(flag, target)
     name = f"{args.symbol} in {Path(args.input).name}" if args.symbol else Path(args.input).name
     frame = read_kline_file(args.input, symbol=args.symbol).assign(symbol=name)
     lookback = min(args.lookback, len(frame)) if args.lookback > 0 else len(frame)  # default: the whole file

@@ -505,7 +505,9 @@ def load_overrides(path: Union[str, os.PathLike]) -> dict[str, Any]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file '{p}' is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+            kinds = "" if p.suffix.lower() == ".json" else " (config files are JSON or YAML: .json, .yaml, .yml)"
+            raise ConfigError(f"config file '{p}' is not valid JSON{kinds}: {exc.msg} at line {exc.lineno} "
+                              f"column {exc.colno}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold an object of config keys, got {type(data).__name__}")
     return data

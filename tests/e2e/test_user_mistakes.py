@@ -39,6 +39,8 @@ def files(tmp_path_factory):
     (d / "empty.csv").write_text("")
     (d / "bad_time.csv").write_text("timestamps,open,high,low,close\nnotadate,1,2,0.5,1\n2024-01-02,1,2,0.5,1\n")
     (d / "notes.txt").write_text("hello")
+    (d / "my.toml").write_text("epochs = 2\n")
+    pd.read_csv(CSV).iloc[:5].to_csv(d / "five_bars.csv", index=False)
     bars = pd.read_csv(CSV)
     pd.concat([bars.assign(symbol="AAA"), bars.assign(symbol="BBB")]).to_csv(d / "two_symbols.csv", index=False)
     return d
@@ -110,6 +112,23 @@ MISTAKES = [
      ["--quantiles", "low"]),
     ("--quantiles from one path", lambda d: forecast("--quantiles", "0.2,0.8"), ["--quantiles", "--sample-count"]),
     ("--device nonsense", lambda d: forecast("--device", "tpu9"), ["tpu9"]),
+    ("--output is a folder", lambda d: forecast("--output", str(d)), ["--output", "is a folder"]),
+    ("--output under a file", lambda d: forecast("--output", str(d / "notes.txt" / "fc.csv")), ["--output", "notes.txt"]),
+    ("--plot is a folder", lambda d: forecast("--plot", str(d)), ["--plot", "forecast.png"]),
+    ("input is a folder", lambda d: forecast(input=d), ["is a folder", "csv_data_path"]),
+    ("too few bars", lambda d: forecast(input=d / "five_bars.csv"), ["5 row", "8"]),
+    ("config file of another format", lambda d: ["config", "--config-path", str(d / "my.toml")], ["my.toml", ".yaml"]),
+    ("config device unknown", lambda d: ["predict", "--set", "device=tpu"], ["device", "tpu"]),
+    ("batch_size 0", lambda d: ["config", "--set", "batch_size=0"], ["batch_size", ">= 1"]),
+    ("split_ratios not summing to 1", lambda d: ["config", "--set", "split_ratios=[0.5,0.6]"], ["split_ratios"]),
+    ("Sina symbol malformed", lambda d: ["data", "--data-source", "sina", "--set", 'sina_symbols=["zz!!"]'], ["zz!!"]),
+    ("calibration file garbage", lambda d: forecast("--calibration", str(d / "broken.json")), ["broken.json"]),
+    ("checkpoint path is a file", lambda d: forecast(tokenizer=CSV), ["kline_5min.csv", "folder"]),
+    ("serve --run without a run", lambda d: ["serve", "--run", str(d / "no_run")], ["no_run", "pipeline_config.json"]),
+    ("dataset_path is a file", lambda d: ["data", "--data-source", "csv", "--set", f"csv_data_path={CSV}",
+                                          "--set", f"dataset_path={d / 'notes.txt'}", "--set", "split_ratios=[0.6,0.2,0.2]",
+                                          "--set", "lookback_window=30", "--set", "predict_window=5"],
+     ["notes.txt", "dataset_path"]),
 ]
 if not torch.cuda.is_available():
     MISTAKES += [

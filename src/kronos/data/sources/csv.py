@@ -89,6 +89,9 @@ def read_kline_file(path: Union[str, os.PathLike], symbol: str = "", timestamp_c
     from kronos.data.processing import clean_kline_frame
 
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise DataError(f"K-line file '{file}' is a folder; pass one CSV/Parquet file (a folder of files is "
+                        "data_source csv with csv_data_path)")
     if not file.is_file():
         raise DataError(f"K-line file '{file}' does not exist")
     if _kind(file) is None:
