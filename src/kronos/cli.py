@@ -44,8 +44,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or action.required or default is argparse.SUPPRESS or default in (None, False, "")
-                or default == [] or not action.option_strings):
+        if ("default" in text or action.required or default is argparse.SUPPRESS or default is None
+                or default is False or default in ("", []) or not action.option_strings):  # (0 == False: `is`)
             return text
         return f"{text} (default: %(default)s)"
 
@@ -58,10 +58,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config-path", metavar="PATH", help="JSON or YAML file overriding any subset of Config's keys")
+    p.add_argument("--config-path", metavar="PATH", help="JSON or YAML file overriding any subset of Config's keys; default: "
+                   "the built-in defaults (`kronos config` prints them)")
     p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is available")
     p.add_argument("--fast-mode", action="store_true", help="few epochs and batches: the whole pipeline in minutes")
-    p.add_argument("--data-source", metavar="NAME", help="qlib, sina, csv or a registered custom source")
+    p.add_argument("--data-source", metavar="NAME", help="qlib, sina, csv or a registered custom source; default: the config's "
+                   "data_source (qlib)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override one config key (VALUE parsed as JSON when possible); repeatable")
 

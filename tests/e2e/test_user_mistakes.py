@@ -201,7 +201,8 @@ def test_forecast_help_shows_every_flag_with_meaning_and_default(capsys):
     for flag in ("--symbol", "--quantiles", "--calibration", "--device", "--output", "--plot", "--top-k", "--top-p",
                  "--sample-count", "--max-context", "--lookback", "--seed", "--T"):
         assert flag in text
-    for shown in ("(default: 512)", "(default: 0.9)", "(default: 1.0)", "default: 0.1,0.9", "default: print it"):
+    for shown in ("(default: 512)", "(default: 0.9)", "(default: 1.0)", "default: 0.1,0.9", "default: print it",
+                  "0 = off (default: 0)"):
         assert shown in text, shown
 
 
