@@ -443,7 +443,7 @@ class KronosPipeline:
         try:
             self.calibrate()
         except InputError as exc:
-            log.warning("calibration skipped: %s", exc)
+            self._note(f"calibration skipped (bands stay uncalibrated): {exc}")
 
     def load_calibration(self):
         """The finetuned predictor's ``calibration.json`` when present and fitted for it (else None, logged)."""

@@ -262,3 +262,19 @@ def test_topk_fits_the_symbols_there_are(n_symbols, hold, drop):
     assert pipe.config.backtest_n_symbol_hold == 50  # the run's own config is left as it is
     assert bool(pipe.result.notes) == (n_symbols < 100)
     assert pipe._backtest_config(1) is None and pipe.result.notes[-1].startswith("backtest skipped")
+
+
+def test_skipped_calibration_is_a_note(monkeypatch):
+    from kronos.config import Config
+    from kronos.errors import InputError
+    from kronos.pipeline import KronosPipeline
+
+    pipe = KronosPipeline(Config())
+
+    def too_few():
+        raise InputError("calibration needs at least 10 validation anchors ..., found 8")
+
+    monkeypatch.setattr(pipe, "calibrate", too_few)
+    pipe._calibrate_step()
+    assert pipe.result.notes == ["calibration skipped (bands stay uncalibrated): calibration needs at least 10 "
+                                 "validation anchors ..., found 8"]
