@@ -532,6 +532,10 @@ def _yaml_loader(path: Path) -> Any:
 
     # unquoted dates stay the strings written (2018-13-45 included: the key's check names it, no ValueError)
     NoAliasLoader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node))
+    # YAML 1.1 reads 4e-5 (no dot) as a string; read it as the number it is, as JSON does (1e-4 learning rates)
+    NoAliasLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                        list("-+0123456789"))
     return NoAliasLoader
 
 

@@ -217,6 +217,23 @@ def test_yaml_unquoted_dates_are_read_and_saved(tmp_path):
     assert json.loads((tmp_path / "saved.json").read_text())["train_time_range"] == ["2018-01-01", "2020-06-30"]
 
 
+
+def test_yaml_numbers_in_e_notation_are_numbers(tmp_path):
+    # YAML 1.1 reads 4e-5 (no dot) as a string: a learning rate written so, or a config saved as .yaml, is a number
+    import yaml
+
+    from kronos.config import Config
+
+    path = tmp_path / "lr.yaml"
+    path.write_text("predictor_learning_rate: 4e-5\ntokenizer_learning_rate: 1E-4\nclip: 5\n")
+    config = Config.from_file(path)
+    assert (config.predictor_learning_rate, config.tokenizer_learning_rate, config.clip) == (4e-5, 1e-4, 5)
+    config.save(tmp_path / "saved.yaml")  # JSON text, which YAML reads
+    again = Config.from_file(tmp_path / "saved.yaml")  # (paths come back resolved)
+    assert (again.predictor_learning_rate, again.tokenizer_learning_rate) == (4e-5, 1e-4)
+    assert yaml.safe_load("x: 4e-5") == {"x": "4e-5"}  # PyYAML's own loader is left as it is
+
+
 def test_a_python_without_the_dependencies_is_one_line(monkeypatch, capsys):
     # `python finetune/train_complete_pipeline.py` with a Python that is not the project's environment
     def missing(args):
