@@ -506,6 +506,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         pipe.evaluate()
         print_headline(pipe.result)
+        for note in pipe.result.notes:
+            print(f"note: {note}")
     elif args.command == "calibrate":
         cal = pipe.calibrate()
         print(f"calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): {pipe.result.calibration_file}")
@@ -515,7 +517,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "backtest":
         summary = pipe.backtest()
         if not summary:
-            print("\n".join(pipe.result.notes))
+            print("\n".join(f"note: {note}" for note in pipe.result.notes))
             return 0
         print(f"backtest results: {pipe.result.backtest_dir}")
         print(json.dumps(summary, indent=2, default=str))
