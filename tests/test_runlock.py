@@ -101,7 +101,7 @@ def test_stale_temporaries_of_killed_runs_are_removed_under_the_lock(tmp_path):
 def test_pipeline_into_locked_folders_stops_with_one_line(tmp_path):
     cfg = {"data_source": "csv", "csv_data_path": str(Path(__file__).resolve().parent / "fixtures" / "kline_5min.csv"),
            "dataset_path": str(tmp_path / "data"), "save_path": str(tmp_path / "outputs" / "models"),
-           "backtest_result_path": str(tmp_path / "outputs" / "results")}
+           "backtest_result_path": str(tmp_path / "outputs" / "results"), "run_folders": False}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     owner = hold_lock(tmp_path / "outputs" / "models", 120)
     try:

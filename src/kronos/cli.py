@@ -491,7 +491,12 @@ def run(args: argparse.Namespace) -> int:
         return run_pipeline_command(args, config)
     from kronos.pipeline import KronosPipeline
 
+    if args.command in ("predict", "evaluate", "calibrate", "backtest"):
+        from kronos.runs import for_existing_run
+
+        config = for_existing_run(config)  # the latest pipeline run (or run_id), not the seed's shared folders
     pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
+    pipe.reuse_records = args.command in ("evaluate", "backtest")  # the run's saved forecast records, not new ones
     if args.command == "data":
         manifest = pipe.process_data()
         rows = ", ".join(f"{name} {info['rows']} rows" for name, info in manifest["splits"].items())

@@ -170,6 +170,16 @@ class Config:
     backtest_signal_scale: str = "std"  # std: forecast change / lookback close std (official) | price: a return
     # Unsafe: let evaluation/backtest anchors target bars on or before the last validation bar (see README).
     allow_eval_overlap: bool = False
+    # Future bar dates follow this exchange's trading calendar (exchange_calendars code, e.g. XSHG, XNYS);
+    # auto: XSHG for the qlib and sina sources (A-shares), business days for csv; none: business days.
+    trading_calendar: str = "auto"
+
+    # ---- runs (ours) ----
+    # Each pipeline run writes under <common parent of save_path and backtest_result_path>/runs/<run_id>/, the
+    # seed's layout inside it; runs/latest points at the newest finished run. false: write straight into the
+    # seed's folders (every run overwrites the last).
+    run_folders: bool = True
+    run_id: str = ""  # empty: a new id per pipeline run (its start time); set it to continue or reuse a run
 
     def __post_init__(self) -> None:
         self.validate()
@@ -349,6 +359,16 @@ def _plain_name(v: str) -> bool:
     return bool(v) and safe_filename(v) == v
 
 
+def _calendar_name(v: str) -> bool:
+    from kronos.timeutil import resolve_calendar
+
+    try:
+        resolve_calendar(v)
+    except ConfigError:
+        return False
+    return True
+
+
 def _ratios(v: Optional[list]) -> bool:
     if v is None:
         return True
@@ -404,6 +424,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
     **{k: (Rule(_plain_name, "must be one plain folder name (letters, digits, '-', '_', '.'; no '/' or '..')"),)
        for k in ("tokenizer_save_folder_name", "predictor_save_folder_name", "backtest_save_folder_name")},
     "backtest_signal_scale": (_one_of("std", "price"),),
+    "trading_calendar": (Rule(_calendar_name, "must be auto, none or an exchange_calendars code such as XSHG, "
+                                              "XSHE, XHKG, XNYS, XNAS, XLON, XTKS"),),
+    "run_id": (Rule(lambda v: v == "" or (_plain_name(v) and v != "latest"),
+                    "must be empty (a new run) or one plain folder name such as 2026-12-02_013512"),),
 }
 
 
@@ -433,7 +457,7 @@ FAST_MODE_CAPS: dict[str, int] = {
     "n_train_iter": 32 * 40,
     "n_val_iter": 32 * 5,
     "log_interval": 20,
-    "inference_sample_count": 4,
+    "inference_sample_count": 16,  # 16 shared-context paths cost ~1.1x one path; 4 gave zero-width bands
     "eval_max_anchors": 20,
     "plot_n_symbols": 3,
 }

@@ -57,6 +57,7 @@ class PipelineResult:
     results_dir: str = ""
     forecast_file: str = ""
     metrics_file: str = ""
+    stale_forecast_file: str = ""  # forecasts of symbols whose data ends before the dataset's last bar
     report_file: str = ""
     report_headline: dict = field(default_factory=dict)
     calibration_file: str = ""
@@ -82,6 +83,7 @@ class KronosPipeline:
         self._predictor = None
         self._frame: Optional[pd.DataFrame] = None
         self._records: Optional[pd.DataFrame] = None
+        self.reuse_records = False  # forecast_records() loads the run's saved records when present (kronos backtest)
 
     # ------------------------------------------------------------------ step 1: data
     def process_data(self) -> dict:
@@ -156,11 +158,14 @@ class KronosPipeline:
 
     def _predict_df(self, anchors=None, calibration=None):
         """``predict_df`` over the processed frame with the config's inference settings (and a calibration)."""
+        from kronos.timeutil import resolve_calendar
+
         cfg = self.config
         frame = self.full_frame()  # the dataset is checked before the checkpoints
         return self.load_predictor().predict_df(
             frame, pred_len=cfg.predict_window, lookback=cfg.lookback_window, quantiles=cfg.quantiles,
-            anchors=anchors, sample_count=cfg.inference_sample_count, T=cfg.inference_T, top_k=cfg.inference_top_k,
+            anchors=anchors, calendar=resolve_calendar(cfg.trading_calendar, cfg.data_source),
+            sample_count=cfg.inference_sample_count, T=cfg.inference_T, top_k=cfg.inference_top_k,
             top_p=cfg.inference_top_p, seed=cfg.inference_seed,
             batch_size=max(1, cfg.backtest_batch_size // max(1, cfg.inference_sample_count)),
             calibration=calibration,
@@ -168,7 +173,12 @@ class KronosPipeline:
 
     # ------------------------------------------------------------------ step 4: prediction
     def predict(self) -> pd.DataFrame:
-        """Forecast the ``predict_window`` bars after every symbol's latest ``lookback_window`` bars."""
+        """Forecast the ``predict_window`` bars after every symbol's latest ``lookback_window`` bars.
+
+        Each row carries its ``as_of`` bar (the last bar the forecast saw). Symbols whose data ends before the
+        dataset's last bar (suspended, delisted, left the pool) are not "latest": their forecasts go to
+        ``forecast_stale.parquet/.csv`` instead of ``forecast_latest``, with a log line.
+        """
         from kronos.data.schema import VALUE_COLUMNS
         from kronos.evaluate.plots import plot_forecast
 
@@ -179,15 +189,24 @@ class KronosPipeline:
             records = self._predict_df(calibration=calibration)
         except InputError as exc:
             raise DataError(f"dataset '{cfg.dataset_path}': {exc}") from None
+        records = records.rename(columns={"anchor": "as_of"})
         extra = [c for c in (*(f"close_q{q:g}_raw" for q in cfg.quantiles), "p_up", "p_up_raw", "p_up_calibrated")
                  if c in records.columns]
-        forecasts = records[["symbol", "step", "timestamps", *VALUE_COLUMNS,
-                             *(f"close_q{q:g}" for q in cfg.quantiles), *extra]]
-        out_dir = Path(cfg.backtest_dir)
-        plot_dir = out_dir / "plots"
-        # plot the symbols with the most recent data first (pool members that left the index end earlier)
-        latest = records.drop_duplicates("symbol").sort_values(["anchor", "symbol"], ascending=[False, True])
+        columns = ["symbol", "as_of", "step", "timestamps", *VALUE_COLUMNS,
+                   *(f"close_q{q:g}" for q in cfg.quantiles), *extra]
         frame = self.full_frame()
+        newest = frame["timestamps"].max()
+        fresh = records["as_of"] >= newest
+        forecasts, stale = records.loc[fresh, columns], records.loc[~fresh, columns]
+        out_dir = Path(cfg.backtest_dir)
+        if len(stale):
+            stale_symbols = stale.drop_duplicates("symbol")
+            self.result.stale_forecast_file = str(kio.write_table(stale, out_dir / "forecast_stale"))
+            log.warning("%d symbol(s) end before the dataset's last bar %s (e.g. %s as of %s): their forecasts are in "
+                        "%s, not in forecast_latest", len(stale_symbols), newest, stale_symbols["symbol"].iloc[0],
+                        stale_symbols["as_of"].iloc[0], self.result.stale_forecast_file)
+        plot_dir = out_dir / "plots"
+        latest = forecasts.drop_duplicates("symbol").sort_values("symbol")
         lo, hi = min(cfg.quantiles), max(cfg.quantiles)
         for symbol in latest["symbol"].iloc[: cfg.plot_n_symbols]:
             rows = records[records["symbol"] == symbol].set_index("timestamps")
@@ -198,10 +217,12 @@ class KronosPipeline:
                              for q in (lo, hi))
             path = path_in(plot_dir, f"forecast_{safe_filename(symbol)}.png")
             plot_forecast(history.set_index("timestamps")[list(VALUE_COLUMNS)], rows[list(VALUE_COLUMNS)], band,
-                          None, f"{symbol}: {cfg.predict_window}-bar forecast (band q{lo:g}-q{hi:g})", path)
+                          None, f"{symbol}: {cfg.predict_window}-bar forecast as of {rows['as_of'].iloc[0]} "
+                          f"(band q{lo:g}-q{hi:g})", path,
+                          prob_up=rows["p_up"].to_numpy() if "p_up" in rows.columns else None)
             self.result.plots.append(str(path))
         self.result.forecast_file = str(kio.write_table(forecasts, out_dir / "forecast_latest"))
-        log.info("forecasts for %d symbols written to %s", len(latest), self.result.forecast_file)
+        log.info("forecasts for %d symbols as of %s written to %s", len(latest), newest, self.result.forecast_file)
         return forecasts
 
     # ------------------------------------------------------------------ step 5: evaluation
@@ -220,6 +241,11 @@ class KronosPipeline:
         period, every ``eval_stride`` bars, the latest ``eval_max_anchors`` dates when that is set.
         """
         if self._records is not None:
+            return self._records
+        saved = Path(self.config.backtest_dir) / "forecast_records.parquet"
+        if self.reuse_records and saved.is_file():
+            log.info("reusing the run's forecast records %s (the forecasts evaluate and backtest saw)", saved)
+            self._records = pd.read_parquet(saved)
             return self._records
         from kronos.data.schema import VALUE_COLUMNS
         from kronos.evaluate.anchors import anchor_dates
@@ -354,13 +380,80 @@ class KronosPipeline:
                                          source="thin data")
 
     # ------------------------------------------------------------------ everything
-    def run(self, *args: Any, **kwargs: Any) -> PipelineResult:
-        """Every step (see :meth:`_run` for the skip flags); under ``torchrun`` from Python it sets up, and tears
-        down, its own process group when none exists."""
+    def run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
+            skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
+        """Every step, skipping those asked; under ``torchrun`` from Python it sets up, and tears down, its own
+        process group when none exists. With ``run_folders`` (the default) the run writes under its own run folder
+        (see :mod:`kronos.runs`)."""
         from kronos.train.distributed import process_group
 
+        kwargs = dict(skip_data=skip_data, skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor,
+                      skip_predict=skip_predict, skip_backtest=skip_backtest)
         with process_group(self.config):
-            return self._locked_run(*args, **kwargs)
+            run_id = self.enter_run_folder(skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor)
+            try:
+                return self._locked_run(**kwargs)
+            except BaseException:
+                if run_id and is_main_process():  # a run that stopped before writing anything leaves no folder
+                    folder = self._runs_root / run_id
+                    if folder.is_dir() and not any(p.is_file() and not p.name.endswith("kronos-run.lock")
+                                                   for p in folder.rglob("*")):
+                        import shutil
+
+                        shutil.rmtree(folder, ignore_errors=True)
+                raise
+
+    def enter_run_folder(self, skip_tokenizer: bool = False, skip_predictor: bool = False) -> Optional[str]:
+        """Move ``save_path``/``backtest_result_path`` inside this run's folder (a new id, ``run_id`` when set,
+        or with ``resume`` the newest run). A skipped training stage with no explicit ``finetuned_*_path`` reuses
+        the checkpoint of the latest finished run. Returns the run id (None with ``run_folders: false``)."""
+        from kronos.runs import latest_run, new_run_id, newest_run, run_paths, runs_root
+        from kronos.train.distributed import share_text
+
+        cfg = self.config
+        if not cfg.run_folders:
+            return None
+        root = runs_root(cfg.save_path, cfg.backtest_result_path)
+        run_id = ""
+        if is_main_process():
+            if cfg.run_id:
+                run_id = cfg.run_id
+            elif self.resume and newest_run(root):
+                run_id = newest_run(root)
+            else:
+                run_id = new_run_id(root, reserve=True)
+        run_id = share_text(run_id)  # rank 0's choice on every rank
+
+        def in_run(rid: str, extra: Optional[dict] = None) -> Config:
+            paths = run_paths(cfg.save_path, cfg.backtest_result_path, rid)
+            return copy.deepcopy(cfg).update({**paths, "run_id": rid, **(extra or {})}, source="run folder",
+                                             user=False)
+
+        overrides: dict[str, Any] = {}
+        moved = in_run(run_id)
+        previous = latest_run(root)
+        for stage, skipped in (("tokenizer", skip_tokenizer), ("predictor", skip_predictor)):
+            key = f"finetuned_{stage}_path"
+            own = getattr(moved, f"finetuned_{stage}")
+            if not skipped or cfg.is_set(key) or getattr(cfg, key) or self._has_checkpoint(own):
+                continue
+            if previous and previous != run_id:
+                earlier = in_run(previous)
+                theirs = getattr(earlier, f"finetuned_{stage}")
+                if self._has_checkpoint(theirs):
+                    overrides[key] = theirs
+                    log.info("--skip-%s: reusing the %s of run %s (%s)", stage, stage, previous, theirs)
+        self.config = in_run(run_id, overrides)
+        self._runs_root = root
+        self.result.results_dir = self.config.backtest_dir
+        return run_id
+
+    @staticmethod
+    def _has_checkpoint(path: str) -> bool:
+        from kronos.io import resolve_folder
+
+        folder = resolve_folder(path)
+        return folder is not None and (folder / "config.json").is_file()
 
     def _locked_run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
                     skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
@@ -388,16 +481,18 @@ class KronosPipeline:
             barrier()
             timings[name] = round(time.time() - t0, 2)
 
+        if skip_data:
+            self.require_dataset()
         if is_main_process():
             from kronos.runlock import RUN_ID
 
             cfg.save(Path(cfg.save_path) / "pipeline_config.json")  # inside the outputs, never beside them
             # a run killed later leaves status 'running' under its own id: its results are never taken for finished
-            self.result.run_id, self.result.status = RUN_ID, "running"
+            self.result.run_id, self.result.status = cfg.run_id or RUN_ID, "running"
             kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
-        if skip_data:
-            self.require_dataset()
-        else:
+            if cfg.run_id:
+                log.info("run %s: outputs under %s", cfg.run_id, Path(cfg.save_path).parent)
+        if not skip_data:
             step("data", self.process_data, main_only=True)
         if skip_tokenizer:
             self.require_checkpoint(cfg.finetuned_tokenizer, "tokenizer", "--skip-tokenizer")
@@ -421,6 +516,10 @@ class KronosPipeline:
         if is_main_process():
             self.result.status = "finished"
             kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
+            if getattr(self, "_runs_root", None) is not None and cfg.run_id:
+                from kronos.runs import mark_latest
+
+                mark_latest(self._runs_root, cfg.run_id)  # runs/latest: the newest finished run
         return self.result
 
     # ------------------------------------------------------------------ calibration and the walk-forward report

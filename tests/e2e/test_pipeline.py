@@ -52,6 +52,13 @@ def write_config(tmp: Path, **overrides) -> Path:
     return path
 
 
+def latest_run(tmp: Path) -> Path:
+    """The newest finished run folder (runs/latest) of a config written by write_config."""
+    link = tmp / "outputs" / "runs" / "latest"
+    assert link.is_symlink() and (tmp / "outputs" / "runs" / "LATEST").is_file()
+    return link.resolve()
+
+
 def run_script(args, cwd=ROOT, env=None, timeout=600):
     e = dict(os.environ)
     e.update(env or {})
@@ -86,16 +93,19 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
     tmp, cfg, r = qlib_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Kronos pipeline finished" in r.stdout
-    models = tmp / "outputs" / "models"
+    run = latest_run(tmp)
+    models = run / "models"
     for stage in ("finetune_tokenizer_demo", "finetune_predictor_demo"):
         best = models / stage / "checkpoints" / "best_model"
         assert (best / "config.json").is_file() and (best / "model.safetensors").is_file()
         summary = json.loads((models / stage / "summary.json").read_text())
         assert np.isfinite(summary["best_val_loss"])
         assert (models / stage / "training_curves.png").is_file()
-    assert json.loads((tmp / "outputs" / "models" / "pipeline_config.json").read_text())["data_source"] == "qlib"
-    res = tmp / "outputs" / "backtest_results" / "finetune_backtest_demo"
+    assert json.loads((models / "pipeline_config.json").read_text())["data_source"] == "qlib"
+    res = run / "backtest_results" / "finetune_backtest_demo"
     fc = pd.read_parquet(res / "forecast_latest.parquet")
+    assert (pd.to_datetime(fc["as_of"]) == pd.Timestamp("2024-12-31")).all()  # as-of bar; stale symbols elsewhere
+    assert not (pd.to_datetime(fc["timestamps"]) == pd.Timestamp("2025-01-01")).any()  # XSHG calendar: a holiday
     assert fc["symbol"].nunique() >= 3 and set(fc["step"]) == set(range(1, 6))
     assert {"close", "close_q0.1", "close_q0.9"} <= set(fc.columns)
     assert (fc["close_q0.1"] <= fc["close_q0.9"] + 1e-9).all()
@@ -114,13 +124,27 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
 def test_skip_flags_reuse_what_is_on_disk(qlib_run):
     tmp, cfg, r = qlib_run
     assert r.returncode == 0
-    best = tmp / "outputs/models/finetune_predictor_demo/checkpoints/best_model/model.safetensors"
+    first = latest_run(tmp)
+    best = first / "models/finetune_predictor_demo/checkpoints/best_model/model.safetensors"
     before = best.stat().st_mtime_ns
     r2 = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--config-path", str(cfg),
                      "--skip-data-process", "--skip-tokenizer", "--skip-predictor"])
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert best.stat().st_mtime_ns == before  # models untouched, prediction redone
     assert "==== data ====" not in r2.stderr and "==== predict ====" in r2.stderr
+    second = latest_run(tmp)  # a new run folder: the first run's results are not overwritten
+    assert second != first and (first / "backtest_results/finetune_backtest_demo/metrics.json").is_file()
+    result = json.loads((second / "backtest_results/finetune_backtest_demo/pipeline_result.json").read_text())
+    assert result["predictor_path"].startswith(str(first)) and result["run_id"] == second.name
+    # `kronos backtest` alone works on the latest run and reuses its saved forecast records: it needs no model
+    (first / "models").rename(first / "models-away")
+    try:
+        r3 = run_script(["-m", "kronos.cli", "backtest", "--config-path", str(cfg), "--cpu"])
+    finally:
+        (first / "models-away").rename(first / "models")
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert f"working on run {second.name}" in r3.stderr and "reusing the run's forecast records" in r3.stderr
+    assert str(second / "backtest_results/finetune_backtest_demo/backtest") in r3.stdout
 
 
 def test_skip_flags_say_what_is_missing(tmp_path):
@@ -129,6 +153,7 @@ def test_skip_flags_say_what_is_missing(tmp_path):
     assert r.returncode == 1
     assert "no processed dataset" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0
+    assert not list((tmp_path / "outputs").rglob("*.json"))  # a run that stopped at once leaves no run folder
 
 
 def test_csv_pipeline(tmp_path):
@@ -151,8 +176,9 @@ def test_csv_pipeline(tmp_path):
                     "--config-path", str(cfg)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(tmp_path.iterdir()) - before == {tmp_path / "data", tmp_path / "outputs"}  # nothing outside
-    assert (tmp_path / "outputs" / "models" / "pipeline_config.json").is_file()
-    res = tmp_path / "outputs/backtest_results/finetune_backtest_demo"
+    run = latest_run(tmp_path)
+    assert (run / "models" / "pipeline_config.json").is_file()
+    res = run / "backtest_results/finetune_backtest_demo"
     plots = sorted(p.name for p in (res / "plots").iterdir())
     assert len(plots) == 3 and "forecast_AAA.png" in plots and all(p.startswith("forecast_") for p in plots)
     fc = pd.read_parquet(res / "forecast_latest.parquet")
@@ -175,7 +201,7 @@ def test_sina_pipeline_against_loopback_server(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "data/processed/manifest.json").read_text())
     assert sorted(manifest["symbols"]) == ["sh600000", "sz000001"]
-    fc = pd.read_parquet(tmp_path / "outputs/backtest_results/finetune_backtest_demo/forecast_latest.parquet")
+    fc = pd.read_parquet(latest_run(tmp_path) / "backtest_results/finetune_backtest_demo/forecast_latest.parquet")
     assert set(fc["symbol"]) == {"sh600000", "sz000001"}
 
 
@@ -196,9 +222,10 @@ def test_pipeline_under_torchrun_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Kronos pipeline finished") == 1  # only rank 0 reports
     for stage in ("finetune_tokenizer_demo", "finetune_predictor_demo"):
-        summary = json.loads((tmp_path / "outputs/models" / stage / "summary.json").read_text())
+        summary = json.loads((latest_run(tmp_path) / "models" / stage / "summary.json").read_text())
         assert summary["world_size"] == 2
-    assert (tmp_path / "outputs/backtest_results/finetune_backtest_demo/forecast_latest.parquet").is_file()
+    assert (latest_run(tmp_path) / "backtest_results/finetune_backtest_demo/forecast_latest.parquet").is_file()
+    assert len([d for d in (tmp_path / "outputs" / "runs").iterdir() if not d.is_symlink() and d.is_dir()]) == 1
 
 
 def test_summary_counts_every_png_and_logs_name_no_temporary_path(qlib_run):
@@ -206,7 +233,8 @@ def test_summary_counts_every_png_and_logs_name_no_temporary_path(qlib_run):
 
     tmp, cfg, r = qlib_run
     assert r.returncode == 0, r.stderr[-3000:]
-    written = sorted((tmp / "outputs").rglob("*.png"))
+    first = min(d for d in (tmp / "outputs" / "runs").iterdir() if d.is_dir() and not d.is_symlink())
+    written = sorted(first.rglob("*.png"))  # the fixture's run (a later test adds a run of its own)
     reported = re.search(r"plots:\s+(\d+) PNG files", r.stdout)
     assert reported and int(reported.group(1)) == len(written), (r.stdout, written)
     names = {p.name for p in written}

@@ -521,6 +521,7 @@ class KronosPredictor:
         quantiles: Sequence[float] = (0.1, 0.5, 0.9),
         anchors: Any = None,
         future_timestamps: Any = None,
+        calendar: Optional[str] = None,
         sample_count: int = 32,
         T: float = 1.0,
         top_k: int = 0,
@@ -544,6 +545,8 @@ class KronosPredictor:
         skipped (logged). Future timestamps are the frame's next bars, continued by
         :func:`kronos.timeutil.future_timestamps` past its end; ``future_timestamps`` (only with ``anchors=None``)
         overrides them: one sequence of ``pred_len`` timestamps for every symbol, or ``{symbol: sequence}``.
+        ``calendar`` (an ``exchange_calendars`` code such as ``"XSHG"``) makes those continued timestamps follow
+        that exchange's trading days, so holidays are never forecast dates; ``None``: business days.
 
         Returns a frame with one row per (symbol, anchor, step), sorted so: ``symbol`` (named ``id_column``),
         ``anchor`` (the as-of timestamp), ``step`` (1..pred_len), ``timestamps`` (the forecast bar), the mean
@@ -568,7 +571,8 @@ class KronosPredictor:
             raise InputError(f"lookback must be an integer >= 1 (or None for max_context), got {lookback!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1 (series per predict_batch call), got {batch_size!r}")
-        tasks = _forecast_tasks(frame, id_column, timestamp_column, int(L), int(pred_len), anchors, future_timestamps)
+        tasks = _forecast_tasks(frame, id_column, timestamp_column, int(L), int(pred_len), anchors, future_timestamps,
+                                calendar)
         means, quants, ups, paths_out, scales = [], [], [], [], []
         for t in tasks:  # every input checked before sampling; the predictor's own close scale (std + eps, float64)
             item = self._prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ")
@@ -639,7 +643,8 @@ def _anchor_lookup(anchors: Any, id_column: str, timestamp_column: str) -> tuple
 
 
 def _forecast_tasks(
-    frame: pd.DataFrame, id_column: str, timestamp_column: str, L: int, P: int, anchors: Any, future: Any
+    frame: pd.DataFrame, id_column: str, timestamp_column: str, L: int, P: int, anchors: Any, future: Any,
+    calendar: Optional[str] = None,
 ) -> list[_Task]:
     from kronos.timeutil import future_timestamps as extend
 
@@ -688,7 +693,7 @@ def _forecast_tasks(
                     raise InputError(f"future_timestamps has no entry for symbol {symbol!r}")
                 fut = _to_datetime_index(given, f"future_timestamps of {symbol!r}")
             elif len(fut) < P:
-                fut = fut.append(extend(ctx_ts.append(fut), P - len(fut)))
+                fut = fut.append(extend(ctx_ts.append(fut), P - len(fut), calendar=calendar))
             true_close = np.full(P, np.nan)
             n_known = min(P, len(ts) - i - 1)
             true_close[:n_known] = close[i + 1:i + 1 + n_known]

@@ -41,8 +41,14 @@ class RunFolder:
     def __init__(self, path: str) -> None:
         from kronos.config import Config
 
+        from kronos.runs import latest_run
+
         self.dir = Path(path).expanduser().resolve()
         found = [self.dir / "pipeline_config.json", *sorted(self.dir.glob("*/pipeline_config.json"))]
+        for runs in (self.dir, self.dir / "runs"):  # outputs/ or outputs/runs/: the latest finished run
+            latest = latest_run(runs)
+            if latest:
+                found += sorted((runs / latest).glob("*/pipeline_config.json"))
         found = [f for f in found if f.is_file()]
         if not found:
             raise ConfigError(f"--run '{self.dir}' holds no pipeline_config.json (nor does a subfolder); point it "

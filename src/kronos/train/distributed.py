@@ -164,6 +164,19 @@ def wait_for_main() -> None:
         dist.barrier(group=_wait_group())
 
 
+def share_text(text: str, limit: int = 200) -> str:
+    """Rank 0's ``text`` (e.g. a run id), the same on every rank (as bytes in a tensor: nothing is pickled).
+    Without a process group it is returned unchanged."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return text
+    data = text.encode("utf-8")[:limit]
+    buf = torch.zeros(limit + 1, dtype=torch.uint8)
+    buf[0] = len(data)
+    buf[1:1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    dist.broadcast(buf, src=0, group=_wait_group())
+    return bytes(buf[1:1 + int(buf[0])].tolist()).decode("utf-8")
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         if ctx.backend == "nccl":
