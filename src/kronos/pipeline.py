@@ -219,7 +219,8 @@ class KronosPipeline:
             plot_forecast(history.set_index("timestamps")[list(VALUE_COLUMNS)], rows[list(VALUE_COLUMNS)], band,
                           None, f"{symbol}: {cfg.predict_window}-bar forecast as of {rows['as_of'].iloc[0]} "
                           f"(band q{lo:g}-q{hi:g})", path,
-                          prob_up=rows["p_up"].to_numpy() if "p_up" in rows.columns else None)
+                          prob_up=next((rows[c].to_numpy() for c in ("p_up_calibrated", "p_up") if c in rows.columns),
+                                       None))
             self.result.plots.append(str(path))
         self.result.forecast_file = str(kio.write_table(forecasts, out_dir / "forecast_latest"))
         log.info("forecasts for %d symbols as of %s written to %s", len(latest), newest, self.result.forecast_file)
