@@ -97,6 +97,7 @@ def test_save_writes_effective_config(tmp_path):
     assert Config.from_dict(data).finetuned_tokenizer == c.finetuned_tokenizer
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     f = tmp_path / "cfg.json"
     f.write_text(json.dumps({"batch_sise": 3}))

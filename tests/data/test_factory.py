@@ -79,6 +79,7 @@ def test_a_broken_source_module_affects_only_that_source(registry, monkeypatch):
     assert registry.create_processor("csv", Config()).name == "csv"
 
 
+@pytest.mark.slow
 def test_seed_import_paths_work_from_finetune_folder():
     code = ("from sina_data_processor import DataProcessorFactory, BaseDataProcessor, CsvDataProcessor; "
             "import qlib_data_preprocess; "
@@ -88,6 +89,7 @@ def test_seed_import_paths_work_from_finetune_folder():
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_importing_sources_does_not_import_qlib():
     code = "import sys, kronos.data, kronos.data.sources; assert 'qlib' not in sys.modules; print('ok')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

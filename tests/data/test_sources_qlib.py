@@ -50,6 +50,7 @@ def instruments_file() -> dict[str, list[tuple[pd.Timestamp, pd.Timestamp]]]:
     return spans
 
 
+@pytest.mark.slow
 def test_qlib_dataset_has_split_format_and_respects_membership(qlib_dataset):
     path, manifest = qlib_dataset
     calendar = pd.DatetimeIndex(pd.read_csv(QLIB / "calendars" / "day.txt", header=None)[0])
@@ -117,6 +118,7 @@ def test_qlib_errors_name_the_path(tmp_path, monkeypatch):
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.slow
 def test_preprocess_script_writes_dataset_and_reports_errors(tmp_path):
     cfg = {**QLIB_KEYS, "dataset_path": str(tmp_path / "ds")}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
@@ -136,6 +138,7 @@ def test_preprocess_script_writes_dataset_and_reports_errors(tmp_path):
     assert len(errors) == 1 and "no_such_qlib" in errors[0] and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_upper_case_feature_folders_load_like_lower_case(tmp_path, monkeypatch, qlib_dataset):
     """Some public Qlib dumps write features/SH600000/CLOSE.day.bin; pyqlib alone finds 0 symbols there."""
     import shutil

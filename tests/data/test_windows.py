@@ -376,6 +376,7 @@ def test_finetune_qlib_dataset(fake_store):
         mod.QlibDataset("training", cfg)
 
 
+@pytest.mark.slow
 def test_finetune_import_works_as_the_seed_scripts_do():
     # A script in finetune/ (run from there or from the root) has finetune/ first on sys.path.
     code = ("from dataset import QlibDataset; from kronos.data.windows import WindowDataset; "

@@ -44,6 +44,7 @@ def qlib_dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("anchors") / "ds")  # val ends 2024-03-29
 
 
+@pytest.mark.slow
 def test_qlib_anchors_follow_the_last_validation_bar(qlib_dataset, tmp_path):
     # the test range starts inside validation (history for the first windows), as the official configs do
     cfg = tiny_config(tmp_path, qlib_dataset, test_time_range=["2023-10-01", "2024-12-31"],

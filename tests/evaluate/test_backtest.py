@@ -159,6 +159,7 @@ def qlib_comparison(qlib_setup, tmp_path_factory):
     return comp, out
 
 
+@pytest.mark.slow
 def test_qlib_oracle_beats_benchmark_and_inverse_loses(qlib_comparison):
     comp, out = qlib_comparison
     good, bad = comp.reports["oracle"], comp.reports["inverse"]
@@ -264,6 +265,7 @@ def test_simple_backtest_deal_price_open_needs_and_uses_open_prices():
     assert (rep.holdings.columns == ["A"]).all() and rep.holdings["A"].iloc[1:].gt(0.99).all()
 
 
+@pytest.mark.slow
 def test_both_engines_agree_on_open_fills(qlib_setup):
     """The official default (fills at the next open) on the bundled provider: Qlib and the built-in engine hold
     the same names every day, their weights agree to 2e-3 and their daily returns to 2e-4 (measured: 4.7e-4 and

@@ -118,6 +118,7 @@ def test_forecast_figure_draws_candles_band_and_prob_up(tmp_path):
     assert _is_png(out) and _has_colour(out, UP) and _has_colour(out, DOWN)
 
 
+@pytest.mark.slow
 def test_importing_plots_leaves_the_matplotlib_backend_alone():
     import subprocess
     import sys

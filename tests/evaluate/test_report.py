@@ -45,6 +45,7 @@ def test_anchors_targets_stay_in_their_split(setup):
     assert val["anchor"].nunique() == 30
 
 
+@pytest.mark.slow
 def test_report_and_calibration_end_to_end(setup, tmp_path):
     frame, bounds, predictor, cfg = setup
     cal = calibrate_on_validation(cfg, predictor, frame, bounds, out_path=tmp_path / "calibration.json")

@@ -354,6 +354,7 @@ def test_absurd_config_fails_before_allocating(tmp_path):
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.slow
 def test_hub_endpoint_that_never_answers_fails_within_seconds(tmp_path, monkeypatch):
     import socket as _socket
 

@@ -150,6 +150,7 @@ def _nan_json(rows) -> bytes:
     return json.dumps({"bars": rows}).encode()  # Python writes NaN, as many clients do
 
 
+@pytest.mark.slow
 def test_200_bad_requests_get_4xx_and_the_service_stays_up(client, bars):
     kinds = _bad_requests(bars)
     assert len(kinds) == 10

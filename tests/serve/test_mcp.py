@@ -44,6 +44,7 @@ async def _exercise(client) -> None:
     assert symbols.structured_content["symbols"] == []
 
 
+@pytest.mark.slow
 def test_mcp_tools_in_process(one_thread):
     engine = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64)
 

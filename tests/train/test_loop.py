@@ -218,6 +218,7 @@ def test_real_comet_logs_offline_without_key_or_network(dataset: Path, tmp_path:
             assert z.namelist(), "empty Comet offline archive"
 
 
+@pytest.mark.slow
 def test_comet_online_branch_when_reachable(dataset: Path, tmp_path: Path, monkeypatch) -> None:
     # The online branch needs Comet's servers: a recording stand-in checks which experiment type is opened.
     calls = []
