@@ -23,6 +23,16 @@ from kronos.train import distributed as kd
 kd.COLLECTIVE_TIMEOUT = timedelta(seconds=3)  # the training group's timeout, short for the test
 mode = sys.argv[1]
 assert not dist.is_initialized()
+
+class Probe(KronosPipeline):  # run() from Python under torchrun sets up (and removes) its own group
+    def __init__(self):
+        self.config = Config(device="cpu", run_folders=False)  # no run folder: this probe writes nothing
+    def _locked_run(self, *args, **kwargs):  # what run() calls inside its process group (steps not needed here)
+        return dist.get_world_size()
+
+if mode == "probe":  # its own torchrun: a second group in one process races on gloo's rendezvous keys
+    print("pipeline group size", Probe().run(), dist.is_initialized(), flush=True)
+    sys.exit(0)
 with kd.process_group(Config(device="cpu", dist_wait_hours=0.05)) as ctx:  # what KronosPipeline.run() does
     assert dist.is_initialized() and ctx.world_size == 2 and ctx.backend == "gloo"
     if is_main_process():
@@ -33,13 +43,6 @@ with kd.process_group(Config(device="cpu", dist_wait_hours=0.05)) as ctx:  # wha
         dist.barrier()  # the training group: times out
     print(f"rank {ctx.rank} waited", flush=True)
 assert not dist.is_initialized()  # the group it set up is gone
-
-class Probe(KronosPipeline):  # run() from Python under torchrun sets up (and removes) its own group
-    def __init__(self):
-        self.config = Config(device="cpu")
-    def _locked_run(self, *args, **kwargs):  # what run() calls inside its process group (steps not needed here)
-        return dist.get_world_size()
-print("pipeline group size", Probe().run(), dist.is_initialized(), flush=True)
 '''
 
 
@@ -55,6 +58,11 @@ def test_a_slow_rank0_step_does_not_time_out_the_wait(tmp_path: Path) -> None:
     r = _torchrun(tmp_path, "wait")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("waited") == 2
+
+
+def test_pipeline_run_from_python_sets_up_its_own_group(tmp_path: Path) -> None:
+    r = _torchrun(tmp_path, "probe")
+    assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("pipeline group size 2 False") == 2
 
 
