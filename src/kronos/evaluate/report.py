@@ -34,14 +34,15 @@ HEADLINE = ("mse_ret", "mae_ret", "mase", "direction_accuracy", "ic", "rank_ic",
 
 # ---------------------------------------------------------------------- splits and anchors
 def split_bounds(dataset_path: str) -> dict[str, pd.Timestamp]:
-    """First and last timestamp of each split of the processed dataset (global over symbols)."""
-    from kronos.data.store import SPLITS, load_split
+    """First and last own bar of each split (``train_start`` ... ``test_end``), from
+    :func:`kronos.evaluate.anchors.split_bounds` (the manifest's split dates; NaT for an empty split)."""
+    from kronos.data.store import SPLITS
+    from kronos.evaluate import anchors
 
     out = {}
     for split in SPLITS:
-        ts = load_split(dataset_path, split)["timestamps"]
-        out[f"{split}_start"] = pd.Timestamp(ts.min()) if len(ts) else pd.NaT
-        out[f"{split}_end"] = pd.Timestamp(ts.max()) if len(ts) else pd.NaT
+        bounds = anchors.split_bounds(dataset_path, split)
+        out[f"{split}_start"], out[f"{split}_end"] = (pd.Timestamp(b) for b in bounds) if bounds else (pd.NaT, pd.NaT)
     return out
 
 
