@@ -158,6 +158,7 @@ class Config:
     eval_max_anchors: int = 0  # keep only the latest N anchor dates (0 = all); --fast-mode caps it
     eval_seeds: list = field(default_factory=list)  # walk-forward report sampling seeds (empty: [inference_seed])
     interval_levels: list = field(default_factory=lambda: [0.5, 0.8])  # central bands scored and calibrated
+    calibration_method: str = "vol_scaled"  # band correction (kronos.evaluate.calibration; "auto" = hold-out choice)
     plot_n_symbols: int = 5
     inference_seed: int = 100
     # backtest costs and fills as the official qlib_test.py: buy 0.1%, sell 0.15%, min 5 yuan, fill at the open
@@ -418,6 +419,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "dist_wait_hours": (_above(0),),
     "max_nonfinite_steps": (_at_least(1),),
     "backtest_deal_price": (_one_of("open", "close"),),
+    "calibration_method": (_one_of("vol_scaled", "cqr_vol", "cqr_additive", "cqr_multiplicative", "spread_scale",
+                                   "none", "auto"),),
     "price_spike_factor": (Rule(lambda v: v == 0 or (math.isfinite(v) and v > 1), "must be 0 (off) or a number > 1"),),
     "price_spike_action": (_one_of("drop", "keep"),),
     # folder names are names, never paths: '../x' would put a stage's outputs outside save_path

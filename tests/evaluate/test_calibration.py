@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kronos.errors import CheckpointError, InputError
-from kronos.evaluate.calibration import Calibration, fit_calibration, load_calibration, model_fingerprint
+from kronos.evaluate.calibration import Calibration, candidate, fit_calibration, load_calibration, model_fingerprint
 
 
 def _synthetic(n, seed, s=20, p=4, spread=0.4):
@@ -24,29 +24,36 @@ def _synthetic(n, seed, s=20, p=4, spread=0.4):
 @pytest.mark.parametrize("spread", [0.4, 2.5])
 def test_calibration_reaches_nominal_coverage_on_held_out_anchors(spread):
     samples, last, true, anchors = _synthetic(800, 0, spread=spread)
-    cal = fit_calibration(samples, last, true, anchors, levels=[0.5, 0.8], lookback=30, fingerprint="x")
-    assert cal.method != "none"
+    cal = fit_calibration(samples, last, true, anchors, levels=[0.5, 0.8], lookback=30, fingerprint="x",
+                          context_vol=np.full(len(last), 0.01))
+    assert cal.method == "vol_scaled"
     test_s, test_last, test_true, _ = _synthetic(1500, 1, spread=spread)
     for lv in (0.5, 0.8):
         raw_lo, raw_hi = np.quantile(test_s, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
         raw_cov = np.mean((test_true >= raw_lo) & (test_true <= raw_hi))
-        lo, hi = cal.quantiles(test_s, test_last, [(1 - lv) / 2, (1 + lv) / 2])
+        lo, hi = cal.quantiles(test_s, test_last, [(1 - lv) / 2, (1 + lv) / 2], np.full(len(test_last), 0.01))
         cov = np.mean((test_true >= lo) & (test_true <= hi))
         assert abs(raw_cov - lv) > 0.1  # the raw band is badly off ...
         assert cov == pytest.approx(lv, abs=0.05)  # ... the calibrated one is not
     assert cal.coverage_before["0.8"]["coverage"] != pytest.approx(cal.coverage_after["0.8"]["coverage"], abs=0.05)
-    assert set(cal.holdout) == {"cqr_additive", "cqr_multiplicative", "spread_scale", "none"}
+    assert set(cal.holdout) == {"vol_scaled", "cqr_vol", "cqr_additive", "cqr_multiplicative", "spread_scale", "none"}
     assert cal.brier["calibrated"] <= cal.brier["raw"] + 1e-9
 
 
 def test_file_round_trips_and_rejects_bad_files(tmp_path):
     samples, last, true, anchors = _synthetic(200, 3)
-    cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=30, fingerprint="abc")
+    vol = np.full(200, 0.01)
+    cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=30, fingerprint="abc", context_vol=vol)
     path = tmp_path / "calibration.json"
     cal.save(path)
     back = load_calibration(path)
     assert back == Calibration.from_dict(json.loads(path.read_text()))
-    assert np.allclose(back.quantiles(samples, last, [0.1, 0.5, 0.9]), cal.quantiles(samples, last, [0.1, 0.5, 0.9]))
+    assert np.allclose(back.quantiles(samples, last, [0.1, 0.5, 0.9], vol),
+                       cal.quantiles(samples, last, [0.1, 0.5, 0.9], vol))
+    old = dict(cal.to_dict(), version=1)
+    path.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="format version 1.*rerun `kronos calibrate`"):
+        load_calibration(path)
     path.write_text("{ not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_calibration(path)
@@ -58,7 +65,9 @@ def test_file_round_trips_and_rejects_bad_files(tmp_path):
     with pytest.raises(InputError, match="outside"):
         fit_calibration(samples, last, true, anchors, levels=[0.0], lookback=30, fingerprint="abc")
     with pytest.raises(InputError, match="not calibrated"):
-        back.quantiles(samples, last, [0.25])
+        back.quantiles(samples, last, [0.25], vol)
+    with pytest.raises(InputError, match="unknown calibration method 'bogus'"):
+        fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=30, fingerprint="abc", method="bogus")
 
 
 def test_mismatched_model_is_rejected():
@@ -66,7 +75,8 @@ def test_mismatched_model_is_rejected():
     fp = model_fingerprint(a, 30, 4)
     assert fp == model_fingerprint(a, 30, 4) and fp != model_fingerprint(a, 31, 4)
     samples, last, true, anchors = _synthetic(50, 4)
-    cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=30, fingerprint=fp)
+    cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=30, fingerprint=fp,
+                          method="cqr_additive")
     cal.check(a, lookback=30, horizon=4)
     with pytest.raises(CheckpointError, match="another predictor"):
         cal.check(b, lookback=30, horizon=4)
@@ -98,7 +108,7 @@ def test_predictor_applies_calibration_and_refuses_another_model(tmp_path):
                           "low": close * 0.99, "close": close, "volume": 1000.0})
     samples, last, true, anchors = _synthetic(100, 5, p=P, spread=0.3)
     cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=L,
-                          fingerprint=model_fingerprint(pred, L, P))
+                          fingerprint=model_fingerprint(pred, L, P), method="cqr_additive")
     path = cal.save(tmp_path / "calibration.json")
     ctx = frame.iloc[n - L:n]
     args = (ctx[["open", "high", "low", "close", "volume"]], ctx["timestamps"], frame["timestamps"].iloc[n:n + P], P)
@@ -126,7 +136,7 @@ def test_predictor_applies_calibration_and_refuses_another_model(tmp_path):
     true2 = 50 * (1 + rng2.normal(size=(200, P)) * vol[:, None])
     cal_vol = fit_calibration(flat, np.full(200, 50.0), true2, np.arange(200), levels=[0.8], lookback=L,
                               fingerprint=model_fingerprint(pred, L, P), context_vol=vol)
-    assert cal_vol.method == "cqr_vol"
+    assert cal_vol.method == "vol_scaled"
     records = pred.predict_df(frame.iloc[:n], pred_len=P, lookback=L, sample_count=6, seed=3, calibration=cal_vol,
                               progress=False)
     assert (records["close_q0.9"] > records["close_q0.9_raw"]).all() and (records["context_vol"] > 0).all()
@@ -134,9 +144,10 @@ def test_predictor_applies_calibration_and_refuses_another_model(tmp_path):
     assert (calq[0.9]["close"] > raw[0.9]["close"]).all()
 
 
-def test_volatility_normalised_cqr_follows_a_regime_change():
+@pytest.mark.parametrize("method", ["vol_scaled", "cqr_vol"])
+def test_volatility_normalised_calibration_follows_a_regime_change(method):
     """Degenerate samples (zero-width bands) and noise proportional to each context's volatility: only the
-    volatility-normalised correction stays calibrated when the test period is twice as volatile."""
+    volatility-normalised corrections stay calibrated when the test period is twice as volatile."""
     def make(n, seed, vol_scale):
         rng = np.random.default_rng(seed)
         vol = rng.uniform(0.005, 0.02, size=n) * vol_scale
@@ -147,11 +158,43 @@ def test_volatility_normalised_cqr_follows_a_regime_change():
 
     s, last, true, vol = make(1000, 0, 1.0)
     cal = fit_calibration(s, last, true, np.arange(1000), levels=[0.5, 0.8], lookback=30, fingerprint="x",
-                          context_vol=vol)
-    assert cal.method == "cqr_vol"
+                          context_vol=vol, method=method)
+    assert cal.method == method
     ts, tlast, ttrue, tvol = make(2000, 1, 2.0)
+    additive = candidate(cal, "cqr_additive")
     for lv in (0.5, 0.8):
         lo, hi = cal.quantiles(ts, tlast, [(1 - lv) / 2, (1 + lv) / 2], tvol)
         assert np.mean((ttrue >= lo) & (ttrue <= hi)) == pytest.approx(lv, abs=0.05)
-    with pytest.raises(InputError, match="context volatility"):
+        lo, hi = additive.quantiles(ts, tlast, [(1 - lv) / 2, (1 + lv) / 2], tvol)
+        assert np.mean((ttrue >= lo) & (ttrue <= hi)) < lv - 0.1  # a correction in price units does not follow
+    with pytest.raises(InputError, match="recent volatility"):
         cal.quantiles(ts, tlast, [0.1])
+
+
+def test_vol_scaled_widens_with_the_models_own_spread():
+    """Where the model's own band is wide, the calibrated band is wider than where it is narrow (same volatility),
+    and outcomes whose noise follows the model's spread are covered at nominal rate on new anchors."""
+    def make(n, seed):
+        rng = np.random.default_rng(seed)
+        sd = rng.choice([0.002, 0.03], size=n)  # half the forecasts are far more uncertain, and the model knows
+        last = np.full(n, 100.0)
+        true = last[:, None] * (1 + rng.normal(size=(n, 3)) * sd[:, None])
+        samples = last[:, None, None] * (1 + rng.normal(size=(n, 64, 3)) * sd[:, None, None])
+        return samples, last, true, np.full(n, 0.005), sd
+
+    s, last, true, vol, _ = make(1500, 0)
+    cal = fit_calibration(s, last, true, np.arange(1500), levels=[0.8], lookback=30, fingerprint="x",
+                          context_vol=vol)
+    ts, tlast, ttrue, tvol, tsd = make(3000, 1)
+    lo, hi = cal.quantiles(ts, tlast, [0.1, 0.9], tvol)
+    width = (hi - lo).mean(axis=1)
+    assert width[tsd > 0.01].mean() > 3 * width[tsd < 0.01].mean()
+    assert np.mean((ttrue >= lo) & (ttrue <= hi)) == pytest.approx(0.8, abs=0.04)
+
+
+def test_auto_keeps_the_hold_out_choice():
+    samples, last, true, anchors = _synthetic(400, 7, spread=0.5)
+    cal = fit_calibration(samples, last, true, anchors, levels=[0.8], lookback=30, fingerprint="x",
+                          context_vol=np.full(400, 0.01), method="auto")
+    best = min(cal.holdout, key=lambda m: cal.holdout[m]["mean_abs_error"])
+    assert cal.holdout[cal.method]["mean_abs_error"] <= cal.holdout[best]["mean_abs_error"] + 1e-3

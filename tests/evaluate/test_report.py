@@ -62,7 +62,7 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| MASE |" in md and "random_walk" in md and "calibrated" in md
     assert set(saved["calibration"]["candidates"]) >= {"none", "cqr_additive", "cqr_vol", "spread_scale"}
-    assert f"| {cal.method} (chosen) |" in md
+    assert f"| {cal.method} (used) |" in md
     for name in ("error_by_horizon", "pit_histogram", "coverage_by_horizon", "reliability"):
         assert (tmp_path / "r" / f"{name}.png").stat().st_size > 1000
 
@@ -74,3 +74,21 @@ def test_config_keys_are_checked():
         Config.from_dict({"interval_levels": [0.8, 1.0]})
     with pytest.raises(ConfigError, match="eval_seeds"):
         Config.from_dict({"eval_seeds": ["a"]})
+
+
+def test_coverage_interval_resamples_whole_dates():
+    """Forecasts of one date miss together (a market-wide move); the interval reflects the number of dates, not
+    the number of rows, and holds the coverage."""
+    from kronos.evaluate.report import coverage_interval
+
+    rng = np.random.default_rng(0)
+    dates = np.repeat(np.arange(40), 25)  # 40 dates x 25 symbols
+    hit_date = rng.random(40) < 0.8  # every symbol of a date is inside, or none is
+    inside = np.repeat(hit_date, 25)[:, None] & np.ones((1, 3), bool)
+    lo, hi = coverage_interval(inside, dates)
+    assert lo <= inside.mean() <= hi
+    assert hi - lo > 0.15  # ~ 40 independent draws, not 1,000
+    independent = rng.random((1000, 3)) < 0.8
+    lo2, hi2 = coverage_interval(independent, np.arange(1000))
+    assert hi2 - lo2 < 0.07
+    assert coverage_interval(inside[:25], dates[:25]) != coverage_interval(inside[:25], dates[:25])  # NaN: one date

@@ -337,7 +337,7 @@ class PathForecasts:
     true: np.ndarray
     point: np.ndarray
     samples: np.ndarray
-    vol: Optional[np.ndarray] = None  # [N] the context's log-return volatility (context_volatility)
+    vol: Optional[np.ndarray] = None  # [N] the context's recent log-return volatility (recent_volatility)
 
     @property
     def horizon(self) -> int:
@@ -350,6 +350,30 @@ def naive_scale(context_close: np.ndarray) -> np.ndarray:
     if c.shape[-1] < 2:
         return np.full(c.shape[:-1], np.nan)
     return np.nanmean(np.abs(np.diff(c, axis=-1)), axis=-1)
+
+
+VOL_HALFLIFE = 10  # bars; the half-life of recent_volatility's exponential weights
+
+
+def recent_volatility(close: np.ndarray, halflife: float = VOL_HALFLIFE) -> np.ndarray:
+    """Exponentially weighted RMS of the log-returns of context closes ``[..., L]`` (weights halve every
+    ``halflife`` bars back from the last bar; RiskMetrics-style, no mean removed); tiny floor so it divides.
+
+    This is the volatility the calibration scales its bands by (``context_vol`` in forecast records): it follows a
+    change of regime within a couple of weeks of daily bars, where the whole context's standard deviation
+    (:func:`context_volatility`) lags by the length of the context.
+    """
+    c = np.asarray(close, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.diff(np.log(c), axis=-1)
+    ok = np.isfinite(r)
+    if r.shape[-1] < 1:
+        return np.full(r.shape[:-1], 1e-8)
+    w = 0.5 ** (np.arange(r.shape[-1])[::-1] / float(halflife))
+    w = np.broadcast_to(w, r.shape) * ok
+    with np.errstate(all="ignore"):
+        vol = np.sqrt(np.sum(w * np.where(ok, r, 0.0) ** 2, axis=-1) / np.sum(w, axis=-1))
+    return np.maximum(np.nan_to_num(vol, nan=1e-8), 1e-8)
 
 
 def context_volatility(close: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import pandas as pd
 from kronos.errors import DataError
 from kronos.evaluate.baselines import baseline_forecasts
 from kronos import io as kio
-from kronos.evaluate.metrics import PathForecasts, _nanmean, context_volatility, dm_versus, naive_scale, pinball_loss, score_paths
+from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, recent_volatility, naive_scale, pinball_loss, score_paths
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def model_paths(name: str, predictor: Any, frame: pd.DataFrame, anchors: pd.Data
     point = records["close"].to_numpy(dtype=float).reshape(len(anchors), P)
     return PathForecasts(name, symbol=anchors["symbol"].to_numpy(), anchor=anchors["anchor"].to_numpy(),
                          last_close=ctx_close[:, -1], scale=naive_scale(ctx_close), true=true, point=point,
-                         samples=np.asarray(samples, dtype=float)[:, :, :, 3], vol=context_volatility(ctx_close))
+                         samples=np.asarray(samples, dtype=float)[:, :, :, 3], vol=recent_volatility(ctx_close))
 
 
 # ---------------------------------------------------------------------- scoring helpers
@@ -143,6 +143,7 @@ def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
             lo, hi = qv[qs.index(round((1 - lv) / 2, 10))], qv[qs.index(round((1 + lv) / 2, 10))]
             inside = (y >= lo) & (y <= hi)
             row[f"coverage_{lv:g}"] = float(inside.mean())
+            row[f"coverage_{lv:g}_ci"] = coverage_interval(inside, fc.anchor)
             row[f"coverage_{lv:g}_by_step"] = [float(v) for v in inside.mean(axis=0)]
             row[f"width_{lv:g}"] = float(np.mean((hi - lo) / last[:, None]))
         p = c.p_up_raw(fc.samples, last) if tag == "raw" else cal.p_up_calibrated(fc.samples, last)
@@ -168,6 +169,21 @@ def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
     out["up_rate"] = rate
     out["brier_base_rate"] = rate * (1 - rate)
     return out
+
+
+def coverage_interval(inside: np.ndarray, dates: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list:
+    """95% interval of a coverage by resampling whole anchor dates (a market-wide move hits every symbol of a date
+    at once, so forecasts of one date are not independent): ``[low, high]``."""
+    inside = np.asarray(inside, dtype=float).reshape(len(dates), -1)
+    codes, idx = np.unique(np.asarray(dates), return_inverse=True)
+    if len(codes) < 2:
+        return [float("nan"), float("nan")]
+    hits = np.bincount(idx, weights=inside.sum(axis=1), minlength=len(codes))
+    counts = np.bincount(idx, minlength=len(codes)) * inside.shape[1]
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(codes), size=(n_boot, len(codes)))
+    cov = hits[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    return [float(v) for v in np.quantile(cov, [0.025, 0.975])]
 
 
 def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
@@ -305,9 +321,15 @@ def render_markdown(report: dict) -> str:
     if cal:
         lines += ["", f"## Calibration ({cal['method']}, fitted on {cal['validation']['n_anchors']} validation "
                       "forecasts)", "", "| | uncalibrated | calibrated |", "|---|---|---|"]
+        def cov(row, lv):
+            ci = row.get(f"coverage_{lv:g}_ci")
+            text = _fmt(row[f"coverage_{lv:g}"])
+            ok = ci and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci)
+            return f"{text} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ok else text
+
         for lv in cal["levels"]:
-            lines.append(f"| coverage {lv:.0%} | {_fmt(cal['raw'][f'coverage_{lv:g}'])} | "
-                         f"{_fmt(cal['calibrated'][f'coverage_{lv:g}'])} |")
+            lines.append(f"| coverage {lv:.0%} [95% interval over dates] | {cov(cal['raw'], lv)} | "
+                         f"{cov(cal['calibrated'], lv)} |")
             lines.append(f"| width {lv:.0%} / last close | {_fmt(cal['raw'][f'width_{lv:g}'])} | "
                          f"{_fmt(cal['calibrated'][f'width_{lv:g}'])} |")
         lines.append(f"| quantile CRPS / last close | {_fmt(cal['raw']['crps_q'])} | {_fmt(cal['calibrated']['crps_q'])} |")
@@ -315,9 +337,9 @@ def render_markdown(report: dict) -> str:
                      f"{_fmt(cal['calibrated']['brier_up'])} |")
         hold = cal["validation"]["holdout"]
         lv_keys = [f"{lv:g}" for lv in cal["levels"]]
-        lines += ["", "Every candidate method: coverage (width / last close) on the later 40% of validation anchors "
-                      "after fitting on the earlier 60% (the choice), and on these test anchors after fitting on all "
-                      "validation anchors:", "",
+        lines += ["", f"The method is the config's `calibration_method` ({cal['method']}). Every candidate: coverage "
+                      "(width / last close) on the later 40% of validation anchors after fitting on the earlier 60%, "
+                      "and on these test anchors after fitting on all validation anchors:", "",
                   "| method | " + " | ".join(f"validation {float(k):.0%}" for k in lv_keys) + " | "
                   + " | ".join(f"test {float(k):.0%}" for k in lv_keys) + " |",
                   "|---|" + "---|" * (2 * len(lv_keys))]
@@ -325,7 +347,7 @@ def render_markdown(report: dict) -> str:
             h = hold.get(method, {})
             val_cells = [f"{_fmt(h.get('coverage', {}).get(k))} ({_fmt(h.get('width', {}).get(k))})" for k in lv_keys]
             test_cells = [f"{_fmt(row[f'coverage_{k}'])} ({_fmt(row[f'width_{k}'])})" for k in lv_keys]
-            mark = " (chosen)" if method == cal["method"] else ""
+            mark = " (used)" if method == cal["method"] else ""
             lines.append(f"| {method}{mark} | " + " | ".join(val_cells + test_cells) + " |")
     lines += ["", "Figures: " + ", ".join(Path(p).name for p in report["files"]["plots"]), ""]
     return "\n".join(lines)

@@ -473,10 +473,10 @@ class KronosPredictor:
             values = sample_quantiles(samples, qs)
             if cal is not None:  # price columns: the close-fitted correction relative to the last close
                 last = np.array([float(df["close"].iloc[-1])])
-                from kronos.evaluate.metrics import context_volatility
+                from kronos.evaluate.metrics import recent_volatility
 
                 close = df["close"].to_numpy(dtype=float)
-                vol = context_volatility(close[-self.max_context:][None] if self.truncate_history else close[None])
+                vol = recent_volatility(close[-self.max_context:][None] if self.truncate_history else close[None])
                 for c in range(4):
                     values[:, :, c] = cal.quantiles(samples[None, :, :, c], last, qs, vol)[:, 0]
             bands: dict = {q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)}
@@ -732,10 +732,10 @@ def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list
         for qi, q in enumerate(qs):
             data[f"{c}_q{q:g}"] = quants[qi, :, :, j].reshape(-1)
     data["p_up"] = p_up.reshape(-1)
-    # the context's close log-return volatility (what a volatility-normalised calibration scales by)
-    from kronos.evaluate.metrics import context_volatility
+    # the context's recent close log-return volatility (what the calibration scales its bands by)
+    from kronos.evaluate.metrics import recent_volatility
 
-    data["context_vol"] = np.repeat(context_volatility(np.stack([t.context["close"].to_numpy(dtype=np.float64)
+    data["context_vol"] = np.repeat(recent_volatility(np.stack([t.context["close"].to_numpy(dtype=np.float64)
                                                                   for t in tasks])) if tasks else [], P)
     data["last_close"] = np.repeat([t.last_close for t in tasks], P)
     data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)

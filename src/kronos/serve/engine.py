@@ -136,9 +136,12 @@ def summarize(history: pd.DataFrame, mean: pd.DataFrame, samples: np.ndarray, se
     if qs:
         values = sample_quantiles(samples, qs)  # [Q, P, 6]
         if calibration is not None:
+            from kronos.evaluate.metrics import recent_volatility
+
             last = np.array([last_close])
+            vol = recent_volatility(history["close"].to_numpy(dtype=float)[None])  # the history is its lookback
             for c in range(4):  # open/high/low/close: the close-fitted correction relative to the last close
-                values[:, :, c] = calibration.quantiles(samples[None, :, :, c], last, qs)[:, 0]
+                values[:, :, c] = calibration.quantiles(samples[None, :, :, c], last, qs, vol)[:, 0]
         for q, v in zip(qs, values):
             bands[f"{q:g}"] = {c: _jsonable(v[:, i]) for i, c in enumerate(VALUE_COLS)}
     out["quantiles"] = bands
