@@ -155,7 +155,8 @@ class Config:
     # ---- prediction & evaluation (ours) ----
     quantiles: list = field(default_factory=lambda: [0.1, 0.5, 0.9])
     eval_stride: int = 1  # rolling evaluation/backtest forecasts every N bars
-    eval_max_anchors: int = 0  # keep only the latest N anchor dates (0 = all); --fast-mode caps it
+    eval_max_anchors: int = 0  # at most N anchor dates (0 = all): spread over the split for the report and the
+    # calibration, the latest N for the backtest (it trades every bar); --fast-mode caps it
     eval_seeds: list = field(default_factory=list)  # walk-forward report sampling seeds (empty: [inference_seed])
     interval_levels: list = field(default_factory=lambda: [0.5, 0.8])  # central bands scored and calibrated
     calibration_method: str = "vol_scaled"  # band correction (kronos.evaluate.calibration; "auto" = hold-out choice)

@@ -92,3 +92,18 @@ def test_coverage_interval_resamples_whole_dates():
     lo2, hi2 = coverage_interval(independent, np.arange(1000))
     assert hi2 - lo2 < 0.07
     assert coverage_interval(inside[:25], dates[:25]) != coverage_interval(inside[:25], dates[:25])  # NaN: one date
+    # overlapping horizons: runs of dates share one outcome, and a block bootstrap widens the interval
+    runs = np.repeat(rng.random(8) < 0.8, 5)  # 40 dates, outcomes constant over runs of 5
+    inside_runs = np.repeat(runs, 25)[:, None] & np.ones((1, 3), bool)
+    lo1, hi1 = coverage_interval(inside_runs, dates, block=1)
+    lo5, hi5 = coverage_interval(inside_runs, dates, block=5)
+    assert hi5 - lo5 > 1.5 * (hi1 - lo1)
+
+
+def test_dates_per_horizon_counts_anchor_dates_in_a_horizon():
+    from kronos.evaluate.report import dates_per_horizon
+
+    days = pd.bdate_range("2024-01-01", periods=300)
+    assert dates_per_horizon(days, days[::1], 10) == 10
+    assert dates_per_horizon(days, days[::5], 10) == 2
+    assert dates_per_horizon(days, days[::30], 10) == 1

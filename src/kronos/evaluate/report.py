@@ -1,7 +1,7 @@
 """Walk-forward report: the model beside simple baselines on the same test anchors.
 
 Anchors are bars whose whole forecast horizon lies after the last validation bar (their context may reach back
-into earlier splits), every ``eval_stride`` anchor dates, the latest ``eval_max_anchors`` dates when set. At each
+into earlier splits), every ``eval_stride`` anchor dates, at most ``eval_max_anchors`` dates spread over the split. At each
 anchor the finetuned predictor and, when a pretrained predictor is configured, the zero-shot starting model sample
 paths (repeated over ``eval_seeds``); the baselines of :mod:`kronos.evaluate.baselines` forecast from the same
 context. :func:`kronos.evaluate.metrics.score_paths` scores each; a calibration (``calibration.json``) is applied
@@ -49,8 +49,9 @@ def split_bounds(dataset_path: str) -> dict[str, pd.Timestamp]:
 def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], targets_until: Optional[pd.Timestamp],
                    lookback: int, horizon: int, stride: int = 1, max_anchors: int = 0) -> pd.DataFrame:
     """(symbol, anchor, position) of every bar with ``lookback`` bars of history whose ``horizon`` target bars all
-    exist and lie in ``(targets_after, targets_until]``; every ``stride``-th anchor date, the latest
-    ``max_anchors`` dates when > 0. ``frame`` is sorted by symbol and time."""
+    exist and lie in ``(targets_after, targets_until]``; every ``stride``-th anchor date, and when ``max_anchors``
+    > 0 at most that many dates spread evenly over the split (its first and last included). ``frame`` is sorted
+    by symbol and time."""
     rows = []
     for symbol, g in frame.groupby("symbol", sort=True):
         ts = pd.DatetimeIndex(g["timestamps"])
@@ -70,8 +71,10 @@ def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], t
         return pd.DataFrame(columns=["symbol", "anchor", "pos"])
     out = pd.concat(rows, ignore_index=True)
     dates = np.sort(out["anchor"].unique())[:: max(1, int(stride))]
-    if max_anchors and max_anchors > 0:
-        dates = dates[-int(max_anchors):]
+    if max_anchors and 0 < max_anchors < len(dates):
+        # spread over the whole split (first and last included): a handful of consecutive dates share one market
+        # move and their targets overlap, so they measure one episode, not the split
+        dates = dates[np.unique(np.round(np.linspace(0, len(dates) - 1, int(max_anchors))).astype(int))]
     return out[out["anchor"].isin(dates)].reset_index(drop=True)
 
 
@@ -127,8 +130,9 @@ def _quantile_crps(qv: np.ndarray, qs: Sequence[float], y: np.ndarray, last: np.
     return float(2.0 * np.nanmean(losses))
 
 
-def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
-    """Raw vs calibrated coverage, width, quantile-CRPS (and P(up) Brier, reliability bins) of one forecaster."""
+def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
+    """Raw vs calibrated coverage (with its interval, ``block`` dates per horizon), width, quantile-CRPS (and P(up)
+    Brier, reliability bins) of one forecaster."""
     from kronos.evaluate.calibration import Calibration
 
     raw = Calibration(method="none", levels=cal.levels, horizon=cal.horizon, lookback=cal.lookback,
@@ -143,7 +147,7 @@ def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
             lo, hi = qv[qs.index(round((1 - lv) / 2, 10))], qv[qs.index(round((1 + lv) / 2, 10))]
             inside = (y >= lo) & (y <= hi)
             row[f"coverage_{lv:g}"] = float(inside.mean())
-            row[f"coverage_{lv:g}_ci"] = coverage_interval(inside, fc.anchor)
+            row[f"coverage_{lv:g}_ci"] = coverage_interval(inside, fc.anchor, block)
             row[f"coverage_{lv:g}_by_step"] = [float(v) for v in inside.mean(axis=0)]
             row[f"width_{lv:g}"] = float(np.mean((hi - lo) / last[:, None]))
         p = c.p_up_raw(fc.samples, last) if tag == "raw" else cal.p_up_calibrated(fc.samples, last)
@@ -171,19 +175,34 @@ def calibration_comparison(fc: PathForecasts, cal: Any) -> dict:
     return out
 
 
-def coverage_interval(inside: np.ndarray, dates: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list:
-    """95% interval of a coverage by resampling whole anchor dates (a market-wide move hits every symbol of a date
-    at once, so forecasts of one date are not independent): ``[low, high]``."""
+def coverage_interval(inside: np.ndarray, dates: np.ndarray, block: int = 1, n_boot: int = 2000,
+                      seed: int = 0) -> list:
+    """95% interval ``[low, high]`` of a coverage by a moving-block bootstrap over anchor dates: a market-wide move
+    hits every symbol of a date at once, and forecasts whose horizons overlap share outcomes, so whole runs of
+    ``block`` consecutive dates are resampled (``block``: dates per forecast horizon)."""
     inside = np.asarray(inside, dtype=float).reshape(len(dates), -1)
     codes, idx = np.unique(np.asarray(dates), return_inverse=True)
-    if len(codes) < 2:
+    n = len(codes)
+    if n < 2:
         return [float("nan"), float("nan")]
-    hits = np.bincount(idx, weights=inside.sum(axis=1), minlength=len(codes))
-    counts = np.bincount(idx, minlength=len(codes)) * inside.shape[1]
+    hits = np.bincount(idx, weights=inside.sum(axis=1), minlength=n)
+    counts = np.bincount(idx, minlength=n) * inside.shape[1]
+    b = int(min(max(1, block), max(1, n // 2)))
     rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(codes), size=(n_boot, len(codes)))
+    starts = rng.integers(0, n - b + 1, size=(n_boot, -(-n // b)))
+    pick = (starts[:, :, None] + np.arange(b)[None, None, :]).reshape(n_boot, -1)[:, :n]
     cov = hits[pick].sum(axis=1) / counts[pick].sum(axis=1)
     return [float(v) for v in np.quantile(cov, [0.025, 0.975])]
+
+
+def dates_per_horizon(all_dates: Any, anchor_dates: Any, horizon: int) -> int:
+    """How many of the anchor dates fall within one forecast horizon (bars of ``all_dates``), at their median gap."""
+    grid = np.sort(pd.DatetimeIndex(pd.unique(np.asarray(all_dates))).as_unit("ns").asi8)
+    a = np.unique(pd.DatetimeIndex(np.asarray(anchor_dates)).as_unit("ns").asi8)
+    if len(a) < 2:
+        return 1
+    gap = float(np.median(np.diff(np.searchsorted(grid, a))))
+    return max(1, int(math.ceil(horizon / max(gap, 1.0))))
 
 
 def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
@@ -247,7 +266,9 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
         summary["dm_vs_last_value"]["p_value_by_seed"] = [d["p_value"] for d in dms]
         report["forecasters"][name] = summary
     if calibration is not None and "finetuned" in model_fc:
-        report["calibration"] = calibration_comparison(model_fc["finetuned"], calibration)
+        block = dates_per_horizon(frame["timestamps"], anchors["anchor"], P)
+        report["calibration"] = calibration_comparison(model_fc["finetuned"], calibration, block)
+        report["calibration"]["interval_block_dates"] = block
         report["calibration"]["validation"] = {"n_anchors": calibration.n_anchors,
                                                "coverage_before": calibration.coverage_before,
                                                "coverage_after": calibration.coverage_after,
