@@ -81,7 +81,7 @@ def forecasts(pred, frame, anchors, L, P, args):
     ctx_close, true = _contexts(frame, anchors, L, P)
     pairs = list(zip(anchors["symbol"], anchors["anchor"]))
     _, samples = pred.predict_df(frame, pred_len=P, lookback=L, quantiles=[0.5], anchors=pairs,
-                                 sample_count=args.samples, T=1.0, top_k=0, top_p=0.9, seed=args.seed,
+                                 sample_count=args.samples, T=args.T, top_k=0, top_p=args.top_p, seed=args.seed,
                                  return_samples=True, batch_size=max(1, 256 // args.samples), progress=True)
     return np.asarray(samples, dtype=float)[:, :, :, 3], ctx_close, true
 
@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--horizon", type=int, default=10)
     ap.add_argument("--stride", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--T", type=float, default=1.0, help="sampling temperature")
+    ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--max-symbols", type=int, default=0)
     ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8])
     ap.add_argument("--seed", type=int, default=0)
