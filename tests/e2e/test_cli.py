@@ -59,7 +59,8 @@ def test_errors_are_one_line(tmp_path):
         ("data", "--data-source", "csv", "--set", f"csv_data_path={tmp_path / 'nothing'}",
          "--set", f"dataset_path={tmp_path / 'ds'}"),
         ("data", "--data-source", "nosuchsource"),
-        ("predict", "--set", f"dataset_path={tmp_path / 'ds'}"),
+        ("predict", "--set", f"dataset_path={tmp_path / 'ds'}", "--set", f"save_path={tmp_path / 'models'}",
+         "--set", f"backtest_result_path={tmp_path / 'results'}"),  # not the checkout's own outputs/runs
         ("forecast", "--input", str(CSV), "--tokenizer", str(TINY / "tokenizer"), "--model",
          str(TINY / "predictor"), "--pred-len", "3", "--lookback", "-5"),
         ("forecast", "--input", str(CSV), "--tokenizer", str(TINY / "tokenizer"), "--model",

@@ -169,7 +169,7 @@ def test_quantiles_p_up_with_calibration(predictor):
     true = last[:, None] * (1 + rng.normal(0, 0.01, (200, 6)))
     paths = last[:, None, None] * (1 + rng.normal(0.002, 0.004, (200, 20, 6)))  # overconfident in an up move
     cal = fit_calibration(paths, last, true, np.arange(200), levels=[0.8], lookback=30,
-                          fingerprint=model_fingerprint(predictor, 30, 6))  # fmt: skip
+                          fingerprint=model_fingerprint(predictor, 30, 6), context_vol=np.full(200, 0.01))  # fmt: skip
     df, xt, yt = make_series(30, 6, seed=8)
     kw = dict(T=1.0, top_p=0.9, sample_count=16, seed=3, verbose=False)
     qs = predictor.predict_quantiles(df, xt, yt, 6, quantiles=(0.1, 0.9), calibration=cal, return_p_up=True, **kw)

@@ -397,7 +397,8 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
         raise InputError(f"unknown calibration method '{method}'; expected one of {[*METHODS, 'auto']}")
     if vol is None:
         if method in VOL_METHODS:
-            raise InputError(f"calibration method '{method}' needs each forecast's context_vol")
+            raise InputError(f"calibration method '{method}' needs each forecast's context_vol (pass context_vol="
+                             "kronos.evaluate.metrics.recent_volatility(context closes)), or choose another method")
         methods = [m for m in methods if m not in VOL_METHODS]
     methods = list(dict.fromkeys([*methods, *([method] if method != "auto" else [])]))
     n, _, horizon = samples.shape
