@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from kronos.config import Config
+from kronos.data.processing import clean_kline_frame
 from kronos.data.sources import DataProcessorFactory
 from kronos.evaluate.calibration import METHODS, candidate, fit_calibration
 from kronos.evaluate.metrics import naive_scale, recent_volatility
@@ -43,7 +44,10 @@ def load_frame(args) -> pd.DataFrame:
             cfg = Config.from_dict({"data_source": "csv", "csv_data_path": path})
             raw.update(DataProcessorFactory.create_processor("csv", cfg).load_raw())
     frames = []
-    for sym in sorted(raw)[: args.max_symbols or None]:
+    skip = set()
+    if args.exclude_folder:
+        skip = {p.name.upper() for p in (Path(args.exclude_folder) / "features").iterdir()}
+    for sym in [s for s in sorted(raw) if s.upper() not in skip][: args.max_symbols or None]:
         df = raw[sym].copy()
         if "timestamps" not in df.columns:
             df = df.reset_index().rename(columns={df.index.name or "index": "timestamps"})
@@ -52,10 +56,9 @@ def load_frame(args) -> pd.DataFrame:
             df = df[df["timestamps"] >= pd.Timestamp(args.begin)]
         if args.end:
             df = df[df["timestamps"] <= pd.Timestamp(args.end)]
-        df = df.dropna(subset=["open", "high", "low", "close"])
+        df, _ = clean_kline_frame(df, sym)  # the data step's cleaning: bad bars, duplicates, missing amount
         df.insert(0, "symbol", sym)
-        frames.append(df[["symbol", "timestamps", *[c for c in ("open", "high", "low", "close", "volume", "amount")
-                                                     if c in df.columns]]])
+        frames.append(df)
     if not frames:
         raise SystemExit("error: no series loaded; check --qlib/--instrument or --csv")
     return pd.concat(frames, ignore_index=True).sort_values(["symbol", "timestamps"]).reset_index(drop=True)
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=float, default=1.0, help="sampling temperature")
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--max-symbols", type=int, default=0)
+    ap.add_argument("--exclude-folder", help="leave out the symbols of this Qlib folder (e.g. the training data)")
     ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the figures as JSON here")

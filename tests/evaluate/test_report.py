@@ -67,6 +67,24 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
         assert (tmp_path / "r" / f"{name}.png").stat().st_size > 1000
 
 
+def test_report_anchors_stay_inside_the_test_split_and_spread_over_it(setup, tmp_path):
+    """Bars after the test split's last bar (a later hold-out, say) are never targets of the report; with
+    eval_max_anchors the dates are spread over the whole split, not bunched at its end."""
+    frame, bounds, _, cfg = setup
+    dates = np.sort(frame["timestamps"].unique())
+    cut = pd.Timestamp(dates[-40])
+    short = dict(bounds, test_end=cut)
+    c = Config.from_dict(dict(cfg.to_dict(), eval_stride=1, eval_max_anchors=6))
+    report = build_report(c, frame, short, {}, str(tmp_path / "r"))
+    last_anchor = pd.Timestamp(report["anchors"]["last"])
+    g = frame[frame["symbol"] == frame["symbol"].iloc[0]].reset_index(drop=True)
+    pos = int(np.flatnonzero(g["timestamps"] == last_anchor)[0])
+    assert g["timestamps"].iloc[pos + 3] <= cut < g["timestamps"].iloc[pos + 4]  # the last anchor's targets end at it
+    assert report["anchors"]["n_dates"] == 6
+    first = pd.Timestamp(report["anchors"]["first"])
+    assert first <= bounds["val_end"] + pd.Timedelta(days=7)  # the first date of the split is one of the six
+
+
 def test_config_keys_are_checked():
     from kronos.errors import ConfigError
 

@@ -1,8 +1,8 @@
 """Walk-forward report: the model beside simple baselines on the same test anchors.
 
-Anchors are bars whose whole forecast horizon lies after the last validation bar (their context may reach back
-into earlier splits), every ``eval_stride`` anchor dates, at most ``eval_max_anchors`` dates spread over the split. At each
-anchor the finetuned predictor and, when a pretrained predictor is configured, the zero-shot starting model sample
+Anchors are bars whose whole forecast horizon lies after the last validation bar and within the test split (their
+context may reach back into earlier splits), every ``eval_stride`` anchor dates, at most ``eval_max_anchors`` dates
+spread over the split. At each anchor the finetuned predictor and, when a pretrained predictor is configured, the zero-shot starting model sample
 paths (repeated over ``eval_seeds``); the baselines of :mod:`kronos.evaluate.baselines` forecast from the same
 context. :func:`kronos.evaluate.metrics.score_paths` scores each; a calibration (``calibration.json``) is applied
 to the finetuned model's bands and P(up) and reported beside the raw figures.
@@ -223,11 +223,14 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
     """Score ``models`` ({name: KronosPredictor}) and the baselines on the test anchors; write the outputs."""
     t0 = time.time()
     L, P = int(cfg.lookback_window), int(cfg.predict_window)
-    anchors = select_anchors(frame, bounds.get("val_end"), None, L, P, cfg.eval_stride, cfg.eval_max_anchors)
+    # targets after the last validation bar and up to the test split's last bar (never past the declared split)
+    anchors = select_anchors(frame, bounds.get("val_end"), bounds.get("test_end"), L, P, cfg.eval_stride,
+                             cfg.eval_max_anchors)
     if anchors.empty:
         raise DataError(
             f"no test anchor has lookback_window={L} bars of history and predict_window={P} known bars after the "
-            f"last validation bar ({bounds.get('val_end')}); lengthen the test split or shorten the windows"
+            f"last validation bar ({bounds.get('val_end')}) up to the test split's last bar "
+            f"({bounds.get('test_end')}); lengthen the test split or shorten the windows"
         )
     prepared = _contexts(frame, anchors, L, P)
     ctx_close, true = prepared
