@@ -31,7 +31,9 @@ class Probe(KronosPipeline):  # run() from Python under torchrun sets up (and re
         return dist.get_world_size()
 
 if mode == "probe":  # its own torchrun: a second group in one process races on gloo's rendezvous keys
-    print("pipeline group size", Probe().run(), dist.is_initialized(), flush=True)
+    size = Probe().run()
+    sys.stdout.write(f"pipeline group size {size} {dist.is_initialized()}\n")  # one write: ranks share the pipe
+    sys.stdout.flush()
     sys.exit(0)
 with kd.process_group(Config(device="cpu", dist_wait_hours=0.05)) as ctx:  # what KronosPipeline.run() does
     assert dist.is_initialized() and ctx.world_size == 2 and ctx.backend == "gloo"
