@@ -75,16 +75,13 @@ def test_parity_fixture_on_cuda_fp32(use_cache: bool) -> None:
 
 
 def _synthetic(n: int, pred_len: int, seed: int):
-    rng = np.random.default_rng(seed)
-    close = 10 * np.exp(np.cumsum(rng.normal(0, 0.002, n)))
-    open_ = np.r_[close[0], close[:-1]]
-    spread = np.abs(rng.normal(0, 0.001, n)) * close
-    volume = rng.lognormal(8, 0.5, n)
-    df = pd.DataFrame({"open": open_, "high": np.maximum(open_, close) + spread,
-                       "low": np.minimum(open_, close) - spread, "close": close, "volume": volume,
-                       "amount": volume * close})
-    ts = pd.Series(pd.date_range("2024-01-02 09:30", periods=n + pred_len, freq="5min"))
-    return df, ts[:n].reset_index(drop=True), ts[n:].reset_index(drop=True)
+    """The inference benchmark's random-walk 5-minute series (benchmarks/inference.py: synthetic_series)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_inference", FIXTURE.parents[2] / "benchmarks" / "inference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.synthetic_series(n, pred_len, seed)
 
 
 def test_greedy_cached_equals_uncached_on_cuda() -> None:

@@ -113,7 +113,7 @@ def load_manifest(path: PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise DataError(f"dataset manifest not found at '{file}'; {_RERUN}")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = kio.read_json(file)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read dataset manifest '{file}' ({exc}); re-run the data step") from None
     if not isinstance(data, dict):

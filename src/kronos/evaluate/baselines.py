@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kronos.evaluate.metrics import PathForecasts, context_volatility, naive_scale
+from kronos.evaluate.metrics import PathForecasts, context_volatility, log_returns, naive_scale
 
 BASELINES = ("last_value", "drift", "random_walk")
-
-
-def _log_returns(context_close: np.ndarray) -> np.ndarray:
-    c = np.asarray(context_close, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.diff(np.log(c), axis=1)
-    return np.where(np.isfinite(r), r, np.nan)
 
 
 def baseline_forecasts(context_close: np.ndarray, true: np.ndarray, symbol: np.ndarray, anchor: np.ndarray,
@@ -31,7 +24,7 @@ def baseline_forecasts(context_close: np.ndarray, true: np.ndarray, symbol: np.n
     last = ctx[:, -1]
     scale = naive_scale(ctx)
     steps = np.arange(1, horizon + 1, dtype=float)
-    r = _log_returns(ctx)
+    r = log_returns(ctx)
     mu = np.nan_to_num(np.nanmean(r, axis=1)) if r.shape[1] else np.zeros(n)
     sigma = context_volatility(ctx)
     common = dict(symbol=np.asarray(symbol), anchor=np.asarray(anchor), last_close=last, scale=scale, true=true,

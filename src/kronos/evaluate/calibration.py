@@ -167,7 +167,7 @@ class Calibration:
         if not p.is_file():
             raise CheckpointError(f"calibration file '{p}' not found; run `kronos calibrate` first")
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = kio.read_json(p)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"calibration file '{p}' is not valid JSON ({exc}); rerun `kronos calibrate`") from None
         return cls.from_dict(data, source=f"calibration file '{p}'")

@@ -355,6 +355,14 @@ def naive_scale(context_close: np.ndarray) -> np.ndarray:
 VOL_HALFLIFE = 10  # bars; the half-life of recent_volatility's exponential weights
 
 
+def log_returns(close: np.ndarray) -> np.ndarray:
+    """One-bar log-returns along the last axis of closes ``[..., L]`` (``[..., L-1]``; NaN where undefined)."""
+    c = np.asarray(close, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.diff(np.log(c), axis=-1)
+    return np.where(np.isfinite(r), r, np.nan)
+
+
 def recent_volatility(close: np.ndarray, halflife: float = VOL_HALFLIFE) -> np.ndarray:
     """Exponentially weighted RMS of the log-returns of context closes ``[..., L]`` (weights halve every
     ``halflife`` bars back from the last bar; RiskMetrics-style, no mean removed); tiny floor so it divides.
@@ -363,9 +371,7 @@ def recent_volatility(close: np.ndarray, halflife: float = VOL_HALFLIFE) -> np.n
     change of regime within a couple of weeks of daily bars, where the whole context's standard deviation
     (:func:`context_volatility`) lags by the length of the context.
     """
-    c = np.asarray(close, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.diff(np.log(c), axis=-1)
+    r = log_returns(close)
     ok = np.isfinite(r)
     if r.shape[-1] < 1:
         return np.full(r.shape[:-1], 1e-8)
@@ -378,10 +384,7 @@ def recent_volatility(close: np.ndarray, halflife: float = VOL_HALFLIFE) -> np.n
 
 def context_volatility(close: np.ndarray) -> np.ndarray:
     """Standard deviation (ddof 1) of the log-returns of context closes ``[..., L]``; tiny floor so it divides."""
-    c = np.asarray(close, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.diff(np.log(c), axis=-1)
-    r = np.where(np.isfinite(r), r, np.nan)
+    r = log_returns(close)
     if r.shape[-1] < 2:
         return np.full(r.shape[:-1], 1e-8)
     with np.errstate(all="ignore"):

@@ -149,7 +149,7 @@ def weights_sha256(module: Any) -> str:
 
 def _read_config(cls: type, path: Path) -> dict:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = kio.read_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
     if not isinstance(config, dict):

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from kronos import io as kio
 from kronos.errors import ConfigError
 
 MAX_CURVE_POINTS = 2000
@@ -101,7 +102,7 @@ class RunFolder:
         if not file.is_file():
             return None
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = kio.read_json(file)
         except (OSError, json.JSONDecodeError):
             return None
         rows: dict[str, dict] = {}

@@ -98,7 +98,7 @@ def save_state(folder: Path, name: str, state: Any) -> None:
 
 def load_state(folder: Path, name: str) -> Any:
     try:
-        structure = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+        structure = kio.read_json(folder / f"{name}.json")
         tpath = folder / f"{name}.safetensors"
         tensors = load_file(str(tpath)) if tpath.exists() else {}
         return unflatten_state(structure, tensors)
