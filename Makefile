@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kronos-installed
 PYTEST_ARGS ?=
 TORCH_INDEX_URL ?=
 
-.PHONY: setup test test-fast demo bench gpu-check clean
+.PHONY: setup test test-fast demo bench gpu-check clean starter
 
 setup: $(STAMP)
 
@@ -43,3 +43,8 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) outputs data
+
+# Rebuild the starter pair (examples/models/starter/) from the real A-share data (about 30 min on 2 CPU cores).
+STARTER_DATA ?= ../shared/data/qlib_cn_2010_2024
+starter: setup
+	$(PY) tools/build_starter.py --data $(STARTER_DATA)

@@ -1,6 +1,7 @@
 """Cut a small Qlib provider folder out of a larger one (how tests/fixtures/qlib_cn and examples/data were made).
 
     python tools/cut_qlib_sample.py SRC DST --start 2019-01-01 --symbols 10 [--indices SH000300 SH000905]
+        [--exclude-folder examples/data/qlib_cn_demo]   # stocks another folder holds are left out (a held-out set)
 
 Keeps the calendar from --start on, the first N stocks (by name) that are CSI 300 members somewhere in the
 kept period, the given indices, and rewrites every feature bin against the cut calendar.
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("src")
     ap.add_argument("dst")
@@ -21,7 +22,8 @@ def main() -> None:
     ap.add_argument("--end", default="2100-01-01")
     ap.add_argument("--symbols", type=int, default=10)
     ap.add_argument("--indices", nargs="*", default=["SH000300", "SH000905"])
-    a = ap.parse_args()
+    ap.add_argument("--exclude-folder", default=None, help="leave out the stocks this Qlib folder holds")
+    a = ap.parse_args(argv)
     src, dst = Path(a.src), Path(a.dst)
     cal = [d.strip() for d in (src / "calendars/day.txt").read_text().split() if d.strip()]
     keep = [i for i, d in enumerate(cal) if a.start <= d <= a.end]
@@ -29,7 +31,10 @@ def main() -> None:
     new_cal = cal[first:last + 1]
     rows = [r.split("\t") for r in (src / "instruments/csi300.txt").read_text().splitlines() if r.strip()]
     spans = [(s, max(b, new_cal[0]), min(e, new_cal[-1])) for s, b, e in rows if e >= new_cal[0] and b <= new_cal[-1]]
-    stocks = sorted({s for s, _, _ in spans})[: a.symbols]
+    excluded = set()
+    if a.exclude_folder:
+        excluded = {p.name.upper() for p in (Path(a.exclude_folder) / "features").iterdir()}
+    stocks = sorted({s for s, _, _ in spans if s.upper() not in excluded})[: a.symbols]
     (dst / "calendars").mkdir(parents=True, exist_ok=True)
     (dst / "instruments").mkdir(parents=True, exist_ok=True)
     (dst / "calendars/day.txt").write_text("\n".join(new_cal) + "\n")

@@ -315,11 +315,24 @@ def print_result_summary(result) -> None:
 
 def headline_rows(headline: dict) -> list[str]:
     """One line per forecaster: the report's headline metrics."""
-    keys = ("mase", "direction_accuracy", "ic", "crps_rel", "coverage_0.8", "brier_up")
+    from kronos.evaluate.report import HEADLINE_EXTRA
+
+    keys = ("crps_rel", "crps_rel_calibrated", "mase", "direction_accuracy", "ic", "coverage_0.8", "brier_up")
     rows = []
+    in_use = headline.get("model_in_use")
     for name, m in headline.items():
+        if name in HEADLINE_EXTRA or not isinstance(m, dict):
+            continue
         shown = [k for k in keys if k in m and m[k] is not None and m[k] == m[k]]  # undefined (NaN) left out
-        rows.append(f"{name:<12} " + ", ".join(f"{k}={_fmt(m[k])}" for k in shown))
+        label = name + (" *" if name == in_use else "") + (" (in-sample)" if name == "zero_shot" and
+                                                          headline.get("zero_shot_in_sample") else "")
+        rows.append(f"{label:<12} " + ", ".join(f"{k}={_fmt(m[k])}" for k in shown))
+    dm = headline.get("dm_finetuned_vs_zero_shot")
+    if dm:
+        rows.append(f"finetuned vs zero_shot: DM {_fmt(dm.get('dm_stat'))}, p {_fmt(dm.get('p_value'))} "
+                    f"({dm.get('loss')})")
+    if in_use:
+        rows.append(f"* model in use: {in_use}")
     return rows
 
 
@@ -514,11 +527,13 @@ def run(args: argparse.Namespace) -> int:
         for note in pipe.result.notes:
             print(f"note: {note}")
     elif args.command == "calibrate":
-        cal = pipe.calibrate()
-        print(f"calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): {pipe.result.calibration_file}")
-        for lv, before in cal["coverage_before"].items():
-            print(f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
-                  f"{_fmt(cal['coverage_after'][lv]['coverage'])}")
+        for name, cal in pipe.calibrate().items():
+            print(f"{name} calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): "
+                  f"{pipe.calibration_file(name)}")
+            for lv, before in cal["coverage_before"].items():
+                print(f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
+                      f"{_fmt(cal['coverage_after'][lv]['coverage'])}")
+        print(f"model in use: {pipe.result.model_in_use} ({pipe.result.model_selection.get('reason', '')})")
     elif args.command == "backtest":
         summary = pipe.backtest()
         if not summary:

@@ -120,6 +120,20 @@ class Config:
     checkpoint_interval: int = 500  # also write checkpoints/last/ every N optimizer steps (0 = epoch ends only)
     cycle_momentum: bool = True  # OneCycleLR cycles Adam beta1 0.95<->0.85 (official, Q14); False keeps adam_beta1
 
+    # ---- finetuning (ours; README "Finetuning the starter") ----
+    finetune_tokenizer: bool = True  # false: the run keeps the pretrained tokenizer (copied into the run, not trained)
+    finetune_mode: str = "full"  # predictor stage: full | freeze | lora (kronos.train.finetune)
+    freeze_layers: int = 2  # freeze: embeddings + this many lowest Transformer blocks stay pretrained
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2",
+                                                                "w3"])
+    # after the predictor stage the starting and the finetuned model are scored on validation; when finetuning did
+    # not help, the run's forecasts, calibration, report and service use the starting model
+    keep_better: bool = True
+    pretrained_data_end: str = ""  # last bar the pretrained model saw (its model_card.json's when empty)
+
     # ---- tracking (seed) ----
     use_comet: bool = False
     comet_config: dict = field(
@@ -427,6 +441,14 @@ RULES: dict[str, tuple[Rule, ...]] = {
     # folder names are names, never paths: '../x' would put a stage's outputs outside save_path
     **{k: (Rule(_plain_name, "must be one plain folder name (letters, digits, '-', '_', '.'; no '/' or '..')"),)
        for k in ("tokenizer_save_folder_name", "predictor_save_folder_name", "backtest_save_folder_name")},
+    "finetune_mode": (_one_of("full", "freeze", "lora"),),
+    "freeze_layers": (_at_least(0),),
+    "lora_rank": (_at_least(1),),
+    "lora_alpha": (_above(0),),
+    "lora_dropout": (Rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),),
+    "lora_target_modules": (Rule(lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v),
+                                 'must list Linear layer names, e.g. ["q_proj", "v_proj"]'),),
+    "pretrained_data_end": (Rule(lambda v: v == "" or _date_range([v, v]), "must be empty or a date such as 2021-12-31"),),
     "backtest_signal_scale": (_one_of("std", "price"),),
     "trading_calendar": (Rule(_calendar_name, "must be auto, none or an exchange_calendars code such as XSHG, "
                                               "XSHE, XHKG, XNYS, XNAS, XLON, XTKS"),),

@@ -67,6 +67,8 @@ class PipelineResult:
     backtest_summary: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # parts skipped or adapted (e.g. too few symbols), one line each
+    model_in_use: str = "finetuned"  # or "zero_shot": the starting model, kept because finetuning did not help
+    model_selection: dict = field(default_factory=dict)  # why (model_selection.json)
 
 
 class KronosPipeline:
@@ -81,9 +83,12 @@ class KronosPipeline:
         self.resume = resume
         self.result = PipelineResult(dataset_path=config.dataset_path, results_dir=config.backtest_dir)
         self._predictor = None
+        self._finetuned = None
+        self._starting = None
         self._frame: Optional[pd.DataFrame] = None
         self._records: Optional[pd.DataFrame] = None
         self.reuse_records = False  # forecast_records() loads the run's saved records when present (kronos backtest)
+        self._skipped: dict[str, str] = {}  # models left out of the report, and why
 
     # ------------------------------------------------------------------ step 1: data
     def process_data(self) -> dict:
@@ -129,8 +134,18 @@ class KronosPipeline:
 
     # ------------------------------------------------------------------ models for inference
     def load_predictor(self):
-        """KronosPredictor over the finetuned tokenizer and predictor (cached on the pipeline)."""
+        """KronosPredictor over the run's model in use (cached on the pipeline): the finetuned pair, or the starting
+        pair when the run's model selection kept it (``keep_better``; see :meth:`model_selection`)."""
         if self._predictor is None:
+            if self.model_in_use() == "zero_shot":
+                self._predictor = self.starting_predictor()
+            else:
+                self._predictor = self.finetuned_predictor()
+        return self._predictor
+
+    def finetuned_predictor(self):
+        """KronosPredictor over the run's finetuned tokenizer and predictor."""
+        if self._finetuned is None:
             from kronos.inference import KronosPredictor
             from kronos.model import Kronos, KronosTokenizer
 
@@ -139,10 +154,55 @@ class KronosPipeline:
             tokenizer = KronosTokenizer.from_pretrained(self.config.finetuned_tokenizer)
             model = Kronos.from_pretrained(self.config.finetuned_predictor)
             device = None if self.config.device == "auto" else self.config.device
-            self._predictor = KronosPredictor(
+            self._finetuned = KronosPredictor(
                 model, tokenizer, device=device, max_context=self.config.max_context, clip=self.config.clip
             )
-        return self._predictor
+        return self._finetuned
+
+    def starting_predictor(self):
+        """KronosPredictor over the configured pretrained pair (the zero-shot starting model), or None when no
+        pretrained pair is configured; raises CheckpointError when it is configured but cannot be loaded."""
+        cfg = self.config
+        if not (cfg.pretrained_predictor_path and cfg.pretrained_tokenizer_path):
+            return None
+        if self._starting is None:
+            from kronos.inference import KronosPredictor
+
+            device = None if cfg.device == "auto" else cfg.device
+            self._starting = KronosPredictor.from_pretrained(
+                cfg.pretrained_tokenizer_path, cfg.pretrained_predictor_path, device=device,
+                max_context=cfg.max_context, clip=cfg.clip)
+        return self._starting
+
+    # ------------------------------------------------------------------ which model the run uses
+    def selection_path(self) -> Path:
+        """``model_selection.json``, beside the finetuned predictor's ``best_model`` (it follows the predictor)."""
+        return Path(self.config.finetuned_predictor).parent / "model_selection.json"
+
+    def model_selection(self) -> Optional[dict]:
+        path = self.selection_path()
+        if not path.is_file():
+            return None
+        try:
+            data = kio.read_json(path)
+        except (OSError, ValueError):
+            log.warning("%s is not valid JSON: using the finetuned model", path)
+            return None
+        return data if isinstance(data, dict) else None
+
+    def model_in_use(self) -> str:
+        """'finetuned' or 'zero_shot' (the starting model, kept because finetuning did not help on validation)."""
+        sel = self.model_selection()
+        if sel and sel.get("model_in_use") == "zero_shot" and self.starting_predictor() is not None:
+            return "zero_shot"
+        return "finetuned"
+
+    def calibration_file(self, model: str) -> Path:
+        """Where the validation-fitted calibration of ``model`` ('finetuned' or 'zero_shot') lives."""
+        from kronos.evaluate.calibration import calibration_path
+
+        path = calibration_path(self.config.finetuned_predictor)
+        return path if model == "finetuned" else path.with_name("zero_shot_calibration.json")
 
     def full_frame(self) -> pd.DataFrame:
         """All processed rows (train, val and test merged, de-duplicated), sorted by symbol and time."""
@@ -514,6 +574,12 @@ class KronosPipeline:
                 step("backtest", self.backtest, main_only=True)
         self.result.tokenizer_path = cfg.finetuned_tokenizer
         self.result.predictor_path = cfg.finetuned_predictor
+        if self._has_checkpoint(cfg.finetuned_predictor):
+            try:
+                self.result.model_in_use = self.model_in_use()
+            except (KronosError, OSError):
+                self.result.model_in_use = "finetuned"
+            self.result.model_selection = self.model_selection() or {}
         if is_main_process():
             self.result.status = "finished"
             kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
@@ -525,16 +591,89 @@ class KronosPipeline:
 
     # ------------------------------------------------------------------ calibration and the walk-forward report
     def calibrate(self) -> dict:
-        """Fit the band/P(up) calibration on validation anchors; writes ``calibration.json`` beside best_model."""
-        from kronos.evaluate.calibration import calibrate_on_validation, calibration_path
+        """Fit the band/P(up) calibration of every model on validation anchors (the finetuned model's
+        ``calibration.json`` beside best_model; the starting model's ``zero_shot_calibration.json`` beside it), then
+        pick the run's model in use (:meth:`select_model`). Returns {model: calibration dict}."""
+        from kronos.evaluate.calibration import calibrate_on_validation
         from kronos.evaluate.report import split_bounds
 
         cfg = self.config
-        path = calibration_path(cfg.finetuned_predictor)
-        cal = calibrate_on_validation(cfg, self.load_predictor(), self.full_frame(), split_bounds(cfg.dataset_path),
-                                      out_path=path)
-        self.result.calibration_file = str(path)
-        return cal.to_dict()
+        frame, bounds = self.full_frame(), split_bounds(cfg.dataset_path)
+        out = {}
+        for name, predictor in self._models().items():
+            path = self.calibration_file(name)
+            log.info("calibrating the %s model on validation anchors", name.replace("_", "-"))
+            out[name] = calibrate_on_validation(cfg, predictor, frame, bounds, out_path=path).to_dict()
+            if name == "finetuned":
+                self.result.calibration_file = str(path)
+        self.select_model(out)
+        return out
+
+    def _models(self) -> dict:
+        """The models a run scores: the finetuned one, and the starting (zero-shot) one when configured and
+        loadable (a starting model that cannot be loaded is logged and left out)."""
+        models = {"finetuned": self.finetuned_predictor()}
+        try:
+            start = self.starting_predictor()
+        except (KronosError, OSError) as exc:
+            self._skipped["zero_shot"] = f"pretrained model not loadable: {exc}"
+            log.warning("zero-shot model left out: %s", exc)
+            start = None
+        if start is not None:
+            models["zero_shot"] = start
+        return models
+
+    def select_model(self, calibrations: dict) -> dict:
+        """Keep the finetuned model only if it beat the starting model on validation; write model_selection.json.
+
+        Both are scored on the same validation anchors (never test data): CRPS / last close of their calibrated
+        bands when both have them, else of their raw sample paths. The predictor stage's causal validation loss of
+        the start and of the finetuned best model is recorded beside it. With ``keep_better`` (the default) a
+        finetuned model that is not better is not used: forecasts, calibration, report and service use the start.
+        """
+        cfg = self.config
+        summary_file = Path(cfg.predictor_dir) / "summary.json"
+        losses = {}
+        if summary_file.is_file():
+            summary = kio.read_json(summary_file)
+            losses = {"zero_shot": summary.get("start_val_loss"), "finetuned": summary.get("best_val_loss")}
+        val = {name: {**(c.get("validation") or {}), "causal_val_loss": losses.get(name)}
+               for name, c in calibrations.items()}
+        selection: dict[str, Any] = {"model_in_use": "finetuned", "keep_better": cfg.keep_better, "validation": val}
+        if "zero_shot" not in val:
+            selection["reason"] = "no starting model to compare with (pretrained paths empty or not loadable)"
+        else:
+            key = "crps_rel_calibrated" if all(v.get("crps_rel_calibrated") is not None for v in val.values()) \
+                else "crps_rel"
+            ft, zs = val["finetuned"].get(key), val["zero_shot"].get(key)
+            selection["criterion"] = f"validation {key} (lower is better)"
+            helped = ft is not None and zs is not None and ft < zs
+            detail = (f"validation {key}: finetuned {_num(ft)} vs starting model {_num(zs)}; causal val loss "
+                      f"{_num(losses.get('finetuned'))} vs {_num(losses.get('zero_shot'))}")
+            if helped:
+                selection["reason"] = f"finetuning helped ({detail})"
+            elif cfg.keep_better:
+                selection["model_in_use"] = "zero_shot"
+                selection["reason"] = (f"finetuning did not help ({detail}); keep_better: the run uses the starting "
+                                       "model")
+                self._note(f"finetuning did not help on validation ({detail}): forecasts, calibration, report and "
+                           "service use the starting model (keep_better; set keep_better false to use the finetuned "
+                           "one anyway)")
+            else:
+                selection["reason"] = f"finetuning did not help ({detail}); keep_better false: the finetuned model is used"
+                self._note(f"finetuning did not help on validation ({detail}); keep_better is false, so the run "
+                           "uses the finetuned model anyway")
+        if selection["model_in_use"] == "zero_shot":
+            selection.update(tokenizer=cfg.pretrained_tokenizer_path, predictor=cfg.pretrained_predictor_path)
+        else:
+            selection.update(tokenizer=cfg.finetuned_tokenizer, predictor=cfg.finetuned_predictor)
+        selection["calibration"] = str(self.calibration_file(selection["model_in_use"]))
+        kio.write_json(self.selection_path(), selection)
+        log.info("model in use: %s (%s)", selection["model_in_use"], selection["reason"])
+        self.result.model_in_use = selection["model_in_use"]
+        self.result.model_selection = selection
+        self._predictor = None  # the next load_predictor follows the selection
+        return selection
 
     def _calibrate_step(self) -> None:
         """The pipeline's calibrate step: too few validation anchors leave the bands uncalibrated (logged)."""
@@ -544,45 +683,49 @@ class KronosPipeline:
             self.calibrate()
         except InputError as exc:
             self._note(f"calibration skipped (bands stay uncalibrated): {exc}")
+            self.select_model({})
 
-    def load_calibration(self):
-        """The finetuned predictor's ``calibration.json`` when present and fitted for it (else None, logged)."""
-        from kronos.evaluate.calibration import Calibration, calibration_path
+    def load_calibration(self, model: Optional[str] = None):
+        """The validation-fitted calibration of ``model`` (default: the model in use) when present and fitted for it
+        (else None, logged)."""
+        from kronos.evaluate.calibration import Calibration
 
         cfg = self.config
-        path = calibration_path(cfg.finetuned_predictor)
+        model = model or self.model_in_use()
+        path = self.calibration_file(model)
         if not path.is_file():
-            log.info("no calibration at %s (run `kronos calibrate`): bands are reported uncalibrated", path)
+            log.info("no calibration at %s (run `kronos calibrate`): %s bands are reported uncalibrated", path, model)
             return None
+        predictor = self.load_predictor() if model == self.model_in_use() else (
+            self.finetuned_predictor() if model == "finetuned" else self.starting_predictor())
         try:
-            cal = Calibration.load(path).check(self.load_predictor(), cfg.lookback_window, cfg.predict_window,
+            cal = Calibration.load(path).check(predictor, cfg.lookback_window, cfg.predict_window,
                                                source=f"calibration file '{path}'")
         except KronosError as exc:
             log.warning("%s; bands are reported uncalibrated", exc)
             return None
-        self.result.calibration_file = str(path)
+        if model == self.model_in_use():
+            self.result.calibration_file = str(path)
         return cal
 
     def report(self) -> dict:
-        """Walk-forward report on the test split: finetuned (and zero-shot) model beside the baselines."""
+        """Walk-forward report on the test split: finetuned and zero-shot models (each with its own validation
+        calibration) beside the baselines; the model in use and the starting model's data cutoff marked."""
         from kronos.evaluate.report import build_report, split_bounds
+        from kronos.model.hub import data_cutoff
 
         cfg = self.config
-        models = {"finetuned": self.load_predictor()}
-        skipped = {}
-        if cfg.pretrained_predictor_path and cfg.pretrained_tokenizer_path:
-            from kronos.inference import KronosPredictor
-
-            try:
-                device = None if cfg.device == "auto" else cfg.device
-                models["zero_shot"] = KronosPredictor.from_pretrained(
-                    cfg.pretrained_tokenizer_path, cfg.pretrained_predictor_path, device=device,
-                    max_context=cfg.max_context, clip=cfg.clip)
-            except (KronosError, OSError) as exc:
-                skipped["zero_shot"] = f"pretrained model not loadable: {exc}"
-                log.warning("zero-shot model left out of the report: %s", exc)
+        models = self._models()
+        calibrations = {name: self.load_calibration(name) for name in models}
+        cutoff = None
+        if "zero_shot" in models or cfg.pretrained_predictor_path:
+            end, source = data_cutoff(cfg.pretrained_predictor_path, cfg.pretrained_data_end)
+            cutoff = {"data_end": end, "source": source}
         report = build_report(cfg, self.full_frame(), split_bounds(cfg.dataset_path), models, cfg.backtest_dir,
-                              calibration=self.load_calibration(), skipped=skipped)
+                              calibrations=calibrations, skipped=dict(self._skipped), in_use=self.model_in_use(),
+                              starting_cutoff=cutoff, selection=self.model_selection())
+        for warning in report.get("warnings", []):
+            self._note(warning)
         self.result.report_file = report["files"]["json"]
         self.result.report_headline = report["headline"]
         self.result.plots.extend(report["files"]["plots"])
@@ -602,6 +745,10 @@ class KronosPipeline:
 
 
 # ---------------------------------------------------------------------- helpers
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.5g}"
+
+
 def _daily_anchors(records: pd.DataFrame) -> pd.DataFrame:
     """Keep one anchor per symbol and day (the last), so intraday forecasts drive a daily backtest."""
     day = records["datetime"].dt.normalize()

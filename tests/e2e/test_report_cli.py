@@ -39,7 +39,7 @@ def test_calibrate_evaluate_and_forecast_with_calibration(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "last_value" in out and "finetuned" in out and "mase=" in out
     report = json.loads((Path(cfg.backtest_dir) / "report.json").read_text())
-    assert report["seeds"] == [1, 2] and report["calibration"]["method"] == cal["method"]
+    assert report["seeds"] == [1, 2] and report["calibration"]["finetuned"]["method"] == cal["method"]
     assert pd.Timestamp(report["anchors"]["first"]) >= pd.Timestamp("2024-03-29")  # targets after validation
     assert (Path(cfg.backtest_dir) / "metrics.json").is_file()
 

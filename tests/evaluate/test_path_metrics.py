@@ -19,11 +19,12 @@ def test_crps_of_point_mass_is_absolute_error():
     assert crps_samples(np.full((1, 7), 3.0), np.array([1.0]))[0] == pytest.approx(2.0)
 
 
-def test_crps_matches_the_pairwise_definition():
+def test_crps_matches_the_fair_pairwise_definition():
     rng = np.random.default_rng(0)
     x = rng.normal(size=9)
     y = 0.3
-    direct = np.mean(np.abs(x - y)) - 0.5 * np.mean(np.abs(x[:, None] - x[None, :]))
+    # the fair estimator: pairs i != j, mean over S (S - 1) of them
+    direct = np.mean(np.abs(x - y)) - 0.5 * np.abs(x[:, None] - x[None, :]).sum() / (9 * 8)
     assert crps_samples(x[None], np.array([y]))[0] == pytest.approx(direct)
     # many N(0,1) samples approach the closed form at y = 0: 2*phi(0) - 1/sqrt(pi) - 0 ... = 0.2337
     big = rng.normal(size=20000)
@@ -94,3 +95,25 @@ def test_baselines_shapes_and_values():
     assert b["random_walk"].samples.shape == (1, 50, 2)
     # zero volatility lookback: the random walk collapses onto the last value
     assert b["random_walk"].samples[:, :, 0].std() < 1e-4
+
+
+def test_fair_crps_is_unbiased_and_the_grid_crps_matches_the_exact_lognormal():
+    from kronos.evaluate.metrics import CRPS_GRID, crps_lognormal, crps_samples, quantile_crps
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(3)
+    mu, sigma = np.log(100.0), 0.05
+    y = np.exp(mu + sigma * rng.standard_normal(4000)) * 1.02  # outcomes slightly off the forecast
+    exact = crps_lognormal(np.full_like(y, mu), np.full_like(y, sigma), y).mean()
+    # 8 paths per forecast: the fair estimator is unbiased, the plain one (S^2) overstates by E|X-X'|/(2S)
+    paths = np.exp(mu + sigma * rng.standard_normal((len(y), 8)))
+    fair = crps_samples(paths, y).mean()
+    x = np.sort(paths, axis=1)
+    plain = (np.abs(x - y[:, None]).mean(1) - (2 * np.arange(1, 9) - 9) @ x.T / 64).mean()
+    assert abs(fair - exact) / exact < 0.02
+    assert plain > exact * 1.04
+    # the midpoint quantile grid of calibrated bands: within 1% of the exact value
+    q = np.exp(mu + sigma * norm.ppf(np.array(CRPS_GRID)))[:, None] * np.ones((1, len(y)))
+    assert abs(quantile_crps(q, y).mean() - exact) / exact < 0.01
+    # a point forecast scores the absolute error
+    assert crps_samples(np.array([[101.0]]), np.array([100.0]))[0] == pytest.approx(1.0)

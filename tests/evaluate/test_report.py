@@ -51,17 +51,17 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
     cal = calibrate_on_validation(cfg, predictor, frame, bounds, out_path=tmp_path / "calibration.json")
     assert cal.n_anchors >= 10 and load_calibration(tmp_path / "calibration.json").method == cal.method
     cfg.update({"eval_seeds": [1, 2]})
-    report = build_report(cfg, frame, bounds, {"finetuned": predictor}, str(tmp_path / "r"), calibration=cal)
+    report = build_report(cfg, frame, bounds, {"finetuned": predictor}, str(tmp_path / "r"), calibrations={"finetuned": cal})
     assert set(report["forecasters"]) == {"finetuned", "last_value", "drift", "random_walk"}
     fin = report["forecasters"]["finetuned"]
     assert 0 <= fin["dm_vs_last_value"]["p_value"] <= 1
     assert len(fin["by_step"]["mase"]) == 3
     assert report["forecasters"]["last_value"]["overall"]["width_0.8"] == 0.0
     saved = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert saved["calibration"]["calibrated"]["coverage_0.8"] is not None
+    assert saved["calibration"]["finetuned"]["calibrated"]["coverage_0.8"] is not None
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| MASE |" in md and "random_walk" in md and "calibrated" in md
-    assert set(saved["calibration"]["candidates"]) >= {"none", "cqr_additive", "cqr_vol", "spread_scale"}
+    assert set(saved["calibration"]["finetuned"]["candidates"]) >= {"none", "cqr_additive", "cqr_vol", "spread_scale"}
     assert f"| {cal.method} (used) |" in md
     for name in ("error_by_horizon", "pit_histogram", "coverage_by_horizon", "reliability"):
         assert (tmp_path / "r" / f"{name}.png").stat().st_size > 1000

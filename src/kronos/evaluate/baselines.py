@@ -4,13 +4,15 @@
 - ``drift``: the close grows at the mean log-return of the lookback: ``last * exp(mu * h)`` (a point mass).
 - ``random_walk``: a driftless log-price random walk with the lookback's log-return volatility ``sigma``; its
   Gaussian band at step h is ``last * exp(+-z * sigma * sqrt(h))``, represented by ``n_samples`` seeded paths so
-  every probabilistic metric is computed the same way as for the model. Its point forecast is the median (last).
+  every probabilistic metric is computed the same way as for the model; its CRPS is the exact log-normal formula
+  (:func:`kronos.evaluate.metrics.crps_lognormal`), not an estimate from the paths. Its point forecast is the median
+  (last).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from kronos.evaluate.metrics import PathForecasts, context_volatility, log_returns, naive_scale
+from kronos.evaluate.metrics import PathForecasts, context_volatility, crps_lognormal, log_returns, naive_scale
 
 BASELINES = ("last_value", "drift", "random_walk")
 
@@ -38,7 +40,9 @@ def baseline_forecasts(context_close: np.ndarray, true: np.ndarray, symbol: np.n
     return {
         "last_value": PathForecasts("last_value", point=flat, samples=flat[:, None, :], **common),
         "drift": PathForecasts("drift", point=drift, samples=drift[:, None, :], **common),
-        "random_walk": PathForecasts("random_walk", point=flat, samples=rw, **common),
+        "random_walk": PathForecasts("random_walk", point=flat, samples=rw, **common,
+                                     crps=crps_lognormal(np.log(last)[:, None], sigma[:, None] * np.sqrt(steps)[None, :],
+                                                         np.nan_to_num(true, nan=1.0))),
     }
 
 

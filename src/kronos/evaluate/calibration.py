@@ -105,6 +105,12 @@ class Calibration:
     brier: dict = field(default_factory=dict)
     seconds: float = 0.0
     version: int = FORMAT_VERSION
+    # central levels also fitted (params) so the calibrated distribution has quantiles on the CRPS grid
+    # (kronos.evaluate.metrics.CRPS_GRID); empty in files written before they were added
+    score_levels: list = field(default_factory=list)
+    # the model's scores on the validation forecasts it was fitted on: n_forecasts, crps_rel (raw paths, fair
+    # estimator), crps_rel_calibrated (grid CRPS of the calibrated quantiles; in-sample for the fit)
+    validation: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ checks and I/O
     def check(self, model: Any = None, lookback: Optional[int] = None, horizon: Optional[int] = None,
@@ -249,6 +255,18 @@ class Calibration:
         med = np.median(z, axis=1, keepdims=True)
         k = np.asarray(self.params["scale"], dtype=float)[None, None, :]
         return last[:, None, None] * (1.0 + med + k * (z - med))
+
+    def crps(self, samples: np.ndarray, last_close: np.ndarray, true: np.ndarray,
+             context_vol: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """CRPS ``[N, P]`` (price units) of the calibrated distribution at the realised closes ``true``: the grid CRPS
+        of its quantiles at :data:`~kronos.evaluate.metrics.CRPS_GRID`; None for a calibration fitted without those
+        levels (written before they were added: rerun `kronos calibrate`)."""
+        from kronos.evaluate.metrics import CRPS_GRID, CRPS_LEVELS, quantile_crps
+
+        if self.method in BAND_METHODS and not all(f"{lv:g}" in self.params for lv in CRPS_LEVELS):
+            return None
+        qv = self.quantiles(samples, last_close, CRPS_GRID, context_vol)
+        return quantile_crps(qv, np.asarray(true, dtype=float))
 
     def p_up_raw(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
         """The package's P(up) rule (:func:`kronos.inference.predictor.prob_up`) on close paths ``[N, S, P]``."""
@@ -427,8 +445,12 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
                       "n_fit": int(fit_rows.sum()), "n_holdout": int(held.sum())}
     chosen = method if method != "auto" else min(methods, key=lambda m: (
         round(holdout[m]["mean_abs_error"], 3), float(np.mean(list(holdout[m]["width"].values())))))
-    alternatives = {m: _fit_params(m, z, y, levels, vol) for m in methods if m != "none"}
-    cal = Calibration(method=chosen, params=alternatives.get(chosen, {}), **base)
+    from kronos.evaluate.metrics import CRPS_LEVELS
+
+    fit_levels = sorted(set(levels) | set(CRPS_LEVELS))  # the reported levels and the CRPS grid's
+    alternatives = {m: _fit_params(m, z, y, fit_levels if m in BAND_METHODS else levels, vol)
+                    for m in methods if m != "none"}
+    cal = Calibration(method=chosen, params=alternatives.get(chosen, {}), score_levels=list(CRPS_LEVELS), **base)
     cal.alternatives = alternatives
     raw = Calibration(method="none", **base)
     cal.coverage_before = _coverage(raw, samples, last, true)
@@ -537,6 +559,23 @@ def calibration_path(predictor_path: Union[str, os.PathLike]) -> Path:
     return Path(predictor_path).parent / "calibration.json"
 
 
+def validation_scores(cal: Calibration, fc: Any) -> dict:
+    """CRPS / last close of the validation forecasts ``fc`` (PathForecasts) raw (fair estimator over its sample
+    paths) and calibrated (grid CRPS; in-sample, since ``cal`` was fitted on them)."""
+    from kronos.evaluate.metrics import crps_samples
+
+    ok = np.isfinite(fc.true).all(axis=1) & (fc.last_close > 0)
+    last = fc.last_close[ok][:, None]
+    raw = crps_samples(np.moveaxis(fc.samples[ok], 1, -1), fc.true[ok]) / last
+    out = {"n_forecasts": int(ok.sum()), "n_dates": int(len(np.unique(fc.anchor[ok]))),
+           "crps_rel": float(raw.mean()) if raw.size else float("nan"), "crps_rel_calibrated": None}
+    vol = None if fc.vol is None else fc.vol[ok]
+    calibrated = cal.crps(fc.samples[ok], fc.last_close[ok], fc.true[ok], vol)
+    if calibrated is not None and calibrated.size:
+        out["crps_rel_calibrated"] = float((calibrated / last).mean())
+    return out
+
+
 def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
                             out_path: Union[str, os.PathLike, None] = None) -> Calibration:
     """Rolling forecasts at validation anchors (every target inside validation), fit, save ``calibration.json``.
@@ -568,6 +607,7 @@ def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
     levels = sorted(levels)
     cal = fit_calibration(fc.samples, fc.last_close, fc.true, fc.anchor, levels, L, fp, context_vol=fc.vol,
                           method=str(getattr(cfg, "calibration_method", DEFAULT_METHOD)))
+    cal.validation = validation_scores(cal, fc)
     cal.seconds = round(time.time() - t0, 2)
     path = Path(out_path) if out_path is not None else calibration_path(cfg.finetuned_predictor)
     cal.save(path)

@@ -24,7 +24,7 @@ import pandas as pd
 from kronos.errors import DataError
 from kronos.evaluate.baselines import baseline_forecasts
 from kronos import io as kio
-from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, recent_volatility, naive_scale, pinball_loss, score_paths
+from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, naive_scale, pinball_loss, recent_volatility, score_paths
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,15 @@ def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
 
 # ---------------------------------------------------------------------- the report
 def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, Any], out_dir: str,
-                 calibration: Any = None, skipped: Optional[dict] = None) -> dict:
-    """Score ``models`` ({name: KronosPredictor}) and the baselines on the test anchors; write the outputs."""
+                 calibrations: Optional[dict] = None, skipped: Optional[dict] = None, in_use: str = "finetuned",
+                 starting_cutoff: Optional[dict] = None, selection: Optional[dict] = None) -> dict:
+    """Score ``models`` ({name: KronosPredictor}) and the baselines on the test anchors; write the outputs.
+
+    ``calibrations`` ({name: Calibration or None}): each model's own calibration, fitted on validation, applied to
+    its bands; ``in_use``: the model the run's forecasts use; ``starting_cutoff`` ({"data_end", "source"}): the last
+    bar the zero-shot model saw (a zero-shot row whose test targets fall on or before it is in-sample);
+    ``selection``: the run's model_selection.json (shown in the report).
+    """
     t0 = time.time()
     L, P = int(cfg.lookback_window), int(cfg.predict_window)
     # targets after the last validation bar and up to the test split's last bar (never past the declared split)
@@ -238,6 +245,7 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
     quantiles = [float(q) for q in cfg.quantiles]
     levels = [float(v) for v in getattr(cfg, "interval_levels", None) or [0.5, 0.8]]
     symbols, dates = anchors["symbol"].to_numpy(), anchors["anchor"].to_numpy()
+    calibrations = {k: v for k, v in (calibrations or {}).items() if v is not None and k in models}
     report: dict[str, Any] = {
         "anchors": {"n_forecasts": int(len(anchors)), "n_dates": int(anchors["anchor"].nunique()),
                     "n_symbols": int(anchors["symbol"].nunique()), "first": str(anchors["anchor"].min()),
@@ -245,6 +253,8 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
         "splits": {k: str(v) for k, v in bounds.items()}, "seeds": seeds, "quantiles": quantiles,
         "levels": levels, "lookback_window": L, "predict_window": P,
         "sample_count": int(cfg.inference_sample_count), "forecasters": {}, "skipped": dict(skipped or {}),
+        "crps_estimator": CRPS_ESTIMATOR, "model_in_use": in_use if in_use in models else None,
+        "model_selection": selection or None, "warnings": [],
     }
     base = baseline_forecasts(ctx_close, true, symbols, dates, n_samples=200, seed=int(cfg.inference_seed))
     for name, fc in base.items():
@@ -268,14 +278,29 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
         summary["dm_vs_last_value"] = {k: float(np.nanmean([d[k] for d in dms])) for k in dms[0]}
         summary["dm_vs_last_value"]["p_value_by_seed"] = [d["p_value"] for d in dms]
         report["forecasters"][name] = summary
-    if calibration is not None and "finetuned" in model_fc:
+    if calibrations:
         block = dates_per_horizon(frame["timestamps"], anchors["anchor"], P)
-        report["calibration"] = calibration_comparison(model_fc["finetuned"], calibration, block)
-        report["calibration"]["interval_block_dates"] = block
-        report["calibration"]["validation"] = {"n_anchors": calibration.n_anchors,
-                                               "coverage_before": calibration.coverage_before,
-                                               "coverage_after": calibration.coverage_after,
-                                               "holdout": calibration.holdout}
+        report["calibration"] = {}
+        for name, cal in calibrations.items():
+            comparison = calibration_comparison(model_fc[name], cal, block)
+            comparison["interval_block_dates"] = block
+            comparison["validation"] = {"n_anchors": cal.n_anchors, "coverage_before": cal.coverage_before,
+                                        "coverage_after": cal.coverage_after, "holdout": cal.holdout,
+                                        "scores": cal.validation}
+            report["calibration"][name] = comparison
+            crps_cal = cal.crps(model_fc[name].samples, model_fc[name].last_close, model_fc[name].true,
+                                model_fc[name].vol)
+            if crps_cal is not None:
+                ok = np.isfinite(model_fc[name].true)
+                rel = np.where(ok, crps_cal / model_fc[name].last_close[:, None], np.nan)
+                report["forecasters"][name]["overall"]["crps_rel_calibrated"] = float(np.nanmean(rel))
+                model_fc[name].crps_calibrated = crps_cal  # type: ignore[attr-defined]
+    if "finetuned" in model_fc and "zero_shot" in model_fc:
+        report["dm_finetuned_vs_zero_shot"] = _dm_crps(model_fc["finetuned"], model_fc["zero_shot"], cfg.eval_stride)
+    if "zero_shot" in models:
+        report["zero_shot_cutoff"] = _cutoff_status(starting_cutoff, frame, anchors)
+        if report["zero_shot_cutoff"]["warning"]:
+            report["warnings"].append(report["zero_shot_cutoff"]["warning"])
     report["seconds"] = round(time.time() - t0, 2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,10 +312,66 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
     return report
 
 
+CRPS_ESTIMATOR = ("CRPS / last close. Models: the fair (unbiased) ensemble estimator over their sample paths; random "
+                  "walk: the exact log-normal formula; calibrated bands: 2 x mean pinball loss over the 20 quantile "
+                  "levels 0.025, 0.075, .., 0.975 of the calibrated distribution (within 1% of the exact CRPS for a "
+                  "log-normal); last value and drift: absolute error (point forecasts).")
+
+
+def _dm_crps(a: PathForecasts, b: PathForecasts, stride: int) -> dict:
+    """Diebold-Mariano of ``a`` vs ``b`` on per-date mean CRPS (calibrated when both have it, else raw fair CRPS)."""
+    from kronos.evaluate.metrics import crps_samples, dm_by_date
+
+    def loss(fc: PathForecasts, calibrated: bool) -> np.ndarray:
+        if calibrated:
+            return fc.crps_calibrated / fc.last_close[:, None]  # type: ignore[attr-defined]
+        return crps_samples(np.moveaxis(fc.samples, 1, -1), np.nan_to_num(fc.true)) / fc.last_close[:, None]
+
+    calibrated = hasattr(a, "crps_calibrated") and hasattr(b, "crps_calibrated")
+    ok = np.isfinite(a.true)
+    la, lb = np.where(ok, loss(a, calibrated), np.nan), np.where(ok, loss(b, calibrated), np.nan)
+    out = dm_by_date(a.anchor, la, lb, a.horizon, stride)
+    out["loss"] = "calibrated CRPS / last close" if calibrated else "CRPS / last close (raw paths)"
+    return out
+
+
+def _cutoff_status(cutoff: Optional[dict], frame: pd.DataFrame, anchors: pd.DataFrame) -> dict:
+    """Whether the zero-shot model's pretraining data reach into the test targets (then its row is in-sample)."""
+    end = (cutoff or {}).get("data_end")
+    source = (cutoff or {}).get("source", "unknown")
+    ts = np.sort(pd.DatetimeIndex(frame["timestamps"].unique()))
+    first_anchor = pd.Timestamp(anchors["anchor"].min())
+    later = ts[ts > first_anchor]
+    first_target = pd.Timestamp(later[0]) if len(later) else first_anchor
+    if not end:
+        return {"data_end": None, "source": source, "in_sample": None, "first_test_target": str(first_target),
+                "warning": ""}
+    in_sample = pd.Timestamp(end) >= first_target
+    warning = ""
+    if in_sample:
+        warning = (f"zero-shot row is in-sample: the starting model saw data up to {end} ({source}), on or after "
+                   f"the first test target {first_target.date()}; its scores overstate its skill on unseen data")
+    return {"data_end": end, "source": source, "in_sample": bool(in_sample), "first_test_target": str(first_target),
+            "warning": warning}
+
+
 def headline(report: dict) -> dict:
-    """{forecaster: {metric: mean}} for the headline metrics (what the CLI prints)."""
-    return {name: {k: s["overall"].get(k) for k in HEADLINE if k in s["overall"]}
-            for name, s in report["forecasters"].items()}
+    """{forecaster: {metric: mean}} for the headline metrics (what the CLI prints), plus ``crps_rel_calibrated``
+    for calibrated models; the keys ``model_in_use`` and ``dm_finetuned_vs_zero_shot`` beside them."""
+    out: dict[str, Any] = {name: {k: s["overall"].get(k) for k in (*HEADLINE, "crps_rel_calibrated")
+                                  if k in s["overall"]}
+                           for name, s in report["forecasters"].items()}
+    out["model_in_use"] = report.get("model_in_use")
+    dm = report.get("dm_finetuned_vs_zero_shot")
+    if dm:
+        out["dm_finetuned_vs_zero_shot"] = {k: dm.get(k) for k in ("dm_stat", "p_value", "loss", "n")}
+    cut = report.get("zero_shot_cutoff")
+    if cut:
+        out["zero_shot_in_sample"] = cut.get("in_sample")
+    return out
+
+
+HEADLINE_EXTRA = ("model_in_use", "dm_finetuned_vs_zero_shot", "zero_shot_in_sample")  # not forecasters
 
 
 def _fmt(v: Any, sd: Any = None) -> str:
@@ -307,16 +388,28 @@ _LABELS = {
     "mase": "MASE", "direction_accuracy": "direction accuracy", "ic": "IC (final step)",
     "rank_ic": "RankIC (final step)", "icir": "ICIR", "crps_rel": "CRPS / last close", "wql": "WQL",
     "coverage_0.5": "coverage 50%", "coverage_0.8": "coverage 80%", "width_0.5": "width 50% / last close",
-    "width_0.8": "width 80% / last close", "brier_up": "P(up) Brier", "vol_corr": "volatility corr.",
+    "width_0.8": "width 80% / last close", "brier_up": "P(up) Brier",
+    "crps_rel_calibrated": "CRPS / last close, calibrated", "vol_corr": "volatility corr.",
     "vol_mae": "volatility MAE",
 }
 
 
 def render_markdown(report: dict) -> str:
     names = list(report["forecasters"])
-    keys = ["mse_ret", "mae_ret", "mse", "mae", "mase", "direction_accuracy", "ic", "rank_ic", "icir", "crps_rel",
-            "wql"] + [f"coverage_{lv:g}" for lv in report["levels"]] + [f"width_{lv:g}" for lv in report["levels"]] + [
-        "brier_up", "vol_mae", "vol_corr"]
+    keys = ["crps_rel", "crps_rel_calibrated", "mse_ret", "mae_ret", "mse", "mae", "mase", "direction_accuracy", "ic",
+            "rank_ic", "icir", "wql"] + [f"coverage_{lv:g}" for lv in report["levels"]] + [
+        f"width_{lv:g}" for lv in report["levels"]] + ["brier_up", "vol_mae", "vol_corr"]
+    in_use = report.get("model_in_use")
+    cut = report.get("zero_shot_cutoff") or {}
+
+    def title(n: str) -> str:
+        marks = []
+        if n == in_use:
+            marks.append("in use")
+        if n == "zero_shot" and cut.get("in_sample"):
+            marks.append("IN-SAMPLE")
+        return f"{n} ({', '.join(marks)})" if marks else n
+
     a = report["anchors"]
     lines = [
         "# Walk-forward report", "",
@@ -324,7 +417,7 @@ def render_markdown(report: dict) -> str:
         f"{a['eval_stride']} bar(s)) over {a['n_symbols']} symbol(s); lookback {report['lookback_window']}, horizon "
         f"{report['predict_window']}, {report['sample_count']} sample paths, seeds {report['seeds']} (mean ± std). "
         f"Every target lies after the last validation bar ({report['splits'].get('val_end')}).", "",
-        "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        "| metric | " + " | ".join(title(n) for n in names) + " |", "|---|" + "---|" * len(names)]
     for k in keys:
         cells = []
         for n in names:
@@ -341,10 +434,26 @@ def render_markdown(report: dict) -> str:
                          f"{_fmt(dm['dm_stat'])}, p-value {_fmt(dm['p_value'])} (negative: {n} more accurate).")
     for n, why in report.get("skipped", {}).items():
         lines.append(f"- {n}: not scored ({why}).")
-    cal = report.get("calibration")
-    if cal:
-        lines += ["", f"## Calibration ({cal['method']}, fitted on {cal['validation']['n_anchors']} validation "
-                      "forecasts)", "", "| | uncalibrated | calibrated |", "|---|---|---|"]
+    dm = report.get("dm_finetuned_vs_zero_shot")
+    if dm:
+        lines.append(f"- Diebold-Mariano, finetuned vs zero_shot ({dm.get('loss')}, per anchor date): statistic "
+                     f"{_fmt(dm['dm_stat'])}, p-value {_fmt(dm['p_value'])} (negative: finetuned better).")
+    if cut:
+        if cut.get("data_end") is None:
+            lines.append("- zero_shot: the starting model's pretraining cutoff is unknown (no model card; set "
+                         "pretrained_data_end), so whether its test targets were in its training data is unknown.")
+        else:
+            state = "IN-SAMPLE: its training data reach the test targets" if cut.get("in_sample") else \
+                "out of sample: every test target is after it"
+            lines.append(f"- zero_shot: pretrained on data up to {cut['data_end']} ({cut['source']}); first test "
+                         f"target {cut['first_test_target'][:10]}: {state}.")
+    sel = report.get("model_selection")
+    if sel and sel.get("reason"):
+        lines.append(f"- Model in use: {sel.get('model_in_use')} ({sel['reason']}).")
+    lines += ["", f"CRPS: {report.get('crps_estimator', '')}"]
+    for name, cal in (report.get("calibration") or {}).items():
+        lines += ["", f"## Calibration of {name} ({cal['method']}, fitted on {cal['validation']['n_anchors']} "
+                      "validation forecasts)", "", "| | uncalibrated | calibrated |", "|---|---|---|"]
         def cov(row, lv):
             ci = row.get(f"coverage_{lv:g}_ci")
             text = _fmt(row[f"coverage_{lv:g}"])
@@ -414,16 +523,16 @@ def _plots(report: dict, out: Path) -> list[str]:
         for name, s in report["forecasters"].items():
             if s["kind"] == "model" or name == "random_walk":
                 ax.plot(steps, s["by_step"][key], marker="o", label=f"{name} {lv:.0%}")
-        if cal:
-            ax.plot(steps, cal["calibrated"][f"{key}_by_step"], marker="s", label=f"finetuned calibrated {lv:.0%}")
+        for name, c in (cal or {}).items():
+            ax.plot(steps, c["calibrated"][f"{key}_by_step"], marker="s", label=f"{name} calibrated {lv:.0%}")
     ax.set(xlabel="horizon step", ylabel="coverage", ylim=(0, 1), title="Coverage by horizon (dashed: nominal)")
     ax.legend(fontsize=7)
     files.append(str(_save(fig, out / "coverage_by_horizon.png")))
 
     curves = [(f"{n} raw", s["reliability"], s["overall"].get("brier_up")) for n, s in report["forecasters"].items()
               if s.get("reliability")]
-    if cal:
-        curves.append(("finetuned calibrated", cal["calibrated"]["reliability"], cal["calibrated"]["brier_up"]))
+    for name, c in (cal or {}).items():
+        curves.append((f"{name} calibrated", c["calibrated"]["reliability"], c["calibrated"]["brier_up"]))
     if curves:
         fig, ax = plt.subplots(figsize=(5, 5))
         for label, r, brier in curves:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "model_card.json"  # what a checkpoint made by this package records about itself (data, cutoff, recipe)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Deterministic buffers that may be recomputed when a checkpoint lacks them (the official state-dict layout).
 _RECOMPUTABLE_SUFFIXES = ("rotary.inv_freq", "bsq.basis", "bsq.group_basis")
@@ -129,6 +130,31 @@ class CheckpointMixin:
         model.to(map_location)  # type: ignore[attr-defined]
         model.eval()  # type: ignore[attr-defined]
         return model
+
+
+def read_card(folder: Union[str, os.PathLike]) -> Optional[dict]:
+    """The ``model_card.json`` of a local checkpoint folder (None for hub ids, folders without one, unreadable files)."""
+    path = Path(folder).expanduser() / CARD_NAME
+    if not path.is_file():
+        return None
+    try:
+        card = kio.read_json(path)
+    except (OSError, ValueError):
+        logger.warning("model card %s is not valid JSON; ignoring it", path)
+        return None
+    return card if isinstance(card, dict) else None
+
+
+def data_cutoff(folder: Union[str, os.PathLike], configured: str = "") -> tuple[Optional[str], str]:
+    """(last bar the model was trained on, where that comes from): ``configured`` (the config's
+    ``pretrained_data_end``) wins, else the model card's ``data_end``; (None, "unknown") when neither says."""
+    if configured:
+        return str(configured), "config key pretrained_data_end"
+    card = read_card(folder) if folder else None
+    end = card.get("data_end") if card else None
+    if isinstance(end, str) and end:
+        return end, f"model card {Path(folder) / CARD_NAME}"
+    return None, "unknown"
 
 
 def weights_sha256(module: Any) -> str:

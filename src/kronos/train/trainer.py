@@ -37,6 +37,7 @@ from kronos import io as kio
 from kronos.config import Config
 from kronos.errors import CheckpointError, ConfigError, TrainingError
 from kronos.train import checkpoint as ckpt
+from kronos.train import finetune
 from kronos.train.distributed import (
     DistContext,
     Precision,
@@ -100,6 +101,9 @@ class Trainer:
         self._nonfinite_run = 0
         self._nonfinite_logged = 0
         self.nonfinite_total = 0
+        self.start_val_loss: Optional[float] = None  # validation loss of the pretrained start (before step 1)
+        self.train_seconds = 0.0  # wall seconds inside optimizer steps (data included), this process
+        self._steps_this_process = 0
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, resume: bool = False, datasets: Optional[tuple] = None) -> None:
@@ -151,11 +155,19 @@ class Trainer:
         self.stage.prepare(self.device)
         if state is not None:
             self._check_resume_inputs(state)
-        if self.resume_from is not None:
+        lora = self.stage.name == "predictor" and cfg.finetune_mode == "lora"
+        if self.stage.name == "predictor" and cfg.finetune_mode != "full" and not cfg.pretrained_predictor_path:
+            raise ConfigError(f"finetune_mode '{cfg.finetune_mode}' finetunes a pretrained predictor, and "
+                              "pretrained_predictor_path is empty; set it (e.g. examples/models/starter/predictor) "
+                              "or use finetune_mode full to train from scratch")
+        if self.resume_from is not None and not lora:
             raw = self.stage.model_class.from_pretrained(str(self.resume_from))
-        else:
+        else:  # LoRA resumes from the pretrained weights plus the adapters saved in last/
             raw = self.stage.initial_model()
         self.stage.check_model(raw)
+        raw = finetune.apply_finetune_mode(raw, cfg, self.stage.name)
+        if self.resume_from is not None and lora:
+            finetune.load_adapter(raw, self.resume_from)
         raw.to(self.device)
         raw.train()
         self.raw_model = raw
@@ -230,6 +242,8 @@ class Trainer:
                               for k, v in state.get("log_sums", {}).items()}
             self._log_n = int(state.get("log_n", 0))
             self.nonfinite_total = int(state.get("nonfinite_total", 0))
+            start = state.get("start_val_loss")
+            self.start_val_loss = float(start) if start is not None else None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"cannot resume from {folder}: {ckpt.TRAINER_STATE} is damaged ({type(exc).__name__}: "
                                   f"{exc}); delete the folder to start over or train without --resume") from None
@@ -345,7 +359,8 @@ class Trainer:
         state = self._trainer_state()
 
         def fill(folder: Path) -> None:
-            self.raw_model.save_pretrained(folder)
+            finetune.save_plain(self.raw_model, folder)
+            finetune.save_adapter(self.raw_model, folder)
             ckpt.save_state(folder, "optimizer", self.optimizer.state_dict())
             ckpt.save_state(folder, "scheduler", self.scheduler.state_dict())
             if self.precision.use_scaler:
@@ -358,7 +373,7 @@ class Trainer:
 
     def save_best(self) -> None:
         if self.ctx.is_main:
-            kio.write_folder(self.best_dir, lambda folder: self.raw_model.save_pretrained(folder))
+            kio.write_folder(self.best_dir, lambda folder: finetune.save_plain(self.raw_model, folder))
 
     def _trainer_state(self) -> dict:
         return {
@@ -380,6 +395,7 @@ class Trainer:
             "log_sums": {k: float(v.item()) for k, v in self._log_sums.items()},
             "log_n": self._log_n,
             "nonfinite_total": self.nonfinite_total,
+            "start_val_loss": self.start_val_loss,
             "config": self.config.to_dict(),
         }
 
@@ -403,6 +419,12 @@ class Trainer:
                         self.val_steps, self.total_steps)
             logger.info("%s", self.precision.reason)
         tokens_per_step = cfg.batch_size * self.ctx.world_size * self.stage.tokens_per_sample(cfg.window)
+        if (self.resume_from is None and self.stage.name == "predictor" and cfg.pretrained_predictor_path
+                and self.start_val_loss is None):
+            # where finetuning starts from, on the same validation windows (the pipeline's keep_better reads it)
+            self.start_val_loss = self.validate()
+            if self.ctx.is_main:
+                logger.info("predictor: the starting model's val loss %.6f (before finetuning)", self.start_val_loss)
         try:
             while self.epoch < cfg.epochs and not self.stopped_early:
                 self._run_epoch(tracker, tokens_per_step)
@@ -423,8 +445,11 @@ class Trainer:
         t_log, n_timed = time.perf_counter(), 0
         batches = iter(self.train_loader)
         for _ in range(remaining):
+            t_step = time.perf_counter()
             x, stamp = next(batches)
             parts = self.train_step(x, stamp)
+            self.train_seconds += time.perf_counter() - t_step
+            self._steps_this_process += 1
             self.global_step += 1
             self.step_in_epoch += 1
             self._count_nonfinite(bool(parts.pop("nonfinite").item()), parts)
@@ -510,6 +535,7 @@ class Trainer:
             "stage": self.stage.name,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "best_epoch": self.best_epoch,
+            "start_val_loss": self.start_val_loss,
             "epochs_run": self.epochs_run,
             "epochs": self.config.epochs,
             "stopped_early": self.stopped_early,
@@ -519,6 +545,9 @@ class Trainer:
             "train_windows": len(self.train_ds),
             "val_windows": len(self.val_ds),
             "samples_seen": self.global_step * self.config.batch_size * self.ctx.world_size,
+            "parameters": int(sum(p.numel() for p in self.raw_model.parameters())),
+            "trainable_parameters": int(sum(p.numel() for p in self.params)),
+            "seconds_per_step": (self.train_seconds / self._steps_this_process) if self._steps_this_process else None,
             "nonfinite_steps": self.nonfinite_total,
             "wall_time_s": elapsed,
             "world_size": self.ctx.world_size,
@@ -531,10 +560,49 @@ class Trainer:
         }
         if self.ctx.is_main:
             kio.write_json(self.stage_dir / SUMMARY_FILE, summary)
+            self._write_card(summary)
             logger.info("%s done: best val loss %s at epoch %d; best model in %s", self.stage.name,
                         summary["best_val_loss"], self.best_epoch, self.best_dir)
         barrier(self.ctx)
         return summary
+
+
+    def _write_card(self, summary: dict) -> None:
+        """``model_card.json`` beside the best checkpoint: the data it saw (its cutoff: the last validation bar, since
+        validation picked it), where it started and how it was trained."""
+        import pandas as pd
+
+        from kronos.data.store import load_manifest
+        from kronos.model.hub import CARD_NAME, read_card
+
+        if kio.resolve_folder(self.best_dir) is None:
+            return
+        cfg = self.config
+        from kronos.errors import DataError
+
+        try:
+            info = load_manifest(cfg.dataset_path).get("splits") or {}
+        except DataError:  # windows handed in directly (benchmarks): no manifest to name the dates
+            info = {}
+        splits = {s: ((pd.Timestamp(info[s]["first"]), pd.Timestamp(info[s]["last"]))
+                      if isinstance(info.get(s), dict) and info[s].get("first") and info[s].get("last") else None)
+                  for s in ("train", "val")}
+        ends = [b[1] for b in splits.values() if b]
+        start = cfg.pretrained_predictor_path if self.stage.name == "predictor" else cfg.pretrained_tokenizer_path
+        parent = read_card(start) if start else None
+        card = {
+            "made_by": "kronos-kline",
+            "stage": self.stage.name,
+            "data_end": str(max(ends).date()) if ends else None,
+            "data": {"dataset": cfg.dataset_path, "source": cfg.data_source,
+                     **{s: ({"first": str(b[0]), "last": str(b[1])} if b else None) for s, b in splits.items()}},
+            "started_from": start or f"preset {getattr(cfg, f'{self.stage.name}_preset')} (from scratch)",
+            "started_from_data_end": (parent or {}).get("data_end"),
+            "finetune_mode": cfg.finetune_mode if self.stage.name == "predictor" else "full",
+            "steps": summary["global_step"], "best_epoch": summary["best_epoch"],
+            "best_val_loss": summary["best_val_loss"], "seed": cfg.seed,
+        }
+        kio.write_json(self.best_dir / CARD_NAME, card)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -558,8 +626,41 @@ def run_stage(stage_name: str, config: Config, resume: bool = False) -> dict:
 
 
 def train_tokenizer(config: Config, resume: bool = False) -> dict:
-    """Stage 1: finetune (or train from a preset) the tokenizer; best checkpoint in ``config.finetuned_tokenizer``."""
+    """Stage 1: finetune (or train from a preset) the tokenizer; best checkpoint in ``config.finetuned_tokenizer``.
+
+    With ``finetune_tokenizer: false`` the pretrained tokenizer is kept: it is copied, unchanged, to
+    ``config.finetuned_tokenizer`` (the run's tokenizer), so the predictor learns on the tokens it was pretrained on.
+    """
+    if not config.finetune_tokenizer:
+        return keep_pretrained_tokenizer(config)
     return run_stage("tokenizer", config, resume)
+
+
+def keep_pretrained_tokenizer(config: Config) -> dict:
+    """Copy the pretrained tokenizer unchanged as the run's tokenizer (``finetune_tokenizer: false``)."""
+    from kronos.model import KronosTokenizer
+    from kronos.model.hub import weights_sha256
+
+    src = config.pretrained_tokenizer_path
+    if not src:
+        raise ConfigError("finetune_tokenizer is false but pretrained_tokenizer_path is empty: there is no tokenizer "
+                          "to keep; set pretrained_tokenizer_path (e.g. examples/models/starter/tokenizer) or set "
+                          "finetune_tokenizer true")
+    dist_ctx = setup_distributed(config)
+    try:
+        summary = {"stage": "tokenizer", "kept_pretrained": src, "trained": False}
+        if dist_ctx.is_main:
+            tok = KronosTokenizer.from_pretrained(src)
+            target = Path(config.finetuned_tokenizer)
+            kio.write_folder(target, lambda folder: tok.save_pretrained(folder))
+            summary.update(best_model=str(target), weights_sha256=weights_sha256(tok))
+            kio.write_json(Path(config.tokenizer_dir) / SUMMARY_FILE, summary)
+            logger.info("tokenizer: finetune_tokenizer false: kept the pretrained tokenizer %s (copied to %s)", src,
+                        target)
+        barrier(dist_ctx)
+        return summary
+    finally:
+        cleanup_distributed(dist_ctx)
 
 
 def train_predictor(config: Config, resume: bool = False) -> dict:
