@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--work", default="outputs/starter_compare")
     ap.add_argument("--minutes", type=float, default=5.0, help="training budget per shape")
     ap.add_argument("--shapes", nargs="*", default=sorted(PREDICTOR_SHAPES))
+    ap.add_argument("--record", default=None, help="also write the rows as JSON to this file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -63,6 +64,9 @@ def main() -> None:
                "steps": t["steps"], "wall_s": t["wall_time_s"], "best_val_loss": t["best_val_loss"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.record:
+        Path(args.record).write_text(json.dumps({"minutes_per_shape": args.minutes, "batch_size": batch,
+                                                 "window": window, "rows": rows}, indent=1) + "\n")
     print("\n| shape | parameters | s/step (batch %d) | steps in %.0f min | wall s | best val loss |" % (batch, args.minutes))
     print("|---|---|---|---|---|---|")
     for r in rows:

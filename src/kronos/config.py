@@ -481,7 +481,7 @@ FAST_MODE_CAPS: dict[str, int] = {
     "epochs": 2,
     "batch_size": 32,
     "n_train_iter": 32 * 40,
-    "n_val_iter": 32 * 5,
+    "n_val_iter": 32 * 20,  # 20 forward-only batches: a validation loss steady enough to pick the best epoch
     "log_interval": 20,
     "inference_sample_count": 16,  # 16 shared-context paths cost ~1.1x one path; 4 gave zero-width bands
     "eval_max_anchors": 20,

@@ -640,7 +640,9 @@ class KronosPipeline:
         val = {name: {**(c.get("validation") or {}), "causal_val_loss": losses.get(name)}
                for name, c in calibrations.items()}
         selection: dict[str, Any] = {"model_in_use": "finetuned", "keep_better": cfg.keep_better, "validation": val}
-        if "zero_shot" not in val:
+        if not val:
+            selection["reason"] = "no validation comparison (calibration skipped): the finetuned model is used"
+        elif "zero_shot" not in val:
             selection["reason"] = "no starting model to compare with (pretrained paths empty or not loadable)"
         else:
             key = "crps_rel_calibrated" if all(v.get("crps_rel_calibrated") is not None for v in val.values()) \

@@ -184,3 +184,31 @@ def test_script_reports_config_errors_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "batch_sise" in lines[0] and "batch_size" in lines[0]
+
+
+@pytest.mark.parametrize("mode", ["lora", "freeze"])
+def test_torchrun_finetune_modes_over_two_gloo_processes(dataset: Path, tmp_path: Path, mode: str) -> None:
+    """LoRA and freeze under DDP: frozen weights stay put, best_model is a plain official-format checkpoint."""
+    from kronos.model import Kronos, build_tokenizer
+
+    pretrained = tmp_path / "pretrained"
+    torch.manual_seed(3)
+    build_tokenizer("tiny").save_pretrained(pretrained / "tokenizer")
+    build_predictor("tiny").save_pretrained(pretrained / "predictor")
+    cfg = tiny_config(tmp_path, dataset, epochs=1, n_train_iter=16 * 4, finetune_mode=mode, freeze_layers=1,
+                      lora_rank=2, finetune_tokenizer=False, pretrained_tokenizer_path=str(pretrained / "tokenizer"),
+                      pretrained_predictor_path=str(pretrained / "predictor"))
+    train_tokenizer(cfg)  # finetune_tokenizer false: the pretrained tokenizer is the run's
+    cfg_path = _write_config(tmp_path / "cfg.json", cfg)
+    proc = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 REPO / "finetune" / "train_predictor.py", "--config-path", cfg_path, "--cpu"], cwd=REPO, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((Path(cfg.predictor_dir) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    assert 0 < summary["trainable_parameters"] < summary["parameters"]
+    start = Kronos.from_pretrained(pretrained / "predictor").state_dict()
+    best = Kronos.from_pretrained(cfg.finetuned_predictor).state_dict()
+    assert best.keys() == start.keys()
+    if mode == "freeze":
+        assert all(torch.equal(best[k], start[k]) for k in start if k.startswith(("embedding.", "transformer.0.")))
+    assert (Path(cfg.predictor_dir) / "checkpoints" / "last" / "adapter.safetensors").exists() == (mode == "lora")

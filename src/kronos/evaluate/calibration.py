@@ -13,7 +13,10 @@ at step ``h`` is ``|y - m| / d`` with ``m`` the sample median and the difficulty
 where ``vol`` is the recent volatility of the context's closes (:func:`kronos.evaluate.metrics.recent_volatility`,
 exponential weights with a 10-bar half-life: ``context_vol`` in records) and ``sd`` the model's own spread (the
 half-width of its raw band of that level over the normal quantile of the level). The calibrated band is ``m +- c
-d`` with ``c`` the finite-sample conformal quantile of the validation scores for that level and step. Because
+d`` with ``c`` the finite-sample conformal quantile of the validation scores for that level and step. The centre
+``m`` is the sample median shrunk toward the last close, ``lam * median`` (returns), with ``lam`` in [0, 1] per step
+fitted on the validation outcomes (least mean absolute error in units of ``vol``): a median move that carried no
+information on validation is not trusted at test time (calibration files without ``center`` keep the median). Because
 ``d`` follows the volatility of each forecast's own recent bars, a band fitted in a calm validation year widens
 by itself in a turbulent test year; a correction in price units (``cqr_additive``) or relative to the model's
 spread alone does not. Evidence (README, "Calibrated bands"): on six held-out sets (other stocks, four market
@@ -163,6 +166,11 @@ class Calibration:
                     isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
                 raise CheckpointError(f"{source}: parameter '{key}' must list {obj.horizon} finite numbers; "
                                       "rerun `kronos calibrate`")
+        center = obj.params.get("center") if isinstance(obj.params, dict) else None
+        if center is not None and (not isinstance(center, list) or len(center) != obj.horizon or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in center)):
+            raise CheckpointError(f"{source}: parameter 'center' must list {obj.horizon} finite numbers; "
+                                  "rerun `kronos calibrate`")
         if not all(isinstance(obj.p_up.get(k), (int, float)) for k in ("a", "b")):
             raise CheckpointError(f"{source}: p_up needs numbers 'a' and 'b'; rerun `kronos calibrate`")
         return obj
@@ -215,10 +223,15 @@ class Calibration:
         return np.stack(out)
 
     def _adjust(self, q: float, r_q: np.ndarray, r_lo: Optional[np.ndarray], r_hi: Optional[np.ndarray],
-                med: np.ndarray, step_idx: np.ndarray, vol: Optional[np.ndarray] = None) -> np.ndarray:
+                med: np.ndarray, step_idx: np.ndarray, vol: Optional[np.ndarray] = None,
+                use_center: bool = True) -> np.ndarray:
         """The calibrated q-quantile in return space from the raw one (and the raw band of its level, the median);
         ``step_idx`` (0-based horizon step) picks the per-step parameter."""
         lv = self._level_of(q)
+        if use_center and self.method == "vol_scaled" and "center" in self.params:  # centre shrunk toward last close
+            med = med * np.asarray(self.params["center"], dtype=float)[step_idx]
+            if lv is None:
+                return med
         if lv is None or self.method == "none":
             return r_q
         if self.method in VOL_METHODS and vol is None:
@@ -293,10 +306,30 @@ def _vol_scale(r_lo: np.ndarray, r_hi: np.ndarray, vol: np.ndarray, h: Any, leve
     return np.sqrt(np.asarray(vol, dtype=float) ** 2 * h + sd ** 2) + _EPS
 
 
-def _cqr_fit(method: str, z: np.ndarray, y: np.ndarray, level: float, vol: Optional[np.ndarray] = None) -> np.ndarray:
-    """Per-step conformal correction for one level from paths ``z [N,S,P]`` and outcomes ``y [N,P]`` (returns)."""
+_CENTER_GRID = np.linspace(0.0, 1.0, 21)
+
+
+def _center_fit(z: np.ndarray, y: np.ndarray, vol: np.ndarray) -> np.ndarray:
+    """Per-step factor ``lam`` in [0, 1] for the band centre ``lam * median`` (returns): the one with the least mean
+    absolute error in units of ``vol sqrt(h)`` on the validation outcomes. 1 keeps the model's median, 0 is the last
+    close; a model whose median move carries no information on validation gets a small factor."""
+    med = np.median(z, axis=1)
+    unit = np.asarray(vol, dtype=float)[:, None]  # sqrt(h) is the same for every forecast of a step
+    out = []
+    for k in range(z.shape[2]):
+        errs = [float(np.mean(np.abs(y[:, k] - lam * med[:, k]) / unit[:, 0])) for lam in _CENTER_GRID]
+        out.append(float(_CENTER_GRID[int(np.argmin(errs))]))
+    return np.array(out)
+
+
+def _cqr_fit(method: str, z: np.ndarray, y: np.ndarray, level: float, vol: Optional[np.ndarray] = None,
+             center: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-step conformal correction for one level from paths ``z [N,S,P]`` and outcomes ``y [N,P]`` (returns);
+    ``center [P]`` (vol_scaled) shrinks the median toward the last close."""
     lo, hi = np.quantile(z, [(1 - level) / 2, (1 + level) / 2], axis=1)
     med = np.median(z, axis=1)
+    if center is not None:
+        med = med * np.asarray(center, dtype=float)[None, :]
     if method == "vol_scaled":
         scores = np.abs(y - med) / _vol_scale(lo, hi, vol[:, None], np.arange(1, z.shape[2] + 1)[None, :], level)
     elif method in ("cqr_additive", "cqr_vol"):
@@ -336,9 +369,13 @@ def _fit_params(method: str, z: np.ndarray, y: np.ndarray, levels: Sequence[floa
         return {}
     if method == "spread_scale":
         return {"scale": [float(v) for v in _spread_fit(z, y, levels)]}
-    out = {}
+    out: dict = {}
+    center = None
+    if method == "vol_scaled":
+        center = _center_fit(z, y, vol)
+        out["center"] = [float(v) for v in center]
     for lv in levels:
-        corr = _cqr_fit(method, z, y, lv, vol)
+        corr = _cqr_fit(method, z, y, lv, vol, center)
         out[f"{lv:g}"] = [float(v) if np.isfinite(v) else (1.0 if method == "cqr_multiplicative" else 0.0)
                           for v in corr]
     return out
@@ -533,7 +570,8 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
                                      f"(the other end of its {lv:g} band)")
                 r_lo = next(v for k, v in rel.items() if abs(k - q_lo) < 1e-9)
                 r_hi = next(v for k, v in rel.items() if abs(k - q_hi) < 1e-9)
-            new[c] = last * (1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx, vol))
+            # the centre's shrink was fitted on close; open/high/low keep their own medians (high sits above close)
+            new[c] = last * (1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx, vol, use_center=base == "close"))
         for c, v in new.items():
             out[f"{c}_raw"] = out[c]
             out[c] = v

@@ -84,11 +84,11 @@ PREDICTOR_SHAPES: dict[str, dict[str, Any]] = {
                "ffn_dropout_p": 0.1, "attn_dropout_p": 0.0, "resid_dropout_p": 0.1, "token_dropout_p": 0.0,
                "learn_te": True},
 }  # fmt: skip
-DEFAULT_SHAPE = "d128x4"
+DEFAULT_SHAPE = "d64x4"  # best validation loss at an equal time budget (README, "The starter pair")
 
 
 def starter_config(data_path: str, work: Path, stage: str, overrides: Optional[dict] = None) -> Config:
-    """The recipe's Config for ``stage`` ('tokenizer' or 'predictor') writing under ``work``."""
+    """The recipe's Config for ``stage`` ('tokenizer' or 'predictor') writing under ``work`` (``overrides`` on top)."""
     cfg = Config.from_dict({**RECIPE, **STAGE_RECIPE[stage], **(overrides or {})}, source="starter recipe")
     return cfg.update({"qlib_data_path": str(data_path), "dataset_path": str(work / "dataset"),
                        "save_path": str(work / "models"), "backtest_result_path": str(work / "results"),
@@ -110,11 +110,12 @@ def _initial_checkpoints(work: Path, shape: str, seed: int) -> None:
 
 def build_starter(data_path: str = DEFAULT_DATA, out: str = DEFAULT_OUT, work: Optional[str] = None,
                   shape: str = DEFAULT_SHAPE, stage_overrides: Optional[dict[str, dict]] = None,
-                  command: str = "", skip_tokenizer: bool = False) -> dict:
+                  command: str = "", skip_tokenizer: bool = False, recipe_overrides: Optional[dict] = None) -> dict:
     """Process the data, train the tokenizer then the predictor, and write the pair with model cards to ``out``.
 
     ``stage_overrides`` ({stage: {key: value}}) changes steps or learning rates (tests run one step; the shape
-    comparison shortens the runs). ``skip_tokenizer`` reuses ``work``'s trained tokenizer (shape comparisons).
+    comparison shortens the runs); ``recipe_overrides`` changes keys of both stages (dates and windows of other
+    data). ``skip_tokenizer`` reuses ``work``'s trained tokenizer (shape comparisons).
     Returns {"tokenizer": card, "predictor": card}.
     """
     from kronos.data.sources import DataProcessorFactory
@@ -129,8 +130,9 @@ def build_starter(data_path: str = DEFAULT_DATA, out: str = DEFAULT_OUT, work: O
     torch.set_num_threads(THREADS)
     overrides = stage_overrides or {}
     t_start = time.time()
-    cfg_tok = starter_config(data_path, work_dir, "tokenizer", overrides.get("tokenizer"))
-    cfg_pred = starter_config(data_path, work_dir, "predictor", overrides.get("predictor"))
+    common = recipe_overrides or {}
+    cfg_tok = starter_config(data_path, work_dir, "tokenizer", {**common, **overrides.get("tokenizer", {})})
+    cfg_pred = starter_config(data_path, work_dir, "predictor", {**common, **overrides.get("predictor", {})})
     cfg_pred.update({"pretrained_tokenizer_path": cfg_tok.finetuned_tokenizer,
                      "finetuned_tokenizer_path": cfg_tok.finetuned_tokenizer}, source="starter recipe")
     seconds: dict[str, float] = {}
@@ -163,7 +165,7 @@ def build_starter(data_path: str = DEFAULT_DATA, out: str = DEFAULT_OUT, work: O
             "made_by": "kronos-kline (this package's data step and trainer)",
             "data": {"source": "qlib", "folder": Path(data_path).name, "instrument": RECIPE["instrument"],
                      "symbols": symbols, "n_symbols": len(symbols), "frequency": "1d",
-                     "first_bar": first_bar, "last_bar": last_bar, "cutoff": DATA_CUTOFF,
+                     "first_bar": first_bar, "last_bar": last_bar, "cutoff": cfg_tok.dataset_end_time,
                      "splits": {s: {k: v for k, v in (info.get(s) or {}).items() if k in ("first", "last", "rows")}
                                 for s in ("train", "val", "test")}},
             "data_end": last_bar,
