@@ -186,9 +186,10 @@ def test_script_reports_config_errors_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "batch_sise" in lines[0] and "batch_size" in lines[0]
 
 
-@pytest.mark.parametrize("mode", ["lora", "freeze"])
-def test_torchrun_finetune_modes_over_two_gloo_processes(dataset: Path, tmp_path: Path, mode: str) -> None:
-    """LoRA and freeze under DDP: frozen weights stay put, best_model is a plain official-format checkpoint."""
+def test_torchrun_lora_over_two_gloo_processes(dataset: Path, tmp_path: Path) -> None:
+    """LoRA under DDP: only the adapters train, best_model is a plain official-format checkpoint (freeze is the
+    same DDP path with fewer trainable weights: tests/train/test_finetune_modes.py)."""
+    mode = "lora"
     from kronos.model import Kronos, build_tokenizer
 
     pretrained = tmp_path / "pretrained"
@@ -209,6 +210,5 @@ def test_torchrun_finetune_modes_over_two_gloo_processes(dataset: Path, tmp_path
     start = Kronos.from_pretrained(pretrained / "predictor").state_dict()
     best = Kronos.from_pretrained(cfg.finetuned_predictor).state_dict()
     assert best.keys() == start.keys()
-    if mode == "freeze":
-        assert all(torch.equal(best[k], start[k]) for k in start if k.startswith(("embedding.", "transformer.0.")))
-    assert (Path(cfg.predictor_dir) / "checkpoints" / "last" / "adapter.safetensors").exists() == (mode == "lora")
+    assert any(not torch.equal(best[k], start[k]) for k in start)
+    assert (Path(cfg.predictor_dir) / "checkpoints" / "last" / "adapter.safetensors").exists()
