@@ -21,6 +21,7 @@ def main() -> int:
     ap.add_argument("--symbol", required=True)
     ap.add_argument("--out", default="docs/serve.png")
     ap.add_argument("--horizon", type=int, default=10)
+    ap.add_argument("--serve-args", default="", help="more `kronos serve` flags, e.g. '--model PATH --calibration F'")
     args = ap.parse_args()
 
     import uvicorn
@@ -32,7 +33,10 @@ def main() -> int:
     from kronos.serve.app import create_app
     from kronos.serve.command import build_engine
 
-    serve_args = build_parser().parse_args(["serve", "--run", args.run, "--device", "cpu"])
+    import shlex
+
+    serve_args = build_parser().parse_args(["serve", "--run", args.run, "--device", "cpu",
+                                            *shlex.split(args.serve_args)])
     engine, run = build_engine(serve_args)
     app = create_app(engine, run=run, host="127.0.0.1")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -598,9 +598,10 @@ class KronosPipeline:
         from kronos.evaluate.report import split_bounds
 
         cfg = self.config
+        models = self._models()  # the checkpoints are checked before the dataset
         frame, bounds = self.full_frame(), split_bounds(cfg.dataset_path)
         out = {}
-        for name, predictor in self._models().items():
+        for name, predictor in models.items():
             path = self.calibration_file(name)
             log.info("calibrating the %s model on validation anchors", name.replace("_", "-"))
             out[name] = calibrate_on_validation(cfg, predictor, frame, bounds, out_path=path).to_dict()

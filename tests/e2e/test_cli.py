@@ -81,6 +81,10 @@ def test_config_command_prints_resolved_paths():
     data = json.loads(r.stdout)
     assert data["finetuned_tokenizer_path"].endswith("finetune_tokenizer_demo/checkpoints/best_model")
     assert Path(data["qlib_data_path"]).is_dir()
+    # the demo finetunes the committed starter pair and keeps its tokenizer
+    for key in ("pretrained_tokenizer_path", "pretrained_predictor_path"):
+        assert (Path(data[key]) / "model.safetensors").is_file() and Path(data[key]).parent.name == "starter"
+    assert data["finetune_tokenizer"] is False and data["keep_better"] is True
 
 
 def test_front_door_as_a_user_runs_it(tmp_path):

@@ -125,3 +125,18 @@ def test_dates_per_horizon_counts_anchor_dates_in_a_horizon():
     assert dates_per_horizon(days, days[::1], 10) == 10
     assert dates_per_horizon(days, days[::5], 10) == 2
     assert dates_per_horizon(days, days[::30], 10) == 1
+
+
+def test_a_symbol_suspended_for_years_is_not_forecast_across_the_gap():
+    """Anchors lie at or after the last validation bar: a context that ended years before the test split does
+    not 'forecast' the first bars after the gap."""
+    days = pd.bdate_range("2018-01-01", periods=60).append(pd.bdate_range("2024-01-01", periods=40))
+    gap = pd.DataFrame({"symbol": "GAP", "timestamps": days, "close": np.linspace(10, 20, len(days))})
+    plain_days = pd.bdate_range("2023-09-01", "2024-02-23")
+    plain = pd.DataFrame({"symbol": "OK", "timestamps": plain_days, "close": np.linspace(10, 20, len(plain_days))})
+    frame = pd.concat([gap, plain], ignore_index=True)
+    val_end = pd.Timestamp("2023-12-29")
+    anchors = select_anchors(frame, val_end, None, 20, 3)
+    assert (anchors["anchor"] >= val_end).all()
+    assert set(anchors["symbol"]) == {"GAP", "OK"}  # GAP still forecast once it has 20 bars after the gap
+    assert anchors.loc[anchors["symbol"] == "GAP", "anchor"].min() >= pd.Timestamp("2024-01-01")

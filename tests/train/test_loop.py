@@ -77,9 +77,12 @@ def test_summary_and_metrics_files(trained: dict) -> None:
     pred_row = next(r for r in _rows(cfg.predictor_dir) if "train/loss" in r)
     assert {"train/ce_s1", "train/ce_s2"} <= set(pred_row)
     assert list((stage_dir / "tensorboard").glob("events.out.tfevents.*"))
-    # best_model is in the official format: exactly config.json + model.safetensors
+    # best_model is in the official format: config.json + model.safetensors, and the card of what it saw
     best = stage_dir / "checkpoints" / "best_model"
-    assert sorted(p.name for p in best.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in best.iterdir()) == ["config.json", "model.safetensors", "model_card.json"]
+    card = json.loads((best / "model_card.json").read_text())
+    assert card["data_end"] == "2024-03-29" and card["stage"] == "tokenizer"  # the last validation bar
+    assert card["steps"] == summary["global_step"] and card["made_by"] == "kronos-kline"
 
 
 def test_best_checkpoints_forecast_with_kronos_predictor(trained: dict) -> None:

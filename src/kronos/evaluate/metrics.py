@@ -479,7 +479,8 @@ def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[
     """Diebold-Mariano test of equal predictive accuracy with the Harvey-Leybourne-Newbold correction.
 
     ``loss_a`` and ``loss_b`` are aligned loss series (time order). d = loss_a - loss_b; the long-run variance
-    uses autocovariances up to lag h-1; the statistic is scaled by sqrt((T + 1 - 2h + h(h-1)/T) / T) and compared
+    uses autocovariances up to lag h-1 (with Bartlett weights when the plain sum is not positive, as happens with few
+    dates and many lags; ``kernel`` says which); the statistic is scaled by sqrt((T + 1 - 2h + h(h-1)/T) / T) and compared
     with Student's t on T-1 degrees of freedom (two-sided). A negative statistic means ``a`` has the lower loss.
     """
     from scipy import stats
@@ -495,6 +496,10 @@ def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[
     dc = d - d.mean()
     gamma = [float(np.dot(dc[k:], dc[:n - k]) / n) for k in range(h)]
     var = (gamma[0] + 2.0 * sum(gamma[1:])) / n
+    out["kernel"] = "rectangular"
+    if not var > 0:  # few dates and many lags can make it negative: Newey-West (Bartlett) weights never do
+        var = (gamma[0] + 2.0 * sum((1 - k / h) * g for k, g in enumerate(gamma) if k)) / n
+        out["kernel"] = "bartlett"
     if not var > 0:
         return out
     stat = d.mean() / math.sqrt(var)

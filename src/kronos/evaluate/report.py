@@ -48,8 +48,8 @@ def split_bounds(dataset_path: str) -> dict[str, pd.Timestamp]:
 
 def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], targets_until: Optional[pd.Timestamp],
                    lookback: int, horizon: int, stride: int = 1, max_anchors: int = 0) -> pd.DataFrame:
-    """(symbol, anchor, position) of every bar with ``lookback`` bars of history whose ``horizon`` target bars all
-    exist and lie in ``(targets_after, targets_until]``; every ``stride``-th anchor date, and when ``max_anchors``
+    """(symbol, anchor, position) of every bar at or after ``targets_after`` with ``lookback`` bars of history whose
+    ``horizon`` target bars all exist and lie in ``(targets_after, targets_until]``; every ``stride``-th anchor date, and when ``max_anchors``
     > 0 at most that many dates spread evenly over the split (its first and last included). ``frame`` is sorted
     by symbol and time."""
     rows = []
@@ -64,6 +64,9 @@ def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], t
         ok = np.ones(len(pos), bool)
         if targets_after is not None and not pd.isna(targets_after):
             ok &= np.asarray(first_target > targets_after)
+            # and the anchor itself no earlier than that bar: a symbol suspended for years would otherwise forecast
+            # its first bars after the gap from a context that ended years before
+            ok &= np.asarray(ts[pos] >= targets_after)
         if targets_until is not None and not pd.isna(targets_until):
             ok &= np.asarray(last_target <= targets_until)
         rows.append(pd.DataFrame({"symbol": symbol, "anchor": ts[pos[ok]], "pos": pos[ok]}))
@@ -275,7 +278,8 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
         fc0 = model_fc[name]
         moved = fc0.true != fc0.last_close[:, None]
         summary["reliability"] = _reliability(runs[0]["p_up"][moved], (fc0.true > fc0.last_close[:, None])[moved])
-        summary["dm_vs_last_value"] = {k: float(np.nanmean([d[k] for d in dms])) for k in dms[0]}
+        summary["dm_vs_last_value"] = {k: float(np.nanmean([d[k] for d in dms])) for k in dms[0] if k != "kernel"}
+        summary["dm_vs_last_value"]["kernel"] = dms[0].get("kernel")
         summary["dm_vs_last_value"]["p_value_by_seed"] = [d["p_value"] for d in dms]
         report["forecasters"][name] = summary
     if calibrations:
@@ -364,7 +368,7 @@ def headline(report: dict) -> dict:
     out["model_in_use"] = report.get("model_in_use")
     dm = report.get("dm_finetuned_vs_zero_shot")
     if dm:
-        out["dm_finetuned_vs_zero_shot"] = {k: dm.get(k) for k in ("dm_stat", "p_value", "loss", "n")}
+        out["dm_finetuned_vs_zero_shot"] = {k: dm.get(k) for k in ("dm_stat", "p_value", "loss", "n", "kernel")}
     cut = report.get("zero_shot_cutoff")
     if cut:
         out["zero_shot_in_sample"] = cut.get("in_sample")
