@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import shutil
@@ -152,6 +153,21 @@ def write_json(path: PathLike, value: Any) -> Path:
 def read_json(path: PathLike) -> Any:
     """Parse a JSON file (errors propagate as OSError/ValueError for the caller to word)."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_json_object(path: PathLike, what: str = "file") -> Optional[dict]:
+    """An optional JSON object file: None when it is missing, unreadable or not an object (logged as ``what``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        logging.getLogger(__name__).warning("%s %s is not a valid JSON object; ignoring it", what, path)
+        return None
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- tables

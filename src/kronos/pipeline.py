@@ -180,15 +180,7 @@ class KronosPipeline:
         return Path(self.config.finetuned_predictor).parent / "model_selection.json"
 
     def model_selection(self) -> Optional[dict]:
-        path = self.selection_path()
-        if not path.is_file():
-            return None
-        try:
-            data = kio.read_json(path)
-        except (OSError, ValueError):
-            log.warning("%s is not valid JSON: using the finetuned model", path)
-            return None
-        return data if isinstance(data, dict) else None
+        return kio.read_json_object(self.selection_path(), "model selection")
 
     def model_in_use(self) -> str:
         """'finetuned' or 'zero_shot' (the starting model, kept because finetuning did not help on validation)."""

@@ -52,6 +52,20 @@ def make_dataset(path: Path) -> Path:
     return path
 
 
+def save_pretrained_pair(folder: Path, seed: int, **predictor_args):
+    """A 'pretrained' tiny pair (seeded fresh weights) in the official format under folder/tokenizer, folder/predictor;
+    returns the (tokenizer, predictor) modules."""
+    import torch
+
+    from kronos.model import build_predictor, build_tokenizer
+
+    torch.manual_seed(seed)
+    tok, pred = build_tokenizer("tiny"), build_predictor("tiny", **predictor_args)
+    tok.save_pretrained(Path(folder) / "tokenizer")
+    pred.save_pretrained(Path(folder) / "predictor")
+    return tok, pred
+
+
 def tiny_config(tmp: Path, dataset: Path, **overrides) -> Config:
     """Tiny-preset CPU config: 30+5+1-row windows, a few steps per epoch."""
     base = dict(

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support.training import make_dataset, tiny_config
-from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokenizer
+from _support.training import make_dataset, save_pretrained_pair, tiny_config
+from kronos.model import Kronos, KronosTokenizer
 from kronos.model.hub import CARD_NAME
 from kronos.pipeline import KronosPipeline
 
@@ -20,10 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("kb")
     dataset = make_dataset(root / "dataset")
-    torch.manual_seed(0)
-    tok, pred = build_tokenizer("tiny"), build_predictor("tiny")
-    tok.save_pretrained(root / "start" / "tokenizer")
-    pred.save_pretrained(root / "start" / "predictor")
+    tok, _ = save_pretrained_pair(root / "start", seed=0)
     with torch.no_grad():  # a broken copy: every decoded bar 20 standard deviations off
         tok.head.bias += 20.0
     tok.save_pretrained(root / "broken" / "tokenizer")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _support.training import make_dataset, tiny_config
+from _support.training import make_dataset, save_pretrained_pair, tiny_config
+from kronos.config import Config
 from kronos.errors import ConfigError
-from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokenizer
+from kronos.model import Kronos, KronosTokenizer, build_predictor
 from kronos.train import finetune, train_predictor, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,9 +18,7 @@ def pretrained(tmp_path_factory):
     """A dataset and a 'pretrained' tiny pair (seeded fresh weights saved in the official format)."""
     root = tmp_path_factory.mktemp("ft")
     dataset = make_dataset(root / "dataset")
-    torch.manual_seed(1)
-    build_tokenizer("tiny").save_pretrained(root / "pre" / "tokenizer")
-    build_predictor("tiny", n_layers=3).save_pretrained(root / "pre" / "predictor")
+    save_pretrained_pair(root / "pre", seed=1, n_layers=3)
     return root, dataset
 
 
@@ -40,8 +39,8 @@ def _inputs(seed=0, n=4, t=12):
 
 
 def test_lora_merge_gives_the_adapter_models_outputs():
-    cfg = tiny_config_like(finetune_mode="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-                           lora_target_modules=["q_proj", "v_proj", "w2", "proj_s1"])
+    cfg = Config.from_dict(dict(finetune_mode="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
+                           lora_target_modules=["q_proj", "v_proj", "w2", "proj_s1"]))
     torch.manual_seed(0)
     model = finetune.apply_finetune_mode(build_predictor("tiny"), cfg, "predictor")
     with torch.no_grad():  # adapters start at zero (B = 0): give them values so the merge has something to do
@@ -64,12 +63,6 @@ def test_lora_merge_gives_the_adapter_models_outputs():
         assert not torch.allclose(base(s1, s2, stamp, use_teacher_forcing=True, s1_targets=s1)[0], want[0])
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-
-
-def tiny_config_like(**kw):
-    from kronos.config import Config
-
-    return Config.from_dict(kw)
 
 
 def test_freeze_keeps_embeddings_and_lower_blocks(tmp_path, pretrained):

@@ -16,7 +16,7 @@ from kronos.config import Config
 from kronos.model import build_predictor
 from kronos.train import train_predictor, train_tokenizer
 
-from _support.training import PYTHON, REPO, make_dataset, tiny_config
+from _support.training import PYTHON, REPO, make_dataset, save_pretrained_pair, tiny_config
 
 pytestmark = pytest.mark.slow  # end-to-end / subprocess tests: `make test-fast` skips them
 
@@ -190,12 +190,10 @@ def test_torchrun_lora_over_two_gloo_processes(dataset: Path, tmp_path: Path) ->
     """LoRA under DDP: only the adapters train, best_model is a plain official-format checkpoint (freeze is the
     same DDP path with fewer trainable weights: tests/train/test_finetune_modes.py)."""
     mode = "lora"
-    from kronos.model import Kronos, build_tokenizer
+    from kronos.model import Kronos
 
     pretrained = tmp_path / "pretrained"
-    torch.manual_seed(3)
-    build_tokenizer("tiny").save_pretrained(pretrained / "tokenizer")
-    build_predictor("tiny").save_pretrained(pretrained / "predictor")
+    save_pretrained_pair(pretrained, seed=3)
     cfg = tiny_config(tmp_path, dataset, epochs=1, n_train_iter=16 * 4, finetune_mode=mode, freeze_layers=1,
                       lora_rank=2, finetune_tokenizer=False, pretrained_tokenizer_path=str(pretrained / "tokenizer"),
                       pretrained_predictor_path=str(pretrained / "predictor"))

@@ -339,6 +339,7 @@ class PathForecasts:
     samples: np.ndarray
     vol: Optional[np.ndarray] = None  # [N] the context's recent log-return volatility (recent_volatility)
     crps: Optional[np.ndarray] = None  # [N, P] exact CRPS when the forecaster has a closed form (random walk)
+    crps_calibrated: Optional[np.ndarray] = None  # [N, P] CRPS of its calibrated bands (set by the report)
 
     @property
     def horizon(self) -> int:

@@ -298,7 +298,7 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
                 ok = np.isfinite(model_fc[name].true)
                 rel = np.where(ok, crps_cal / model_fc[name].last_close[:, None], np.nan)
                 report["forecasters"][name]["overall"]["crps_rel_calibrated"] = float(np.nanmean(rel))
-                model_fc[name].crps_calibrated = crps_cal  # type: ignore[attr-defined]
+                model_fc[name].crps_calibrated = crps_cal
     if "finetuned" in model_fc and "zero_shot" in model_fc:
         report["dm_finetuned_vs_zero_shot"] = _dm_crps(model_fc["finetuned"], model_fc["zero_shot"], cfg.eval_stride)
     if "zero_shot" in models:
@@ -328,10 +328,10 @@ def _dm_crps(a: PathForecasts, b: PathForecasts, stride: int) -> dict:
 
     def loss(fc: PathForecasts, calibrated: bool) -> np.ndarray:
         if calibrated:
-            return fc.crps_calibrated / fc.last_close[:, None]  # type: ignore[attr-defined]
+            return fc.crps_calibrated / fc.last_close[:, None]
         return crps_samples(np.moveaxis(fc.samples, 1, -1), np.nan_to_num(fc.true)) / fc.last_close[:, None]
 
-    calibrated = hasattr(a, "crps_calibrated") and hasattr(b, "crps_calibrated")
+    calibrated = a.crps_calibrated is not None and b.crps_calibrated is not None
     ok = np.isfinite(a.true)
     la, lb = np.where(ok, loss(a, calibrated), np.nan), np.where(ok, loss(b, calibrated), np.nan)
     out = dm_by_date(a.anchor, la, lb, a.horizon, stride)

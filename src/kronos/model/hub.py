@@ -134,15 +134,7 @@ class CheckpointMixin:
 
 def read_card(folder: Union[str, os.PathLike]) -> Optional[dict]:
     """The ``model_card.json`` of a local checkpoint folder (None for hub ids, folders without one, unreadable files)."""
-    path = Path(folder).expanduser() / CARD_NAME
-    if not path.is_file():
-        return None
-    try:
-        card = kio.read_json(path)
-    except (OSError, ValueError):
-        logger.warning("model card %s is not valid JSON; ignoring it", path)
-        return None
-    return card if isinstance(card, dict) else None
+    return kio.read_json_object(Path(folder) / CARD_NAME, "model card")
 
 
 def data_cutoff(folder: Union[str, os.PathLike], configured: str = "") -> tuple[Optional[str], str]:

@@ -67,17 +67,12 @@ class RunFolder:
         cal = calibration_path(self.predictor)  # written by the pipeline's calibrate step
         # the run's model in use: the starting pair when finetuning did not help on validation (keep_better)
         self.model_in_use = "finetuned"
-        selection = cal.with_name("model_selection.json")
-        if selection.is_file():
-            try:
-                sel = kio.read_json(selection)
-            except (OSError, ValueError):
-                sel = {}
-            if isinstance(sel, dict) and sel.get("model_in_use") == "zero_shot" and sel.get("predictor"):
-                self.model_in_use = "zero_shot"
-                self.tokenizer = str(_resolve(str(sel["tokenizer"]), base))
-                self.predictor = str(_resolve(str(sel["predictor"]), base))
-                cal = cal.with_name("zero_shot_calibration.json")
+        sel = kio.read_json_object(cal.with_name("model_selection.json"), "model selection") or {}
+        if sel.get("model_in_use") == "zero_shot" and sel.get("predictor"):
+            self.model_in_use = "zero_shot"
+            self.tokenizer = str(_resolve(str(sel["tokenizer"]), base))
+            self.predictor = str(_resolve(str(sel["predictor"]), base))
+            cal = cal.with_name("zero_shot_calibration.json")
         self.calibration = str(cal) if cal.is_file() else ""
         self.stage_dirs = {"tokenizer": _resolve(c.tokenizer_dir, base),
                            "predictor": _resolve(c.predictor_dir, base)}
