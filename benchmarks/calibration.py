@@ -27,9 +27,11 @@ from kronos.config import Config
 from kronos.data.processing import clean_kline_frame
 from kronos.data.sources import DataProcessorFactory
 from kronos.evaluate.calibration import METHODS, candidate, fit_calibration
-from kronos.evaluate.metrics import naive_scale, recent_volatility
-from kronos.evaluate.report import _contexts, _quantile_crps, select_anchors
-from kronos.inference import KronosPredictor
+from kronos.evaluate.metrics import naive_scale
+from kronos.evaluate.report import relative_quantile_crps
+from kronos.evaluate.rolling import contexts, select_anchors
+from kronos.inference import KronosPredictor, SamplingConfig
+from kronos.inference.bands import recent_volatility
 
 
 def load_frame(args) -> pd.DataFrame:
@@ -81,12 +83,12 @@ def split_dates(frame: pd.DataFrame, args) -> tuple[pd.Timestamp, pd.Timestamp]:
 
 
 def forecasts(pred, frame, anchors, L, P, args):
-    ctx_close, true = _contexts(frame, anchors, L, P)
+    ctx_close, true = contexts(frame, anchors, L, P)
     pairs = list(zip(anchors["symbol"], anchors["anchor"]))
-    _, samples = pred.predict_df(frame, pred_len=P, lookback=L, quantiles=[0.5], anchors=pairs,
-                                 sample_count=args.samples, T=args.T, top_k=0, top_p=args.top_p, seed=args.seed,
-                                 return_samples=True, batch_size=max(1, 256 // args.samples), progress=True)
-    return np.asarray(samples, dtype=float)[:, :, :, 3], ctx_close, true
+    sampling = SamplingConfig(T=args.T, top_k=0, top_p=args.top_p, sample_count=args.samples, seed=args.seed)
+    out = pred.predict_df_paths(frame, pred_len=P, lookback=L, quantiles=[0.5], anchors=pairs, sampling=sampling,
+                                batch_size=max(1, 256 // args.samples), progress=True)
+    return np.asarray(out.samples, dtype=float)[:, :, :, 3], ctx_close, true
 
 
 def score(cal, samples, ctx, true, levels):
@@ -94,7 +96,7 @@ def score(cal, samples, ctx, true, levels):
     vol = recent_volatility(ctx)
     qs = cal.quantile_levels()
     qv = cal.quantiles(samples, last, qs, vol)
-    row = {"crps_q": _quantile_crps(qv, qs, true, last)}
+    row = {"crps_q": relative_quantile_crps(qv, qs, true, last)}
     for lv in levels:
         lo, hi = qv[qs.index(round((1 - lv) / 2, 10))], qv[qs.index(round((1 + lv) / 2, 10))]
         row[f"coverage_{lv:g}"] = float(((true >= lo) & (true <= hi)).mean())

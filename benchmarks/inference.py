@@ -66,7 +66,7 @@ def sampling_table(predictor: KronosPredictor, lookback: int, pred_len: int, sam
                    repeats: int) -> bool:
     """Time one series with 1 and ``samples`` sample paths, context shared or recomputed per path."""
     df, xt, yt = synthetic_series(lookback, pred_len, seed)
-    item = predictor._prepare(df, xt, yt, pred_len)
+    item = predictor.prepare(df, xt, yt, pred_len)
     dev = predictor.device
     x = torch.from_numpy(item.x)[None].to(dev)
     xs, ys = torch.from_numpy(item.x_stamp)[None].to(dev), torch.from_numpy(item.y_stamp)[None].to(dev)

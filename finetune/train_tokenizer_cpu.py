@@ -7,7 +7,8 @@ import sys
 
 import _bootstrap  # noqa: F401  (makes `kronos` importable from a source checkout)
 
-from kronos.train import main
+from kronos.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main("tokenizer", force_cpu=True))
+    sys.exit(main(command="train-tokenizer", prog="train_tokenizer_cpu.py",
+                  description="Stage 1: finetune the Kronos tokenizer (CPU, one GPU, or torchrun DDP).", cpu=True))

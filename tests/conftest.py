@@ -1,5 +1,6 @@
 """Shared test fixtures and paths. Tests mirror the package: tests/model, tests/data, tests/inference, tests/train,
-tests/evaluate, tests/e2e. Helpers (not tests) live in tests/_support; real data in tests/fixtures."""
+tests/evaluate, tests/e2e. Helpers (not tests) live in tests/_support (tiny random models: _support.models); real
+data in tests/fixtures."""
 import sys
 from pathlib import Path
 
@@ -14,6 +15,18 @@ FIXTURES = TESTS / "fixtures"
 KLINE_CSV = FIXTURES / "kline_5min.csv"
 QLIB_CN = FIXTURES / "qlib_cn"
 PARITY = FIXTURES / "parity-tiny"
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """The processed dataset of the real Qlib fixture's daily bars (8 stocks; train 2021-01..2023-06, val
+    2023-07..2024-03-29, test 2024-04..; ``_support.training.make_dataset``), written once per session.
+
+    Shared by every test that reads it: nothing may write into it (a test that changes a dataset writes its own).
+    """
+    from _support.training import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("qlib_dataset") / "dataset")
 
 
 @pytest.fixture(scope="module")

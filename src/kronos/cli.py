@@ -252,8 +252,10 @@ def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
 
 def setup_logging(quiet: bool = False) -> None:
     """The one logging setup: INFO on rank 0 (WARNING with -q and on other ranks), noisy libraries at WARNING."""
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    # Here, not at the top: kronos.train loads torch (~1.5 s), which `kronos --help` and the parser never need.
+    from kronos.train.distributed import is_main_process
+
+    level = logging.WARNING if quiet or not is_main_process() else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("qlib", "matplotlib", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -262,18 +264,14 @@ def setup_logging(quiet: bool = False) -> None:
 def run_pipeline_command(args: argparse.Namespace, config: Config) -> int:
     """The whole pipeline; under torchrun the process group lives for all steps (barriers between them)."""
     from kronos.pipeline import KronosPipeline
-    from kronos.train.distributed import cleanup_distributed, launched_by_torchrun, setup_distributed
+    from kronos.train.distributed import process_group
 
-    ctx = setup_distributed(config) if launched_by_torchrun() else None
-    try:
+    with process_group(config) as ctx:  # the steps' own process_group calls join this group
         pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
         result = pipe.run(skip_data=args.skip_data_process, skip_tokenizer=args.skip_tokenizer,
                           skip_predictor=args.skip_predictor, skip_predict=args.skip_predict,
                           skip_backtest=args.skip_backtest)
-    finally:
-        if ctx is not None:
-            cleanup_distributed(ctx)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if ctx.is_main:
         print_result_summary(result)
     return 0
 
@@ -287,13 +285,8 @@ def print_result_summary(result) -> None:
     if result.forecast_file:
         lines.append(f"  forecasts:        {result.forecast_file} (and .csv)")
     if result.metrics_file:
-        lines.append(f"  metrics:          {result.metrics_file}")
-        m = result.metrics
-        keys = [k for k in ("model/mse", "naive/mse", "model/direction_accuracy", "model/ic", "model/rank_ic") if k in m]
-        if "ic_note" in m:  # one symbol: no cross-sectional IC (the note says why), not "ic=nan"
-            keys = [k for k in keys if not k.endswith(("/ic", "/rank_ic"))]
-        if keys:
-            lines.append("                    " + ", ".join(f"{k}={_fmt(m[k])}" for k in keys))
+        lines.append(f"  metrics:          {result.metrics_file} (the report's headline for "
+                     f"{result.metrics.get('model', 'the model')})")
     if getattr(result, "report_file", ""):
         lines.append(f"  report:           {result.report_file} (and report.md)")
         lines.extend("                    " + row for row in headline_rows(result.report_headline))
@@ -365,7 +358,8 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     from kronos.data.schema import VALUE_COLUMNS
     from kronos.data.sources.csv import read_kline_file
     from kronos.errors import InputError
-    from kronos.inference import KronosPredictor
+    from kronos.inference import KronosPredictor, SamplingConfig
+    from kronos.inference.bands import quantile_column
 
     # flags are checked before any file or model is read
     if args.lookback < 0:
@@ -386,17 +380,18 @@ def run_forecast_command(args: argparse.Namespace) -> int:
                                                 max_context=args.max_context)
     cal, qs = None, []
     if args.calibration:  # checked before sampling: a calibration for another model/lookback/horizon is refused
-        from kronos.evaluate.calibration import load_calibration
+        from kronos.inference.bands import load_calibration
 
         cal = load_calibration(args.calibration)
         cal.check(predictor, lookback=lookback, horizon=args.pred_len, source=f"calibration file '{args.calibration}'")
         qs = list(args.quantiles or cal.quantile_levels())
     elif args.sample_count > 1:
         qs = list(args.quantiles or [0.1, 0.9])
+    sampling = SamplingConfig(T=args.T, top_k=args.top_k, top_p=args.top_p, sample_count=args.sample_count,
+                              seed=args.seed)
     records = predictor.predict_df(frame, pred_len=args.pred_len, lookback=lookback, quantiles=qs or [0.5],
-                                   sample_count=args.sample_count, T=args.T, top_k=args.top_k, top_p=args.top_p,
-                                   seed=args.seed, batch_size=1, calibration=cal)
-    out = records.set_index("timestamps")[[*VALUE_COLUMNS, *(f"close_q{q:g}" for q in qs)]]
+                                   sampling=sampling, batch_size=1, calibration=cal)
+    out = records.set_index("timestamps")[[*VALUE_COLUMNS, *(quantile_column(q) for q in qs)]]
     if qs:  # P(up) per step (calibrated with a calibration)
         out = out.assign(p_up=records["p_up_calibrated" if cal is not None else "p_up"].to_numpy())
     last_close = float(records["last_close"].iloc[0])
@@ -416,8 +411,8 @@ def run_forecast_command(args: argparse.Namespace) -> int:
         label = ""
         if len(qs) >= 2:
             lo, hi = min(qs), max(qs)
-            band = (out[[f"close_q{lo:g}"]].rename(columns={f"close_q{lo:g}": "close"}),
-                    out[[f"close_q{hi:g}"]].rename(columns={f"close_q{hi:g}": "close"}))
+            band = (out[[quantile_column(lo)]].set_axis(["close"], axis=1),
+                    out[[quantile_column(hi)]].set_axis(["close"], axis=1))
             label = f", {'calibrated ' if cal is not None else ''}band q{lo:g}-q{hi:g}"
         title = f"{name}: {args.pred_len}-bar forecast from last close {last_close:.4g}{label}"
         path = plot_forecast(history, mean, band, None, title, args.plot,
@@ -446,8 +441,8 @@ def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None,
     if args.command is None:  # bare `kronos`
         parser.print_help()
         return 0
-    setup_logging(args.quiet)
     try:
+        setup_logging(args.quiet)  # inside: it loads torch, whose absence gets the one-line message below
         return run(args)
     except KronosError as exc:
         print_error(exc)

@@ -7,6 +7,7 @@ distributed while data processing, prediction, evaluation and backtest run on ra
 from __future__ import annotations
 
 import copy
+import shutil
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,28 +17,38 @@ from typing import Any, Callable, Optional
 import pandas as pd
 
 from kronos import io as kio
+from kronos import runlock
 from kronos.config import Config
+from kronos.data.schema import VALUE_COLUMNS
+from kronos.data.sources import DataProcessorFactory
+from kronos.data.store import SPLITS, dataset_exists, load_split
 from kronos.errors import CheckpointError, DataError, InputError, KronosError
+from kronos.evaluate.anchors import EvalPeriods, eval_periods, in_period, split_dates
+from kronos.evaluate.backtest import run_backtests
+from kronos.evaluate.calibration import calibrate_on_validation
+from kronos.evaluate.metrics import ic_by_date, save_metrics, signals_from_records
+from kronos.evaluate.plots import plot_forecast, plot_forecast_vs_actual, plot_ic_over_time, plot_training_curves
+from kronos.evaluate.report import build_report
+from kronos.evaluate.rolling import SplitForecasts, forecast_split
+from kronos.inference import KronosPredictor
+from kronos.inference.bands import Calibration, apply_calibration, calibration_path, quantile_column
+from kronos.inference.generate import SamplingConfig
+from kronos.io import resolve_folder
+from kronos.model import Kronos, KronosTokenizer
+from kronos.model.hub import data_cutoff
 from kronos.paths import path_in, safe_filename
+from kronos.runlock import run_locks
+from kronos.runs import latest_run, mark_latest, new_run_id, newest_run, run_paths, runs_root
+from kronos.timeutil import resolve_calendar
+from kronos.train import train_predictor, train_tokenizer
+from kronos.train.distributed import is_main_process, process_group, share_text, wait_for_main
 
 log = logging.getLogger(__name__)
 
 
-def _dist():
-    """torch.distributed if a process group is up, else None."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def is_main_process() -> bool:
-    d = _dist()
-    return d is None or d.get_rank() == 0
-
-
 def barrier() -> None:
-    from kronos.train.distributed import wait_for_main  # a wait that a long rank-0 step cannot time out
-
+    """Every rank waits here for rank-0-only work (a wait that a long rank-0 step cannot time out); no-op without
+    a process group (see :mod:`kronos.train.distributed`)."""
     wait_for_main()
 
 
@@ -87,20 +98,17 @@ class KronosPipeline:
         self._starting = None
         self._frame: Optional[pd.DataFrame] = None
         self._records: Optional[pd.DataFrame] = None
+        self._test: Optional[SplitForecasts] = None  # the one rolling pass over the test split
         self.reuse_records = False  # forecast_records() loads the run's saved records when present (kronos backtest)
         self._skipped: dict[str, str] = {}  # models left out of the report, and why
 
     # ------------------------------------------------------------------ step 1: data
     def process_data(self) -> dict:
         """Load raw data from ``config.data_source``, clean it, split it and save the dataset."""
-        from kronos.data.sources import DataProcessorFactory
-
         processor = DataProcessorFactory.create_processor(self.config.data_source, self.config)
         return processor.run_pipeline()
 
     def require_dataset(self) -> None:
-        from kronos.data.store import dataset_exists
-
         if not dataset_exists(self.config.dataset_path):
             raise DataError(
                 f"no processed dataset at '{self.config.dataset_path}'; run the data step first "
@@ -109,22 +117,16 @@ class KronosPipeline:
 
     # ------------------------------------------------------------------ steps 2-3: training
     def train_tokenizer(self) -> dict:
-        from kronos.train import train_tokenizer
-
         self.require_dataset()
         return train_tokenizer(self.config, resume=self.resume)
 
     def train_predictor(self) -> dict:
-        from kronos.train import train_predictor
-
         self.require_dataset()
         self.require_checkpoint(self.config.finetuned_tokenizer, "tokenizer", "--skip-tokenizer")
         return train_predictor(self.config, resume=self.resume)
 
     @staticmethod
     def require_checkpoint(path: str, what: str, flag: str) -> None:
-        from kronos.io import resolve_folder
-
         folder = resolve_folder(path)  # falls back to <path>.prev when a swap was interrupted
         if folder is None or not (folder / "config.json").is_file():
             raise CheckpointError(
@@ -146,9 +148,6 @@ class KronosPipeline:
     def finetuned_predictor(self):
         """KronosPredictor over the run's finetuned tokenizer and predictor."""
         if self._finetuned is None:
-            from kronos.inference import KronosPredictor
-            from kronos.model import Kronos, KronosTokenizer
-
             self.require_checkpoint(self.config.finetuned_tokenizer, "tokenizer", "--skip-tokenizer")
             self.require_checkpoint(self.config.finetuned_predictor, "predictor", "--skip-predictor")
             tokenizer = KronosTokenizer.from_pretrained(self.config.finetuned_tokenizer)
@@ -166,8 +165,6 @@ class KronosPipeline:
         if not (cfg.pretrained_predictor_path and cfg.pretrained_tokenizer_path):
             return None
         if self._starting is None:
-            from kronos.inference import KronosPredictor
-
             device = None if cfg.device == "auto" else cfg.device
             self._starting = KronosPredictor.from_pretrained(
                 cfg.pretrained_tokenizer_path, cfg.pretrained_predictor_path, device=device,
@@ -191,16 +188,12 @@ class KronosPipeline:
 
     def calibration_file(self, model: str) -> Path:
         """Where the validation-fitted calibration of ``model`` ('finetuned' or 'zero_shot') lives."""
-        from kronos.evaluate.calibration import calibration_path
-
         path = calibration_path(self.config.finetuned_predictor)
         return path if model == "finetuned" else path.with_name("zero_shot_calibration.json")
 
     def full_frame(self) -> pd.DataFrame:
         """All processed rows (train, val and test merged, de-duplicated), sorted by symbol and time."""
         if self._frame is None:
-            from kronos.data.store import SPLITS, load_split
-
             self.require_dataset()
             parts = [load_split(self.config.dataset_path, s) for s in SPLITS]
             frame = pd.concat(parts, ignore_index=True)
@@ -208,19 +201,15 @@ class KronosPipeline:
             self._frame = frame.sort_values(["symbol", "timestamps"], kind="stable").reset_index(drop=True)
         return self._frame
 
-    def _predict_df(self, anchors=None, calibration=None):
-        """``predict_df`` over the processed frame with the config's inference settings (and a calibration)."""
-        from kronos.timeutil import resolve_calendar
-
+    def _predict_df(self, calibration=None) -> pd.DataFrame:
+        """``predict_df`` at every symbol's last bar with the config's sampling (and a calibration)."""
         cfg = self.config
         frame = self.full_frame()  # the dataset is checked before the checkpoints
+        sampling = SamplingConfig.from_config(cfg)
         return self.load_predictor().predict_df(
             frame, pred_len=cfg.predict_window, lookback=cfg.lookback_window, quantiles=cfg.quantiles,
-            anchors=anchors, calendar=resolve_calendar(cfg.trading_calendar, cfg.data_source),
-            sample_count=cfg.inference_sample_count, T=cfg.inference_T, top_k=cfg.inference_top_k,
-            top_p=cfg.inference_top_p, seed=cfg.inference_seed,
-            batch_size=max(1, cfg.backtest_batch_size // max(1, cfg.inference_sample_count)),
-            calibration=calibration,
+            calendar=resolve_calendar(cfg.trading_calendar, cfg.data_source), sampling=sampling,
+            batch_size=max(1, cfg.backtest_batch_size // max(1, sampling.sample_count)), calibration=calibration,
         )
 
     # ------------------------------------------------------------------ step 4: prediction
@@ -231,9 +220,6 @@ class KronosPipeline:
         dataset's last bar (suspended, delisted, left the pool) are not "latest": their forecasts go to
         ``forecast_stale.parquet/.csv`` instead of ``forecast_latest``, with a log line.
         """
-        from kronos.data.schema import VALUE_COLUMNS
-        from kronos.evaluate.plots import plot_forecast
-
         cfg = self.config
         self.require_dataset()
         calibration = self.load_calibration()  # bands calibrated on validation when calibration.json fits
@@ -242,10 +228,10 @@ class KronosPipeline:
         except InputError as exc:
             raise DataError(f"dataset '{cfg.dataset_path}': {exc}") from None
         records = records.rename(columns={"anchor": "as_of"})
-        extra = [c for c in (*(f"close_q{q:g}_raw" for q in cfg.quantiles), "p_up", "p_up_raw", "p_up_calibrated")
-                 if c in records.columns]
+        extra = [c for c in (*(f"{quantile_column(q)}_raw" for q in cfg.quantiles), "p_up", "p_up_raw",
+                             "p_up_calibrated") if c in records.columns]
         columns = ["symbol", "as_of", "step", "timestamps", *VALUE_COLUMNS,
-                   *(f"close_q{q:g}" for q in cfg.quantiles), *extra]
+                   *(quantile_column(q) for q in cfg.quantiles), *extra]
         frame = self.full_frame()
         newest = frame["timestamps"].max()
         fresh = records["as_of"] >= newest
@@ -265,7 +251,7 @@ class KronosPipeline:
             history = frame[frame["symbol"] == symbol].iloc[-cfg.lookback_window:]
             band = None
             if lo < hi:
-                band = tuple(rows[[f"{c}_q{q:g}" for c in VALUE_COLUMNS]].set_axis(list(VALUE_COLUMNS), axis=1)
+                band = tuple(rows[[quantile_column(q, c) for c in VALUE_COLUMNS]].set_axis(list(VALUE_COLUMNS), axis=1)
                              for q in (lo, hi))
             path = path_in(plot_dir, f"forecast_{safe_filename(symbol)}.png")
             plot_forecast(history.set_index("timestamps")[list(VALUE_COLUMNS)], rows[list(VALUE_COLUMNS)], band,
@@ -279,20 +265,33 @@ class KronosPipeline:
         return forecasts
 
     # ------------------------------------------------------------------ step 5: evaluation
-    def eval_periods(self):
+    def eval_periods(self) -> EvalPeriods:
         """Evaluation and backtest anchor periods: only the test split (see :mod:`kronos.evaluate.anchors`)."""
-        from kronos.evaluate.anchors import eval_periods
-
         self.require_dataset()
         return eval_periods(self.config)
 
-    def forecast_records(self) -> pd.DataFrame:
-        """Rolling forecasts at every anchor bar of the test and backtest periods (one row per anchor and step).
+    def test_forecasts(self, models: Optional[dict] = None) -> SplitForecasts:
+        """The one rolling pass over the test split (:func:`kronos.evaluate.rolling.forecast_split`): every
+        model's sample paths at the test anchors (targets after the last validation bar, anchors in the test
+        period), once per ``eval_seeds``. The report, ``metrics.json``, the forecast records and the backtest
+        signals all read it. ``models``: default every model the run scores (:meth:`_models`)."""
+        if self._test is not None and (models is None or set(models) <= set(self._test.paths)):
+            return self._test
+        cfg = self.config
+        periods = self.eval_periods()
+        bounds = split_dates(cfg.dataset_path)
+        models = models if models is not None else self._models()
+        frame = self.full_frame()
+        log.info("test pass: %s at up to %s anchor dates of %s .. %s", ", ".join(models),
+                 cfg.eval_max_anchors or "all", periods.test[0], periods.test[1])
+        self._test = forecast_split(cfg, frame, "test", periods.last_val if periods.last_val is not None
+                                    else bounds["val_end"], bounds["test_end"], models,
+                                    list(cfg.eval_seeds or []) or None, period=periods.test)
+        return self._test
 
-        Each anchor uses only the ``lookback_window`` bars up to it; the actual future close is attached where
-        known. Anchors: bars whose whole horizon lies after the last validation bar, inside the test or backtest
-        period, every ``eval_stride`` bars, the latest ``eval_max_anchors`` dates when that is set.
-        """
+    def forecast_records(self) -> pd.DataFrame:
+        """The model in use's forecast records at the test anchors (the first seed of the test pass, with its
+        calibrated bands when it has a calibration); ``kronos backtest`` reuses the run's saved ones."""
         if self._records is not None:
             return self._records
         saved = Path(self.config.backtest_dir) / "forecast_records.parquet"
@@ -300,67 +299,47 @@ class KronosPipeline:
             log.info("reusing the run's forecast records %s (the forecasts evaluate and backtest saw)", saved)
             self._records = pd.read_parquet(saved)
             return self._records
-        from kronos.data.schema import VALUE_COLUMNS
-        from kronos.evaluate.anchors import anchor_dates
-
-        cfg = self.config
-        periods = self.eval_periods()
-        anchors = anchor_dates(self.full_frame()["timestamps"], periods, cfg.eval_stride, cfg.eval_max_anchors)
-        try:
-            records = self._predict_df(anchors=anchors)
-        except InputError as exc:
-            raise DataError(
-                f"no rolling forecast possible in test period {periods.test} or backtest period {periods.backtest} "
-                f"(test_time_range {cfg.test_time_range}, backtest_time_range {cfg.backtest_time_range}): {exc}"
-            ) from None
-        # the evaluation's column names: anchor -> datetime, forecasts prefixed pred_ (close quantiles only)
-        predicted = [*VALUE_COLUMNS, *(f"close_q{q:g}" for q in cfg.quantiles)]
-        records = records.rename(columns={"anchor": "datetime", **{c: f"pred_{c}" for c in predicted}})
-        keep = ["symbol", "datetime", "step", "timestamps", "last_close", "close_scale", "true_close",
-                *(f"pred_{c}" for c in predicted)]
-        self._records = records[keep]
+        in_use = self.model_in_use()
+        passed = self.test_forecasts(None if self._test is not None else {in_use: self.load_predictor()})
+        records = passed.first(in_use).records
+        cal = self.load_calibration(in_use)
+        self._records = apply_calibration(records, cal) if cal is not None else records
         return self._records
 
     def evaluate(self) -> dict:
-        """MSE/MAE, direction accuracy, IC and RankIC on the test period, beside the naive last-value forecast."""
-        from kronos.evaluate.anchors import in_period
-        from kronos.evaluate.metrics import forecast_metrics, save_metrics
-
+        """The walk-forward report on the test pass; ``metrics.json`` is its headline for the model in use (the
+        numbers the console, report.json/report.md and pipeline_result.json show), beside the baselines."""
         cfg = self.config
-        records = self.forecast_records()
-        periods = self.eval_periods()
-        test_records = records.loc[in_period(records["datetime"], periods.test)]
-        if test_records.empty:
-            raise DataError(
-                f"no forecast anchor lies in the test period {periods.test} (test_time_range {cfg.test_time_range}, "
-                f"after the last validation bar {periods.last_val}); widen test_time_range or lower eval_stride"
-            )
-        metrics = forecast_metrics(test_records)
-        if not metrics.get("n_ic_dates"):  # thin data: say so instead of a bare NaN
+        report = self.report()
+        headline = report["headline"]
+        in_use = headline.get("model_in_use") or next(
+            (n for n, s in report["forecasters"].items() if s.get("kind") == "model"), None)
+        metrics: dict[str, Any] = {
+            "model": in_use, **(headline.get(in_use) or {}),
+            "baselines": {n: headline[n] for n, s in report["forecasters"].items() if s.get("kind") == "baseline"},
+            "anchors": report["anchors"], "report": report["files"]["json"],
+        }
+        if report["anchors"]["n_symbols"] < 2:  # thin data: say so instead of a bare NaN
             metrics["ic_note"] = self._note(
                 "IC and RankIC not computed: they need >= 2 symbols forecast on the same anchor date; the test "
-                f"forecasts cover {test_records['symbol'].nunique()} symbol(s)")
+                f"forecasts cover {report['anchors']['n_symbols']} symbol(s)")
         out_dir = Path(cfg.backtest_dir)
         self.result.metrics_file = str(out_dir / "metrics.json")
         save_metrics({**metrics, "run_id": self.result.run_id}, self.result.metrics_file)
-        kio.write_table(records, out_dir / "forecast_records")
+        if in_use is not None:
+            records = self.forecast_records()
+            kio.write_table(records, out_dir / "forecast_records")
+            self._evaluation_figures(records)
         self.result.metrics = metrics
-        self._evaluation_figures(test_records)
-        self.report()
         return metrics
 
     # ------------------------------------------------------------------ step 6: backtest
     def backtest(self) -> dict:
         """Top-k backtest of the forecast signals (last/mean/max/min) over ``backtest_time_range``."""
-        from kronos.evaluate.backtest import run_backtests
-        from kronos.evaluate.metrics import signals_from_records
-
-        from kronos.evaluate.anchors import in_period
-
         cfg = self.config
         records = self.forecast_records()
         period = self.eval_periods().backtest
-        records = records.loc[in_period(records["datetime"], period)]
+        records = records.loc[in_period(records["anchor"], period)]
         if records.empty:
             raise DataError(
                 f"no forecasts fall inside the backtest period {period} (backtest_time_range "
@@ -368,6 +347,10 @@ class KronosPipeline:
                 "set it inside the dataset's time span"
             )
         records = _daily_anchors(records)
+        dates = records["anchor"].drop_duplicates().sort_values()
+        log.info("backtest trades at the %d test anchor dates inside backtest_time_range %s .. %s (rebalancing on "
+                 "forecast dates, holding between them; eval_max_anchors %s)", len(dates), dates.iloc[0].date(),
+                 dates.iloc[-1].date(), cfg.eval_max_anchors or "all")
         cfg = self._backtest_config(int(records["symbol"].nunique()))
         if cfg is None:
             self.result.backtest_summary = {}
@@ -394,9 +377,6 @@ class KronosPipeline:
     def _evaluation_figures(self, records: pd.DataFrame) -> None:
         """Forecast vs realised close (1 bar ahead) for the symbols with the most test anchors, and IC/RankIC per
         anchor date (when there is a cross-section), beside metrics.json."""
-        from kronos.evaluate.metrics import ic_by_date
-        from kronos.evaluate.plots import plot_forecast_vs_actual, plot_ic_over_time
-
         out_dir = Path(self.config.backtest_dir)
         known = records.loc[records["true_close"].notna()]
         symbols = list(known.loc[known["step"] == 1, "symbol"].value_counts().index[:3])
@@ -438,8 +418,6 @@ class KronosPipeline:
         """Every step, skipping those asked; under ``torchrun`` from Python it sets up, and tears down, its own
         process group when none exists. With ``run_folders`` (the default) the run writes under its own run folder
         (see :mod:`kronos.runs`)."""
-        from kronos.train.distributed import process_group
-
         kwargs = dict(skip_data=skip_data, skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor,
                       skip_predict=skip_predict, skip_backtest=skip_backtest)
         with process_group(self.config):
@@ -451,7 +429,7 @@ class KronosPipeline:
                     folder = self._runs_root / run_id
                     if folder.is_dir() and not any(p.is_file() and not p.name.endswith("kronos-run.lock")
                                                    for p in folder.rglob("*")):
-                        import shutil
+
 
                         shutil.rmtree(folder, ignore_errors=True)
                 raise
@@ -460,9 +438,6 @@ class KronosPipeline:
         """Move ``save_path``/``backtest_result_path`` inside this run's folder (a new id, ``run_id`` when set,
         or with ``resume`` the newest run). A skipped training stage with no explicit ``finetuned_*_path`` reuses
         the checkpoint of the latest finished run. Returns the run id (None with ``run_folders: false``)."""
-        from kronos.runs import latest_run, new_run_id, newest_run, run_paths, runs_root
-        from kronos.train.distributed import share_text
-
         cfg = self.config
         if not cfg.run_folders:
             return None
@@ -503,20 +478,16 @@ class KronosPipeline:
 
     @staticmethod
     def _has_checkpoint(path: str) -> bool:
-        from kronos.io import resolve_folder
-
         folder = resolve_folder(path)
         return folder is not None and (folder / "config.json").is_file()
 
     def _locked_run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
                     skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
         """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`)."""
-        from kronos.runlock import is_rank_zero, run_locks
-
         cfg = self.config
         kwargs = dict(skip_data=skip_data, skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor,
                       skip_predict=skip_predict, skip_backtest=skip_backtest)
-        if not is_rank_zero():
+        if not is_main_process():
             return self._run(**kwargs)
         with run_locks([cfg.save_path, cfg.backtest_dir], whole=[] if skip_data else [cfg.dataset_path]):
             return self._run(**kwargs)
@@ -537,11 +508,9 @@ class KronosPipeline:
         if skip_data:
             self.require_dataset()
         if is_main_process():
-            from kronos.runlock import RUN_ID
-
             cfg.save(Path(cfg.save_path) / "pipeline_config.json")  # inside the outputs, never beside them
             # a run killed later leaves status 'running' under its own id: its results are never taken for finished
-            self.result.run_id, self.result.status = cfg.run_id or RUN_ID, "running"
+            self.result.run_id, self.result.status = cfg.run_id or runlock.RUN_ID, "running"
             kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
             if cfg.run_id:
                 log.info("run %s: outputs under %s", cfg.run_id, Path(cfg.save_path).parent)
@@ -576,8 +545,6 @@ class KronosPipeline:
             self.result.status = "finished"
             kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
             if getattr(self, "_runs_root", None) is not None and cfg.run_id:
-                from kronos.runs import mark_latest
-
                 mark_latest(self._runs_root, cfg.run_id)  # runs/latest: the newest finished run
         return self.result
 
@@ -586,12 +553,9 @@ class KronosPipeline:
         """Fit the band/P(up) calibration of every model on validation anchors (the finetuned model's
         ``calibration.json`` beside best_model; the starting model's ``zero_shot_calibration.json`` beside it), then
         pick the run's model in use (:meth:`select_model`). Returns {model: calibration dict}."""
-        from kronos.evaluate.calibration import calibrate_on_validation
-        from kronos.evaluate.report import split_bounds
-
         cfg = self.config
         models = self._models()  # the checkpoints are checked before the dataset
-        frame, bounds = self.full_frame(), split_bounds(cfg.dataset_path)
+        frame, bounds = self.full_frame(), split_dates(cfg.dataset_path)
         out = {}
         for name, predictor in models.items():
             path = self.calibration_file(name)
@@ -672,8 +636,6 @@ class KronosPipeline:
 
     def _calibrate_step(self) -> None:
         """The pipeline's calibrate step: too few validation anchors leave the bands uncalibrated (logged)."""
-        from kronos.errors import InputError
-
         try:
             self.calibrate()
         except InputError as exc:
@@ -683,8 +645,6 @@ class KronosPipeline:
     def load_calibration(self, model: Optional[str] = None):
         """The validation-fitted calibration of ``model`` (default: the model in use) when present and fitted for it
         (else None, logged)."""
-        from kronos.evaluate.calibration import Calibration
-
         cfg = self.config
         model = model or self.model_in_use()
         path = self.calibration_file(model)
@@ -706,17 +666,15 @@ class KronosPipeline:
     def report(self) -> dict:
         """Walk-forward report on the test split: finetuned and zero-shot models (each with its own validation
         calibration) beside the baselines; the model in use and the starting model's data cutoff marked."""
-        from kronos.evaluate.report import build_report, split_bounds
-        from kronos.model.hub import data_cutoff
-
         cfg = self.config
         models = self._models()
         calibrations = {name: self.load_calibration(name) for name in models}
+        passed = self.test_forecasts(models)
         cutoff = None
         if "zero_shot" in models or cfg.pretrained_predictor_path:
             end, source = data_cutoff(cfg.pretrained_predictor_path, cfg.pretrained_data_end)
             cutoff = {"data_end": end, "source": source}
-        report = build_report(cfg, self.full_frame(), split_bounds(cfg.dataset_path), models, cfg.backtest_dir,
+        report = build_report(cfg, self.full_frame(), split_dates(cfg.dataset_path), passed, cfg.backtest_dir,
                               calibrations=calibrations, skipped=dict(self._skipped), in_use=self.model_in_use(),
                               starting_cutoff=cutoff, selection=self.model_selection())
         for warning in report.get("warnings", []):
@@ -732,8 +690,6 @@ class KronosPipeline:
             return
         path = Path(stage_dir) / "metrics.jsonl"
         if path.is_file():
-            from kronos.evaluate.plots import plot_training_curves
-
             out = Path(stage_dir) / "training_curves.png"
             plot_training_curves(path, out, title=f"{stage}: loss curves")
             self.result.plots.append(str(out))
@@ -746,10 +702,10 @@ def _num(v: Any) -> str:
 
 def _daily_anchors(records: pd.DataFrame) -> pd.DataFrame:
     """Keep one anchor per symbol and day (the last), so intraday forecasts drive a daily backtest."""
-    day = records["datetime"].dt.normalize()
-    last = records.assign(_day=day).groupby(["symbol", "_day"])["datetime"].transform("max")
-    out = records.loc[records["datetime"] == last].copy()
-    out["datetime"] = out["datetime"].dt.normalize()
+    day = records["anchor"].dt.normalize()
+    last = records.assign(_day=day).groupby(["symbol", "_day"])["anchor"].transform("max")
+    out = records.loc[records["anchor"] == last].copy()
+    out["anchor"] = out["anchor"].dt.normalize()
     return out
 
 

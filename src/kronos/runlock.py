@@ -185,19 +185,6 @@ def _walk(root: Path, depth: int) -> Iterator[Path]:
             yield from _walk(path, depth - 1)
 
 
-def is_rank_zero() -> bool:
-    """True in a plain process and in rank 0 of torchrun (before or after the process group is set up)."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return os.environ.get("RANK", "0").strip() in ("", "0")
-
-
-@contextlib.contextmanager
 def run_locks(folders: Iterable[Union[str, os.PathLike]], whole: Iterable[Union[str, os.PathLike]] = (),
               wait_s: float = 0.0, clean: bool = True) -> Iterator[list[RunLock]]:
     """Hold the run locks of ``folders`` (lock inside) and ``whole`` (lock beside) for the ``with`` block.
@@ -226,5 +213,5 @@ def run_locks(folders: Iterable[Union[str, os.PathLike]], whole: Iterable[Union[
             lock.release()
 
 
-__all__ = ["LOCK_NAME", "RUN_ID", "RunLock", "clean_stale_temporaries", "is_rank_zero", "lock_file_for",
+__all__ = ["LOCK_NAME", "RUN_ID", "RunLock", "clean_stale_temporaries", "lock_file_for",
            "run_locks"]

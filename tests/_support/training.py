@@ -1,4 +1,7 @@
-"""Shared helpers of the training tests (no tests here): a real daily dataset from tests/fixtures/qlib_cn and tiny configs."""
+"""Shared helpers of the training tests (no tests here): a real daily dataset from tests/fixtures/qlib_cn and tiny configs.
+
+Tests take the processed dataset from the session fixture ``dataset`` (tests/conftest.py), written once by
+:func:`make_dataset`; tiny random models come from :mod:`_support.models`."""
 from __future__ import annotations
 
 import sys
@@ -50,20 +53,6 @@ def make_dataset(path: Path) -> Path:
                  "rows": len(f)} for s, f in splits.items()}  # disjoint splits: every bar is the split's own
     save_dataset(path, splits, {"source": "tests/fixtures/qlib_cn", "splits": dates})
     return path
-
-
-def save_pretrained_pair(folder: Path, seed: int, **predictor_args):
-    """A 'pretrained' tiny pair (seeded fresh weights) in the official format under folder/tokenizer, folder/predictor;
-    returns the (tokenizer, predictor) modules."""
-    import torch
-
-    from kronos.model import build_predictor, build_tokenizer
-
-    torch.manual_seed(seed)
-    tok, pred = build_tokenizer("tiny"), build_predictor("tiny", **predictor_args)
-    tok.save_pretrained(Path(folder) / "tokenizer")
-    pred.save_pretrained(Path(folder) / "predictor")
-    return tok, pred
 
 
 def tiny_config(tmp: Path, dataset: Path, **overrides) -> Config:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+
+from _support.models import save_tiny_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,11 +31,7 @@ def _index_csv(path: Path, seed: int, n: int = 420) -> None:
 
 
 def test_calibration_benchmark_on_index_csvs(tmp_path, capsys):
-    from kronos.model import build_predictor, build_tokenizer
-
-    torch.manual_seed(0)
-    build_tokenizer("tiny").save_pretrained(tmp_path / "tok")
-    build_predictor("tiny").save_pretrained(tmp_path / "pred")
+    save_tiny_pair(tmp_path / "tok", tmp_path / "pred", seed=0)
     files = [tmp_path / "SPX.csv", tmp_path / "NDX.csv"]
     for i, f in enumerate(files):
         _index_csv(f, i)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support.training import make_dataset, save_pretrained_pair, tiny_config
+from _support.models import save_tiny_pair
+from _support.training import tiny_config
 from kronos.model import Kronos, KronosTokenizer
 from kronos.model.hub import CARD_NAME
 from kronos.pipeline import KronosPipeline
@@ -17,10 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, dataset):
     root = tmp_path_factory.mktemp("kb")
-    dataset = make_dataset(root / "dataset")
-    tok, _ = save_pretrained_pair(root / "start", seed=0)
+    tok, _ = save_tiny_pair(root / "start" / "tokenizer", root / "start" / "predictor", seed=0)
     with torch.no_grad():  # a broken copy: every decoded bar 20 standard deviations off
         tok.head.bias += 20.0
     tok.save_pretrained(root / "broken" / "tokenizer")

@@ -115,9 +115,33 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
     for key in ("model/mse", "naive/mse", "model/mae", "model/direction_accuracy", "model/ic", "model/rank_ic"):
         assert key in metrics
     assert metrics["model/mse"] is not None and metrics["model/mse"] >= 0
+    # the walk-forward report: the model in use beside the baselines on the same test anchors
+    report = json.loads((res / "report.json").read_text())
+    assert (res / "report.md").is_file()
+    in_use = report["model_in_use"]
+    assert in_use == "finetuned"  # no pretrained paths: the finetuned model is the run's only model
+    forecasters = report["forecasters"]
+    assert {in_use, "last_value", "random_walk", "drift"} <= set(forecasters)
+    assert forecasters[in_use]["kind"] == "model"
+    assert all(forecasters[name]["kind"] == "baseline" for name in ("last_value", "random_walk", "drift"))
+    anchors = report["anchors"]
+    assert anchors["n_forecasts"] >= anchors["n_dates"] >= 1 and anchors["n_symbols"] >= 2
+    # every target after the last validation bar and within the test split
+    assert pd.Timestamp(report["splits"]["val_end"]) <= pd.Timestamp(anchors["first"]) \
+        <= pd.Timestamp(anchors["last"]) < pd.Timestamp(report["splits"]["test_end"])
+    headline = report["headline"]
+    assert headline["model_in_use"] == in_use
+    for name in (in_use, "last_value", "random_walk", "drift"):
+        scores = headline[name]
+        assert np.isfinite(scores["crps_rel"]) and scores["crps_rel"] > 0, (name, scores)
+        assert np.isfinite(scores["mae_ret"]) and scores["mae_ret"] > 0, (name, scores)
+    # the top-k backtest of each signal: its report, also gathered in comparison.json
     bt = res / "backtest"
     assert list(bt.rglob("*.png")), "backtest plot missing"
-    assert list(bt.rglob("report.json")) or list(bt.rglob("*.json"))
+    comparison = json.loads((bt / "comparison.json").read_text())
+    assert set(comparison) == {"last", "mean", "max", "min"}
+    for signal, summary in comparison.items():
+        assert json.loads((bt / signal / "report.json").read_text()) == summary
     assert not list(tmp.rglob("*.pkl")) and not list(tmp.rglob("*.pickle"))
 
 

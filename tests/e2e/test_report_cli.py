@@ -6,22 +6,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-from _support.training import make_dataset, tiny_config
+from _support.models import save_tiny_pair
+from _support.training import tiny_config
 from kronos.cli import main
-from kronos.model import build_predictor, build_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def test_calibrate_evaluate_and_forecast_with_calibration(tmp_path, capsys):
-    dataset = make_dataset(tmp_path / "data")
+def test_calibrate_evaluate_and_forecast_with_calibration(tmp_path, capsys, dataset):
     cfg = tiny_config(tmp_path, dataset, predict_window=3, lookback_window=20, inference_sample_count=8,
                       eval_stride=5, eval_max_anchors=10, eval_seeds=[1, 2], backtest_result_path=str(tmp_path / "bt"))
-    torch.manual_seed(0)
-    build_tokenizer("tiny").save_pretrained(cfg.finetuned_tokenizer)
-    build_predictor("tiny").save_pretrained(cfg.finetuned_predictor)
+    save_tiny_pair(cfg.finetuned_tokenizer, cfg.finetuned_predictor, seed=0)
     config_file = tmp_path / "config.json"
     cfg.save(config_file)
 

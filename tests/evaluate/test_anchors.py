@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-from _support.training import make_dataset, tiny_config
+from _support.models import save_tiny_pair
+from _support.training import tiny_config
 from kronos.config import Config
 from kronos.data.processing import process_frames
 from kronos.data.schema import validate_kline_frame
 from kronos.data.store import load_split, save_dataset
 from kronos.errors import DataError
-from kronos.evaluate.anchors import anchor_dates, eval_periods
-from kronos.model import build_predictor, build_tokenizer
+from kronos.evaluate.anchors import eval_periods
+from kronos.evaluate.rolling import select_anchors
 from kronos.pipeline import KronosPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,50 +27,43 @@ def last_val_bar(dataset: Path) -> pd.Timestamp:
 
 
 def pipeline_with_tiny_models(cfg: Config) -> KronosPipeline:
-    torch.manual_seed(0)
-    build_tokenizer("tiny").save_pretrained(cfg.finetuned_tokenizer)
-    build_predictor("tiny").save_pretrained(cfg.finetuned_predictor)
+    save_tiny_pair(cfg.finetuned_tokenizer, cfg.finetuned_predictor, seed=0)
     return KronosPipeline(cfg)
 
 
 def assert_targets_after_validation(records: pd.DataFrame, last_val: pd.Timestamp) -> None:
     assert len(records)
-    assert (records["datetime"] >= last_val).all()
+    assert (records["anchor"] >= last_val).all()
     assert (records["timestamps"] > last_val).all()  # every target bar, step 1 included
 
 
-@pytest.fixture(scope="module")
-def qlib_dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("anchors") / "ds")  # val ends 2024-03-29
-
-
 @pytest.mark.slow
-def test_qlib_anchors_follow_the_last_validation_bar(qlib_dataset, tmp_path):
+def test_qlib_anchors_follow_the_last_validation_bar(dataset, tmp_path):
     # the test range starts inside validation (history for the first windows), as the official configs do
-    cfg = tiny_config(tmp_path, qlib_dataset, test_time_range=["2023-10-01", "2024-12-31"],
+    cfg = tiny_config(tmp_path, dataset, test_time_range=["2023-10-01", "2024-12-31"],
                       backtest_time_range=["2024-06-01", "2024-12-31"], eval_stride=15,
                       inference_sample_count=1, backtest_result_path=str(tmp_path / "res"))
-    last_val = last_val_bar(qlib_dataset)
+    last_val = last_val_bar(dataset)
     periods = eval_periods(cfg)
     assert periods.last_val == last_val and periods.test[0] == last_val
     pipe = pipeline_with_tiny_models(cfg)
     records = pipe.forecast_records()
     assert_targets_after_validation(records, last_val)
-    assert records["datetime"].min() < pd.Timestamp("2024-06-01")  # evaluation anchors before the backtest
+    assert records["anchor"].min() < pd.Timestamp("2024-06-01")  # evaluation anchors before the backtest
     metrics = pipe.evaluate()
     assert metrics["n_anchors"] >= 2
 
 
-def test_ranges_that_reach_validation_targets_are_errors(qlib_dataset, tmp_path):
-    cfg = tiny_config(tmp_path, qlib_dataset, backtest_time_range=["2024-01-01", "2024-12-31"])
+def test_ranges_that_reach_validation_targets_are_errors(dataset, tmp_path):
+    cfg = tiny_config(tmp_path, dataset, backtest_time_range=["2024-01-01", "2024-12-31"])
     with pytest.raises(DataError, match=r"backtest_time_range .*2024-01-01.*val_time_range") as err:
         eval_periods(cfg)
     assert "\n" not in str(err.value) and "allow_eval_overlap" in str(err.value)
-    cfg = tiny_config(tmp_path, qlib_dataset, test_time_range=["2023-01-01", "2024-02-01"])
+    cfg = tiny_config(tmp_path, dataset, test_time_range=["2023-01-01", "2024-02-01"])
     with pytest.raises(DataError, match="test_time_range .* ends on or before the last validation bar"):
         eval_periods(cfg)
     # the documented, unsafe opt-out keeps the ranges as given
-    cfg = tiny_config(tmp_path, qlib_dataset, backtest_time_range=["2024-01-01", "2024-12-31"],
+    cfg = tiny_config(tmp_path, dataset, backtest_time_range=["2024-01-01", "2024-12-31"],
                       allow_eval_overlap=True)
     assert eval_periods(cfg).backtest[0] == pd.Timestamp("2024-01-01")
 
@@ -89,8 +82,9 @@ def test_csv_split_ratios_default_to_the_test_split(tmp_path):
     periods = eval_periods(cfg)  # the config's (default, 2024-2025) date ranges are not used
     assert periods.test[1] == periods.backtest[1] == test_ts.max()
     assert periods.test[0] >= last_val and periods.backtest[0] >= last_val
-    anchors = anchor_dates(pipe_frame(cfg)["timestamps"], periods, cfg.eval_stride, 0)
-    assert len(anchors) >= 2 and anchors.min() >= last_val
+    anchors = select_anchors(pipe_frame(cfg), periods.last_val, None, cfg.lookback_window, cfg.predict_window,
+                             cfg.eval_stride, 0, period=periods.test)["anchor"]
+    assert anchors.nunique() >= 2 and anchors.min() >= last_val
     records = pipeline_with_tiny_models(cfg).forecast_records()
     assert_targets_after_validation(records, last_val)
     # a range the user sets explicitly is used, and checked

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
+from _support.models import tiny_predictor
 from kronos.errors import CheckpointError, InputError
-from kronos.evaluate.calibration import Calibration, candidate, fit_calibration, load_calibration, model_fingerprint
+from kronos.evaluate.calibration import (
+    Calibration,
+    calibrated_crps,
+    candidate,
+    fit_calibration,
+    load_calibration,
+    model_fingerprint,
+)
 
 
 def _synthetic(n, seed, s=20, p=4, spread=0.4):
@@ -86,20 +94,12 @@ def test_mismatched_model_is_rejected():
         cal.check(a, lookback=20, horizon=4)
 
 
-def _tiny_predictor(seed):
-    from kronos.inference import KronosPredictor
-    from kronos.model import build_predictor, build_tokenizer
-
-    torch.manual_seed(seed)
-    return KronosPredictor(build_predictor("tiny"), build_tokenizer("tiny"), device="cpu", max_context=32)
-
-
 def test_predictor_applies_calibration_and_refuses_another_model(tmp_path):
     import pandas as pd
 
     from kronos.evaluate.calibration import model_fingerprint
 
-    pred, other = _tiny_predictor(0), _tiny_predictor(1)
+    pred, other = tiny_predictor(seed=0, max_context=32), tiny_predictor(seed=1, max_context=32)
     rng = np.random.default_rng(0)
     n, P, L = 40, 3, 24
     ts = pd.date_range("2024-01-01", periods=n + P, freq="D")
@@ -216,7 +216,7 @@ def test_vol_scaled_centre_trusts_an_informative_median_and_not_a_noisy_one():
         half = n // 2
         cal = fit_calibration(paths[:half], last[:half], true[:half], np.arange(half), [0.5, 0.8], 20, "fp",
                               context_vol=vol[:half])
-        crps = cal.crps(paths[half:], last[half:], true[half:], vol[half:]).mean()
+        crps = calibrated_crps(cal, paths[half:], last[half:], true[half:], vol[half:]).mean()
         q = cal.quantiles(paths[half:], last[half:], [0.1, 0.9], vol[half:])
         cover = np.mean((true[half:] >= q[0]) & (true[half:] <= q[1]))
         fits[name] = (np.asarray(cal.params["center"]), crps, cover)

@@ -53,11 +53,10 @@ def test_frames_from_records_feed_plot_forecast(tmp_path):
     anchor = pd.Timestamp("2024-03-01")
     steps = np.arange(1, 6)
     recs = pd.DataFrame({
-        "symbol": "S", "datetime": anchor, "step": steps,
+        "symbol": "S", "anchor": anchor, "step": steps,
         "timestamps": anchor + pd.to_timedelta(steps, unit="D"),
-        "last_close": 10.0, "pred_close": 10 + 0.1 * steps, "true_close": 10 + 0.05 * steps,
-        "pred_close_q0.1": 9.5 + 0.1 * steps, "pred_close_q0.9": 10.5 + 0.1 * steps,
-        "pred_volume": 1000.0, "true_volume": 1100.0,
+        "close": 10 + 0.1 * steps, "volume": 1000.0, "close_q0.1": 9.5 + 0.1 * steps,
+        "close_q0.9": 10.5 + 0.1 * steps, "last_close": 10.0, "true_close": 10 + 0.05 * steps,
     })
     fc, band, actual = frames_from_records(recs, "S")
     assert list(fc.columns) == ["close", "volume"] and isinstance(fc.index, pd.DatetimeIndex)
@@ -139,9 +138,9 @@ def test_drawdown_ic_and_forecast_vs_actual_figures(tmp_path):
     for sym in ("AAA", "BBB"):
         for k, d in enumerate(dates):
             true = 10 + 0.1 * k
-            rows.append({"symbol": sym, "datetime": d, "step": 1, "timestamps": d + pd.offsets.BDay(1),
-                         "pred_close": true + 0.05, "true_close": true, "last_close": true - 0.1,
-                         "pred_close_q0.1": true - 0.2, "pred_close_q0.9": true + 0.2})
+            rows.append({"symbol": sym, "anchor": d, "step": 1, "timestamps": d + pd.offsets.BDay(1),
+                         "close": true + 0.05, "true_close": true, "last_close": true - 0.1,
+                         "close_q0.1": true - 0.2, "close_q0.9": true + 0.2})
     out = plot_forecast_vs_actual(pd.DataFrame(rows), ["AAA", "BBB", "ZZZ"], tmp_path / "fva.png")
     assert _is_png(out)
     with pytest.raises(InputError, match="step 3"):

@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
+from _support.models import tiny_predictor
 from _support.training import qlib_frame
 from kronos.config import Config
 from kronos.evaluate.calibration import calibrate_on_validation, load_calibration
-from kronos.evaluate.report import build_report, select_anchors
-from kronos.inference import KronosPredictor
-from kronos.model import build_predictor, build_tokenizer
+from kronos.evaluate.report import build_report
+from kronos.evaluate.rolling import forecast_split, select_anchors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,8 +24,7 @@ def setup():
     bounds = {"train_start": ts.min(), "train_end": pd.Timestamp("2023-06-30"),
               "val_start": pd.Timestamp("2023-07-01"), "val_end": pd.Timestamp("2024-03-29"),
               "test_start": pd.Timestamp("2024-04-01"), "test_end": ts.max()}
-    torch.manual_seed(0)
-    predictor = KronosPredictor(build_predictor("tiny"), build_tokenizer("tiny"), device="cpu", max_context=32)
+    predictor = tiny_predictor(seed=0, max_context=32)
     cfg = Config.from_dict(dict(lookback_window=20, predict_window=3, inference_sample_count=8, eval_stride=5,
                                 eval_max_anchors=12, device="cpu", quantiles=[0.1, 0.25, 0.5, 0.75, 0.9]))
     return frame, bounds, predictor, cfg
@@ -51,7 +49,10 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
     cal = calibrate_on_validation(cfg, predictor, frame, bounds, out_path=tmp_path / "calibration.json")
     assert cal.n_anchors >= 10 and load_calibration(tmp_path / "calibration.json").method == cal.method
     cfg.update({"eval_seeds": [1, 2]})
-    report = build_report(cfg, frame, bounds, {"finetuned": predictor}, str(tmp_path / "r"), calibrations={"finetuned": cal})
+    passed = forecast_split(cfg, frame, "test", bounds["val_end"], bounds["test_end"], {"finetuned": predictor},
+                            seeds=cfg.eval_seeds)
+    assert len(passed.paths["finetuned"]) == 2 and passed.first("finetuned").records is not None
+    report = build_report(cfg, frame, bounds, passed, str(tmp_path / "r"), calibrations={"finetuned": cal})
     assert set(report["forecasters"]) == {"finetuned", "last_value", "drift", "random_walk"}
     fin = report["forecasters"]["finetuned"]
     assert 0 <= fin["dm_vs_last_value"]["p_value"] <= 1
@@ -75,7 +76,8 @@ def test_report_anchors_stay_inside_the_test_split_and_spread_over_it(setup, tmp
     cut = pd.Timestamp(dates[-40])
     short = dict(bounds, test_end=cut)
     c = Config.from_dict(dict(cfg.to_dict(), eval_stride=1, eval_max_anchors=6))
-    report = build_report(c, frame, short, {}, str(tmp_path / "r"))
+    report = build_report(c, frame, short, forecast_split(c, frame, "test", short["val_end"], cut, {}),
+                          str(tmp_path / "r"))
     last_anchor = pd.Timestamp(report["anchors"]["last"])
     g = frame[frame["symbol"] == frame["symbol"].iloc[0]].reset_index(drop=True)
     pos = int(np.flatnonzero(g["timestamps"] == last_anchor)[0])

@@ -20,7 +20,7 @@ from kronos.model import (PREDICTOR_PRESETS, TOKENIZER_PRESETS, Kronos, KronosTo
 from kronos.train import Trainer, get_stage, train_tokenizer
 from kronos.train.distributed import DistContext, resolve_precision
 
-from _support.training import make_dataset, tiny_config
+from _support.training import tiny_config
 
 pytestmark = pytest.mark.gpu
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "parity-tiny"
@@ -166,11 +166,6 @@ def test_compiled_losses_equal_eager_on_cuda() -> None:
         compiled = torch.compile(fn, fullgraph=True)(*args)
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("gpu") / "dataset")
 
 
 def test_resume_round_trip_on_cuda(tmp_path: Path, dataset: Path) -> None:

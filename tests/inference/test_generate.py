@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _support.models import tiny_pair
 from kronos.inference import SamplingConfig, auto_regressive_inference, generate_tokens, sample_forecasts
 from kronos.inference.sampling import sample_from_logits, top_k_top_p_filtering
-from kronos.model import build_predictor, build_tokenizer
 
 NEG_INF = float("-inf")
 
@@ -51,16 +51,8 @@ def test_sample_from_logits_greedy_and_seeded():
 # ---------------------------------------------------------------------- generation
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(11)
-    tokenizer = build_tokenizer("tiny").eval()
-    model = build_predictor("tiny").eval()
-    with torch.no_grad():  # sharper, less uniform logits than the plain init
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-        model.head.proj_s1.weight.mul_(3)
-        model.head.proj_s2.weight.mul_(3)
-    return tokenizer, model
+    tokenizer, model = tiny_pair(seed=11, jitter=0.2, sharpen=("proj_s1", "proj_s2"))  # sharper logits than the init
+    return tokenizer.eval(), model.eval()
 
 
 def _inputs(n: int, t: int, p: int, seed: int = 0):

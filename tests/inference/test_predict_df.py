@@ -6,12 +6,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
+from _support.models import tiny_predictor
 from kronos.errors import InputError
 from kronos.inference import KronosPredictor
-from kronos.inference.predictor import prob_up, sample_quantiles
-from kronos.model import build_predictor, build_tokenizer
+from kronos.inference import SamplingConfig
+from kronos.inference.bands import prob_up, sample_quantiles
+from kronos.inference.predictor import MIN_HISTORY
 
 COLS = ["open", "high", "low", "close", "volume", "amount"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,13 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def predictor() -> KronosPredictor:
-    torch.manual_seed(5)
-    tokenizer, model = build_tokenizer("tiny"), build_predictor("tiny")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-    return KronosPredictor(model, tokenizer, device="cpu", max_context=24)
+    return tiny_predictor(seed=5, max_context=24, jitter=0.2)
 
 
 def long_frame(lengths: dict, freq: str = "D") -> pd.DataFrame:
@@ -69,8 +64,9 @@ def test_anchors_rolling_with_true_close_and_samples(predictor):
     frame = long_frame({"AAA": 40, "BBB": 35})
     ts = frame.loc[frame["symbol"] == "AAA", "timestamps"].sort_values()
     anchors = list(ts.iloc[[5, 25, 33, 39]])  # first one has too little history; 39 is AAA's last bar
-    out, samples = predictor.predict_df(frame, pred_len=3, lookback=20, anchors=anchors, sample_count=4, seed=1,
-                                        return_samples=True, quantiles=(0.25, 0.75), batch_size=2, progress=False)
+    paths = predictor.predict_df_paths(frame, pred_len=3, lookback=20, anchors=anchors, sample_count=4, seed=1,
+                                       quantiles=(0.25, 0.75), batch_size=2, progress=False)
+    out, samples = paths.records, paths.samples
     keys = out.groupby(["symbol", "anchor"], sort=False).size()
     assert list(keys.index) == [("AAA", ts.iloc[25]), ("AAA", ts.iloc[33]), ("AAA", ts.iloc[39]),
                                 ("BBB", ts.iloc[25]), ("BBB", ts.iloc[33])]
@@ -93,6 +89,28 @@ def test_anchors_rolling_with_true_close_and_samples(predictor):
     again = predictor.predict_df(frame, pred_len=3, lookback=20, anchors=anchors, sample_count=4, seed=1,
                                  quantiles=(0.25, 0.75), batch_size=2, progress=False)
     pd.testing.assert_frame_equal(out, again)
+
+
+def test_a_plain_frame_uses_the_history_it_has(predictor, caplog):
+    """No lookback: 200 daily bars of two symbols give 5 steps each, from up to max_context bars of history; a
+    series below the minimum is skipped with a line naming it; sampling settings travel as one value."""
+    frame = long_frame({"AAA": 200, "BBB": 200})
+    out = predictor.predict_df(frame, pred_len=5, **GREEDY)
+    assert out.groupby("symbol")["step"].apply(list).to_dict() == {"AAA": [1, 2, 3, 4, 5], "BBB": [1, 2, 3, 4, 5]}
+    capped = predictor.predict_df(frame, pred_len=5, lookback=predictor.max_context, **GREEDY)
+    pd.testing.assert_frame_equal(out, capped)  # the context is the last max_context bars
+    # histories shorter than max_context (and of different lengths) are used whole
+    short = long_frame({"AAA": 15, "BBB": 12, "CCC": MIN_HISTORY - 1})
+    with caplog.at_level("WARNING"):
+        got = predictor.predict_df(short, pred_len=2, **GREEDY)
+    assert sorted(got["symbol"].unique()) == ["AAA", "BBB"] and "CCC@" in caplog.text
+    one = short[short["symbol"] == "BBB"]
+    np.testing.assert_allclose(got.loc[got["symbol"] == "BBB", COLS].to_numpy(),
+                               predictor.predict_df(one, pred_len=2, lookback=12, **GREEDY)[COLS].to_numpy())
+    with pytest.raises(InputError, match=f"minimum of {MIN_HISTORY}"):
+        predictor.predict_df(short[short["symbol"] == "CCC"], pred_len=2, **GREEDY)
+    settings = SamplingConfig(T=1.0, top_k=1, top_p=1.0, sample_count=1, seed=3)
+    pd.testing.assert_frame_equal(predictor.predict_df(short, pred_len=2, sampling=settings, progress=False), got)
 
 
 def test_anchor_pairs_and_errors(predictor):

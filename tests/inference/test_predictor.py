@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _support.models import tiny_predictor
 from kronos.errors import InputError
 from kronos.inference import KronosPredictor, prob_up
 from kronos.model import build_predictor, build_tokenizer
@@ -18,15 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def predictor() -> KronosPredictor:
-    torch.manual_seed(21)
-    tokenizer = build_tokenizer("tiny")
-    model = build_predictor("tiny")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-        model.head.proj_s1.weight.mul_(3)
-    return KronosPredictor(model, tokenizer, device="cpu", max_context=24, clip=5)
+    return tiny_predictor(seed=21, max_context=24, jitter=0.2, sharpen=("proj_s1",), clip=5)
 
 
 def make_series(n: int, pred_len: int, seed: int = 0, start: str = "2024-03-01 09:30", freq: str = "5min"):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _support.models import tiny_pair
 from kronos.errors import InputError
 from kronos.model import build_predictor, build_tokenizer
 from kronos.model.layers import RMSNorm, RotaryPositionalEmbedding
@@ -18,19 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def tokenizer():
-    torch.manual_seed(0)
-    return build_tokenizer("tiny").eval()
+    return tiny_pair(seed=0)[0].eval()
 
 
 @pytest.fixture
 def predictor():
-    torch.manual_seed(0)
-    model = build_predictor("tiny").eval()
-    with torch.no_grad():  # non-zero biases/norms so that wrong wiring shows
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return tiny_pair(seed=0, jitter=0.1)[1].eval()  # jitter: non-zero biases/norms so that wrong wiring shows
 
 
 def test_rmsnorm_and_rotary_values():

@@ -185,10 +185,7 @@ def test_non_local_host_needs_a_token(monkeypatch):
     assert resolve_token("0.0.0.0", "") == "abc"
 
 
-def test_dataset_symbols(one_thread, tmp_path):
-    from _support.training import make_dataset
-
-    dataset = make_dataset(tmp_path / "ds")
+def test_dataset_symbols(one_thread, dataset):
     eng = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
                               dataset=str(dataset))
     try:

@@ -21,10 +21,7 @@ TINY = TESTS / "fixtures" / "parity-tiny" / "tiny"
 CSV = TESTS / "fixtures" / "kline_5min.csv"
 
 
-def test_page_upload_csv_draws_forecast_and_bands(one_thread, tmp_path):
-    from _support.training import make_dataset
-
-    dataset = make_dataset(tmp_path / "ds")
+def test_page_upload_csv_draws_forecast_and_bands(one_thread, tmp_path, dataset):
     engine = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
                                  dataset=str(dataset))
     try:

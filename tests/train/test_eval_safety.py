@@ -8,24 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kronos.data.windows import WindowDataset
 from kronos.errors import CheckpointError
-from kronos.model import KronosTokenizer, build_predictor
+from kronos.model import KronosTokenizer
 from kronos.train import train_predictor, train_tokenizer
 from kronos.train.distributed import setup_distributed
 from kronos.train.stages import get_stage
 from kronos.train.trainer import Trainer
 
-from _support.training import make_dataset, qlib_frame, tiny_config
+from _support.models import tiny_pair
+from _support.training import qlib_frame, tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("eval_safety") / "dataset")
 
 
 def _windows(n_windows: int, lookback: int = 30, predict: int = 5) -> WindowDataset:
@@ -50,9 +47,8 @@ def test_an_epoch_is_capped_at_the_number_of_windows(dataset: Path, tmp_path: Pa
 
 
 def test_causal_validation_loss_does_not_see_the_target() -> None:
-    torch.manual_seed(0)
-    model = build_predictor("tiny", ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0,
-                            token_dropout_p=0.0).eval()
+    _, model = tiny_pair(seed=0, ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0, token_dropout_p=0.0)
+    model.eval()
     n = 2 ** model.s1_bits
     s1, s2 = torch.randint(0, n, (2, 12)), torch.randint(0, n, (2, 12))
     stamp = torch.zeros(2, 12, 5)
@@ -100,12 +96,17 @@ def test_resume_on_another_tokenizer_fails_and_best_model_falls_back_to_prev(dat
     cfg = tiny_config(tmp_path, dataset, epochs=2, n_train_iter=16 * 2)
     train_tokenizer(cfg)
     best = Path(cfg.finetuned_tokenizer)
-    # A kill during best_model's swap leaves only best_model.prev: readers use it.
-    os.replace(best, best.with_name("best_model.prev"))
-    assert KronosTokenizer.from_pretrained(str(best)) is not None
+    prev = best.with_name("best_model.prev")
+    # A kill during best_model's swap leaves only best_model.prev: readers load it, the weights and the config
+    # exactly as saved there (not a fresh init, not another checkpoint).
+    os.replace(best, prev)
+    loaded = KronosTokenizer.from_pretrained(str(best))
+    saved, state = load_file(str(prev / "model.safetensors")), loaded.state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert loaded.config == json.loads((prev / "config.json").read_text())
     first = train_predictor(cfg.update({"epochs": 1}))
     assert first["global_step"] == 2
-    shutil.move(str(best.with_name("best_model.prev")), str(best))
+    shutil.move(str(prev), str(best))
     tok = KronosTokenizer.from_pretrained(str(best))
     with torch.no_grad():
         next(tok.parameters()).add_(0.01)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _support.training import make_dataset, save_pretrained_pair, tiny_config
+from _support.models import save_tiny_pair, tiny_pair
+from _support.training import tiny_config
 from kronos.config import Config
 from kronos.errors import ConfigError
 from kronos.model import Kronos, KronosTokenizer, build_predictor
@@ -14,11 +15,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A dataset and a 'pretrained' tiny pair (seeded fresh weights saved in the official format)."""
+def pretrained(tmp_path_factory, dataset):
+    """The dataset and a 'pretrained' tiny pair (seeded fresh weights saved in the official format)."""
     root = tmp_path_factory.mktemp("ft")
-    dataset = make_dataset(root / "dataset")
-    save_pretrained_pair(root / "pre", seed=1, n_layers=3)
+    save_tiny_pair(root / "pre" / "tokenizer", root / "pre" / "predictor", seed=1, n_layers=3)
     return root, dataset
 
 

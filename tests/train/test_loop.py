@@ -19,15 +19,10 @@ from kronos.io import resolve_folder
 from kronos.io import write_folder
 from kronos.train.checkpoint import flatten_state, unflatten_state
 
-from _support.training import make_dataset, qlib_frame, tiny_config
+from _support.training import qlib_frame, tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("train_loop") / "dataset")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from kronos.errors import ConfigError, TrainingError
 from kronos.train import Trainer, get_stage
 from kronos.train.distributed import DistContext, Precision, resolve_precision, tf32_matmuls
 
-from _support.training import make_dataset, tiny_config
+from _support.training import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = torch.device("cuda", 0)
@@ -66,11 +66,6 @@ def test_tf32_is_on_only_inside_a_mixed_precision_step() -> None:
 
 
 # ------------------------------------------------------------------------------------------ non-finite guard
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("numerics") / "dataset")
-
-
 def _trainer(tmp: Path, dataset: Path, **overrides) -> Trainer:
     cfg = tiny_config(tmp, dataset, epochs=1, n_train_iter=16 * 6, log_interval=2, **overrides)
     trainer = Trainer(get_stage("tokenizer", cfg), cfg, DistContext(device=torch.device("cpu")))

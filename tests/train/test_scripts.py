@@ -16,7 +16,8 @@ from kronos.config import Config
 from kronos.model import build_predictor
 from kronos.train import train_predictor, train_tokenizer
 
-from _support.training import PYTHON, REPO, make_dataset, save_pretrained_pair, tiny_config
+from _support.models import save_tiny_pair
+from _support.training import PYTHON, REPO, tiny_config
 
 pytestmark = pytest.mark.slow  # end-to-end / subprocess tests: `make test-fast` skips them
 
@@ -88,11 +89,6 @@ def one_thread():
     torch.set_num_threads(1)  # like the subprocesses (OMP_NUM_THREADS=1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("train_scripts") / "dataset")
 
 
 def _write_config(path: Path, config: Config) -> Path:
@@ -193,7 +189,7 @@ def test_torchrun_lora_over_two_gloo_processes(dataset: Path, tmp_path: Path) ->
     from kronos.model import Kronos
 
     pretrained = tmp_path / "pretrained"
-    save_pretrained_pair(pretrained, seed=3)
+    save_tiny_pair(pretrained / "tokenizer", pretrained / "predictor", seed=3)
     cfg = tiny_config(tmp_path, dataset, epochs=1, n_train_iter=16 * 4, finetune_mode=mode, freeze_layers=1,
                       lora_rank=2, finetune_tokenizer=False, pretrained_tokenizer_path=str(pretrained / "tokenizer"),
                       pretrained_predictor_path=str(pretrained / "predictor"))

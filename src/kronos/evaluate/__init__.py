@@ -12,8 +12,6 @@ from kronos.evaluate.backtest import (
 from kronos.evaluate.metrics import (
     SIGNAL_KINDS,
     all_signals,
-    forecast_metrics,
-    metrics_by_step,
     save_metrics,
     signals_from_records,
 )
@@ -27,7 +25,7 @@ from kronos.evaluate.plots import (
 
 __all__ = [
     "BacktestComparison", "BacktestReport", "init_qlib", "normalize_signal", "risk_stats", "run_backtests",
-    "run_qlib_backtest", "run_simple_backtest", "SIGNAL_KINDS", "all_signals", "forecast_metrics",
-    "metrics_by_step", "save_metrics", "signals_from_records", "frames_from_records", "plot_backtest",
+    "run_qlib_backtest", "run_simple_backtest", "SIGNAL_KINDS", "all_signals",
+    "save_metrics", "signals_from_records", "frames_from_records", "plot_backtest",
     "plot_backtest_comparison", "plot_forecast", "plot_training_curves",
 ]

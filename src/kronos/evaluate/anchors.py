@@ -1,8 +1,9 @@
-"""Which bars evaluation and backtest forecasts are anchored at: only the test split (history allowed, targets not).
+"""The periods evaluation and backtest forecasts are anchored in: only the test split (history allowed, targets not).
 
-An anchor is the last bar of a forecast's context; its targets are the ``predict_window`` bars after it. The rule
-(issue 8): every target lies after the last validation bar, so an anchor is a bar at or after that bar. The
-context may reach back into earlier splits. Periods:
+An anchor is the last bar of a forecast's context; its targets are the ``predict_window`` bars after it. The rule:
+every target lies after the last validation bar, so an anchor is a bar at or after that bar. The context may reach
+back into earlier splits. Which anchors of the period are forecast is :func:`kronos.evaluate.rolling.select_anchors`
+(one rule for every split). Periods:
 
 - with ``split_ratios`` set, the test and backtest periods default to the test split's first..last bar (the date
   ranges of the config are used only when the user set them);
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from kronos.data.schema import range_end
+from kronos.data.store import SPLITS, load_manifest, load_split
 from kronos.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -39,14 +41,21 @@ class EvalPeriods:
 def split_bounds(dataset_path: str, split: str) -> Optional[tuple[pd.Timestamp, pd.Timestamp]]:
     """First and last timestamp of ``split`` from the dataset's manifest (``first``/``last`` or ``start``/``end``),
     else from the split's rows; None when the split is empty."""
-    from kronos.data.store import load_manifest, load_split
-
     info = (load_manifest(dataset_path).get("splits") or {}).get(split) or {}
     lo, hi = info.get("first", info.get("start")), info.get("last", info.get("end"))
     if lo and hi:
         return pd.Timestamp(lo), pd.Timestamp(hi)
     ts = load_split(dataset_path, split)["timestamps"]
     return (ts.min(), ts.max()) if len(ts) else None
+
+
+def split_dates(dataset_path: str) -> dict[str, pd.Timestamp]:
+    """First and last own bar of each split (``train_start`` ... ``test_end``, NaT for an empty split)."""
+    out = {}
+    for split in SPLITS:
+        bounds = split_bounds(dataset_path, split)
+        out[f"{split}_start"], out[f"{split}_end"] = (pd.Timestamp(b) for b in bounds) if bounds else (pd.NaT, pd.NaT)
+    return out
 
 
 def eval_periods(config, dataset_path: Optional[str] = None) -> EvalPeriods:
@@ -97,18 +106,6 @@ def eval_periods(config, dataset_path: Optional[str] = None) -> EvalPeriods:
     return EvalPeriods(test, backtest, last_val)
 
 
-def anchor_dates(timestamps: pd.Series, periods: EvalPeriods, stride: int, max_anchors: int) -> pd.DatetimeIndex:
-    """Anchor dates: bars in the test or backtest period, every ``stride``-th, the latest ``max_anchors`` (0 = all)."""
-    ts = pd.DatetimeIndex(timestamps).as_unit("ns")
-    keep = np.zeros(len(ts), dtype=bool)
-    for lo, hi in (periods.test, periods.backtest):
-        keep |= (ts >= lo) & (ts <= hi)
-    dates = np.unique(ts[keep].asi8)[:: max(1, int(stride))]
-    if max_anchors > 0:
-        dates = dates[-int(max_anchors):]
-    return pd.DatetimeIndex(dates).as_unit("ns")
-
-
 def in_period(anchors: pd.Series, period: tuple[pd.Timestamp, pd.Timestamp]) -> pd.Series:
     """Mask of ``anchors`` inside the inclusive ``period``."""
     return (anchors >= period[0]) & (anchors <= period[1])
@@ -118,4 +115,4 @@ def _show(period: tuple[pd.Timestamp, pd.Timestamp]) -> str:
     return f"[{period[0]}, {period[1]}]"
 
 
-__all__ = ["EvalPeriods", "anchor_dates", "eval_periods", "in_period", "split_bounds"]
+__all__ = ["EvalPeriods", "eval_periods", "in_period", "split_bounds", "split_dates"]

@@ -1,28 +1,14 @@
-"""Forecast quality metrics and trading signals from forecast records.
+"""Forecast scores: sample-path scoring for the walk-forward report, and trading signals from forecast records.
 
-A *forecast record* frame is long: one row per (symbol, anchor, step) with the columns
+Forecast records are the long frame of :meth:`kronos.inference.KronosPredictor.predict_df` (one schema everywhere):
+one row per (symbol, anchor, step) with ``symbol``, ``anchor`` (the last context bar, i.e. the signal date),
+``step`` (1..P), ``timestamps`` (the forecast bar), the mean forecast ``close`` (and the other value columns),
+``close_q{q}`` quantile columns (:func:`kronos.inference.bands.quantile_column`), ``last_close`` (close at the
+anchor), ``close_scale`` and ``true_close`` (the realised close, NaN when not known yet).
 
-- ``symbol``: instrument name; ``datetime``: the anchor (time of the last context bar, i.e. the signal date);
-- ``step``: 1..P; ``timestamps``: the forecast bar's time (optional here);
-- ``last_close``: actual close at the anchor; ``pred_close``: mean forecast close;
-- ``true_close``: actual close of that bar (NaN when not known yet);
-- optional ``pred_close_q{q}`` columns (e.g. ``pred_close_q0.1``) with forecast quantiles.
-
-Every metric is set beside a naive baseline so a number can be judged on its own:
-
-- MSE / MAE / MAPE: the last-value forecast (``pred = last_close`` for every step).
-- Direction accuracy: the model's direction is ``sign(final pred_close - last_close)``; the last-value forecast
-  has no direction, so the naive baseline is *momentum*: the symbol's move from its previous anchor in the
-  records to this one (one bar when anchors are consecutive bars, as in sliding-window evaluation) is predicted
-  to continue. ``naive/up_fraction`` is the accuracy of always predicting "up". Forecasts whose realised final
-  close equals ``last_close`` (no direction to predict) are left out of direction accuracy.
-- IC / RankIC: daily cross-sectional Pearson / Spearman correlation between a signal and the realised return
-  over the forecast horizon (``true final close / last_close - 1``), averaged over anchors with at least two
-  symbols. Model signal: ``pred final close / last_close - 1``; naive signal: the momentum return above.
-- Quantiles (when ``pred_close_q*`` columns exist): pinball loss per quantile, the weighted quantile loss
-  ``wql = mean_q 2·Σ pinball_q / Σ|y|`` (a scale-free CRPS approximation, as Chronos reports it), and the
-  coverage of the interval between the lowest and the highest quantile. The naive baseline puts every quantile
-  at ``last_close``.
+The model's scores (CRPS, MASE, direction accuracy, IC, coverage, ...) are computed once, on sample paths, by
+:func:`score_paths` beside the baselines (:mod:`kronos.evaluate.report`); records feed the backtest signals
+(:func:`signals_from_records`) and the IC-over-time figure (:func:`ic_by_date`).
 
 Undefined values (one symbol, no realised data, ...) are NaN, never exceptions.
 """
@@ -30,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -39,10 +24,10 @@ import pandas as pd
 
 from kronos import io as kio
 from kronos.errors import InputError
+from kronos.inference.bands import check_levels, log_returns, prob_up
 
-REQUIRED_COLUMNS = ("symbol", "datetime", "step", "last_close", "pred_close", "true_close")
+REQUIRED_COLUMNS = ("symbol", "anchor", "step", "last_close", "close")
 SIGNAL_KINDS = ("last", "mean", "max", "min")
-_QUANTILE_COLUMN = re.compile(r"^pred_close_q(\d*\.?\d+(?:[eE][-+]?\d+)?)$")
 
 
 # ---------------------------------------------------------------------- input checks
@@ -56,7 +41,7 @@ def _check_records(records: pd.DataFrame, required: Sequence[str] = REQUIRED_COL
             f"(got {list(records.columns)[:12]})"
         )
     df = records.reset_index(drop=True)
-    numeric = [c for c in df.columns if c in ("step", "last_close", "true_close") or c.startswith("pred_")]
+    numeric = [c for c in df.columns if c in ("step", "last_close", "true_close", "close", "close_scale")]
     for col in numeric:
         if not pd.api.types.is_numeric_dtype(df[col]):
             converted = pd.to_numeric(df[col], errors="coerce")
@@ -67,32 +52,20 @@ def _check_records(records: pd.DataFrame, required: Sequence[str] = REQUIRED_COL
                     f"forecast records column '{col}' must be numeric; row {row} holds {df[col].iloc[row]!r}"
                 )
             df[col] = converted
-    if not pd.api.types.is_datetime64_any_dtype(df["datetime"]):
+    if not pd.api.types.is_datetime64_any_dtype(df["anchor"]):
         try:
-            df["datetime"] = pd.to_datetime(df["datetime"])
+            df["anchor"] = pd.to_datetime(df["anchor"])
         except (ValueError, TypeError):
             raise InputError(
-                "forecast records column 'datetime' must hold dates (the anchor of each forecast)"
+                "forecast records column 'anchor' must hold dates (the last context bar of each forecast)"
             ) from None
     return df
 
 
-def quantile_columns(records: pd.DataFrame) -> dict[float, str]:
-    """Map quantile level -> ``pred_close_q{q}`` column name, sorted by level."""
-    found = {}
-    for col in records.columns:
-        m = _QUANTILE_COLUMN.match(str(col))
-        if m:
-            q = float(m.group(1))
-            if 0.0 < q < 1.0:
-                found[q] = col
-    return dict(sorted(found.items()))
-
-
 def _final_rows(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (symbol, anchor): the last step of the horizon."""
-    df = df.sort_values(["symbol", "datetime", "step"], kind="mergesort")
-    return df.groupby(["symbol", "datetime"], sort=False).tail(1).reset_index(drop=True)
+    df = df.sort_values(["symbol", "anchor", "step"], kind="mergesort")
+    return df.groupby(["symbol", "anchor"], sort=False).tail(1).reset_index(drop=True)
 
 
 def _nan() -> float:
@@ -120,7 +93,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum()) / den
 
 
-def daily_ic(frame: pd.DataFrame, signal: str, target: str, by: str = "datetime") -> pd.DataFrame:
+def daily_ic(frame: pd.DataFrame, signal: str, target: str, by: str = "anchor") -> pd.DataFrame:
     """Per-date cross-sectional IC (Pearson) and RankIC (Spearman) of ``signal`` against ``target``.
 
     Rows with a non-finite signal or target are dropped; dates with fewer than two symbols, or a constant
@@ -139,10 +112,10 @@ def daily_ic(frame: pd.DataFrame, signal: str, target: str, by: str = "datetime"
 
 
 def ic_by_date(records: pd.DataFrame) -> pd.DataFrame:
-    """The model's per-anchor-date IC and RankIC (as in :func:`forecast_metrics`: forecast vs realised return to
-    the horizon's last step), for :func:`kronos.evaluate.plots.plot_ic_over_time`."""
-    fin = _final_rows(_check_records(records))
-    fin = fin.assign(pred_ret=fin["pred_close"] / fin["last_close"] - 1.0,
+    """The model's per-anchor-date IC and RankIC (forecast vs realised return to the horizon's last step, as the
+    report's IC), for :func:`kronos.evaluate.plots.plot_ic_over_time`."""
+    fin = _final_rows(_check_records(records, (*REQUIRED_COLUMNS, "true_close")))
+    fin = fin.assign(pred_ret=fin["close"] / fin["last_close"] - 1.0,
                      true_ret=fin["true_close"] / fin["last_close"] - 1.0).replace([np.inf, -np.inf], np.nan)
     return daily_ic(fin, "pred_ret", "true_ret")
 
@@ -165,120 +138,10 @@ def pinball_loss(y: np.ndarray, pred: np.ndarray, q: float) -> np.ndarray:
     return np.maximum(q * diff, (q - 1.0) * diff)
 
 
-# ---------------------------------------------------------------------- public API
-def forecast_metrics(records: pd.DataFrame) -> dict[str, float]:
-    """Flat, JSON-serialisable dict of forecast metrics for the model and the naive baselines.
-
-    Keys are ``model/...`` and ``naive/...`` plus counts (``n_rows``, ``n_forecasts``, ``n_symbols``,
-    ``n_anchors``, ``n_ic_dates``); see the module docstring for the definitions.
-    """
-    df = _check_records(records)
-    out: dict[str, float] = {}
-
-    # --- point errors over every row with a known outcome
-    y = df["true_close"].to_numpy(dtype=float)
-    p = df["pred_close"].to_numpy(dtype=float)
-    last = df["last_close"].to_numpy(dtype=float)
-    known = np.isfinite(y) & np.isfinite(p) & np.isfinite(last)
-    out["n_rows"] = float(known.sum())
-    out["n_symbols"] = float(df["symbol"].nunique())
-    out["n_anchors"] = float(df["datetime"].nunique())
-    for name, pred in (("model", p), ("naive", last)):
-        err = pred[known] - y[known]
-        nz = known & (y != 0)
-        out[f"{name}/mse"] = _f(np.mean(err**2)) if err.size else _nan()
-        out[f"{name}/mae"] = _f(np.mean(np.abs(err))) if err.size else _nan()
-        out[f"{name}/mape"] = _f(np.mean(np.abs(pred[nz] - y[nz]) / np.abs(y[nz]))) if nz.any() else _nan()
-
-    # --- per-forecast (symbol, anchor) quantities from the final step
-    fin = _final_rows(df)
-    fin["pred_ret"] = fin["pred_close"] / fin["last_close"] - 1.0
-    fin["true_ret"] = fin["true_close"] / fin["last_close"] - 1.0
-    # naive momentum: move from the symbol's previous anchor (in the records) to this one
-    anchors = fin[["symbol", "datetime", "last_close"]].sort_values(["symbol", "datetime"], kind="mergesort")
-    prev_close = anchors.groupby("symbol", sort=False)["last_close"].shift(1)
-    fin["mom_ret"] = (anchors["last_close"] / prev_close - 1.0).reindex(fin.index)
-    fin = fin.replace([np.inf, -np.inf], np.nan)
-    realised = fin["true_ret"].notna() & fin["pred_ret"].notna()
-    out["n_forecasts"] = float(realised.sum())
-
-    moved = realised & (fin["true_ret"] != 0)
-    true_sign = np.sign(fin.loc[moved, "true_ret"])
-    out["model/direction_accuracy"] = (
-        _f((np.sign(fin.loc[moved, "pred_ret"]) == true_sign).mean()) if moved.any() else _nan()
-    )
-    mom = moved & fin["mom_ret"].notna()
-    out["naive/direction_accuracy"] = (
-        _f((np.sign(fin.loc[mom, "mom_ret"]) == np.sign(fin.loc[mom, "true_ret"])).mean()) if mom.any() else _nan()
-    )
-    out["naive/up_fraction"] = _f((true_sign > 0).mean()) if moved.any() else _nan()
-
-    # --- cross-sectional IC per anchor date
-    for name, col in (("model", "pred_ret"), ("naive", "mom_ret")):
-        ics = daily_ic(fin, col, "true_ret")
-        for key, series in (("ic", ics["ic"]), ("rank_ic", ics["rank_ic"])):
-            mean, std, ir, n = _ic_summary(series)
-            out[f"{name}/{key}"] = mean
-            out[f"{name}/{key}_std"] = std
-            out[f"{name}/{key}ir"] = ir
-            if name == "model" and key == "ic":
-                out["n_ic_dates"] = float(n)
-
-    # --- quantile metrics
-    qcols = quantile_columns(df)
-    if qcols:
-        out.update(_quantile_metrics(df, qcols, known))
-    return out
-
-
-def _quantile_metrics(df: pd.DataFrame, qcols: dict[float, str], known: np.ndarray) -> dict[str, float]:
-    out: dict[str, float] = {}
-    y = df["true_close"].to_numpy(dtype=float)
-    last = df["last_close"].to_numpy(dtype=float)
-    preds = {q: df[c].to_numpy(dtype=float) for q, c in qcols.items()}
-    ok = known.copy()
-    for v in preds.values():
-        ok &= np.isfinite(v)
-    scale = float(np.abs(y[ok]).sum()) if ok.any() else 0.0
-    model_w, naive_w = [], []
-    for q, v in preds.items():
-        tag = f"q{q:g}"
-        loss = pinball_loss(y[ok], v[ok], q)
-        naive_loss = pinball_loss(y[ok], last[ok], q)
-        out[f"model/pinball_{tag}"] = _f(loss.mean()) if ok.any() else _nan()
-        out[f"naive/pinball_{tag}"] = _f(naive_loss.mean()) if ok.any() else _nan()
-        if scale > 0:
-            model_w.append(2.0 * loss.sum() / scale)
-            naive_w.append(2.0 * naive_loss.sum() / scale)
-    out["model/wql"] = _f(np.mean(model_w)) if model_w else _nan()
-    out["naive/wql"] = _f(np.mean(naive_w)) if naive_w else _nan()
-    if len(preds) >= 2:
-        q_lo, q_hi = min(preds), max(preds)
-        lo, hi = preds[q_lo][ok], preds[q_hi][ok]
-        out["model/coverage"] = _f(((y[ok] >= lo) & (y[ok] <= hi)).mean()) if ok.any() else _nan()
-        out["model/coverage_nominal"] = _f(q_hi - q_lo)
-        out["model/interval_width"] = _f(np.mean((hi - lo) / np.abs(last[ok]))) if ok.any() else _nan()
-    return out
-
-
-def metrics_by_step(records: pd.DataFrame) -> pd.DataFrame:
-    """MSE and MAE of the model and the last-value forecast for each forecast step (rows: step)."""
-    df = _check_records(records)
-    df = df[np.isfinite(df["true_close"]) & np.isfinite(df["pred_close"]) & np.isfinite(df["last_close"])]
-    err_m = df["pred_close"] - df["true_close"]
-    err_n = df["last_close"] - df["true_close"]
-    frame = pd.DataFrame({
-        "step": df["step"],
-        "model/mse": err_m**2, "model/mae": err_m.abs(),
-        "naive/mse": err_n**2, "naive/mae": err_n.abs(),
-    })
-    table = frame.groupby("step").mean()
-    table["n"] = frame.groupby("step").size()
-    return table
-
-
+# ---------------------------------------------------------------------- signals
 def signals_from_records(records: pd.DataFrame, kind: str = "mean", scale: str = "price") -> pd.Series:
-    """Trading signal per (datetime, instrument) from the forecast close path, as the official qlib_test.py.
+    """Trading signal per (datetime, instrument) from the forecast close path, as the official qlib_test.py (the
+    anchor is the signal's date; the index uses Qlib's level names).
 
     ``kind`` picks the last / mean / max / min forecast close over the horizon, minus ``last_close``. The official
     script takes that difference in normalised space, i.e. divided by the lookback's close std (``scale="std"``,
@@ -290,10 +153,10 @@ def signals_from_records(records: pd.DataFrame, kind: str = "mean", scale: str =
         raise InputError(f"signal scale '{scale}' is unknown; use 'price' or 'std'")
     if kind not in SIGNAL_KINDS:
         raise InputError(f"signal kind '{kind}' is unknown; use one of {list(SIGNAL_KINDS)}")
-    df = _check_records(records, ("symbol", "datetime", "step", "last_close", "pred_close"))
-    df = df.sort_values(["datetime", "symbol", "step"], kind="mergesort")
-    g = df.groupby(["datetime", "symbol"], sort=True)
-    agg = g["pred_close"].agg(kind if kind != "last" else "last")
+    df = _check_records(records)
+    df = df.sort_values(["anchor", "symbol", "step"], kind="mergesort")
+    g = df.groupby(["anchor", "symbol"], sort=True)
+    agg = g["close"].agg(kind if kind != "last" else "last")
     last_close = g["last_close"].last()
     if scale == "std":
         if "close_scale" not in df.columns:
@@ -340,6 +203,7 @@ class PathForecasts:
     vol: Optional[np.ndarray] = None  # [N] the context's recent log-return volatility (recent_volatility)
     crps: Optional[np.ndarray] = None  # [N, P] exact CRPS when the forecaster has a closed form (random walk)
     crps_calibrated: Optional[np.ndarray] = None  # [N, P] CRPS of its calibrated bands (set by the report)
+    records: Optional[pd.DataFrame] = None  # a model's forecast records (predict_df's schema) at these anchors
 
     @property
     def horizon(self) -> int:
@@ -352,36 +216,6 @@ def naive_scale(context_close: np.ndarray) -> np.ndarray:
     if c.shape[-1] < 2:
         return np.full(c.shape[:-1], np.nan)
     return np.nanmean(np.abs(np.diff(c, axis=-1)), axis=-1)
-
-
-VOL_HALFLIFE = 10  # bars; the half-life of recent_volatility's exponential weights
-
-
-def log_returns(close: np.ndarray) -> np.ndarray:
-    """One-bar log-returns along the last axis of closes ``[..., L]`` (``[..., L-1]``; NaN where undefined)."""
-    c = np.asarray(close, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.diff(np.log(c), axis=-1)
-    return np.where(np.isfinite(r), r, np.nan)
-
-
-def recent_volatility(close: np.ndarray, halflife: float = VOL_HALFLIFE) -> np.ndarray:
-    """Exponentially weighted RMS of the log-returns of context closes ``[..., L]`` (weights halve every
-    ``halflife`` bars back from the last bar; RiskMetrics-style, no mean removed); tiny floor so it divides.
-
-    This is the volatility the calibration scales its bands by (``context_vol`` in forecast records): it follows a
-    change of regime within a couple of weeks of daily bars, where the whole context's standard deviation
-    (:func:`context_volatility`) lags by the length of the context.
-    """
-    r = log_returns(close)
-    ok = np.isfinite(r)
-    if r.shape[-1] < 1:
-        return np.full(r.shape[:-1], 1e-8)
-    w = 0.5 ** (np.arange(r.shape[-1])[::-1] / float(halflife))
-    w = np.broadcast_to(w, r.shape) * ok
-    with np.errstate(all="ignore"):
-        vol = np.sqrt(np.sum(w * np.where(ok, r, 0.0) ** 2, axis=-1) / np.sum(w, axis=-1))
-    return np.maximum(np.nan_to_num(vol, nan=1e-8), 1e-8)
 
 
 def context_volatility(close: np.ndarray) -> np.ndarray:
@@ -455,27 +289,6 @@ def pit_values(samples: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.mean(x < y, axis=-1) + 0.5 * np.mean(x == y, axis=-1)
 
 
-def central_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """The central ``level`` interval of the samples (last axis): quantiles (1-level)/2 and (1+level)/2."""
-    check_levels([level])
-    lo, hi = np.quantile(np.asarray(samples, dtype=float), [(1 - level) / 2, (1 + level) / 2], axis=-1)
-    return lo, hi
-
-
-def check_levels(levels: Sequence[float], what: str = "nominal level") -> list[float]:
-    """Levels must be numbers strictly inside (0, 1); returns them as floats."""
-    out = []
-    for v in levels:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise InputError(f"{what} {v!r} is not a number; use values strictly between 0 and 1") from None
-        if not 0.0 < f < 1.0:
-            raise InputError(f"{what} {v!r} is outside (0, 1); use values strictly between 0 and 1 (e.g. 0.8)")
-        out.append(f)
-    return out
-
-
 def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[str, float]:
     """Diebold-Mariano test of equal predictive accuracy with the Harvey-Leybourne-Newbold correction.
 
@@ -512,14 +325,14 @@ def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[
 
 def _pearson_per_anchor(anchor: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     """Mean cross-sectional IC, RankIC and ICIR (IC mean / IC std) over anchors with >= 2 symbols."""
-    frame = pd.DataFrame({"datetime": anchor, "s": a, "t": b})
+    frame = pd.DataFrame({"anchor": anchor, "s": a, "t": b})
     ics = daily_ic(frame, "s", "t")
     ic_mean, _, ic_ir, _ = _ic_summary(ics["ic"])
     ric_mean, _, _, _ = _ic_summary(ics["rank_ic"])
     return ic_mean, ric_mean, ic_ir
 
 
-def _nanmean(x: np.ndarray, axis=None):
+def nanmean(x: np.ndarray, axis=None):
     with np.errstate(all="ignore"):
         import warnings
 
@@ -548,11 +361,11 @@ def score_paths(fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[
     e_ret = np.where(ok, pr - yr, np.nan)
     scale = np.where(fc.scale > 0, fc.scale, np.nan)[:, None]
     by: dict[str, Any] = {}
-    by["mse"] = _nanmean(e_price**2, 0)
-    by["mae"] = _nanmean(np.abs(e_price), 0)
-    by["mse_ret"] = _nanmean(e_ret**2, 0)
-    by["mae_ret"] = _nanmean(np.abs(e_ret), 0)
-    by["mase"] = _nanmean(np.abs(e_price) / scale, 0)
+    by["mse"] = nanmean(e_price**2, 0)
+    by["mae"] = nanmean(np.abs(e_price), 0)
+    by["mse_ret"] = nanmean(e_ret**2, 0)
+    by["mae_ret"] = nanmean(np.abs(e_ret), 0)
+    by["mase"] = nanmean(np.abs(e_price) / scale, 0)
     sp, st = np.sign(pr), np.sign(yr)
     dir_ok = ok & (sp != 0) & (st != 0)
     by["direction_accuracy"] = np.array([
@@ -566,30 +379,29 @@ def score_paths(fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[
     s = fc.samples
     exact = fc.crps if fc.crps is not None else crps_samples(np.moveaxis(s, 1, -1), np.nan_to_num(y))
     crps = np.where(ok, exact, np.nan)
-    by["crps"] = _nanmean(crps, 0)
-    by["crps_rel"] = _nanmean(crps / last, 0)
+    by["crps"] = nanmean(crps, 0)
+    by["crps_rel"] = nanmean(crps / last, 0)
     qs = np.quantile(s, list(quantiles), axis=1) if len(quantiles) else np.empty((0,) + y.shape)
     denom = np.nansum(np.abs(np.where(ok, y, np.nan)), 0)
     wql = []
     for q, qv in zip(quantiles, qs):
         loss = np.where(ok, pinball_loss(y, qv, q), np.nan)
-        by[f"pinball_q{q:g}"] = _nanmean(loss, 0)
+        by[f"pinball_q{q:g}"] = nanmean(loss, 0)
         wql.append(2.0 * np.nansum(loss, 0) / np.where(denom > 0, denom, np.nan))
     if wql:
         by["wql"] = np.mean(wql, axis=0)
     for lv in levels:
         lo, hi = np.quantile(s, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
         inside = np.where(ok, ((y >= lo) & (y <= hi)).astype(float), np.nan)
-        by[f"coverage_{lv:g}"] = _nanmean(inside, 0)
-        by[f"width_{lv:g}"] = _nanmean(np.where(ok, (hi - lo) / last, np.nan), 0)
-    from kronos.inference.predictor import prob_up
+        by[f"coverage_{lv:g}"] = nanmean(inside, 0)
+        by[f"width_{lv:g}"] = nanmean(np.where(ok, (hi - lo) / last, np.nan), 0)
 
     p_up = prob_up(s, fc.last_close)
     moved = ok & (y != last)
     up = (y > last).astype(float)
     by["brier_up"] = np.array([_f(np.mean((p_up[moved[:, k], k] - up[moved[:, k], k]) ** 2))
                                if moved[:, k].any() else _nan() for k in range(fc.horizon)])
-    overall: dict[str, float] = {k: _f(_nanmean(v)) for k, v in by.items()
+    overall: dict[str, float] = {k: _f(nanmean(v)) for k, v in by.items()
                                  if k not in ("ic", "rank_ic", "icir", "wql")}
     overall["ic"], overall["rank_ic"], overall["icir"] = ic_rows[-1]
     if "wql" in by:
@@ -633,7 +445,7 @@ def dm_by_date(anchor: np.ndarray, loss_a: np.ndarray, loss_b: np.ndarray, horiz
                stride: int = 1) -> dict[str, float]:
     """DM test of two forecasters' losses ``[N, P]`` averaged per anchor date (time order). Forecasts from anchors
     less than a horizon apart overlap, so the long-run variance keeps ceil(P / stride) - 1 autocovariance lags."""
-    frame = pd.DataFrame({"anchor": anchor, "a": _nanmean(loss_a, 1), "b": _nanmean(loss_b, 1)}).dropna()
+    frame = pd.DataFrame({"anchor": anchor, "a": nanmean(loss_a, 1), "b": nanmean(loss_b, 1)}).dropna()
     per = frame.groupby("anchor", sort=True)[["a", "b"]].mean()
     h = max(1, math.ceil(int(horizon) / max(1, int(stride))))
     return diebold_mariano(per["a"].to_numpy(), per["b"].to_numpy(), h=h)

@@ -18,7 +18,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from kronos import io as kio
+from kronos.data.schema import VALUE_COLUMNS
 from kronos.errors import DataError, InputError
+from kronos.inference.bands import quantile_columns
 
 PathLike = Union[str, os.PathLike]
 _TIME_COLUMNS = ("timestamps", "timestamp", "datetime", "date", "time")
@@ -32,7 +34,7 @@ def _figure(nrows: int, figsize: tuple, ratios: Optional[Sequence[float]] = None
     return fig, axes[:, 0]
 
 
-def _save(fig: Figure, path: Optional[PathLike], dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: Optional[PathLike], dpi: int = 120) -> Path:
     if path is None:
         raise InputError("a plot needs an output path (path=...)")
     return kio.write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
@@ -173,7 +175,7 @@ def plot_forecast(
         pax.set_ylabel("P(up)")
         pax.grid(alpha=0.3)
     _bar_axis(axes[-1], axis_index)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def read_metrics_jsonl(path: PathLike) -> list[dict]:
@@ -235,7 +237,7 @@ def plot_training_curves(metrics: Union[PathLike, Sequence[dict]], path: PathLik
         axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         axes[1].grid(alpha=0.3)
     axes[-1].set_xlabel("step" if "step" in frame.columns else "record")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def drawdown(cumulative: pd.Series) -> pd.Series:
@@ -277,7 +279,7 @@ def plot_backtest(daily: pd.DataFrame, path: PathLike, title: str = "") -> Path:
     ax.set_xlabel("date")
     ax.grid(alpha=0.3)
     _bar_axis(axes[-1], pd.DatetimeIndex(d.index) if isinstance(d.index, pd.DatetimeIndex) else d.index)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_backtest_comparison(dailies: dict[str, pd.DataFrame], path: PathLike, benchmark_label: str = "benchmark",
@@ -306,7 +308,7 @@ def plot_backtest_comparison(dailies: dict[str, pd.DataFrame], path: PathLike, b
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=9)
     _bar_axis(axes[-1], index)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ic_over_time(ic: pd.DataFrame, path: PathLike, title: str = "", window: int = 20) -> Path:
@@ -335,16 +337,14 @@ def plot_ic_over_time(ic: pd.DataFrame, path: PathLike, title: str = "", window:
     axes[1].grid(alpha=0.3)
     axes[1].legend(loc="best", fontsize=8)
     _bar_axis(axes[-1], pd.DatetimeIndex(d.index) if isinstance(d.index, pd.DatetimeIndex) else d.index)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_forecast_vs_actual(records: pd.DataFrame, symbols: Sequence[str], path: PathLike, step: int = 1,
-                            title: str = "", anchor_column: str = "datetime") -> Path:
+                            title: str = "") -> Path:
     """Realised close against the rolling ``step``-bar-ahead forecast (mean and band) for a few symbols, one
-    panel each, on the bars of the evaluation records (one row per symbol, anchor and step)."""
-    from kronos.evaluate.metrics import quantile_columns
-
-    need = {"symbol", "step", "pred_close", "true_close"}
+    panel each, on the bars of forecast records (:meth:`KronosPredictor.predict_df`'s schema)."""
+    need = {"symbol", "step", "close", "true_close"}
     if not need <= set(records.columns):
         raise InputError(f"forecast records lack column(s) {sorted(need - set(records.columns))}")
     symbols = [s for s in symbols if (records["symbol"] == s).any()]
@@ -355,7 +355,7 @@ def plot_forecast_vs_actual(records: pd.DataFrame, symbols: Sequence[str], path:
         raise InputError(f"no forecast records at step {step}")
     qcols = quantile_columns(rows)
     fig, axes = _figure(len(symbols), (11, 2.6 * len(symbols) + 0.6), sharex=False)
-    time_col = "timestamps" if "timestamps" in rows.columns else anchor_column
+    time_col = "timestamps" if "timestamps" in rows.columns else "anchor"
     for ax, sym in zip(axes, symbols):
         r = rows[rows["symbol"] == sym].sort_values(time_col)
         x = np.arange(len(r))
@@ -363,7 +363,7 @@ def plot_forecast_vs_actual(records: pd.DataFrame, symbols: Sequence[str], path:
             ax.fill_between(x, r[qcols[min(qcols)]].to_numpy(dtype=float), r[qcols[max(qcols)]].to_numpy(dtype=float),
                             color="tab:red", alpha=0.18, lw=0, label=f"band q{min(qcols):g}-q{max(qcols):g}")
         ax.plot(x, r["true_close"].to_numpy(dtype=float), color="black", lw=1.3, label="realised close")
-        ax.plot(x, r["pred_close"].to_numpy(dtype=float), color="tab:red", lw=1.2, label=f"forecast ({step}-bar ahead)")
+        ax.plot(x, r["close"].to_numpy(dtype=float), color="tab:red", lw=1.2, label=f"forecast ({step}-bar ahead)")
         if "last_close" in r.columns:
             ax.plot(x, r["last_close"].to_numpy(dtype=float), color="grey", lw=0.8, ls="--", label="last value")
         ax.set_ylabel(str(sym))
@@ -371,23 +371,21 @@ def plot_forecast_vs_actual(records: pd.DataFrame, symbols: Sequence[str], path:
         ax.legend(loc="upper left", fontsize=7)
         _bar_axis(ax, pd.DatetimeIndex(pd.to_datetime(r[time_col])))
     axes[0].set_title(title or f"forecast vs realised close, {step}-bar ahead")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def frames_from_records(records: pd.DataFrame, symbol: str, anchor: Any = None
                         ) -> tuple[pd.DataFrame, Optional[tuple[pd.DataFrame, pd.DataFrame]], Optional[pd.DataFrame]]:
-    """The forecast, quantile band and actual future of one forecast in a records frame, ready for
-    :func:`plot_forecast` (``anchor`` defaults to the symbol's latest). Fields are the ``pred_*``/``true_*``
-    columns without their prefix (close, volume, ...); the band uses the lowest and highest ``pred_*_q*``
-    quantiles."""
-    from kronos.evaluate.metrics import quantile_columns
-
-    if "symbol" not in records.columns or "datetime" not in records.columns:
-        raise InputError("forecast records need 'symbol' and 'datetime' columns")
+    """The forecast, quantile band and actual future of one forecast in a records frame
+    (:meth:`KronosPredictor.predict_df`'s schema), ready for :func:`plot_forecast` (``anchor`` defaults to the
+    symbol's latest). The forecast holds the value columns present (open .. amount), the actual future the
+    ``true_close`` column, the band the lowest and highest ``close_q*`` quantiles."""
+    if "symbol" not in records.columns or "anchor" not in records.columns:
+        raise InputError("forecast records need 'symbol' and 'anchor' columns")
     rows = records[records["symbol"] == symbol]
     if rows.empty:
         raise InputError(f"symbol '{symbol}' has no forecast records")
-    anchors = pd.to_datetime(rows["datetime"])
+    anchors = pd.to_datetime(rows["anchor"])
     when = anchors.max() if anchor is None else pd.Timestamp(anchor)
     rows = rows[anchors == when]
     if rows.empty:
@@ -397,12 +395,11 @@ def frames_from_records(records: pd.DataFrame, symbol: str, anchor: Any = None
         index = pd.DatetimeIndex(pd.to_datetime(rows["timestamps"]), name="timestamps")
     else:
         index = pd.Index(rows["step"].to_numpy(), name="step")
-    fields = [c[5:] for c in rows.columns if c.startswith("pred_") and "_" not in c[5:]]
-    forecast = pd.DataFrame({f: rows[f"pred_{f}"].to_numpy(dtype=float) for f in fields}, index=index)
-    truth = [f for f in fields if f"true_{f}" in rows.columns]
+    fields = [c for c in VALUE_COLUMNS if c in rows.columns]
+    forecast = pd.DataFrame({f: rows[f].to_numpy(dtype=float) for f in fields}, index=index)
     actual = None
-    if truth:
-        actual = pd.DataFrame({f: rows[f"true_{f}"].to_numpy(dtype=float) for f in truth}, index=index)
+    if "true_close" in rows.columns:
+        actual = pd.DataFrame({"close": rows["true_close"].to_numpy(dtype=float)}, index=index)
         if actual.isna().all().all():
             actual = None
     band = None

@@ -21,10 +21,22 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from kronos.errors import DataError
-from kronos.evaluate.baselines import baseline_forecasts
+from matplotlib.figure import Figure
+
 from kronos import io as kio
-from kronos.evaluate.metrics import PathForecasts, _nanmean, dm_versus, naive_scale, pinball_loss, recent_volatility, score_paths
+from kronos.evaluate.baselines import baseline_forecasts
+from kronos.evaluate.calibration import Calibration, calibrated_crps, candidate
+from kronos.evaluate.metrics import (
+    PathForecasts,
+    crps_samples,
+    dm_by_date,
+    dm_versus,
+    nanmean,
+    pinball_loss,
+    score_paths,
+)
+from kronos.evaluate.plots import save_figure
+from kronos.evaluate.rolling import SplitForecasts
 
 log = logging.getLogger(__name__)
 
@@ -32,102 +44,20 @@ HEADLINE = ("mse_ret", "mae_ret", "mase", "direction_accuracy", "ic", "rank_ic",
             "coverage_0.5", "coverage_0.8", "width_0.8", "brier_up", "vol_corr")
 
 
-# ---------------------------------------------------------------------- splits and anchors
-def split_bounds(dataset_path: str) -> dict[str, pd.Timestamp]:
-    """First and last own bar of each split (``train_start`` ... ``test_end``), from
-    :func:`kronos.evaluate.anchors.split_bounds` (the manifest's split dates; NaT for an empty split)."""
-    from kronos.data.store import SPLITS
-    from kronos.evaluate import anchors
-
-    out = {}
-    for split in SPLITS:
-        bounds = anchors.split_bounds(dataset_path, split)
-        out[f"{split}_start"], out[f"{split}_end"] = (pd.Timestamp(b) for b in bounds) if bounds else (pd.NaT, pd.NaT)
-    return out
-
-
-def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], targets_until: Optional[pd.Timestamp],
-                   lookback: int, horizon: int, stride: int = 1, max_anchors: int = 0) -> pd.DataFrame:
-    """(symbol, anchor, position) of every bar at or after ``targets_after`` with ``lookback`` bars of history whose
-    ``horizon`` target bars all exist and lie in ``(targets_after, targets_until]``; every ``stride``-th anchor date, and when ``max_anchors``
-    > 0 at most that many dates spread evenly over the split (its first and last included). ``frame`` is sorted
-    by symbol and time."""
-    rows = []
-    for symbol, g in frame.groupby("symbol", sort=True):
-        ts = pd.DatetimeIndex(g["timestamps"])
-        n = len(ts)
-        pos = np.arange(lookback - 1, n - horizon)
-        if not len(pos):
-            continue
-        first_target = ts[pos + 1]
-        last_target = ts[pos + horizon]
-        ok = np.ones(len(pos), bool)
-        if targets_after is not None and not pd.isna(targets_after):
-            ok &= np.asarray(first_target > targets_after)
-            # and the anchor itself no earlier than that bar: a symbol suspended for years would otherwise forecast
-            # its first bars after the gap from a context that ended years before
-            ok &= np.asarray(ts[pos] >= targets_after)
-        if targets_until is not None and not pd.isna(targets_until):
-            ok &= np.asarray(last_target <= targets_until)
-        rows.append(pd.DataFrame({"symbol": symbol, "anchor": ts[pos[ok]], "pos": pos[ok]}))
-    if not rows:
-        return pd.DataFrame(columns=["symbol", "anchor", "pos"])
-    out = pd.concat(rows, ignore_index=True)
-    dates = np.sort(out["anchor"].unique())[:: max(1, int(stride))]
-    if max_anchors and 0 < max_anchors < len(dates):
-        # spread over the whole split (first and last included): a handful of consecutive dates share one market
-        # move and their targets overlap, so they measure one episode, not the split
-        dates = dates[np.unique(np.round(np.linspace(0, len(dates) - 1, int(max_anchors))).astype(int))]
-    return out[out["anchor"].isin(dates)].reset_index(drop=True)
-
-
-def _contexts(frame: pd.DataFrame, anchors: pd.DataFrame, lookback: int, horizon: int):
-    """Context closes ``[N, L]`` and realised target closes ``[N, P]`` at the anchors (for baselines and scores)."""
-    groups = {s: g["close"].to_numpy(dtype=float) for s, g in frame.groupby("symbol", sort=True)}
-    ctx_close, true = [], []
-    for symbol, pos in zip(anchors["symbol"], anchors["pos"]):
-        close = groups[symbol]
-        ctx_close.append(close[pos + 1 - lookback:pos + 1])
-        true.append(close[pos + 1:pos + 1 + horizon])
-    return np.stack(ctx_close), np.stack(true)
-
-
-def model_paths(name: str, predictor: Any, frame: pd.DataFrame, anchors: pd.DataFrame, cfg: Any, seed: int,
-                prepared=None) -> PathForecasts:
-    """The predictor's forecasts at ``anchors`` (via :meth:`KronosPredictor.predict_df`) as :class:`PathForecasts`."""
-    L, P = int(cfg.lookback_window), int(cfg.predict_window)
-    ctx_close, true = prepared if prepared is not None else _contexts(frame, anchors, L, P)
-    pairs = list(zip(anchors["symbol"], anchors["anchor"]))
-    records, samples = predictor.predict_df(
-        frame, pred_len=P, lookback=L, quantiles=[0.5], anchors=pairs, sample_count=int(cfg.inference_sample_count),
-        T=cfg.inference_T, top_k=cfg.inference_top_k, top_p=cfg.inference_top_p, seed=int(seed),
-        return_samples=True, batch_size=max(1, int(cfg.backtest_batch_size) // max(1, int(cfg.inference_sample_count))),
-        progress=True,
-    )
-    first = records[records["step"] == 1]
-    if len(first) != len(anchors) or not (np.asarray(first["symbol"]) == anchors["symbol"].to_numpy()).all() or not (
-            pd.DatetimeIndex(first["anchor"]) == pd.DatetimeIndex(anchors["anchor"])).all():
-        raise RuntimeError("predict_df returned forecasts in another order than the report's anchors")
-    point = records["close"].to_numpy(dtype=float).reshape(len(anchors), P)
-    return PathForecasts(name, symbol=anchors["symbol"].to_numpy(), anchor=anchors["anchor"].to_numpy(),
-                         last_close=ctx_close[:, -1], scale=naive_scale(ctx_close), true=true, point=point,
-                         samples=np.asarray(samples, dtype=float)[:, :, :, 3], vol=recent_volatility(ctx_close))
-
-
 # ---------------------------------------------------------------------- scoring helpers
 def _seed_summary(runs: list[dict]) -> dict:
     """Mean and spread (sample std; 0 with one seed) of each overall metric over seeds; by-step means."""
     keys = runs[0]["overall"].keys()
-    mean = {k: float(_nanmean(np.array([r["overall"][k] for r in runs]))) if any(
+    mean = {k: float(nanmean(np.array([r["overall"][k] for r in runs]))) if any(
         np.isfinite(r["overall"][k]) for r in runs) else float("nan") for k in keys}
     std = {k: float(np.nanstd([r["overall"][k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys}
-    by_step = {k: [float(v) for v in _nanmean(np.array([r["by_step"][k] for r in runs], dtype=float), axis=0)]
+    by_step = {k: [float(v) for v in nanmean(np.array([r["by_step"][k] for r in runs], dtype=float), axis=0)]
                for k in runs[0]["by_step"]}
     pit = [int(v) for v in np.sum([r["pit"] for r in runs], axis=0)]
     return {"overall": mean, "overall_std": std, "by_step": by_step, "pit": pit, "n_seeds": len(runs)}
 
 
-def _quantile_crps(qv: np.ndarray, qs: Sequence[float], y: np.ndarray, last: np.ndarray) -> float:
+def relative_quantile_crps(qv: np.ndarray, qs: Sequence[float], y: np.ndarray, last: np.ndarray) -> float:
     """2 * mean pinball over the quantile set, relative to last close (a quantile approximation of CRPS)."""
     losses = [pinball_loss(y, v, q) / last[:, None] for q, v in zip(qs, qv)]
     return float(2.0 * np.nanmean(losses))
@@ -136,8 +66,6 @@ def _quantile_crps(qv: np.ndarray, qs: Sequence[float], y: np.ndarray, last: np.
 def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     """Raw vs calibrated coverage (with its interval, ``block`` dates per horizon), width, quantile-CRPS (and P(up)
     Brier, reliability bins) of one forecaster."""
-    from kronos.evaluate.calibration import Calibration
-
     raw = Calibration(method="none", levels=cal.levels, horizon=cal.horizon, lookback=cal.lookback,
                       fingerprint=cal.fingerprint)
     y, last = fc.true, fc.last_close
@@ -145,7 +73,7 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     out: dict[str, Any] = {"method": cal.method, "levels": cal.levels, "quantiles": qs}
     for tag, c in (("raw", raw), ("calibrated", cal)):
         qv = c.quantiles(fc.samples, last, qs, fc.vol)
-        row: dict[str, Any] = {"crps_q": _quantile_crps(qv, qs, y, last)}
+        row: dict[str, Any] = {"crps_q": relative_quantile_crps(qv, qs, y, last)}
         for lv in cal.levels:
             lo, hi = qv[qs.index(round((1 - lv) / 2, 10))], qv[qs.index(round((1 + lv) / 2, 10))]
             inside = (y >= lo) & (y <= hi)
@@ -160,8 +88,6 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
         row["reliability"] = _reliability(p[moved], up[moved])
         out[tag] = row
     # every candidate method on the test anchors (parameters fitted on all validation anchors): the evidence
-    from kronos.evaluate.calibration import candidate
-
     out["candidates"] = {}
     for method in ["none", *cal.alternatives]:
         c = candidate(cal, method)
@@ -221,10 +147,11 @@ def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
 
 
 # ---------------------------------------------------------------------- the report
-def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, Any], out_dir: str,
+def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, forecasts: SplitForecasts, out_dir: str,
                  calibrations: Optional[dict] = None, skipped: Optional[dict] = None, in_use: str = "finetuned",
                  starting_cutoff: Optional[dict] = None, selection: Optional[dict] = None) -> dict:
-    """Score ``models`` ({name: KronosPredictor}) and the baselines on the test anchors; write the outputs.
+    """Score the models of the test pass ``forecasts`` (:func:`kronos.evaluate.rolling.forecast_split`) and the
+    baselines on the same anchors; write the outputs.
 
     ``calibrations`` ({name: Calibration or None}): each model's own calibration, fitted on validation, applied to
     its bands; ``in_use``: the model the run's forecasts use; ``starting_cutoff`` ({"data_end", "source"}): the last
@@ -233,18 +160,9 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
     """
     t0 = time.time()
     L, P = int(cfg.lookback_window), int(cfg.predict_window)
-    # targets after the last validation bar and up to the test split's last bar (never past the declared split)
-    anchors = select_anchors(frame, bounds.get("val_end"), bounds.get("test_end"), L, P, cfg.eval_stride,
-                             cfg.eval_max_anchors)
-    if anchors.empty:
-        raise DataError(
-            f"no test anchor has lookback_window={L} bars of history and predict_window={P} known bars after the "
-            f"last validation bar ({bounds.get('val_end')}) up to the test split's last bar "
-            f"({bounds.get('test_end')}); lengthen the test split or shorten the windows"
-        )
-    prepared = _contexts(frame, anchors, L, P)
-    ctx_close, true = prepared
-    seeds = list(getattr(cfg, "eval_seeds", None) or [cfg.inference_seed])
+    anchors, ctx_close, true = forecasts.anchors, forecasts.ctx_close, forecasts.true
+    seeds = forecasts.seeds
+    models = forecasts.paths
     quantiles = [float(q) for q in cfg.quantiles]
     levels = [float(v) for v in getattr(cfg, "interval_levels", None) or [0.5, 0.8]]
     symbols, dates = anchors["symbol"].to_numpy(), anchors["anchor"].to_numpy()
@@ -252,7 +170,8 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
     report: dict[str, Any] = {
         "anchors": {"n_forecasts": int(len(anchors)), "n_dates": int(anchors["anchor"].nunique()),
                     "n_symbols": int(anchors["symbol"].nunique()), "first": str(anchors["anchor"].min()),
-                    "last": str(anchors["anchor"].max()), "eval_stride": int(cfg.eval_stride)},
+                    "last": str(anchors["anchor"].max()), "eval_stride": int(cfg.eval_stride),
+                    "eval_max_anchors": int(cfg.eval_max_anchors)},
         "splits": {k: str(v) for k, v in bounds.items()}, "seeds": seeds, "quantiles": quantiles,
         "levels": levels, "lookback_window": L, "predict_window": P,
         "sample_count": int(cfg.inference_sample_count), "forecasters": {}, "skipped": dict(skipped or {}),
@@ -266,13 +185,12 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
         summary["kind"] = "baseline"
         report["forecasters"][name] = summary
     model_fc: dict[str, PathForecasts] = {}
-    for name, predictor in models.items():
+    for name, runs_fc in models.items():
         runs, dms = [], []
-        for seed in seeds:
-            fc = model_paths(name, predictor, frame, anchors, cfg, int(seed), prepared)
+        for fc in runs_fc:
             runs.append(score_paths(fc, quantiles, levels))
             dms.append(dm_versus(fc, base["last_value"], stride=cfg.eval_stride))
-            model_fc.setdefault(name, fc)
+        model_fc[name] = runs_fc[0]
         summary = _seed_summary(runs)
         summary["kind"] = "model"
         fc0 = model_fc[name]
@@ -292,7 +210,7 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, models: dict[str, 
                                         "coverage_after": cal.coverage_after, "holdout": cal.holdout,
                                         "scores": cal.validation}
             report["calibration"][name] = comparison
-            crps_cal = cal.crps(model_fc[name].samples, model_fc[name].last_close, model_fc[name].true,
+            crps_cal = calibrated_crps(cal, model_fc[name].samples, model_fc[name].last_close, model_fc[name].true,
                                 model_fc[name].vol)
             if crps_cal is not None:
                 ok = np.isfinite(model_fc[name].true)
@@ -324,8 +242,6 @@ CRPS_ESTIMATOR = ("CRPS / last close. Models: the fair (unbiased) ensemble estim
 
 def _dm_crps(a: PathForecasts, b: PathForecasts, stride: int) -> dict:
     """Diebold-Mariano of ``a`` vs ``b`` on per-date mean CRPS (calibrated when both have it, else raw fair CRPS)."""
-    from kronos.evaluate.metrics import crps_samples, dm_by_date
-
     def loss(fc: PathForecasts, calibrated: bool) -> np.ndarray:
         if calibrated:
             return fc.crps_calibrated / fc.last_close[:, None]
@@ -491,23 +407,18 @@ def render_markdown(report: dict) -> str:
 
 
 def _plots(report: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kronos.evaluate.plots import _save
-
     files = []
     steps = np.arange(1, report["predict_window"] + 1)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for name, s in report["forecasters"].items():
         ax.plot(steps, s["by_step"]["mase"], marker="o", label=name)
     ax.set(xlabel="horizon step", ylabel="MASE", title="Error by horizon (lower is better)")
     ax.legend()
-    files.append(str(_save(fig, out / "error_by_horizon.png")))
+    files.append(str(save_figure(fig, out / "error_by_horizon.png")))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for name, s in report["forecasters"].items():
         if s["kind"] == "model" or name == "random_walk":
             pit = np.asarray(s["pit"], dtype=float)
@@ -517,9 +428,10 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.axhline(1.0, color="k", ls="--", lw=1, label="uniform (calibrated)")
     ax.set(xlabel="PIT", ylabel="density", title="PIT histogram")
     ax.legend()
-    files.append(str(_save(fig, out / "pit_histogram.png")))
+    files.append(str(save_figure(fig, out / "pit_histogram.png")))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     cal = report.get("calibration")
     for lv in report["levels"]:
         key = f"coverage_{lv:g}"
@@ -531,14 +443,15 @@ def _plots(report: dict, out: Path) -> list[str]:
             ax.plot(steps, c["calibrated"][f"{key}_by_step"], marker="s", label=f"{name} calibrated {lv:.0%}")
     ax.set(xlabel="horizon step", ylabel="coverage", ylim=(0, 1), title="Coverage by horizon (dashed: nominal)")
     ax.legend(fontsize=7)
-    files.append(str(_save(fig, out / "coverage_by_horizon.png")))
+    files.append(str(save_figure(fig, out / "coverage_by_horizon.png")))
 
     curves = [(f"{n} raw", s["reliability"], s["overall"].get("brier_up")) for n, s in report["forecasters"].items()
               if s.get("reliability")]
     for name, c in (cal or {}).items():
         curves.append((f"{name} calibrated", c["calibrated"]["reliability"], c["calibrated"]["brier_up"]))
     if curves:
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig = Figure(figsize=(5, 5))
+        ax = fig.subplots()
         for label, r, brier in curves:
             x, y = np.asarray(r["mean_p"], dtype=float), np.asarray(r["observed"], dtype=float)
             keep = np.isfinite(x) & np.isfinite(y)  # empty bins have no point
@@ -550,9 +463,8 @@ def _plots(report: dict, out: Path) -> list[str]:
         ax.set(xlabel="forecast P(up)", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
                title="P(up) reliability")
         ax.legend(fontsize=8)
-        files.append(str(_save(fig, out / "reliability.png")))
+        files.append(str(save_figure(fig, out / "reliability.png")))
     return files
 
 
-__all__ = ["build_report", "headline", "model_paths", "render_markdown", "select_anchors",
-           "split_bounds"]
+__all__ = ["build_report", "calibration_comparison", "coverage_interval", "headline", "render_markdown"]

@@ -6,10 +6,14 @@ from kronos.inference.generate import (
     mean_over_samples,
     sample_forecasts,
 )
-from kronos.inference.predictor import FEATURE_COLS, KronosPredictor, calc_time_stamps, prob_up
+from kronos.inference.bands import Calibration, apply_calibration, load_calibration, prob_up
+from kronos.inference.predictor import FEATURE_COLS, KronosPredictor, calc_time_stamps
 from kronos.inference.sampling import sample_from_logits, top_k_top_p_filtering
 
 __all__ = [
+    "Calibration",
+    "apply_calibration",
+    "load_calibration",
     "FEATURE_COLS",
     "KronosPredictor",
     "SamplingConfig",

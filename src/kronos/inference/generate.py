@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,14 +33,27 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_BUDGET_BYTES = 4 * 1024**3
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingConfig:
-    """How tokens are drawn (official defaults of ``predict``: T=1.0, top_k=0, top_p=0.9)."""
+    """How forecasts are sampled: token drawing (official defaults of ``predict``: T=1.0, top_k=0, top_p=0.9), and
+    for the DataFrame-level calls how many paths (``sample_count``) with which ``seed`` (None: the global RNG).
+
+    Every caller that forecasts from a config passes :meth:`from_config` (the ``inference_*`` keys)."""
 
     T: float = 1.0
     top_k: int = 0
     top_p: float = 0.9
     top_k_then_top_p: bool = False  # Q8 option; default = official (top_k disables top_p)
+    sample_count: int = 1
+    seed: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> "SamplingConfig":
+        """The config's ``inference_T``, ``inference_top_k``, ``inference_top_p``, ``inference_sample_count`` and
+        ``inference_seed``."""
+        seed = getattr(config, "inference_seed", None)
+        return cls(T=float(config.inference_T), top_k=int(config.inference_top_k), top_p=float(config.inference_top_p),
+                   sample_count=int(config.inference_sample_count), seed=None if seed is None else int(seed))
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from kronos.data.schema import (
     PRICE_COLUMNS,
@@ -27,12 +28,23 @@ from kronos.data.schema import (
 )
 from kronos.errors import InputError, cuda_missing_hint
 
-MIN_HISTORY = 8  # bars of history a forecast needs at least (its normalisation statistics come from them)
+from kronos.inference.bands import (
+    apply_calibration,
+    check_quantiles,
+    load_calibration,
+    prob_up,
+    quantile_column,
+    recent_volatility,
+    sample_quantiles,
+)
 from kronos.inference.generate import SamplingConfig, mean_over_samples, sample_forecasts
 from kronos.model.kronos import Kronos
 from kronos.model.tokenizer import KronosTokenizer
+from kronos.timeutil import future_timestamps as extend
 
 logger = logging.getLogger(__name__)
+
+MIN_HISTORY = 8  # bars of history a forecast needs at least (its normalisation statistics come from them)
 
 # The official predictor's attribute names for the vocabulary of kronos.data.schema.
 PRICE_COLS = list(PRICE_COLUMNS)
@@ -47,39 +59,6 @@ Timestamps = Union[pd.Series, pd.DatetimeIndex, Sequence[Any], np.ndarray]
 def calc_time_stamps(timestamps: Timestamps) -> pd.DataFrame:
     """Time features ``[minute, hour, weekday, day, month]`` (Mon=0) of each timestamp (analysis §4.2, §6.1)."""
     return time_features(_to_datetime_index(timestamps, "timestamps"))
-
-
-def check_quantiles(quantiles: Sequence[float]) -> list[float]:
-    """``quantiles`` as a list of floats in [0, 1]; one-line InputError otherwise."""
-    try:
-        qs = [float(q) for q in quantiles]
-    except (TypeError, ValueError):
-        raise InputError(f"quantiles must be numbers in [0, 1], got {quantiles!r}") from None
-    if not qs or any(not 0.0 <= q <= 1.0 for q in qs):
-        raise InputError(f"quantiles must be numbers in [0, 1], got {list(quantiles)!r}")
-    return qs
-
-
-def sample_quantiles(samples: np.ndarray, quantiles: Sequence[float], axis: int = 0) -> np.ndarray:
-    """The package's one quantile rule for sample paths: NumPy's linear interpolation over the sample ``axis``.
-
-    Returns ``[len(quantiles), *rest]``; :meth:`KronosPredictor.predict_quantiles` and
-    :meth:`KronosPredictor.predict_df` both use it.
-    """
-    samples = np.asarray(samples)
-    # one level at a time: a scalar level keeps the samples' dtype (float32 paths give float32 quantiles)
-    return np.stack([np.quantile(samples, q, axis=axis) for q in check_quantiles(quantiles)])
-
-
-def prob_up(close_paths: np.ndarray, last_close: Union[float, np.ndarray]) -> np.ndarray:
-    """Probability of an up move per horizon step: the share of sample paths whose close is strictly above the last
-    close of the context. ``close_paths [..., S, P]`` (prices), ``last_close`` a number or ``[...]``; returns
-    ``[..., P]`` in [0, 1] (float64). The package's one P(up) rule (the predictor's ``return_p_up`` uses it)."""
-    paths = np.asarray(close_paths)
-    if paths.ndim < 2:
-        raise InputError(f"close_paths must be [..., samples, steps], got shape {paths.shape}")
-    last = np.asarray(last_close, dtype=np.float64)[..., None, None]
-    return np.mean(paths > last, axis=-2)
 
 
 def _to_datetime_index(values: Timestamps, name: str) -> pd.DatetimeIndex:
@@ -124,7 +103,7 @@ def _check_increasing(idx: pd.DatetimeIndex, name: str) -> None:
 
 
 @dataclass
-class _Prepared:
+class PreparedContext:
     """One series after the official pre-processing (analysis §6.1)."""
 
     x: np.ndarray  # [T, 6] normalised and clipped, float32
@@ -184,9 +163,12 @@ class KronosPredictor:
         self.time_cols = list(TIME_COLS)
 
     # ------------------------------------------------------------------ pre-processing
-    def _prepare(
+    def prepare(
         self, df: pd.DataFrame, x_timestamp: Timestamps, y_timestamp: Timestamps, pred_len: int, where: str = ""
-    ) -> _Prepared:
+    ) -> PreparedContext:
+        """Check one context and normalise it as the official predictor does (analysis §6.1): the model-ready
+        arrays and statistics of ``df`` (history), ``x_timestamp`` and ``y_timestamp`` (``pred_len`` forecast bars);
+        one-line :class:`~kronos.errors.InputError` (prefixed ``where``) for bad input."""
         if not isinstance(df, pd.DataFrame):
             raise InputError(f"{where}df must be a pandas DataFrame, got {type(df).__name__}")
         if len(df) == 0:
@@ -239,7 +221,7 @@ class KronosPredictor:
         x = np.clip(x, -self.clip, self.clip)
         y_index = y_timestamp if isinstance(y_timestamp, pd.Series) else y_idx
         last_close = float(frame["close"].iloc[-1])
-        return _Prepared(x, x_stamp, y_stamp, mean, std, pd.Index(y_index), last_close)
+        return PreparedContext(x, x_stamp, y_stamp, mean, std, pd.Index(y_index), last_close)
 
     @staticmethod
     def _check_args(pred_len: Any, T: Any, top_k: Any, top_p: Any, sample_count: Any) -> None:
@@ -264,7 +246,7 @@ class KronosPredictor:
 
     def _sample_paths(
         self,
-        items: list[_Prepared],
+        items: list[PreparedContext],
         pred_len: int,
         sample_count: int,
         sampling: SamplingConfig,
@@ -316,10 +298,14 @@ class KronosPredictor:
         )  # fmt: skip
         return mean_over_samples(samples.cpu().numpy())
 
-    def _frames(self, item: _Prepared, paths: np.ndarray, return_samples: bool, return_p_up: bool = False):
-        # Q11: average the decoded paths in normalised space, then de-normalise with the exact inverse (sigma+1e-5).
-        mean = mean_over_samples(paths[None])[0]
-        preds = mean * norm_scale(item.std) + item.mean  # Q10: zero-sigma columns come back as pred*1e-5 + mu
+    @staticmethod
+    def _mean_path(item: PreparedContext, paths: np.ndarray) -> np.ndarray:
+        """Q11: the mean of the normalised paths ``[S, P, 6]``, de-normalised with the exact inverse (sigma+1e-5);
+        Q10: zero-sigma columns come back as pred*1e-5 + mu."""
+        return mean_over_samples(paths[None])[0] * norm_scale(item.std) + item.mean
+
+    def _frames(self, item: PreparedContext, paths: np.ndarray, return_samples: bool, return_p_up: bool = False):
+        preds = self._mean_path(item, paths)
         frame = pd.DataFrame(preds, columns=FEATURE_COLS, index=item.y_index)
         prices = paths * norm_scale(item.std) + item.mean if (return_samples or return_p_up) else None
         if return_p_up:
@@ -357,7 +343,7 @@ class KronosPredictor:
         above the last close of ``df`` (:func:`prob_up`; it needs many paths, e.g. ``sample_count=32``).
         """
         self._check_args(pred_len, T, top_k, top_p, sample_count)
-        item = self._prepare(df, x_timestamp, y_timestamp, pred_len)
+        item = self.prepare(df, x_timestamp, y_timestamp, pred_len)
         sampling = SamplingConfig(T, top_k, top_p, top_k_then_top_p)
         paths = self._sample_paths(
             [item], pred_len, sample_count, sampling, verbose, use_cache, self._generator(seed), batch_size
@@ -402,7 +388,7 @@ class KronosPredictor:
                 f"{len(df_list)}, {len(x_timestamp_list)}, {len(y_timestamp_list)}"
             )
         items = [
-            self._prepare(df, xt, yt, pred_len, where=f"series {i}: ")
+            self.prepare(df, xt, yt, pred_len, where=f"series {i}: ")
             for i, (df, xt, yt) in enumerate(zip(df_list, x_timestamp_list, y_timestamp_list))
         ]
         sampling = SamplingConfig(T, top_k, top_p, top_k_then_top_p)
@@ -427,7 +413,7 @@ class KronosPredictor:
     ) -> dict[Union[float, str], Union[pd.DataFrame, pd.Series]]:
         """Quantiles of ``sample_count`` sampled paths: ``{q: DataFrame}`` with the layout of :meth:`predict`.
 
-        ``calibration=`` (keyword: a ``calibration.json`` path or a loaded :class:`~kronos.evaluate.calibration.
+        ``calibration=`` (keyword: a ``calibration.json`` path or a loaded :class:`~kronos.inference.bands.
         Calibration`) corrects the open/high/low/close bands as fitted on the validation split by ``kronos
         calibrate``; it must belong to this predictor, this context length and ``pred_len``.
 
@@ -457,8 +443,6 @@ class KronosPredictor:
         qs = check_quantiles(quantiles)
         cal = kwargs.pop("calibration", None)
         if cal is not None:
-            from kronos.evaluate.calibration import load_calibration
-
             cal = load_calibration(cal)
             cal.check(self, horizon=pred_len)
             for i, df in enumerate(df_list):
@@ -473,8 +457,6 @@ class KronosPredictor:
             values = sample_quantiles(samples, qs)
             if cal is not None:  # price columns: the close-fitted correction relative to the last close
                 last = np.array([float(df["close"].iloc[-1])])
-                from kronos.evaluate.metrics import recent_volatility
-
                 close = df["close"].to_numpy(dtype=float)
                 vol = recent_volatility(close[-self.max_context:][None] if self.truncate_history else close[None])
                 for c in range(4):
@@ -522,86 +504,131 @@ class KronosPredictor:
         anchors: Any = None,
         future_timestamps: Any = None,
         calendar: Optional[str] = None,
+        sampling: Optional[SamplingConfig] = None,
         sample_count: int = 32,
         T: float = 1.0,
         top_k: int = 0,
         top_p: float = 0.9,
         seed: Optional[int] = None,
-        return_samples: bool = False,
         batch_size: int = 50,
         calibration: Any = None,
         progress: bool = True,
         use_cache: bool = True,
-    ) -> Union[pd.DataFrame, tuple[pd.DataFrame, np.ndarray]]:
+    ) -> pd.DataFrame:
         """Forecast every symbol of a long frame (many anchors each, if asked); long records out.
 
         ``frame`` holds ``id_column``, ``timestamp_column`` and ``open, high, low, close`` (``volume``/``amount``
-        optional, filled by the Q10 rule). A forecast is made at each *anchor*: from the ``lookback`` bars up to
-        and including the anchor bar (default ``lookback``: ``max_context``), for the ``pred_len`` bars after it.
+        optional, filled by the Q10 rule). A forecast is made at each *anchor* from the history up to and including
+        the anchor bar, for the ``pred_len`` bars after it. ``lookback`` fixes the context length (anchors with
+        fewer bars are skipped, logged); ``None`` (default) uses the history each anchor has, up to
+        ``max_context`` bars, and at least :data:`MIN_HISTORY` (shorter series are skipped with one log line naming
+        them). With a ``calibration`` and no ``lookback`` the context is the calibration's lookback (it was fitted
+        for that length).
 
         ``anchors``: ``None`` = each symbol's last bar; a DataFrame with ``id_column`` and ``timestamp_column``
         (or ``anchor``) columns, or a list of ``(symbol, timestamp)`` pairs; or a list/DatetimeIndex of timestamps
-        used for every symbol that has a bar then. Anchors with fewer than ``lookback`` bars of history are
-        skipped (logged). Future timestamps are the frame's next bars, continued by
+        used for every symbol that has a bar then. Future timestamps are the frame's next bars, continued by
         :func:`kronos.timeutil.future_timestamps` past its end; ``future_timestamps`` (only with ``anchors=None``)
         overrides them: one sequence of ``pred_len`` timestamps for every symbol, or ``{symbol: sequence}``.
         ``calendar`` (an ``exchange_calendars`` code such as ``"XSHG"``) makes those continued timestamps follow
         that exchange's trading days, so holidays are never forecast dates; ``None``: business days.
 
-        Returns a frame with one row per (symbol, anchor, step), sorted so: ``symbol`` (named ``id_column``),
-        ``anchor`` (the as-of timestamp), ``step`` (1..pred_len), ``timestamps`` (the forecast bar), the mean
-        ``open, high, low, close, volume, amount`` over ``sample_count`` paths, ``{column}_q{q}`` quantile columns
-        for all six columns (e.g. ``close_q0.1``, by :func:`sample_quantiles`), ``p_up`` (the share of paths whose
-        close at that step is above the anchor bar's close, by :func:`prob_up`), ``last_close`` (the anchor bar's
-        close), ``close_scale`` (this predictor's normalisation scale of close over the context: population std
-        + 1e-5, the unit of the official signals) and ``true_close`` (the realised close where the frame has
-        it, else NaN). With ``return_samples=True`` returns ``(records, samples)``: samples ``[N, S, pred_len, 6]``
-        de-normalised, forecast ``n`` being records rows ``n * pred_len`` to ``(n + 1) * pred_len - 1``.
+        ``sampling`` (a :class:`~kronos.inference.generate.SamplingConfig`, e.g. ``SamplingConfig.from_config(cfg)``)
+        sets temperature, top-k/top-p, ``sample_count`` and ``seed`` in one value; without it the keyword
+        arguments ``T``, ``top_k``, ``top_p``, ``sample_count``, ``seed`` do.
 
-        Forecasts run through :meth:`predict_batch` in chunks of ``batch_size`` series (tqdm bar when
+        Returns the forecast records (the package's one record schema): one row per (symbol, anchor, step), sorted
+        so: ``symbol`` (named ``id_column``), ``anchor`` (the as-of timestamp), ``step`` (1..pred_len),
+        ``timestamps`` (the forecast bar), the mean ``open, high, low, close, volume, amount`` over the sample
+        paths, ``{column}_q{q}`` quantile columns for all six columns (:func:`~kronos.inference.bands.quantile_column`,
+        by :func:`~kronos.inference.bands.sample_quantiles`), ``p_up`` (the share of paths whose close at that step
+        is above the anchor bar's close), ``context_vol`` (the context's recent volatility), ``last_close`` (the
+        anchor bar's close), ``close_scale`` (this predictor's normalisation scale of close over the context:
+        population std + 1e-5, the unit of the official signals) and ``true_close`` (the realised close where the
+        frame has it, else NaN). :meth:`predict_df_paths` returns the sample paths beside them.
+
+        Each context is checked and normalised once; forecasts run in chunks of ``batch_size`` series (tqdm bar when
         ``progress``); chunk ``k`` samples with seed ``seed + k``. ``calibration`` (optional) is handed with the
-        records to :func:`kronos.evaluate.calibration.apply_calibration`.
+        records to :func:`kronos.inference.bands.apply_calibration`.
         """
-        from tqdm.auto import tqdm
+        return self.predict_df_paths(
+            frame, id_column=id_column, timestamp_column=timestamp_column, pred_len=pred_len, lookback=lookback,
+            quantiles=quantiles, anchors=anchors, future_timestamps=future_timestamps, calendar=calendar,
+            sampling=sampling, sample_count=sample_count, T=T, top_k=top_k, top_p=top_p, seed=seed,
+            batch_size=batch_size, calibration=calibration, progress=progress, use_cache=use_cache, keep_paths=False,
+        ).records
 
-        self._check_args(pred_len, T, top_k, top_p, sample_count)
+    def predict_df_paths(
+        self,
+        frame: pd.DataFrame,
+        *,
+        id_column: str = "symbol",
+        timestamp_column: str = "timestamps",
+        pred_len: int,
+        lookback: Optional[int] = None,
+        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+        anchors: Any = None,
+        future_timestamps: Any = None,
+        calendar: Optional[str] = None,
+        sampling: Optional[SamplingConfig] = None,
+        sample_count: int = 32,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        seed: Optional[int] = None,
+        batch_size: int = 50,
+        calibration: Any = None,
+        progress: bool = True,
+        use_cache: bool = True,
+        keep_paths: bool = True,
+    ) -> "DataFrameForecast":
+        """:meth:`predict_df` with the de-normalised sample paths kept: a :class:`DataFrameForecast` whose
+        ``samples [N, S, pred_len, 6]`` hold forecast ``n`` for records rows ``n * pred_len`` to
+        ``(n + 1) * pred_len - 1`` (``keep_paths=False``: records only, ``samples`` None)."""
+        if sampling is None:
+            sampling = SamplingConfig(T=T, top_k=top_k, top_p=top_p, sample_count=sample_count, seed=seed)
+        self._check_args(pred_len, sampling.T, sampling.top_k, sampling.top_p, sampling.sample_count)
         qs = check_quantiles(quantiles)
-        L = self.max_context if lookback is None else lookback
-        if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
-            raise InputError(f"lookback must be an integer >= 1 (or None for max_context), got {lookback!r}")
+        cal = load_calibration(calibration)
+        if lookback is None and cal is not None:
+            lookback = cal.lookback
+        if lookback is not None and (isinstance(lookback, bool) or not isinstance(lookback, (int, np.integer))
+                                     or lookback < 1):
+            raise InputError(f"lookback must be an integer >= 1 (or None for the history there is), got {lookback!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise InputError(f"batch_size must be an integer >= 1 (series per predict_batch call), got {batch_size!r}")
-        tasks = _forecast_tasks(frame, id_column, timestamp_column, int(L), int(pred_len), anchors, future_timestamps,
-                                calendar)
-        means, quants, ups, paths_out, scales = [], [], [], [], []
-        for t in tasks:  # every input checked before sampling; the predictor's own close scale (std + eps, float64)
-            item = self._prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ")
-            scales.append(norm_scale(float(item.std[3])))
+            raise InputError(f"batch_size must be an integer >= 1 (series per chunk), got {batch_size!r}")
+        tasks = _forecast_tasks(frame, id_column, timestamp_column, None if lookback is None else int(lookback),
+                                self.max_context, int(pred_len), anchors, future_timestamps, calendar)
+        # every input checked (and normalised, once) before sampling
+        items = [self.prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ")
+                 for t in tasks]
+        scales = [norm_scale(float(item.std[VALUE_COLUMNS.index("close")])) for item in items]
+        means, quants, ups, paths_out = [], [], [], []
         n_chunks = -(-len(tasks) // batch_size)
         for k in tqdm(range(n_chunks), desc="forecast", unit="batch", disable=not progress):
-            chunk = tasks[k * batch_size:(k + 1) * batch_size]
-            dfs = [t.context for t in chunk]
-            xts = [t.x_ts for t in chunk]
-            yts = [t.y_ts for t in chunk]
-            res = self.predict_batch(
-                dfs, xts, yts, pred_len, T, top_k, top_p, sample_count, False, use_cache=use_cache,
-                seed=None if seed is None else int(seed) + k, return_samples=True,
-            )  # fmt: skip
-            samples = np.stack([s for _, s in res])  # [n, S, P, 6]
-            means.append(np.stack([m.to_numpy() for m, _ in res]))
-            quants.append(sample_quantiles(samples, qs, axis=1))  # [Q, n, P, 6]
-            ups.append(prob_up(samples[..., VALUE_COLUMNS.index("close")], [t.last_close for t in chunk]))
-            if return_samples:
-                paths_out.append(samples)
+            chunk = items[k * batch_size:(k + 1) * batch_size]
+            seed_k = None if sampling.seed is None else int(sampling.seed) + k
+            paths = self._sample_paths(chunk, int(pred_len), sampling.sample_count, sampling, False, use_cache,
+                                       self._generator(seed_k), None)
+            prices = np.stack([p * norm_scale(item.std) + item.mean for item, p in zip(chunk, paths)])  # [n,S,P,6]
+            means.append(np.stack([self._mean_path(item, p) for item, p in zip(chunk, paths)]))
+            quants.append(sample_quantiles(prices, qs, axis=1))  # [Q, n, P, 6]
+            ups.append(prob_up(prices[..., VALUE_COLUMNS.index("close")], [item.last_close for item in chunk]))
+            if keep_paths:
+                paths_out.append(prices)
         records = _records(tasks, np.concatenate(means), np.concatenate(quants, axis=1), qs, scales, id_column,
                            int(pred_len), np.concatenate(ups))
-        if calibration is not None:
-            from kronos.evaluate.calibration import apply_calibration
+        if cal is not None:
+            records = apply_calibration(records, cal, model=self, lookback=int(lookback))  # type: ignore[arg-type]
+        return DataFrameForecast(records, np.concatenate(paths_out) if keep_paths else None)
 
-            records = apply_calibration(records, calibration, model=self, lookback=int(L))
-        if return_samples:
-            return records, np.concatenate(paths_out)
-        return records
+
+@dataclass
+class DataFrameForecast:
+    """What :meth:`KronosPredictor.predict_df_paths` returns: the forecast records and their sample paths."""
+
+    records: pd.DataFrame
+    samples: Optional[np.ndarray]  # [N, S, P, 6] prices, forecast n = records rows n*P .. (n+1)*P - 1
 
 
 @dataclass
@@ -643,11 +670,11 @@ def _anchor_lookup(anchors: Any, id_column: str, timestamp_column: str) -> tuple
 
 
 def _forecast_tasks(
-    frame: pd.DataFrame, id_column: str, timestamp_column: str, L: int, P: int, anchors: Any, future: Any,
-    calendar: Optional[str] = None,
+    frame: pd.DataFrame, id_column: str, timestamp_column: str, L: Optional[int], max_context: int, P: int,
+    anchors: Any, future: Any, calendar: Optional[str] = None,
 ) -> list[_Task]:
-    from kronos.timeutil import future_timestamps as extend
-
+    """One task per anchor: a context of ``L`` bars (``None``: the history there is, up to ``max_context`` bars and
+    at least :data:`MIN_HISTORY`)."""
     if not isinstance(frame, pd.DataFrame):
         raise InputError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
     missing = [c for c in (id_column, timestamp_column, *PRICE_COLUMNS) if c not in frame.columns]
@@ -681,11 +708,13 @@ def _forecast_tasks(
                 absent = pd.Timestamp(np.setdiff1d(wanted, ts.asi8)[0])
                 raise InputError(f"anchor {absent} of {symbol!r} is not a bar of that symbol in the frame")
         close = values["close"].to_numpy(dtype=np.float64)
+        need = MIN_HISTORY if L is None else L
         for i in positions:
-            if i + 1 < L:
+            if i + 1 < need:
                 short.append(f"{symbol}@{ts[i]}")
                 continue
-            ctx_ts = ts[i + 1 - L:i + 1]
+            start = i + 1 - (min(i + 1, max_context) if L is None else L)
+            ctx_ts = ts[start:i + 1]
             fut = ts[i + 1:i + 1 + P]
             if future is not None:
                 given = future.get(symbol) if isinstance(future, dict) else future
@@ -698,20 +727,22 @@ def _forecast_tasks(
             n_known = min(P, len(ts) - i - 1)
             true_close[:n_known] = close[i + 1:i + 1 + n_known]
             tasks.append(_Task(
-                symbol, ts[i], values.iloc[i + 1 - L:i + 1].reset_index(drop=True), pd.Series(ctx_ts),
+                symbol, ts[i], values.iloc[start:i + 1].reset_index(drop=True), pd.Series(ctx_ts),
                 pd.Series(fut), float(close[i]), true_close,
             ))  # fmt: skip
     if by_symbol is not None:
         unknown = [s for s in by_symbol if s not in seen]
         if unknown:
             raise InputError(f"anchors name symbol(s) not in the frame's '{id_column}' column: {unknown[:5]}")
+    rule = f"lookback={L}" if L is not None else f"the minimum of {MIN_HISTORY}"
     if short:
-        logger.warning("skipped %d anchor(s) with fewer than lookback=%d bars of history (e.g. %s)",
-                       len(short), L, ", ".join(short[:3]))
+        logger.warning("skipped %d anchor(s) with fewer than %s bars of history (e.g. %s)",
+                       len(short), rule, ", ".join(short[:3]))
     if not tasks:
         raise InputError(
-            f"nothing to forecast: no anchor has lookback={L} bars of history in the frame "
-            f"({frame[id_column].nunique()} symbol(s), {len(frame)} rows); give more history or a shorter lookback"
+            f"nothing to forecast: no anchor has {rule} bars of history in the frame "
+            f"({frame[id_column].nunique()} symbol(s), {len(frame)} rows); give more history"
+            + (" or a shorter lookback" if L is not None else "")
         )
     return tasks
 
@@ -730,13 +761,11 @@ def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list
         data[c] = means[:, :, j].reshape(-1)
     for j, c in enumerate(VALUE_COLUMNS):
         for qi, q in enumerate(qs):
-            data[f"{c}_q{q:g}"] = quants[qi, :, :, j].reshape(-1)
+            data[quantile_column(q, c)] = quants[qi, :, :, j].reshape(-1)
     data["p_up"] = p_up.reshape(-1)
     # the context's recent close log-return volatility (what the calibration scales its bands by)
-    from kronos.evaluate.metrics import recent_volatility
-
-    data["context_vol"] = np.repeat(recent_volatility(np.stack([t.context["close"].to_numpy(dtype=np.float64)
-                                                                  for t in tasks])) if tasks else [], P)
+    data["context_vol"] = np.repeat([float(recent_volatility(t.context["close"].to_numpy(dtype=np.float64)))
+                                     for t in tasks], P)
     data["last_close"] = np.repeat([t.last_close for t in tasks], P)
     data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)
     data["true_close"] = np.concatenate([t.true_close for t in tasks])

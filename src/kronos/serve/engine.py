@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from kronos.errors import CheckpointError, DataError, InputError, KronosError
+from kronos.inference import bands
+from kronos.inference.bands import prob_up, recent_volatility, sample_quantiles
 from kronos.serve.inputs import Limits, LimitError, check_history, check_limit, check_settings
 
 log = logging.getLogger(__name__)
@@ -117,13 +119,11 @@ def summarize(history: pd.DataFrame, mean: pd.DataFrame, samples: np.ndarray, se
               timestamps: pd.DatetimeIndex, calibration: Any = None) -> dict:
     """One forecast as JSON: mean OHLCV, quantile bands per column, P(up) per step (close above the last close).
 
-    Uses the package's rules (:func:`~kronos.inference.predictor.sample_quantiles`,
-    :func:`~kronos.inference.predictor.prob_up`); with a calibration (a fitted
-    :class:`kronos.evaluate.calibration.Calibration` that applies to this request) the price bands and P(up) are
+    Uses the package's rules (:func:`~kronos.inference.bands.sample_quantiles`,
+    :func:`~kronos.inference.bands.prob_up`); with a calibration (a fitted
+    :class:`kronos.inference.bands.Calibration` that applies to this request) the price bands and P(up) are
     the calibrated ones and ``p_up_raw`` keeps the share of paths.
     """
-    from kronos.inference.predictor import prob_up, sample_quantiles
-
     last_close = float(history["close"].iloc[-1])
     out: dict[str, Any] = {
         "timestamps": [t.isoformat() for t in pd.DatetimeIndex(timestamps)],
@@ -136,8 +136,6 @@ def summarize(history: pd.DataFrame, mean: pd.DataFrame, samples: np.ndarray, se
     if qs:
         values = sample_quantiles(samples, qs)  # [Q, P, 6]
         if calibration is not None:
-            from kronos.evaluate.metrics import recent_volatility
-
             last = np.array([last_close])
             vol = recent_volatility(history["close"].to_numpy(dtype=float)[None])  # the history is its lookback
             for c in range(4):  # open/high/low/close: the close-fitted correction relative to the last close
@@ -158,9 +156,7 @@ def summarize(history: pd.DataFrame, mean: pd.DataFrame, samples: np.ndarray, se
 
 def load_calibration(path: str, predictor) -> Any:
     """The fitted calibration of ``path`` (``kronos calibrate``), checked to belong to the loaded predictor."""
-    from kronos.evaluate.calibration import load_calibration as load
-
-    cal = load(path)
+    cal = bands.load_calibration(path)
     return cal.check(predictor, source=f"calibration file '{path}'")
 
 

@@ -62,7 +62,7 @@ class RunFolder:
         self.predictor = str(_resolve(c.finetuned_predictor, base))
         self.dataset = str(_resolve(c.dataset_path, base)) if c.dataset_path else ""
         self.results = _resolve(c.backtest_dir, base)
-        from kronos.evaluate.calibration import calibration_path
+        from kronos.inference.bands import calibration_path
 
         cal = calibration_path(self.predictor)  # written by the pipeline's calibrate step
         # the run's model in use: the starting pair when finetuning did not help on validation (keep_better)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from kronos.train.stages import STAGES, PredictorStage, Stage, TokenizerStage, get_stage
-from kronos.train.trainer import Trainer, main, run_stage, train_predictor, train_tokenizer
+from kronos.train.trainer import Trainer, run_stage, train_predictor, train_tokenizer
 
 __all__ = [
     "STAGES",
@@ -15,7 +15,6 @@ __all__ = [
     "TokenizerStage",
     "Trainer",
     "get_stage",
-    "main",
     "run_stage",
     "train_predictor",
     "train_tokenizer",

@@ -2,6 +2,11 @@
 
 Plain ``python script.py`` runs one process. Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the
 environment) every process joins a process group: NCCL on CUDA, Gloo on CPU. Only rank 0 writes files and logs.
+
+This module is the one owner of the process group and the one reader of the launcher's environment: an entry point
+(a ``kronos`` command, ``KronosPipeline.run``, a training stage) holds :func:`process_group` for its work, which
+creates the group once (or joins the one that already exists) and yields the :class:`DistContext` that answers
+"am I rank 0"; code without a context asks :func:`is_main_process`.
 """
 from __future__ import annotations
 
@@ -52,6 +57,18 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def _group_is_up() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """True in a plain process and on rank 0: of the process group when one is up, else of the ``torchrun`` launch
+    (so it answers before the group is set up, e.g. for logging)."""
+    if _group_is_up():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def _resolve_device(name: str, local_rank: int) -> torch.device:
     """Map config.device ('auto', 'cpu', 'cuda', 'cuda:N', 'mps') to a torch device for this process."""
     name = (name or "auto").strip().lower()
@@ -86,61 +103,69 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     raise ConfigError(f"config key 'device' must be auto, cpu, cuda, cuda:N or mps, got '{name}'")
 
 
-def setup_distributed(config: Config) -> DistContext:
-    """Pick the device and, under torchrun, join (or reuse) the process group.
-
-    A group that already exists (e.g. created by the caller) is reused and left alone at cleanup.
-    """
-    if not launched_by_torchrun():
-        device = _resolve_device(config.device, 0)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return DistContext(device=device)
-
-    rank = int(os.environ["RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
+def _process_device(config: Config, local_rank: int, world_size: int) -> torch.device:
+    """This process's device (made the current CUDA device when it is one)."""
     device = _resolve_device(config.device, local_rank)
     if device.type == "mps" and world_size > 1:
         raise ConfigError("multi-process training on MPS is not supported; set device to 'cpu' or use CUDA")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return device
+
+
+def setup_distributed(config: Config) -> DistContext:
+    """Pick the device and, under torchrun, join (or reuse) the process group.
+
+    A group that already exists (e.g. created by the caller) is reused and left alone at cleanup; prefer
+    :func:`process_group`, which pairs this with :func:`cleanup_distributed`.
+    """
+    if _group_is_up():
+        return _existing_group(config)
+    if not launched_by_torchrun():
+        return DistContext(device=_process_device(config, 0, 1))
+
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = _process_device(config, local_rank, world_size)
     backend = "nccl" if device.type == "cuda" else "gloo"
     _WAIT["hours"] = float(config.dist_wait_hours)
-    owns = False
-    if dist.is_available() and dist.is_initialized():
-        backend = dist.get_backend()
-    else:
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": COLLECTIVE_TIMEOUT}
-        if device.type == "cuda":
-            kwargs["device_id"] = device
-        try:
-            dist.init_process_group(**kwargs)
-        except TypeError:  # older torch without device_id
-            kwargs.pop("device_id", None)
-            dist.init_process_group(**kwargs)
-        owns = True
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": COLLECTIVE_TIMEOUT}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    try:
+        dist.init_process_group(**kwargs)
+    except TypeError:  # older torch without device_id
+        kwargs.pop("device_id", None)
+        dist.init_process_group(**kwargs)
     logger.debug("rank %d/%d on %s (%s)", rank, world_size, device, backend)
     return DistContext(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                       backend=backend, owns_group=owns)
+                       backend=backend, owns_group=True)
+
+
+def _existing_group(config: Config) -> DistContext:
+    """The context of a process group someone else set up (rank and size from the group, not the environment)."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = _process_device(config, local_rank, world_size)
+    _WAIT["hours"] = float(config.dist_wait_hours)
+    return DistContext(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
+                       backend=str(dist.get_backend()), owns_group=False)
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
     """Destroy the process group if :func:`setup_distributed` created it."""
-    if ctx.owns_group and dist.is_available() and dist.is_initialized():
+    if ctx.owns_group and _group_is_up():
         dist.destroy_process_group()
         _WAIT["world"] = _WAIT["group"] = None
 
 
 @contextlib.contextmanager
-def process_group(config: Config) -> Iterator[Optional[DistContext]]:
-    """For a whole pipeline run: under ``torchrun`` with no process group yet, set one up for the block and tear it
-    down after; otherwise (plain ``python``, or a group the caller made) do nothing. Yields the context or None."""
-    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
-        if dist.is_available() and dist.is_initialized():
-            _WAIT["hours"] = float(config.dist_wait_hours)
-        yield None
-        return
+def process_group(config: Config) -> Iterator[DistContext]:
+    """The process group of an entry point, for the ``with`` block: under ``torchrun`` with no group yet it is set
+    up here and torn down after; a group that already exists (an outer entry point's, or the caller's) is joined
+    and left alone; a plain process gets a one-process context. Yields the :class:`DistContext` (``ctx.is_main``:
+    rank 0 or a plain process)."""
     ctx = setup_distributed(config)
     try:
         yield ctx
@@ -160,14 +185,14 @@ def _wait_group():
 def wait_for_main() -> None:
     """Barrier of every rank after rank-0-only work: on a gloo group with the ``dist_wait_hours`` timeout, so other
     ranks can wait for a long prediction/evaluation/backtest without the job timing out. No-op without a group."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _group_is_up() and dist.get_world_size() > 1:
         dist.barrier(group=_wait_group())
 
 
 def share_text(text: str, limit: int = 200) -> str:
     """Rank 0's ``text`` (e.g. a run id), the same on every rank (as bytes in a tensor: nothing is pickled).
     Without a process group it is returned unchanged."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not (_group_is_up() and dist.get_world_size() > 1):
         return text
     data = text.encode("utf-8")[:limit]
     buf = torch.zeros(limit + 1, dtype=torch.uint8)

@@ -1,6 +1,6 @@
 """One training loop for both stages, on one CPU, one GPU, or ``torchrun`` DDP (one or many nodes).
 
-Usage (the seed's scripts are thin wrappers over :func:`main`)::
+Usage (the seed's scripts are thin wrappers over ``kronos.cli.main``, i.e. ``kronos train-tokenizer|predictor``)::
 
     python finetune/train_tokenizer.py --config-path my.yaml            # one GPU (or CPU when there is none)
     python finetune/train_tokenizer.py --config-path my.yaml --cpu      # force CPU
@@ -27,7 +27,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,10 +46,9 @@ from kronos.train.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_flag,
-    cleanup_distributed,
     deterministic_cpu,
+    process_group,
     resolve_precision,
-    setup_distributed,
 )
 from kronos.train.stages import Stage, get_stage
 from kronos.train.tracking import Tracker
@@ -607,22 +606,20 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------- entry points
 def run_stage(stage_name: str, config: Config, resume: bool = False) -> dict:
-    """Train ``stage_name`` ('tokenizer' or 'predictor') with ``config``; returns the run summary."""
-    import contextlib
+    """Train ``stage_name`` ('tokenizer' or 'predictor') with ``config``; returns the run summary.
 
+    The stage holds :func:`~kronos.train.distributed.process_group` for its work: it joins the group of an outer
+    entry point (``kronos pipeline``) or, called alone under ``torchrun``, sets one up and removes it after."""
     from kronos.runlock import run_locks
 
     stage = get_stage(stage_name, config)
-    ctx = setup_distributed(config)
-    try:
+    with process_group(config) as ctx:
         # one run per output folder: rank 0 locks save_path (re-entrant inside the pipeline's own lock)
-        lock = run_locks([config.save_path]) if ctx.rank == 0 else contextlib.nullcontext()
+        lock = run_locks([config.save_path]) if ctx.is_main else contextlib.nullcontext()
         with lock, deterministic_cpu(ctx.device.type == "cpu"):
             trainer = Trainer(stage, config, ctx)
             trainer.setup(resume=resume)
             return trainer.fit()
-    finally:
-        cleanup_distributed(ctx)
 
 
 def train_tokenizer(config: Config, resume: bool = False) -> dict:
@@ -646,8 +643,7 @@ def keep_pretrained_tokenizer(config: Config) -> dict:
         raise ConfigError("finetune_tokenizer is false but pretrained_tokenizer_path is empty: there is no tokenizer "
                           "to keep; set pretrained_tokenizer_path (e.g. examples/models/starter/tokenizer) or set "
                           "finetune_tokenizer true")
-    dist_ctx = setup_distributed(config)
-    try:
+    with process_group(config) as dist_ctx:
         summary = {"stage": "tokenizer", "kept_pretrained": src, "trained": False}
         if dist_ctx.is_main:
             tok = KronosTokenizer.from_pretrained(src)
@@ -659,26 +655,8 @@ def keep_pretrained_tokenizer(config: Config) -> dict:
                         target)
         barrier(dist_ctx)
         return summary
-    finally:
-        cleanup_distributed(dist_ctx)
 
 
 def train_predictor(config: Config, resume: bool = False) -> dict:
     """Stage 2: finetune the predictor on tokens of the frozen finetuned tokenizer (run stage 1 first)."""
     return run_stage("predictor", config, resume)
-
-
-def main(stage_name: str, argv: Optional[Sequence[str]] = None, force_cpu: bool = False) -> int:
-    """Entry of the seed's scripts (``finetune/train_*.py``): ``kronos train-<stage>`` under the script's name.
-
-    Same flags as every command (``--config-path``, ``--set KEY=VALUE``, ``--fast-mode``, ``--cpu``, ``-q``,
-    ``--resume``); ``force_cpu`` makes ``--cpu`` the default (the ``*_cpu.py`` scripts). Returns the exit code.
-    """
-    from kronos import cli
-
-    what = {"tokenizer": "Stage 1: finetune the Kronos tokenizer",
-            "predictor": "Stage 2: finetune the Kronos predictor"}.get(stage_name, stage_name)
-    script = f"train_{stage_name}{'_cpu' if force_cpu else ''}.py"
-    extra = {"cpu": True} if force_cpu else {}
-    return cli.main(argv, command=f"train-{stage_name}", prog=script,
-                    description=f"{what} (CPU, one GPU, or torchrun DDP).", **extra)

@@ -1,0 +1,134 @@
+"""One rolling-forecast pass per split: the anchors, the contexts and every model's sample paths at them.
+
+An anchor is the last bar of a forecast's context; its targets are the ``predict_window`` bars after it. The one
+anchor rule (:func:`select_anchors`): bars whose whole horizon lies after a split's first target boundary and up to
+its last bar, every ``eval_stride``-th anchor date, and when ``eval_max_anchors`` > 0 at most that many dates spread
+evenly over the split (its first and last included). Calibration reads the validation pass (targets inside the
+validation split); the walk-forward report, ``metrics.json`` (the report's headline of the model in use), the
+saved forecast records and the backtest signals all read the one test pass (:func:`forecast_split`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from kronos.errors import DataError
+from kronos.evaluate.metrics import PathForecasts, naive_scale
+from kronos.inference.bands import recent_volatility
+from kronos.inference.generate import SamplingConfig
+
+
+def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], targets_until: Optional[pd.Timestamp],
+                   lookback: int, horizon: int, stride: int = 1, max_anchors: int = 0,
+                   period: Optional[tuple[pd.Timestamp, pd.Timestamp]] = None) -> pd.DataFrame:
+    """(symbol, anchor, pos) of every bar at or after ``targets_after`` with ``lookback`` bars of history whose
+    ``horizon`` target bars all exist and lie in ``(targets_after, targets_until]`` (and, with ``period``, whose
+    anchor lies in that inclusive range); every ``stride``-th anchor date, and when ``max_anchors`` > 0 at most that
+    many dates spread evenly over the split (its first and last included). ``frame`` is sorted by symbol and time."""
+    rows = []
+    for symbol, g in frame.groupby("symbol", sort=True):
+        ts = pd.DatetimeIndex(g["timestamps"])
+        pos = np.arange(lookback - 1, len(ts) - horizon)
+        if not len(pos):
+            continue
+        ok = np.ones(len(pos), bool)
+        if targets_after is not None and not pd.isna(targets_after):
+            ok &= np.asarray(ts[pos + 1] > targets_after)
+            # and the anchor itself no earlier than that bar: a symbol suspended for years would otherwise forecast
+            # its first bars after the gap from a context that ended years before
+            ok &= np.asarray(ts[pos] >= targets_after)
+        if targets_until is not None and not pd.isna(targets_until):
+            ok &= np.asarray(ts[pos + horizon] <= targets_until)
+        if period is not None:
+            ok &= np.asarray((ts[pos] >= period[0]) & (ts[pos] <= period[1]))
+        rows.append(pd.DataFrame({"symbol": symbol, "anchor": ts[pos[ok]], "pos": pos[ok]}))
+    if not rows:
+        return pd.DataFrame(columns=["symbol", "anchor", "pos"])
+    out = pd.concat(rows, ignore_index=True)
+    dates = np.sort(out["anchor"].unique())[:: max(1, int(stride))]
+    if max_anchors and 0 < max_anchors < len(dates):
+        # spread over the whole split (first and last included): a handful of consecutive dates share one market
+        # move and their targets overlap, so they measure one episode, not the split
+        dates = dates[np.unique(np.round(np.linspace(0, len(dates) - 1, int(max_anchors))).astype(int))]
+    return out[out["anchor"].isin(dates)].reset_index(drop=True)
+
+
+def contexts(frame: pd.DataFrame, anchors: pd.DataFrame, lookback: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Context closes ``[N, L]`` and realised target closes ``[N, P]`` at the anchors (for baselines and scores)."""
+    groups = {s: g["close"].to_numpy(dtype=float) for s, g in frame.groupby("symbol", sort=True)}
+    ctx_close, true = [], []
+    for symbol, pos in zip(anchors["symbol"], anchors["pos"]):
+        close = groups[symbol]
+        ctx_close.append(close[pos + 1 - lookback:pos + 1])
+        true.append(close[pos + 1:pos + 1 + horizon])
+    return np.stack(ctx_close), np.stack(true)
+
+
+def rolling_paths(name: str, predictor: Any, frame: pd.DataFrame, anchors: pd.DataFrame, cfg: Any, seed: int,
+                  prepared: Optional[tuple[np.ndarray, np.ndarray]] = None) -> PathForecasts:
+    """The predictor's forecasts at ``anchors`` (:meth:`KronosPredictor.predict_df_paths` with the config's
+    sampling, seed ``seed``) as :class:`PathForecasts`; its forecast ``records`` (the one schema, with the config's
+    quantiles, uncalibrated) ride along."""
+    L, P = int(cfg.lookback_window), int(cfg.predict_window)
+    ctx_close, true = prepared if prepared is not None else contexts(frame, anchors, L, P)
+    sampling = SamplingConfig.from_config(cfg)
+    sampling = SamplingConfig(sampling.T, sampling.top_k, sampling.top_p, sampling.top_k_then_top_p,
+                              sampling.sample_count, int(seed))
+    out = predictor.predict_df_paths(
+        frame, pred_len=P, lookback=L, quantiles=[float(q) for q in cfg.quantiles],
+        anchors=list(zip(anchors["symbol"], anchors["anchor"])), sampling=sampling,
+        batch_size=max(1, int(cfg.backtest_batch_size) // max(1, sampling.sample_count)), progress=True,
+    )
+    records = out.records
+    first = records[records["step"] == 1]
+    if len(first) != len(anchors) or not (np.asarray(first["symbol"]) == anchors["symbol"].to_numpy()).all() or not (
+            pd.DatetimeIndex(first["anchor"]) == pd.DatetimeIndex(anchors["anchor"])).all():
+        raise RuntimeError("predict_df returned forecasts in another order than the split's anchors")
+    point = records["close"].to_numpy(dtype=float).reshape(len(anchors), P)
+    return PathForecasts(name, symbol=anchors["symbol"].to_numpy(), anchor=anchors["anchor"].to_numpy(),
+                         last_close=ctx_close[:, -1], scale=naive_scale(ctx_close), true=true, point=point,
+                         samples=np.asarray(out.samples, dtype=float)[:, :, :, 3], vol=recent_volatility(ctx_close),
+                         records=records)
+
+
+@dataclass
+class SplitForecasts:
+    """The one rolling pass over a split: its anchors, contexts, and each model's paths (one per seed)."""
+
+    split: str
+    anchors: pd.DataFrame
+    ctx_close: np.ndarray
+    true: np.ndarray
+    seeds: list
+    paths: dict[str, list[PathForecasts]] = field(default_factory=dict)
+
+    def first(self, model: str) -> PathForecasts:
+        """The model's forecasts with the first seed (the run's forecasts: records, signals, calibration)."""
+        return self.paths[model][0]
+
+
+def forecast_split(cfg: Any, frame: pd.DataFrame, split: str, targets_after: Optional[pd.Timestamp],
+                   targets_until: Optional[pd.Timestamp], models: dict[str, Any], seeds: Optional[list] = None,
+                   period: Optional[tuple[pd.Timestamp, pd.Timestamp]] = None) -> SplitForecasts:
+    """Every model's rolling forecasts at the split's anchors (:func:`select_anchors` with the config's
+    ``eval_stride``/``eval_max_anchors``), once per seed (default ``[inference_seed]``)."""
+    L, P = int(cfg.lookback_window), int(cfg.predict_window)
+    anchors = select_anchors(frame, targets_after, targets_until, L, P, cfg.eval_stride, cfg.eval_max_anchors, period)
+    if anchors.empty:
+        raise DataError(
+            f"no {split} anchor has lookback_window={L} bars of history and predict_window={P} known bars after "
+            f"{targets_after} up to {targets_until}; lengthen the {split} split or shorten the windows"
+        )
+    ctx_close, true = contexts(frame, anchors, L, P)
+    seeds = [int(s) for s in (seeds or [cfg.inference_seed])]
+    out = SplitForecasts(split, anchors, ctx_close, true, seeds)
+    for name, predictor in models.items():
+        out.paths[name] = [rolling_paths(name, predictor, frame, anchors, cfg, seed, (ctx_close, true))
+                           for seed in seeds]
+    return out
+
+
+__all__ = ["SplitForecasts", "contexts", "forecast_split", "rolling_paths", "select_anchors"]
