@@ -185,6 +185,7 @@ def _walk(root: Path, depth: int) -> Iterator[Path]:
             yield from _walk(path, depth - 1)
 
 
+@contextlib.contextmanager
 def run_locks(folders: Iterable[Union[str, os.PathLike]], whole: Iterable[Union[str, os.PathLike]] = (),
               wait_s: float = 0.0, clean: bool = True) -> Iterator[list[RunLock]]:
     """Hold the run locks of ``folders`` (lock inside) and ``whole`` (lock beside) for the ``with`` block.
