@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kronos-installed
 PYTEST_ARGS ?=
 TORCH_INDEX_URL ?=
 
-.PHONY: setup test test-fast demo bench gpu-check clean starter
+.PHONY: setup test test-fast lint demo bench gpu-check clean starter
 
 setup: $(STAMP)
 
@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Lint, format, import layers (pyproject: [tool.ruff], [tool.importlinter]) and types ([tool.mypy]).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # The quick lane: everything but the end-to-end and subprocess tests (marked slow).
 test-fast: setup

@@ -9,6 +9,7 @@ The cost side is in ``benchmarks/inference.py`` (sampling table).
     python benchmarks/band_samples.py
     python benchmarks/band_samples.py --counts 5 20 32 64 --trials 50000
 """
+
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ set and a summary; ``--out FILE`` also writes the figures as JSON.
 
 Anchors every ``--stride`` bars; ``--max-symbols`` keeps the run short.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,15 @@ from kronos.inference.bands import recent_volatility
 def load_frame(args) -> pd.DataFrame:
     """The long frame (symbol, timestamps, OHLCV) of the data set the arguments name."""
     if args.qlib:
-        cfg = Config.from_dict({"data_source": "qlib", "qlib_data_path": args.qlib, "instrument": args.instrument,
-                                "dataset_begin_time": args.begin, "dataset_end_time": args.end})
+        cfg = Config.from_dict(
+            {
+                "data_source": "qlib",
+                "qlib_data_path": args.qlib,
+                "instrument": args.instrument,
+                "dataset_begin_time": args.begin,
+                "dataset_end_time": args.end,
+            }
+        )
         raw = DataProcessorFactory.create_processor("qlib", cfg).load_raw()
     else:
         raw = {}
@@ -86,8 +94,16 @@ def forecasts(pred, frame, anchors, L, P, args):
     ctx_close, true = contexts(frame, anchors, L, P)
     pairs = list(zip(anchors["symbol"], anchors["anchor"]))
     sampling = SamplingConfig(T=args.T, top_k=0, top_p=args.top_p, sample_count=args.samples, seed=args.seed)
-    out = pred.predict_df_paths(frame, pred_len=P, lookback=L, quantiles=[0.5], anchors=pairs, sampling=sampling,
-                                batch_size=max(1, 256 // args.samples), progress=True)
+    out = pred.predict_df_paths(
+        frame,
+        pred_len=P,
+        lookback=L,
+        quantiles=[0.5],
+        anchors=pairs,
+        sampling=sampling,
+        batch_size=max(1, 256 // args.samples),
+        progress=True,
+    )
     return np.asarray(out.samples, dtype=float)[:, :, :, 3], ctx_close, true
 
 
@@ -148,8 +164,11 @@ def main(argv=None) -> int:
     val_anchors = select_anchors(frame, first_val - pd.Timedelta(1, "ns"), val_end, L, P, args.stride)
     val_anchors = val_anchors[val_anchors["anchor"] >= val_start].reset_index(drop=True)
     test_anchors = select_anchors(frame, val_end, None, L, P, args.stride)
-    print(f"{frame['symbol'].nunique()} series; validation anchors {len(val_anchors)} "
-          f"({val_start.date()} .. targets to {val_end.date()}), test anchors {len(test_anchors)}", flush=True)
+    print(
+        f"{frame['symbol'].nunique()} series; validation anchors {len(val_anchors)} "
+        f"({val_start.date()} .. targets to {val_end.date()}), test anchors {len(test_anchors)}",
+        flush=True,
+    )
     if len(val_anchors) < 10 or test_anchors.empty:
         raise SystemExit("error: too few anchors; lengthen the splits or lower --stride/--lookback")
 
@@ -157,21 +176,44 @@ def main(argv=None) -> int:
     vs, vctx, vtrue = forecasts(pred, frame, val_anchors, L, P, args)
     ts, tctx, ttrue = forecasts(pred, frame, test_anchors, L, P, args)
     t_forecast = time.time() - t0
-    cal = fit_calibration(vs, vctx[:, -1], vtrue, val_anchors["anchor"].to_numpy(), args.levels, L, "benchmark",
-                          context_vol=recent_volatility(vctx))
+    cal = fit_calibration(
+        vs,
+        vctx[:, -1],
+        vtrue,
+        val_anchors["anchor"].to_numpy(),
+        args.levels,
+        L,
+        "benchmark",
+        context_vol=recent_volatility(vctx),
+    )
     rows = {m: score(candidate(cal, m), ts, tctx, ttrue, args.levels) for m in ["none", *cal.alternatives]}
     header = "| method | " + " | ".join(f"cov {lv:.0%} | width {lv:.0%}" for lv in args.levels) + " | CRPS q |"
     print("\n" + header + "\n|" + "---|" * (2 * len(args.levels) + 2))
     for m in ["none", *[m for m in METHODS if m in rows and m != "none"]]:
         r = rows[m]
         name = "raw (none)" if m == "none" else m + (" (default)" if m == cal.method else "")
-        print(f"| {name} | " + " | ".join(f"{r[f'coverage_{lv:g}']:.3f} | {r[f'width_{lv:g}']:.4f}"
-                                         for lv in args.levels) + f" | {r['crps_q']:.4f} |")
-    print(f"\nforecasts {t_forecast:.1f} s ({len(val_anchors) + len(test_anchors)} x {args.samples} paths); "
-          f"fitting {cal.seconds:.2f} s; naive scale {np.nanmean(naive_scale(tctx)):.4f}")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{r[f'coverage_{lv:g}']:.3f} | {r[f'width_{lv:g}']:.4f}" for lv in args.levels)
+            + f" | {r['crps_q']:.4f} |"
+        )
+    print(
+        f"\nforecasts {t_forecast:.1f} s ({len(val_anchors) + len(test_anchors)} x {args.samples} paths); "
+        f"fitting {cal.seconds:.2f} s; naive scale {np.nanmean(naive_scale(tctx)):.4f}"
+    )
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "n_val": len(val_anchors), "n_test": len(test_anchors),
-                                              "method": cal.method, "val_end": str(val_end)}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "n_val": len(val_anchors),
+                    "n_test": len(test_anchors),
+                    "method": cal.method,
+                    "val_end": str(val_end),
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -12,6 +12,7 @@ several renamed copies to reach a few hundred thousand rows. Measured on one cor
 
 Run: ``python benchmarks/data_loading.py [--copies 6] [--seconds 3]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def read_qlib_frame(provider: Path, copies: int) -> pd.DataFrame:
             begin = int(raw[0])
             cols[field] = raw[1:].astype(np.float64)
         df = pd.DataFrame(cols)
-        df.insert(0, "timestamps", calendar[begin:begin + len(df)])
+        df.insert(0, "timestamps", calendar[begin : begin + len(df)])
         # The demo data has no amount field; estimate it like the official Qlib preprocessing.
         df["amount"] = (df["open"] + df["high"] + df["low"] + df["close"]) / 4 * df["volume"]
         df = df.dropna().reset_index(drop=True)
@@ -57,8 +58,23 @@ def read_qlib_frame(provider: Path, copies: int) -> pd.DataFrame:
     frame = pd.concat(parts, ignore_index=True)
     t = frame["timestamps"].dt
     frame = frame.assign(minute=t.minute, hour=t.hour, weekday=t.day_of_week, day=t.day, month=t.month)
-    return frame[["symbol", "timestamps", "open", "high", "low", "close", "volume", "amount",
-                  "minute", "hour", "weekday", "day", "month"]]
+    return frame[
+        [
+            "symbol",
+            "timestamps",
+            "open",
+            "high",
+            "low",
+            "close",
+            "volume",
+            "amount",
+            "minute",
+            "hour",
+            "weekday",
+            "day",
+            "month",
+        ]
+    ]
 
 
 class PandasIlocDataset(Dataset):
@@ -79,10 +95,10 @@ class PandasIlocDataset(Dataset):
 
     def __getitem__(self, idx: int):
         symbol, start = self.indices[idx]
-        win_df = self.data[symbol].iloc[start:start + self.window]
+        win_df = self.data[symbol].iloc[start : start + self.window]
         x = win_df[FEATURES].values.astype(np.float32)
         x_stamp = win_df[TIME_FEATURES].values.astype(np.float32)
-        past = x[:self.lookback]
+        past = x[: self.lookback]
         x = (x - np.mean(past, axis=0)) / (np.std(past, axis=0) + 1e-5)
         x = np.clip(x, -self.clip, self.clip)
         return torch.from_numpy(x), torch.from_numpy(x_stamp)
@@ -100,8 +116,9 @@ def rate_items(ds: Dataset, order: np.ndarray, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def rate_loader(ds: Dataset, n_windows: int, num_samples: int, seconds: float, batch_size: int = 50,
-                batched: bool = False) -> float:
+def rate_loader(
+    ds: Dataset, n_windows: int, num_samples: int, seconds: float, batch_size: int = 50, batched: bool = False
+) -> float:
     """Windows per second through a DataLoader fed by WindowSampler (``batched``: ``window_loader``)."""
     sampler = WindowSampler(n_windows, num_samples, seed=100)
     if batched:
@@ -155,7 +172,7 @@ def main() -> None:
     t0 = time.perf_counter()
     m = 0
     while time.perf_counter() - t0 < args.seconds:
-        fast.get_batch(order[m % (n - 50):m % (n - 50) + 50])
+        fast.get_batch(order[m % (n - 50) : m % (n - 50) + 50])
         m += 50
     rows.append(("get_batch(50) direct", m / (time.perf_counter() - t0), item_slow))
 

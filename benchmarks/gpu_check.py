@@ -22,6 +22,7 @@ under the results folder (a failing step does not stop the others):
 predictor's bf16 tokens/s at least 2x fp32, and the KV-cached generator at least 8.6x the uncached one at
 lookback 400 / pred 100, batch 1 (the upstream KV-cache proposal's A100 figure).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 450  # all steps together (the check must finish in under 8 minutes)
-LIGHT_DEPS = {"numpy": "numpy>=1.24", "pandas": "pandas>=2.2", "pyarrow": "pyarrow>=14",
-              "safetensors": "safetensors>=0.4", "huggingface_hub": "huggingface_hub>=0.20", "tqdm": "tqdm>=4.60",
-              "matplotlib": "matplotlib>=3.7", "yaml": "pyyaml>=6", "pytest": "pytest>=7"}
+LIGHT_DEPS = {
+    "numpy": "numpy>=1.24",
+    "pandas": "pandas>=2.2",
+    "pyarrow": "pyarrow>=14",
+    "safetensors": "safetensors>=0.4",
+    "huggingface_hub": "huggingface_hub>=0.20",
+    "tqdm": "tqdm>=4.60",
+    "matplotlib": "matplotlib>=3.7",
+    "yaml": "pyyaml>=6",
+    "pytest": "pytest>=7",
+}
 TARGETS = {"predictor bf16 / fp32 tokens/s": 2.0, "cached / uncached at 400/100, batch 1": 8.6}
 
 
@@ -50,8 +59,9 @@ class Check:
         self.steps: list[dict] = []
         self.env = dict(os.environ)
         src = str(ROOT / "src")
-        self.env["PYTHONPATH"] = src + os.pathsep + self.env.get("PYTHONPATH", "") if self.env.get("PYTHONPATH") \
-            else src
+        self.env["PYTHONPATH"] = (
+            src + os.pathsep + self.env.get("PYTHONPATH", "") if self.env.get("PYTHONPATH") else src
+        )
         self.env.setdefault("MPLBACKEND", "Agg")
 
     def left(self) -> float:
@@ -73,8 +83,9 @@ class Check:
             fh.write("$ " + " ".join(cmd) + "\n")
             fh.flush()
             try:
-                rc = subprocess.run(cmd, cwd=cwd, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                    timeout=limit).returncode
+                rc = subprocess.run(
+                    cmd, cwd=cwd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, timeout=limit
+                ).returncode
                 status = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
                 status = f"failed (timed out after {limit:.0f} s)"
@@ -94,10 +105,15 @@ def install_missing(check: Check) -> None:
         r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], capture_output=True, text=True)
         notes.append(f"pip install {' '.join(missing)}: {'ok' if r.returncode == 0 else r.stderr.strip()[-300:]}")
     if importlib.util.find_spec("kronos") is None:  # an installed kronos elsewhere is shadowed by PYTHONPATH=src
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
-                            str(ROOT)], capture_output=True, text=True)
-        notes.append("pip install -e . --no-deps: " + ("ok" if r.returncode == 0 else
-                                                      "failed, using PYTHONPATH=src (" + r.stderr.strip()[-200:] + ")"))
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+            capture_output=True,
+            text=True,
+        )
+        notes.append(
+            "pip install -e . --no-deps: "
+            + ("ok" if r.returncode == 0 else "failed, using PYTHONPATH=src (" + r.stderr.strip()[-200:] + ")")
+        )
     (check.out / "install.log").write_text("\n".join(notes or ["nothing missing"]) + "\n", encoding="utf-8")
     print("[install]", "; ".join(notes) or "nothing missing", flush=True)
 
@@ -105,12 +121,18 @@ def install_missing(check: Check) -> None:
 def environment(check: Check) -> int:
     import torch
 
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(), "gpus": []}
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [],
+    }
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        info["gpus"].append({"name": p.name, "capability": f"{p.major}.{p.minor}",
-                             "memory_gib": round(p.total_memory / 2**30, 1)})
+        info["gpus"].append(
+            {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1)}
+        )
     (check.out / "env.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     smi = shutil.which("nvidia-smi")
     if smi:
@@ -133,16 +155,35 @@ def pipeline_config(work: Path, cpu: bool) -> Path:
         other[c] = other[c] * 1.5
     other.to_csv(klines / "BBB.csv", index=False)
     cfg = {
-        "data_source": "csv", "csv_data_path": "klines", "split_ratios": [0.6, 0.2, 0.2],
-        "test_time_range": ["2024-08-01", "2024-08-31"], "backtest_time_range": ["2024-08-15", "2024-08-31"],
-        "dataset_path": "data/processed", "save_path": "outputs/models",
+        "data_source": "csv",
+        "csv_data_path": "klines",
+        "split_ratios": [0.6, 0.2, 0.2],
+        "test_time_range": ["2024-08-01", "2024-08-31"],
+        "backtest_time_range": ["2024-08-15", "2024-08-31"],
+        "dataset_path": "data/processed",
+        "save_path": "outputs/models",
         "backtest_result_path": "outputs/backtest_results",
-        "lookback_window": 30, "predict_window": 5, "epochs": 1, "batch_size": 8, "n_train_iter": 48,
-        "n_val_iter": 16, "log_interval": 2, "pretrained_tokenizer_path": "", "pretrained_predictor_path": "",
-        "tokenizer_preset": "tiny", "predictor_preset": "tiny", "tokenizer_learning_rate": 0.002,
-        "predictor_learning_rate": 0.002, "inference_sample_count": 2, "eval_max_anchors": 8,
-        "plot_n_symbols": 2, "backtest_n_symbol_hold": 1, "backtest_n_symbol_drop": 1, "backtest_hold_thresh": 1,
-        "num_workers": 0, "device": "cpu" if cpu else "cuda",
+        "lookback_window": 30,
+        "predict_window": 5,
+        "epochs": 1,
+        "batch_size": 8,
+        "n_train_iter": 48,
+        "n_val_iter": 16,
+        "log_interval": 2,
+        "pretrained_tokenizer_path": "",
+        "pretrained_predictor_path": "",
+        "tokenizer_preset": "tiny",
+        "predictor_preset": "tiny",
+        "tokenizer_learning_rate": 0.002,
+        "predictor_learning_rate": 0.002,
+        "inference_sample_count": 2,
+        "eval_max_anchors": 8,
+        "plot_n_symbols": 2,
+        "backtest_n_symbol_hold": 1,
+        "backtest_n_symbol_drop": 1,
+        "backtest_hold_thresh": 1,
+        "num_workers": 0,
+        "device": "cpu" if cpu else "cuda",
     }
     path = work / "config.json"
     path.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
@@ -163,23 +204,36 @@ def summarise(check: Check) -> int:
     pred = training.get("stages", {}).get("predictor", {})
     ratio = next((v for k, v in pred.items() if k.endswith("/ fp32")), None)
     measured["predictor bf16 / fp32 tokens/s"] = ratio
-    row = next((r for r in inference.get("rows", []) if (r["lookback"], r["pred_len"], r["batch"]) == (400, 100, 1)),
-               None)
+    row = next(
+        (r for r in inference.get("rows", []) if (r["lookback"], r["pred_len"], r["batch"]) == (400, 100, 1)), None
+    )
     measured["cached / uncached at 400/100, batch 1"] = row["speedup"] if row else None
     targets = {}
     for name, goal in TARGETS.items():
         got = measured[name]
-        targets[name] = {"target": goal, "measured": got,
-                         "met": None if got is None else bool(got >= goal)}
+        targets[name] = {"target": goal, "measured": got, "met": None if got is None else bool(got >= goal)}
     failed = [s for s in check.steps if s["status"].startswith("failed")]
-    summary = {"device": "cpu (smoke run)" if check.cpu else "cuda", "seconds": round(time.monotonic() - check.t0, 1),
-               "steps": check.steps, "targets": targets, "outputs_identical": inference.get("identical"),
-               "ok": not failed}
+    summary = {
+        "device": "cpu (smoke run)" if check.cpu else "cuda",
+        "seconds": round(time.monotonic() - check.t0, 1),
+        "steps": check.steps,
+        "targets": targets,
+        "outputs_identical": inference.get("identical"),
+        "ok": not failed,
+    }
     (check.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    lines = ["# GPU check", "", f"device: {summary['device']}; total {summary['seconds']} s", "",
-             "| step | status | seconds |", "|---|---|---|"]
-    lines += [f"| {s['step']} | {s['status']}{' (' + s['why'] + ')' if s.get('why') else ''} | {s['seconds']} |"
-              for s in check.steps]
+    lines = [
+        "# GPU check",
+        "",
+        f"device: {summary['device']}; total {summary['seconds']} s",
+        "",
+        "| step | status | seconds |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {s['step']} | {s['status']}{' (' + s['why'] + ')' if s.get('why') else ''} | {s['seconds']} |"
+        for s in check.steps
+    ]
     lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]
     for name, t in targets.items():
         got = "n/a" if t["measured"] is None else f"{t['measured']:.2f}x"
@@ -187,8 +241,11 @@ def summarise(check: Check) -> int:
     for name in ("inference.log", "training.log"):
         path = check.out / name
         if path.is_file():
-            table = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                     if ln and not ln.startswith("$")][-14:]
+            table = [
+                ln
+                for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if ln and not ln.startswith("$")
+            ][-14:]
             lines += ["", f"## {name}", "", "```", *table, "```"]
     text = "\n".join(lines) + "\n"
     (check.out / "summary.md").write_text(text, encoding="utf-8")
@@ -198,10 +255,14 @@ def summarise(check: Check) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-check"),
-                        help="results folder (default $OUT, else ./gpu-check/)")
-    parser.add_argument("--cpu", action="store_true",
-                        help="smoke run without a GPU: CUDA-only parts skipped, benchmarks shrunk")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(ROOT / "gpu-check"),
+        help="results folder (default $OUT, else ./gpu-check/)",
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="smoke run without a GPU: CUDA-only parts skipped, benchmarks shrunk"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -214,30 +275,75 @@ def main(argv=None) -> int:
         return 2
     dev = "cpu" if args.cpu else "cuda"
 
-    check.run("gpu-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu or not slow",
-                            "tests/gpu", "tests/model/test_numerics.py", "tests/train/test_numerics.py",
-                            f"--junitxml={out / 'gpu-tests.xml'}"], timeout=100)
+    check.run(
+        "gpu-tests",
+        [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "gpu or not slow",
+            "tests/gpu",
+            "tests/model/test_numerics.py",
+            "tests/train/test_numerics.py",
+            f"--junitxml={out / 'gpu-tests.xml'}",
+        ],
+        timeout=100,
+    )
     if args.cpu:
         inference = ["--cases", "32/4", "--batch-sizes", "1", "2"]
         training = ["--stages", "tokenizer", "--batch", "2", "--steps", "1", "--warmup", "1", "--rounds", "1"]
     else:
         inference = ["--cases", "400/100", "--batch-sizes", "1", "8", "64"]
         training = ["--batch", "50", "--steps", "5", "--warmup", "3", "--rounds", "2", "--compile"]
-    check.run("inference", [py, "benchmarks/inference.py", "--device", dev, "--no-samples", *inference,
-                            "--json", str(out / "inference.json")], timeout=80)
-    check.run("training", [py, "benchmarks/training.py", "--device", dev, *training,
-                           "--json", str(out / "training.json")], timeout=140)
+    check.run(
+        "inference",
+        [
+            py,
+            "benchmarks/inference.py",
+            "--device",
+            dev,
+            "--no-samples",
+            *inference,
+            "--json",
+            str(out / "inference.json"),
+        ],
+        timeout=80,
+    )
+    check.run(
+        "training",
+        [py, "benchmarks/training.py", "--device", dev, *training, "--json", str(out / "training.json")],
+        timeout=140,
+    )
     with tempfile.TemporaryDirectory(prefix="kronos-gpu-check-") as tmp:
         work = Path(tmp)
         cfg = pipeline_config(work, args.cpu)
-        pipe = [py, str(ROOT / "finetune" / "train_complete_pipeline.py"), "--fast-mode", "--data-source", "csv",
-                "--config-path", str(cfg)] + (["--cpu"] if args.cpu else [])
+        pipe = [
+            py,
+            str(ROOT / "finetune" / "train_complete_pipeline.py"),
+            "--fast-mode",
+            "--data-source",
+            "csv",
+            "--config-path",
+            str(cfg),
+        ] + (["--cpu"] if args.cpu else [])
         if check.run("pipeline", pipe, timeout=100, cwd=work):
             for found in work.glob("outputs/backtest_results/*/pipeline_result.json"):
                 shutil.copy(found, out / "pipeline_result.json")
         nproc = 2 if args.cpu else n_gpus
-        runner = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                  str(ROOT / "finetune" / "train_tokenizer.py"), "--config-path", str(cfg)]
+        runner = [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(ROOT / "finetune" / "train_tokenizer.py"),
+            "--config-path",
+            str(cfg),
+        ]
         skip = "" if (work / "data" / "processed").exists() else "no dataset (the pipeline step failed)"
         if check.run("torchrun", runner + (["--cpu"] if args.cpu else []), timeout=60, cwd=work, skip=skip):
             for found in work.glob("outputs/models/*/summary.json"):

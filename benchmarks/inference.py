@@ -19,6 +19,7 @@ series, with the context shared across the paths (encoded, prefilled and decoded
 With max_context 512, lookback 400 and pred_len 120 the window slides for the last steps (each of those steps
 recomputes a full 512-token window, by design: positions restart at 0 for each window); pred_len 100 never slides.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,9 @@ def timed(predictor: KronosPredictor, inputs, pred_len: int, use_cache: bool):
     return time.perf_counter() - start, out
 
 
-def sampling_table(predictor: KronosPredictor, lookback: int, pred_len: int, samples: int, seed: int,
-                   repeats: int) -> bool:
+def sampling_table(
+    predictor: KronosPredictor, lookback: int, pred_len: int, samples: int, seed: int, repeats: int
+) -> bool:
     """Time one series with 1 and ``samples`` sample paths, context shared or recomputed per path."""
     df, xt, yt = synthetic_series(lookback, pred_len, seed)
     item = predictor.prepare(df, xt, yt, pred_len)
@@ -95,8 +97,10 @@ def sampling_table(predictor: KronosPredictor, lookback: int, pred_len: int, sam
         ratios[share] = t / one
         print(f"{samples:>7} {'shared' if share else 'per path':>9} {t:>8.3f} {t / one:>9.1f}x "
               f"{os.getloadavg()[0]:>5.2f}", flush=True)  # fmt: skip
-    print(f"{samples} paths, shared context: {ratios[True]:.2f}x one path (goal <= {SAMPLES_TARGET}x); "
-          f"per-path context: {ratios[False]:.2f}x; speed-up from sharing {ratios[False] / ratios[True]:.1f}x")
+    print(
+        f"{samples} paths, shared context: {ratios[True]:.2f}x one path (goal <= {SAMPLES_TARGET}x); "
+        f"per-path context: {ratios[False]:.2f}x; speed-up from sharing {ratios[False] / ratios[True]:.1f}x"
+    )
     return ratios[True] <= SAMPLES_TARGET
 
 
@@ -134,8 +138,10 @@ def main(argv=None) -> int:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.2f}")  # fmt: skip
     if device.startswith("cuda"):
-        print(f"device {device}: {torch.cuda.get_device_name(torch.device(device))}, TF32 matmuls "
-              f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}")
+        print(
+            f"device {device}: {torch.cuda.get_device_name(torch.device(device))}, TF32 matmuls "
+            f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+        )
     timed(predictor, tuple([v] for v in synthetic_series(64, 4, 99)), 4, True)  # warm-up (one-time costs)
     samples_ok = True
     if not args.no_samples:
@@ -165,9 +171,18 @@ def main(argv=None) -> int:
             print(f"{lookback:>8} {pred_len:>8} {batch:>5} {slides:>6} {t_cached / batch:>12.3f} "
                   f"{t_plain / batch:>14.3f} {ratio:>7.1f}x {str(identical):>9} {os.getloadavg()[0]:>5.2f}",
                   flush=True)  # fmt: skip
-            rows.append({"lookback": lookback, "pred_len": pred_len, "batch": batch, "slides": slides,
-                         "cached_s_per_forecast": t_cached / batch, "uncached_s_per_forecast": t_plain / batch,
-                         "speedup": ratio, "identical": identical})
+            rows.append(
+                {
+                    "lookback": lookback,
+                    "pred_len": pred_len,
+                    "batch": batch,
+                    "slides": slides,
+                    "cached_s_per_forecast": t_cached / batch,
+                    "uncached_s_per_forecast": t_plain / batch,
+                    "speedup": ratio,
+                    "identical": identical,
+                }
+            )
             target = targets.get((lookback, pred_len))
             if batch == 1 and target and ratio < target:
                 misses.append(f"{lookback}/{pred_len}: {ratio:.1f}x < {target}x")
@@ -182,9 +197,19 @@ def main(argv=None) -> int:
         import json
         from pathlib import Path
 
-        Path(args.json).write_text(json.dumps({"device": device, "rows": rows, "identical": all_identical,
-                                               "targets": {f"{a}/{b}": t for (a, b), t in targets.items()},
-                                               "missed": misses}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "rows": rows,
+                    "identical": all_identical,
+                    "targets": {f"{a}/{b}": t for (a, b), t in targets.items()},
+                    "missed": misses,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0 if all_identical else 1
 
 

@@ -11,6 +11,7 @@ both modes return identical forecasts for the same requests (greedy decoding, ``
     python benchmarks/serve.py --tokenizer ./tok --model ./pred --max-context 512
     python benchmarks/serve.py --sampled --samples 16 --clients 16 --requests 2   # sampled 16-path requests
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,33 @@ def start_server(args, batching: bool) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "kronos.cli", "-q", "serve", "--tokenizer", args.tokenizer, "--model", args.model,
-           "--max-context", str(args.max_context), "--device", "cpu", "--port", str(port),
-           "--batch-wait-ms", str(args.wait_ms), "--max-queue", "4096"]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "kronos.cli",
+        "-q",
+        "serve",
+        "--tokenizer",
+        args.tokenizer,
+        "--model",
+        args.model,
+        "--max-context",
+        str(args.max_context),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--batch-wait-ms",
+        str(args.wait_ms),
+        "--max-queue",
+        "4096",
+    ]
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -69,12 +92,20 @@ def payloads(args) -> list[dict]:
     out = []
     for i in range(args.clients * args.requests):
         start = (i * 37) % (len(frame) - args.lookback)
-        bars = frame.iloc[start:start + args.lookback].to_dict("records")
+        bars = frame.iloc[start : start + args.lookback].to_dict("records")
         if args.sampled:  # the API's usual request: sampled paths, no seed (outputs differ run to run)
             out.append({"bars": bars, "horizon": args.horizon, "samples": args.samples, "quantiles": [0.1, 0.9]})
         else:
-            out.append({"bars": bars, "horizon": args.horizon, "samples": args.samples, "top_k": 1, "seed": 7,
-                        "quantiles": [0.1, 0.9]})
+            out.append(
+                {
+                    "bars": bars,
+                    "horizon": args.horizon,
+                    "samples": args.samples,
+                    "top_k": 1,
+                    "seed": 7,
+                    "quantiles": [0.1, 0.9],
+                }
+            )
     return out
 
 
@@ -120,13 +151,18 @@ def main() -> int:
     p.add_argument("--wait-ms", type=float, default=20.0, help="the server's --batch-wait-ms")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     p.add_argument("--samples", type=int, default=1, help="sample paths per request")
-    p.add_argument("--sampled", action="store_true",
-                   help="random sampling (top_p 0.9, no seed) instead of greedy; no identical-output check")
+    p.add_argument(
+        "--sampled",
+        action="store_true",
+        help="random sampling (top_p 0.9, no seed) instead of greedy; no identical-output check",
+    )
     args = p.parse_args()
-    print(f"# kronos serve benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"server threads {args.threads}; lookback {args.lookback}, horizon {args.horizon}, {args.samples} path(s), "
-          f"{'sampled, no seed' if args.sampled else 'greedy, seed 7'}, "
-          f"batch wait {args.wait_ms} ms")
+    print(
+        f"# kronos serve benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"server threads {args.threads}; lookback {args.lookback}, horizon {args.horizon}, {args.samples} path(s), "
+        f"{'sampled, no seed' if args.sampled else 'greedy, seed 7'}, "
+        f"batch wait {args.wait_ms} ms"
+    )
     rows, outputs = [], {}
     for batching in (False, True):
         proc, url = start_server(args, batching)
@@ -136,10 +172,17 @@ def main() -> int:
                 bodies = payloads(a)
                 wall, lat, res = asyncio.run(load(url, bodies, clients))
                 lat_ms = np.array(lat) * 1000
-                rows.append({"batching": "on" if batching else "off", "clients": clients, "requests": len(bodies),
-                             "req/s": len(bodies) / wall, "p50 ms": np.percentile(lat_ms, 50),
-                             "p99 ms": np.percentile(lat_ms, 99),
-                             "mean batch": np.mean([r["batch_size"] for r in res])})
+                rows.append(
+                    {
+                        "batching": "on" if batching else "off",
+                        "clients": clients,
+                        "requests": len(bodies),
+                        "req/s": len(bodies) / wall,
+                        "p50 ms": np.percentile(lat_ms, 50),
+                        "p99 ms": np.percentile(lat_ms, 99),
+                        "mean batch": np.mean([r["batch_size"] for r in res]),
+                    }
+                )
                 outputs[(batching, clients)] = [(r["mean"], r["quantiles"]) for r in res]
         finally:
             proc.terminate()
@@ -152,8 +195,10 @@ def main() -> int:
         on = table[(table.batching == "on") & (table.clients == clients)]["req/s"].iloc[0]
         same = outputs[(False, clients)] == outputs[(True, clients)] or args.sampled
         goal = f" (goal >= {GOAL:g}x: {'met' if on / off >= GOAL else 'NOT met'})" if clients == 16 else ""
-        print(f"{clients:>3} clients: batching on/off = {on / off:.2f}x requests/s{goal}; "
-              f"identical outputs: {'n/a (random sampling)' if args.sampled else 'yes' if same else 'NO'}")
+        print(
+            f"{clients:>3} clients: batching on/off = {on / off:.2f}x requests/s{goal}; "
+            f"identical outputs: {'n/a (random sampling)' if args.sampled else 'yes' if same else 'NO'}"
+        )
         ok = ok and same
     return 0 if ok else 1
 

@@ -1,6 +1,7 @@
 """Training throughput of both stages: kronos.train's step vs the same step written the official way.
 
-Shapes: Tokenizer-base (3.96M parameters) and the Kronos-small predictor (24.7M), batch 16 (``--batch``), windows of 101 rows
+Shapes: Tokenizer-base (3.96M parameters) and the Kronos-small predictor (24.7M), batch 16 (``--batch``), windows of
+101 rows
 (lookback 90 + predict 10 + 1), on the bundled real Qlib demo data (``examples/data/qlib_cn_demo``).
 
 * ours: ``kronos.train.Trainer`` (WindowDataset + ``window_loader`` + ``Trainer.train_step``: fp32 on CPU, bf16
@@ -18,6 +19,7 @@ Target on CUDA: bf16 at least 2x the fp32 tokens/s for the predictor.
 Run: ``python benchmarks/training.py [--steps 3] [--warmup 1] [--rounds 2] [--device cpu|cuda|auto] [--batch 50]
 [--compile] [--json out.json]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +27,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,6 @@ except ImportError:  # running from a checkout without `pip install -e .`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data_loading import PandasIlocDataset, read_qlib_frame  # noqa: E402  (the official-style dataset)
-
 from kronos.config import Config  # noqa: E402
 from kronos.data.windows import WindowDataset  # noqa: E402
 from kronos.model import build_predictor, build_tokenizer  # noqa: E402
@@ -66,16 +67,38 @@ def time_steps(step: Callable[[], None], n: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def ours(stage: str, ds: WindowDataset, device: torch.device, precision: str, tok_folder: Path,
-         save: Path, n_steps: int, compile: bool = False) -> Callable[[], None]:
+def ours(
+    stage: str,
+    ds: WindowDataset,
+    device: torch.device,
+    precision: str,
+    tok_folder: Path,
+    save: Path,
+    n_steps: int,
+    compile: bool = False,
+) -> Callable[[], None]:
     """A step function running kronos.train's Trainer on ``ds``."""
-    cfg = Config.from_dict(dict(
-        device=device.type, precision=precision, batch_size=BATCH, lookback_window=LOOKBACK,
-        predict_window=PREDICT, n_train_iter=BATCH * n_steps, n_val_iter=BATCH, epochs=1,
-        pretrained_tokenizer_path="", pretrained_predictor_path="", tokenizer_preset="base",
-        predictor_preset="small", save_path=str(save), finetuned_tokenizer_path=str(tok_folder),
-        checkpoint_interval=0, seed=100, compile=compile,
-    ))
+    cfg = Config.from_dict(
+        dict(
+            device=device.type,
+            precision=precision,
+            batch_size=BATCH,
+            lookback_window=LOOKBACK,
+            predict_window=PREDICT,
+            n_train_iter=BATCH * n_steps,
+            n_val_iter=BATCH,
+            epochs=1,
+            pretrained_tokenizer_path="",
+            pretrained_predictor_path="",
+            tokenizer_preset="base",
+            predictor_preset="small",
+            save_path=str(save),
+            finetuned_tokenizer_path=str(tok_folder),
+            checkpoint_interval=0,
+            seed=100,
+            compile=compile,
+        )
+    )
     trainer = Trainer(get_stage(stage, cfg), cfg, DistContext(device=device))
     trainer.setup(datasets=(ds, ds))
     trainer.train_sampler.set_epoch(0)
@@ -88,8 +111,9 @@ def ours(stage: str, ds: WindowDataset, device: torch.device, precision: str, to
     return step
 
 
-def official(stage: str, ds: PandasIlocDataset, device: torch.device, tok_folder: Path,
-             n_steps: int) -> Callable[[], None]:
+def official(
+    stage: str, ds: PandasIlocDataset, device: torch.device, tok_folder: Path, n_steps: int
+) -> Callable[[], None]:
     """A step function written like the official finetune scripts (fp32)."""
     from kronos.model import KronosTokenizer
 
@@ -102,10 +126,12 @@ def official(stage: str, ds: PandasIlocDataset, device: torch.device, tok_folder
         tokenizer = KronosTokenizer.from_pretrained(tok_folder).to(device).eval()
         lr, betas, clip = 4e-5, (0.9, 0.95), 3.0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, steps_per_epoch=n_steps, epochs=1,
-                                                pct_start=0.03, div_factor=10)
-    loader = DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=0, drop_last=True,
-                        pin_memory=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, steps_per_epoch=n_steps, epochs=1, pct_start=0.03, div_factor=10
+    )
+    loader = DataLoader(
+        ds, batch_size=BATCH, shuffle=True, num_workers=0, drop_last=True, pin_memory=device.type == "cuda"
+    )
     batches = iter(loader)
 
     def step() -> None:
@@ -119,8 +145,10 @@ def official(stage: str, ds: PandasIlocDataset, device: torch.device, tok_folder
             with torch.no_grad():
                 s1, s2 = tokenizer.encode(x, half=True)
             l1, l2 = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1])  # sampled sibling (Q13)
-            loss = (F.cross_entropy(l1.reshape(-1, l1.shape[-1]), s1[:, 1:].reshape(-1))
-                    + F.cross_entropy(l2.reshape(-1, l2.shape[-1]), s2[:, 1:].reshape(-1))) / 2
+            loss = (
+                F.cross_entropy(l1.reshape(-1, l1.shape[-1]), s1[:, 1:].reshape(-1))
+                + F.cross_entropy(l2.reshape(-1, l2.shape[-1]), s2[:, 1:].reshape(-1))
+            ) / 2
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
         opt.step()
@@ -158,9 +186,11 @@ def main() -> None:
     fast = WindowDataset(frame, LOOKBACK, PREDICT)
     slow = PandasIlocDataset(frame, LOOKBACK, PREDICT)
     n_total = args.warmup + args.rounds * args.steps
-    print(f"data: {len(frame):,} rows, {len(fast):,} windows of {fast.window} rows; batch {BATCH}; "
-          f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"data: {len(frame):,} rows, {len(fast):,} windows of {fast.window} rows; batch {BATCH}; "
+        f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,13 +199,16 @@ def main() -> None:
         build_tokenizer("base").save_pretrained(tok_folder)
         for stage in args.stages.split(","):
             tokens = BATCH * (fast.window if stage == "tokenizer" else fast.window - 1)
-            variants = {"ours": ours(stage, fast, device, "auto", tok_folder, Path(tmp) / "o1", n_total),
-                        "official": official(stage, slow, device, tok_folder, n_total)}
+            variants = {
+                "ours": ours(stage, fast, device, "auto", tok_folder, Path(tmp) / "o1", n_total),
+                "official": official(stage, slow, device, tok_folder, n_total),
+            }
             if cuda:
                 variants["ours fp32"] = ours(stage, fast, device, "fp32", tok_folder, Path(tmp) / "o2", n_total)
             if args.compile:
-                variants["ours compiled"] = ours(stage, fast, device, "auto", tok_folder, Path(tmp) / "o3", n_total,
-                                                 compile=True)
+                variants["ours compiled"] = ours(
+                    stage, fast, device, "auto", tok_folder, Path(tmp) / "o3", n_total, compile=True
+                )
             for fn in variants.values():
                 for _ in range(args.warmup):
                     fn()
@@ -187,8 +220,12 @@ def main() -> None:
             results.append((stage, tokens, med))
 
     prec = _auto_precision(device)
-    label = {"ours": f"kronos.train ({prec})", "official": "official-style (fp32)",
-             "ours fp32": "kronos.train (fp32)", "ours compiled": f"kronos.train ({prec}+compile)"}
+    label = {
+        "ours": f"kronos.train ({prec})",
+        "official": "official-style (fp32)",
+        "ours fp32": "kronos.train (fp32)",
+        "ours compiled": f"kronos.train ({prec}+compile)",
+    }
     print(f"\n{'stage':10s} {'path':28s} {'s/step':>8s} {'steps/s':>8s} {'tokens/s':>10s} {'vs official':>12s}")
     report = {"device": str(device), "batch": BATCH, "precision": prec, "stages": {}, "missed": []}
     for stage, tokens, med in results:
@@ -208,8 +245,10 @@ def main() -> None:
             print(f"{stage:10s} {'compile speed-up':28s} {speedup:>41.2f}x")
         report["stages"][stage] = entry
     if cuda:
-        print(f"target: predictor bf16 >= {BF16_TARGET}x fp32 tokens/s: "
-              f"{'missed (' + '; '.join(report['missed']) + ')' if report['missed'] else 'met'}")
+        print(
+            f"target: predictor bf16 >= {BF16_TARGET}x fp32 tokens/s: "
+            f"{'missed (' + '; '.join(report['missed']) + ')' if report['missed'] else 'met'}"
+        )
     if args.json:
         import json
 

@@ -1,4 +1,5 @@
 """Make `import kronos` work when these scripts run from a source checkout without `pip install`."""
+
 from __future__ import annotations
 
 import sys

@@ -5,9 +5,8 @@ DataLoader workers repeat each other -- Q15); pick an epoch's windows with :clas
 (``ds.sampler(rank, world_size)`` builds the seed's one: ``n_samples`` draws seeded by ``config.seed``).
 Works when run from ``finetune/`` or the repository root, installed or not.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 try:
     import kronos  # noqa: F401
@@ -31,7 +30,7 @@ class QlibDataset(WindowDataset):
     the number of windows like the official dataset.
     """
 
-    def __init__(self, data_type: str = "train", config: Optional[Config] = None, return_index: bool = False) -> None:
+    def __init__(self, data_type: str = "train", config: Config | None = None, return_index: bool = False) -> None:
         if data_type not in ("train", "val", "test"):
             raise InputError(f"data_type must be 'train', 'val' or 'test', got {data_type!r}")
         self.config = config if config is not None else Config()
@@ -53,7 +52,7 @@ class QlibDataset(WindowDataset):
         self.n_samples = min(n_iter, len(self))
 
     @classmethod
-    def from_config(cls, config: Config, split: str, return_index: bool = False) -> "QlibDataset":
+    def from_config(cls, config: Config, split: str, return_index: bool = False) -> QlibDataset:
         return cls(split, config, return_index=return_index)
 
     def sampler(self, rank: int = 0, world_size: int = 1) -> WindowSampler:

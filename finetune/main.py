@@ -1,21 +1,21 @@
 """The pipeline class of the seed guide, usable from Python.
 
-    from config import Config
-    from main import KronosTrainingPipeline
+from config import Config
+from main import KronosTrainingPipeline
 
-    pipe = KronosTrainingPipeline(Config.from_file("../examples/configs/demo.json"), fast_mode=True)
-    pipe.run_data_processing()      # step 1: load, clean, split, save the dataset
-    pipe.run_tokenizer_training()   # step 2: finetune (or train) the tokenizer
-    pipe.run_predictor_training()   # step 3: finetune (or train) the predictor
-    pipe.run_prediction()           # step 4: forecast the latest bars of every symbol
-    pipe.run_evaluation()           # metrics on the test split
-    pipe.run_backtest()             # top-k backtest of the forecast signals
-    # or everything: pipe.run_complete_pipeline(skip_data=False, ...)
+pipe = KronosTrainingPipeline(Config.from_file("../examples/configs/demo.json"), fast_mode=True)
+pipe.run_data_processing()      # step 1: load, clean, split, save the dataset
+pipe.run_tokenizer_training()   # step 2: finetune (or train) the tokenizer
+pipe.run_predictor_training()   # step 3: finetune (or train) the predictor
+pipe.run_prediction()           # step 4: forecast the latest bars of every symbol
+pipe.run_evaluation()           # metrics on the test split
+pipe.run_backtest()             # top-k backtest of the forecast signals
+# or everything: pipe.run_complete_pipeline(skip_data=False, ...)
 """
+
 from __future__ import annotations
 
 import _bootstrap  # noqa: F401  (makes `kronos` importable from a source checkout)
-
 from kronos.config import Config, apply_fast_mode
 from kronos.pipeline import KronosPipeline
 
@@ -47,8 +47,9 @@ class KronosTrainingPipeline(KronosPipeline):
     def run_backtest(self):
         return self.backtest()
 
-    def run_complete_pipeline(self, skip_data: bool = False, skip_tokenizer: bool = False,
-                              skip_predictor: bool = False):
+    def run_complete_pipeline(
+        self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False
+    ):
         return self.run(skip_data=skip_data, skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor)
 
 

@@ -8,19 +8,24 @@ splits them by `train/val/test_time_range` (or `split_ratios`) and writes
 `<dataset_path>/{train,val,test}.parquet` + `manifest.json`. Needs Qlib: `pip install pyqlib`.
 The same command as `kronos data --data-source qlib`.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import _bootstrap  # noqa: F401  (makes `kronos` importable from a source checkout)
-
 from kronos import cli
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return cli.main(argv, command="data", prog="qlib_data_preprocess.py", data_source="qlib",
-                    description="Build the Kronos training dataset from Qlib data.")
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(
+        argv,
+        command="data",
+        prog="qlib_data_preprocess.py",
+        data_source="qlib",
+        description="Build the Kronos training dataset from Qlib data.",
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Kept so that existing scripts' `from sina_data_processor import DataProcessorFac
     processor = DataProcessorFactory.create_processor("sina", config)   # or "qlib", "csv"
     processor.run_pipeline()
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,7 +20,13 @@ except ImportError:  # a plain checkout without `pip install -e .`: use the pack
 
 from kronos.data.sources import BaseDataProcessor, DataProcessorFactory  # noqa: E402
 
-__all__ = ["BaseDataProcessor", "DataProcessorFactory", "QlibDataProcessor", "CsvDataProcessor", "SinaDataProcessor"]
+__all__ = [
+    "BaseDataProcessor",
+    "DataProcessorFactory",
+    "QlibDataProcessor",  # noqa: F822  (module __getattr__ below)
+    "CsvDataProcessor",  # noqa: F822
+    "SinaDataProcessor",  # noqa: F822
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,17 +10,21 @@
 The same command as `kronos pipeline` (same flags: --config-path, --set KEY=VALUE, --fast-mode, --cpu, -q,
 --data-source, the --skip-* flags and --resume; see README "Flags").
 """
+
 import sys
 
 import _bootstrap  # noqa: F401  (makes `kronos` importable from a source checkout)
-
 from kronos import cli
 
 
 def main(argv=None) -> int:
-    return cli.main(argv, command="pipeline", prog="train_complete_pipeline.py",
-                    description="Kronos complete pipeline: data processing, tokenizer and predictor training, "
-                    "prediction, evaluation and backtest.")
+    return cli.main(
+        argv,
+        command="pipeline",
+        prog="train_complete_pipeline.py",
+        description="Kronos complete pipeline: data processing, tokenizer and predictor training, "
+        "prediction, evaluation and backtest.",
+    )
 
 
 if __name__ == "__main__":

@@ -7,12 +7,17 @@ Outputs go to <save_path>/<predictor_save_folder_name>/ (checkpoints/best_model,
 summary.json). The same command as `kronos train-predictor` (a thin wrapper over kronos.cli.main); see
 kronos.train.trainer for multi-node launches.
 """
+
 import sys
 
 import _bootstrap  # noqa: F401  (makes `kronos` importable from a source checkout)
-
 from kronos.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(command="train-predictor", prog="train_predictor.py",
-                  description="Stage 2: finetune the Kronos predictor (CPU, one GPU, or torchrun DDP)."))
+    sys.exit(
+        main(
+            command="train-predictor",
+            prog="train_predictor.py",
+            description="Stage 2: finetune the Kronos predictor (CPU, one GPU, or torchrun DDP).",
+        )
+    )

@@ -1,6 +1,7 @@
 """Shared test fixtures and paths. Tests mirror the package: tests/model, tests/data, tests/inference, tests/train,
 tests/evaluate, tests/e2e. Helpers (not tests) live in tests/_support (tiny random models: _support.models); real
 data in tests/fixtures."""
+
 import sys
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """The one CLI: global flags before or after the subcommand, --version, bare `kronos`, one-line errors, and the
 finetune/ scripts as thin calls of it (same flags everywhere)."""
+
 import json
 import runpy
 import sys
@@ -24,8 +25,14 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"kronos {__version__}"
 
 
-@pytest.mark.parametrize("argv", [["-q", "config", "--set", "epochs=3"], ["config", "-q", "--set", "epochs=3"],
-                                  ["config", "--set", "epochs=3", "--quiet"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-q", "config", "--set", "epochs=3"],
+        ["config", "-q", "--set", "epochs=3"],
+        ["config", "--set", "epochs=3", "--quiet"],
+    ],
+)
 def test_global_flags_before_or_after_the_subcommand(argv, capsys, monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "setup_logging", lambda quiet=False: seen.setdefault("quiet", quiet))
@@ -44,11 +51,14 @@ def test_set_is_repeatable_and_fast_mode_caps(capsys):
     assert data["quantiles"] == [0.2, 0.8] and data["device"] == "cpu"
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["config", "--set", "batch_sise=3"], ["batch_sise", "did you mean 'batch_size'"]),
-    (["config", "--set", "epochs"], ["--set expects KEY=VALUE"]),
-    (["config", "--config-path", "/no/such/file.json"], ["does not exist"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["config", "--set", "batch_sise=3"], ["batch_sise", "did you mean 'batch_size'"]),
+        (["config", "--set", "epochs"], ["--set expects KEY=VALUE"]),
+        (["config", "--config-path", "/no/such/file.json"], ["does not exist"]),
+    ],
+)
 def test_user_errors_are_one_line_exit_1(argv, words, capsys):
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
@@ -65,11 +75,17 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
     assert cli.main(["config"]) == 130
 
 
-@pytest.mark.parametrize("script, command", [
-    ("train_complete_pipeline.py", "pipeline"), ("train_tokenizer.py", "train-tokenizer"),
-    ("train_tokenizer_cpu.py", "train-tokenizer"), ("train_predictor.py", "train-predictor"),
-    ("train_predictor_cpu.py", "train-predictor"), ("qlib_data_preprocess.py", "data"),
-])
+@pytest.mark.parametrize(
+    "script, command",
+    [
+        ("train_complete_pipeline.py", "pipeline"),
+        ("train_tokenizer.py", "train-tokenizer"),
+        ("train_tokenizer_cpu.py", "train-tokenizer"),
+        ("train_predictor.py", "train-predictor"),
+        ("train_predictor_cpu.py", "train-predictor"),
+        ("qlib_data_preprocess.py", "data"),
+    ],
+)
 def test_every_script_is_the_same_command(script, command, monkeypatch):
     """Each finetune/ script parses the same flags as `kronos COMMAND` and runs the same dispatcher."""
     seen = {}

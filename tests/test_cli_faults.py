@@ -1,4 +1,5 @@
 """Environment faults (full disk, read-only folder) end the CLI with one line, exit 1 and no partial file."""
+
 from __future__ import annotations
 
 import errno
@@ -22,8 +23,23 @@ def test_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, capsys, code)
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", failing_to_csv)
     out = tmp_path / "out" / "forecast.csv"
-    rc = cli.main(["forecast", "--input", str(CSV), "--tokenizer", str(TINY / "tokenizer"), "--model",
-                   str(TINY / "predictor"), "--pred-len", "2", "--lookback", "64", "--output", str(out)])
+    rc = cli.main(
+        [
+            "forecast",
+            "--input",
+            str(CSV),
+            "--tokenizer",
+            str(TINY / "tokenizer"),
+            "--model",
+            str(TINY / "predictor"),
+            "--pred-len",
+            "2",
+            "--lookback",
+            "64",
+            "--output",
+            str(out),
+        ]
+    )
     stderr = capsys.readouterr().err
     err = [line for line in stderr.splitlines() if line.startswith("error:")]  # (tqdm progress goes to stderr too)
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: cannot write"), stderr

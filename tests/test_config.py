@@ -1,4 +1,5 @@
 """Config: seed defaults, file overrides, errors that name the key, derived paths."""
+
 import json
 import subprocess
 import sys
@@ -101,13 +102,21 @@ def test_save_writes_effective_config(tmp_path):
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     f = tmp_path / "cfg.json"
     f.write_text(json.dumps({"batch_sise": 3}))
-    r = subprocess.run([sys.executable, "-m", "kronos.cli", "config", "--config-path", str(f)],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "kronos.cli", "config", "--config-path", str(f)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0
     assert "batch_sise" in r.stderr and "batch_size" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "kronos.cli", "config", "--fast-mode", "--set", "epochs=7"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "kronos.cli", "config", "--fast-mode", "--set", "epochs=7"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     from kronos.config import FAST_MODE_CAPS
@@ -119,8 +128,13 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
 def test_fast_mode_picks_cpu_presets_from_scratch_and_keeps_what_the_user_set(caplog):
     from kronos.config import FAST_MODE_CAPS, apply_fast_mode
 
-    cfg = Config(pretrained_tokenizer_path="", pretrained_predictor_path="", n_train_iter=10**6,
-                 predictor_preset="mini", epochs=30)
+    cfg = Config(
+        pretrained_tokenizer_path="",
+        pretrained_predictor_path="",
+        n_train_iter=10**6,
+        predictor_preset="mini",
+        epochs=30,
+    )
     with caplog.at_level("INFO", logger="kronos.config"):
         apply_fast_mode(cfg, explicit={"predictor_preset", "pretrained_tokenizer_path", "pretrained_predictor_path"})
     assert cfg.tokenizer_preset == "tiny" and cfg.tokenizer_learning_rate == 2e-3  # from scratch: CPU-sized
@@ -137,22 +151,25 @@ def test_fast_mode_picks_cpu_presets_from_scratch_and_keeps_what_the_user_set(ca
 
 
 # ------------------------------------------------------------------ hostile and mistaken values
-@pytest.mark.parametrize("overrides, words", [
-    ({"split_ratios": [0.6, "a", 0.2]}, "split_ratios"),
-    ({"tokenizer_learning_rate": float("nan")}, "tokenizer_learning_rate"),
-    ({"predictor_learning_rate": -1e-4}, "predictor_learning_rate"),
-    ({"predictor_learning_rate": 5.0}, "predictor_learning_rate"),
-    ({"quantiles": [0.1, 1.2]}, "quantiles"),
-    ({"quantiles": [0.0, 0.5]}, "quantiles"),
-    ({"quantiles": []}, "quantiles"),
-    ({"inference_top_k": -1}, "inference_top_k"),
-    ({"inference_top_p": 2.0}, "inference_top_p"),
-    ({"inference_T": float("inf")}, "inference_T"),
-    ({"lookback_window": -5}, "lookback_window"),
-    ({"tokenizer_save_folder_name": "../../escaped"}, "tokenizer_save_folder_name"),
-    ({"backtest_save_folder_name": "/tmp/x"}, "backtest_save_folder_name"),
-    ({"predictor_save_folder_name": ""}, "predictor_save_folder_name"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"split_ratios": [0.6, "a", 0.2]}, "split_ratios"),
+        ({"tokenizer_learning_rate": float("nan")}, "tokenizer_learning_rate"),
+        ({"predictor_learning_rate": -1e-4}, "predictor_learning_rate"),
+        ({"predictor_learning_rate": 5.0}, "predictor_learning_rate"),
+        ({"quantiles": [0.1, 1.2]}, "quantiles"),
+        ({"quantiles": [0.0, 0.5]}, "quantiles"),
+        ({"quantiles": []}, "quantiles"),
+        ({"inference_top_k": -1}, "inference_top_k"),
+        ({"inference_top_p": 2.0}, "inference_top_p"),
+        ({"inference_T": float("inf")}, "inference_T"),
+        ({"lookback_window": -5}, "lookback_window"),
+        ({"tokenizer_save_folder_name": "../../escaped"}, "tokenizer_save_folder_name"),
+        ({"backtest_save_folder_name": "/tmp/x"}, "backtest_save_folder_name"),
+        ({"predictor_save_folder_name": ""}, "predictor_save_folder_name"),
+    ],
+)
 def test_bad_values_are_one_line_config_errors(overrides, words):
     with pytest.raises(ConfigError) as info:
         Config.from_dict(overrides)
@@ -223,8 +240,16 @@ def test_fast_mode_caps_never_raise_and_zero_means_unlimited():
 
 
 def test_to_dict_redacts_every_secret_by_default(tmp_path):
-    c = Config.from_dict({"comet_config": {"api_key": "k-123", "project_name": "p", "workspace": "w",
-                                           "nested": {"hf_token": "t-9", "db_password": "pw"}}})
+    c = Config.from_dict(
+        {
+            "comet_config": {
+                "api_key": "k-123",
+                "project_name": "p",
+                "workspace": "w",
+                "nested": {"hf_token": "t-9", "db_password": "pw"},
+            }
+        }
+    )
     data = c.to_dict()
     assert data["comet_config"]["api_key"] == "***" and data["comet_config"]["project_name"] == "p"
     assert data["comet_config"]["nested"] == {"hf_token": "***", "db_password": "***"}
@@ -233,5 +258,5 @@ def test_to_dict_redacts_every_secret_by_default(tmp_path):
     assert c.comet_config["api_key"] == "k-123"  # the object itself keeps it for the Comet client
     c.save(tmp_path / "cfg.json")
     text = (tmp_path / "cfg.json").read_text()
-    assert "k-123" not in text and "t-9" not in text and "pw\"" not in text
+    assert "k-123" not in text and "t-9" not in text and 'pw"' not in text
     assert Config.from_dict({"comet_config": {"api_key": ""}}).to_dict()["comet_config"]["api_key"] == ""

@@ -6,6 +6,7 @@ the results files (metrics.json, pipeline_result.json); it is killed after renam
 starting from what the killed one before it left. After every kill each path must load, holding either the
 version it held before or the new one, and the results must carry run ids.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,25 +18,30 @@ from pathlib import Path
 import pytest
 import torch
 
+from _support.training import qlib_frame
 from kronos import io as kio
 from kronos.data.store import load_manifest, load_split, save_dataset
 from kronos.model import Kronos, build_predictor
-from _support.training import qlib_frame
 
 pytestmark = pytest.mark.slow  # forked writer processes
+
 
 def _write(root: Path, version: int) -> None:
     frame = qlib_frame(symbols=2)
     ts = frame["timestamps"]
-    splits = {"train": frame[ts < "2023-07-01"], "val": frame[(ts >= "2023-07-01") & (ts < "2024-04-01")],
-              "test": frame[ts >= "2024-04-01"]}
+    splits = {
+        "train": frame[ts < "2023-07-01"],
+        "val": frame[(ts >= "2023-07-01") & (ts < "2024-04-01")],
+        "test": frame[ts >= "2024-04-01"],
+    }
     save_dataset(root / "dataset", splits, {"version": version})
     model = build_predictor("tiny")
     with torch.no_grad():
         model.norm.weight.fill_(float(version))
     kio.write_folder(root / "checkpoints" / "best_model", lambda f: model.save_pretrained(f))
-    kio.write_folder(root / "checkpoints" / "last",
-                     lambda f: (f / "trainer_state.json").write_text(json.dumps({"version": version})))
+    kio.write_folder(
+        root / "checkpoints" / "last", lambda f: (f / "trainer_state.json").write_text(json.dumps({"version": version}))
+    )
     kio.write_json(root / "results" / "metrics.json", {"model/mse": 1.0, "run_id": f"run-{version}"})
     kio.write_json(root / "results" / "pipeline_result.json", {"run_id": f"run-{version}", "status": "finished"})
 

@@ -1,4 +1,5 @@
 """Every error a user can cause is a KronosError subclass, exported from `kronos` and `kronos.errors`."""
+
 import inspect
 
 import kronos
@@ -6,10 +7,14 @@ import kronos.errors as errors
 
 
 def test_every_error_class_is_exported_from_kronos():
-    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
-               if issubclass(c, errors.KronosError) and c.__module__ == errors.__name__]
+    classes = [
+        c
+        for _, c in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(c, errors.KronosError) and c.__module__ == errors.__name__
+    ]
     assert {"KronosError", "ConfigError", "DataError", "CheckpointError", "InputError", "DependencyError"} <= {
-        c.__name__ for c in classes}
+        c.__name__ for c in classes
+    }
     for c in classes:
         assert getattr(kronos, c.__name__) is c
         assert c.__name__ in kronos.__all__

@@ -1,4 +1,5 @@
 """The package's layers only point down: no import cycle, and runtime code never imports evaluation or training."""
+
 from __future__ import annotations
 
 import subprocess
@@ -72,13 +73,18 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_runtime_layers_import_nothing_from_evaluation_training_or_the_cli():
     graph = _graph()
-    upward = {m: sorted(d for d in graph.find_modules_directly_imported_by(m) if d.startswith(UPPER))
-              for m in graph.modules if m.startswith(LOW_LEVEL)}
+    upward = {
+        m: sorted(d for d in graph.find_modules_directly_imported_by(m) if d.startswith(UPPER))
+        for m in graph.modules
+        if m.startswith(LOW_LEVEL)
+    }
     assert {m: d for m, d in upward.items() if d} == {}
 
 
 def test_the_service_and_a_calibration_load_without_plotting_code():
-    code = ("import sys, kronos.serve.app, kronos.inference.bands; "
-            "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'kronos.evaluate', 'kronos.train'))))")
+    code = (
+        "import sys, kronos.serve.app, kronos.inference.bands; "
+        "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'kronos.evaluate', 'kronos.train'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

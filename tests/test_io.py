@@ -1,4 +1,5 @@
 """kronos.io: the one writer (atomic files and folders, strict JSON, tables)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,10 +38,21 @@ def test_strict_json_nan_inf_numpy_pandas_paths(tmp_path: Path) -> None:
         values: list
 
     value = {
-        "nan": float("nan"), "inf": math.inf, "-inf": -math.inf, "np_nan": np.float32("nan"),
-        "i": np.int64(3), "f": np.float64(0.5), "b": np.bool_(True), "arr": np.array([1.0, np.inf]),
-        "ts": pd.Timestamp("2024-01-02 09:30"), "nat": pd.NaT, "dt64": np.datetime64("2024-01-03"),
-        "path": Path("/x/y"), 7: "int key", "set": {"b", "a"}, "result": Result(Path("p"), [np.int32(1)]),
+        "nan": float("nan"),
+        "inf": math.inf,
+        "-inf": -math.inf,
+        "np_nan": np.float32("nan"),
+        "i": np.int64(3),
+        "f": np.float64(0.5),
+        "b": np.bool_(True),
+        "arr": np.array([1.0, np.inf]),
+        "ts": pd.Timestamp("2024-01-02 09:30"),
+        "nat": pd.NaT,
+        "dt64": np.datetime64("2024-01-03"),
+        "path": Path("/x/y"),
+        7: "int key",
+        "set": {"b", "a"},
+        "result": Result(Path("p"), [np.int32(1)]),
     }
     text = kio.dumps_json(value)
     back = json.loads(text)  # strict: the standard parser (no NaN/Infinity tokens) reads it

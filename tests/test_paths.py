@@ -1,4 +1,5 @@
 """Names are data, never paths: the one sanitiser and the inside-the-folder check."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,24 @@ from kronos.errors import InputError
 from kronos.paths import MAX_NAME, path_in, safe_filename
 
 
-@pytest.mark.parametrize("value", [
-    "x/../../../../tmp/ESCAPED", "../..", "..", ".", "", "/etc/passwd", "C:\\Windows\\evil", "a\x00b", "NUL",
-    "con.txt", "a" * 500, "  spaced out  ", "🙂/🙃",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x/../../../../tmp/ESCAPED",
+        "../..",
+        "..",
+        ".",
+        "",
+        "/etc/passwd",
+        "C:\\Windows\\evil",
+        "a\x00b",
+        "NUL",
+        "con.txt",
+        "a" * 500,
+        "  spaced out  ",
+        "🙂/🙃",
+    ],
+)
 def test_hostile_names_become_one_plain_component(tmp_path, value):
     name = safe_filename(value)
     assert name and name not in (".", "..") and "/" not in name and "\\" not in name and "\x00" not in name
@@ -37,4 +52,3 @@ def test_path_in_refuses_what_resolves_outside(tmp_path):
             path_in(tmp_path / "out", bad)
         assert "\n" not in str(info.value)
     assert path_in(tmp_path / "out", "sub/x.png") == tmp_path / "out" / "sub" / "x.png"
-

@@ -1,4 +1,5 @@
 """One run per output folder: the advisory run lock, stale-lock takeover and cleanup of killed runs' temporaries."""
+
 from __future__ import annotations
 
 import json
@@ -99,16 +100,25 @@ def test_stale_temporaries_of_killed_runs_are_removed_under_the_lock(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_into_locked_folders_stops_with_one_line(tmp_path):
-    cfg = {"data_source": "csv", "csv_data_path": str(Path(__file__).resolve().parent / "fixtures" / "kline_5min.csv"),
-           "dataset_path": str(tmp_path / "data"), "save_path": str(tmp_path / "outputs" / "models"),
-           "backtest_result_path": str(tmp_path / "outputs" / "results"), "run_folders": False}
+    cfg = {
+        "data_source": "csv",
+        "csv_data_path": str(Path(__file__).resolve().parent / "fixtures" / "kline_5min.csv"),
+        "dataset_path": str(tmp_path / "data"),
+        "save_path": str(tmp_path / "outputs" / "models"),
+        "backtest_result_path": str(tmp_path / "outputs" / "results"),
+        "run_folders": False,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     owner = hold_lock(tmp_path / "outputs" / "models", 120)
     try:
         env = dict(os.environ, PYTHONPATH=str(SRC))
-        r = subprocess.run([sys.executable, "-m", "kronos.cli", "pipeline", "--config-path",
-                            str(tmp_path / "config.json"), "--cpu"], capture_output=True, text=True, env=env,
-                           timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "kronos.cli", "pipeline", "--config-path", str(tmp_path / "config.json"), "--cpu"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
     finally:
         owner.kill()
         owner.wait()

@@ -1,4 +1,5 @@
 """Run folders: each pipeline run under its own readable id, `latest` pointing at the newest."""
+
 import datetime as dt
 
 import pytest

@@ -4,6 +4,7 @@ Trains the recipe's tokenizer once, then each shape of ``kronos.train.starter.PR
 optimizer steps as fit in ``--minutes`` (measured seconds per step of that shape), and prints its best causal
 validation loss. Usage: ``python tools/compare_starter_shapes.py --minutes 5``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def seconds_per_step(shape: dict, batch: int, window: int) -> float:
         if i == 1:
             t0 = time.perf_counter()
         l1, l2 = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True, s1_targets=s1[:, 1:])
-        loss = torch.nn.functional.cross_entropy(l1.reshape(-1, v), s1[:, 1:].reshape(-1)) + \
-            torch.nn.functional.cross_entropy(l2.reshape(-1, v), s2[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            l1.reshape(-1, v), s1[:, 1:].reshape(-1)
+        ) + torch.nn.functional.cross_entropy(l2.reshape(-1, v), s2[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -57,21 +59,36 @@ def main() -> None:
         steps = max(4, int(args.minutes * 60 / sps))
         per_epoch = max(1, steps // 4)
         over = {"predictor": {"epochs": 4, "n_train_iter": per_epoch * batch}}
-        cards = build_starter(args.data, str(work / name), str(work / "build"), name, stage_overrides=over,
-                              skip_tokenizer=i > 0)
+        cards = build_starter(
+            args.data, str(work / name), str(work / "build"), name, stage_overrides=over, skip_tokenizer=i > 0
+        )
         t = cards["predictor"]["training"]
-        row = {"shape": name, "parameters": cards["predictor"]["parameters"], "s_per_step": round(sps, 3),
-               "steps": t["steps"], "wall_s": t["wall_time_s"], "best_val_loss": t["best_val_loss"]}
+        row = {
+            "shape": name,
+            "parameters": cards["predictor"]["parameters"],
+            "s_per_step": round(sps, 3),
+            "steps": t["steps"],
+            "wall_s": t["wall_time_s"],
+            "best_val_loss": t["best_val_loss"],
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.record:
-        Path(args.record).write_text(json.dumps({"minutes_per_shape": args.minutes, "batch_size": batch,
-                                                 "window": window, "rows": rows}, indent=1) + "\n")
-    print("\n| shape | parameters | s/step (batch %d) | steps in %.0f min | wall s | best val loss |" % (batch, args.minutes))
+        Path(args.record).write_text(
+            json.dumps(
+                {"minutes_per_shape": args.minutes, "batch_size": batch, "window": window, "rows": rows}, indent=1
+            )
+            + "\n"
+        )
+    print(
+        f"\n| shape | parameters | s/step (batch {batch}) | steps in {args.minutes:.0f} min | wall s | best val loss |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['parameters']:,} | {r['s_per_step']} | {r['steps']} | {r['wall_s']} | "
-              f"{r['best_val_loss']:.4f} |")
+        print(
+            f"| {r['shape']} | {r['parameters']:,} | {r['s_per_step']} | {r['steps']} | {r['wall_s']} | "
+            f"{r['best_val_loss']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

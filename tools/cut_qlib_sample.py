@@ -6,6 +6,7 @@
 Keeps the calendar from --start on, the first N stocks (by name) that are CSI 300 members somewhere in the
 kept period, the given indices, and rewrites every feature bin against the cut calendar.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
     cal = [d.strip() for d in (src / "calendars/day.txt").read_text().split() if d.strip()]
     keep = [i for i, d in enumerate(cal) if a.start <= d <= a.end]
     first, last = keep[0], keep[-1]
-    new_cal = cal[first:last + 1]
+    new_cal = cal[first : last + 1]
     rows = [r.split("\t") for r in (src / "instruments/csi300.txt").read_text().splitlines() if r.strip()]
     spans = [(s, max(b, new_cal[0]), min(e, new_cal[-1])) for s, b, e in rows if e >= new_cal[0] and b <= new_cal[-1]]
     excluded = set()
@@ -38,8 +39,7 @@ def main(argv=None) -> None:
     (dst / "calendars").mkdir(parents=True, exist_ok=True)
     (dst / "instruments").mkdir(parents=True, exist_ok=True)
     (dst / "calendars/day.txt").write_text("\n".join(new_cal) + "\n")
-    (dst / "instruments/csi300.txt").write_text(
-        "".join(f"{s}\t{b}\t{e}\n" for s, b, e in spans if s in stocks))
+    (dst / "instruments/csi300.txt").write_text("".join(f"{s}\t{b}\t{e}\n" for s, b, e in spans if s in stocks))
     all_rows = []
     for sym in stocks + list(a.indices):
         fdir = src / "features" / sym.lower()
@@ -51,13 +51,13 @@ def main(argv=None) -> None:
             start = int(raw[0])
             values = raw[1:]
             full = np.full(len(cal), np.nan, dtype="<f4")
-            full[start:start + len(values)] = values
-            cut = full[first:last + 1]
+            full[start : start + len(values)] = values
+            cut = full[first : last + 1]
             valid = np.flatnonzero(~np.isnan(cut))
             if len(valid) == 0:
                 continue
             s, e = valid[0], valid[-1]
-            np.concatenate([[np.float32(s)], cut[s:e + 1]]).astype("<f4").tofile(out / fb.name)
+            np.concatenate([[np.float32(s)], cut[s : e + 1]]).astype("<f4").tofile(out / fb.name)
             if fb.name.startswith("close"):
                 lo_hi = (new_cal[s], new_cal[e])
         if lo_hi:

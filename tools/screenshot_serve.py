@@ -5,6 +5,7 @@
 Serves the run's model in use (with its calibration) on a loopback port, opens the page in headless Chromium
 (Debian's chromium + chromium-driver), picks the symbol and saves the screenshot once the forecast is drawn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,8 @@ def main() -> int:
     ap.add_argument("--serve-args", default="", help="more `kronos serve` flags, e.g. '--model PATH --calibration F'")
     args = ap.parse_args()
 
+    import shlex
+
     import uvicorn
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -33,10 +36,9 @@ def main() -> int:
     from kronos.serve.app import create_app
     from kronos.serve.command import build_engine
 
-    import shlex
-
-    serve_args = build_parser().parse_args(["serve", "--run", args.run, "--device", "cpu",
-                                            *shlex.split(args.serve_args)])
+    serve_args = build_parser().parse_args(
+        ["serve", "--run", args.run, "--device", "cpu", *shlex.split(args.serve_args)]
+    )
     engine, run = build_engine(serve_args)
     app = create_app(engine, run=run, host="127.0.0.1")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -48,8 +50,13 @@ def main() -> int:
     profile = tempfile.mkdtemp(prefix="kronos-shot-")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or ""
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,820",
-                 f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1100,820",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
     try:

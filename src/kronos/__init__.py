@@ -2,6 +2,7 @@
 
 The public API is imported lazily so that ``import kronos`` stays cheap for data-only work.
 """
+
 from __future__ import annotations
 
 import importlib

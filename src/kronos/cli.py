@@ -10,6 +10,7 @@ Examples::
     kronos forecast --input my_klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small --pred-len 24
     kronos config --config-path my.json          # print the effective config
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from kronos.config import Config
 from kronos.errors import ConfigError, KronosError
@@ -44,8 +46,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or action.required or default is argparse.SUPPRESS or default is None
-                or default is False or default in ("", []) or not action.option_strings):  # (0 == False: `is`)
+        if (
+            "default" in text
+            or action.required
+            or default is argparse.SUPPRESS
+            or default is None
+            or default is False
+            or default in ("", [])
+            or not action.option_strings
+        ):  # (0 == False: `is`)
             return text
         return f"{text} (default: %(default)s)"
 
@@ -58,14 +67,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config-path", metavar="PATH", help="JSON or YAML file overriding any subset of Config's keys; default: "
-                   "the built-in defaults (`kronos config` prints them)")
+    p.add_argument(
+        "--config-path",
+        metavar="PATH",
+        help="JSON or YAML file overriding any subset of Config's keys; default: "
+        "the built-in defaults (`kronos config` prints them)",
+    )
     p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is available")
     p.add_argument("--fast-mode", action="store_true", help="few epochs and batches: the whole pipeline in minutes")
-    p.add_argument("--data-source", metavar="NAME", help="qlib, sina, csv or a registered custom source; default: the config's "
-                   "data_source (qlib)")
-    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                   help="override one config key (VALUE parsed as JSON when possible); repeatable")
+    p.add_argument(
+        "--data-source",
+        metavar="NAME",
+        help="qlib, sina, csv or a registered custom source; default: the config's data_source (qlib)",
+    )
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config key (VALUE parsed as JSON when possible); repeatable",
+    )
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -108,8 +129,9 @@ def _add_global_flags(p: argparse.ArgumentParser, root: bool) -> None:
 
 
 def _new_command_parser(factory: Any, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
-    p = factory(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                formatter_class=_HelpFormatter)
+    p = factory(
+        name, help=help_text, description=help_text, epilog=f"example:\n  {example}", formatter_class=_HelpFormatter
+    )
     _add_global_flags(p, root=False)
     return p
 
@@ -126,7 +148,9 @@ def _quantile_list(text: str) -> list[float]:
         try:
             q = float(part)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{part}' is not a number (give levels in (0, 1), e.g. 0.1,0.9)") from None
+            raise argparse.ArgumentTypeError(
+                f"'{part}' is not a number (give levels in (0, 1), e.g. 0.1,0.9)"
+            ) from None
         if not 0.0 < q < 1.0:
             raise argparse.ArgumentTypeError(f"{part} is outside (0, 1) (give levels in (0, 1), e.g. 0.1,0.9)")
         levels.append(q)
@@ -134,36 +158,75 @@ def _quantile_list(text: str) -> list[float]:
 
 
 def _add_forecast_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, metavar="FILE",
-                   help="CSV or Parquet with timestamps, open, high, low, close[, volume, amount] (required)")
-    p.add_argument("--symbol", default="", help="the symbol to forecast when FILE holds several (a symbol/code "
-                   "column); default: the file's only symbol")
-    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer checkpoint folder or hub id (required)")
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE",
+        help="CSV or Parquet with timestamps, open, high, low, close[, volume, amount] (required)",
+    )
+    p.add_argument(
+        "--symbol",
+        default="",
+        help="the symbol to forecast when FILE holds several (a symbol/code column); default: the file's only symbol",
+    )
+    p.add_argument(
+        "--tokenizer", required=True, metavar="PATH", help="tokenizer checkpoint folder or hub id (required)"
+    )
     p.add_argument("--model", required=True, metavar="PATH", help="predictor checkpoint folder or hub id (required)")
     p.add_argument("--pred-len", type=int, required=True, metavar="N", help="number of future bars (required)")
-    p.add_argument("--lookback", type=int, default=0, metavar="N",
-                   help="use only the last N bars; 0 = all bars (the model sees at most --max-context)")
-    p.add_argument("--max-context", type=int, default=512, metavar="N",
-                   help="bars fed to the model (512 for Kronos-small/base, 2048 for Kronos-mini)")
+    p.add_argument(
+        "--lookback",
+        type=int,
+        default=0,
+        metavar="N",
+        help="use only the last N bars; 0 = all bars (the model sees at most --max-context)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=512,
+        metavar="N",
+        help="bars fed to the model (512 for Kronos-small/base, 2048 for Kronos-mini)",
+    )
     p.add_argument("--T", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens; 0 = off")
     p.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling mass in (0, 1]; 1 = off")
-    p.add_argument("--sample-count", type=int, default=1, metavar="S",
-                   help="sample paths averaged into the forecast; >= 2 adds quantile bands and p_up")
-    p.add_argument("--quantiles", type=_quantile_list, default=None, metavar="Q1,Q2,...",
-                   help="close quantile levels in (0, 1) for the band columns close_qQ (needs --sample-count >= 2); "
-                        "default: 0.1,0.9, or the calibrated levels with --calibration")
+    p.add_argument(
+        "--sample-count",
+        type=int,
+        default=1,
+        metavar="S",
+        help="sample paths averaged into the forecast; >= 2 adds quantile bands and p_up",
+    )
+    p.add_argument(
+        "--quantiles",
+        type=_quantile_list,
+        default=None,
+        metavar="Q1,Q2,...",
+        help="close quantile levels in (0, 1) for the band columns close_qQ (needs --sample-count >= 2); "
+        "default: 0.1,0.9, or the calibrated levels with --calibration",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for a reproducible forecast; default: unseeded")
-    p.add_argument("--calibration", default="", metavar="PATH",
-                   help="calibration.json of this model (kronos calibrate) for calibrated bands and P(up); "
-                        "default: raw bands")
+    p.add_argument(
+        "--calibration",
+        default="",
+        metavar="PATH",
+        help="calibration.json of this model (kronos calibrate) for calibrated bands and P(up); default: raw bands",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; default: CUDA, then MPS, then CPU")
-    p.add_argument("--output", default="", metavar="FILE",
-                   help="write the forecast (CSV, or Parquet for .parquet); parent folders are created; "
-                        "default: print it")
-    p.add_argument("--plot", default="", metavar="PNG",
-                   help="also write a figure: history candles, the forecast from the last close, the band and "
-                        "P(up); default: no figure")
+    p.add_argument(
+        "--output",
+        default="",
+        metavar="FILE",
+        help="write the forecast (CSV, or Parquet for .parquet); parent folders are created; default: print it",
+    )
+    p.add_argument(
+        "--plot",
+        default="",
+        metavar="PNG",
+        help="also write a figure: history candles, the forecast from the last close, the band and "
+        "P(up); default: no figure",
+    )
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -185,33 +248,67 @@ def _add_mcp_args(p: argparse.ArgumentParser) -> None:
 
 # name -> (help, example, add_arguments); the `kronos` parser and every finetune/ script are built from this table
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
-    "data": ("load, clean and split market data into the processed dataset",
-             "kronos data --config-path examples/configs/demo.json", add_config_args),
-    "train-tokenizer": ("train or finetune the tokenizer (torchrun for several GPUs/processes)",
-                        "kronos train-tokenizer --config-path examples/configs/demo.json --cpu --fast-mode",
-                        _add_train_args),
-    "train-predictor": ("train or finetune the predictor (torchrun for several GPUs/processes)",
-                        "kronos train-predictor --config-path examples/configs/demo.json --cpu --fast-mode",
-                        _add_train_args),
-    "predict": ("forecast the bars after every symbol's latest lookback window",
-                "kronos predict --config-path examples/configs/demo.json", add_config_args),
-    "evaluate": ("walk-forward report on the test split: the model beside baselines (report.json/md, PNGs)",
-                 "kronos evaluate --config-path examples/configs/demo.json --fast-mode", add_config_args),
-    "calibrate": ("fit calibrated bands and P(up) on validation anchors (calibration.json beside best_model)",
-                  "kronos calibrate --config-path examples/configs/demo.json --fast-mode", add_config_args),
-    "backtest": ("top-k backtest of the forecast signals over backtest_time_range",
-                 "kronos backtest --config-path examples/configs/demo.json --fast-mode", add_config_args),
-    "pipeline": ("the complete pipeline: data, tokenizer, predictor, predict, evaluate, backtest",
-                 "kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode", _add_pipeline_args),
-    "forecast": ("forecast one K-line file (CSV/Parquet) with any tokenizer/predictor checkpoints",
-                 "kronos forecast --input klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small "
-                 "--pred-len 24 --output forecast.csv", _add_forecast_args),
-    "serve": ("forecasting service: REST API (/docs), MCP (/mcp) and a web page (/)",
-              "kronos serve --tokenizer ./tok --model ./pred --dataset ./data/processed", _add_serve_args),
-    "mcp": ("MCP server over stdio (tools forecast, list_models, list_symbols)", "kronos mcp --run outputs",
-            _add_mcp_args),
-    "config": ("print the effective config (defaults + file + flags) as JSON",
-               "kronos config --config-path examples/configs/demo.json --fast-mode", add_config_args),
+    "data": (
+        "load, clean and split market data into the processed dataset",
+        "kronos data --config-path examples/configs/demo.json",
+        add_config_args,
+    ),
+    "train-tokenizer": (
+        "train or finetune the tokenizer (torchrun for several GPUs/processes)",
+        "kronos train-tokenizer --config-path examples/configs/demo.json --cpu --fast-mode",
+        _add_train_args,
+    ),
+    "train-predictor": (
+        "train or finetune the predictor (torchrun for several GPUs/processes)",
+        "kronos train-predictor --config-path examples/configs/demo.json --cpu --fast-mode",
+        _add_train_args,
+    ),
+    "predict": (
+        "forecast the bars after every symbol's latest lookback window",
+        "kronos predict --config-path examples/configs/demo.json",
+        add_config_args,
+    ),
+    "evaluate": (
+        "walk-forward report on the test split: the model beside baselines (report.json/md, PNGs)",
+        "kronos evaluate --config-path examples/configs/demo.json --fast-mode",
+        add_config_args,
+    ),
+    "calibrate": (
+        "fit calibrated bands and P(up) on validation anchors (calibration.json beside best_model)",
+        "kronos calibrate --config-path examples/configs/demo.json --fast-mode",
+        add_config_args,
+    ),
+    "backtest": (
+        "top-k backtest of the forecast signals over backtest_time_range",
+        "kronos backtest --config-path examples/configs/demo.json --fast-mode",
+        add_config_args,
+    ),
+    "pipeline": (
+        "the complete pipeline: data, tokenizer, predictor, predict, evaluate, backtest",
+        "kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode",
+        _add_pipeline_args,
+    ),
+    "forecast": (
+        "forecast one K-line file (CSV/Parquet) with any tokenizer/predictor checkpoints",
+        "kronos forecast --input klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small "
+        "--pred-len 24 --output forecast.csv",
+        _add_forecast_args,
+    ),
+    "serve": (
+        "forecasting service: REST API (/docs), MCP (/mcp) and a web page (/)",
+        "kronos serve --tokenizer ./tok --model ./pred --dataset ./data/processed",
+        _add_serve_args,
+    ),
+    "mcp": (
+        "MCP server over stdio (tools forecast, list_models, list_symbols)",
+        "kronos mcp --run outputs",
+        _add_mcp_args,
+    ),
+    "config": (
+        "print the effective config (defaults + file + flags) as JSON",
+        "kronos config --config-path examples/configs/demo.json --fast-mode",
+        add_config_args,
+    ),
 }
 
 
@@ -220,8 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     from kronos import __version__
 
     parser = _Parser(
-        prog="kronos", description="Train, finetune and use Kronos on your K-line data.",
-        epilog=EPILOG, formatter_class=_HelpFormatter)
+        prog="kronos",
+        description="Train, finetune and use Kronos on your K-line data.",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_flags(parser, root=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -233,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 def script_parser(command: str, prog: str, description: str = "") -> argparse.ArgumentParser:
     """A finetune/ script's parser: the flags of ``kronos COMMAND``, under the script's own name."""
     help_text, example, add_args = COMMANDS[command]
-    parser = _Parser(prog=prog, description=description or help_text, epilog=f"same as: {example}",
-                     formatter_class=_HelpFormatter)
+    parser = _Parser(
+        prog=prog, description=description or help_text, epilog=f"same as: {example}", formatter_class=_HelpFormatter
+    )
     _add_global_flags(parser, root=True)
     add_args(parser)
     parser.set_defaults(command=command)
@@ -245,7 +346,9 @@ def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-data-process", action="store_true", help="reuse the processed dataset on disk")
     p.add_argument("--skip-tokenizer", action="store_true", help="reuse the finetuned tokenizer on disk")
     p.add_argument("--skip-predictor", action="store_true", help="reuse the finetuned predictor on disk")
-    p.add_argument("--skip-predict", action="store_true", help="stop after training (no prediction, evaluation, backtest)")
+    p.add_argument(
+        "--skip-predict", action="store_true", help="stop after training (no prediction, evaluation, backtest)"
+    )
     p.add_argument("--skip-backtest", action="store_true", help="predict and evaluate, but no backtest")
     p.add_argument("--resume", action="store_true", help="resume training stages from their last/ checkpoints")
 
@@ -268,9 +371,13 @@ def run_pipeline_command(args: argparse.Namespace, config: Config) -> int:
 
     with process_group(config) as ctx:  # the steps' own process_group calls join this group
         pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
-        result = pipe.run(skip_data=args.skip_data_process, skip_tokenizer=args.skip_tokenizer,
-                          skip_predictor=args.skip_predictor, skip_predict=args.skip_predict,
-                          skip_backtest=args.skip_backtest)
+        result = pipe.run(
+            skip_data=args.skip_data_process,
+            skip_tokenizer=args.skip_tokenizer,
+            skip_predictor=args.skip_predictor,
+            skip_predict=args.skip_predict,
+            skip_backtest=args.skip_backtest,
+        )
     if ctx.is_main:
         print_result_summary(result)
     return 0
@@ -285,8 +392,10 @@ def print_result_summary(result) -> None:
     if result.forecast_file:
         lines.append(f"  forecasts:        {result.forecast_file} (and .csv)")
     if result.metrics_file:
-        lines.append(f"  metrics:          {result.metrics_file} (the report's headline for "
-                     f"{result.metrics.get('model', 'the model')})")
+        lines.append(
+            f"  metrics:          {result.metrics_file} (the report's headline for "
+            f"{result.metrics.get('model', 'the model')})"
+        )
     if getattr(result, "report_file", ""):
         lines.append(f"  report:           {result.report_file} (and report.md)")
         lines.extend("                    " + row for row in headline_rows(result.report_headline))
@@ -297,7 +406,8 @@ def print_result_summary(result) -> None:
                 f"                    signal {sig}: annualised excess return "
                 f"{_fmt(s.get('excess_return_without_cost/annualized_return'))} without cost, "
                 f"{_fmt(s.get('excess_return_with_cost/annualized_return'))} with cost; "
-                f"max drawdown {_fmt(s.get('excess_return_with_cost/max_drawdown'))}")
+                f"max drawdown {_fmt(s.get('excess_return_with_cost/max_drawdown'))}"
+            )
     if result.plots:
         lines.append(f"  plots:            {len(result.plots)} PNG files, e.g. {result.plots[0]}")
     for note in getattr(result, "notes", []):
@@ -317,13 +427,17 @@ def headline_rows(headline: dict) -> list[str]:
         if name in HEADLINE_EXTRA or not isinstance(m, dict):
             continue
         shown = [k for k in keys if k in m and m[k] is not None and m[k] == m[k]]  # undefined (NaN) left out
-        label = name + (" *" if name == in_use else "") + (" (in-sample)" if name == "zero_shot" and
-                                                          headline.get("zero_shot_in_sample") else "")
+        label = (
+            name
+            + (" *" if name == in_use else "")
+            + (" (in-sample)" if name == "zero_shot" and headline.get("zero_shot_in_sample") else "")
+        )
         rows.append(f"{label:<12} " + ", ".join(f"{k}={_fmt(m[k])}" for k in shown))
     dm = headline.get("dm_finetuned_vs_zero_shot")
     if dm:
-        rows.append(f"finetuned vs zero_shot: DM {_fmt(dm.get('dm_stat'))}, p {_fmt(dm.get('p_value'))} "
-                    f"({dm.get('loss')})")
+        rows.append(
+            f"finetuned vs zero_shot: DM {_fmt(dm.get('dm_stat'))}, p {_fmt(dm.get('p_value'))} ({dm.get('loss')})"
+        )
     if in_use:
         rows.append(f"* model in use: {in_use}")
     return rows
@@ -346,7 +460,8 @@ def _check_output_file(flag: str, target: str) -> None:
         return
     path = Path(target).expanduser()
     if path.is_dir():
-        raise InputError(f"{flag} '{target}' is a folder; give a file name in it, e.g. {path / ('forecast.png' if flag == '--plot' else 'forecast.csv')}")
+        example = path / ("forecast.png" if flag == "--plot" else "forecast.csv")
+        raise InputError(f"{flag} '{target}' is a folder; give a file name in it, e.g. {example}")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -364,20 +479,26 @@ def run_forecast_command(args: argparse.Namespace) -> int:
     # flags are checked before any file or model is read
     if args.lookback < 0:
         raise InputError(f"--lookback must be >= 0 (0 = all bars, up to --max-context), got {args.lookback}")
-    for flag, value, least in (("--pred-len", args.pred_len, 1), ("--sample-count", args.sample_count, 1),
-                               ("--max-context", args.max_context, 1)):
+    for flag, value, least in (
+        ("--pred-len", args.pred_len, 1),
+        ("--sample-count", args.sample_count, 1),
+        ("--max-context", args.max_context, 1),
+    ):
         if value < least:
             raise InputError(f"{flag} must be >= {least}, got {value}")
     if args.quantiles and args.sample_count < 2:
-        raise InputError(f"--quantiles {','.join(f'{q:g}' for q in args.quantiles)} needs several sample paths; "
-                         f"add --sample-count 32 (got --sample-count {args.sample_count})")
+        raise InputError(
+            f"--quantiles {','.join(f'{q:g}' for q in args.quantiles)} needs several sample paths; "
+            f"add --sample-count 32 (got --sample-count {args.sample_count})"
+        )
     for flag, target in (("--output", args.output), ("--plot", args.plot)):
         _check_output_file(flag, target)
     name = f"{args.symbol} in {Path(args.input).name}" if args.symbol else Path(args.input).name
     frame = read_kline_file(args.input, symbol=args.symbol).assign(symbol=name)
     lookback = min(args.lookback, len(frame)) if args.lookback > 0 else len(frame)  # default: the whole file
-    predictor = KronosPredictor.from_pretrained(args.tokenizer, args.model, device=args.device,
-                                                max_context=args.max_context)
+    predictor = KronosPredictor.from_pretrained(
+        args.tokenizer, args.model, device=args.device, max_context=args.max_context
+    )
     cal, qs = None, []
     if args.calibration:  # checked before sampling: a calibration for another model/lookback/horizon is refused
         from kronos.inference.bands import load_calibration
@@ -387,10 +508,18 @@ def run_forecast_command(args: argparse.Namespace) -> int:
         qs = list(args.quantiles or cal.quantile_levels())
     elif args.sample_count > 1:
         qs = list(args.quantiles or [0.1, 0.9])
-    sampling = SamplingConfig(T=args.T, top_k=args.top_k, top_p=args.top_p, sample_count=args.sample_count,
-                              seed=args.seed)
-    records = predictor.predict_df(frame, pred_len=args.pred_len, lookback=lookback, quantiles=qs or [0.5],
-                                   sampling=sampling, batch_size=1, calibration=cal)
+    sampling = SamplingConfig(
+        T=args.T, top_k=args.top_k, top_p=args.top_p, sample_count=args.sample_count, seed=args.seed
+    )
+    records = predictor.predict_df(
+        frame,
+        pred_len=args.pred_len,
+        lookback=lookback,
+        quantiles=qs or [0.5],
+        sampling=sampling,
+        batch_size=1,
+        calibration=cal,
+    )
     out = records.set_index("timestamps")[[*VALUE_COLUMNS, *(quantile_column(q) for q in qs)]]
     if qs:  # P(up) per step (calibrated with a calibration)
         out = out.assign(p_up=records["p_up_calibrated" if cal is not None else "p_up"].to_numpy())
@@ -411,12 +540,21 @@ def run_forecast_command(args: argparse.Namespace) -> int:
         label = ""
         if len(qs) >= 2:
             lo, hi = min(qs), max(qs)
-            band = (out[[quantile_column(lo)]].set_axis(["close"], axis=1),
-                    out[[quantile_column(hi)]].set_axis(["close"], axis=1))
+            band = (
+                out[[quantile_column(lo)]].set_axis(["close"], axis=1),
+                out[[quantile_column(hi)]].set_axis(["close"], axis=1),
+            )
             label = f", {'calibrated ' if cal is not None else ''}band q{lo:g}-q{hi:g}"
         title = f"{name}: {args.pred_len}-bar forecast from last close {last_close:.4g}{label}"
-        path = plot_forecast(history, mean, band, None, title, args.plot,
-                             prob_up=out["p_up"].to_numpy() if "p_up" in out.columns else None)
+        path = plot_forecast(
+            history,
+            mean,
+            band,
+            None,
+            title,
+            args.plot,
+            prob_up=out["p_up"].to_numpy() if "p_up" in out.columns else None,
+        )
         log.info("figure written to %s", path)
     return 0
 
@@ -424,8 +562,14 @@ def run_forecast_command(args: argparse.Namespace) -> int:
 _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EMFILE}
 
 
-def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None, prog: Optional[str] = None,
-         description: str = "", **defaults: Any) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    command: str | None = None,
+    prog: str | None = None,
+    description: str = "",
+    **defaults: Any,
+) -> int:
     """Run ``kronos ARGS`` (or, with ``command``, one command as a finetune/ script named ``prog``); the exit code.
 
     ``defaults`` pre-set flags of a script (e.g. ``cpu=True`` for the *_cpu.py scripts). Every user error is a
@@ -453,9 +597,11 @@ def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None,
             raise  # a broken install of kronos itself: a bug, keep the traceback
         # e.g. `python finetune/...py` with a Python that is not the project's environment
         install = "pip install pyqlib" if missing == "qlib" else "pip install -e . from the checkout"
-        print_error(f"Python package '{missing}' is not installed in {sys.executable}; run kronos in the "
-                    "environment you installed it into (`make setup`, then `source .venv/bin/activate`) or install "
-                    f"it here with `{install}`")
+        print_error(
+            f"Python package '{missing}' is not installed in {sys.executable}; run kronos in the "
+            "environment you installed it into (`make setup`, then `source .venv/bin/activate`) or install "
+            f"it here with `{install}`"
+        )
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -469,8 +615,10 @@ def main(argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None,
             raise
         # a read-only folder, a full disk, a quota: the environment, not a bug; writers left no partial file
         where = f" '{exc.filename}'" if exc.filename else ""
-        print_error(f"cannot write{where}: {exc.strerror or exc}; free space or choose a writable folder "
-                    "(save_path, backtest_result_path, dataset_path, --output)")
+        print_error(
+            f"cannot write{where}: {exc.strerror or exc}; free space or choose a writable folder "
+            "(save_path, backtest_result_path, dataset_path, --output)"
+        )
         return 1
 
 
@@ -523,11 +671,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}")
     elif args.command == "calibrate":
         for name, cal in pipe.calibrate().items():
-            print(f"{name} calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): "
-                  f"{pipe.calibration_file(name)}")
+            print(
+                f"{name} calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): "
+                f"{pipe.calibration_file(name)}"
+            )
             for lv, before in cal["coverage_before"].items():
-                print(f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
-                      f"{_fmt(cal['coverage_after'][lv]['coverage'])}")
+                print(
+                    f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
+                    f"{_fmt(cal['coverage_after'][lv]['coverage'])}"
+                )
         print(f"model in use: {pipe.result.model_in_use} ({pipe.result.model_selection.get('reason', '')})")
     elif args.command == "backtest":
         summary = pipe.backtest()

@@ -4,6 +4,7 @@
 seed) plus this project's own keys. A JSON or YAML file may override any subset of them; unknown keys and
 wrong types are rejected with a message that names the key and suggests the closest valid one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 from kronos.errors import ConfigError
 
@@ -36,8 +38,16 @@ BENCHMARKS = {
 
 # Keys holding file-system paths (resolved relative to a config file's folder); the HUB_KEYS may also be hub ids.
 PATH_KEYS = (
-    "qlib_data_path", "dataset_path", "csv_data_path", "sina_cache_dir", "save_path", "backtest_result_path",
-    "pretrained_tokenizer_path", "pretrained_predictor_path", "finetuned_tokenizer_path", "finetuned_predictor_path",
+    "qlib_data_path",
+    "dataset_path",
+    "csv_data_path",
+    "sina_cache_dir",
+    "save_path",
+    "backtest_result_path",
+    "pretrained_tokenizer_path",
+    "pretrained_predictor_path",
+    "finetuned_tokenizer_path",
+    "finetuned_predictor_path",
 )
 HUB_KEYS = ("pretrained_tokenizer_path", "pretrained_predictor_path")
 
@@ -68,7 +78,7 @@ class Config:
 
     # ---- data sources (ours) ----
     data_source: str = "qlib"  # qlib | sina | csv | a registered custom name
-    split_ratios: Optional[list] = None  # e.g. [0.7, 0.15, 0.15]; used instead of the time ranges when set
+    split_ratios: list | None = None  # e.g. [0.7, 0.15, 0.15]; used instead of the time ranges when set
     csv_data_path: str = ""
     csv_symbol_column: str = ""  # long file: column holding the symbol (auto-detected when empty)
     csv_timestamp_column: str = ""  # auto-detected when empty
@@ -79,9 +89,7 @@ class Config:
     sina_symbols: list = field(default_factory=lambda: ["sh600000"])
     sina_scale: int = 240  # 5/15/30/60 minutes or 240 (daily)
     sina_datalen: int = 1023
-    sina_base_url: str = (
-        "https://quotes.sina.cn/cn/api/jsonp_v2.php/=/CN_MarketDataService.getKLineData"
-    )
+    sina_base_url: str = "https://quotes.sina.cn/cn/api/jsonp_v2.php/=/CN_MarketDataService.getKLineData"
     sina_timeout: float = 10.0
     sina_retries: int = 3
     sina_pause: float = 0.5
@@ -112,7 +120,9 @@ class Config:
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 on GPUs of compute capability >= 8, fp16 older, else fp32) | fp32 | bf16 | fp16
+    precision: str = (
+        "auto"  # auto (bf16 on GPUs of compute capability >= 8, fp16 older, else fp32) | fp32 | bf16 | fp16
+    )
     compile: bool = False
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses/gradients in a row (each step is skipped)
     dist_wait_hours: float = 48.0  # under torchrun, how long other ranks wait for rank-0-only steps (predict, evaluate)
@@ -127,8 +137,9 @@ class Config:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2",
-                                                                "w3"])
+    lora_target_modules: list = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2", "w3"]
+    )
     # after the predictor stage the starting and the finetuned model are scored on validation; when finetuning did
     # not help, the run's forecasts, calibration, report and service use the starting model
     keep_better: bool = True
@@ -263,7 +274,7 @@ class Config:
         """Whether ``key`` was set by the user (config file, ``--set`` or a dict), not left at its default."""
         return key in self.__dict__.get("_user_keys", ())
 
-    def update(self, overrides: dict[str, Any], source: str = "overrides", user: bool = True) -> "Config":
+    def update(self, overrides: dict[str, Any], source: str = "overrides", user: bool = True) -> Config:
         """Apply ``overrides`` in place (validated); returns self. ``user=False`` (fast mode) does not count the
         keys as set by the user (:meth:`is_set`)."""
         if not isinstance(overrides, dict):
@@ -282,11 +293,11 @@ class Config:
         return self
 
     @classmethod
-    def from_dict(cls, overrides: dict[str, Any], source: str = "overrides") -> "Config":
+    def from_dict(cls, overrides: dict[str, Any], source: str = "overrides") -> Config:
         return cls().update(overrides, source)
 
     @classmethod
-    def from_file(cls, path: Union[str, os.PathLike]) -> "Config":
+    def from_file(cls, path: str | os.PathLike) -> Config:
         """Defaults overridden by a JSON (``.json``) or YAML (``.yaml``/``.yml``) file.
 
         Relative paths written in the file are taken relative to the file's folder, so a config works the same
@@ -311,7 +322,7 @@ class Config:
         data["backtest_benchmark"] = self.benchmark
         return data
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the effective config (derived paths resolved, secrets redacted) as JSON, atomically."""
         from kronos import io as kio
 
@@ -327,8 +338,12 @@ REDACTED = "***"
 def redact_secrets(value: Any) -> Any:
     """A copy of ``value`` where every non-empty value under a key named like a secret is ``"***"``."""
     if isinstance(value, dict):
-        return {k: (REDACTED if (isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, ""))
-                    else redact_secrets(v)) for k, v in value.items()}
+        return {
+            k: (
+                REDACTED if (isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "")) else redact_secrets(v)
+            )
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return type(value)(redact_secrets(v) for v in value)
     return value
@@ -385,7 +400,7 @@ def _calendar_name(v: str) -> bool:
     return True
 
 
-def _ratios(v: Optional[list]) -> bool:
+def _ratios(v: list | None) -> bool:
     if v is None:
         return True
     if not all(_is_number(x) for x in v):
@@ -395,22 +410,50 @@ def _ratios(v: Optional[list]) -> bool:
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_RANGE = (_length(2, "dates [start, end]"),
-          Rule(_date_range, "must be [start, end] dates with start <= end"))
+_RANGE = (_length(2, "dates [start, end]"), Rule(_date_range, "must be [start, end] dates with start <= end"))
 
 # Every static check of a key, next to the key's name. Checks that need the data, the machine or the model zoo (a
 # column that must exist, a CUDA device that must be present, a preset name of kronos.model) stay where that is known.
 RULES: dict[str, tuple[Rule, ...]] = {
-    **{k: (_at_least(1),) for k in ("lookback_window", "predict_window", "max_context", "batch_size", "epochs",
-                                    "n_train_iter", "n_val_iter", "accumulation_steps", "log_interval",
-                                    "sina_datalen", "inference_sample_count", "eval_stride")},
-    **{k: (_at_least(0),) for k in ("checkpoint_interval", "patience", "num_workers", "sina_retries", "sina_pause",
-                                    "eval_max_anchors", "plot_n_symbols", "inference_top_k",
-                                    "backtest_open_cost", "backtest_close_cost", "backtest_min_cost")},
+    **{
+        k: (_at_least(1),)
+        for k in (
+            "lookback_window",
+            "predict_window",
+            "max_context",
+            "batch_size",
+            "epochs",
+            "n_train_iter",
+            "n_val_iter",
+            "accumulation_steps",
+            "log_interval",
+            "sina_datalen",
+            "inference_sample_count",
+            "eval_stride",
+        )
+    },
+    **{
+        k: (_at_least(0),)
+        for k in (
+            "checkpoint_interval",
+            "patience",
+            "num_workers",
+            "sina_retries",
+            "sina_pause",
+            "eval_max_anchors",
+            "plot_n_symbols",
+            "inference_top_k",
+            "backtest_open_cost",
+            "backtest_close_cost",
+            "backtest_min_cost",
+        )
+    },
     **{k: (_above(0),) for k in ("clip", "sina_timeout", "backtest_account")},
     # 0 is allowed: it freezes the weights (tests and sanity checks use it)
-    **{k: (Rule(lambda v: math.isfinite(v) and 0 <= v <= 1, "must be a finite number in [0, 1] (e.g. 2e-4)"),)
-       for k in ("tokenizer_learning_rate", "predictor_learning_rate")},
+    **{
+        k: (Rule(lambda v: math.isfinite(v) and 0 <= v <= 1, "must be a finite number in [0, 1] (e.g. 2e-4)"),)
+        for k in ("tokenizer_learning_rate", "predictor_learning_rate")
+    },
     "feature_list": (_length(6, "features (open, high, low, close, volume, amount)"),),
     "time_feature_list": (_length(5, "features (minute, hour, weekday, day, month)"),),
     "train_time_range": _RANGE,
@@ -424,36 +467,65 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "device": (Rule(lambda v: bool(_DEVICE.match(v)), "must be auto, cpu, cuda, cuda:N or mps"),),
     "precision": (_one_of("auto", "fp32", "bf16", "fp16"),),
     "inference_top_p": (Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),),
-    "quantiles": (Rule(lambda v: len(v) > 0 and all(_is_number(q) and 0 < q < 1 for q in v),
-                       "must list numbers strictly between 0 and 1 (e.g. [0.1, 0.5, 0.9])"),),
-    "interval_levels": (Rule(lambda v: len(v) > 0 and all(_is_number(q) and 0 < q < 1 for q in v),
-                             "must list central levels strictly between 0 and 1 (e.g. [0.5, 0.8])"),),
-    "eval_seeds": (Rule(lambda v: all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-                        "must list integer seeds (e.g. [100, 101, 102])"),),
+    "quantiles": (
+        Rule(
+            lambda v: len(v) > 0 and all(_is_number(q) and 0 < q < 1 for q in v),
+            "must list numbers strictly between 0 and 1 (e.g. [0.1, 0.5, 0.9])",
+        ),
+    ),
+    "interval_levels": (
+        Rule(
+            lambda v: len(v) > 0 and all(_is_number(q) and 0 < q < 1 for q in v),
+            "must list central levels strictly between 0 and 1 (e.g. [0.5, 0.8])",
+        ),
+    ),
+    "eval_seeds": (
+        Rule(
+            lambda v: all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+            "must list integer seeds (e.g. [100, 101, 102])",
+        ),
+    ),
     "inference_T": (Rule(lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),),
     "dist_wait_hours": (_above(0),),
     "max_nonfinite_steps": (_at_least(1),),
     "backtest_deal_price": (_one_of("open", "close"),),
-    "calibration_method": (_one_of("vol_scaled", "cqr_vol", "cqr_additive", "cqr_multiplicative", "spread_scale",
-                                   "none", "auto"),),
+    "calibration_method": (
+        _one_of("vol_scaled", "cqr_vol", "cqr_additive", "cqr_multiplicative", "spread_scale", "none", "auto"),
+    ),
     "price_spike_factor": (Rule(lambda v: v == 0 or (math.isfinite(v) and v > 1), "must be 0 (off) or a number > 1"),),
     "price_spike_action": (_one_of("drop", "keep"),),
     # folder names are names, never paths: '../x' would put a stage's outputs outside save_path
-    **{k: (Rule(_plain_name, "must be one plain folder name (letters, digits, '-', '_', '.'; no '/' or '..')"),)
-       for k in ("tokenizer_save_folder_name", "predictor_save_folder_name", "backtest_save_folder_name")},
+    **{
+        k: (Rule(_plain_name, "must be one plain folder name (letters, digits, '-', '_', '.'; no '/' or '..')"),)
+        for k in ("tokenizer_save_folder_name", "predictor_save_folder_name", "backtest_save_folder_name")
+    },
     "finetune_mode": (_one_of("full", "freeze", "lora"),),
     "freeze_layers": (_at_least(0),),
     "lora_rank": (_at_least(1),),
     "lora_alpha": (_above(0),),
     "lora_dropout": (Rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),),
-    "lora_target_modules": (Rule(lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v),
-                                 'must list Linear layer names, e.g. ["q_proj", "v_proj"]'),),
-    "pretrained_data_end": (Rule(lambda v: v == "" or _date_range([v, v]), "must be empty or a date such as 2021-12-31"),),
+    "lora_target_modules": (
+        Rule(
+            lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v),
+            'must list Linear layer names, e.g. ["q_proj", "v_proj"]',
+        ),
+    ),
+    "pretrained_data_end": (
+        Rule(lambda v: v == "" or _date_range([v, v]), "must be empty or a date such as 2021-12-31"),
+    ),
     "backtest_signal_scale": (_one_of("std", "price"),),
-    "trading_calendar": (Rule(_calendar_name, "must be auto, none or an exchange_calendars code such as XSHG, "
-                                              "XSHE, XHKG, XNYS, XNAS, XLON, XTKS"),),
-    "run_id": (Rule(lambda v: v == "" or (_plain_name(v) and v != "latest"),
-                    "must be empty (a new run) or one plain folder name such as 2026-12-02_013512"),),
+    "trading_calendar": (
+        Rule(
+            _calendar_name,
+            "must be auto, none or an exchange_calendars code such as XSHG, XSHE, XHKG, XNYS, XNAS, XLON, XTKS",
+        ),
+    ),
+    "run_id": (
+        Rule(
+            lambda v: v == "" or (_plain_name(v) and v != "latest"),
+            "must be empty (a new run) or one plain folder name such as 2026-12-02_013512",
+        ),
+    ),
 }
 
 
@@ -461,14 +533,18 @@ RULES: dict[str, tuple[Rule, ...]] = {
 class CrossRule:
     """A check over several keys; ``message(config)`` is the whole one-line error."""
 
-    check: Callable[["Config"], bool]
-    message: Callable[["Config"], str]
+    check: Callable[[Config], bool]
+    message: Callable[[Config], str]
 
 
 CROSS_RULES: tuple[CrossRule, ...] = (
-    CrossRule(lambda c: c.batch_size % c.accumulation_steps == 0,
-              lambda c: f"config key 'batch_size' ({c.batch_size}) must be divisible by 'accumulation_steps' "
-                        f"({c.accumulation_steps}): each optimizer step splits the batch into that many micro-batches"),
+    CrossRule(
+        lambda c: c.batch_size % c.accumulation_steps == 0,
+        lambda c: (
+            f"config key 'batch_size' ({c.batch_size}) must be divisible by 'accumulation_steps' "
+            f"({c.accumulation_steps}): each optimizer step splits the batch into that many micro-batches"
+        ),
+    ),
 )
 
 
@@ -496,7 +572,7 @@ FAST_MODE_SCRATCH: dict[str, dict[str, Any]] = {
 }
 
 
-def apply_fast_mode(config: Config, explicit: Optional[Any] = None) -> Config:
+def apply_fast_mode(config: Config, explicit: Any | None = None) -> Config:
     """Shrink epochs, batches, models and evaluation so the pipeline finishes in minutes on a CPU.
 
     Caps :data:`FAST_MODE_CAPS`; a stage with an empty pretrained path gets :data:`FAST_MODE_SCRATCH` (the
@@ -521,22 +597,24 @@ def apply_fast_mode(config: Config, explicit: Optional[Any] = None) -> Config:
     changes = {k: v for k, v in wanted.items() if k not in explicit and getattr(config, k) != v}
     kept = sorted(k for k, v in wanted.items() if k in explicit and getattr(config, k) != v)
     if changes:
-        logger.info("--fast-mode changed: %s", ", ".join(f"{k} {getattr(config, k)!r} -> {v!r}"
-                                                          for k, v in changes.items()))
+        logger.info(
+            "--fast-mode changed: %s", ", ".join(f"{k} {getattr(config, k)!r} -> {v!r}" for k, v in changes.items())
+        )
     if kept:
         logger.info("--fast-mode kept your own %s", ", ".join(f"{k}={getattr(config, k)!r}" for k in kept))
     return config.update(changes, source="--fast-mode", user=False)
 
 
-def load_overrides(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def load_overrides(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist; pass an existing JSON or YAML file to --config-path")
     try:
         size = p.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file '{p}' is {size:,} bytes; a config file may hold at most "
-                              f"{MAX_CONFIG_BYTES:,} bytes")
+            raise ConfigError(
+                f"config file '{p}' is {size:,} bytes; a config file may hold at most {MAX_CONFIG_BYTES:,} bytes"
+            )
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file '{p}' cannot be read: {exc.strerror}") from None
@@ -556,8 +634,9 @@ def load_overrides(path: Union[str, os.PathLike]) -> dict[str, Any]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             kinds = "" if p.suffix.lower() == ".json" else " (config files are JSON or YAML: .json, .yaml, .yml)"
-            raise ConfigError(f"config file '{p}' is not valid JSON{kinds}: {exc.msg} at line {exc.lineno} "
-                              f"column {exc.colno}") from None
+            raise ConfigError(
+                f"config file '{p}' is not valid JSON{kinds}: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold an object of config keys, got {type(data).__name__}")
     return data
@@ -583,9 +662,9 @@ def _yaml_loader(path: Path) -> Any:
     # unquoted dates stay the strings written (2018-13-45 included: the key's check names it, no ValueError)
     NoAliasLoader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node))
     # YAML 1.1 reads 4e-5 (no dot) as a string; read it as the number it is, as JSON does (1e-4 learning rates)
-    NoAliasLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                        list("-+0123456789"))
+    NoAliasLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
     return NoAliasLoader
 
 
@@ -619,16 +698,14 @@ def _is_number(value: Any) -> bool:
 def _coerce(key: str, value: Any, tp: Any, source: str = "config") -> Any:
     """Return ``value`` converted to ``tp`` where lossless (int -> float), else raise ConfigError."""
     origin = typing.get_origin(tp)
-    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, getattr(types, "UnionType"))):
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0], source)
     name = getattr(tp, "__name__", str(tp))
-    bad = ConfigError(
-        f"{source}: config key '{key}' must be {_article(name)}, got {type(value).__name__} {value!r}"
-    )
+    bad = ConfigError(f"{source}: config key '{key}' must be {_article(name)}, got {type(value).__name__} {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -663,6 +740,12 @@ def _coerce(key: str, value: Any, tp: Any, source: str = "config") -> Any:
 
 
 def _article(name: str) -> str:
-    words = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-             "list": "a list", "dict": "an object"}
+    words = {
+        "int": "an integer",
+        "float": "a number",
+        "str": "a string",
+        "bool": "true or false",
+        "list": "a list",
+        "dict": "an object",
+    }
     return words.get(name, name)

@@ -2,6 +2,7 @@
 
 The CLI prints these as one line and exits non-zero; library users can catch :class:`KronosError`.
 """
+
 from __future__ import annotations
 
 
@@ -42,8 +43,12 @@ def cuda_missing_hint() -> str:
     import torch
 
     if torch.version.cuda is None:
-        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build (pip install "
-                "torch==<version> --index-url <the URL pytorch.org's selector gives for your CUDA>, see README "
-                "Install) or use device 'cpu'")
-    return (f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check the driver with "
-            "`nvidia-smi` and CUDA_VISIBLE_DEVICES, or use device 'cpu'")
+        return (
+            f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build (pip install "
+            "torch==<version> --index-url <the URL pytorch.org's selector gives for your CUDA>, see README "
+            "Install) or use device 'cpu'"
+        )
+    return (
+        f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check the driver with "
+        "`nvidia-smi` and CUDA_VISIBLE_DEVICES, or use device 'cpu'"
+    )

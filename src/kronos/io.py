@@ -15,6 +15,7 @@ Every rename goes through :func:`_replace`. For crash tests only, the environmen
 ``KRONOS_TEST_KILL_AFTER_RENAME=N`` makes the process SIGKILL itself right after its N-th rename, so a test can
 stop a writer between any two renames and check that every configured path still loads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,11 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 PREV_SUFFIX = ".prev"
 _TMP_MARK = ".tmp-"
@@ -139,7 +141,7 @@ def _timestamp(value: Any) -> str:
     return pd.Timestamp(value).isoformat()
 
 
-def dumps_json(value: Any, indent: Optional[int] = 2) -> str:
+def dumps_json(value: Any, indent: int | None = 2) -> str:
     """Strict JSON text of ``value`` (see :func:`to_jsonable`), ending with a newline when indented."""
     text = json.dumps(to_jsonable(value), indent=indent, ensure_ascii=False, allow_nan=False)
     return text + "\n" if indent is not None else text
@@ -155,7 +157,7 @@ def read_json(path: PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def read_json_object(path: PathLike, what: str = "file") -> Optional[dict]:
+def read_json_object(path: PathLike, what: str = "file") -> dict | None:
     """An optional JSON object file: None when it is missing, unreadable or not an object (logged as ``what``)."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -181,8 +183,9 @@ def write_table(frame: Any, stem: PathLike, index: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def write_folder(target: PathLike, fill: Callable[[Path], Any], keep: Optional[Iterable[str]] = None,
-                 keep_others: bool = False) -> Path:
+def write_folder(
+    target: PathLike, fill: Callable[[Path], Any], keep: Iterable[str] | None = None, keep_others: bool = False
+) -> Path:
     """Create the folder ``target`` by ``fill(tmp_folder)`` and swap it into place.
 
     The old ``target`` is renamed to ``target.prev`` just before the new one is renamed in, and removed after,
@@ -224,7 +227,7 @@ def write_folder(target: PathLike, fill: Callable[[Path], Any], keep: Optional[I
     return target
 
 
-def _carry_over(prev: Path, target: Path, keep: Optional[Iterable[str]], keep_others: bool) -> None:
+def _carry_over(prev: Path, target: Path, keep: Iterable[str] | None, keep_others: bool) -> None:
     """Move the entries of the old folder that the new one should keep (named in ``keep``, or all others)."""
     wanted = set(keep or ())
     for entry in list(prev.iterdir()):
@@ -232,7 +235,7 @@ def _carry_over(prev: Path, target: Path, keep: Optional[Iterable[str]], keep_ot
             _replace(entry, target / entry.name)
 
 
-def resolve_folder(target: PathLike) -> Optional[Path]:
+def resolve_folder(target: PathLike) -> Path | None:
     """The complete version of a folder written by :func:`write_folder` (``None`` if there is none)."""
     target = Path(target).expanduser()
     if target.is_dir():
@@ -285,5 +288,15 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-__all__ = ["write_file", "write_bytes", "write_text", "to_jsonable", "dumps_json", "write_json", "read_json",
-           "write_table", "write_folder", "resolve_folder"]
+__all__ = [
+    "write_file",
+    "write_bytes",
+    "write_text",
+    "to_jsonable",
+    "dumps_json",
+    "write_json",
+    "read_json",
+    "write_table",
+    "write_folder",
+    "resolve_folder",
+]

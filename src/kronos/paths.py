@@ -6,6 +6,7 @@ digits, ``-``, ``_`` and inner dots; never empty, ``.`` or ``..``; at most 100 c
 hash of the original whenever it had to change it, so that two different values never share a file.
 :func:`path_in` joins a folder and such a name and checks that the resolved path stays inside the folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,7 @@ import os
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from kronos.errors import InputError
 
@@ -30,11 +31,11 @@ def safe_filename(value: Any, fallback: str = "item") -> str:
         cleaned = "_" + cleaned
     if cleaned != text or len(cleaned) > MAX_NAME:
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-        cleaned = f"{cleaned[:MAX_NAME - 9]}-{digest}"
+        cleaned = f"{cleaned[: MAX_NAME - 9]}-{digest}"
     return cleaned
 
 
-def path_in(folder: Union[str, os.PathLike], name: str) -> Path:
+def path_in(folder: str | os.PathLike, name: str) -> Path:
     """``folder / name``, raising InputError when it would resolve outside ``folder`` (``..``, links, absolute)."""
     base = Path(folder)
     path = base / name

@@ -4,15 +4,17 @@
 ``finetune/train_complete_pipeline.py`` and ``kronos pipeline`` do. Under ``torchrun`` the training stages are
 distributed while data processing, prediction, evaluation and backtest run on rank 0 between barriers.
 """
+
 from __future__ import annotations
 
 import copy
-import shutil
 import logging
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pandas as pd
 
@@ -96,9 +98,9 @@ class KronosPipeline:
         self._predictor = None
         self._finetuned = None
         self._starting = None
-        self._frame: Optional[pd.DataFrame] = None
-        self._records: Optional[pd.DataFrame] = None
-        self._test: Optional[SplitForecasts] = None  # the one rolling pass over the test split
+        self._frame: pd.DataFrame | None = None
+        self._records: pd.DataFrame | None = None
+        self._test: SplitForecasts | None = None  # the one rolling pass over the test split
         self.reuse_records = False  # forecast_records() loads the run's saved records when present (kronos backtest)
         self._skipped: dict[str, str] = {}  # models left out of the report, and why
 
@@ -167,8 +169,12 @@ class KronosPipeline:
         if self._starting is None:
             device = None if cfg.device == "auto" else cfg.device
             self._starting = KronosPredictor.from_pretrained(
-                cfg.pretrained_tokenizer_path, cfg.pretrained_predictor_path, device=device,
-                max_context=cfg.max_context, clip=cfg.clip)
+                cfg.pretrained_tokenizer_path,
+                cfg.pretrained_predictor_path,
+                device=device,
+                max_context=cfg.max_context,
+                clip=cfg.clip,
+            )
         return self._starting
 
     # ------------------------------------------------------------------ which model the run uses
@@ -176,7 +182,7 @@ class KronosPipeline:
         """``model_selection.json``, beside the finetuned predictor's ``best_model`` (it follows the predictor)."""
         return Path(self.config.finetuned_predictor).parent / "model_selection.json"
 
-    def model_selection(self) -> Optional[dict]:
+    def model_selection(self) -> dict | None:
         return kio.read_json_object(self.selection_path(), "model selection")
 
     def model_in_use(self) -> str:
@@ -207,9 +213,14 @@ class KronosPipeline:
         frame = self.full_frame()  # the dataset is checked before the checkpoints
         sampling = SamplingConfig.from_config(cfg)
         return self.load_predictor().predict_df(
-            frame, pred_len=cfg.predict_window, lookback=cfg.lookback_window, quantiles=cfg.quantiles,
-            calendar=resolve_calendar(cfg.trading_calendar, cfg.data_source), sampling=sampling,
-            batch_size=max(1, cfg.backtest_batch_size // max(1, sampling.sample_count)), calibration=calibration,
+            frame,
+            pred_len=cfg.predict_window,
+            lookback=cfg.lookback_window,
+            quantiles=cfg.quantiles,
+            calendar=resolve_calendar(cfg.trading_calendar, cfg.data_source),
+            sampling=sampling,
+            batch_size=max(1, cfg.backtest_batch_size // max(1, sampling.sample_count)),
+            calibration=calibration,
         )
 
     # ------------------------------------------------------------------ step 4: prediction
@@ -228,10 +239,20 @@ class KronosPipeline:
         except InputError as exc:
             raise DataError(f"dataset '{cfg.dataset_path}': {exc}") from None
         records = records.rename(columns={"anchor": "as_of"})
-        extra = [c for c in (*(f"{quantile_column(q)}_raw" for q in cfg.quantiles), "p_up", "p_up_raw",
-                             "p_up_calibrated") if c in records.columns]
-        columns = ["symbol", "as_of", "step", "timestamps", *VALUE_COLUMNS,
-                   *(quantile_column(q) for q in cfg.quantiles), *extra]
+        extra = [
+            c
+            for c in (*(f"{quantile_column(q)}_raw" for q in cfg.quantiles), "p_up", "p_up_raw", "p_up_calibrated")
+            if c in records.columns
+        ]
+        columns = [
+            "symbol",
+            "as_of",
+            "step",
+            "timestamps",
+            *VALUE_COLUMNS,
+            *(quantile_column(q) for q in cfg.quantiles),
+            *extra,
+        ]
         frame = self.full_frame()
         newest = frame["timestamps"].max()
         fresh = records["as_of"] >= newest
@@ -240,25 +261,37 @@ class KronosPipeline:
         if len(stale):
             stale_symbols = stale.drop_duplicates("symbol")
             self.result.stale_forecast_file = str(kio.write_table(stale, out_dir / "forecast_stale"))
-            log.warning("%d symbol(s) end before the dataset's last bar %s (e.g. %s as of %s): their forecasts are in "
-                        "%s, not in forecast_latest", len(stale_symbols), newest, stale_symbols["symbol"].iloc[0],
-                        stale_symbols["as_of"].iloc[0], self.result.stale_forecast_file)
+            log.warning(
+                "%d symbol(s) end before the dataset's last bar %s (e.g. %s as of %s): their forecasts are in "
+                "%s, not in forecast_latest",
+                len(stale_symbols),
+                newest,
+                stale_symbols["symbol"].iloc[0],
+                stale_symbols["as_of"].iloc[0],
+                self.result.stale_forecast_file,
+            )
         plot_dir = out_dir / "plots"
         latest = forecasts.drop_duplicates("symbol").sort_values("symbol")
         lo, hi = min(cfg.quantiles), max(cfg.quantiles)
         for symbol in latest["symbol"].iloc[: cfg.plot_n_symbols]:
             rows = records[records["symbol"] == symbol].set_index("timestamps")
-            history = frame[frame["symbol"] == symbol].iloc[-cfg.lookback_window:]
+            history = frame[frame["symbol"] == symbol].iloc[-cfg.lookback_window :]
             band = None
             if lo < hi:
-                band = tuple(rows[[quantile_column(q, c) for c in VALUE_COLUMNS]].set_axis(list(VALUE_COLUMNS), axis=1)
-                             for q in (lo, hi))
+                band = tuple(
+                    rows[[quantile_column(q, c) for c in VALUE_COLUMNS]].set_axis(list(VALUE_COLUMNS), axis=1)
+                    for q in (lo, hi)
+                )
             path = path_in(plot_dir, f"forecast_{safe_filename(symbol)}.png")
-            plot_forecast(history.set_index("timestamps")[list(VALUE_COLUMNS)], rows[list(VALUE_COLUMNS)], band,
-                          None, f"{symbol}: {cfg.predict_window}-bar forecast as of {rows['as_of'].iloc[0]} "
-                          f"(band q{lo:g}-q{hi:g})", path,
-                          prob_up=next((rows[c].to_numpy() for c in ("p_up_calibrated", "p_up") if c in rows.columns),
-                                       None))
+            plot_forecast(
+                history.set_index("timestamps")[list(VALUE_COLUMNS)],
+                rows[list(VALUE_COLUMNS)],
+                band,
+                None,
+                f"{symbol}: {cfg.predict_window}-bar forecast as of {rows['as_of'].iloc[0]} (band q{lo:g}-q{hi:g})",
+                path,
+                prob_up=next((rows[c].to_numpy() for c in ("p_up_calibrated", "p_up") if c in rows.columns), None),
+            )
             self.result.plots.append(str(path))
         self.result.forecast_file = str(kio.write_table(forecasts, out_dir / "forecast_latest"))
         log.info("forecasts for %d symbols as of %s written to %s", len(latest), newest, self.result.forecast_file)
@@ -270,7 +303,7 @@ class KronosPipeline:
         self.require_dataset()
         return eval_periods(self.config)
 
-    def test_forecasts(self, models: Optional[dict] = None) -> SplitForecasts:
+    def test_forecasts(self, models: dict | None = None) -> SplitForecasts:
         """The one rolling pass over the test split (:func:`kronos.evaluate.rolling.forecast_split`): every
         model's sample paths at the test anchors (targets after the last validation bar, anchors in the test
         period), once per ``eval_seeds``. The report, ``metrics.json``, the forecast records and the backtest
@@ -282,11 +315,23 @@ class KronosPipeline:
         bounds = split_dates(cfg.dataset_path)
         models = models if models is not None else self._models()
         frame = self.full_frame()
-        log.info("test pass: %s at up to %s anchor dates of %s .. %s", ", ".join(models),
-                 cfg.eval_max_anchors or "all", periods.test[0], periods.test[1])
-        self._test = forecast_split(cfg, frame, "test", periods.last_val if periods.last_val is not None
-                                    else bounds["val_end"], bounds["test_end"], models,
-                                    list(cfg.eval_seeds or []) or None, period=periods.test)
+        log.info(
+            "test pass: %s at up to %s anchor dates of %s .. %s",
+            ", ".join(models),
+            cfg.eval_max_anchors or "all",
+            periods.test[0],
+            periods.test[1],
+        )
+        self._test = forecast_split(
+            cfg,
+            frame,
+            "test",
+            periods.last_val if periods.last_val is not None else bounds["val_end"],
+            bounds["test_end"],
+            models,
+            list(cfg.eval_seeds or []) or None,
+            period=periods.test,
+        )
         return self._test
 
     def forecast_records(self) -> pd.DataFrame:
@@ -313,16 +358,20 @@ class KronosPipeline:
         report = self.report()
         headline = report["headline"]
         in_use = headline.get("model_in_use") or next(
-            (n for n, s in report["forecasters"].items() if s.get("kind") == "model"), None)
+            (n for n, s in report["forecasters"].items() if s.get("kind") == "model"), None
+        )
         metrics: dict[str, Any] = {
-            "model": in_use, **(headline.get(in_use) or {}),
+            "model": in_use,
+            **(headline.get(in_use) or {}),
             "baselines": {n: headline[n] for n, s in report["forecasters"].items() if s.get("kind") == "baseline"},
-            "anchors": report["anchors"], "report": report["files"]["json"],
+            "anchors": report["anchors"],
+            "report": report["files"]["json"],
         }
         if report["anchors"]["n_symbols"] < 2:  # thin data: say so instead of a bare NaN
             metrics["ic_note"] = self._note(
                 "IC and RankIC not computed: they need >= 2 symbols forecast on the same anchor date; the test "
-                f"forecasts cover {report['anchors']['n_symbols']} symbol(s)")
+                f"forecasts cover {report['anchors']['n_symbols']} symbol(s)"
+            )
         out_dir = Path(cfg.backtest_dir)
         self.result.metrics_file = str(out_dir / "metrics.json")
         save_metrics({**metrics, "run_id": self.result.run_id}, self.result.metrics_file)
@@ -348,15 +397,22 @@ class KronosPipeline:
             )
         records = _daily_anchors(records)
         dates = records["anchor"].drop_duplicates().sort_values()
-        log.info("backtest trades at the %d test anchor dates inside backtest_time_range %s .. %s (rebalancing on "
-                 "forecast dates, holding between them; eval_max_anchors %s)", len(dates), dates.iloc[0].date(),
-                 dates.iloc[-1].date(), cfg.eval_max_anchors or "all")
+        log.info(
+            "backtest trades at the %d test anchor dates inside backtest_time_range %s .. %s (rebalancing on "
+            "forecast dates, holding between them; eval_max_anchors %s)",
+            len(dates),
+            dates.iloc[0].date(),
+            dates.iloc[-1].date(),
+            cfg.eval_max_anchors or "all",
+        )
         cfg = self._backtest_config(int(records["symbol"].nunique()))
         if cfg is None:
             self.result.backtest_summary = {}
             return {}
-        signals = {kind: signals_from_records(records, kind, scale=cfg.backtest_signal_scale)
-                   for kind in ("last", "mean", "max", "min")}
+        signals = {
+            kind: signals_from_records(records, kind, scale=cfg.backtest_signal_scale)
+            for kind in ("last", "mean", "max", "min")
+        }
         out_dir = Path(cfg.backtest_dir) / "backtest"
         if cfg.data_source == "qlib":
             reports = run_backtests(signals, cfg, out_dir=out_dir, engine="qlib", time_range=list(period))
@@ -367,8 +423,9 @@ class KronosPipeline:
             # daily bars: the day's first open and last close
             close = close.groupby(close.index.normalize()).last()
             opens = opens.groupby(opens.index.normalize()).first()
-            reports = run_backtests(signals, cfg, out_dir=out_dir, engine="simple", close=close, open_prices=opens,
-                                    time_range=list(period))
+            reports = run_backtests(
+                signals, cfg, out_dir=out_dir, engine="simple", close=close, open_prices=opens, time_range=list(period)
+            )
         self.result.backtest_dir = str(out_dir)
         self.result.plots.extend(str(p) for p in reports.plots)  # the summary counts every PNG written
         self.result.backtest_summary = {k: r.summary for k, r in reports.items()}
@@ -381,8 +438,13 @@ class KronosPipeline:
         known = records.loc[records["true_close"].notna()]
         symbols = list(known.loc[known["step"] == 1, "symbol"].value_counts().index[:3])
         if symbols:
-            path = plot_forecast_vs_actual(known, symbols, out_dir / "forecast_vs_actual.png", step=1,
-                                           title="test split: 1-bar-ahead forecast vs realised close")
+            path = plot_forecast_vs_actual(
+                known,
+                symbols,
+                out_dir / "forecast_vs_actual.png",
+                step=1,
+                title="test split: 1-bar-ahead forecast vs realised close",
+            )
             self.result.plots.append(str(path))
         ic = ic_by_date(records).dropna(how="all", subset=["ic", "rank_ic"])
         if not ic.empty:
@@ -394,32 +456,48 @@ class KronosPipeline:
         self.result.notes.append(text)
         return text
 
-    def _backtest_config(self, n_symbols: int) -> Optional[Config]:
+    def _backtest_config(self, n_symbols: int) -> Config | None:
         """The config the top-k backtest can honour with ``n_symbols`` names: None (skipped, with a note) below
         two, else top-k capped at half of them (a 1-name "top-50" is no strategy), with a note."""
         cfg = self.config
         if n_symbols < 2:
-            self._note(f"backtest skipped: a top-k strategy ranks symbols against each other and the backtest range "
-                       f"holds {n_symbols} symbol(s); use a dataset with more symbols")
+            self._note(
+                f"backtest skipped: a top-k strategy ranks symbols against each other and the backtest range "
+                f"holds {n_symbols} symbol(s); use a dataset with more symbols"
+            )
             return None
         hold, drop = cfg.backtest_n_symbol_hold, cfg.backtest_n_symbol_drop
         if hold <= n_symbols // 2:
             return cfg
         new_hold = max(1, n_symbols // 2)
         new_drop = min(drop, new_hold)
-        self._note(f"backtest adapted to {n_symbols} symbols: holding top {new_hold} (backtest_n_symbol_hold "
-                   f"{hold}) and dropping {new_drop} (backtest_n_symbol_drop {drop}) per rebalance")
-        return copy.deepcopy(cfg).update({"backtest_n_symbol_hold": new_hold, "backtest_n_symbol_drop": new_drop},
-                                         source="thin data")
+        self._note(
+            f"backtest adapted to {n_symbols} symbols: holding top {new_hold} (backtest_n_symbol_hold "
+            f"{hold}) and dropping {new_drop} (backtest_n_symbol_drop {drop}) per rebalance"
+        )
+        return copy.deepcopy(cfg).update(
+            {"backtest_n_symbol_hold": new_hold, "backtest_n_symbol_drop": new_drop}, source="thin data"
+        )
 
     # ------------------------------------------------------------------ everything
-    def run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
-            skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
+    def run(
+        self,
+        skip_data: bool = False,
+        skip_tokenizer: bool = False,
+        skip_predictor: bool = False,
+        skip_predict: bool = False,
+        skip_backtest: bool = False,
+    ) -> PipelineResult:
         """Every step, skipping those asked; under ``torchrun`` from Python it sets up, and tears down, its own
         process group when none exists. With ``run_folders`` (the default) the run writes under its own run folder
         (see :mod:`kronos.runs`)."""
-        kwargs = dict(skip_data=skip_data, skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor,
-                      skip_predict=skip_predict, skip_backtest=skip_backtest)
+        kwargs = dict(
+            skip_data=skip_data,
+            skip_tokenizer=skip_tokenizer,
+            skip_predictor=skip_predictor,
+            skip_predict=skip_predict,
+            skip_backtest=skip_backtest,
+        )
         with process_group(self.config):
             run_id = self.enter_run_folder(skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor)
             try:
@@ -427,14 +505,13 @@ class KronosPipeline:
             except BaseException:
                 if run_id and is_main_process():  # a run that stopped before writing anything leaves no folder
                     folder = self._runs_root / run_id
-                    if folder.is_dir() and not any(p.is_file() and not p.name.endswith("kronos-run.lock")
-                                                   for p in folder.rglob("*")):
-
-
+                    if folder.is_dir() and not any(
+                        p.is_file() and not p.name.endswith("kronos-run.lock") for p in folder.rglob("*")
+                    ):
                         shutil.rmtree(folder, ignore_errors=True)
                 raise
 
-    def enter_run_folder(self, skip_tokenizer: bool = False, skip_predictor: bool = False) -> Optional[str]:
+    def enter_run_folder(self, skip_tokenizer: bool = False, skip_predictor: bool = False) -> str | None:
         """Move ``save_path``/``backtest_result_path`` inside this run's folder (a new id, ``run_id`` when set,
         or with ``resume`` the newest run). A skipped training stage with no explicit ``finetuned_*_path`` reuses
         the checkpoint of the latest finished run. Returns the run id (None with ``run_folders: false``)."""
@@ -452,10 +529,9 @@ class KronosPipeline:
                 run_id = new_run_id(root, reserve=True)
         run_id = share_text(run_id)  # rank 0's choice on every rank
 
-        def in_run(rid: str, extra: Optional[dict] = None) -> Config:
+        def in_run(rid: str, extra: dict | None = None) -> Config:
             paths = run_paths(cfg.save_path, cfg.backtest_result_path, rid)
-            return copy.deepcopy(cfg).update({**paths, "run_id": rid, **(extra or {})}, source="run folder",
-                                             user=False)
+            return copy.deepcopy(cfg).update({**paths, "run_id": rid, **(extra or {})}, source="run folder", user=False)
 
         overrides: dict[str, Any] = {}
         moved = in_run(run_id)
@@ -481,19 +557,36 @@ class KronosPipeline:
         folder = resolve_folder(path)
         return folder is not None and (folder / "config.json").is_file()
 
-    def _locked_run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
-                    skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
+    def _locked_run(
+        self,
+        skip_data: bool = False,
+        skip_tokenizer: bool = False,
+        skip_predictor: bool = False,
+        skip_predict: bool = False,
+        skip_backtest: bool = False,
+    ) -> PipelineResult:
         """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`)."""
         cfg = self.config
-        kwargs = dict(skip_data=skip_data, skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor,
-                      skip_predict=skip_predict, skip_backtest=skip_backtest)
+        kwargs = dict(
+            skip_data=skip_data,
+            skip_tokenizer=skip_tokenizer,
+            skip_predictor=skip_predictor,
+            skip_predict=skip_predict,
+            skip_backtest=skip_backtest,
+        )
         if not is_main_process():
             return self._run(**kwargs)
         with run_locks([cfg.save_path, cfg.backtest_dir], whole=[] if skip_data else [cfg.dataset_path]):
             return self._run(**kwargs)
 
-    def _run(self, skip_data: bool = False, skip_tokenizer: bool = False, skip_predictor: bool = False,
-             skip_predict: bool = False, skip_backtest: bool = False) -> PipelineResult:
+    def _run(
+        self,
+        skip_data: bool = False,
+        skip_tokenizer: bool = False,
+        skip_predictor: bool = False,
+        skip_predict: bool = False,
+        skip_backtest: bool = False,
+    ) -> PipelineResult:
         cfg = self.config
         timings = self.result.seconds
 
@@ -594,34 +687,48 @@ class KronosPipeline:
         if summary_file.is_file():
             summary = kio.read_json(summary_file)
             losses = {"zero_shot": summary.get("start_val_loss"), "finetuned": summary.get("best_val_loss")}
-        val = {name: {**(c.get("validation") or {}), "causal_val_loss": losses.get(name)}
-               for name, c in calibrations.items()}
+        val = {
+            name: {**(c.get("validation") or {}), "causal_val_loss": losses.get(name)}
+            for name, c in calibrations.items()
+        }
         selection: dict[str, Any] = {"model_in_use": "finetuned", "keep_better": cfg.keep_better, "validation": val}
         if not val:
             selection["reason"] = "no validation comparison (calibration skipped): the finetuned model is used"
         elif "zero_shot" not in val:
             selection["reason"] = "no starting model to compare with (pretrained paths empty or not loadable)"
         else:
-            key = "crps_rel_calibrated" if all(v.get("crps_rel_calibrated") is not None for v in val.values()) \
+            key = (
+                "crps_rel_calibrated"
+                if all(v.get("crps_rel_calibrated") is not None for v in val.values())
                 else "crps_rel"
+            )
             ft, zs = val["finetuned"].get(key), val["zero_shot"].get(key)
             selection["criterion"] = f"validation {key} (lower is better)"
             helped = ft is not None and zs is not None and ft < zs
-            detail = (f"validation {key}: finetuned {_num(ft)} vs starting model {_num(zs)}; causal val loss "
-                      f"{_num(losses.get('finetuned'))} vs {_num(losses.get('zero_shot'))}")
+            detail = (
+                f"validation {key}: finetuned {_num(ft)} vs starting model {_num(zs)}; causal val loss "
+                f"{_num(losses.get('finetuned'))} vs {_num(losses.get('zero_shot'))}"
+            )
             if helped:
                 selection["reason"] = f"finetuning helped ({detail})"
             elif cfg.keep_better:
                 selection["model_in_use"] = "zero_shot"
-                selection["reason"] = (f"finetuning did not help ({detail}); keep_better: the run uses the starting "
-                                       "model")
-                self._note(f"finetuning did not help on validation ({detail}): forecasts, calibration, report and "
-                           "service use the starting model (keep_better; set keep_better false to use the finetuned "
-                           "one anyway)")
+                selection["reason"] = (
+                    f"finetuning did not help ({detail}); keep_better: the run uses the starting model"
+                )
+                self._note(
+                    f"finetuning did not help on validation ({detail}): forecasts, calibration, report and "
+                    "service use the starting model (keep_better; set keep_better false to use the finetuned "
+                    "one anyway)"
+                )
             else:
-                selection["reason"] = f"finetuning did not help ({detail}); keep_better false: the finetuned model is used"
-                self._note(f"finetuning did not help on validation ({detail}); keep_better is false, so the run "
-                           "uses the finetuned model anyway")
+                selection["reason"] = (
+                    f"finetuning did not help ({detail}); keep_better false: the finetuned model is used"
+                )
+                self._note(
+                    f"finetuning did not help on validation ({detail}); keep_better is false, so the run "
+                    "uses the finetuned model anyway"
+                )
         if selection["model_in_use"] == "zero_shot":
             selection.update(tokenizer=cfg.pretrained_tokenizer_path, predictor=cfg.pretrained_predictor_path)
         else:
@@ -642,7 +749,7 @@ class KronosPipeline:
             self._note(f"calibration skipped (bands stay uncalibrated): {exc}")
             self.select_model({})
 
-    def load_calibration(self, model: Optional[str] = None):
+    def load_calibration(self, model: str | None = None):
         """The validation-fitted calibration of ``model`` (default: the model in use) when present and fitted for it
         (else None, logged)."""
         cfg = self.config
@@ -651,11 +758,15 @@ class KronosPipeline:
         if not path.is_file():
             log.info("no calibration at %s (run `kronos calibrate`): %s bands are reported uncalibrated", path, model)
             return None
-        predictor = self.load_predictor() if model == self.model_in_use() else (
-            self.finetuned_predictor() if model == "finetuned" else self.starting_predictor())
+        predictor = (
+            self.load_predictor()
+            if model == self.model_in_use()
+            else (self.finetuned_predictor() if model == "finetuned" else self.starting_predictor())
+        )
         try:
-            cal = Calibration.load(path).check(predictor, cfg.lookback_window, cfg.predict_window,
-                                               source=f"calibration file '{path}'")
+            cal = Calibration.load(path).check(
+                predictor, cfg.lookback_window, cfg.predict_window, source=f"calibration file '{path}'"
+            )
         except KronosError as exc:
             log.warning("%s; bands are reported uncalibrated", exc)
             return None
@@ -674,9 +785,18 @@ class KronosPipeline:
         if "zero_shot" in models or cfg.pretrained_predictor_path:
             end, source = data_cutoff(cfg.pretrained_predictor_path, cfg.pretrained_data_end)
             cutoff = {"data_end": end, "source": source}
-        report = build_report(cfg, self.full_frame(), split_dates(cfg.dataset_path), passed, cfg.backtest_dir,
-                              calibrations=calibrations, skipped=dict(self._skipped), in_use=self.model_in_use(),
-                              starting_cutoff=cutoff, selection=self.model_selection())
+        report = build_report(
+            cfg,
+            self.full_frame(),
+            split_dates(cfg.dataset_path),
+            passed,
+            cfg.backtest_dir,
+            calibrations=calibrations,
+            skipped=dict(self._skipped),
+            in_use=self.model_in_use(),
+            starting_cutoff=cutoff,
+            selection=self.model_selection(),
+        )
         for warning in report.get("warnings", []):
             self._note(warning)
         self.result.report_file = report["files"]["json"]

@@ -13,6 +13,7 @@ a process (the pipeline holds ``save_path`` while its training stages lock it ag
 Once the locks are held no other live run writes there, so every temporary (``.<name>.tmp-*``) found in the
 locked folders is a leftover of a killed run: :func:`clean_stale_temporaries` removes them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
 
 from kronos.errors import BusyError
 
@@ -40,7 +41,7 @@ _held_lock = threading.Lock()
 RUN_ID = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # this process's run id
 
 
-def lock_file_for(folder: Union[str, os.PathLike], whole: bool = False) -> Path:
+def lock_file_for(folder: str | os.PathLike, whole: bool = False) -> Path:
     """The lock file of ``folder``: inside it, or beside it when the folder is replaced as a whole."""
     f = Path(folder).expanduser()
     return f.parent / f".{f.name}{LOCK_NAME}" if whole else f / LOCK_NAME
@@ -59,25 +60,29 @@ def _read_owner(fd: int) -> dict:
 def _describe(owner: dict) -> str:
     if not owner:
         return "another Kronos run"
-    return (f"another Kronos run (pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, started "
-            f"{owner.get('started', '?')}, run id {owner.get('run_id', '?')})")
+    return (
+        f"another Kronos run (pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, started "
+        f"{owner.get('started', '?')}, run id {owner.get('run_id', '?')})"
+    )
 
 
 class RunLock:
     """An advisory lock on one lock file; use :func:`run_locks` for a run's folders."""
 
-    def __init__(self, path: Union[str, os.PathLike], folder: Union[str, os.PathLike, None] = None) -> None:
+    def __init__(self, path: str | os.PathLike, folder: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
         self.folder = Path(folder) if folder is not None else self.path.parent
-        self._key: Optional[str] = None
+        self._key: str | None = None
 
     def acquire(self, wait_s: float = 0.0, poll_s: float = 0.2) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             key = str(self.path.resolve())
         except OSError as exc:
-            raise BusyError(f"cannot create the run lock {self.path}: {exc.strerror or exc}; "
-                            "check that the output folder is writable") from None
+            raise BusyError(
+                f"cannot create the run lock {self.path}: {exc.strerror or exc}; "
+                "check that the output folder is writable"
+            ) from None
         with _held_lock:
             if key in _held:
                 _held[key][1] += 1
@@ -86,8 +91,9 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise BusyError(f"cannot open the run lock {self.path}: {exc.strerror or exc}; "
-                            "check that the output folder is writable") from None
+            raise BusyError(
+                f"cannot open the run lock {self.path}: {exc.strerror or exc}; check that the output folder is writable"
+            ) from None
         deadline = time.monotonic() + max(wait_s, 0.0)
         waited = False
         while True:
@@ -103,8 +109,7 @@ class RunLock:
                         "run at other folders (save_path, backtest_result_path, dataset_path)"
                     ) from None
                 if not waited:
-                    logger.info("waiting up to %.0fs for %s to finish with %s", wait_s, _describe(owner),
-                                self.folder)
+                    logger.info("waiting up to %.0fs for %s to finish with %s", wait_s, _describe(owner), self.folder)
                     waited = True
                 time.sleep(poll_s)
             except OSError as exc:
@@ -113,8 +118,12 @@ class RunLock:
         previous = _read_owner(fd)
         if previous:
             logger.info("taking over the run lock of %s, which is no longer running", _describe(previous))
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": RUN_ID,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run_id": RUN_ID,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(me) + "\n").encode("utf-8"))
@@ -142,7 +151,7 @@ class RunLock:
         os.close(fd)  # closing drops the flock
 
 
-def clean_stale_temporaries(folder: Union[str, os.PathLike], name: Optional[str] = None) -> list[Path]:
+def clean_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove ``.<x>.tmp-*`` leftovers of killed runs under ``folder`` (only ``.<name>.tmp-*`` when given).
 
     Call it only while holding the folder's run lock: then no live run owns any of them.
@@ -167,8 +176,9 @@ def clean_stale_temporaries(folder: Union[str, os.PathLike], name: Optional[str]
         except OSError as exc:
             logger.warning("cannot remove the stale temporary %s: %s", path, exc)
     if removed:
-        logger.info("removed %d temporary file(s)/folder(s) left by an earlier, killed run under %s",
-                    len(removed), root)
+        logger.info(
+            "removed %d temporary file(s)/folder(s) left by an earlier, killed run under %s", len(removed), root
+        )
     return removed
 
 
@@ -186,8 +196,12 @@ def _walk(root: Path, depth: int) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def run_locks(folders: Iterable[Union[str, os.PathLike]], whole: Iterable[Union[str, os.PathLike]] = (),
-              wait_s: float = 0.0, clean: bool = True) -> Iterator[list[RunLock]]:
+def run_locks(
+    folders: Iterable[str | os.PathLike],
+    whole: Iterable[str | os.PathLike] = (),
+    wait_s: float = 0.0,
+    clean: bool = True,
+) -> Iterator[list[RunLock]]:
     """Hold the run locks of ``folders`` (lock inside) and ``whole`` (lock beside) for the ``with`` block.
 
     Locks are taken in a fixed order (no deadlock between two runs); with ``clean``, temporaries of killed runs
@@ -214,5 +228,4 @@ def run_locks(folders: Iterable[Union[str, os.PathLike]], whole: Iterable[Union[
             lock.release()
 
 
-__all__ = ["LOCK_NAME", "RUN_ID", "RunLock", "clean_stale_temporaries", "lock_file_for",
-           "run_locks"]
+__all__ = ["LOCK_NAME", "RUN_ID", "RunLock", "clean_stale_temporaries", "lock_file_for", "run_locks"]

@@ -11,13 +11,13 @@ The runs root is the common parent of ``save_path`` and ``backtest_result_path``
 readable: the local date and time it started (a ``-2``, ``-3`` ... suffix when two start in the same second).
 ``run_folders: false`` writes straight into ``save_path``/``backtest_result_path`` as the seed does.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 from kronos.errors import ConfigError, DataError
 from kronos.io import write_text
@@ -35,7 +35,7 @@ def runs_root(save_path: str, backtest_result_path: str) -> Path:
     return Path(os.path.commonpath([a, b])) / "runs"
 
 
-def new_run_id(root: Path, now: Optional[_dt.datetime] = None, reserve: bool = False) -> str:
+def new_run_id(root: Path, now: _dt.datetime | None = None, reserve: bool = False) -> str:
     """A readable id for a new run (its local start time), unique inside ``root``; ``reserve`` creates its folder
     (atomically, so two runs started in the same second get different ids)."""
     base = (now or _dt.datetime.now()).strftime("%Y-%m-%d_%H%M%S")
@@ -54,7 +54,7 @@ def new_run_id(root: Path, now: Optional[_dt.datetime] = None, reserve: bool = F
         run_id = f"{base}-{k}"
 
 
-def newest_run(root: Path) -> Optional[str]:
+def newest_run(root: Path) -> str | None:
     """The most recently started run under ``root`` (finished or not), or None."""
     if not root.is_dir():
         return None
@@ -62,7 +62,7 @@ def newest_run(root: Path) -> Optional[str]:
     return max(runs, key=lambda d: (d.stat().st_mtime, d.name)).name if runs else None
 
 
-def latest_run(root: Path) -> Optional[str]:
+def latest_run(root: Path) -> str | None:
     """The id of the newest run under ``root`` (the ``latest`` link, else the ``LATEST`` file), or None."""
     link = root / LATEST
     if link.is_symlink() and (root / os.readlink(link)).is_dir():
@@ -111,8 +111,9 @@ def for_existing_run(config):
     if not run_id:
         return config
     if not (root / run_id).is_dir():
-        known = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) \
-            if root.is_dir() else []
+        known = (
+            sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+        )
         raise DataError(f"run_id '{run_id}': no such run in '{root}'; known runs: {known[-5:] or 'none yet'}")
     log.info("working on run %s (%s)", run_id, root / run_id)
     paths = run_paths(config.save_path, config.backtest_result_path, run_id)
@@ -126,7 +127,7 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def resolve_run(ref: Union[str, os.PathLike], save_path: str, backtest_result_path: str) -> Path:
+def resolve_run(ref: str | os.PathLike, save_path: str, backtest_result_path: str) -> Path:
     """The run folder a user points at: a path to a run folder, a run id, or ``latest``."""
     p = Path(ref).expanduser()
     if p.is_dir() and (p / LATEST).exists() is False and any(p.iterdir()):
@@ -139,5 +140,14 @@ def resolve_run(ref: Union[str, os.PathLike], save_path: str, backtest_result_pa
     raise DataError(f"no pipeline run '{ref}' in '{root}'; known runs: {known[-5:] or 'none yet (run the pipeline)'}")
 
 
-__all__ = ["runs_root", "new_run_id", "newest_run", "latest_run", "mark_latest", "run_paths", "check_run_id", "resolve_run",
-           "for_existing_run"]
+__all__ = [
+    "runs_root",
+    "new_run_id",
+    "newest_run",
+    "latest_run",
+    "mark_latest",
+    "run_paths",
+    "check_run_id",
+    "resolve_run",
+    "for_existing_run",
+]

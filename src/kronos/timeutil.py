@@ -5,11 +5,12 @@ Future bars follow an exchange's trading calendar when one is named (``calendar=
 Day are never forecast dates. Without a calendar (unknown markets, 24/7 crypto, FX) the rule is plain business
 days (or the history's own spacing), as before.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 SOURCE_CALENDARS = {"qlib": "XSHG", "sina": "XSHG"}
 
 
-def resolve_calendar(name: Optional[str], data_source: str = "") -> Optional[str]:
+def resolve_calendar(name: str | None, data_source: str = "") -> str | None:
     """The exchange calendar code to use: ``"auto"`` picks the data source's market (A-shares for qlib/sina),
     ``"none"``/empty means plain business days; any other value must be an ``exchange_calendars`` code."""
     if name is None or str(name).strip().lower() in ("", "none", "business", "bday"):
@@ -38,17 +39,22 @@ def _calendar(code: str):
     try:
         import exchange_calendars as xcals
     except ImportError:  # pragma: no cover - exchange_calendars is a core dependency
-        raise ConfigError(f"trading_calendar '{code}' needs exchange_calendars: pip install exchange_calendars") from None
+        raise ConfigError(
+            f"trading_calendar '{code}' needs exchange_calendars: pip install exchange_calendars"
+        ) from None
     try:
         return xcals.get_calendar(code)
     except Exception:
         names = ", ".join(n for n in ("XSHG", "XSHE", "XHKG", "XNYS", "XNAS", "XLON", "XTKS", "XETR"))
-        raise ConfigError(f"trading_calendar: unknown exchange calendar '{code}'; use one of {names}, ... "
-                          "(exchange_calendars.get_calendar_names()), or 'none' for business days") from None
+        raise ConfigError(
+            f"trading_calendar: unknown exchange calendar '{code}'; use one of {names}, ... "
+            "(exchange_calendars.get_calendar_names()), or 'none' for business days"
+        ) from None
 
 
-def _next_days(calendar: Optional[str]) -> Callable[[pd.Timestamp, int], pd.DatetimeIndex]:
+def _next_days(calendar: str | None) -> Callable[[pd.Timestamp, int], pd.DatetimeIndex]:
     """A function giving the ``k`` trading days strictly after a day (calendar sessions, else business days)."""
+
     def bdays(day: pd.Timestamp, k: int) -> pd.DatetimeIndex:
         return pd.bdate_range(day.normalize() + pd.Timedelta(days=1), periods=k)
 
@@ -61,8 +67,13 @@ def _next_days(calendar: Optional[str]) -> Callable[[pd.Timestamp, int], pd.Date
         last = cal.last_session.tz_localize(None) if cal.last_session.tzinfo is not None else cal.last_session
         first = cal.first_session.tz_localize(None) if cal.first_session.tzinfo is not None else cal.first_session
         if day < first or day >= last:
-            log.warning("trading calendar %s covers %s..%s only; business days used after %s",
-                        calendar, first.date(), last.date(), day.date())
+            log.warning(
+                "trading calendar %s covers %s..%s only; business days used after %s",
+                calendar,
+                first.date(),
+                last.date(),
+                day.date(),
+            )
             return bdays(day, k)
         out = cal.sessions_in_range(day + pd.Timedelta(days=1), last)[:k]
         out = pd.DatetimeIndex(out).tz_localize(None) if getattr(out, "tz", None) is not None else pd.DatetimeIndex(out)
@@ -73,8 +84,7 @@ def _next_days(calendar: Optional[str]) -> Callable[[pd.Timestamp, int], pd.Date
     return sessions
 
 
-def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int,
-                      calendar: Optional[str] = None) -> pd.DatetimeIndex:
+def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int, calendar: str | None = None) -> pd.DatetimeIndex:
     """The ``n`` bar timestamps that follow ``history``, continuing its trading pattern.
 
     Daily bars step over trading days (the sessions of ``calendar``, an ``exchange_calendars`` code such as
@@ -112,9 +122,9 @@ def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int,
     out.extend(later[:n])
     if len(out) < n:
         per_day = len(day_times)
-        for day in next_days(day, -(-(n - len(out)) // per_day)):
+        for later_day in next_days(day, -(-(n - len(out)) // per_day)):
             for t in day_times:
-                out.append(day + t)
+                out.append(later_day + t)
                 if len(out) == n:
                     break
     return pd.DatetimeIndex(out).as_unit("ns")

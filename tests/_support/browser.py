@@ -2,6 +2,7 @@
 
 Outside CI a missing browser skips the test with the reason; in CI (``CI=1``, set by .ci/run) it fails.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,13 +12,21 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
-CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                "--window-size=1100,820"]
+CHROME_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1100,820",
+]
 
 
 def _missing(reason: str):

@@ -6,21 +6,23 @@ wrap it in a KronosPredictor, or save it in the official format.
 Every pair is seeded: ``torch.manual_seed(seed)``, then the tokenizer, then the predictor, then the optional
 jitter, always in that order, so a seed gives the same weights (and leaves the same global RNG state) everywhere.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 from kronos.inference import KronosPredictor
 from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokenizer
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
-def tiny_pair(seed: int = 0, jitter: float = 0.0, sharpen: Sequence[str] = (),
-              **predictor_args) -> tuple[KronosTokenizer, Kronos]:
+def tiny_pair(
+    seed: int = 0, jitter: float = 0.0, sharpen: Sequence[str] = (), **predictor_args
+) -> tuple[KronosTokenizer, Kronos]:
     """A fresh tiny-preset ``(tokenizer, predictor)`` (train mode, as built).
 
     ``predictor_args`` override the predictor preset (e.g. ``n_layers=3``, dropout rates). ``jitter``: noise of
@@ -41,16 +43,18 @@ def tiny_pair(seed: int = 0, jitter: float = 0.0, sharpen: Sequence[str] = (),
     return tokenizer, model
 
 
-def tiny_predictor(seed: int = 0, max_context: int = 32, jitter: float = 0.0, sharpen: Sequence[str] = (),
-                   **predictor_kwargs) -> KronosPredictor:
+def tiny_predictor(
+    seed: int = 0, max_context: int = 32, jitter: float = 0.0, sharpen: Sequence[str] = (), **predictor_kwargs
+) -> KronosPredictor:
     """:func:`tiny_pair` wrapped in a CPU :class:`KronosPredictor` (``predictor_kwargs``: its other arguments,
     e.g. ``clip``)."""
     tokenizer, model = tiny_pair(seed, jitter=jitter, sharpen=sharpen)
     return KronosPredictor(model, tokenizer, device="cpu", max_context=max_context, **predictor_kwargs)
 
 
-def save_tiny_pair(tokenizer_dir: PathLike, predictor_dir: PathLike, seed: int = 0,
-                   **predictor_args) -> tuple[KronosTokenizer, Kronos]:
+def save_tiny_pair(
+    tokenizer_dir: PathLike, predictor_dir: PathLike, seed: int = 0, **predictor_args
+) -> tuple[KronosTokenizer, Kronos]:
     """:func:`tiny_pair` saved in the official format (``config.json`` + ``model.safetensors``) to the two folders
     (e.g. a config's ``finetuned_tokenizer``/``finetuned_predictor``, or a 'pretrained' pair's
     ``<folder>/tokenizer`` and ``<folder>/predictor``); returns the modules."""

@@ -20,6 +20,7 @@ as Sina's anti-scraping front end does.
 
 Failures are injected per symbol with :meth:`SinaTestServer.fail`; see ``FAILURE_MODES``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,7 +31,6 @@ import urllib.parse
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 
@@ -101,8 +101,9 @@ class SinaTestServer:
     ``last_headers`` (headers of the latest request).
     """
 
-    def __init__(self, symbols: Optional[dict[str, float]] = None, csv_path: Path = DATA_CSV,
-                 require_browser_headers: bool = True) -> None:
+    def __init__(
+        self, symbols: dict[str, float] | None = None, csv_path: Path = DATA_CSV, require_browser_headers: bool = True
+    ) -> None:
         self.offsets = dict(DEFAULT_SYMBOLS if symbols is None else symbols)
         self.bars = build_bars(csv_path)
         self.require_browser_headers = require_browser_headers
@@ -111,16 +112,17 @@ class SinaTestServer:
         self._failures: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._httpd: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "SinaTestServer":
+    def start(self) -> SinaTestServer:
         handler = type("_Handler", (_SinaHandler,), {"app": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="sina-test-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="sina-test-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -134,7 +136,7 @@ class SinaTestServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "SinaTestServer":
+    def __enter__(self) -> SinaTestServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -167,7 +169,7 @@ class SinaTestServer:
         return list(self.offsets)
 
     # ------------------------------------------------------------------ data and failures
-    def frame(self, symbol: str, scale: int = 240, datalen: Optional[int] = None) -> pd.DataFrame:
+    def frame(self, symbol: str, scale: int = 240, datalen: int | None = None) -> pd.DataFrame:
         """The bars served for ``symbol`` at ``scale`` (last ``datalen``), volume in shares, float columns."""
         bars = self.bars[scale]
         if datalen is not None:
@@ -176,8 +178,15 @@ class SinaTestServer:
         shifted = bars.assign(**{c: bars[c] + offset for c in ("open", "high", "low", "close")})
         return shifted.reset_index(drop=True)
 
-    def fail(self, symbol: str, mode: str, times: Optional[int] = None, delay: float = 1.0,
-             size: int = 4 << 20, target: str = "sz000001") -> None:
+    def fail(
+        self,
+        symbol: str,
+        mode: str,
+        times: int | None = None,
+        delay: float = 1.0,
+        size: int = 4 << 20,
+        target: str = "sz000001",
+    ) -> None:
         """Make requests for ``symbol`` fail with ``mode`` (a FAILURE_MODES key); ``times`` then OK (None = always).
 
         ``delay``: seconds of "slow" or per byte of "drip"; ``size``: bytes of "oversize"/"gzip_bomb" bodies;
@@ -188,18 +197,18 @@ class SinaTestServer:
         with self._lock:
             self._failures[symbol] = {"mode": mode, "left": times, "delay": delay, "size": size, "target": target}
 
-    def clear_failures(self, symbol: Optional[str] = None) -> None:
+    def clear_failures(self, symbol: str | None = None) -> None:
         with self._lock:
             if symbol is None:
                 self._failures.clear()
             else:
                 self._failures.pop(symbol, None)
 
-    def request_count(self, symbol: Optional[str] = None) -> int:
+    def request_count(self, symbol: str | None = None) -> int:
         with self._lock:
             return sum(self.requests.values()) if symbol is None else self.requests[symbol]
 
-    def _take_failure(self, symbol: str) -> Optional[dict]:
+    def _take_failure(self, symbol: str) -> dict | None:
         with self._lock:
             f = self._failures.get(symbol)
             if f is None:
@@ -215,8 +224,14 @@ class SinaTestServer:
         fmt = "%Y-%m-%d" if scale == 240 else "%Y-%m-%d %H:%M:%S"
         rows = []
         for r in bars.itertuples(index=False):
-            row = {"day": r.timestamps.strftime(fmt), "open": f"{r.open:.3f}", "high": f"{r.high:.3f}",
-                   "low": f"{r.low:.3f}", "close": f"{r.close:.3f}", "volume": f"{r.volume:.0f}"}
+            row = {
+                "day": r.timestamps.strftime(fmt),
+                "open": f"{r.open:.3f}",
+                "high": f"{r.high:.3f}",
+                "low": f"{r.low:.3f}",
+                "close": f"{r.close:.3f}",
+                "volume": f"{r.volume:.0f}",
+            }
             if with_amount:
                 row["amount"] = f"{r.amount:.4f}"
             rows.append(row)
@@ -258,17 +273,19 @@ class _SinaHandler(BaseHTTPRequestHandler):
         if path == JSON_PATH:
             callback = None
         elif path.startswith(JSONP_PATH_PREFIX) and path.endswith(JSONP_PATH_SUFFIX):
-            middle = path[len(JSONP_PATH_PREFIX):-len(JSONP_PATH_SUFFIX)]
+            middle = path[len(JSONP_PATH_PREFIX) : -len(JSONP_PATH_SUFFIX)]
             if not middle.endswith("="):
                 return self._send(404, "<html><body>404 Not Found</body></html>", "text/html")
             callback = middle[:-1]
         else:
-            return self._send(404, "<html><head><title>404 Not Found</title></head><body>Not Found</body></html>",
-                              "text/html")
+            return self._send(
+                404, "<html><head><title>404 Not Found</title></head><body>Not Found</body></html>", "text/html"
+            )
         ua = self.headers.get("User-Agent", "")
         if app.require_browser_headers and (not ua.startswith("Mozilla/") or not self.headers.get("Referer")):
-            return self._send(403, "<html><head><title>403 Forbidden</title></head><body>Forbidden</body></html>",
-                              "text/html")
+            return self._send(
+                403, "<html><head><title>403 Forbidden</title></head><body>Forbidden</body></html>", "text/html"
+            )
         try:
             scale = int((query.get("scale") or ["240"])[0])
             datalen = int((query.get("datalen") or ["1023"])[0])
@@ -284,11 +301,16 @@ class _SinaHandler(BaseHTTPRequestHandler):
             mode = None
         if mode in ("500", "503", "429", "404", "403"):
             status = int(mode)
-            return self._send(status, f"<html><head><title>{status} Error</title></head><body>{status}</body></html>",
-                              "text/html")
+            return self._send(
+                status, f"<html><head><title>{status} Error</title></head><body>{status}</body></html>", "text/html"
+            )
         if mode == "html":
-            return self._send(200, "<!DOCTYPE html><html><head><title>新浪财经-页面没有找到</title></head>"
-                                   "<body>Sorry, the page was not found.</body></html>", "text/html; charset=utf-8")
+            return self._send(
+                200,
+                "<!DOCTYPE html><html><head><title>新浪财经-页面没有找到</title></head>"
+                "<body>Sorry, the page was not found.</body></html>",
+                "text/html; charset=utf-8",
+            )
         if mode == "malformed":
             full = json.dumps(app.body_array(symbol, scale, datalen) if symbol in app.offsets else [])
             return self._send(200, self._wrap(callback, full[: max(len(full) // 2, 5)]))
@@ -342,7 +364,7 @@ class _SinaHandler(BaseHTTPRequestHandler):
             yield head
             left = pad
             while left > 0:
-                yield block[:min(left, len(block))]
+                yield block[: min(left, len(block))]
                 left -= len(block)
             yield tail
 
@@ -370,14 +392,14 @@ class _SinaHandler(BaseHTTPRequestHandler):
             if self.app._stop.is_set():
                 return
             try:
-                self.wfile.write(body[i:i + 1])
+                self.wfile.write(body[i : i + 1])
                 self.wfile.flush()
             except OSError:
                 return
             time.sleep(interval)
 
     @staticmethod
-    def _wrap(callback: Optional[str], payload: str) -> str:
+    def _wrap(callback: str | None, payload: str) -> str:
         if callback is None:  # plain JSON twin
             return payload
         return f"{ANTI_EMBED_PREFIX}{callback}=({payload});"

@@ -1,7 +1,9 @@
-"""Shared helpers of the training tests (no tests here): a real daily dataset from tests/fixtures/qlib_cn and tiny configs.
+"""Shared helpers of the training tests (no tests here): a real daily dataset from tests/fixtures/qlib_cn and tiny
+configs.
 
 Tests take the processed dataset from the session fixture ``dataset`` (tests/conftest.py), written once by
 :func:`make_dataset`; tiny random models come from :mod:`_support.models`."""
+
 from __future__ import annotations
 
 import sys
@@ -29,7 +31,9 @@ def qlib_frame(symbols: int = 8) -> pd.DataFrame:
         for field in ("open", "high", "low", "close", "volume"):
             raw = np.fromfile(QLIB / "features" / sym / f"{field}.day.bin", dtype="<f4")
             start = int(raw[0])
-            cols[field] = pd.Series(raw[1:].astype(np.float64), index=calendar.iloc[start:start + len(raw) - 1].values)
+            cols[field] = pd.Series(
+                raw[1:].astype(np.float64), index=calendar.iloc[start : start + len(raw) - 1].values
+            )
         df = pd.DataFrame(cols).dropna()
         df = df[df["volume"] > 0]
         df.index.name = "timestamps"
@@ -49,8 +53,10 @@ def make_dataset(path: Path) -> Path:
         "val": frame[(ts >= "2023-07-01") & (ts < "2024-04-01")],
         "test": frame[ts >= "2024-04-01"],
     }
-    dates = {s: {"first": f["timestamps"].min().isoformat(), "last": f["timestamps"].max().isoformat(),
-                 "rows": len(f)} for s, f in splits.items()}  # disjoint splits: every bar is the split's own
+    dates = {
+        s: {"first": f["timestamps"].min().isoformat(), "last": f["timestamps"].max().isoformat(), "rows": len(f)}
+        for s, f in splits.items()
+    }  # disjoint splits: every bar is the split's own
     save_dataset(path, splits, {"source": "tests/fixtures/qlib_cn", "splits": dates})
     return path
 
@@ -58,11 +64,26 @@ def make_dataset(path: Path) -> Path:
 def tiny_config(tmp: Path, dataset: Path, **overrides) -> Config:
     """Tiny-preset CPU config: 30+5+1-row windows, a few steps per epoch."""
     base = dict(
-        dataset_path=str(dataset), save_path=str(tmp / "out"), device="cpu", precision="fp32",
-        lookback_window=30, predict_window=5, batch_size=16, n_train_iter=16 * 8, n_val_iter=64, epochs=2,
-        log_interval=2, pretrained_tokenizer_path="", pretrained_predictor_path="", tokenizer_preset="tiny",
-        predictor_preset="tiny", tokenizer_learning_rate=2e-3, predictor_learning_rate=2e-3, seed=7,
-        checkpoint_interval=0, use_comet=False,
+        dataset_path=str(dataset),
+        save_path=str(tmp / "out"),
+        device="cpu",
+        precision="fp32",
+        lookback_window=30,
+        predict_window=5,
+        batch_size=16,
+        n_train_iter=16 * 8,
+        n_val_iter=64,
+        epochs=2,
+        log_interval=2,
+        pretrained_tokenizer_path="",
+        pretrained_predictor_path="",
+        tokenizer_preset="tiny",
+        predictor_preset="tiny",
+        tokenizer_learning_rate=2e-3,
+        predictor_learning_rate=2e-3,
+        seed=7,
+        checkpoint_interval=0,
+        use_comet=False,
     )
     base.update(overrides)
     return Config.from_dict(base)

@@ -1,4 +1,5 @@
 """DataProcessorFactory: built-in names, unknown names, custom sources via register(), lazy imports."""
+
 from __future__ import annotations
 
 import subprocess
@@ -56,8 +57,7 @@ def test_builtin_names_resolve_to_their_classes():
 def test_register_custom_source_runs_the_whole_pipeline(registry, tmp_path):
     registry.register("halves", HalvesProcessor)
     assert "halves" in registry.available()
-    cfg = Config(dataset_path=str(tmp_path / "ds"), lookback_window=20, predict_window=5,
-                 split_ratios=[0.6, 0.2, 0.2])
+    cfg = Config(dataset_path=str(tmp_path / "ds"), lookback_window=20, predict_window=5, split_ratios=[0.6, 0.2, 0.2])
     manifest = registry.create_processor("halves", cfg, origin="test").run_pipeline()
     assert manifest["source"] == "halves" and manifest["symbols"] == ["H1", "H2"]
     assert load_manifest(tmp_path / "ds")["source_info"] == {"origin": "test"}
@@ -81,11 +81,14 @@ def test_a_broken_source_module_affects_only_that_source(registry, monkeypatch):
 
 @pytest.mark.slow
 def test_seed_import_paths_work_from_finetune_folder():
-    code = ("from sina_data_processor import DataProcessorFactory, BaseDataProcessor, CsvDataProcessor; "
-            "import qlib_data_preprocess; "
-            "assert DataProcessorFactory.get_class('csv') is CsvDataProcessor; print('ok')")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "finetune", capture_output=True, text=True,
-                         timeout=60)
+    code = (
+        "from sina_data_processor import DataProcessorFactory, BaseDataProcessor, CsvDataProcessor; "
+        "import qlib_data_preprocess; "
+        "assert DataProcessorFactory.get_class('csv') is CsvDataProcessor; print('ok')"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "finetune", capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 

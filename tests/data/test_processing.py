@@ -1,4 +1,5 @@
 """Schema validation, cleaning, calendar features and splits on real 5-minute bars (tests/data/kline_5min.csv)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,17 @@ def small_config(**kw) -> Config:
 
 # ---------------------------------------------------------------------------- schema
 def test_validate_matches_aliases_case_insensitively(bars):
-    raw = pd.read_csv(CSV).rename(columns={"timestamps": "Date", "open": "OPEN", "high": "High", "low": "low",
-                                           "close": "Close", "volume": "Vol", "amount": "Turnover"})
+    raw = pd.read_csv(CSV).rename(
+        columns={
+            "timestamps": "Date",
+            "open": "OPEN",
+            "high": "High",
+            "low": "low",
+            "close": "Close",
+            "volume": "Vol",
+            "amount": "Turnover",
+        }
+    )
     out = validate_kline_frame(raw, "renamed")
     assert list(out.columns) == list(KLINE_COLUMNS)
     assert str(out["timestamps"].dtype) == "datetime64[ns]"
@@ -54,21 +64,43 @@ def test_validate_missing_volume_zeroes_volume_and_amount_and_missing_amount_is_
 
 
 def test_validate_tz_aware_and_date_plus_time_columns():
-    frame = pd.DataFrame({
-        "date": ["2024-06-18", "2024-06-18"], "time": ["09:35", "09:40"],
-        "open": [1.0, 1.0], "high": [1.1, 1.1], "low": [0.9, 0.9], "close": [1.0, 1.05],
-    })
+    frame = pd.DataFrame(
+        {
+            "date": ["2024-06-18", "2024-06-18"],
+            "time": ["09:35", "09:40"],
+            "open": [1.0, 1.0],
+            "high": [1.1, 1.1],
+            "low": [0.9, 0.9],
+            "close": [1.0, 1.05],
+        }
+    )
     out = validate_kline_frame(frame, "x")
     assert list(out["timestamps"]) == [pd.Timestamp("2024-06-18 09:35"), pd.Timestamp("2024-06-18 09:40")]
-    tz = pd.DataFrame({"timestamps": ["2024-03-08 09:30:00-05:00", "2024-03-11 09:30:00-04:00"],
-                       "open": [1, 1], "high": [1, 1], "low": [1, 1], "close": [1, 1], "volume": [1, 1]})
+    tz = pd.DataFrame(
+        {
+            "timestamps": ["2024-03-08 09:30:00-05:00", "2024-03-11 09:30:00-04:00"],
+            "open": [1, 1],
+            "high": [1, 1],
+            "low": [1, 1],
+            "close": [1, 1],
+            "volume": [1, 1],
+        }
+    )
     out = validate_kline_frame(tz, "x")  # mixed offsets (DST): local wall time kept, tz dropped
     assert list(out["timestamps"].dt.hour) == [9, 9] and out["timestamps"].dt.tz is None
 
 
 def test_validate_yyyymmdd_integers():
-    frame = pd.DataFrame({"trade_date": [20240102, 20240103], "open": [1, 2], "high": [2, 3], "low": [1, 1],
-                          "close": [2, 2], "vol": [10, 20]})
+    frame = pd.DataFrame(
+        {
+            "trade_date": [20240102, 20240103],
+            "open": [1, 2],
+            "high": [2, 3],
+            "low": [1, 1],
+            "close": [2, 2],
+            "vol": [10, 20],
+        }
+    )
     out = validate_kline_frame(frame, "x")
     assert list(out["timestamps"]) == [pd.Timestamp("2024-01-02"), pd.Timestamp("2024-01-03")]
 
@@ -123,7 +155,12 @@ def test_time_features_intraday_and_daily(bars):
     feats = add_time_features(bars.head(3))
     first = pd.Timestamp(bars["timestamps"].iloc[0])
     assert feats.loc[0, ["minute", "hour", "weekday", "day", "month"]].tolist() == [
-        first.minute, first.hour, first.weekday(), first.day, first.month]
+        first.minute,
+        first.hour,
+        first.weekday(),
+        first.day,
+        first.month,
+    ]
     assert all(feats[c].dtype == np.int64 for c in ("minute", "hour", "weekday", "day", "month"))
     daily = add_time_features(pd.DataFrame({"timestamps": pd.to_datetime(["2024-06-17", "2024-06-23"])}))
     assert daily["minute"].tolist() == [0, 0] and daily["hour"].tolist() == [0, 0]
@@ -133,8 +170,11 @@ def test_time_features_intraday_and_daily(bars):
 # ---------------------------------------------------------------------------- splits
 def test_time_range_split_is_inclusive_of_intraday_end_day_and_may_overlap(bars):
     frames = {"A": add_time_features(bars)}
-    cfg = small_config(train_time_range=["2024-06-18", "2024-07-31"], val_time_range=["2024-07-25", "2024-08-10"],
-                       test_time_range=["2024-08-05 10:00:00", "2024-08-29"])
+    cfg = small_config(
+        train_time_range=["2024-06-18", "2024-07-31"],
+        val_time_range=["2024-07-25", "2024-08-10"],
+        test_time_range=["2024-08-05 10:00:00", "2024-08-29"],
+    )
     splits, info = split_frames(frames, cfg)
     train, val, test = splits["train"], splits["val"], splits["test"]
     assert train["timestamps"].max().date() == pd.Timestamp("2024-07-31").date()
@@ -150,8 +190,11 @@ def test_time_range_split_is_inclusive_of_intraday_end_day_and_may_overlap(bars)
 
 
 def test_short_symbol_is_dropped_from_a_split_and_recorded(bars):
-    cfg = small_config(train_time_range=["2024-06-18", "2024-07-31"], val_time_range=["2024-08-01", "2024-08-15"],
-                       test_time_range=["2024-08-16", "2024-08-29"])
+    cfg = small_config(
+        train_time_range=["2024-06-18", "2024-07-31"],
+        val_time_range=["2024-08-01", "2024-08-15"],
+        test_time_range=["2024-08-16", "2024-08-29"],
+    )
     long = add_time_features(bars)
     short = long[long["timestamps"] >= pd.Timestamp("2024-08-15 14:00")].reset_index(drop=True)  # ~few val rows
     splits, info = split_frames({"LONG": long, "SHORT": short}, cfg)
@@ -186,8 +229,11 @@ def test_ratio_split_cuts_every_symbol_at_one_global_date(bars):
 
 
 def test_time_range_split_owns_only_bars_after_the_previous_split(bars):
-    cfg = small_config(train_time_range=["2024-06-18", "2024-07-31"], val_time_range=["2024-07-01", "2024-08-10"],
-                       test_time_range=["2024-08-05", "2024-08-29"])
+    cfg = small_config(
+        train_time_range=["2024-06-18", "2024-07-31"],
+        val_time_range=["2024-07-01", "2024-08-10"],
+        test_time_range=["2024-08-05", "2024-08-29"],
+    )
     splits, info = split_frames({"A": add_time_features(bars)}, cfg)
     train_last = splits["train"]["timestamps"].max()
     assert pd.Timestamp(info["val"]["first"]) > train_last
@@ -198,8 +244,11 @@ def test_time_range_split_owns_only_bars_after_the_previous_split(bars):
 
 
 def test_empty_split_names_split_range_and_key(bars):
-    cfg = small_config(train_time_range=["2024-06-18", "2024-07-31"], val_time_range=["2024-08-01", "2024-08-15"],
-                       test_time_range=["2030-01-01", "2030-12-31"])
+    cfg = small_config(
+        train_time_range=["2024-06-18", "2024-07-31"],
+        val_time_range=["2024-08-01", "2024-08-15"],
+        test_time_range=["2030-01-01", "2030-12-31"],
+    )
     with pytest.raises(DataError, match=r"split 'test' is empty.*test_time_range.*2030-01-01.*'test_time_range'"):
         split_frames({"A": add_time_features(bars)}, cfg)
     with pytest.raises(DataError, match=r"split 'test' is empty.*split_ratios"):
@@ -216,8 +265,9 @@ def test_bad_time_range_is_a_config_error(bars):
 
 
 def test_process_frames_skips_short_symbols_and_redacts_secrets(bars):
-    cfg = small_config(split_ratios=[0.7, 0.15, 0.15], comet_config={"api_key": "SECRET", "project_name": "p",
-                                                                     "workspace": "w"})
+    cfg = small_config(
+        split_ratios=[0.7, 0.15, 0.15], comet_config={"api_key": "SECRET", "project_name": "p", "workspace": "w"}
+    )
     raw = {"A": bars, "TINY": bars.head(10), "BAD": bars.head(200).assign(high=0.5 * bars["low"].head(200))}
     splits, manifest = process_frames(raw, cfg, "test-source", skipped={"GONE": "not listed"})
     assert set(manifest["skipped_symbols"]) == {"TINY", "BAD", "GONE"}
@@ -246,8 +296,10 @@ def test_price_spikes_are_flagged_then_dropped_or_kept(bars, caplog):
     with caplog.at_level(logging.WARNING, logger="kronos.data.processing"):
         clean, stats = clean_kline_frame(spiky, "AAA")
     assert stats.spikes == 2 and len(clean) == len(bars) - 2 and clean["high"].max() < 1e3
-    assert any("2 price spike(s)" in r.getMessage() and str(bars.loc[1000, "timestamps"]) in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "2 price spike(s)" in r.getMessage() and str(bars.loc[1000, "timestamps"]) in r.getMessage()
+        for r in caplog.records
+    )
     kept, stats = clean_kline_frame(spiky, "AAA", drop_spikes=False)
     assert stats.spikes == 2 and len(kept) == len(bars)
     off, stats = clean_kline_frame(spiky, "AAA", spike_factor=0)
@@ -255,8 +307,9 @@ def test_price_spikes_are_flagged_then_dropped_or_kept(bars, caplog):
     # through the data step: config keys and the manifest's cleaning counts
     _, manifest = process_frames({"AAA": spiky}, small_config(split_ratios=[0.7, 0.15, 0.15]), "csv")
     assert manifest["cleaning"]["spikes"] == 2
-    splits, manifest = process_frames({"AAA": spiky}, small_config(split_ratios=[0.7, 0.15, 0.15],
-                                                                   price_spike_action="keep"), "csv")
+    splits, manifest = process_frames(
+        {"AAA": spiky}, small_config(split_ratios=[0.7, 0.15, 0.15], price_spike_action="keep"), "csv"
+    )
     assert manifest["cleaning"]["spikes"] == 2 and max(f["high"].max() for f in splits.values()) == 1e12
     # real data (5-minute bars, daily Qlib bars with limit moves) has none
     assert clean_kline_frame(bars, "real")[1].spikes == 0
@@ -264,8 +317,9 @@ def test_price_spikes_are_flagged_then_dropped_or_kept(bars, caplog):
     assert sum(clean_kline_frame(g.drop(columns="symbol"), s)[1].spikes for s, g in daily.groupby("symbol")) == 0
 
 
-@pytest.mark.parametrize("overrides", [{"price_spike_factor": 0.5}, {"price_spike_factor": float("nan")},
-                                       {"price_spike_action": "ignore"}])
+@pytest.mark.parametrize(
+    "overrides", [{"price_spike_factor": 0.5}, {"price_spike_factor": float("nan")}, {"price_spike_action": "ignore"}]
+)
 def test_price_spike_keys_are_validated(overrides):
     with pytest.raises(ConfigError, match="price_spike"):
         Config(**overrides)

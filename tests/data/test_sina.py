@@ -1,4 +1,5 @@
 """Sina Finance source: parsing, the HTTP client against a loopback Sina server, the processor and its cache."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _support.sina_server import ANTI_EMBED_PREFIX, SinaTestServer
 from kronos.config import Config
 from kronos.data.sources.base import DataProcessorFactory
 from kronos.data.sources.sina import (
@@ -22,12 +24,25 @@ from kronos.data.sources.sina import (
 )
 from kronos.data.store import dataset_exists, load_manifest, load_split
 from kronos.errors import ConfigError, DataError
-from _support.sina_server import ANTI_EMBED_PREFIX, SinaTestServer
 
-ROW_MIN = {"day": "2024-01-10 14:55:00", "open": "6.570", "high": "6.580", "low": "6.560", "close": "6.570",
-           "volume": "365900", "amount": "2404520.0000"}
-ROW_MIN2 = {"day": "2024-01-10 15:00:00", "open": "6.570", "high": "6.590", "low": "6.570", "close": "6.580",
-            "volume": "512300", "amount": "3369841.0000"}
+ROW_MIN = {
+    "day": "2024-01-10 14:55:00",
+    "open": "6.570",
+    "high": "6.580",
+    "low": "6.560",
+    "close": "6.570",
+    "volume": "365900",
+    "amount": "2404520.0000",
+}
+ROW_MIN2 = {
+    "day": "2024-01-10 15:00:00",
+    "open": "6.570",
+    "high": "6.590",
+    "low": "6.570",
+    "close": "6.580",
+    "volume": "512300",
+    "amount": "3369841.0000",
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +82,17 @@ def make_config(server: SinaTestServer, tmp_path, **overrides) -> Config:
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-@pytest.mark.parametrize("wrap", [
-    lambda p: f"{ANTI_EMBED_PREFIX}=({p});",  # the default URL's empty callback, with Sina's comment prefix
-    lambda p: f"=({p});",
-    lambda p: f"/*<script>location.href='//sina.com';</script>*/\nvar _sh600000_5_1700000000=({p});\n",
-    lambda p: f"cb({p})",
-    lambda p: p,  # the plain-JSON twin
-    lambda p: "\n  " + p + "\n",
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda p: f"{ANTI_EMBED_PREFIX}=({p});",  # the default URL's empty callback, with Sina's comment prefix
+        lambda p: f"=({p});",
+        lambda p: f"/*<script>location.href='//sina.com';</script>*/\nvar _sh600000_5_1700000000=({p});\n",
+        lambda p: f"cb({p})",
+        lambda p: p,  # the plain-JSON twin
+        lambda p: "\n  " + p + "\n",
+    ],
+)
 def test_parse_accepts_every_wrapper(wrap):
     body = wrap(json.dumps([ROW_MIN2, ROW_MIN]))  # out of order on purpose
     frame = parse_kline_body(body, "sh600000")
@@ -86,27 +104,32 @@ def test_parse_accepts_every_wrapper(wrap):
 
 
 def test_parse_daily_dates_and_js_literal_keys():
-    body = '=([{day:"2024-01-09",open:"6.5",high:"6.6",low:"6.4",close:"6.55",volume:"100"},' \
-           '{day:"2024-01-10",open:"6.55",high:"6.7",low:"6.5",close:"6.6",volume:"200",amount:"1320.5"}]);'
+    body = (
+        '=([{day:"2024-01-09",open:"6.5",high:"6.6",low:"6.4",close:"6.55",volume:"100"},'
+        '{day:"2024-01-10",open:"6.55",high:"6.7",low:"6.5",close:"6.6",volume:"200",amount:"1320.5"}]);'
+    )
     frame = parse_kline_body(body, "sh600000")
     assert frame["timestamps"].tolist() == [pd.Timestamp("2024-01-09"), pd.Timestamp("2024-01-10")]
     assert np.isnan(frame.loc[0, "amount"]) and frame.loc[1, "amount"] == 1320.5
 
 
-@pytest.mark.parametrize("body, words", [
-    ("null", "no data"),
-    ("=(null);", "no data"),
-    (ANTI_EMBED_PREFIX + "=(null);", "no data"),
-    ("[]", "empty list"),
-    ("=([]);", "empty list"),
-    ("", "empty body"),
-    ("<!DOCTYPE html><html><head><title>Error 502</title></head></html>", "HTML page"),
-    ('=([{"day":"2024-01-10","open":"6.5"', "malformed"),
-    ('{"error": "bad"}', "dict instead of a list"),
-    ('[{"day":"2024-01-10","open":"6.5","high":"6.6","low":"6.4","volume":"1"}]', "lack field(s) close"),
-    ('[{"day":"2024-01-10","open":"6.5","high":"x","low":"6.4","close":"6.5","volume":"1"}]', "non-numeric high"),
-    ('[{"day":"yesterday","open":"6.5","high":"6.6","low":"6.4","close":"6.5","volume":"1"}]', "unreadable day"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ("null", "no data"),
+        ("=(null);", "no data"),
+        (ANTI_EMBED_PREFIX + "=(null);", "no data"),
+        ("[]", "empty list"),
+        ("=([]);", "empty list"),
+        ("", "empty body"),
+        ("<!DOCTYPE html><html><head><title>Error 502</title></head></html>", "HTML page"),
+        ('=([{"day":"2024-01-10","open":"6.5"', "malformed"),
+        ('{"error": "bad"}', "dict instead of a list"),
+        ('[{"day":"2024-01-10","open":"6.5","high":"6.6","low":"6.4","volume":"1"}]', "lack field(s) close"),
+        ('[{"day":"2024-01-10","open":"6.5","high":"x","low":"6.4","close":"6.5","volume":"1"}]', "non-numeric high"),
+        ('[{"day":"yesterday","open":"6.5","high":"6.6","low":"6.4","close":"6.5","volume":"1"}]', "unreadable day"),
+    ],
+)
 def test_parse_rejects_bad_bodies_naming_the_symbol(body, words):
     with pytest.raises(DataError) as info:
         parse_kline_body(body, "sz000001", "http://example/x")
@@ -138,8 +161,9 @@ def test_client_fetches_real_bars_over_http(sina):
     expected = sina.frame("sh600000", 240, 20)
     assert len(frame) == 20
     assert frame["timestamps"].tolist() == expected["timestamps"].tolist()
-    np.testing.assert_allclose(frame[["open", "high", "low", "close"]], expected[["open", "high", "low", "close"]],
-                               atol=5e-4)
+    np.testing.assert_allclose(
+        frame[["open", "high", "low", "close"]], expected[["open", "high", "low", "close"]], atol=5e-4
+    )
     np.testing.assert_allclose(frame["volume"], expected["volume"])  # shares, as served
     # browser-like headers are sent (the server answers 403 otherwise)
     assert sina.last_headers["User-Agent"].startswith("Mozilla/")
@@ -226,15 +250,18 @@ def test_client_rejects_bad_settings():
 
 
 # ------------------------------------------------------------------------------------------------ processor
-@pytest.mark.parametrize("mode, words", [
-    ("404", "HTTP 404"),
-    ("500", "HTTP 500"),
-    ("html", "HTML page"),
-    ("malformed", "malformed"),
-    ("empty", "empty list"),
-    ("null", "no data"),
-    ("slow", "timed out"),
-])
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("404", "HTTP 404"),
+        ("500", "HTTP 500"),
+        ("html", "HTML page"),
+        ("malformed", "malformed"),
+        ("empty", "empty list"),
+        ("null", "no data"),
+        ("slow", "timed out"),
+    ],
+)
 def test_one_bad_symbol_does_not_lose_the_others(sina, tmp_path, caplog, mode, words):
     cfg = make_config(sina, tmp_path, sina_timeout=0.3, sina_retries=1)
     sina.fail("sz000001", mode, delay=1.0)
@@ -290,7 +317,7 @@ def test_corrupt_cache_file_is_fetched_again(sina, tmp_path):
     cfg = make_config(sina, tmp_path, sina_symbols=["sh600000"])
     proc = SinaDataProcessor(cfg)
     proc.cache_path("sh600000").parent.mkdir(parents=True)
-    proc.cache_path("sh600000").write_text("=([{\"day\":", encoding="utf-8")
+    proc.cache_path("sh600000").write_text('=([{"day":', encoding="utf-8")
     proc.download_data()
     assert sina.request_count("sh600000") == 1
     assert len(proc.load_raw()["sh600000"]) == 53
@@ -340,9 +367,17 @@ def test_factory_run_pipeline_writes_a_dataset_and_keeps_the_cache(sina, tmp_pat
 
 def test_pipeline_on_minute_bars_with_time_ranges(sina, tmp_path):
     cfg = make_config(
-        sina, tmp_path, sina_base_url=sina.json_url, sina_symbols=["sh600000"], sina_scale=30, sina_datalen=1023,
-        split_ratios=None, lookback_window=16, predict_window=4,
-        train_time_range=["2024-06-18", "2024-07-31"], val_time_range=["2024-07-25", "2024-08-12"],
+        sina,
+        tmp_path,
+        sina_base_url=sina.json_url,
+        sina_symbols=["sh600000"],
+        sina_scale=30,
+        sina_datalen=1023,
+        split_ratios=None,
+        lookback_window=16,
+        predict_window=4,
+        train_time_range=["2024-06-18", "2024-07-31"],
+        val_time_range=["2024-07-25", "2024-08-12"],
         test_time_range=["2024-08-08", "2024-08-29"],
     )
     manifest = DataProcessorFactory.create_processor("sina", cfg).run_pipeline()
@@ -367,8 +402,11 @@ def test_dripping_server_is_cut_off_at_one_deadline(sina):
 def test_redirect_to_another_host_is_refused_same_host_followed(sina):
     client = SinaClient(sina.jsonp_url, timeout=2, retries=2, pause=0)
     sina.fail("sh600000", "redirect_other_host", target="sz000001")
-    with pytest.raises(DataError, match=r"'sh600000' failed: refused a redirect \(HTTP 302\) to another host: "
-                                        r"http://localhost:\d+"):
+    with pytest.raises(
+        DataError,
+        match=r"'sh600000' failed: refused a redirect \(HTTP 302\) to another host: "
+        r"http://localhost:\d+",
+    ):
         client.fetch("sh600000", 240, 5)
     assert sina.request_count("sh600000") == 1 and sina.request_count("sz000001") == 0  # not retried, not followed
     sina.fail("sh600000", "redirect_same_host", times=1)
@@ -384,8 +422,11 @@ def test_oversize_and_gzip_bomb_bodies_are_dropped_early(sina, mode):
     sina.fail("sh600000", mode, size=48 << 20)
     tracemalloc.start()
     try:
-        with pytest.raises(DataError, match=r"'sh600000' failed: (decompressed )?response .*exceeds the limit of "
-                                            r"262,144 bytes"):
+        with pytest.raises(
+            DataError,
+            match=r"'sh600000' failed: (decompressed )?response .*exceeds the limit of "
+            r"262,144 bytes",
+        ):
             client.fetch("sh600000", 240, 5)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -403,13 +444,16 @@ def test_more_bars_than_datalen_is_an_error(sina):
         client.fetch("sh600000", 240, 5)
 
 
-@pytest.mark.parametrize("mode, words", [
-    ("drip", "timed out"),
-    ("redirect_other_host", "refused a redirect"),
-    ("oversize", "exceeds the limit"),
-    ("gzip_bomb", "exceeds the limit"),
-    ("too_many", "more than the 20 requested"),
-])
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("drip", "timed out"),
+        ("redirect_other_host", "refused a redirect"),
+        ("oversize", "exceeds the limit"),
+        ("gzip_bomb", "exceeds the limit"),
+        ("too_many", "more than the 20 requested"),
+    ],
+)
 def test_hostile_answer_for_one_symbol_does_not_lose_the_others(sina, tmp_path, mode, words):
     cfg = make_config(sina, tmp_path, sina_timeout=0.5, sina_retries=0, sina_datalen=20)
     sina.fail("sz000001", mode, delay=0.05, size=8 << 20, target="sh600000")  # 8 MiB > 64 KiB + 20 KiB default

@@ -1,4 +1,5 @@
 """CSV/Parquet source end to end: file, folder, long file, Parquet; errors; a failed run keeps the old dataset."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,14 @@ def table() -> pd.DataFrame:
 
 
 def run_csv(path, dataset, **kw) -> dict:
-    cfg = Config(csv_data_path=str(path), dataset_path=str(dataset), lookback_window=20, predict_window=5,
-                 split_ratios=[0.7, 0.15, 0.15], **kw)
+    cfg = Config(
+        csv_data_path=str(path),
+        dataset_path=str(dataset),
+        lookback_window=20,
+        predict_window=5,
+        split_ratios=[0.7, 0.15, 0.15],
+        **kw,
+    )
     return DataProcessorFactory.create_processor("csv", cfg).run_pipeline()
 
 
@@ -107,10 +114,18 @@ def test_csv_errors_are_one_clear_message(tmp_path, table):
     with pytest.raises(DataError, match=r"blank\.csv.*empty"):
         run_csv(tmp_path / "blank.csv", tmp_path / "ds")
     with pytest.raises(DataError, match=r"split 'test' is empty.*test_time_range"):
-        DataProcessorFactory.create_processor("csv", Config(
-            csv_data_path=str(CSV), dataset_path=str(tmp_path / "ds"), lookback_window=20, predict_window=5,
-            train_time_range=["2024-06-01", "2024-07-31"], val_time_range=["2024-08-01", "2024-08-31"],
-            test_time_range=["2025-01-01", "2025-06-30"])).run_pipeline()
+        DataProcessorFactory.create_processor(
+            "csv",
+            Config(
+                csv_data_path=str(CSV),
+                dataset_path=str(tmp_path / "ds"),
+                lookback_window=20,
+                predict_window=5,
+                train_time_range=["2024-06-01", "2024-07-31"],
+                val_time_range=["2024-08-01", "2024-08-31"],
+                test_time_range=["2025-01-01", "2025-06-30"],
+            ),
+        ).run_pipeline()
     with pytest.raises(DataError, match="symbol column 'ticker'"):
         run_csv(CSV, tmp_path / "ds", csv_symbol_column="ticker")
     assert not (tmp_path / "ds").exists()

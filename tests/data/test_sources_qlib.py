@@ -1,4 +1,5 @@
 """Qlib source through real pyqlib on tests/data/qlib_cn; the same on-disk format as the CSV source; the script."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,14 @@ QLIB = ROOT / "tests" / "fixtures" / "qlib_cn"
 CSV = ROOT / "tests" / "fixtures" / "kline_5min.csv"
 
 QLIB_KEYS = dict(
-    qlib_data_path=str(QLIB), instrument="csi300", lookback_window=20, predict_window=5,
-    dataset_begin_time="2021-03-01", dataset_end_time="2024-06-28",
-    train_time_range=["2021-01-01", "2022-12-31"], val_time_range=["2022-11-01", "2023-12-31"],
+    qlib_data_path=str(QLIB),
+    instrument="csi300",
+    lookback_window=20,
+    predict_window=5,
+    dataset_begin_time="2021-03-01",
+    dataset_end_time="2024-06-28",
+    train_time_range=["2021-01-01", "2022-12-31"],
+    val_time_range=["2022-11-01", "2023-12-31"],
     test_time_range=["2023-11-01", "2024-12-31"],
 )
 
@@ -56,13 +62,13 @@ def test_qlib_dataset_has_split_format_and_respects_membership(qlib_dataset):
     calendar = pd.DatetimeIndex(pd.read_csv(QLIB / "calendars" / "day.txt", header=None)[0])
     spans = instruments_file()
     frames = {s: load_split(path, s) for s in SPLITS}
-    for split, frame in frames.items():
+    for _split, frame in frames.items():
         assert list(frame.columns) == list(SPLIT_COLUMNS)
         assert not frame[list(SPLIT_COLUMNS)].isna().any().any()
         assert (frame[["minute", "hour"]] == 0).all().all()  # daily bars
         assert frame.equals(frame.sort_values(["symbol", "timestamps"]).reset_index(drop=True))
         for sym, part in frame.groupby("symbol"):
-            (start, end), = spans[sym]
+            ((start, end),) = spans[sym]
             widened = calendar[max(calendar.searchsorted(start) - 20, 0)]
             assert part["timestamps"].min() >= widened and part["timestamps"].max() <= end
     # SH600521 was a member for a single day: too short for one window of 26 rows
@@ -80,15 +86,19 @@ def test_qlib_dataset_has_split_format_and_respects_membership(qlib_dataset):
     assert frames["test"]["timestamps"].max() == end
     # amount: mean(OHLC) x volume (the data has no amount field), as in the official pipeline
     t = frames["train"]
-    np.testing.assert_allclose(t["amount"], t[["open", "high", "low", "close"]].mean(axis=1) * t["volume"],
-                               rtol=1e-12)
+    np.testing.assert_allclose(t["amount"], t[["open", "high", "low", "close"]].mean(axis=1) * t["volume"], rtol=1e-12)
     assert manifest["source"] == "qlib" and manifest["source_info"]["instrument"] == "csi300"
 
 
 def test_qlib_and_csv_write_the_same_format(qlib_dataset, tmp_path):
     qpath, qman = qlib_dataset
-    cfg = Config(csv_data_path=str(CSV), dataset_path=str(tmp_path / "csv"), lookback_window=20,
-                 predict_window=5, split_ratios=[0.7, 0.15, 0.15])
+    cfg = Config(
+        csv_data_path=str(CSV),
+        dataset_path=str(tmp_path / "csv"),
+        lookback_window=20,
+        predict_window=5,
+        split_ratios=[0.7, 0.15, 0.15],
+    )
     cman = DataProcessorFactory.create_processor("csv", cfg).run_pipeline()
     assert sorted(p.name for p in qpath.iterdir()) == sorted(p.name for p in (tmp_path / "csv").iterdir())
     assert set(qman) == set(cman) == set(load_manifest(qpath))
@@ -102,15 +112,20 @@ def test_qlib_and_csv_write_the_same_format(qlib_dataset, tmp_path):
 def test_qlib_errors_name_the_path(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError, match=f"'{missing}'.*does not exist"):
-        DataProcessorFactory.create_processor("qlib", qlib_config(tmp_path / "ds", qlib_data_path=str(missing))).load_raw()
+        DataProcessorFactory.create_processor(
+            "qlib", qlib_config(tmp_path / "ds", qlib_data_path=str(missing))
+        ).load_raw()
     (tmp_path / "nocal" / "features").mkdir(parents=True)
     with pytest.raises(DataError, match=r"nocal.*no calendar"):
-        DataProcessorFactory.create_processor("qlib", qlib_config(tmp_path / "ds", qlib_data_path=str(tmp_path / "nocal"))).load_raw()
+        DataProcessorFactory.create_processor(
+            "qlib", qlib_config(tmp_path / "ds", qlib_data_path=str(tmp_path / "nocal"))
+        ).load_raw()
     with pytest.raises(DataError, match=r"instrument pool 'csi9999'.*csi9999\.txt.*\['all', 'csi300'\]"):
         DataProcessorFactory.create_processor("qlib", qlib_config(tmp_path / "ds", instrument="csi9999")).load_raw()
     with pytest.raises(DataError, match=r"no trading days.*2030-01-01"):
-        DataProcessorFactory.create_processor("qlib", qlib_config(
-            tmp_path / "ds", dataset_begin_time="2030-01-01", dataset_end_time="2030-12-31")).load_raw()
+        DataProcessorFactory.create_processor(
+            "qlib", qlib_config(tmp_path / "ds", dataset_begin_time="2030-01-01", dataset_end_time="2030-12-31")
+        ).load_raw()
     monkeypatch.setitem(sys.modules, "qlib", None)  # pyqlib not installed
     monkeypatch.setitem(sys.modules, "qlib.data", None)
     with pytest.raises(DependencyError, match=r"pip install pyqlib"):
@@ -122,8 +137,13 @@ def test_qlib_errors_name_the_path(tmp_path, monkeypatch):
 def test_preprocess_script_writes_dataset_and_reports_errors(tmp_path):
     cfg = {**QLIB_KEYS, "dataset_path": str(tmp_path / "ds")}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    run = subprocess.run([sys.executable, "qlib_data_preprocess.py", "--config-path", str(tmp_path / "cfg.json")],
-                         cwd=ROOT / "finetune", capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "qlib_data_preprocess.py", "--config-path", str(tmp_path / "cfg.json")],
+        cwd=ROOT / "finetune",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     manifest = load_manifest(tmp_path / "ds")
     assert manifest["source"] == "qlib" and manifest["config"]["instrument"] == "csi300"
@@ -131,8 +151,13 @@ def test_preprocess_script_writes_dataset_and_reports_errors(tmp_path):
 
     bad = {**cfg, "qlib_data_path": str(tmp_path / "no_such_qlib")}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    run = subprocess.run([sys.executable, "finetune/qlib_data_preprocess.py", "--config-path",
-                          str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "finetune/qlib_data_preprocess.py", "--config-path", str(tmp_path / "bad.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no_such_qlib" in errors[0] and "Traceback" not in run.stderr

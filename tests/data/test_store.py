@@ -1,4 +1,5 @@
 """The on-disk dataset: Parquet + manifest round trip, clear errors, atomic replacement."""
+
 from __future__ import annotations
 
 import json

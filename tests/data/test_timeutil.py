@@ -1,4 +1,5 @@
 """Future bar timestamps continue the history's trading pattern."""
+
 import pandas as pd
 
 from kronos.timeutil import future_timestamps

@@ -1,5 +1,6 @@
 """One K-line vocabulary (kronos.data.schema): a user's file with aliased headers reads as the canonical frame, and
 every layer derives time features, the volume/amount rule and the normalisation scale the same way."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,16 +19,25 @@ from kronos.inference.predictor import FEATURE_COLS, PRICE_COLS
 def test_a_gbk_export_with_chinese_headers_reads_as_the_frame_the_predictor_takes(tmp_path):
     # an A-share export: GBK text, Chinese headers, the date and the time of day in two columns, columns in the
     # export's own order
-    export = pd.DataFrame({"日期": ["2024-06-18", "2024-06-18", "2024-06-18"], "时间": ["09:35", "09:40", "09:45"],
-                           "收盘": [10.2, 10.3, 10.1], "开盘": [10.0, 10.2, 10.3], "最高": [10.4, 10.5, 10.3],
-                           "最低": [9.9, 10.1, 10.0], "成交量": [100.0, 200.0, 300.0],
-                           "成交额": [1020.0, 2060.0, 3030.0]})
+    export = pd.DataFrame(
+        {
+            "日期": ["2024-06-18", "2024-06-18", "2024-06-18"],
+            "时间": ["09:35", "09:40", "09:45"],
+            "收盘": [10.2, 10.3, 10.1],
+            "开盘": [10.0, 10.2, 10.3],
+            "最高": [10.4, 10.5, 10.3],
+            "最低": [9.9, 10.1, 10.0],
+            "成交量": [100.0, 200.0, 300.0],
+            "成交额": [1020.0, 2060.0, 3030.0],
+        }
+    )
     path = tmp_path / "600000.csv"
     export.to_csv(path, index=False, encoding="gbk")
     frame = read_kline_file(path)
     assert list(frame.columns) == list(schema.KLINE_COLUMNS)
-    assert list(frame["timestamps"]) == list(pd.to_datetime(["2024-06-18 09:35", "2024-06-18 09:40",
-                                                              "2024-06-18 09:45"]))
+    assert list(frame["timestamps"]) == list(
+        pd.to_datetime(["2024-06-18 09:35", "2024-06-18 09:40", "2024-06-18 09:45"])
+    )
     values = frame[FEATURE_COLS].to_numpy()  # what the predictor reads, in its order
     np.testing.assert_array_equal(values[:, FEATURE_COLS.index("close")], [10.2, 10.3, 10.1])
     np.testing.assert_array_equal(values[:, FEATURE_COLS.index("open")], [10.0, 10.2, 10.3])
@@ -38,9 +48,17 @@ def test_a_gbk_export_with_chinese_headers_reads_as_the_frame_the_predictor_take
 
 def test_english_aliases_in_any_case_read_the_same_bars(tmp_path):
     # tushare-style daily bars: YYYYMMDD integers, vol and amt, a code column holding one symbol
-    pd.DataFrame({"Trade_Date": [20240102, 20240103], "CODE": ["000001", "000001"], "Open": [1.0, 2.0],
-                  "HIGH": [2.0, 3.0], "low": [1.0, 1.5], "Close": [2.0, 2.5], "Vol": [10.0, 20.0]}
-                 ).to_csv(tmp_path / "daily.csv", index=False)
+    pd.DataFrame(
+        {
+            "Trade_Date": [20240102, 20240103],
+            "CODE": ["000001", "000001"],
+            "Open": [1.0, 2.0],
+            "HIGH": [2.0, 3.0],
+            "low": [1.0, 1.5],
+            "Close": [2.0, 2.5],
+            "Vol": [10.0, 20.0],
+        }
+    ).to_csv(tmp_path / "daily.csv", index=False)
     frame = read_kline_file(tmp_path / "daily.csv")
     assert list(frame.columns) == list(schema.KLINE_COLUMNS)
     assert list(frame["timestamps"]) == [pd.Timestamp("2024-01-02"), pd.Timestamp("2024-01-03")]
@@ -54,8 +72,9 @@ def test_time_features_agree_across_layers():
     assert list(ref.columns) == list(schema.TIME_FEATURES)
     # minute, hour, weekday (Monday = 0), day, month; a daily bar's midnight gives minute = hour = 0
     assert ref.to_numpy().tolist() == [[35, 9, 4, 1, 3], [55, 14, 0, 4, 3], [0, 0, 1, 31, 12]]
-    frame = pd.DataFrame({"timestamps": ts, "open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0,
-                          "volume": 1.0, "amount": 1.0})
+    frame = pd.DataFrame(
+        {"timestamps": ts, "open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0, "volume": 1.0, "amount": 1.0}
+    )
     pd.testing.assert_frame_equal(add_time_features(frame)[list(schema.TIME_FEATURES)], ref)
     np.testing.assert_array_equal(calc_time_stamps(ts).to_numpy(), ref.to_numpy())
     ds = WindowDataset(frame.assign(symbol="A"), lookback=1, predict=1)  # derives the features from timestamps
@@ -81,9 +100,17 @@ def test_training_windows_and_forecasts_normalise_a_context_alike():
     n = 24
     close = 10 * np.exp(np.cumsum(rng.normal(0, 0.02, n)))
     close[7] *= 1.5  # a spike beyond the clip
-    frame = pd.DataFrame({"timestamps": pd.date_range("2024-01-02 09:35", periods=n, freq="5min"), "open": close,
-                          "high": close * 1.01, "low": close * 0.99, "close": close, "volume": 500.0,
-                          "amount": close * 500.0})
+    frame = pd.DataFrame(
+        {
+            "timestamps": pd.date_range("2024-01-02 09:35", periods=n, freq="5min"),
+            "open": close,
+            "high": close * 1.01,
+            "low": close * 0.99,
+            "close": close,
+            "volume": 500.0,
+            "amount": close * 500.0,
+        }
+    )
     lookback, predict = n - 3, 2  # the window: the context, then predict + 1 rows
     window, _ = WindowDataset(frame.assign(symbol="A"), lookback=lookback, predict=predict, clip=2.0)[0]
     predictor = tiny_predictor(seed=0, max_context=32, clip=2.0)

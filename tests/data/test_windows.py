@@ -1,4 +1,5 @@
 """kronos.data.windows: the sliding-window dataset and the epoch sampler (spec 6.1, Q15)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,7 +43,7 @@ def qlib_frame() -> pd.DataFrame:
             begin = int(raw[0])  # first value: start index into the calendar
             cols[field] = raw[1:].astype(np.float64)
         df = pd.DataFrame(cols)
-        df.insert(0, "timestamps", calendar[begin:begin + len(df)])
+        df.insert(0, "timestamps", calendar[begin : begin + len(df)])
         df.insert(0, "symbol", folder.name.upper())
         df["amount"] = (df["open"] + df["high"] + df["low"] + df["close"]) / 4 * df["volume"]
         parts.append(df.dropna())
@@ -58,7 +59,7 @@ def kline_frame() -> pd.DataFrame:
 def reference_window(frame: pd.DataFrame, symbol: str, start: int, lookback: int, predict: int, clip: float):
     """The official per-sample computation, straight from the frame (spec 6.1)."""
     sub = frame[frame["symbol"] == symbol]
-    win = sub.iloc[start:start + lookback + predict + 1]
+    win = sub.iloc[start : start + lookback + predict + 1]
     x = win[FEATS].to_numpy().astype(np.float32)
     past = x[:lookback]
     x = np.clip((x - past.mean(axis=0)) / (past.std(axis=0) + 1e-5), -clip, clip)
@@ -111,7 +112,7 @@ def test_statistics_use_only_the_lookback_rows(qlib_frame):
     torch.testing.assert_close(a[:lookback], b[:lookback], rtol=0, atol=0)
     assert b[lookback + 3, 3] == 5.0 and a[lookback + 3, 3] < 5.0
     # Direct numpy: mean/std of the first `lookback` rows only.
-    raw = ds.features[lo:lo + ds.window].astype(np.float32)
+    raw = ds.features[lo : lo + ds.window].astype(np.float32)
     mu, sd = raw[:lookback].mean(0), raw[:lookback].std(0)
     np.testing.assert_allclose(a.numpy(), np.clip((raw - mu) / (sd + 1e-5), -5, 5), atol=2e-5, rtol=0)
     # A change inside the lookback does move the statistics.
@@ -346,16 +347,25 @@ def test_windows_stay_inside_the_split_dates_history_may_reach_back(qlib_frame):
 
 def test_from_config_limits_windows_to_the_manifest_dates(fake_store, monkeypatch):
     store = sys.modules["kronos.data.store"]
-    monkeypatch.setattr(store, "load_manifest", lambda path: {
-        "splits": {"val": {"first": "2023-01-03T00:00:00", "last": "2023-06-30T00:00:00"}}}, raising=False)
+    monkeypatch.setattr(
+        store,
+        "load_manifest",
+        lambda path: {"splits": {"val": {"first": "2023-01-03T00:00:00", "last": "2023-06-30T00:00:00"}}},
+        raising=False,
+    )
     ds = WindowDataset.from_config(Config(dataset_path="/p", lookback_window=20, predict_window=5), "val")
     assert ds.target_range == (pd.Timestamp("2023-01-03"), pd.Timestamp("2023-06-30"))
     assert max(pd.Timestamp(ds.timestamps[ds.window_rows(i)[1] - 1]) for i in range(len(ds))) <= ds.target_range[1]
 
 
 def test_from_config_uses_the_config_keys(fake_store):
-    cfg = Config(dataset_path="/somewhere/processed", lookback_window=40, predict_window=7, clip=3.0,
-                 feature_list=["open", "high", "low", "close", "volume", "amt"])
+    cfg = Config(
+        dataset_path="/somewhere/processed",
+        lookback_window=40,
+        predict_window=7,
+        clip=3.0,
+        feature_list=["open", "high", "low", "close", "volume", "amt"],
+    )
     ds = WindowDataset.from_config(cfg, "val")
     assert fake_store == [("/somewhere/processed", "val")]
     assert (ds.lookback, ds.predict, ds.window, ds.clip, ds.name) == (40, 7, 48, 3.0, "val")
@@ -379,6 +389,8 @@ def test_finetune_qlib_dataset(fake_store):
 @pytest.mark.slow
 def test_finetune_import_works_as_the_seed_scripts_do():
     # A script in finetune/ (run from there or from the root) has finetune/ first on sys.path.
-    code = ("from dataset import QlibDataset; from kronos.data.windows import WindowDataset; "
-            "assert issubclass(QlibDataset, WindowDataset)")
+    code = (
+        "from dataset import QlibDataset; from kronos.data.windows import WindowDataset; "
+        "assert issubclass(QlibDataset, WindowDataset)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT / "finetune", check=True, timeout=120)

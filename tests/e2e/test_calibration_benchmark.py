@@ -1,6 +1,7 @@
 """benchmarks/calibration.py on CSV files in the layout of a downloaded index history (Date, Open, ..., Adj Close,
 Volume): it loads them through the package's CSV source, fits on validation and scores every method on the test
 split, where the volatility has doubled."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,9 +26,17 @@ def _index_csv(path: Path, seed: int, n: int = 420) -> None:
     openp = close * np.exp(rng.normal(0, vol / 3))
     high = np.maximum(openp, close) * (1 + np.abs(rng.normal(0, vol / 2)))
     low = np.minimum(openp, close) * (1 - np.abs(rng.normal(0, vol / 2)))
-    pd.DataFrame({"Date": pd.bdate_range("2021-01-04", periods=n).strftime("%Y-%m-%d"), "Open": openp,
-                  "High": high, "Low": low, "Close": close, "Adj Close": close,
-                  "Volume": rng.integers(10**8, 10**9, n)}).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "Date": pd.bdate_range("2021-01-04", periods=n).strftime("%Y-%m-%d"),
+            "Open": openp,
+            "High": high,
+            "Low": low,
+            "Close": close,
+            "Adj Close": close,
+            "Volume": rng.integers(10**8, 10**9, n),
+        }
+    ).to_csv(path, index=False)
 
 
 def test_calibration_benchmark_on_index_csvs(tmp_path, capsys):
@@ -39,9 +48,30 @@ def test_calibration_benchmark_on_index_csvs(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "result.json"
-    rc = bench.main(["--tokenizer", str(tmp_path / "tok"), "--predictor", str(tmp_path / "pred"), "--csv",
-                     *map(str, files), "--test-fraction", "0.35", "--val-fraction", "0.6", "--lookback", "40",
-                     "--horizon", "5", "--stride", "2", "--samples", "8", "--out", str(out)])
+    rc = bench.main(
+        [
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--predictor",
+            str(tmp_path / "pred"),
+            "--csv",
+            *map(str, files),
+            "--test-fraction",
+            "0.35",
+            "--val-fraction",
+            "0.6",
+            "--lookback",
+            "40",
+            "--horizon",
+            "5",
+            "--stride",
+            "2",
+            "--samples",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| vol_scaled (default) |" in printed and "| raw (none) |" in printed

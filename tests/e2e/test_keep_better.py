@@ -1,5 +1,6 @@
 """keep_better: a finetuned model that is worse than its start on validation is not the run's model; and the
 zero-shot row is marked in-sample when the starting model's data reach the test targets."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,17 @@ def setup(tmp_path_factory, dataset):
 
 def _pipeline(tmp_path, setup, finetuned_tokenizer, **kw):
     root, dataset = setup
-    base = dict(lookback_window=20, predict_window=3, inference_sample_count=4, eval_stride=5, eval_max_anchors=8,
-                run_folders=False, backtest_result_path=str(tmp_path / "bt"),
-                pretrained_tokenizer_path=str(root / "start" / "tokenizer"),
-                pretrained_predictor_path=str(root / "start" / "predictor"))
+    base = dict(
+        lookback_window=20,
+        predict_window=3,
+        inference_sample_count=4,
+        eval_stride=5,
+        eval_max_anchors=8,
+        run_folders=False,
+        backtest_result_path=str(tmp_path / "bt"),
+        pretrained_tokenizer_path=str(root / "start" / "tokenizer"),
+        pretrained_predictor_path=str(root / "start" / "predictor"),
+    )
     cfg = tiny_config(tmp_path, dataset, **{**base, **kw})
     # the run's finetuned pair: the given tokenizer and the start's predictor weights
     KronosTokenizer.from_pretrained(finetuned_tokenizer).save_pretrained(cfg.finetuned_tokenizer)
@@ -72,8 +80,9 @@ def test_a_worse_finetuned_model_is_not_used(tmp_path, setup):
 def test_a_better_finetuned_model_is_kept_and_the_cutoff_marks_in_sample_rows(tmp_path, setup):
     root, _ = setup
     # the start is the broken pair this time (its tokenizer decodes far off), the finetuned one is sound
-    pipe = _pipeline(tmp_path, setup, root / "start" / "tokenizer",
-                     pretrained_tokenizer_path=str(root / "broken" / "tokenizer"))
+    pipe = _pipeline(
+        tmp_path, setup, root / "start" / "tokenizer", pretrained_tokenizer_path=str(root / "broken" / "tokenizer")
+    )
     pipe.calibrate()
     assert pipe.result.model_in_use == "finetuned"
     # the starting model's card says it saw data into the test split (2024-06-30): its row is in-sample

@@ -1,5 +1,6 @@
 """The complete pipeline end to end on real data (fast mode, tiny models): qlib, csv and sina sources,
 the seed's flags, skip flags reusing what is on disk, the outputs layout, and the CLI's one-line errors."""
+
 import json
 import os
 import subprocess
@@ -41,11 +42,13 @@ TINY = {
 
 def write_config(tmp: Path, **overrides) -> Path:
     cfg = dict(TINY)
-    cfg.update({
-        "dataset_path": "data/processed",
-        "save_path": "outputs/models",
-        "backtest_result_path": "outputs/backtest_results",
-    })
+    cfg.update(
+        {
+            "dataset_path": "data/processed",
+            "save_path": "outputs/models",
+            "backtest_result_path": "outputs/backtest_results",
+        }
+    )
     cfg.update(overrides)
     path = tmp / "config.json"
     path.write_text(json.dumps(cfg, indent=1))
@@ -62,8 +65,7 @@ def latest_run(tmp: Path) -> Path:
 def run_script(args, cwd=ROOT, env=None, timeout=600):
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=e,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=e, timeout=timeout)
 
 
 QLIB = {
@@ -84,8 +86,9 @@ def qlib_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qlib_pipeline")
     cfg = write_config(tmp, **QLIB)
     # from finetune/, as the seed's guide runs it
-    r = run_script(["train_complete_pipeline.py", "--cpu", "--fast-mode", "--config-path", str(cfg)],
-                   cwd=ROOT / "finetune")
+    r = run_script(
+        ["train_complete_pipeline.py", "--cpu", "--fast-mode", "--config-path", str(cfg)], cwd=ROOT / "finetune"
+    )
     return tmp, cfg, r
 
 
@@ -123,8 +126,12 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
     anchors = report["anchors"]
     assert anchors["n_forecasts"] >= anchors["n_dates"] >= 1 and anchors["n_symbols"] >= 2
     # every target after the last validation bar and within the test split
-    assert pd.Timestamp(report["splits"]["val_end"]) <= pd.Timestamp(anchors["first"]) \
-        <= pd.Timestamp(anchors["last"]) < pd.Timestamp(report["splits"]["test_end"])
+    assert (
+        pd.Timestamp(report["splits"]["val_end"])
+        <= pd.Timestamp(anchors["first"])
+        <= pd.Timestamp(anchors["last"])
+        < pd.Timestamp(report["splits"]["test_end"])
+    )
     headline = report["headline"]
     assert headline["model_in_use"] == in_use
     for name in (in_use, "last_value", "random_walk", "drift"):
@@ -158,8 +165,18 @@ def test_skip_flags_reuse_what_is_on_disk(qlib_run):
     first = latest_run(tmp)
     best = first / "models/finetune_predictor_demo/checkpoints/best_model/model.safetensors"
     before = best.stat().st_mtime_ns
-    r2 = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--config-path", str(cfg),
-                     "--skip-data-process", "--skip-tokenizer", "--skip-predictor"])
+    r2 = run_script(
+        [
+            "finetune/train_complete_pipeline.py",
+            "--cpu",
+            "--fast-mode",
+            "--config-path",
+            str(cfg),
+            "--skip-data-process",
+            "--skip-tokenizer",
+            "--skip-predictor",
+        ]
+    )
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert best.stat().st_mtime_ns == before  # models untouched, prediction redone
     assert "==== data ====" not in r2.stderr and "==== predict ====" in r2.stderr
@@ -200,11 +217,21 @@ def test_csv_pipeline(tmp_path):
     hostile = "x/" + "../" * 40 + str(tmp_path.relative_to(tmp_path.anchor) / "ESCAPED")
     raw.assign(symbol=hostile).to_csv(folder / "long.csv", index=False)
     # with split_ratios the test and backtest periods are the test split (no date ranges needed)
-    cfg = write_config(tmp_path, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2],
-                       plot_n_symbols=3)
+    cfg = write_config(
+        tmp_path, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2], plot_n_symbols=3
+    )
     before = set(tmp_path.iterdir())
-    r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--data-source", "csv",
-                    "--config-path", str(cfg)])
+    r = run_script(
+        [
+            "finetune/train_complete_pipeline.py",
+            "--cpu",
+            "--fast-mode",
+            "--data-source",
+            "csv",
+            "--config-path",
+            str(cfg),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(tmp_path.iterdir()) - before == {tmp_path / "data", tmp_path / "outputs"}  # nothing outside
     run = latest_run(tmp_path)
@@ -224,11 +251,29 @@ def test_sina_pipeline_against_loopback_server(tmp_path):
     from _support.sina_server import SinaTestServer
 
     with SinaTestServer() as server:
-        cfg = write_config(tmp_path, data_source="sina", sina_symbols=["sh600000", "sz000001"], sina_scale=5,
-                           sina_base_url=server.jsonp_url, sina_pause=0.0, sina_retries=1, sina_timeout=5.0,
-                           split_ratios=[0.6, 0.2, 0.2])  # test and backtest periods: the test split
-        r = run_script(["finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--data-source", "sina",
-                        "--config-path", str(cfg), "--skip-backtest"])
+        cfg = write_config(
+            tmp_path,
+            data_source="sina",
+            sina_symbols=["sh600000", "sz000001"],
+            sina_scale=5,
+            sina_base_url=server.jsonp_url,
+            sina_pause=0.0,
+            sina_retries=1,
+            sina_timeout=5.0,
+            split_ratios=[0.6, 0.2, 0.2],
+        )  # test and backtest periods: the test split
+        r = run_script(
+            [
+                "finetune/train_complete_pipeline.py",
+                "--cpu",
+                "--fast-mode",
+                "--data-source",
+                "sina",
+                "--config-path",
+                str(cfg),
+                "--skip-backtest",
+            ]
+        )
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "data/processed/manifest.json").read_text())
     assert sorted(manifest["symbols"]) == ["sh600000", "sz000001"]
@@ -247,9 +292,20 @@ def test_bad_config_key_is_one_line(tmp_path):
 def test_pipeline_under_torchrun_two_processes(tmp_path):
     """Training stages run distributed (gloo), data/predict/backtest on rank 0 between barriers."""
     cfg = write_config(tmp_path, **QLIB)
-    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "finetune/train_complete_pipeline.py", "--cpu", "--fast-mode", "--config-path", str(cfg),
-                    "--skip-backtest"])
+    r = run_script(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "finetune/train_complete_pipeline.py",
+            "--cpu",
+            "--fast-mode",
+            "--config-path",
+            str(cfg),
+            "--skip-backtest",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Kronos pipeline finished") == 1  # only rank 0 reports
     for stage in ("finetune_tokenizer_demo", "finetune_predictor_demo"):
@@ -280,7 +336,11 @@ def test_training_curve_titles_name_the_stage(tmp_path, monkeypatch):
     from kronos.pipeline import KronosPipeline
 
     titles = {}
-    monkeypatch.setattr(kronos.pipeline, "plot_training_curves", lambda path, out, title="": titles.setdefault(Path(out).parent.name, title))
+    monkeypatch.setattr(
+        kronos.pipeline,
+        "plot_training_curves",
+        lambda path, out, title="": titles.setdefault(Path(out).parent.name, title),
+    )
     pipe = KronosPipeline(Config())
     for stage, name in (("tok", "tokenizer training"), ("pred", "predictor training")):
         (tmp_path / stage).mkdir()
@@ -295,8 +355,14 @@ def test_one_symbol_pipeline_says_what_it_skips(tmp_path):
     folder = tmp_path / "klines"
     folder.mkdir()
     pd.read_csv(DATA / "kline_5min.csv").to_csv(folder / "ONLY.csv", index=False)
-    cfg = write_config(tmp_path, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2],
-                       backtest_n_symbol_hold=50, eval_max_anchors=30)  # test and backtest: the test split
+    cfg = write_config(
+        tmp_path,
+        data_source="csv",
+        csv_data_path="klines",
+        split_ratios=[0.6, 0.2, 0.2],
+        backtest_n_symbol_hold=50,
+        eval_max_anchors=30,
+    )  # test and backtest: the test split
     r = run_script(["-m", "kronos.cli", "pipeline", "--cpu", "--fast-mode", "--config-path", str(cfg)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "backtest skipped" in r.stderr and "IC and RankIC not computed" in r.stderr  # the log
@@ -335,5 +401,6 @@ def test_skipped_calibration_is_a_note(monkeypatch):
 
     monkeypatch.setattr(pipe, "calibrate", too_few)
     pipe._calibrate_step()
-    assert pipe.result.notes == ["calibration skipped (bands stay uncalibrated): calibration needs at least 10 "
-                                 "validation anchors ..., found 8"]
+    assert pipe.result.notes == [
+        "calibration skipped (bands stay uncalibrated): calibration needs at least 10 validation anchors ..., found 8"
+    ]

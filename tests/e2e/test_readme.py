@@ -1,5 +1,6 @@
 """The READMEs as a newcomer follows them: every `kronos ...`, `python finetune/...` and torchrun command they show
 parses with the real parser (the flags exist, required ones are given), and the Quick start Python block runs."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,14 @@ from kronos import cli
 ROOT = Path(__file__).resolve().parents[2]
 READMES = [ROOT / "README.md", ROOT / "README_CN.md"]
 TINY = ROOT / "tests" / "fixtures" / "parity-tiny" / "tiny"
-SCRIPTS = {"train_complete_pipeline": "pipeline", "train_tokenizer": "train-tokenizer",
-           "train_tokenizer_cpu": "train-tokenizer", "train_predictor": "train-predictor",
-           "train_predictor_cpu": "train-predictor", "qlib_data_preprocess": "data"}
+SCRIPTS = {
+    "train_complete_pipeline": "pipeline",
+    "train_tokenizer": "train-tokenizer",
+    "train_tokenizer_cpu": "train-tokenizer",
+    "train_predictor": "train-predictor",
+    "train_predictor_cpu": "train-predictor",
+    "qlib_data_preprocess": "data",
+}
 
 
 def shown_commands(text: str) -> tuple[list[str], list[str]]:
@@ -29,15 +35,17 @@ def shown_commands(text: str) -> tuple[list[str], list[str]]:
             lines.append(line.split(" #")[0].strip())
     keep = ("kronos ", "python finetune/", "python -m kronos.cli", "torchrun ")
     spans = [s.strip() for s in re.findall(r"`(kronos [^`]+)`", text)]
-    return ([ln for ln in lines if ln.startswith(keep) and not re.search(r"<|\[-|\.\.\.|…", ln)],
-            [sp for sp in spans if not re.search(r"<|\[|\.\.\.|…", sp)])
+    return (
+        [ln for ln in lines if ln.startswith(keep) and not re.search(r"<|\[-|\.\.\.|…", ln)],
+        [sp for sp in spans if not re.search(r"<|\[|\.\.\.|…", sp)],
+    )
 
 
 def parse(line: str) -> None:
     """Parse a full command line with the parser that runs it (SystemExit(1) with one line when it is wrong)."""
     tokens = shlex.split(line)
     if tokens[0] == "torchrun":  # drop torchrun's own options
-        tokens = ["python", *tokens[next(i for i, t in enumerate(tokens) if t.endswith(".py") or t == "-m"):]]
+        tokens = ["python", *tokens[next(i for i, t in enumerate(tokens) if t.endswith(".py") or t == "-m") :]]
     if tokens[0] == "kronos":
         cli.build_parser().parse_args(tokens[1:])
     elif tokens[:3] == ["python", "-m", "kronos.cli"]:

@@ -1,4 +1,5 @@
 """No secret reaches a file, a log line or a tracker: a tiny pipeline with a Comet API key configured."""
+
 import io
 import json
 import subprocess
@@ -34,21 +35,37 @@ def test_comet_api_key_never_reaches_a_file_log_or_tracker(tmp_path):
     raw.to_csv(tmp_path / "klines" / "AAA.csv", index=False)
     # a second valid symbol (all prices scaled: a close above the high would drop every bar of BBB)
     raw.assign(**{c: raw[c] * 1.01 for c in ("open", "high", "low", "close")}).to_csv(
-        tmp_path / "klines" / "BBB.csv", index=False)
+        tmp_path / "klines" / "BBB.csv", index=False
+    )
     # backtest after the last validation bar (2024-08-15 09:50); the test range's earlier bars are history only
-    cfg = dict(TINY, data_source="csv", csv_data_path="klines", split_ratios=[0.6, 0.2, 0.2], eval_max_anchors=40,
-               test_time_range=["2024-08-01", "2024-08-31"], backtest_time_range=["2024-08-16", "2024-08-31"],
-               dataset_path="data/processed", save_path="outputs/models",
-               backtest_result_path="outputs/backtest_results", use_tensorboard=True, use_comet=True,
-               comet_config={"api_key": SECRET, "project_name": "p", "workspace": "w"})
+    cfg = dict(
+        TINY,
+        data_source="csv",
+        csv_data_path="klines",
+        split_ratios=[0.6, 0.2, 0.2],
+        eval_max_anchors=40,
+        test_time_range=["2024-08-01", "2024-08-31"],
+        backtest_time_range=["2024-08-16", "2024-08-31"],
+        dataset_path="data/processed",
+        save_path="outputs/models",
+        backtest_result_path="outputs/backtest_results",
+        use_tensorboard=True,
+        use_comet=True,
+        comet_config={"api_key": SECRET, "project_name": "p", "workspace": "w"},
+    )
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     env = {"COMET_API_KEY": "", "PYTHONUNBUFFERED": "1"}
     import os
 
-    r = subprocess.run([sys.executable, "-m", "kronos.cli", "pipeline", "--cpu", "--fast-mode", "--config-path",
-                        str(path)], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env},
-                       timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "kronos.cli", "pipeline", "--cpu", "--fast-mode", "--config-path", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert SECRET not in r.stdout and SECRET not in r.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p != path]

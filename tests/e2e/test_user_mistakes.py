@@ -4,6 +4,7 @@ and ONE line ``error: ...`` on stderr that names the offending thing, never a tr
 Most cases call ``kronos.cli.main`` in-process (the same parser and error printer as the command); a few run the
 real command in a subprocess, where stderr must be exactly that one line.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,13 +48,31 @@ def files(tmp_path_factory):
 
 
 def forecast(*extra, input=CSV, tokenizer=TINY / "tokenizer"):
-    return ["forecast", "--input", str(input), "--tokenizer", str(tokenizer), "--model", str(TINY / "predictor"),
-            "--pred-len", "2", "--lookback", "64", *extra]
+    return [
+        "forecast",
+        "--input",
+        str(input),
+        "--tokenizer",
+        str(tokenizer),
+        "--model",
+        str(TINY / "predictor"),
+        "--pred-len",
+        "2",
+        "--lookback",
+        "64",
+        *extra,
+    ]
 
 
 def nothing_on_disk(d):
-    return ["--set", f"dataset_path={d / 'no_dataset'}", "--set", f"save_path={d / 'no_models'}",
-            "--set", f"backtest_result_path={d / 'no_results'}"]
+    return [
+        "--set",
+        f"dataset_path={d / 'no_dataset'}",
+        "--set",
+        f"save_path={d / 'no_models'}",
+        "--set",
+        f"backtest_result_path={d / 'no_results'}",
+    ]
 
 
 # (case id, argv from the files folder, words the one-line error must contain)
@@ -65,24 +84,53 @@ MISTAKES = [
     ("config file missing", lambda d: ["config", "--config-path", str(d / "none.json")], ["none.json"]),
     ("config path is a folder", lambda d: ["config", "--config-path", str(d)], ["mistakes", "--config-path"]),
     ("unknown config key", lambda d: ["config", "--config-path", str(d / "unknown_key.json")], ["epochz", "epochs"]),
-    ("config value of the wrong type", lambda d: ["config", "--config-path", str(d / "wrong_type.json")],
-     ["epochs", "integer"]),
+    (
+        "config value of the wrong type",
+        lambda d: ["config", "--config-path", str(d / "wrong_type.json")],
+        ["epochs", "integer"],
+    ),
     ("broken JSON", lambda d: ["config", "--config-path", str(d / "broken.json")], ["broken.json", "line 1"]),
     ("YAML list instead of keys", lambda d: ["data", "--config-path", str(d / "list.yaml")], ["list.yaml"]),
     ("YAML syntax error", lambda d: ["config", "--config-path", str(d / "syntax.yaml")], ["syntax.yaml", "line 2"]),
-    ("YAML unquoted impossible date", lambda d: ["config", "--config-path", str(d / "bad_date.yaml")],
-     ["train_time_range", "2018-13-45"]),
+    (
+        "YAML unquoted impossible date",
+        lambda d: ["config", "--config-path", str(d / "bad_date.yaml")],
+        ["train_time_range", "2018-13-45"],
+    ),
     ("--set without =", lambda d: ["config", "--set", "epochs"], ["--set", "epochs"]),
     ("--set unknown key", lambda d: ["config", "--set", "nokey=1"], ["nokey"]),
     ("negative lookback_window", lambda d: ["config", "--set", "lookback_window=-1"], ["lookback_window"]),
     ("unknown data source", lambda d: ["data", "--data-source", "nosuch"], ["nosuch", "csv"]),
-    ("CSV folder missing", lambda d: ["data", "--data-source", "csv", "--set", f"csv_data_path={d / 'no_csvs'}",
-                                      "--set", f"dataset_path={d / 'ds'}"], ["no_csvs"]),
-    ("Qlib folder missing", lambda d: ["data", "--set", f"qlib_data_path={d / 'no_qlib'}"],
-     ["no_qlib", "qlib_data_path"]),
-    ("pipeline skip flags, nothing on disk", lambda d: ["pipeline", "--skip-data-process", "--skip-tokenizer",
-                                                        "--skip-predictor", "--cpu", *nothing_on_disk(d)],
-     ["no_dataset"]),
+    (
+        "CSV folder missing",
+        lambda d: [
+            "data",
+            "--data-source",
+            "csv",
+            "--set",
+            f"csv_data_path={d / 'no_csvs'}",
+            "--set",
+            f"dataset_path={d / 'ds'}",
+        ],
+        ["no_csvs"],
+    ),
+    (
+        "Qlib folder missing",
+        lambda d: ["data", "--set", f"qlib_data_path={d / 'no_qlib'}"],
+        ["no_qlib", "qlib_data_path"],
+    ),
+    (
+        "pipeline skip flags, nothing on disk",
+        lambda d: [
+            "pipeline",
+            "--skip-data-process",
+            "--skip-tokenizer",
+            "--skip-predictor",
+            "--cpu",
+            *nothing_on_disk(d),
+        ],
+        ["no_dataset"],
+    ),
     ("train-tokenizer without a dataset", lambda d: ["train-tokenizer", *nothing_on_disk(d)], ["no_dataset"]),
     ("train-predictor without a dataset", lambda d: ["train-predictor", *nothing_on_disk(d)], ["no_dataset"]),
     ("predict without a dataset", lambda d: ["predict", *nothing_on_disk(d)], ["no_dataset"]),
@@ -90,8 +138,11 @@ MISTAKES = [
     ("backtest without a dataset", lambda d: ["backtest", *nothing_on_disk(d)], ["no_dataset"]),
     ("calibrate without checkpoints", lambda d: ["calibrate", *nothing_on_disk(d)], ["tokenizer", "no_models"]),
     ("serve without models", lambda d: ["serve"], ["--tokenizer", "--model"]),
-    ("serve with missing checkpoints", lambda d: ["serve", "--tokenizer", str(d / "tok"), "--model", str(d / "m")],
-     ["tok"]),
+    (
+        "serve with missing checkpoints",
+        lambda d: ["serve", "--tokenizer", str(d / "tok"), "--model", str(d / "m")],
+        ["tok"],
+    ),
     ("input file missing", lambda d: forecast(input=d / "nope.csv"), ["nope.csv"]),
     ("input not CSV/Parquet", lambda d: forecast(input=d / "notes.txt"), ["notes.txt", "CSV"]),
     ("empty CSV", lambda d: forecast(input=d / "empty.csv"), ["empty.csv"]),
@@ -108,12 +159,19 @@ MISTAKES = [
     ("--top-p 2", lambda d: forecast("--top-p", "2"), ["top_p", "2"]),
     ("--T 0", lambda d: forecast("--T", "0"), ["T", "0"]),
     ("--quantiles 1.5", lambda d: forecast("--quantiles", "0.1,1.5", "--sample-count", "3"), ["--quantiles", "1.5"]),
-    ("--quantiles not numbers", lambda d: forecast("--quantiles", "low,high", "--sample-count", "3"),
-     ["--quantiles", "low"]),
+    (
+        "--quantiles not numbers",
+        lambda d: forecast("--quantiles", "low,high", "--sample-count", "3"),
+        ["--quantiles", "low"],
+    ),
     ("--quantiles from one path", lambda d: forecast("--quantiles", "0.2,0.8"), ["--quantiles", "--sample-count"]),
     ("--device nonsense", lambda d: forecast("--device", "tpu9"), ["tpu9"]),
     ("--output is a folder", lambda d: forecast("--output", str(d)), ["--output", "is a folder"]),
-    ("--output under a file", lambda d: forecast("--output", str(d / "notes.txt" / "fc.csv")), ["--output", "notes.txt"]),
+    (
+        "--output under a file",
+        lambda d: forecast("--output", str(d / "notes.txt" / "fc.csv")),
+        ["--output", "notes.txt"],
+    ),
     ("--plot is a folder", lambda d: forecast("--plot", str(d)), ["--plot", "forecast.png"]),
     ("input is a folder", lambda d: forecast(input=d), ["is a folder", "csv_data_path"]),
     ("too few bars", lambda d: forecast(input=d / "five_bars.csv"), ["5 row", "8"]),
@@ -125,13 +183,31 @@ MISTAKES = [
     ("calibration file garbage", lambda d: forecast("--calibration", str(d / "broken.json")), ["broken.json"]),
     ("checkpoint path is a file", lambda d: forecast(tokenizer=CSV), ["kline_5min.csv", "folder"]),
     ("mcp without models", lambda d: ["mcp"], ["--tokenizer", "--run"]),
-    ("mcp with a missing checkpoint", lambda d: ["mcp", "--tokenizer", str(d / "no_tok"), "--model", str(d / "m")],
-     ["no_tok"]),
+    (
+        "mcp with a missing checkpoint",
+        lambda d: ["mcp", "--tokenizer", str(d / "no_tok"), "--model", str(d / "m")],
+        ["no_tok"],
+    ),
     ("serve --run without a run", lambda d: ["serve", "--run", str(d / "no_run")], ["no_run", "pipeline_config.json"]),
-    ("dataset_path is a file", lambda d: ["data", "--data-source", "csv", "--set", f"csv_data_path={CSV}",
-                                          "--set", f"dataset_path={d / 'notes.txt'}", "--set", "split_ratios=[0.6,0.2,0.2]",
-                                          "--set", "lookback_window=30", "--set", "predict_window=5"],
-     ["notes.txt", "dataset_path"]),
+    (
+        "dataset_path is a file",
+        lambda d: [
+            "data",
+            "--data-source",
+            "csv",
+            "--set",
+            f"csv_data_path={CSV}",
+            "--set",
+            f"dataset_path={d / 'notes.txt'}",
+            "--set",
+            "split_ratios=[0.6,0.2,0.2]",
+            "--set",
+            "lookback_window=30",
+            "--set",
+            "predict_window=5",
+        ],
+        ["notes.txt", "dataset_path"],
+    ),
 ]
 if not torch.cuda.is_available():
     MISTAKES += [
@@ -160,14 +236,17 @@ def test_a_mistake_is_one_line_naming_it(argv_of, words, files, capsys, one_thre
 
 
 def run_kronos(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "kronos.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "kronos.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_real_command_prints_exactly_one_line(files):
-    for args, word in (((*forecast(), "--bogus"), "--bogus"),
-                       (("-q", "config", "--config-path", str(files / "bad_date.yaml")), "train_time_range"),
-                       (("data", "-q", "--data-source", "nosuch"), "nosuch")):
+    for args, word in (
+        ((*forecast(), "--bogus"), "--bogus"),
+        (("-q", "config", "--config-path", str(files / "bad_date.yaml")), "train_time_range"),
+        (("data", "-q", "--data-source", "nosuch"), "nosuch"),
+    ):
         r = run_kronos(*args)
         assert r.returncode == 1, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and word in r.stderr, r.stderr
@@ -176,8 +255,23 @@ def test_real_command_prints_exactly_one_line(files):
 def test_forecast_output_and_plot_into_new_folders(tmp_path, capsys, one_thread):
     out = tmp_path / "not" / "yet" / "fc.csv"
     png = tmp_path / "figures" / "fc.png"
-    rc = cli.main(forecast("--symbol", "BBB", "--sample-count", "4", "--seed", "1", "--quantiles", "0.05,0.5,0.95",
-                           "--output", str(out), "--plot", str(png), input=_two_symbols(tmp_path)))
+    rc = cli.main(
+        forecast(
+            "--symbol",
+            "BBB",
+            "--sample-count",
+            "4",
+            "--seed",
+            "1",
+            "--quantiles",
+            "0.05,0.5,0.95",
+            "--output",
+            str(out),
+            "--plot",
+            str(png),
+            input=_two_symbols(tmp_path),
+        )
+    )
     assert rc == 0, capsys.readouterr().err
     fc = pd.read_csv(out)
     assert {"close_q0.05", "close_q0.5", "close_q0.95", "p_up"} <= set(fc.columns)
@@ -198,11 +292,30 @@ def test_forecast_help_shows_every_flag_with_meaning_and_default(capsys):
     with pytest.raises(SystemExit):
         cli.main(["forecast", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--symbol", "--quantiles", "--calibration", "--device", "--output", "--plot", "--top-k", "--top-p",
-                 "--sample-count", "--max-context", "--lookback", "--seed", "--T"):
+    for flag in (
+        "--symbol",
+        "--quantiles",
+        "--calibration",
+        "--device",
+        "--output",
+        "--plot",
+        "--top-k",
+        "--top-p",
+        "--sample-count",
+        "--max-context",
+        "--lookback",
+        "--seed",
+        "--T",
+    ):
         assert flag in text
-    for shown in ("(default: 512)", "(default: 0.9)", "(default: 1.0)", "default: 0.1,0.9", "default: print it",
-                  "0 = off (default: 0)"):
+    for shown in (
+        "(default: 512)",
+        "(default: 0.9)",
+        "(default: 1.0)",
+        "default: 0.1,0.9",
+        "default: print it",
+        "0 = off (default: 0)",
+    ):
         assert shown in text, shown
 
 
@@ -215,7 +328,6 @@ def test_yaml_unquoted_dates_are_read_and_saved(tmp_path):
     assert config.train_time_range == ["2018-01-01", "2020-06-30"] and config.dataset_end_time == "2024-12-31"
     config.save(tmp_path / "saved.json")
     assert json.loads((tmp_path / "saved.json").read_text())["train_time_range"] == ["2018-01-01", "2020-06-30"]
-
 
 
 def test_yaml_numbers_in_e_notation_are_numbers(tmp_path):

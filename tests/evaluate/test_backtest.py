@@ -1,4 +1,5 @@
 """Backtests: the built-in engine on hand-made prices, and Qlib's TopkDropoutStrategy on the bundled provider."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,17 @@ DAYS = pd.bdate_range("2024-01-01", periods=12)
 
 
 def _cfg(**kw) -> Config:
-    base = dict(backtest_n_symbol_hold=1, backtest_n_symbol_drop=1, backtest_hold_thresh=1,
-                backtest_open_cost=0.0, backtest_close_cost=0.0, backtest_min_cost=0.0,
-                backtest_account=1_000_000.0, backtest_time_range=[str(DAYS[0].date()), str(DAYS[-1].date())],
-                backtest_deal_price="close")  # hand-made close prices only
+    base = dict(
+        backtest_n_symbol_hold=1,
+        backtest_n_symbol_drop=1,
+        backtest_hold_thresh=1,
+        backtest_open_cost=0.0,
+        backtest_close_cost=0.0,
+        backtest_min_cost=0.0,
+        backtest_account=1_000_000.0,
+        backtest_time_range=[str(DAYS[0].date()), str(DAYS[-1].date())],
+        backtest_deal_price="close",
+    )  # hand-made close prices only
     base.update(kw)
     return Config(**base)
 
@@ -111,22 +119,36 @@ def test_simple_backtest_rejects_bad_inputs():
 
 
 def test_report_save_and_comparison(tmp_path):
-    comp = run_backtests({"good": _signal(), "bad": -_signal()}, _cfg(), close=_prices(), out_dir=tmp_path,
-                         engine="simple")
+    comp = run_backtests(
+        {"good": _signal(), "bad": -_signal()}, _cfg(), close=_prices(), out_dir=tmp_path, engine="simple"
+    )
     assert comp.table.loc["good", "total_return_with_cost"] > comp.table.loc["bad", "total_return_with_cost"]
     assert dict(comp.items())["good"] is comp["good"] and list(comp) == ["good", "bad"]
     with pytest.raises(InputError, match="close prices"):
         run_backtests({"good": _signal()}, _cfg(), engine="simple")
-    for name in ("comparison.json", "comparison.csv", "comparison.png", "good/report.json", "good/daily.csv",
-                 "good/cumulative_return.png", "bad/report.json"):
+    for name in (
+        "comparison.json",
+        "comparison.csv",
+        "comparison.png",
+        "good/report.json",
+        "good/daily.csv",
+        "good/cumulative_return.png",
+        "bad/report.json",
+    ):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "comparison.png").read_bytes()[:8] == PNG_MAGIC
     assert (tmp_path / "good" / "cumulative_return.png").read_bytes()[:8] == PNG_MAGIC
     summary = json.loads((tmp_path / "good" / "report.json").read_text())  # strict JSON
     assert summary["topk"] == 1 and summary["n_days"] == len(DAYS)
     daily = pd.read_csv(tmp_path / "good" / "daily.csv", index_col=0, parse_dates=True)
-    assert list(daily.columns[:6]) == ["return", "cost", "bench", "excess_return_without_cost",
-                                       "excess_return_with_cost", "turnover"]
+    assert list(daily.columns[:6]) == [
+        "return",
+        "cost",
+        "bench",
+        "excess_return_without_cost",
+        "excess_return_with_cost",
+        "turnover",
+    ]
     assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporaries
 
 
@@ -145,9 +167,15 @@ def qlib_setup():
     # oracle: the signal dated d scores the return earned by a position bought at d+1's close
     oracle = normalize_signal(close.shift(-2) / close.shift(-1) - 1)
     # fills at the close, so the built-in engine (close prices only) can be compared trade for trade
-    cfg = Config(qlib_data_path=str(QLIB_DIR), instrument="csi300", backtest_n_symbol_hold=3,
-                 backtest_n_symbol_drop=1, backtest_hold_thresh=1, backtest_deal_price="close",
-                 backtest_time_range=["2023-01-04", "2023-03-31"])
+    cfg = Config(
+        qlib_data_path=str(QLIB_DIR),
+        instrument="csi300",
+        backtest_n_symbol_hold=3,
+        backtest_n_symbol_drop=1,
+        backtest_hold_thresh=1,
+        backtest_deal_price="close",
+        backtest_time_range=["2023-01-04", "2023-03-31"],
+    )
     return {"close": close, "bench": bench, "oracle": oracle, "cfg": cfg}
 
 
@@ -168,8 +196,14 @@ def test_qlib_oracle_beats_benchmark_and_inverse_loses(qlib_comparison):
     assert bad.summary["excess_return_with_cost/annualized_return"] < 0
     assert good.summary["start"] == "2023-01-04" and good.summary["end"] == "2023-03-31"
     d = good.daily
-    assert list(d.columns[:6]) == ["return", "cost", "bench", "excess_return_without_cost",
-                                   "excess_return_with_cost", "turnover"]
+    assert list(d.columns[:6]) == [
+        "return",
+        "cost",
+        "bench",
+        "excess_return_without_cost",
+        "excess_return_with_cost",
+        "turnover",
+    ]
     # the percent-valued $change must not block trading: the first day invests ~risk_degree of the book
     assert d["turnover"].iloc[0] > 0.9
     assert (d["cost"] > 0).sum() > 0.8 * len(d)
@@ -222,8 +256,10 @@ def test_nan_free_summary_fields(qlib_comparison):
 
 def test_simple_backtest_intraday_bars():
     # two sessions of 5-minute bars: annualisation uses bars per day, times keep their clock
-    idx = pd.DatetimeIndex(list(pd.date_range("2024-01-02 09:35", periods=6, freq="5min"))
-                           + list(pd.date_range("2024-01-03 09:35", periods=6, freq="5min")))
+    idx = pd.DatetimeIndex(
+        list(pd.date_range("2024-01-02 09:35", periods=6, freq="5min"))
+        + list(pd.date_range("2024-01-03 09:35", periods=6, freq="5min"))
+    )
     t = np.arange(len(idx))
     prices = pd.DataFrame({"A": 10 * 1.001**t, "B": 10 * 0.999**t}, index=idx)
     sig = normalize_signal(pd.DataFrame({"A": 1.0, "B": 0.0}, index=idx))
@@ -255,8 +291,7 @@ def test_simple_backtest_deal_price_open_needs_and_uses_open_prices():
     opens = prices.shift(1).fillna(prices) * 1.002  # opens a little above the previous close
     with pytest.raises(InputError, match="open prices"):
         run_simple_backtest(_signal(), prices, _cfg(backtest_deal_price="open"))
-    rep = run_simple_backtest(_signal(), prices, _cfg(backtest_deal_price="open"), open_prices=opens,
-                              risk_degree=1.0)
+    rep = run_simple_backtest(_signal(), prices, _cfg(backtest_deal_price="open"), open_prices=opens, risk_degree=1.0)
     assert rep.summary["deal_price"] == "open"
     # A bought at day 1's open: the first bar earns open-to-close, then A's close-to-close 1 %
     first = prices["A"].iloc[1] / opens["A"].iloc[1] - 1

@@ -1,4 +1,5 @@
 """Record-level tools on hand-computable forecast records: backtest signals, IC by date, metrics files."""
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,17 @@ def _records(pred_fn, n_steps: int = 3) -> pd.DataFrame:
             last = 10.0 * (1 + rate) ** k
             for step in range(1, n_steps + 1):
                 true = last * (1 + rate * step)
-                rows.append({
-                    "symbol": sym, "anchor": anchor, "step": step,
-                    "timestamps": anchor + pd.Timedelta(days=step),
-                    "last_close": last, "true_close": true, "close": pred_fn(last, true),
-                })
+                rows.append(
+                    {
+                        "symbol": sym,
+                        "anchor": anchor,
+                        "step": step,
+                        "timestamps": anchor + pd.Timedelta(days=step),
+                        "last_close": last,
+                        "true_close": true,
+                        "close": pred_fn(last, true),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -55,20 +62,27 @@ def test_save_metrics_writes_strict_json(tmp_path):
 
 def test_missing_or_bad_columns_raise_input_error():
     with pytest.raises(InputError, match="true_close"):
-        ic_by_date(pd.DataFrame({"symbol": ["X"], "anchor": ["2024-01-02"], "step": [1],
-                                 "last_close": [1.0], "close": [1.0]}))
+        ic_by_date(
+            pd.DataFrame({"symbol": ["X"], "anchor": ["2024-01-02"], "step": [1], "last_close": [1.0], "close": [1.0]})
+        )
     with pytest.raises(InputError, match="numeric"):
-        signals_from_records(pd.DataFrame({"symbol": ["X"], "anchor": ["2024-01-02"], "step": [1],
-                                           "last_close": ["abc"], "close": [1.0]}))
+        signals_from_records(
+            pd.DataFrame(
+                {"symbol": ["X"], "anchor": ["2024-01-02"], "step": [1], "last_close": ["abc"], "close": [1.0]}
+            )
+        )
 
 
 def test_signals_from_records_kinds():
-    recs = pd.DataFrame({
-        "symbol": ["S"] * 3 + ["T"] * 3, "anchor": pd.to_datetime(["2024-01-02"] * 6),
-        "step": [3, 1, 2, 1, 2, 3],  # unsorted steps must not matter
-        "last_close": [10.0] * 3 + [20.0] * 3,
-        "close": [12.0, 11.0, 9.0, 20.0, 22.0, 21.0],
-    })
+    recs = pd.DataFrame(
+        {
+            "symbol": ["S"] * 3 + ["T"] * 3,
+            "anchor": pd.to_datetime(["2024-01-02"] * 6),
+            "step": [3, 1, 2, 1, 2, 3],  # unsorted steps must not matter
+            "last_close": [10.0] * 3 + [20.0] * 3,
+            "close": [12.0, 11.0, 9.0, 20.0, 22.0, 21.0],
+        }
+    )
     # S path by step: 11, 9, 12 ; T path: 20, 22, 21
     expect = {"last": (0.2, 0.05), "mean": (32 / 30 - 1, 21 / 20 - 1), "max": (0.2, 0.1), "min": (-0.1, 0.0)}
     sigs = all_signals(recs)
@@ -85,14 +99,16 @@ def test_official_std_scaled_signal():
     # the official qlib_test.py scores (forecast close - last close) in normalised units: / (lookback std + 1e-5)
     from kronos.evaluate.metrics import signals_from_records as sig
 
-    rec = pd.DataFrame({
-        "symbol": ["A", "A", "B", "B"],
-        "anchor": pd.to_datetime(["2024-01-02"] * 4),
-        "step": [1, 2, 1, 2],
-        "last_close": [10.0, 10.0, 100.0, 100.0],
-        "close_scale": [0.5, 0.5, 20.0, 20.0],
-        "close": [11.0, 12.0, 110.0, 90.0],
-    })
+    rec = pd.DataFrame(
+        {
+            "symbol": ["A", "A", "B", "B"],
+            "anchor": pd.to_datetime(["2024-01-02"] * 4),
+            "step": [1, 2, 1, 2],
+            "last_close": [10.0, 10.0, 100.0, 100.0],
+            "close_scale": [0.5, 0.5, 20.0, 20.0],
+            "close": [11.0, 12.0, 110.0, 90.0],
+        }
+    )
     last = sig(rec, "last", scale="std")
     assert last.loc[(pd.Timestamp("2024-01-02"), "A")] == pytest.approx(4.0)
     assert last.loc[(pd.Timestamp("2024-01-02"), "B")] == pytest.approx(-0.5)

@@ -1,4 +1,5 @@
 """Metrics on sample paths (CRPS, PIT, DM, MASE, coverage) and the baselines, on hand-made cases."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,14 @@ from scipy import stats
 from kronos.errors import InputError
 from kronos.evaluate.baselines import baseline_forecasts
 from kronos.evaluate.metrics import (
-    PathForecasts, check_levels, crps_samples, diebold_mariano, dm_versus, naive_scale, pit_values, score_paths,
+    PathForecasts,
+    check_levels,
+    crps_samples,
+    diebold_mariano,
+    dm_versus,
+    naive_scale,
+    pit_values,
+    score_paths,
 )
 
 
@@ -56,8 +64,16 @@ def test_pit_levels_and_scale():
 
 def _fc(samples, true, last=100.0):
     n, s, p = samples.shape
-    return PathForecasts("m", symbol=np.array(["A"] * n), anchor=np.arange(n), last_close=np.full(n, last),
-                         scale=np.ones(n), true=true, point=samples.mean(axis=1), samples=samples)
+    return PathForecasts(
+        "m",
+        symbol=np.array(["A"] * n),
+        anchor=np.arange(n),
+        last_close=np.full(n, last),
+        scale=np.ones(n),
+        true=true,
+        point=samples.mean(axis=1),
+        samples=samples,
+    )
 
 
 def test_score_paths_coverage_mase_direction():
@@ -98,8 +114,9 @@ def test_baselines_shapes_and_values():
 
 
 def test_fair_crps_is_unbiased_and_the_grid_crps_matches_the_exact_lognormal():
-    from kronos.evaluate.metrics import CRPS_GRID, crps_lognormal, crps_samples, quantile_crps
     from scipy.stats import norm
+
+    from kronos.evaluate.metrics import CRPS_GRID, crps_lognormal, crps_samples, quantile_crps
 
     rng = np.random.default_rng(3)
     mu, sigma = np.log(100.0), 0.05

@@ -1,4 +1,5 @@
 """Figures are written as valid PNGs, atomically, from the formats the pipeline produces."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ def _kline(n: int, start: str, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     close = 10 + np.cumsum(rng.normal(0, 0.1, n))
     idx = pd.date_range(start, periods=n, freq="5min")
-    return pd.DataFrame({"open": close, "high": close + 0.1, "low": close - 0.1, "close": close,
-                         "volume": rng.uniform(1e4, 2e4, n)}, index=idx)
+    return pd.DataFrame(
+        {"open": close, "high": close + 0.1, "low": close - 0.1, "close": close, "volume": rng.uniform(1e4, 2e4, n)},
+        index=idx,
+    )
 
 
 def test_plot_forecast_with_band_and_actual(tmp_path):
@@ -52,18 +55,27 @@ def test_plot_forecast_timestamps_column_and_close_only(tmp_path):
 def test_frames_from_records_feed_plot_forecast(tmp_path):
     anchor = pd.Timestamp("2024-03-01")
     steps = np.arange(1, 6)
-    recs = pd.DataFrame({
-        "symbol": "S", "anchor": anchor, "step": steps,
-        "timestamps": anchor + pd.to_timedelta(steps, unit="D"),
-        "close": 10 + 0.1 * steps, "volume": 1000.0, "close_q0.1": 9.5 + 0.1 * steps,
-        "close_q0.9": 10.5 + 0.1 * steps, "last_close": 10.0, "true_close": 10 + 0.05 * steps,
-    })
+    recs = pd.DataFrame(
+        {
+            "symbol": "S",
+            "anchor": anchor,
+            "step": steps,
+            "timestamps": anchor + pd.to_timedelta(steps, unit="D"),
+            "close": 10 + 0.1 * steps,
+            "volume": 1000.0,
+            "close_q0.1": 9.5 + 0.1 * steps,
+            "close_q0.9": 10.5 + 0.1 * steps,
+            "last_close": 10.0,
+            "true_close": 10 + 0.05 * steps,
+        }
+    )
     fc, band, actual = frames_from_records(recs, "S")
     assert list(fc.columns) == ["close", "volume"] and isinstance(fc.index, pd.DatetimeIndex)
     assert band is not None and band[0]["close"].iloc[0] == pytest.approx(9.6)
     assert actual["close"].iloc[-1] == pytest.approx(10.25)
-    hist = pd.DataFrame({"close": np.linspace(9, 10, 20), "volume": 1000.0},
-                        index=pd.date_range(end=anchor, periods=20, freq="D"))
+    hist = pd.DataFrame(
+        {"close": np.linspace(9, 10, 20), "volume": 1000.0}, index=pd.date_range(end=anchor, periods=20, freq="D")
+    )
     assert _is_png(plot_forecast(hist, fc, band, actual, "S", tmp_path / "s.png"))
 
 
@@ -88,8 +100,9 @@ def test_plot_training_curves_from_jsonl_and_list(tmp_path):
 def test_plot_backtest(tmp_path):
     idx = pd.bdate_range("2024-01-01", periods=40)
     rng = np.random.default_rng(0)
-    daily = pd.DataFrame({"return": rng.normal(0.001, 0.01, 40), "cost": 0.0002,
-                          "bench": rng.normal(0.0, 0.01, 40)}, index=idx)
+    daily = pd.DataFrame(
+        {"return": rng.normal(0.001, 0.01, 40), "cost": 0.0002, "bench": rng.normal(0.0, 0.01, 40)}, index=idx
+    )
     assert _is_png(plot_backtest(daily, tmp_path / "bt.png", title="test"))
     with pytest.raises(InputError, match="bench"):
         plot_backtest(daily.drop(columns=["bench"]), tmp_path / "bt2.png")
@@ -99,7 +112,7 @@ def _has_colour(path, hex_colour: str, min_pixels: int = 20) -> bool:
     import matplotlib.image as mpimg
 
     img = mpimg.imread(path)[..., :3]
-    rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    rgb = np.array([int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
     return int((np.abs(img - rgb).max(axis=-1) < 0.02).sum()) >= min_pixels
 
 
@@ -110,8 +123,9 @@ def test_forecast_figure_draws_candles_band_and_prob_up(tmp_path):
     hist["high"] = hist[["open", "close"]].max(axis=1) + 0.05
     hist["low"] = hist[["open", "close"]].min(axis=1) - 0.05
     idx = pd.date_range(hist.index[-1] + pd.Timedelta(minutes=5), periods=12, freq="5min")
-    fc = pd.DataFrame({"open": 10.0, "high": 10.2, "low": 9.8, "close": np.linspace(10, 10.5, 12), "volume": 1.5e4},
-                      index=idx)
+    fc = pd.DataFrame(
+        {"open": 10.0, "high": 10.2, "low": 9.8, "close": np.linspace(10, 10.5, 12), "volume": 1.5e4}, index=idx
+    )
     lo, hi = fc - 0.3, fc + 0.3
     out = plot_forecast(hist, fc, (lo, hi), None, "candles", tmp_path / "c.png", prob_up=np.linspace(0.3, 0.8, 12))
     assert _is_png(out) and _has_colour(out, UP) and _has_colour(out, DOWN)
@@ -122,8 +136,10 @@ def test_importing_plots_leaves_the_matplotlib_backend_alone():
     import subprocess
     import sys
 
-    code = ("import matplotlib; matplotlib.use('svg'); import kronos.evaluate.plots, kronos.evaluate; "
-            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import kronos.evaluate.plots, kronos.evaluate; "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -138,13 +154,24 @@ def test_drawdown_ic_and_forecast_vs_actual_figures(tmp_path):
     for sym in ("AAA", "BBB"):
         for k, d in enumerate(dates):
             true = 10 + 0.1 * k
-            rows.append({"symbol": sym, "anchor": d, "step": 1, "timestamps": d + pd.offsets.BDay(1),
-                         "close": true + 0.05, "true_close": true, "last_close": true - 0.1,
-                         "close_q0.1": true - 0.2, "close_q0.9": true + 0.2})
+            rows.append(
+                {
+                    "symbol": sym,
+                    "anchor": d,
+                    "step": 1,
+                    "timestamps": d + pd.offsets.BDay(1),
+                    "close": true + 0.05,
+                    "true_close": true,
+                    "last_close": true - 0.1,
+                    "close_q0.1": true - 0.2,
+                    "close_q0.9": true + 0.2,
+                }
+            )
     out = plot_forecast_vs_actual(pd.DataFrame(rows), ["AAA", "BBB", "ZZZ"], tmp_path / "fva.png")
     assert _is_png(out)
     with pytest.raises(InputError, match="step 3"):
         plot_forecast_vs_actual(pd.DataFrame(rows), ["AAA"], tmp_path / "x.png", step=3)
-    daily = pd.DataFrame({"return": rng.normal(0, 0.01, 40), "cost": 0.0005, "bench": rng.normal(0, 0.01, 40)},
-                         index=dates)
+    daily = pd.DataFrame(
+        {"return": rng.normal(0, 0.01, 40), "cost": 0.0005, "bench": rng.normal(0, 0.01, 40)}, index=dates
+    )
     assert _is_png(plot_backtest(daily, tmp_path / "bt.png"))

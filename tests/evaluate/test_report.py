@@ -1,4 +1,5 @@
 """Walk-forward report and validation calibration with a tiny model on the real Qlib fixture (fast)."""
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup():
     frame = qlib_frame(symbols=3).sort_values(["symbol", "timestamps"]).reset_index(drop=True)
     ts = frame["timestamps"]
-    bounds = {"train_start": ts.min(), "train_end": pd.Timestamp("2023-06-30"),
-              "val_start": pd.Timestamp("2023-07-01"), "val_end": pd.Timestamp("2024-03-29"),
-              "test_start": pd.Timestamp("2024-04-01"), "test_end": ts.max()}
+    bounds = {
+        "train_start": ts.min(),
+        "train_end": pd.Timestamp("2023-06-30"),
+        "val_start": pd.Timestamp("2023-07-01"),
+        "val_end": pd.Timestamp("2024-03-29"),
+        "test_start": pd.Timestamp("2024-04-01"),
+        "test_end": ts.max(),
+    }
     predictor = tiny_predictor(seed=0, max_context=32)
-    cfg = Config.from_dict(dict(lookback_window=20, predict_window=3, inference_sample_count=8, eval_stride=5,
-                                eval_max_anchors=12, device="cpu", quantiles=[0.1, 0.25, 0.5, 0.75, 0.9]))
+    cfg = Config.from_dict(
+        dict(
+            lookback_window=20,
+            predict_window=3,
+            inference_sample_count=8,
+            eval_stride=5,
+            eval_max_anchors=12,
+            device="cpu",
+            quantiles=[0.1, 0.25, 0.5, 0.75, 0.9],
+        )
+    )
     return frame, bounds, predictor, cfg
 
 
@@ -37,7 +52,7 @@ def test_anchors_targets_stay_in_their_split(setup):
     for anchors, lo, hi in ((test, bounds["val_end"], None), (val, bounds["train_end"], bounds["val_end"])):
         for symbol, pos in zip(anchors["symbol"], anchors["pos"]):
             g = frame[frame["symbol"] == symbol].reset_index(drop=True)
-            targets = g["timestamps"].iloc[pos + 1:pos + 4]
+            targets = g["timestamps"].iloc[pos + 1 : pos + 4]
             assert len(targets) == 3 and (targets > lo).all()
             assert hi is None or (targets <= hi).all()
     assert val["anchor"].nunique() == 30
@@ -49,8 +64,9 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
     cal = calibrate_on_validation(cfg, predictor, frame, bounds, out_path=tmp_path / "calibration.json")
     assert cal.n_anchors >= 10 and load_calibration(tmp_path / "calibration.json").method == cal.method
     cfg.update({"eval_seeds": [1, 2]})
-    passed = forecast_split(cfg, frame, "test", bounds["val_end"], bounds["test_end"], {"finetuned": predictor},
-                            seeds=cfg.eval_seeds)
+    passed = forecast_split(
+        cfg, frame, "test", bounds["val_end"], bounds["test_end"], {"finetuned": predictor}, seeds=cfg.eval_seeds
+    )
     assert len(passed.paths["finetuned"]) == 2 and passed.first("finetuned").records is not None
     report = build_report(cfg, frame, bounds, passed, str(tmp_path / "r"), calibrations={"finetuned": cal})
     assert set(report["forecasters"]) == {"finetuned", "last_value", "drift", "random_walk"}
@@ -76,8 +92,9 @@ def test_report_anchors_stay_inside_the_test_split_and_spread_over_it(setup, tmp
     cut = pd.Timestamp(dates[-40])
     short = dict(bounds, test_end=cut)
     c = Config.from_dict(dict(cfg.to_dict(), eval_stride=1, eval_max_anchors=6))
-    report = build_report(c, frame, short, forecast_split(c, frame, "test", short["val_end"], cut, {}),
-                          str(tmp_path / "r"))
+    report = build_report(
+        c, frame, short, forecast_split(c, frame, "test", short["val_end"], cut, {}), str(tmp_path / "r")
+    )
     last_anchor = pd.Timestamp(report["anchors"]["last"])
     g = frame[frame["symbol"] == frame["symbol"].iloc[0]].reset_index(drop=True)
     pos = int(np.flatnonzero(g["timestamps"] == last_anchor)[0])

@@ -1,6 +1,7 @@
 """CUDA checks (marked ``gpu``; skipped without CUDA; ``make gpu-check`` runs them on a GPU machine): parity with the
 official outputs in fp32 (cached and uncached), greedy cached = uncached, one bf16 step of every preset, TF32
 restored after training, and the resume round trip on CUDA."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _support.training import tiny_config
 from kronos.config import Config
 from kronos.inference import KronosPredictor
-from kronos.model import (PREDICTOR_PRESETS, TOKENIZER_PRESETS, Kronos, KronosTokenizer, build_predictor,
-                          build_tokenizer)
+from kronos.model import PREDICTOR_PRESETS, TOKENIZER_PRESETS, Kronos, KronosTokenizer, build_predictor, build_tokenizer
 from kronos.train import Trainer, get_stage, train_tokenizer
 from kronos.train.distributed import DistContext, resolve_precision
-
-from _support.training import tiny_config
 
 pytestmark = pytest.mark.gpu
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "parity-tiny"
@@ -43,8 +42,8 @@ def _manifest() -> dict:
 
 
 def _series(frame, start, length, pred_len, columns):
-    ctx = frame.iloc[start:start + length].reset_index(drop=True)
-    future = frame.iloc[start + length:start + length + pred_len].reset_index(drop=True)
+    ctx = frame.iloc[start : start + length].reset_index(drop=True)
+    future = frame.iloc[start + length : start + length + pred_len].reset_index(drop=True)
     return ctx[columns], ctx["timestamps"], future["timestamps"]
 
 
@@ -60,11 +59,18 @@ def test_parity_fixture_on_cuda_fp32(use_cache: bool) -> None:
     assert cases
     for case in cases:
         predictor = KronosPredictor(model, tokenizer, device="cuda", max_context=case["max_context"], clip=case["clip"])
-        kwargs = dict(T=case["T"], top_k=case["top_k"], top_p=case["top_p"], sample_count=case["sample_count"],
-                      verbose=False, use_cache=use_cache)
+        kwargs = dict(
+            T=case["T"],
+            top_k=case["top_k"],
+            top_p=case["top_p"],
+            sample_count=case["sample_count"],
+            verbose=False,
+            use_cache=use_cache,
+        )
         specs = case["series"] if case["kind"] == "predict_batch" else [case]
-        inputs = [_series(frame, s["context_start"], s["context_len"], case["pred_len"], case["columns"])
-                  for s in specs]
+        inputs = [
+            _series(frame, s["context_start"], s["context_len"], case["pred_len"], case["columns"]) for s in specs
+        ]
         dfs, xts, yts = (list(v) for v in zip(*inputs))
         outputs = predictor.predict_batch(dfs, xts, yts, case["pred_len"], **kwargs)
         eps = case.get("eps", manifest["comparison"]["eps"])
@@ -78,7 +84,9 @@ def _synthetic(n: int, pred_len: int, seed: int):
     """The inference benchmark's random-walk 5-minute series (benchmarks/inference.py: synthetic_series)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_bench_inference", FIXTURE.parents[2] / "benchmarks" / "inference.py")
+    spec = importlib.util.spec_from_file_location(
+        "_bench_inference", FIXTURE.parents[2] / "benchmarks" / "inference.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench.synthetic_series(n, pred_len, seed)
@@ -132,8 +140,10 @@ def test_one_bf16_predictor_step(preset: str) -> None:
     with precision.compute():
         with precision.autocast():
             l1, l2 = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True, s1_targets=s1[:, 1:])
-            loss = (F.cross_entropy(l1.float().reshape(-1, l1.shape[-1]), s1[:, 1:].reshape(-1))
-                    + F.cross_entropy(l2.float().reshape(-1, l2.shape[-1]), s2[:, 1:].reshape(-1))) / 2
+            loss = (
+                F.cross_entropy(l1.float().reshape(-1, l1.shape[-1]), s1[:, 1:].reshape(-1))
+                + F.cross_entropy(l2.float().reshape(-1, l2.shape[-1]), s2[:, 1:].reshape(-1))
+            ) / 2
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
@@ -157,8 +167,10 @@ def test_compiled_losses_equal_eager_on_cuda() -> None:
 
     def pred_loss(m, s1, s2, stamp):
         l1, l2 = m(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True, s1_targets=s1[:, 1:])
-        return (F.cross_entropy(l1.reshape(-1, l1.shape[-1]), s1[:, 1:].reshape(-1))
-                + F.cross_entropy(l2.reshape(-1, l2.shape[-1]), s2[:, 1:].reshape(-1))) / 2
+        return (
+            F.cross_entropy(l1.reshape(-1, l1.shape[-1]), s1[:, 1:].reshape(-1))
+            + F.cross_entropy(l2.reshape(-1, l2.shape[-1]), s2[:, 1:].reshape(-1))
+        ) / 2
 
     for fn, args in ((tok_loss, (tok, x)), (pred_loss, (model, s1, s2, stamp))):
         torch._dynamo.reset()

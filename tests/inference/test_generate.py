@@ -1,4 +1,5 @@
 """Sampling filters and KV-cached generation: cached == uncached (greedy) in every window regime."""
+
 from __future__ import annotations
 
 import pytest
@@ -110,16 +111,40 @@ def test_shared_prefix_equals_per_path_recomputation_when_sampling(models, regim
     s1, s2 = tokenizer.encode(x, half=True)
     stamps = torch.cat([xs, ys], 1)
     tokens = [
-        generate_tokens(model, s1, s2, stamps, r["p"], r["m"], cfg, use_cache=c, share_prefix=sp, paths=4,
-                        generator=torch.Generator().manual_seed(5))  # fmt: skip
+        generate_tokens(
+            model,
+            s1,
+            s2,
+            stamps,
+            r["p"],
+            r["m"],
+            cfg,
+            use_cache=c,
+            share_prefix=sp,
+            paths=4,
+            generator=torch.Generator().manual_seed(5),
+        )  # fmt: skip
         for c, sp in ((True, True), (True, False), (False, False))
     ]
     for other in tokens[1:]:
         assert torch.equal(tokens[0][0], other[0]) and torch.equal(tokens[0][1], other[1])
     assert len({tuple(row.tolist()) for row in tokens[0][0]}) > 3  # paths of a series differ (not only series)
     runs = [
-        sample_forecasts(tokenizer, model, x, xs, ys, r["p"], r["m"], 5, 4, cfg, use_cache=c, share_prefix=sp,
-                         generator=torch.Generator().manual_seed(5))  # fmt: skip
+        sample_forecasts(
+            tokenizer,
+            model,
+            x,
+            xs,
+            ys,
+            r["p"],
+            r["m"],
+            5,
+            4,
+            cfg,
+            use_cache=c,
+            share_prefix=sp,
+            generator=torch.Generator().manual_seed(5),
+        )  # fmt: skip
         for c, sp in ((True, True), (True, False), (False, False))
     ]
     assert torch.equal(runs[1], runs[2])  # per-path cached == reference, bit for bit

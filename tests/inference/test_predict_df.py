@@ -1,4 +1,5 @@
 """KronosPredictor.predict_df: a long frame of many symbols in, long records out; from_pretrained in one call."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,7 @@ import pytest
 
 from _support.models import tiny_predictor
 from kronos.errors import InputError
-from kronos.inference import KronosPredictor
-from kronos.inference import SamplingConfig
+from kronos.inference import KronosPredictor, SamplingConfig
 from kronos.inference.bands import prob_up, sample_quantiles
 from kronos.inference.predictor import MIN_HISTORY
 
@@ -53,8 +53,9 @@ def test_latest_forecast_per_symbol_matches_predict(predictor):
     a = out[out["symbol"] == "AAA"]
     assert a["anchor"].iloc[0] == g["timestamps"].iloc[-1] and a["last_close"].iloc[0] == g["close"].iloc[-1]
     assert a["timestamps"].iloc[0] > g["timestamps"].iloc[-1]
-    ref = predictor.predict(g[COLS[:5]], g["timestamps"], pd.Series(a["timestamps"].to_numpy()), 4,
-                            T=1.0, top_k=1, top_p=1.0, verbose=False)
+    ref = predictor.predict(
+        g[COLS[:5]], g["timestamps"], pd.Series(a["timestamps"].to_numpy()), 4, T=1.0, top_k=1, top_p=1.0, verbose=False
+    )
     np.testing.assert_allclose(a[COLS].to_numpy(), ref.to_numpy(), rtol=1e-5)
     # close_scale is the predictor's normalisation scale of close over the 20-bar context
     assert a["close_scale"].iloc[0] == pytest.approx(float(np.std(g["close"].to_numpy(np.float32))) + 1e-5, rel=1e-6)
@@ -64,12 +65,26 @@ def test_anchors_rolling_with_true_close_and_samples(predictor):
     frame = long_frame({"AAA": 40, "BBB": 35})
     ts = frame.loc[frame["symbol"] == "AAA", "timestamps"].sort_values()
     anchors = list(ts.iloc[[5, 25, 33, 39]])  # first one has too little history; 39 is AAA's last bar
-    paths = predictor.predict_df_paths(frame, pred_len=3, lookback=20, anchors=anchors, sample_count=4, seed=1,
-                                       quantiles=(0.25, 0.75), batch_size=2, progress=False)
+    paths = predictor.predict_df_paths(
+        frame,
+        pred_len=3,
+        lookback=20,
+        anchors=anchors,
+        sample_count=4,
+        seed=1,
+        quantiles=(0.25, 0.75),
+        batch_size=2,
+        progress=False,
+    )
     out, samples = paths.records, paths.samples
     keys = out.groupby(["symbol", "anchor"], sort=False).size()
-    assert list(keys.index) == [("AAA", ts.iloc[25]), ("AAA", ts.iloc[33]), ("AAA", ts.iloc[39]),
-                                ("BBB", ts.iloc[25]), ("BBB", ts.iloc[33])]
+    assert list(keys.index) == [
+        ("AAA", ts.iloc[25]),
+        ("AAA", ts.iloc[33]),
+        ("AAA", ts.iloc[39]),
+        ("BBB", ts.iloc[25]),
+        ("BBB", ts.iloc[33]),
+    ]
     assert samples.shape == (5, 4, 3, 6)
     aaa = frame[frame["symbol"] == "AAA"].sort_values("timestamps")["close"].to_numpy()
     first = out.iloc[:3]
@@ -79,15 +94,26 @@ def test_anchors_rolling_with_true_close_and_samples(predictor):
     # records are the mean and the one quantile rule over the returned samples
     np.testing.assert_allclose(out["close"].to_numpy(), samples[:, :, :, 3].mean(axis=1).reshape(-1), rtol=1e-5)
     last = out.groupby(["symbol", "anchor"], sort=False)["last_close"].first().to_numpy()
-    np.testing.assert_allclose(out["p_up"].to_numpy(), (samples[:, :, :, 3] > last[:, None, None]).mean(axis=1).reshape(-1))
+    np.testing.assert_allclose(
+        out["p_up"].to_numpy(), (samples[:, :, :, 3] > last[:, None, None]).mean(axis=1).reshape(-1)
+    )
     q = sample_quantiles(samples, (0.25, 0.75), axis=1)
     np.testing.assert_allclose(out["close_q0.75"].to_numpy(), q[1, :, :, 3].reshape(-1))
     # P(up): share of the paths above the anchor bar's close, per step
     last = out["last_close"].to_numpy().reshape(-1, 3)[:, 0]
     np.testing.assert_array_equal(out["p_up"].to_numpy(), prob_up(samples[:, :, :, 3], last).reshape(-1))
     # seeded sampling is reproducible
-    again = predictor.predict_df(frame, pred_len=3, lookback=20, anchors=anchors, sample_count=4, seed=1,
-                                 quantiles=(0.25, 0.75), batch_size=2, progress=False)
+    again = predictor.predict_df(
+        frame,
+        pred_len=3,
+        lookback=20,
+        anchors=anchors,
+        sample_count=4,
+        seed=1,
+        quantiles=(0.25, 0.75),
+        batch_size=2,
+        progress=False,
+    )
     pd.testing.assert_frame_equal(out, again)
 
 
@@ -105,8 +131,10 @@ def test_a_plain_frame_uses_the_history_it_has(predictor, caplog):
         got = predictor.predict_df(short, pred_len=2, **GREEDY)
     assert sorted(got["symbol"].unique()) == ["AAA", "BBB"] and "CCC@" in caplog.text
     one = short[short["symbol"] == "BBB"]
-    np.testing.assert_allclose(got.loc[got["symbol"] == "BBB", COLS].to_numpy(),
-                               predictor.predict_df(one, pred_len=2, lookback=12, **GREEDY)[COLS].to_numpy())
+    np.testing.assert_allclose(
+        got.loc[got["symbol"] == "BBB", COLS].to_numpy(),
+        predictor.predict_df(one, pred_len=2, lookback=12, **GREEDY)[COLS].to_numpy(),
+    )
     with pytest.raises(InputError, match=f"minimum of {MIN_HISTORY}"):
         predictor.predict_df(short[short["symbol"] == "CCC"], pred_len=2, **GREEDY)
     settings = SamplingConfig(T=1.0, top_k=1, top_p=1.0, sample_count=1, seed=3)
@@ -143,8 +171,9 @@ def test_future_timestamps_override(predictor):
 def test_from_pretrained_loads_both(tmp_path, predictor):
     predictor.tokenizer.save_pretrained(tmp_path / "tok")
     predictor.model.save_pretrained(tmp_path / "model")
-    loaded = KronosPredictor.from_pretrained(str(tmp_path / "tok"), tmp_path / "model", device="cpu",
-                                             max_context=24, clip=4)
+    loaded = KronosPredictor.from_pretrained(
+        str(tmp_path / "tok"), tmp_path / "model", device="cpu", max_context=24, clip=4
+    )
     assert loaded.clip == 4 and loaded.max_context == 24
     frame = long_frame({"AAA": 30})
     a = predictor.predict_df(frame, pred_len=2, lookback=10, sample_count=1, **GREEDY)
@@ -155,9 +184,12 @@ def test_from_pretrained_loads_both(tmp_path, predictor):
 def test_quantiles_and_forecasting_live_in_one_place():
     """np.quantile only in kronos.inference / kronos.evaluate; pipeline.py is wiring (no numerics, no time logic)."""
     src = Path(__file__).resolve().parents[2] / "src" / "kronos"
-    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
-                 if "np.quantile(" in p.read_text(encoding="utf-8")
-                 and p.relative_to(src).parts[0] not in ("inference", "evaluate")]
+    offenders = [
+        str(p.relative_to(src))
+        for p in src.rglob("*.py")
+        if "np.quantile(" in p.read_text(encoding="utf-8")
+        and p.relative_to(src).parts[0] not in ("inference", "evaluate")
+    ]
     assert offenders == []
     pipeline = (src / "pipeline.py").read_text(encoding="utf-8")
     for banned in ("import numpy", "np.", ".std(", "future_timestamps", "1e-5"):

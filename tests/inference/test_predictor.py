@@ -1,4 +1,5 @@
 """KronosPredictor: DataFrame API, timestamps, batching of unequal histories, samples/quantiles, input errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -273,8 +274,9 @@ def test_history_truncation_and_amount_options(predictor):
     df, xt, yt = make_series(60, 5, seed=9)
     opt = KronosPredictor(predictor.model, predictor.tokenizer, device="cpu", max_context=24, truncate_history=True)
     tail = opt.predict(df, xt, yt, 5, **GREEDY)
-    manual = predictor.predict(df.iloc[-24:].reset_index(drop=True), xt.iloc[-24:].reset_index(drop=True), yt, 5,
-                               **GREEDY)
+    manual = predictor.predict(
+        df.iloc[-24:].reset_index(drop=True), xt.iloc[-24:].reset_index(drop=True), yt, 5, **GREEDY
+    )
     pd.testing.assert_frame_equal(tail, manual)
     official = predictor.predict(df, xt, yt, 5, **GREEDY)
     assert not np.allclose(official.to_numpy(), tail.to_numpy())  # the default keeps the whole history

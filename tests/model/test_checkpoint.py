@@ -1,4 +1,5 @@
 """Checkpoint format, save/load, presets (keys, shapes, parameter counts of the published models) and errors."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,9 @@ from kronos.model import (
     KronosTokenizer,
     build_predictor,
     build_tokenizer,
+    hub,
 )
-from kronos.model import hub
 from kronos.model.kronos import FixedEmbedding
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

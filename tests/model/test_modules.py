@@ -1,4 +1,5 @@
 """Model semantics the trainer and the inference code rely on (spec 2-4, quirks Q1-Q6, Q16)."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,6 @@ from kronos.errors import InputError
 from kronos.model import build_predictor, build_tokenizer
 from kronos.model.layers import RMSNorm, RotaryPositionalEmbedding
 from kronos.model.quantizer import BinarySphericalQuantizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

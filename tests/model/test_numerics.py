@@ -1,5 +1,6 @@
 """Model numerics under mixed precision and torch.compile: the BSQ quantizer stays float32 under autocast, and the
 tokenizer and predictor compile without graph breaks and give the eager losses."""
+
 from __future__ import annotations
 
 import pytest
@@ -46,8 +47,10 @@ def _predictor_inputs(model, b: int = 2, n: int = 12):
 
 def _predictor_loss(model, s1, s2, stamp):
     l1, l2 = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True, s1_targets=s1[:, 1:])
-    return (F.cross_entropy(l1.reshape(-1, l1.shape[-1]), s1[:, 1:].reshape(-1))
-            + F.cross_entropy(l2.reshape(-1, l2.shape[-1]), s2[:, 1:].reshape(-1))) / 2
+    return (
+        F.cross_entropy(l1.reshape(-1, l1.shape[-1]), s1[:, 1:].reshape(-1))
+        + F.cross_entropy(l2.reshape(-1, l2.shape[-1]), s2[:, 1:].reshape(-1))
+    ) / 2
 
 
 def _tok_loss(tok, x):

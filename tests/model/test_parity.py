@@ -3,6 +3,7 @@
 The fixture (tests/fixtures/parity-tiny, see its README.md) holds checkpoints saved by the official code and the
 official outputs for greedy forecasts, tokenizer encode/decode and state dicts.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The REST API of `kronos serve` against the app in-process (httpx through Starlette's TestClient)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,9 +27,14 @@ CSV = TESTS / "fixtures" / "kline_5min.csv"
 
 @pytest.fixture(scope="module")
 def engine(one_thread):
-    eng = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
-                              name="tiny", limits=Limits(max_horizon=16, max_samples=8, max_bars=600,
-                                                         max_body_bytes=200_000))
+    eng = ForecastEngine.load(
+        str(TINY / "tokenizer"),
+        str(TINY / "predictor"),
+        device="cpu",
+        max_context=64,
+        name="tiny",
+        limits=Limits(max_horizon=16, max_samples=8, max_bars=600, max_body_bytes=200_000),
+    )
     yield eng
     eng.shutdown()
 
@@ -54,8 +60,10 @@ def test_health_and_models(client):
 
 
 def test_forecast_json_rows(client, bars):
-    r = client.post("/forecast", json={"bars": bars, "horizon": 6, "samples": 4, "seed": 3,
-                                       "quantiles": [0.1, 0.9], "return_samples": True})
+    r = client.post(
+        "/forecast",
+        json={"bars": bars, "horizon": 6, "samples": 4, "seed": 3, "quantiles": [0.1, 0.9], "return_samples": True},
+    )
     assert r.status_code == 200, r.text
     res = r.json()
     assert len(res["timestamps"]) == 6 and pd.Timestamp(res["timestamps"][0]) > pd.Timestamp(bars[-1]["timestamps"])
@@ -72,12 +80,18 @@ def test_forecast_json_rows(client, bars):
 def test_upload_csv_equals_json_rows_for_a_seed(client, bars):
     frame = pd.DataFrame(bars)
     by_json = client.post("/forecast", json={"bars": bars, "horizon": 4, "samples": 3, "seed": 11}).json()
-    by_file = client.post("/forecast", files={"file": ("k.csv", frame.to_csv(index=False).encode())},
-                          data={"horizon": "4", "samples": "3", "seed": "11", "history": "10"}).json()
+    by_file = client.post(
+        "/forecast",
+        files={"file": ("k.csv", frame.to_csv(index=False).encode())},
+        data={"horizon": "4", "samples": "3", "seed": "11", "history": "10"},
+    ).json()
     assert by_file["mean"] == by_json["mean"] and by_file["quantiles"] == by_json["quantiles"]
     assert by_file["history"]["close"] == [round(v, 6) for v in frame["close"].iloc[-10:]]
-    pq = client.post("/forecast", files={"file": ("k.parquet", frame.to_parquet(index=False))},
-                     data={"horizon": "4", "samples": "3", "seed": "11"}).json()
+    pq = client.post(
+        "/forecast",
+        files={"file": ("k.parquet", frame.to_parquet(index=False))},
+        data={"horizon": "4", "samples": "3", "seed": "11"},
+    ).json()
     assert pq["mean"] == by_json["mean"]
 
 
@@ -114,8 +128,9 @@ def test_seeded_sampling_runs_alone_and_repeats(engine, bars):
     history = engine.history_for(pd.DataFrame(bars))
 
     async def go():
-        out = await asyncio.gather(*(engine.forecast([history], Settings(horizon=3, samples=4, seed=5))
-                                     for _ in range(3)))
+        out = await asyncio.gather(
+            *(engine.forecast([history], Settings(horizon=3, samples=4, seed=5)) for _ in range(3))
+        )
         await engine.close()
         return out
 
@@ -186,8 +201,9 @@ def test_non_local_host_needs_a_token(monkeypatch):
 
 
 def test_dataset_symbols(one_thread, dataset):
-    eng = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
-                              dataset=str(dataset))
+    eng = ForecastEngine.load(
+        str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64, dataset=str(dataset)
+    )
     try:
         with TestClient(create_app(eng, mcp=False)) as c:
             symbols = c.get("/symbols").json()["symbols"]
@@ -209,12 +225,24 @@ def test_calibrated_bands_for_the_calibrations_horizon(one_thread, tmp_path, bar
     from kronos.inference.predictor import sample_quantiles
 
     plain = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64)
-    cal = Calibration(method="spread_scale", levels=[0.8], horizon=4, lookback=40,
-                      fingerprint=model_fingerprint(plain.predictor, 40, 4), params={"scale": [2.0] * 4},
-                      p_up={"method": "platt", "a": 1.0, "b": 0.0}, coverage_after={"0.8": 0.79})
+    cal = Calibration(
+        method="spread_scale",
+        levels=[0.8],
+        horizon=4,
+        lookback=40,
+        fingerprint=model_fingerprint(plain.predictor, 40, 4),
+        params={"scale": [2.0] * 4},
+        p_up={"method": "platt", "a": 1.0, "b": 0.0},
+        coverage_after={"0.8": 0.79},
+    )
     cal.save(tmp_path / "calibration.json")
-    eng = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
-                              calibration=str(tmp_path / "calibration.json"))
+    eng = ForecastEngine.load(
+        str(TINY / "tokenizer"),
+        str(TINY / "predictor"),
+        device="cpu",
+        max_context=64,
+        calibration=str(tmp_path / "calibration.json"),
+    )
     try:
         with TestClient(create_app(eng, mcp=False)) as c:
             info = c.get("/models").json()["models"][0]["calibration"]
@@ -225,8 +253,7 @@ def test_calibrated_bands_for_the_calibrations_horizon(one_thread, tmp_path, bar
             paths = np.array(res["samples"]["close"])
             med, raw_lo = np.median(paths, axis=0), sample_quantiles(paths, [0.1])[0]
             # spread_scale 2: the band's distance from the median doubles (up to the JSON rounding)
-            np.testing.assert_allclose(np.array(res["quantiles"]["0.1"]["close"]) - med, 2 * (raw_lo - med),
-                                       atol=1e-3)
+            np.testing.assert_allclose(np.array(res["quantiles"]["0.1"]["close"]) - med, 2 * (raw_lo - med), atol=1e-3)
             other = c.post("/forecast", json=dict(body, horizon=3)).json()
             assert other["calibrated"] is False and "horizon 4" in other["calibration_note"]
             assert other["context_bars"] == len(bars)
@@ -239,8 +266,10 @@ def test_cli_refuses_unsafe_or_incomplete_starts(tmp_path, capsys, monkeypatch):
     from kronos.cli import main
 
     monkeypatch.delenv("KRONOS_API_TOKEN", raising=False)
-    assert main(["serve", "--host", "0.0.0.0", "--tokenizer", str(TINY / "tokenizer"),
-                 "--model", str(TINY / "predictor")]) == 1
+    assert (
+        main(["serve", "--host", "0.0.0.0", "--tokenizer", str(TINY / "tokenizer"), "--model", str(TINY / "predictor")])
+        == 1
+    )
     assert "--token" in capsys.readouterr().err
     assert main(["serve"]) == 1
     assert "give --tokenizer and --model" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The MCP server with the official SDK's client: in-process, and over stdio as `kronos mcp` (subprocess)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -61,13 +62,29 @@ def test_mcp_tools_in_process(one_thread):
 
 @pytest.mark.slow
 def test_kronos_mcp_over_stdio():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "kronos.cli", "-q", "mcp", "--tokenizer", str(TINY / "tokenizer"), "--model",
-              str(TINY / "predictor"), "--max-context", "64", "--device", "cpu"],
-        env=env, cwd=str(REPO),
+        args=[
+            "-m",
+            "kronos.cli",
+            "-q",
+            "mcp",
+            "--tokenizer",
+            str(TINY / "tokenizer"),
+            "--model",
+            str(TINY / "predictor"),
+            "--max-context",
+            "64",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        cwd=str(REPO),
     )
 
     async def go():

@@ -1,4 +1,5 @@
 """The web page in a real headless Chromium: load /, upload the bundled CSV, see the forecast drawn."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ CSV = TESTS / "fixtures" / "kline_5min.csv"
 
 
 def test_page_upload_csv_draws_forecast_and_bands(one_thread, tmp_path, dataset):
-    engine = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64,
-                                 dataset=str(dataset))
+    engine = ForecastEngine.load(
+        str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64, dataset=str(dataset)
+    )
     try:
         with live_server(create_app(engine)) as url, chromium() as driver:
             driver.get(url + "/")
@@ -37,8 +39,9 @@ def test_page_upload_csv_draws_forecast_and_bands(one_thread, tmp_path, dataset)
             driver.find_element("id", "samples").send_keys("8")
             driver.find_element("id", "file").send_keys(str(CSV))  # the drop zone's file input
             wait_for(driver, "document.body.dataset.forecast === 'ready' || document.body.dataset.forecast === 'error'")
-            assert driver.execute_script("return document.body.dataset.forecast") == "ready", \
-                driver.find_element("id", "status").text
+            assert driver.execute_script("return document.body.dataset.forecast") == "ready", driver.find_element(
+                "id", "status"
+            ).text
             drawn = driver.execute_script("return window.kronosView.drawn")
             assert drawn["candles"] == 300 and drawn["mean"] == 12 and drawn["p_up"] == 12
             assert drawn["band_low"] == 12 and drawn["band_high"] == 12 and drawn["volume"] == 312
@@ -52,8 +55,10 @@ def test_page_upload_csv_draws_forecast_and_bands(one_thread, tmp_path, dataset)
             # a dataset symbol, then an error shown on the page instead of a chart
             driver.execute_script("document.getElementById('file').value = ''")
             symbol = driver.execute_script("return document.querySelectorAll('#symbol option')[1].value")
-            driver.execute_script(f"const s = document.getElementById('symbol'); s.value = '{symbol}';"
-                                  "s.dispatchEvent(new Event('change'))")
+            driver.execute_script(
+                f"const s = document.getElementById('symbol'); s.value = '{symbol}';"
+                "s.dispatchEvent(new Event('change'))"
+            )
             wait_for(driver, f"window.kronosView.result && window.kronosView.result.symbol === '{symbol}'")
             driver.find_element("id", "horizon").clear()
             driver.find_element("id", "horizon").send_keys("100000")

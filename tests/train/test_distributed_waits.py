@@ -1,5 +1,6 @@
 """Under torchrun, ranks waiting for rank-0-only work (prediction, evaluation, backtest) must not time out the job:
 two gloo processes, the training group's timeout cut to 3 s, rank 0 busy for 8 s."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow  # subprocess + torchrun
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = r'''
+SCRIPT = r"""
 import sys, time
 from datetime import timedelta
 import torch.distributed as dist
@@ -45,15 +46,20 @@ with kd.process_group(Config(device="cpu", dist_wait_hours=0.05)) as ctx:  # wha
         dist.barrier()  # the training group: times out
     print(f"rank {ctx.rank} waited", flush=True)
 assert not dist.is_initialized()  # the group it set up is gone
-'''
+"""
 
 
 def _torchrun(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
     script = tmp_path / "waits.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), mode], capture_output=True, text=True, env=env, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
 
 
 def test_a_slow_rank0_step_does_not_time_out_the_wait(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 """Training numbers you can trust: official epoch size, causal validation loss, resume and best-model safety."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _support.models import tiny_pair
+from _support.training import qlib_frame, tiny_config
 from kronos.data.windows import WindowDataset
 from kronos.errors import CheckpointError
 from kronos.model import KronosTokenizer
@@ -17,10 +20,6 @@ from kronos.train import train_predictor, train_tokenizer
 from kronos.train.distributed import setup_distributed
 from kronos.train.stages import get_stage
 from kronos.train.trainer import Trainer
-
-from _support.models import tiny_pair
-from _support.training import qlib_frame, tiny_config
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
@@ -49,7 +48,7 @@ def test_an_epoch_is_capped_at_the_number_of_windows(dataset: Path, tmp_path: Pa
 def test_causal_validation_loss_does_not_see_the_target() -> None:
     _, model = tiny_pair(seed=0, ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0, token_dropout_p=0.0)
     model.eval()
-    n = 2 ** model.s1_bits
+    n = 2**model.s1_bits
     s1, s2 = torch.randint(0, n, (2, 12)), torch.randint(0, n, (2, 12))
     stamp = torch.zeros(2, 12, 5)
     with torch.no_grad():
@@ -111,5 +110,7 @@ def test_resume_on_another_tokenizer_fails_and_best_model_falls_back_to_prev(dat
     with torch.no_grad():
         next(tok.parameters()).add_(0.01)
     tok.save_pretrained(str(best))  # the tokenizer changed since the predictor checkpoint was written
-    with pytest.raises(CheckpointError, match=r"different tokenizer .*restore that tokenizer or train without --resume"):
+    with pytest.raises(
+        CheckpointError, match=r"different tokenizer .*restore that tokenizer or train without --resume"
+    ):
         train_predictor(cfg.update({"epochs": 1}), resume=True)

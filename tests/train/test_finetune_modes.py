@@ -1,10 +1,11 @@
 """Finetune modes (full / freeze / lora), the kept tokenizer, and LoRA checkpoints that stay official-format."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from _support.models import save_tiny_pair, tiny_pair
+from _support.models import save_tiny_pair
 from _support.training import tiny_config
 from kronos.config import Config
 from kronos.errors import ConfigError
@@ -24,9 +25,13 @@ def pretrained(tmp_path_factory, dataset):
 
 def _config(tmp_path, pretrained, **kw):
     root, dataset = pretrained
-    base = dict(pretrained_tokenizer_path=str(root / "pre" / "tokenizer"),
-                pretrained_predictor_path=str(root / "pre" / "predictor"), finetune_tokenizer=False, epochs=1,
-                n_train_iter=16 * 3)
+    base = dict(
+        pretrained_tokenizer_path=str(root / "pre" / "tokenizer"),
+        pretrained_predictor_path=str(root / "pre" / "predictor"),
+        finetune_tokenizer=False,
+        epochs=1,
+        n_train_iter=16 * 3,
+    )
     return tiny_config(tmp_path, dataset, **{**base, **kw})
 
 
@@ -39,8 +44,15 @@ def _inputs(seed=0, n=4, t=12):
 
 
 def test_lora_merge_gives_the_adapter_models_outputs():
-    cfg = Config.from_dict(dict(finetune_mode="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-                           lora_target_modules=["q_proj", "v_proj", "w2", "proj_s1"]))
+    cfg = Config.from_dict(
+        dict(
+            finetune_mode="lora",
+            lora_rank=4,
+            lora_alpha=8.0,
+            lora_dropout=0.0,
+            lora_target_modules=["q_proj", "v_proj", "w2", "proj_s1"],
+        )
+    )
     torch.manual_seed(0)
     model = finetune.apply_finetune_mode(build_predictor("tiny"), cfg, "predictor")
     with torch.no_grad():  # adapters start at zero (B = 0): give them values so the merge has something to do
@@ -96,8 +108,9 @@ def test_lora_run_saves_plain_checkpoints_and_resumes_exactly(tmp_path, pretrain
     base = Kronos.from_pretrained(cfg.pretrained_predictor_path).state_dict()
     assert set(best.state_dict()) == set(base)
     assert any(not torch.equal(best.state_dict()[k], base[k]) for k in base)
-    last_a = load_file(str(tmp_path / "a" / "out" / cfg.predictor_save_folder_name / "checkpoints" / "last" /
-                           "model.safetensors"))
+    last_a = load_file(
+        str(tmp_path / "a" / "out" / cfg.predictor_save_folder_name / "checkpoints" / "last" / "model.safetensors")
+    )
 
     # the same run killed after its first epoch, then resumed: the same weights at the end
     cfg_b = _config(tmp_path / "b", pretrained, finetune_mode="lora", lora_rank=2, epochs=2)

@@ -1,4 +1,5 @@
 """kronos.train in-process: losses fall on real data, checkpoints, accumulation, early stopping, tracking."""
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _support.training import qlib_frame, tiny_config
 from kronos.errors import CheckpointError, ConfigError, DependencyError
+from kronos.io import resolve_folder, write_folder
 from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokenizer
 from kronos.train import run_stage, train_predictor, train_tokenizer
-from kronos.io import resolve_folder
-from kronos.io import write_folder
 from kronos.train.checkpoint import flatten_state, unflatten_state
-
-from _support.training import qlib_frame, tiny_config
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
@@ -58,15 +56,33 @@ def test_summary_and_metrics_files(trained: dict) -> None:
     cfg = trained["config"]
     stage_dir = Path(cfg.tokenizer_dir)
     summary = json.loads((stage_dir / "summary.json").read_text())
-    for key in ("best_val_loss", "best_epoch", "epochs_run", "global_step", "wall_time_s", "world_size", "device",
-                "precision", "config"):
+    for key in (
+        "best_val_loss",
+        "best_epoch",
+        "epochs_run",
+        "global_step",
+        "wall_time_s",
+        "world_size",
+        "device",
+        "precision",
+        "config",
+    ):
         assert key in summary
     assert summary["epochs_run"] == 3 and summary["global_step"] == 24 and summary["world_size"] == 1
     assert summary["device"] == "cpu" and summary["precision"] == "fp32"
     assert summary["config"]["batch_size"] == 16
     row = next(r for r in _rows(stage_dir) if "train/loss" in r)
-    for key in ("step", "epoch", "train/loss", "train/recon", "train/recon_pre", "train/bsq", "lr", "grad_norm",
-                "tokens_per_s"):
+    for key in (
+        "step",
+        "epoch",
+        "train/loss",
+        "train/recon",
+        "train/recon_pre",
+        "train/bsq",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ):
         assert key in row
     assert row["tokens_per_s"] > 0 and 0 < row["lr"] <= cfg.tokenizer_learning_rate
     pred_row = next(r for r in _rows(cfg.predictor_dir) if "train/loss" in r)
@@ -89,8 +105,14 @@ def test_best_checkpoints_forecast_with_kronos_predictor(trained: dict) -> None:
     df = qlib_frame(symbols=1)
     hist, fut = df.iloc[-60:-10].reset_index(drop=True), df.iloc[-10:].reset_index(drop=True)
     pred = KronosPredictor(model, tok, device="cpu", max_context=64).predict(
-        hist[["open", "high", "low", "close", "volume", "amount"]], hist["timestamps"], fut["timestamps"],
-        pred_len=10, T=1.0, top_k=1, verbose=False)
+        hist[["open", "high", "low", "close", "volume", "amount"]],
+        hist["timestamps"],
+        fut["timestamps"],
+        pred_len=10,
+        T=1.0,
+        top_k=1,
+        verbose=False,
+    )
     assert pred.shape == (10, 6) and np.isfinite(pred.to_numpy()).all()
     assert list(pred.index) == list(fut["timestamps"])
 
@@ -107,10 +129,14 @@ def test_starts_from_a_pretrained_folder(dataset: Path, tmp_path: Path) -> None:
     build_tokenizer("tiny").save_pretrained(folder)
     cfg = tiny_config(tmp_path, dataset, epochs=1, pretrained_tokenizer_path=str(folder), tokenizer_learning_rate=0.0)
     train_tokenizer(cfg)
-    start, best = load_file(str(folder / "model.safetensors")), load_file(cfg.finetuned_tokenizer + "/model.safetensors")
+    start, best = (
+        load_file(str(folder / "model.safetensors")),
+        load_file(cfg.finetuned_tokenizer + "/model.safetensors"),
+    )
     assert start.keys() == best.keys() and all(torch.equal(start[k], best[k]) for k in start)
-    assert json.loads((folder / "config.json").read_text()) == \
-        json.loads((Path(cfg.finetuned_tokenizer) / "config.json").read_text())
+    assert json.loads((folder / "config.json").read_text()) == json.loads(
+        (Path(cfg.finetuned_tokenizer) / "config.json").read_text()
+    )
 
 
 def test_early_stopping(dataset: Path, tmp_path: Path) -> None:
@@ -129,8 +155,9 @@ def test_gradient_accumulation_matches_the_full_batch(trained: dict, dataset: Pa
     tok = trained["config"].finetuned_tokenizer
     results = {}
     for acc in (1, 4):
-        cfg = tiny_config(tmp_path / f"acc{acc}", dataset, epochs=1, accumulation_steps=acc,
-                          finetuned_tokenizer_path=tok)
+        cfg = tiny_config(
+            tmp_path / f"acc{acc}", dataset, epochs=1, accumulation_steps=acc, finetuned_tokenizer_path=tok
+        )
         summary = train_predictor(cfg)
         results[acc] = (summary, load_file(str(Path(summary["last_checkpoint"]) / "model.safetensors")))
     (s1, w1), (s4, w4) = results[1], results[4]
@@ -241,14 +268,15 @@ def test_comet_online_branch_when_reachable(dataset: Path, tmp_path: Path, monke
     class Experiment(FakeExperiment):
         pass
 
-    monkeypatch.setitem(sys.modules, "comet_ml", types.SimpleNamespace(
-        OfflineExperiment=OfflineExperiment, Experiment=Experiment))
+    monkeypatch.setitem(
+        sys.modules, "comet_ml", types.SimpleNamespace(OfflineExperiment=OfflineExperiment, Experiment=Experiment)
+    )
     from kronos.train import tracking
 
     monkeypatch.setenv("COMET_API_KEY", "secret")
     for reachable, expected in ((True, "Experiment"), (False, "OfflineExperiment")):
         calls.clear()
-        monkeypatch.setattr(tracking, "_reachable", lambda host, *a, **k: reachable)
+        monkeypatch.setattr(tracking, "_reachable", lambda host, *a, reachable=reachable, **k: reachable)
         train_tokenizer(tiny_config(tmp_path / expected, dataset, epochs=1, use_comet=True))
         assert calls[0][0] == expected
         assert calls[0][1].get("api_key") == ("secret" if reachable else None)
@@ -258,8 +286,15 @@ def test_comet_online_branch_when_reachable(dataset: Path, tmp_path: Path, monke
     monkeypatch.setattr(tracking, "_reachable", lambda host, *a, **k: True)
     for key, expected in (("k-42", "Experiment"), ("***", "OfflineExperiment")):
         calls.clear()
-        train_tokenizer(tiny_config(tmp_path / f"cfg{expected}", dataset, epochs=1, use_comet=True,
-                                    comet_config={"api_key": key, "project_name": "p", "workspace": ""}))
+        train_tokenizer(
+            tiny_config(
+                tmp_path / f"cfg{expected}",
+                dataset,
+                epochs=1,
+                use_comet=True,
+                comet_config={"api_key": key, "project_name": "p", "workspace": ""},
+            )
+        )
         assert calls[0][0] == expected and calls[0][1].get("api_key") == ("k-42" if key == "k-42" else None)
         params = [c[1] for c in calls if c[0] == "params"]
         assert params and all(p["comet_config"]["api_key"] == "***" for p in params)
@@ -273,8 +308,9 @@ def test_comet_missing_is_a_dependency_error(dataset: Path, tmp_path: Path, monk
 
 def test_bf16_autocast_path_on_cpu(trained: dict, dataset: Path, tmp_path: Path) -> None:
     # The mixed-precision path CUDA uses by default, exercised with CPU autocast: losses stay finite, weights fp32.
-    cfg = tiny_config(tmp_path, dataset, epochs=1, precision="bf16",
-                      finetuned_tokenizer_path=trained["config"].finetuned_tokenizer)
+    cfg = tiny_config(
+        tmp_path, dataset, epochs=1, precision="bf16", finetuned_tokenizer_path=trained["config"].finetuned_tokenizer
+    )
     for summary in (train_tokenizer(cfg), train_predictor(cfg)):
         assert summary["precision"] == "bf16" and math.isfinite(summary["best_val_loss"])
         weights = load_file(str(Path(summary["best_model"]) / "model.safetensors"))

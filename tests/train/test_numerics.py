@@ -1,5 +1,6 @@
 """Training numerics: precision selection per GPU generation, TF32 only inside mixed-precision steps, and the
 non-finite guard (a NaN batch is skipped, counted in metrics.jsonl, and too many in a row stop the run)."""
+
 from __future__ import annotations
 
 import json
@@ -9,21 +10,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from _support.training import tiny_config
 from kronos.config import Config
 from kronos.data.windows import WindowDataset
 from kronos.errors import ConfigError, TrainingError
 from kronos.train import Trainer, get_stage
 from kronos.train.distributed import DistContext, Precision, resolve_precision, tf32_matmuls
 
-from _support.training import tiny_config
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("capability, expected, scaler", [((9, 0), "bf16", False), ((8, 0), "bf16", False),
-                                                          ((7, 5), "fp16", True), ((7, 0), "fp16", True),
-                                                          ((6, 1), "fp16", True)])
+@pytest.mark.parametrize(
+    "capability, expected, scaler",
+    [
+        ((9, 0), "bf16", False),
+        ((8, 0), "bf16", False),
+        ((7, 5), "fp16", True),
+        ((7, 0), "fp16", True),
+        ((6, 1), "fp16", True),
+    ],
+)
 def test_auto_precision_follows_the_gpu_generation(monkeypatch, capability, expected, scaler) -> None:
     # is_bf16_supported() is True on a V100/T4 (emulated bf16): auto must go by the compute capability instead.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)

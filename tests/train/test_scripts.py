@@ -1,4 +1,5 @@
 """The seed's training scripts as users run them: torchrun DDP over two gloo processes, kill -9 then --resume."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _support.models import save_tiny_pair
+from _support.training import PYTHON, REPO, tiny_config
 from kronos.config import Config
 from kronos.model import build_predictor
 from kronos.train import train_predictor, train_tokenizer
-
-from _support.models import save_tiny_pair
-from _support.training import PYTHON, REPO, tiny_config
 
 pytestmark = pytest.mark.slow  # end-to-end / subprocess tests: `make test-fast` skips them
 
@@ -79,8 +79,9 @@ def _env(**extra: str) -> dict:
 
 
 def _run(args: list, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PYTHON), *map(str, args)], cwd=cwd, env=_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(PYTHON), *map(str, args)], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,9 +109,22 @@ def test_torchrun_two_gloo_processes_split_the_samples(dataset: Path, tmp_path: 
     driver.write_text(DRIVER)
     samples = tmp_path / "samples"
     samples.mkdir()
-    proc = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", driver,
-                 REPO / "finetune" / "train_tokenizer.py", "--config-path", cfg_path, "--cpu"],
-                cwd=REPO, timeout=180, TEST_SAMPLES_DIR=str(samples))
+    proc = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            driver,
+            REPO / "finetune" / "train_tokenizer.py",
+            "--config-path",
+            cfg_path,
+            "--cpu",
+        ],
+        cwd=REPO,
+        timeout=180,
+        TEST_SAMPLES_DIR=str(samples),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((Path(cfg.tokenizer_dir) / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["device"] == "cpu"
@@ -133,10 +147,16 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run_bit_exactly(dataset
     tok_cfg = tiny_config(tmp_path, dataset, epochs=1)
     train_tokenizer(tok_cfg)
     pretrained = tmp_path / "pretrained_predictor"
-    build_predictor("tiny", attn_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1,
-                    token_dropout_p=0.1).save_pretrained(pretrained)
-    common = dict(epochs=2, checkpoint_interval=3, teacher_forcing=False, pretrained_predictor_path=str(pretrained),
-                  finetuned_tokenizer_path=str(Path(tok_cfg.finetuned_tokenizer)))
+    build_predictor(
+        "tiny", attn_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1, token_dropout_p=0.1
+    ).save_pretrained(pretrained)
+    common = dict(
+        epochs=2,
+        checkpoint_interval=3,
+        teacher_forcing=False,
+        pretrained_predictor_path=str(pretrained),
+        finetuned_tokenizer_path=str(Path(tok_cfg.finetuned_tokenizer)),
+    )
     reference = train_predictor(tiny_config(tmp_path / "ref", dataset, **common))
 
     cfg = tiny_config(tmp_path / "run", dataset, **common)
@@ -145,8 +165,11 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run_bit_exactly(dataset
     driver.write_text(DRIVER)
     # 8 steps per epoch; last/ is written after steps 3, 6 and at the epoch end (8). kill -9 strikes inside the
     # epoch-end write, after its files exist but before the folder swap: the step-6 checkpoint must survive.
-    killed = _run([driver, REPO / "finetune" / "train_predictor.py", "--config-path", cfg_path, "--cpu"],
-                  cwd=REPO, TEST_KILL_IN_WRITE="3")
+    killed = _run(
+        [driver, REPO / "finetune" / "train_predictor.py", "--config-path", cfg_path, "--cpu"],
+        cwd=REPO,
+        TEST_KILL_IN_WRITE="3",
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = Path(cfg.predictor_dir) / "checkpoints" / "last"
     state = json.loads((last / "trainer_state.json").read_text())
@@ -162,9 +185,11 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run_bit_exactly(dataset
     ref_last = Path(reference["last_checkpoint"])
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert _same_safetensors(last / name, ref_last / name), name
-    assert _same_safetensors(Path(summary["best_model"]) / "model.safetensors",
-                             Path(reference["best_model"]) / "model.safetensors")
+    assert _same_safetensors(
+        Path(summary["best_model"]) / "model.safetensors", Path(reference["best_model"]) / "model.safetensors"
+    )
     assert not list(last.parent.glob(".last.tmp-*"))  # the killed run's temp folder was cleaned up
+
     # The resumed metrics log continues the interrupted one: same rows, no duplicates.
     def rows(stage_dir: Path) -> list:
         lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
@@ -190,13 +215,34 @@ def test_torchrun_lora_over_two_gloo_processes(dataset: Path, tmp_path: Path) ->
 
     pretrained = tmp_path / "pretrained"
     save_tiny_pair(pretrained / "tokenizer", pretrained / "predictor", seed=3)
-    cfg = tiny_config(tmp_path, dataset, epochs=1, n_train_iter=16 * 4, finetune_mode=mode, freeze_layers=1,
-                      lora_rank=2, finetune_tokenizer=False, pretrained_tokenizer_path=str(pretrained / "tokenizer"),
-                      pretrained_predictor_path=str(pretrained / "predictor"))
+    cfg = tiny_config(
+        tmp_path,
+        dataset,
+        epochs=1,
+        n_train_iter=16 * 4,
+        finetune_mode=mode,
+        freeze_layers=1,
+        lora_rank=2,
+        finetune_tokenizer=False,
+        pretrained_tokenizer_path=str(pretrained / "tokenizer"),
+        pretrained_predictor_path=str(pretrained / "predictor"),
+    )
     train_tokenizer(cfg)  # finetune_tokenizer false: the pretrained tokenizer is the run's
     cfg_path = _write_config(tmp_path / "cfg.json", cfg)
-    proc = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 REPO / "finetune" / "train_predictor.py", "--config-path", cfg_path, "--cpu"], cwd=REPO, timeout=180)
+    proc = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            REPO / "finetune" / "train_predictor.py",
+            "--config-path",
+            cfg_path,
+            "--cpu",
+        ],
+        cwd=REPO,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((Path(cfg.predictor_dir) / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 2

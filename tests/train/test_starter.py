@@ -1,4 +1,5 @@
 """The committed starter pair (examples/models/starter) and its recipe (kronos.train.starter, `make starter`)."""
+
 from __future__ import annotations
 
 import json
@@ -41,15 +42,28 @@ def test_the_starter_pair_fits_together_and_in_the_size_budget():
 
 def test_one_step_of_the_recipe_runs_and_repeats_exactly(tmp_path):
     """The recipe on other data (the test fixture's years): one optimizer step per stage, twice: same weights."""
-    dates = {"dataset_begin_time": "2021-01-01", "dataset_end_time": "2023-12-31",
-             "train_time_range": ["2021-01-01", "2022-12-31"], "val_time_range": ["2023-01-01", "2023-06-30"],
-             "test_time_range": ["2023-07-01", "2023-12-31"], "lookback_window": 30, "predict_window": 5,
-             "batch_size": 8, "n_val_iter": 16, "instrument": "all"}
+    dates = {
+        "dataset_begin_time": "2021-01-01",
+        "dataset_end_time": "2023-12-31",
+        "train_time_range": ["2021-01-01", "2022-12-31"],
+        "val_time_range": ["2023-01-01", "2023-06-30"],
+        "test_time_range": ["2023-07-01", "2023-12-31"],
+        "lookback_window": 30,
+        "predict_window": 5,
+        "batch_size": 8,
+        "n_val_iter": 16,
+        "instrument": "all",
+    }
     one = {"epochs": 1, "n_train_iter": 8}
     shas = []
     for run in ("a", "b"):
-        cards = build_starter(str(QLIB), str(tmp_path / run / "out"), str(tmp_path / run / "work"),
-                              stage_overrides={"tokenizer": one, "predictor": one}, recipe_overrides=dates)
+        cards = build_starter(
+            str(QLIB),
+            str(tmp_path / run / "out"),
+            str(tmp_path / run / "work"),
+            stage_overrides={"tokenizer": one, "predictor": one},
+            recipe_overrides=dates,
+        )
         assert cards["predictor"]["training"]["steps"] == 1 and cards["tokenizer"]["training"]["steps"] == 1
         assert cards["predictor"]["data_end"] == "2023-12-29"  # the last trading day of the data given
         model = Kronos.from_pretrained(tmp_path / run / "out" / "predictor")

@@ -9,6 +9,7 @@ Typical use::
     manifest = DataProcessorFactory.create_processor(config.data_source, config).run_pipeline()
     train = load_split(config.dataset_path, "train")
 """
+
 from __future__ import annotations
 
 import importlib

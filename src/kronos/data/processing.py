@@ -3,13 +3,15 @@
 ``process_frames`` takes the per-symbol raw frames a source loaded (see :mod:`kronos.data.schema`) and returns
 the three split frames plus the dataset manifest that :func:`kronos.data.store.save_dataset` writes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,7 +48,7 @@ class CleaningStats:
     amount_derived: int = 0  # NaN amount filled with mean(OHLC) x volume
     rows_out: int = 0
 
-    def __add__(self, other: "CleaningStats") -> "CleaningStats":
+    def __add__(self, other: CleaningStats) -> CleaningStats:
         return CleaningStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
@@ -64,8 +66,9 @@ def find_price_spikes(frame: pd.DataFrame, factor: float) -> np.ndarray:
     return (np.abs(prices - ref[:, None]) > np.log(factor)).any(axis=1)
 
 
-def clean_kline_frame(df: pd.DataFrame, symbol: str = "", spike_factor: float = 10.0,
-                      drop_spikes: bool = True) -> tuple[pd.DataFrame, CleaningStats]:
+def clean_kline_frame(
+    df: pd.DataFrame, symbol: str = "", spike_factor: float = 10.0, drop_spikes: bool = True
+) -> tuple[pd.DataFrame, CleaningStats]:
     """Sort by time, drop duplicate timestamps (keep last), fill a missing amount, drop bad bars.
 
     Bad bars are rows with a NaN/inf value or an impossible price/volume (see :data:`BAR_TOLERANCE`). Price
@@ -111,16 +114,25 @@ def clean_kline_frame(df: pd.DataFrame, symbol: str = "", spike_factor: float = 
         first = int(np.flatnonzero(spikes)[0])
         logger.warning(
             "%s: %d price spike(s) more than %gx away from the surrounding bars' median close, first at %s "
-            "(close %r); %s (config keys price_spike_factor, price_spike_action)", symbol or "frame", stats.spikes,
-            spike_factor, frame["timestamps"].iloc[first], float(frame["close"].iloc[first]),
-            "dropped" if drop_spikes else "kept")
+            "(close %r); %s (config keys price_spike_factor, price_spike_action)",
+            symbol or "frame",
+            stats.spikes,
+            spike_factor,
+            frame["timestamps"].iloc[first],
+            float(frame["close"].iloc[first]),
+            "dropped" if drop_spikes else "kept",
+        )
         if drop_spikes:
             frame = frame[~spikes].reset_index(drop=True)
     stats.rows_out = len(frame)
     if stats.duplicates or stats.missing or stats.impossible:
         logger.debug(
             "%s: dropped %d duplicate, %d NaN/inf and %d impossible bar(s) of %d",
-            symbol or "frame", stats.duplicates, stats.missing, stats.impossible, stats.rows_in,
+            symbol or "frame",
+            stats.duplicates,
+            stats.missing,
+            stats.impossible,
+            stats.rows_in,
         )
     return frame, stats
 
@@ -161,7 +173,7 @@ def _time_mask(ts: pd.Series, bounds: tuple[pd.Timestamp, pd.Timestamp, bool]) -
     return ((ts >= start) & (ts <= end)).to_numpy()
 
 
-def _ratio_cuts(frames: Mapping[str, pd.DataFrame], ratios: list[float]) -> tuple[Optional[pd.Timestamp], ...]:
+def _ratio_cuts(frames: Mapping[str, pd.DataFrame], ratios: list[float]) -> tuple[pd.Timestamp | None, ...]:
     """Global cut dates ``(train_last, val_last)`` of a ratio split, shared by every symbol.
 
     All symbols' bars are pooled and sorted by time; the cuts sit at the bars that close the first ``ratios[0]``
@@ -208,8 +220,7 @@ def split_frames(
         ratios = [float(r) for r in config.split_ratios]
         selection: dict[str, Any] = {s: {"ratio": r} for s, r in zip(SPLITS, ratios)}
         cuts = dict(zip(SPLITS, _ratio_cuts(frames, ratios) + (None,)))  # last own bar of each split
-        own = {s: (lambda ts, c=cuts[s]: np.ones(len(ts), bool) if c is None else (ts <= c).to_numpy())
-               for s in SPLITS}
+        own = {s: (lambda ts, c=cuts[s]: np.ones(len(ts), bool) if c is None else (ts <= c).to_numpy()) for s in SPLITS}
         if cuts["train"] is None:
             own["train"] = lambda ts: np.zeros(len(ts), bool)
     else:
@@ -221,7 +232,7 @@ def split_frames(
     splits: dict[str, pd.DataFrame] = {}
     data_start = min((f["timestamps"].iloc[0] for f in frames.values() if len(f)), default=None)
     data_end = max((f["timestamps"].iloc[-1] for f in frames.values() if len(f)), default=None)
-    after: Optional[pd.Timestamp] = None  # last bar of the previous split: this split owns only later bars
+    after: pd.Timestamp | None = None  # last bar of the previous split: this split owns only later bars
     for split in SPLITS:
         first_own: list[pd.Timestamp] = []
         target_rows = 0
@@ -285,7 +296,7 @@ def split_frames(
     return splits, info
 
 
-def _median_bar_seconds(frames: Mapping[str, pd.DataFrame]) -> Optional[float]:
+def _median_bar_seconds(frames: Mapping[str, pd.DataFrame]) -> float | None:
     gaps = [f["timestamps"].diff().dropna().dt.total_seconds().to_numpy() for f in frames.values() if len(f) > 1]
     gaps = [g for g in gaps if len(g)]
     return float(np.median(np.concatenate(gaps))) if gaps else None
@@ -296,8 +307,8 @@ def process_frames(
     config: Config,
     source_name: str,
     *,
-    skipped: Optional[Mapping[str, str]] = None,
-    source_info: Optional[Mapping[str, Any]] = None,
+    skipped: Mapping[str, str] | None = None,
+    source_info: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Clean every symbol, add calendar features, split; returns ``(splits, manifest)``.
 
@@ -311,8 +322,12 @@ def process_frames(
     total = CleaningStats()
     clean: dict[str, pd.DataFrame] = {}
     for symbol in tqdm(sorted(raw, key=str), desc=f"cleaning {source_name}", unit="symbol", disable=None):
-        frame, stats = clean_kline_frame(raw[symbol], str(symbol), spike_factor=config.price_spike_factor,
-                                         drop_spikes=config.price_spike_action == "drop")
+        frame, stats = clean_kline_frame(
+            raw[symbol],
+            str(symbol),
+            spike_factor=config.price_spike_factor,
+            drop_spikes=config.price_spike_action == "drop",
+        )
         total = total + stats
         if len(frame) < window:
             reason = (
@@ -325,7 +340,13 @@ def process_frames(
         clean[str(symbol)] = add_time_features(frame)
     logger.info(
         "%s: %d rows in, dropped %d duplicate, %d NaN/inf and %d impossible bar(s); %d price spike(s); derived %d "
-        "amount(s)", source_name, total.rows_in, total.duplicates, total.missing, total.impossible, total.spikes,
+        "amount(s)",
+        source_name,
+        total.rows_in,
+        total.duplicates,
+        total.missing,
+        total.impossible,
+        total.spikes,
         total.amount_derived,
     )
     if not clean:
@@ -336,8 +357,15 @@ def process_frames(
         )
     splits, split_info = split_frames(clean, config)
     for split, info in split_info.items():
-        logger.info("%s split: %d symbols, target bars %s .. %s (%d rows, %d of them history)", split,
-                    info["n_symbols"], info["first"], info["last"], info["rows"], info["rows"] - info["target_rows"])
+        logger.info(
+            "%s split: %d symbols, target bars %s .. %s (%d rows, %d of them history)",
+            split,
+            info["n_symbols"],
+            info["first"],
+            info["last"],
+            info["rows"],
+            info["rows"] - info["target_rows"],
+        )
     symbols = sorted(set().union(*(set(f["symbol"].unique()) for f in splits.values())))
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

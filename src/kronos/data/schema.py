@@ -20,12 +20,13 @@ This module is the package's one K-line vocabulary; data, inference, evaluation 
 - :data:`NORM_EPS` / :func:`norm_scale`: the ``std + 1e-5`` normalisation scale;
 - :func:`range_end`: the inclusive end of a configured ``[start, end]`` range.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import warnings
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -58,7 +59,7 @@ _TZ_SUFFIX = re.compile(r"\s*(?:Z|UTC|[+-]\d{2}:?\d{2})$")
 _TIME_OF_DAY = re.compile(r"^\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?$")
 
 
-def find_column(columns: Iterable[object], aliases: Iterable[str], explicit: str = "") -> Optional[str]:
+def find_column(columns: Iterable[object], aliases: Iterable[str], explicit: str = "") -> str | None:
     """Return the column of ``columns`` matching ``explicit`` (if given) or the first of ``aliases``.
 
     Matching ignores case and surrounding spaces; an exact-case match wins over a case-insensitive one.
@@ -127,12 +128,12 @@ def _is_time_of_day(values: pd.Series) -> bool:
     return len(first) > 0 and bool(_TIME_OF_DAY.match(str(first.iloc[0]).strip()))
 
 
-def _where(pos: int, line_offset: Optional[int]) -> str:
+def _where(pos: int, line_offset: int | None) -> str:
     return f"line {pos + line_offset}" if line_offset is not None else f"row {pos + 1}"
 
 
 def parse_timestamps(
-    values: pd.Series, source_name: str, column: str = "timestamps", line_offset: Optional[int] = None
+    values: pd.Series, source_name: str, column: str = "timestamps", line_offset: int | None = None
 ) -> pd.Series:
     """Parse ``values`` into tz-naive datetime64[ns]; DataError naming the first unparseable row.
 
@@ -163,7 +164,7 @@ def parse_timestamps(
         raise DataError(f"{source_name}: column '{column}' has timestamps out of range: {exc}") from None
 
 
-def _offset_minutes(text: str) -> Optional[int]:
+def _offset_minutes(text: str) -> int | None:
     m = _TZ_SUFFIX.search(text.strip()) if isinstance(text, str) else None
     if m is None:
         return None
@@ -174,8 +175,7 @@ def _offset_minutes(text: str) -> Optional[int]:
     return (1 if suffix[0] == "+" else -1) * (int(digits[:2]) * 60 + int(digits[2:]))
 
 
-def _check_mixed_offsets(s: pd.Series, wall: pd.Series, source_name: str, column: str,
-                         line_offset: Optional[int]) -> None:
+def _check_mixed_offsets(s: pd.Series, wall: pd.Series, source_name: str, column: str, line_offset: int | None) -> None:
     """Reject timestamps whose UTC offsets differ in a way that makes local clock time lie.
 
     Bars keep their local wall time. With one offset, or daylight-saving offsets (at most one hour apart) whose
@@ -193,8 +193,7 @@ def _check_mixed_offsets(s: pd.Series, wall: pd.Series, source_name: str, column
     def fmt(minutes: int) -> str:
         return f"{'+' if minutes >= 0 else '-'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
-    hint = ("write every timestamp in one time zone (e.g. the exchange's local time) or without offsets, "
-            "then run again")
+    hint = "write every timestamp in one time zone (e.g. the exchange's local time) or without offsets, then run again"
     far = known[(known - first).abs() > 60]
     if len(far):
         pos = int(far.index[0])
@@ -262,7 +261,7 @@ def _parse_text_timestamps(s: pd.Series) -> pd.Series:
     return pd.Series(parsed, index=s.index)
 
 
-def _coerce_numbers(values: pd.Series, source_name: str, column: str, line_offset: Optional[int]) -> pd.Series:
+def _coerce_numbers(values: pd.Series, source_name: str, column: str, line_offset: int | None) -> pd.Series:
     s = pd.Series(values).reset_index(drop=True)
     if pd.api.types.is_bool_dtype(s.dtype):
         raise DataError(f"{source_name}: column '{column}' holds true/false values, expected numbers")
@@ -282,7 +281,7 @@ def validate_kline_frame(
     source_name: str,
     *,
     timestamp_column: str = "",
-    line_offset: Optional[int] = None,
+    line_offset: int | None = None,
 ) -> pd.DataFrame:
     """Return ``df`` as a canonical raw frame (new object, input order kept, RangeIndex).
 
@@ -313,7 +312,9 @@ def validate_kline_frame(
         raise DataError(f"{source_name}: timestamp column '{ts_col}' appears more than once")
     # A separate date + time pair (common in exports): join them when the chosen column is the date.
     date_key = ts_col.strip().lower() if isinstance(ts_col, str) else ""
-    time_col = find_column(frame.columns, ("time", "时间")) if date_key in ("date", "日期", "day", "trade_date") else None
+    time_col = (
+        find_column(frame.columns, ("time", "时间")) if date_key in ("date", "日期", "day", "trade_date") else None
+    )
     if time_col is not None and time_col != ts_col and not timestamp_column and _is_time_of_day(frame[time_col]):
         ts_values = frame[ts_col].astype(str).str.strip() + " " + frame[time_col].astype(str).str.strip()
         ts_col = f"{ts_col}+{time_col}"

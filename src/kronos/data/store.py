@@ -6,13 +6,15 @@ Nothing is pickled. :func:`save_dataset` builds the new dataset in a temporary f
 swaps it into place (:func:`kronos.io.write_folder`), so a failed run never leaves a half-written dataset or loses
 the previous one.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 import pandas as pd
 
@@ -26,10 +28,12 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DATASET_FILES: tuple[str, ...] = tuple(f"{s}.parquet" for s in SPLITS) + (MANIFEST_NAME,)
 
-_RERUN = "run the data step first (e.g. `python finetune/qlib_data_preprocess.py --config-path CONFIG`) " \
-         "or point config key 'dataset_path' at an existing dataset"
+_RERUN = (
+    "run the data step first (e.g. `python finetune/qlib_data_preprocess.py --config-path CONFIG`) "
+    "or point config key 'dataset_path' at an existing dataset"
+)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def split_file(path: PathLike, split: str) -> Path:
@@ -89,8 +93,7 @@ def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: M
         kio.write_folder(target, fill, keep_others=True)
     except OSError as exc:
         raise DataError(f"cannot write the dataset folder '{target}': {exc.strerror or exc}") from None
-    logger.info("dataset written to %s (%s)", target,
-                ", ".join(f"{s}: {len(frames[s])} rows" for s in SPLITS))
+    logger.info("dataset written to %s (%s)", target, ", ".join(f"{s}: {len(frames[s])} rows" for s in SPLITS))
 
 
 def load_split(path: PathLike, split: str) -> pd.DataFrame:
@@ -103,7 +106,9 @@ def load_split(path: PathLike, split: str) -> pd.DataFrame:
     try:
         frame = pd.read_parquet(file, engine="pyarrow")
     except Exception as exc:  # pyarrow raises several unrelated types for damaged files
-        raise DataError(f"cannot read dataset file '{file}' ({type(exc).__name__}: {exc}); re-run the data step") from None
+        raise DataError(
+            f"cannot read dataset file '{file}' ({type(exc).__name__}: {exc}); re-run the data step"
+        ) from None
     return check_split_frame(frame, f"dataset file '{file}'")
 
 

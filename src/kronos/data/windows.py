@@ -16,23 +16,33 @@ workers never produce duplicate samples (the official dataset drew from a per-co
 so every worker replayed the same stream -- Q15). Ranks take interleaved, disjoint slices of the same global
 sequence, and ``set_start`` skips the samples a resumed run has already consumed.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from kronos.errors import ConfigError, DataError, InputError
 from kronos.data.schema import NORM_EPS, TIME_FEATURES, time_features
+from kronos.errors import ConfigError, DataError, InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WindowDataset", "WindowSampler", "window_loader", "split_target_range", "normalise_windows", "FEATURE_ALIASES",
-           "DEFAULT_FEATURES", "DEFAULT_TIME_FEATURES"]
+__all__ = [
+    "WindowDataset",
+    "WindowSampler",
+    "window_loader",
+    "split_target_range",
+    "normalise_windows",
+    "FEATURE_ALIASES",
+    "DEFAULT_FEATURES",
+    "DEFAULT_TIME_FEATURES",
+]
 
 #: The seed's feature names; ``vol``/``amt`` are its short names for the frame's ``volume``/``amount`` columns.
 DEFAULT_FEATURES = ["open", "high", "low", "close", "vol", "amt"]
@@ -40,7 +50,7 @@ DEFAULT_TIME_FEATURES = list(TIME_FEATURES)
 FEATURE_ALIASES = {"vol": "volume", "amt": "amount", "volume": "vol", "amount": "amt"}
 
 
-IndexLike = Union[Sequence[int], np.ndarray, torch.Tensor]
+IndexLike = Sequence[int] | np.ndarray | torch.Tensor
 
 
 def normalise_windows(x: np.ndarray, lookback: int, clip: float) -> np.ndarray:
@@ -95,11 +105,11 @@ class WindowDataset(Dataset):
         lookback: int,
         predict: int,
         clip: float = 5.0,
-        feature_list: Optional[Sequence[str]] = None,
-        time_feature_list: Optional[Sequence[str]] = None,
+        feature_list: Sequence[str] | None = None,
+        time_feature_list: Sequence[str] | None = None,
         return_index: bool = False,
         name: str = "data",
-        target_range: Optional[tuple[Any, Any]] = None,
+        target_range: tuple[Any, Any] | None = None,
     ) -> None:
         for key, value in (("lookback_window", lookback), ("predict_window", predict)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -138,7 +148,7 @@ class WindowDataset(Dataset):
 
         n_win = run_len - self.window + 1
         first_row = np.zeros_like(run_start)  # offset of each run's first usable window start
-        self.target_range: Optional[tuple[pd.Timestamp, pd.Timestamp]] = None
+        self.target_range: tuple[pd.Timestamp, pd.Timestamp] | None = None
         if target_range is not None:
             first_row, n_win = self._target_limits(target_range, run_start, run_len)
         keep = n_win > 0
@@ -153,7 +163,11 @@ class WindowDataset(Dataset):
         if skipped:
             logger.info(
                 "%s: %d of %d symbols have fewer than %d rows and give no window (e.g. %s)",
-                self.name, len(skipped), len(run_symbols), self.window, ", ".join(skipped[:5]),
+                self.name,
+                len(skipped),
+                len(run_symbols),
+                self.window,
+                ", ".join(skipped[:5]),
             )
         #: symbols that contribute at least one window, in row order
         self.symbols = [s for s, k in zip(run_symbols, keep) if k]
@@ -163,8 +177,9 @@ class WindowDataset(Dataset):
         self._n = int(self._win_cum[-1])
         self._offsets = np.arange(self.window, dtype=np.int64)
 
-    def _target_limits(self, target_range: tuple[Any, Any], run_start: np.ndarray,
-                       run_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _target_limits(
+        self, target_range: tuple[Any, Any], run_start: np.ndarray, run_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per symbol run: first usable window start (offset) and number of windows inside ``target_range``."""
         if self.timestamps is None:
             raise InputError(f"{self.name}: target_range needs a 'timestamps' column")
@@ -176,7 +191,7 @@ class WindowDataset(Dataset):
         offset = np.zeros_like(run_start)
         count = np.zeros_like(run_start)
         for k, (r0, n) in enumerate(zip(run_start.tolist(), run_len.tolist())):
-            ts = self.timestamps[r0:r0 + n]  # sorted within the run
+            ts = self.timestamps[r0 : r0 + n]  # sorted within the run
             own_start = int(np.searchsorted(ts, lo_t, side="left"))  # first row the split owns
             own_stop = int(np.searchsorted(ts, hi_t, side="right"))  # one past its last
             lo = max(0, own_start - self.lookback)  # the first target row (index lookback) must be owned
@@ -186,7 +201,7 @@ class WindowDataset(Dataset):
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_config(cls, config: Any, split: str, return_index: bool = False) -> "WindowDataset":
+    def from_config(cls, config: Any, split: str, return_index: bool = False) -> WindowDataset:
         """Load ``split`` from ``config.dataset_path`` (see :func:`kronos.data.store.load_split`).
 
         Windows are limited to the split's own dates recorded in the dataset manifest (see
@@ -271,9 +286,7 @@ class WindowDataset(Dataset):
             if name in frame.columns:
                 col = frame[name]
                 if not pd.api.types.is_numeric_dtype(col):
-                    raise DataError(
-                        f"{self.name}: time feature column '{name}' must be numeric, got dtype {col.dtype}"
-                    )
+                    raise DataError(f"{self.name}: time feature column '{name}' must be numeric, got dtype {col.dtype}")
                 block[:, j] = col.to_numpy(dtype=np.float64)
             elif name in TIME_FEATURES and self.timestamps is not None:
                 if derived is None:
@@ -299,7 +312,7 @@ class WindowDataset(Dataset):
                 )
 
     def _raise_too_short(self, symbols: list[str], lengths: np.ndarray) -> None:
-        need = (f"{self.window} rows (lookback_window {self.lookback} + predict_window {self.predict} + 1)")
+        need = f"{self.window} rows (lookback_window {self.lookback} + predict_window {self.predict} + 1)"
         if len(lengths) == 0:
             raise DataError(f"split '{self.name}' is empty; a window needs {need}; check the split's time range")
         k = int(np.argmax(lengths))
@@ -348,7 +361,7 @@ class WindowDataset(Dataset):
         x = normalise_windows(np.take(self._feat_t, rows, axis=1), self.lookback, self.clip)  # [6, B, W]
         return np.ascontiguousarray(x.transpose(1, 2, 0)), np.take(self.stamps, rows, axis=0)
 
-    def __getitem__(self, i: Union[int, IndexLike]) -> tuple:
+    def __getitem__(self, i: int | IndexLike) -> tuple:
         """Window ``i`` as ``(x [W, 6], stamp [W, 5])`` (+ ``i``); a list/array of indices gives ``get_batch``."""
         if isinstance(i, (list, tuple, np.ndarray)) or (isinstance(i, torch.Tensor) and i.dim() > 0):
             return self.get_batch(i)  # DataLoader(batch_size=None, sampler=BatchSampler(...)) path
@@ -359,7 +372,7 @@ class WindowDataset(Dataset):
         if i < 0:
             i += self._n
         k = int(np.searchsorted(self._win_cum, i, side="right")) - 1
-        row = self._sym_row0[k:k + 1] + (i - self._win_cum[k])
+        row = self._sym_row0[k : k + 1] + (i - self._win_cum[k])
         x, stamp = self._windows(row)
         if self.return_index:
             return torch.from_numpy(x[0]), torch.from_numpy(stamp[0]), i
@@ -398,15 +411,19 @@ class WindowDataset(Dataset):
         )
 
 
-def split_target_range(dataset_path: Any, split: str) -> Optional[tuple[pd.Timestamp, pd.Timestamp]]:
+def split_target_range(dataset_path: Any, split: str) -> tuple[pd.Timestamp, pd.Timestamp] | None:
     """``(first, last)`` own dates of ``split`` from the dataset manifest (``None`` for a dataset written before
     they were recorded; its windows are then not limited, and a warning says to re-run the data step)."""
     from kronos.data.store import load_manifest
 
     info = (load_manifest(dataset_path).get("splits") or {}).get(split) or {}
     if "first" not in info or "last" not in info:
-        logger.warning("dataset '%s' predates per-split dates in its manifest: %s windows may overlap other "
-                       "splits; re-run the data step", dataset_path, split)
+        logger.warning(
+            "dataset '%s' predates per-split dates in its manifest: %s windows may overlap other "
+            "splits; re-run the data step",
+            dataset_path,
+            split,
+        )
         return None
     return pd.Timestamp(info["first"]), pd.Timestamp(info["last"])
 
@@ -428,8 +445,12 @@ class WindowSampler(Sampler[int]):
     """
 
     def __init__(self, n_windows: int, num_samples: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        for key, value, low in (("n_windows", n_windows, 1), ("num_samples", num_samples, 1),
-                                ("world_size", world_size, 1), ("rank", rank, 0)):
+        for key, value, low in (
+            ("n_windows", n_windows, 1),
+            ("num_samples", num_samples, 1),
+            ("world_size", world_size, 1),
+            ("rank", rank, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise InputError(f"WindowSampler: '{key}' must be an integer >= {low}, got {value!r}")
         if rank >= world_size:
@@ -458,7 +479,7 @@ class WindowSampler(Sampler[int]):
             raise InputError(f"WindowSampler: start must be in [0, {self.per_rank}], got {k}")
         self.start = int(k)
 
-    def epoch_indices(self, epoch: Optional[int] = None) -> np.ndarray:
+    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
         """The global sequence (all ranks interleaved) of ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else int(epoch)
         rng = np.random.default_rng([self.seed % 2**64, epoch])
@@ -466,23 +487,30 @@ class WindowSampler(Sampler[int]):
         pos = 0
         while pos < self.total:
             m = min(self.n_windows, self.total - pos)
-            out[pos:pos + m] = rng.choice(self.n_windows, size=m, replace=False)
+            out[pos : pos + m] = rng.choice(self.n_windows, size=m, replace=False)
             pos += m
         return out
 
-    def rank_indices(self, epoch: Optional[int] = None) -> np.ndarray:
+    def rank_indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's full sequence for ``epoch`` (ignores ``set_start``)."""
-        return self.epoch_indices(epoch)[self.rank::self.world_size]
+        return self.epoch_indices(epoch)[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.rank_indices()[self.start:].tolist())
+        return iter(self.rank_indices()[self.start :].tolist())
 
     def __len__(self) -> int:
         return self.per_rank - self.start
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "n_windows": self.n_windows,
-                "num_samples": self.num_samples, "rank": self.rank, "world_size": self.world_size}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "start": self.start,
+            "n_windows": self.n_windows,
+            "num_samples": self.num_samples,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore epoch and start; warn when the sampling setup differs (the resume would not be exact)."""
@@ -490,7 +518,10 @@ class WindowSampler(Sampler[int]):
             if key in state and int(state[key]) != getattr(self, key):
                 logger.warning(
                     "sampler state has %s=%s but this run uses %s; the resumed epoch will see a different "
-                    "sample sequence", key, state[key], getattr(self, key),
+                    "sample sequence",
+                    key,
+                    state[key],
+                    getattr(self, key),
                 )
         self.epoch = int(state.get("epoch", 0))
         self.start = 0

@@ -1,4 +1,5 @@
 """Evaluation: forecast metrics, trading signals, backtests (Qlib and built-in) and figures."""
+
 from kronos.evaluate.backtest import (
     BacktestComparison,
     BacktestReport,
@@ -24,8 +25,21 @@ from kronos.evaluate.plots import (
 )
 
 __all__ = [
-    "BacktestComparison", "BacktestReport", "init_qlib", "normalize_signal", "risk_stats", "run_backtests",
-    "run_qlib_backtest", "run_simple_backtest", "SIGNAL_KINDS", "all_signals",
-    "save_metrics", "signals_from_records", "frames_from_records", "plot_backtest",
-    "plot_backtest_comparison", "plot_forecast", "plot_training_curves",
+    "BacktestComparison",
+    "BacktestReport",
+    "init_qlib",
+    "normalize_signal",
+    "risk_stats",
+    "run_backtests",
+    "run_qlib_backtest",
+    "run_simple_backtest",
+    "SIGNAL_KINDS",
+    "all_signals",
+    "save_metrics",
+    "signals_from_records",
+    "frames_from_records",
+    "plot_backtest",
+    "plot_backtest_comparison",
+    "plot_forecast",
+    "plot_training_curves",
 ]

@@ -13,13 +13,12 @@ back into earlier splits. Which anchors of the period are forecast is :func:`kro
   before it, is a :class:`~kronos.errors.DataError` naming both ranges, unless ``allow_eval_overlap: true``
   (unsafe: such numbers are scored on bars that chose the checkpoint).
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
-import numpy as np
 import pandas as pd
 
 from kronos.data.schema import range_end
@@ -35,10 +34,10 @@ class EvalPeriods:
 
     test: tuple[pd.Timestamp, pd.Timestamp]
     backtest: tuple[pd.Timestamp, pd.Timestamp]
-    last_val: Optional[pd.Timestamp]
+    last_val: pd.Timestamp | None
 
 
-def split_bounds(dataset_path: str, split: str) -> Optional[tuple[pd.Timestamp, pd.Timestamp]]:
+def split_bounds(dataset_path: str, split: str) -> tuple[pd.Timestamp, pd.Timestamp] | None:
     """First and last timestamp of ``split`` from the dataset's manifest (``first``/``last`` or ``start``/``end``),
     else from the split's rows; None when the split is empty."""
     info = (load_manifest(dataset_path).get("splits") or {}).get(split) or {}
@@ -58,7 +57,7 @@ def split_dates(dataset_path: str) -> dict[str, pd.Timestamp]:
     return out
 
 
-def eval_periods(config, dataset_path: Optional[str] = None) -> EvalPeriods:
+def eval_periods(config, dataset_path: str | None = None) -> EvalPeriods:
     """The evaluation and backtest anchor periods of ``config`` over its processed dataset (see the module doc)."""
     path = dataset_path or config.dataset_path
     val = split_bounds(path, "val")
@@ -81,8 +80,11 @@ def eval_periods(config, dataset_path: Optional[str] = None) -> EvalPeriods:
         if not user_set("backtest_time_range"):
             backtest = (max(backtest[0], last_val), backtest[1])
     if last_val is not None and not unsafe:
-        split_by = (f"split_ratios {config.split_ratios}" if config.split_ratios is not None
-                    else f"val_time_range {config.val_time_range}")
+        split_by = (
+            f"split_ratios {config.split_ratios}"
+            if config.split_ratios is not None
+            else f"val_time_range {config.val_time_range}"
+        )
         val_desc = f"the validation split ends at {last_val} ({split_by})"
         if test[1] <= last_val:
             raise DataError(
@@ -97,12 +99,18 @@ def eval_periods(config, dataset_path: Optional[str] = None) -> EvalPeriods:
                 "unsafe)"
             )
         if test[0] < last_val:
-            log.info("evaluation anchors start at the last validation bar %s (test_time_range %s starts earlier: "
-                     "those bars are history only)", last_val, _show(test))
+            log.info(
+                "evaluation anchors start at the last validation bar %s (test_time_range %s starts earlier: "
+                "those bars are history only)",
+                last_val,
+                _show(test),
+            )
             test = (last_val, test[1])
     elif unsafe:
-        log.warning("allow_eval_overlap: true: evaluation/backtest anchors are not limited to the test split; "
-                    "their targets may be bars that trained or selected the model")
+        log.warning(
+            "allow_eval_overlap: true: evaluation/backtest anchors are not limited to the test split; "
+            "their targets may be bars that trained or selected the model"
+        )
     return EvalPeriods(test, backtest, last_val)
 
 

@@ -14,6 +14,7 @@ previous value, ``bench`` the benchmark's return. Summary statistics use Qlib's 
 mode "sum": annualised return = mean · N, information ratio = mean / std · sqrt(N), max drawdown of the summed
 curve, N = 238 trading days a year); total returns compound.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,10 +23,11 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,9 +39,16 @@ from kronos.paths import path_in, safe_filename
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-DAILY_COLUMNS = ["return", "cost", "bench", "excess_return_without_cost", "excess_return_with_cost",
-                 "turnover", "account"]
+PathLike = str | os.PathLike
+DAILY_COLUMNS = [
+    "return",
+    "cost",
+    "bench",
+    "excess_return_without_cost",
+    "excess_return_with_cost",
+    "turnover",
+    "account",
+]
 TRADING_DAYS_PER_YEAR = 238  # Qlib's risk_analysis scaler for daily data
 
 
@@ -57,9 +66,9 @@ class BacktestReport:
 
     daily: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
-    holdings: Optional[pd.DataFrame] = None
+    holdings: pd.DataFrame | None = None
 
-    def save(self, out_dir: PathLike, title: Optional[str] = None) -> dict[str, Path]:
+    def save(self, out_dir: PathLike, title: str | None = None) -> dict[str, Path]:
         """Write ``report.json`` (strict JSON, atomic), ``daily.csv`` and ``cumulative_return.png`` to ``out_dir``."""
         from kronos.evaluate.plots import plot_backtest
 
@@ -109,14 +118,15 @@ class BacktestComparison:
         out.mkdir(parents=True, exist_ok=True)
         self.plots = []
         for name, report in self.reports.items():
-            saved = report.save(path_in(out, safe_filename(name, 'signal')), title=f"signal '{name}'")
+            saved = report.save(path_in(out, safe_filename(name, "signal")), title=f"signal '{name}'")
             self.plots.append(saved["plot"])
         paths = {"json": out / "comparison.json", "csv": out / "comparison.csv", "plot": out / "comparison.png"}
         kio.write_json(paths["json"], {name: report.summary for name, report in self.reports.items()})
         kio.write_file(paths["csv"], self.table.to_csv)
         bench_name = next(iter(self.reports.values())).summary.get("benchmark", "benchmark") if self.reports else ""
-        plot_backtest_comparison({k: r.daily for k, r in self.reports.items()}, paths["plot"],
-                                 benchmark_label=str(bench_name))
+        plot_backtest_comparison(
+            {k: r.daily for k, r in self.reports.items()}, paths["plot"], benchmark_label=str(bench_name)
+        )
         self.plots.append(paths["plot"])
         return paths
 
@@ -142,8 +152,9 @@ def risk_stats(r: pd.Series, periods_per_year: float = TRADING_DAYS_PER_YEAR) ->
     }
 
 
-def summarize(daily: pd.DataFrame, periods_per_year: float = TRADING_DAYS_PER_YEAR,
-              extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def summarize(
+    daily: pd.DataFrame, periods_per_year: float = TRADING_DAYS_PER_YEAR, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Flat summary of a daily frame: ``<series>/<stat>`` for the excess returns (with/without cost), the
     strategy's net return and the benchmark, compounded total returns, turnover and ``n_days``."""
     out: dict[str, Any] = {}
@@ -177,7 +188,7 @@ def _compound(r: pd.Series) -> float:
 
 
 # ---------------------------------------------------------------------- inputs
-def normalize_signal(signal: Union[pd.Series, pd.DataFrame]) -> pd.Series:
+def normalize_signal(signal: pd.Series | pd.DataFrame) -> pd.Series:
     """Return the signal as a float Series on a sorted (datetime, instrument) MultiIndex, NaNs dropped.
 
     Accepts a Series on a two-level index in either order (as Qlib does), a one-column DataFrame on such an
@@ -193,16 +204,20 @@ def normalize_signal(signal: Union[pd.Series, pd.DataFrame]) -> pd.Series:
                 dates = _naive(pd.DatetimeIndex(pd.to_datetime(signal.index)))
             except (ValueError, TypeError):
                 raise InputError(
-                    "a wide signal DataFrame needs dates as its index and instruments as columns") from None
-            index = pd.MultiIndex.from_product([dates, [str(c) for c in signal.columns]],
-                                               names=["datetime", "instrument"])
+                    "a wide signal DataFrame needs dates as its index and instruments as columns"
+                ) from None
+            index = pd.MultiIndex.from_product(
+                [dates, [str(c) for c in signal.columns]], names=["datetime", "instrument"]
+            )
             values = signal.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float).ravel()
             signal = pd.Series(values, index=index)
     if not isinstance(signal, pd.Series):
         raise InputError(f"signal must be a pandas Series or DataFrame, got {type(signal).__name__}")
     if not isinstance(signal.index, pd.MultiIndex) or signal.index.nlevels != 2:
-        raise InputError("signal must be indexed by a (datetime, instrument) MultiIndex; "
-                         "use kronos.evaluate.signals_from_records to build one")
+        raise InputError(
+            "signal must be indexed by a (datetime, instrument) MultiIndex; "
+            "use kronos.evaluate.signals_from_records to build one"
+        )
     names = list(signal.index.names)
     if "datetime" in names and "instrument" in names:
         dt_level = names.index("datetime")
@@ -215,8 +230,11 @@ def normalize_signal(signal: Union[pd.Series, pd.DataFrame]) -> pd.Series:
     except (ValueError, TypeError):
         raise InputError("signal index has no level of dates; expected (datetime, instrument)") from None
     values = pd.to_numeric(pd.Series(signal.to_numpy()), errors="coerce").to_numpy(dtype=float)
-    out = pd.Series(values, index=pd.MultiIndex.from_arrays([dates, insts.astype(str)],
-                                                          names=["datetime", "instrument"]), name="score")
+    out = pd.Series(
+        values,
+        index=pd.MultiIndex.from_arrays([dates, insts.astype(str)], names=["datetime", "instrument"]),
+        name="score",
+    )
     out = out[np.isfinite(out.to_numpy())]
     out = out[~out.index.duplicated(keep="last")].sort_index()
     if out.empty:
@@ -302,8 +320,9 @@ def topk_dropout_orders(scores: pd.Series, held: Sequence[str], topk: int, n_dro
     candidates = scores[~scores.index.isin(last)].sort_values(ascending=False).index
     n_new = max(n_drop + topk - len(last), 0)
     today = list(candidates[:n_new])
-    comb = scores.reindex(last.union(pd.Index(today, dtype=object))).sort_values(
-        ascending=False, na_position="last").index
+    comb = (
+        scores.reindex(last.union(pd.Index(today, dtype=object))).sort_values(ascending=False, na_position="last").index
+    )
     worst = set(comb[-n_drop:]) if n_drop > 0 else set()
     sell = [code for code in last if code in worst]
     buy = today[: max(len(sell) + topk - len(last), 0)]
@@ -312,18 +331,18 @@ def topk_dropout_orders(scores: pd.Series, held: Sequence[str], topk: int, n_dro
 
 # ---------------------------------------------------------------------- built-in engine
 def run_simple_backtest(
-    signal: Union[pd.Series, pd.DataFrame],
+    signal: pd.Series | pd.DataFrame,
     close: pd.DataFrame,
     config: Config,
-    benchmark: Optional[pd.Series] = None,
+    benchmark: pd.Series | None = None,
     *,
-    time_range: Optional[Sequence] = None,
+    time_range: Sequence | None = None,
     risk_degree: float = 0.95,
-    limit_threshold: Optional[float] = None,
-    periods_per_year: Optional[float] = None,
-    benchmark_name: Optional[str] = None,
-    open_prices: Optional[pd.DataFrame] = None,
-    deal_price: Optional[str] = None,
+    limit_threshold: float | None = None,
+    periods_per_year: float | None = None,
+    benchmark_name: str | None = None,
+    open_prices: pd.DataFrame | None = None,
+    deal_price: str | None = None,
 ) -> BacktestReport:
     """Top-k long-only backtest on a wide close-price frame (index times, columns symbols).
 
@@ -332,7 +351,8 @@ def run_simple_backtest(
     ``risk_degree`` of the cash equally on the best-ranked names not held, up to ``backtest_n_symbol_hold``
     names. Orders fill on the bar after the signal's date at ``deal_price`` (default ``backtest_deal_price``:
     ``open`` fills at that bar's open from ``open_prices``, a wide frame shaped like ``close``; ``close`` at its
-    close), in fractional shares; a bar with no price (suspension) blocks trading that name. Costs: ``backtest_open_cost`` of the value bought,
+    close), in fractional shares; a bar with no price (suspension) blocks trading that name. Costs:
+    ``backtest_open_cost`` of the value bought,
     ``backtest_close_cost`` of the value sold, at least ``backtest_min_cost`` (currency; the book starts with
     ``backtest_account``). ``limit_threshold`` (e.g. 0.095) optionally blocks trading a name whose bar return
     reaches ±threshold, like Qlib's ``forbid_all_trade_at_limit``.
@@ -348,8 +368,10 @@ def run_simple_backtest(
     if deal_price not in ("open", "close"):
         raise InputError(f"deal_price must be 'open' or 'close' (config key 'backtest_deal_price'), got {deal_price!r}")
     if deal_price == "open" and open_prices is None:
-        raise InputError("backtest_deal_price 'open' needs open prices (open_prices=wide DataFrame like close); "
-                         "pass them or set backtest_deal_price: close")
+        raise InputError(
+            "backtest_deal_price 'open' needs open prices (open_prices=wide DataFrame like close); "
+            "pass them or set backtest_deal_price: close"
+        )
     sig = normalize_signal(signal)
     prices = _prepare_close(close)
     symbols = list(prices.columns)
@@ -374,8 +396,9 @@ def run_simple_backtest(
     first = sig_dates[0]
     after_last = calendar[calendar > sig_dates[-1]]
     last_trade = after_last[0] if len(after_last) else calendar[-1]
-    start, end = _clip_range(time_range if time_range is not None else config.backtest_time_range,
-                             first, last_trade, "backtest_time_range")
+    start, end = _clip_range(
+        time_range if time_range is not None else config.backtest_time_range, first, last_trade, "backtest_time_range"
+    )
     pos = np.flatnonzero((calendar >= start) & (calendar <= end))
     if len(pos) == 0:
         raise DataError(f"the close-price frame has no bars between {start} and {end}")
@@ -403,10 +426,12 @@ def run_simple_backtest(
     col = {s: j for j, s in enumerate(symbols)}
     priced = list(col)
     by_date = {d: g.droplevel("datetime") for d, g in sig.groupby(level="datetime")}
-    topk, n_drop, hold_thresh = (config.backtest_n_symbol_hold, config.backtest_n_symbol_drop,
-                                 config.backtest_hold_thresh)
-    open_cost, close_cost, min_cost = (config.backtest_open_cost, config.backtest_close_cost,
-                                       config.backtest_min_cost)
+    topk, n_drop, hold_thresh = (
+        config.backtest_n_symbol_hold,
+        config.backtest_n_symbol_drop,
+        config.backtest_hold_thresh,
+    )
+    open_cost, close_cost, min_cost = (config.backtest_open_cost, config.backtest_close_cost, config.backtest_min_cost)
 
     cash = float(config.backtest_account)
     shares = np.zeros(len(symbols))
@@ -457,8 +482,16 @@ def run_simple_backtest(
         value_now = cash + float(shares @ price_ff)
         held_value.append(shares * price_ff / value_now if value_now > 0 else shares * 0.0)
         base = prev_value if prev_value > 0 else float("nan")
-        rows.append((t, (value_now - prev_value + cost_today) / base, cost_today / base, float(bench_ret[i]),
-                     traded / base, value_now))
+        rows.append(
+            (
+                t,
+                (value_now - prev_value + cost_today) / base,
+                cost_today / base,
+                float(bench_ret[i]),
+                traded / base,
+                value_now,
+            )
+        )
         prev_value = value_now
         for code in held_days:  # Qlib counts a bar of holding at each bar's end
             held_days[code] += 1
@@ -467,11 +500,13 @@ def run_simple_backtest(
     daily = daily.set_index("datetime")
     daily["bench"] = daily["bench"].fillna(0.0)
     daily = _finish_daily(daily)
-    extra = _strategy_params(config, "simple", bench_label, risk_degree, limit_threshold=limit_threshold,
-                             deal_price=deal_price)
+    extra = _strategy_params(
+        config, "simple", bench_label, risk_degree, limit_threshold=limit_threshold, deal_price=deal_price
+    )
     holdings = pd.DataFrame(np.array(held_value).reshape(len(pos), len(symbols)), index=daily.index, columns=symbols)
-    return BacktestReport(daily=daily, summary=summarize(daily, periods_per_year, extra),
-                          holdings=holdings.loc[:, (holdings > 0).any()])
+    return BacktestReport(
+        daily=daily, summary=summarize(daily, periods_per_year, extra), holdings=holdings.loc[:, (holdings > 0).any()]
+    )
 
 
 def _finish_daily(daily: pd.DataFrame) -> pd.DataFrame:
@@ -484,8 +519,9 @@ def _finish_daily(daily: pd.DataFrame) -> pd.DataFrame:
 
 def _prepare_close(close: pd.DataFrame) -> pd.DataFrame:
     if not isinstance(close, pd.DataFrame):
-        raise InputError(f"close prices must be a wide DataFrame (index times, columns symbols), "
-                         f"got {type(close).__name__}")
+        raise InputError(
+            f"close prices must be a wide DataFrame (index times, columns symbols), got {type(close).__name__}"
+        )
     if close.empty:
         raise DataError("the close-price frame is empty")
     prices = close.copy()
@@ -544,11 +580,17 @@ def _import_qlib() -> SimpleNamespace:
             from qlib.data import D
     except ImportError:
         raise DependencyError(
-            "the Qlib backtest needs pyqlib: pip install pyqlib (or pass close prices to use the "
-            "built-in backtest)"
+            "the Qlib backtest needs pyqlib: pip install pyqlib (or pass close prices to use the built-in backtest)"
         ) from None
-    return SimpleNamespace(qlib=qlib, backtest=backtest, SimulatorExecutor=SimulatorExecutor, REG_CN=REG_CN,
-                           risk_analysis=risk_analysis, TopkDropoutStrategy=TopkDropoutStrategy, D=D)
+    return SimpleNamespace(
+        qlib=qlib,
+        backtest=backtest,
+        SimulatorExecutor=SimulatorExecutor,
+        REG_CN=REG_CN,
+        risk_analysis=risk_analysis,
+        TopkDropoutStrategy=TopkDropoutStrategy,
+        D=D,
+    )
 
 
 def init_qlib(provider_uri: PathLike) -> None:
@@ -560,14 +602,14 @@ def init_qlib(provider_uri: PathLike) -> None:
 
 
 def run_qlib_backtest(
-    signal: Union[pd.Series, pd.DataFrame],
+    signal: pd.Series | pd.DataFrame,
     config: Config,
-    provider_uri: Optional[PathLike] = None,
+    provider_uri: PathLike | None = None,
     *,
-    time_range: Optional[Sequence] = None,
+    time_range: Sequence | None = None,
     risk_degree: float = 0.95,
-    limit_threshold: Optional[float] = 0.095,
-    deal_price: Optional[str] = None,
+    limit_threshold: float | None = 0.095,
+    deal_price: str | None = None,
 ) -> BacktestReport:
     """Backtest ``signal`` with Qlib's TopkDropoutStrategy over ``config.backtest_time_range`` (clipped to the
     signal's dates), benchmark ``config.benchmark``, costs, account and fill price (``backtest_deal_price``,
@@ -593,19 +635,27 @@ def run_qlib_backtest(
     after_last = calendar[calendar > sig_dates[-1]]
     # Qlib's last step reads the calendar day after it, so the provider's final day cannot be traded
     last_trade = min(after_last[0] if len(after_last) else calendar[-1], calendar[-2])
-    start, end = _clip_range(time_range if time_range is not None else config.backtest_time_range,
-                             max(sig_dates[0], calendar[0]), last_trade, "backtest_time_range")
+    start, end = _clip_range(
+        time_range if time_range is not None else config.backtest_time_range,
+        max(sig_dates[0], calendar[0]),
+        last_trade,
+        "backtest_time_range",
+    )
     days = calendar[(calendar >= start) & (calendar <= end)]
     if len(days) < 2:
-        raise DataError(f"the Qlib calendar has fewer than 2 trading days between {_fmt_time(start)} and "
-                        f"{_fmt_time(end)}; widen 'backtest_time_range'")
+        raise DataError(
+            f"the Qlib calendar has fewer than 2 trading days between {_fmt_time(start)} and "
+            f"{_fmt_time(end)}; widen 'backtest_time_range'"
+        )
     start, end = days[0], days[-1]
 
     bench = config.benchmark
     bench_px = D.features([bench], ["$close"], start, end, freq="day")
     if bench_px.empty or bench_px["$close"].notna().sum() == 0:
-        raise DataError(f"benchmark '{bench}' has no data in '{provider}' between {_fmt_time(start)} and "
-                        f"{_fmt_time(end)}; set 'backtest_benchmark' to an instrument the provider holds")
+        raise DataError(
+            f"benchmark '{bench}' has no data in '{provider}' between {_fmt_time(start)} and "
+            f"{_fmt_time(end)}; set 'backtest_benchmark' to an instrument the provider holds"
+        )
     codes = sorted(sig.index.get_level_values("instrument").unique())
     if limit_threshold is None:
         limit: Any = float("inf")  # a float avoids Qlib's CN default on the percent-valued $change
@@ -636,28 +686,49 @@ def run_qlib_backtest(
         warnings.simplefilter("ignore", RuntimeWarning)  # Qlib averages empty slices on idle days
         try:
             portfolio, _ = q.backtest(
-                start_time=start, end_time=end, strategy=strategy, executor=executor, benchmark=bench,
-                account=config.backtest_account, exchange_kwargs=exchange_kwargs,
+                start_time=start,
+                end_time=end,
+                strategy=strategy,
+                executor=executor,
+                benchmark=bench,
+                account=config.backtest_account,
+                exchange_kwargs=exchange_kwargs,
             )
         except (KeyError, ValueError, IndexError) as exc:
-            raise DataError(f"Qlib backtest failed on '{provider}' ({type(exc).__name__}: {exc}); check "
-                            "that the signal's instruments and dates exist in the provider") from None
+            raise DataError(
+                f"Qlib backtest failed on '{provider}' ({type(exc).__name__}: {exc}); check "
+                "that the signal's instruments and dates exist in the provider"
+            ) from None
     report, positions = portfolio["1day"]
-    daily = pd.DataFrame({
-        "return": report["return"].astype(float),
-        "cost": report["cost"].astype(float),
-        "bench": report["bench"].astype(float),
-        "turnover": report["turnover"].astype(float),
-        "account": report["account"].astype(float),
-    })
+    daily = pd.DataFrame(
+        {
+            "return": report["return"].astype(float),
+            "cost": report["cost"].astype(float),
+            "bench": report["bench"].astype(float),
+            "turnover": report["turnover"].astype(float),
+            "account": report["account"].astype(float),
+        }
+    )
     daily = _finish_daily(daily)
-    summary = summarize(daily, TRADING_DAYS_PER_YEAR, _strategy_params(
-        config, "qlib", bench, risk_degree, limit_threshold=limit_threshold, deal_price=deal_price,
-        provider_uri=provider))
+    summary = summarize(
+        daily,
+        TRADING_DAYS_PER_YEAR,
+        _strategy_params(
+            config,
+            "qlib",
+            bench,
+            risk_degree,
+            limit_threshold=limit_threshold,
+            deal_price=deal_price,
+            provider_uri=provider,
+        ),
+    )
     # the headline figures straight from Qlib's own risk_analysis, as the official script prints them
-    for name, series in (("excess_return_without_cost", daily["excess_return_without_cost"]),
-                         ("excess_return_with_cost", daily["excess_return_with_cost"]),
-                         ("benchmark", daily["bench"])):
+    for name, series in (
+        ("excess_return_without_cost", daily["excess_return_without_cost"]),
+        ("excess_return_with_cost", daily["excess_return_with_cost"]),
+        ("benchmark", daily["bench"]),
+    ):
         qlib_risk = risk_analysis(series, freq="day")["risk"]
         for key in ("mean", "std", "annualized_return", "information_ratio", "max_drawdown"):
             summary[f"{name}/{key}"] = float(qlib_risk[key])
@@ -673,15 +744,17 @@ def _qlib_holdings(positions: Any, index: pd.DatetimeIndex) -> pd.DataFrame:
     frame = pd.DataFrame.from_dict(rows, orient="index").reindex(index).fillna(0.0)
     frame.index.name = "datetime"
     return frame.loc[:, (frame > 0).any()] if len(frame.columns) else frame
+
+
 def run_backtests(
-    signals: dict[str, Union[pd.Series, pd.DataFrame]],
+    signals: dict[str, pd.Series | pd.DataFrame],
     config: Config,
     *,
-    close: Optional[pd.DataFrame] = None,
-    benchmark: Optional[pd.Series] = None,
-    provider_uri: Optional[PathLike] = None,
-    time_range: Optional[Sequence] = None,
-    out_dir: Optional[PathLike] = None,
+    close: pd.DataFrame | None = None,
+    benchmark: pd.Series | None = None,
+    provider_uri: PathLike | None = None,
+    time_range: Sequence | None = None,
+    out_dir: PathLike | None = None,
     engine: str = "auto",
     **kwargs: Any,
 ) -> BacktestComparison:

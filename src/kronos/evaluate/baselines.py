@@ -8,6 +8,7 @@
   (:func:`kronos.evaluate.metrics.crps_lognormal`), not an estimate from the paths. Its point forecast is the median
   (last).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,14 @@ from kronos.evaluate.metrics import PathForecasts, context_volatility, crps_logn
 BASELINES = ("last_value", "drift", "random_walk")
 
 
-def baseline_forecasts(context_close: np.ndarray, true: np.ndarray, symbol: np.ndarray, anchor: np.ndarray,
-                       n_samples: int = 200, seed: int = 0) -> dict[str, PathForecasts]:
+def baseline_forecasts(
+    context_close: np.ndarray,
+    true: np.ndarray,
+    symbol: np.ndarray,
+    anchor: np.ndarray,
+    n_samples: int = 200,
+    seed: int = 0,
+) -> dict[str, PathForecasts]:
     """The three baselines for N contexts ``[N, L]`` (closes up to and including the anchor) and targets ``[N, P]``."""
     ctx = np.asarray(context_close, dtype=float)
     true = np.asarray(true, dtype=float)
@@ -29,8 +36,9 @@ def baseline_forecasts(context_close: np.ndarray, true: np.ndarray, symbol: np.n
     r = log_returns(ctx)
     mu = np.nan_to_num(np.nanmean(r, axis=1)) if r.shape[1] else np.zeros(n)
     sigma = context_volatility(ctx)
-    common = dict(symbol=np.asarray(symbol), anchor=np.asarray(anchor), last_close=last, scale=scale, true=true,
-                  vol=sigma)
+    common = dict(
+        symbol=np.asarray(symbol), anchor=np.asarray(anchor), last_close=last, scale=scale, true=true, vol=sigma
+    )
 
     flat = np.repeat(last[:, None], horizon, axis=1)
     drift = last[:, None] * np.exp(mu[:, None] * steps[None, :])
@@ -40,9 +48,15 @@ def baseline_forecasts(context_close: np.ndarray, true: np.ndarray, symbol: np.n
     return {
         "last_value": PathForecasts("last_value", point=flat, samples=flat[:, None, :], **common),
         "drift": PathForecasts("drift", point=drift, samples=drift[:, None, :], **common),
-        "random_walk": PathForecasts("random_walk", point=flat, samples=rw, **common,
-                                     crps=crps_lognormal(np.log(last)[:, None], sigma[:, None] * np.sqrt(steps)[None, :],
-                                                         np.nan_to_num(true, nan=1.0))),
+        "random_walk": PathForecasts(
+            "random_walk",
+            point=flat,
+            samples=rw,
+            **common,
+            crps=crps_lognormal(
+                np.log(last)[:, None], sigma[:, None] * np.sqrt(steps)[None, :], np.nan_to_num(true, nan=1.0)
+            ),
+        ),
     }
 
 

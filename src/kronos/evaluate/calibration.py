@@ -39,14 +39,16 @@ P(up), the share of sample paths above the last close, is recalibrated by Platt 
 logit, pooled over steps). The result is saved as ``calibration.json`` beside the predictor's ``best_model`` with a
 fingerprint of the predictor's weights, the lookback and the horizon; a file for another model is refused.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
@@ -101,8 +103,14 @@ def _center_fit(z: np.ndarray, y: np.ndarray, vol: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
-def _cqr_fit(method: str, z: np.ndarray, y: np.ndarray, level: float, vol: Optional[np.ndarray] = None,
-             center: Optional[np.ndarray] = None) -> np.ndarray:
+def _cqr_fit(
+    method: str,
+    z: np.ndarray,
+    y: np.ndarray,
+    level: float,
+    vol: np.ndarray | None = None,
+    center: np.ndarray | None = None,
+) -> np.ndarray:
     """Per-step conformal correction for one level from paths ``z [N,S,P]`` and outcomes ``y [N,P]`` (returns);
     ``center [P]`` (vol_scaled) shrinks the median toward the last close."""
     lo, hi = np.quantile(z, [(1 - level) / 2, (1 + level) / 2], axis=1)
@@ -142,8 +150,9 @@ def _spread_fit(z: np.ndarray, y: np.ndarray, levels: Sequence[float]) -> np.nda
     return np.array(scales)
 
 
-def _fit_params(method: str, z: np.ndarray, y: np.ndarray, levels: Sequence[float],
-                vol: Optional[np.ndarray] = None) -> dict:
+def _fit_params(
+    method: str, z: np.ndarray, y: np.ndarray, levels: Sequence[float], vol: np.ndarray | None = None
+) -> dict:
     if method == "none":
         return {}
     if method == "spread_scale":
@@ -155,31 +164,43 @@ def _fit_params(method: str, z: np.ndarray, y: np.ndarray, levels: Sequence[floa
         out["center"] = [float(v) for v in center]
     for lv in levels:
         corr = _cqr_fit(method, z, y, lv, vol, center)
-        out[f"{lv:g}"] = [float(v) if np.isfinite(v) else (1.0 if method == "cqr_multiplicative" else 0.0)
-                          for v in corr]
+        out[f"{lv:g}"] = [
+            float(v) if np.isfinite(v) else (1.0 if method == "cqr_multiplicative" else 0.0) for v in corr
+        ]
     return out
 
 
-def _coverage(cal: Calibration, samples: np.ndarray, last: np.ndarray, true: np.ndarray,
-              vol: Optional[np.ndarray] = None) -> dict:
+def _coverage(
+    cal: Calibration, samples: np.ndarray, last: np.ndarray, true: np.ndarray, vol: np.ndarray | None = None
+) -> dict:
     """Coverage (overall and per step) and mean relative width of each central level."""
     out = {}
     for lv in cal.levels:
         lo, hi = cal.quantiles(samples, last, [(1 - lv) / 2, (1 + lv) / 2], vol)
         inside = (true >= lo) & (true <= hi)
-        out[f"{lv:g}"] = {"coverage": float(inside.mean()), "by_step": [float(v) for v in inside.mean(axis=0)],
-                          "width": float(np.mean((hi - lo) / last[:, None]))}
+        out[f"{lv:g}"] = {
+            "coverage": float(inside.mean()),
+            "by_step": [float(v) for v in inside.mean(axis=0)],
+            "width": float(np.mean((hi - lo) / last[:, None])),
+        }
     return out
 
 
-def candidate(cal: "Calibration", method: str) -> "Calibration":
+def candidate(cal: Calibration, method: str) -> Calibration:
     """The calibration as if ``method`` had been chosen (its parameters from ``alternatives``)."""
     if method == cal.method:
         return cal
     if method != "none" and method not in cal.alternatives:
         raise InputError(f"calibration has no fitted parameters for method '{method}'")
-    return Calibration(method=method, levels=cal.levels, horizon=cal.horizon, lookback=cal.lookback,
-                       fingerprint=cal.fingerprint, params=cal.alternatives.get(method, {}), p_up=cal.p_up)
+    return Calibration(
+        method=method,
+        levels=cal.levels,
+        horizon=cal.horizon,
+        lookback=cal.lookback,
+        fingerprint=cal.fingerprint,
+        params=cal.alternatives.get(method, {}),
+        p_up=cal.p_up,
+    )
 
 
 def _platt_fit(p: np.ndarray, up: np.ndarray) -> tuple[float, float]:
@@ -196,10 +217,19 @@ def _platt_fit(p: np.ndarray, up: np.ndarray) -> tuple[float, float]:
     return (a, b) if math.isfinite(a) and math.isfinite(b) else (1.0, 0.0)
 
 
-def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarray, anchors: np.ndarray,
-                    levels: Sequence[float], lookback: int, fingerprint: str, holdout_fraction: float = 0.4,
-                    methods: Sequence[str] = METHODS, context_vol: Optional[np.ndarray] = None,
-                    method: str = DEFAULT_METHOD) -> Calibration:
+def fit_calibration(
+    samples: np.ndarray,
+    last_close: np.ndarray,
+    true: np.ndarray,
+    anchors: np.ndarray,
+    levels: Sequence[float],
+    lookback: int,
+    fingerprint: str,
+    holdout_fraction: float = 0.4,
+    methods: Sequence[str] = METHODS,
+    context_vol: np.ndarray | None = None,
+    method: str = DEFAULT_METHOD,
+) -> Calibration:
     """Fit the band correction ``method`` on validation forecasts (``"auto"``: the candidate of ``methods`` whose
     coverage on the later ``holdout_fraction`` of the anchors, fitted on the earlier part, is nearest nominal).
 
@@ -222,14 +252,18 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
         raise InputError(f"unknown calibration method '{method}'; expected one of {[*METHODS, 'auto']}")
     if vol is None:
         if method in VOL_METHODS:
-            raise InputError(f"calibration method '{method}' needs each forecast's context_vol (pass context_vol="
-                             "kronos.evaluate.metrics.recent_volatility(context closes)), or choose another method")
+            raise InputError(
+                f"calibration method '{method}' needs each forecast's context_vol (pass context_vol="
+                "kronos.evaluate.metrics.recent_volatility(context closes)), or choose another method"
+            )
         methods = [m for m in methods if m not in VOL_METHODS]
     methods = list(dict.fromkeys([*methods, *([method] if method != "auto" else [])]))
     n, _, horizon = samples.shape
     if n < 10:
-        raise InputError(f"calibration needs at least 10 validation forecasts with known targets, got {n}; "
-                         "lengthen the validation split or lower eval_stride")
+        raise InputError(
+            f"calibration needs at least 10 validation forecasts with known targets, got {n}; "
+            "lengthen the validation split or lower eval_stride"
+        )
     z = path_returns(samples, last)
     y = true / last[:, None] - 1.0
     base = dict(levels=levels, horizon=horizon, lookback=int(lookback), fingerprint=fingerprint)
@@ -246,15 +280,26 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
         cal = Calibration(method=m, params=_fit_params(m, z[fit_rows], y[fit_rows], levels, vf), **base)
         cov = _coverage(cal, samples[held], last[held], true[held], vh)
         err = float(np.mean([abs(cov[f"{lv:g}"]["coverage"] - lv) for lv in levels]))
-        width = float(np.mean([cov[f"{lv:g}"]["width"] for lv in levels]))
-        holdout[m] = {"coverage": {k: v["coverage"] for k, v in cov.items()},
-                      "width": {k: v["width"] for k, v in cov.items()}, "mean_abs_error": err,
-                      "n_fit": int(fit_rows.sum()), "n_holdout": int(held.sum())}
-    chosen = method if method != "auto" else min(methods, key=lambda m: (
-        round(holdout[m]["mean_abs_error"], 3), float(np.mean(list(holdout[m]["width"].values())))))
+        float(np.mean([cov[f"{lv:g}"]["width"] for lv in levels]))
+        holdout[m] = {
+            "coverage": {k: v["coverage"] for k, v in cov.items()},
+            "width": {k: v["width"] for k, v in cov.items()},
+            "mean_abs_error": err,
+            "n_fit": int(fit_rows.sum()),
+            "n_holdout": int(held.sum()),
+        }
+    chosen = (
+        method
+        if method != "auto"
+        else min(
+            methods,
+            key=lambda m: (round(holdout[m]["mean_abs_error"], 3), float(np.mean(list(holdout[m]["width"].values())))),
+        )
+    )
     fit_levels = sorted(set(levels) | set(CRPS_LEVELS))  # the reported levels and the CRPS grid's
-    alternatives = {m: _fit_params(m, z, y, fit_levels if m in BAND_METHODS else levels, vol)
-                    for m in methods if m != "none"}
+    alternatives = {
+        m: _fit_params(m, z, y, fit_levels if m in BAND_METHODS else levels, vol) for m in methods if m != "none"
+    }
     cal = Calibration(method=chosen, params=alternatives.get(chosen, {}), score_levels=list(CRPS_LEVELS), **base)
     cal.alternatives = alternatives
     raw = Calibration(method="none", **base)
@@ -271,15 +316,23 @@ def fit_calibration(samples: np.ndarray, last_close: np.ndarray, true: np.ndarra
     cal.p_up = {"method": "platt", "a": a, "b": b}
     p_cal = platt(p_raw, a, b)
     rate = float(up[moved].mean()) if moved.any() else float("nan")
-    cal.brier = {"raw": float(np.mean((p_raw[moved] - up[moved]) ** 2)) if moved.any() else float("nan"),
-                 "calibrated": float(np.mean((p_cal[moved] - up[moved]) ** 2)) if moved.any() else float("nan"),
-                 "base_rate": rate * (1 - rate), "up_rate": rate}
+    cal.brier = {
+        "raw": float(np.mean((p_raw[moved] - up[moved]) ** 2)) if moved.any() else float("nan"),
+        "calibrated": float(np.mean((p_cal[moved] - up[moved]) ** 2)) if moved.any() else float("nan"),
+        "base_rate": rate * (1 - rate),
+        "up_rate": rate,
+    }
     cal.seconds = round(time.time() - t0, 3)
     return cal
 
 
-def calibrated_crps(cal: Calibration, samples: np.ndarray, last_close: np.ndarray, true: np.ndarray,
-                    context_vol: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+def calibrated_crps(
+    cal: Calibration,
+    samples: np.ndarray,
+    last_close: np.ndarray,
+    true: np.ndarray,
+    context_vol: np.ndarray | None = None,
+) -> np.ndarray | None:
     """CRPS ``[N, P]`` (price units) of the calibrated distribution at the realised closes ``true``: the grid CRPS
     of its quantiles at :data:`~kronos.evaluate.metrics.CRPS_GRID`; None for a calibration fitted without those
     levels (written before they were added: rerun `kronos calibrate`)."""
@@ -295,8 +348,12 @@ def validation_scores(cal: Calibration, fc: Any) -> dict:
     ok = np.isfinite(fc.true).all(axis=1) & (fc.last_close > 0)
     last = fc.last_close[ok][:, None]
     raw = crps_samples(np.moveaxis(fc.samples[ok], 1, -1), fc.true[ok]) / last
-    out = {"n_forecasts": int(ok.sum()), "n_dates": int(len(np.unique(fc.anchor[ok]))),
-           "crps_rel": float(raw.mean()) if raw.size else float("nan"), "crps_rel_calibrated": None}
+    out = {
+        "n_forecasts": int(ok.sum()),
+        "n_dates": int(len(np.unique(fc.anchor[ok]))),
+        "crps_rel": float(raw.mean()) if raw.size else float("nan"),
+        "crps_rel_calibrated": None,
+    }
     vol = None if fc.vol is None else fc.vol[ok]
     calibrated = calibrated_crps(cal, fc.samples[ok], fc.last_close[ok], fc.true[ok], vol)
     if calibrated is not None and calibrated.size:
@@ -304,8 +361,9 @@ def validation_scores(cal: Calibration, fc: Any) -> dict:
     return out
 
 
-def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
-                            out_path: Union[str, os.PathLike, None] = None) -> Calibration:
+def calibrate_on_validation(
+    cfg: Any, predictor: Any, frame: Any, bounds: dict, out_path: str | os.PathLike | None = None
+) -> Calibration:
     """Rolling forecasts at validation anchors (every target inside validation), fit, save ``calibration.json``.
 
     ``frame`` is the dataset's long frame (all splits, sorted by symbol and time); ``bounds`` the split dates of
@@ -314,8 +372,9 @@ def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
     """
     t0 = time.time()
     L, P = int(cfg.lookback_window), int(cfg.predict_window)
-    anchors = select_anchors(frame, bounds.get("train_end"), bounds.get("val_end"), L, P, cfg.eval_stride,
-                             cfg.eval_max_anchors)
+    anchors = select_anchors(
+        frame, bounds.get("train_end"), bounds.get("val_end"), L, P, cfg.eval_stride, cfg.eval_max_anchors
+    )
     if len(anchors) < 10:
         raise InputError(
             f"calibration needs at least 10 validation anchors whose {P} target bars lie inside the validation "
@@ -326,23 +385,50 @@ def calibrate_on_validation(cfg: Any, predictor: Any, frame: Any, bounds: dict,
     fp = model_fingerprint(predictor, L, P)
     # the report's central levels plus the bands the forecasts carry (quantiles q and 1 - q)
     levels = {round(float(v), 10) for v in (getattr(cfg, "interval_levels", None) or [0.5, 0.8])}
-    levels |= {round(abs(2 * float(q) - 1), 10) for q in getattr(cfg, "quantiles", []) if 0 < float(q) < 1
-               and abs(float(q) - 0.5) > 1e-9}
+    levels |= {
+        round(abs(2 * float(q) - 1), 10)
+        for q in getattr(cfg, "quantiles", [])
+        if 0 < float(q) < 1 and abs(float(q) - 0.5) > 1e-9
+    }
     levels = sorted(levels)
-    cal = fit_calibration(fc.samples, fc.last_close, fc.true, fc.anchor, levels, L, fp, context_vol=fc.vol,
-                          method=str(getattr(cfg, "calibration_method", DEFAULT_METHOD)))
+    cal = fit_calibration(
+        fc.samples,
+        fc.last_close,
+        fc.true,
+        fc.anchor,
+        levels,
+        L,
+        fp,
+        context_vol=fc.vol,
+        method=str(getattr(cfg, "calibration_method", DEFAULT_METHOD)),
+    )
     cal.validation = validation_scores(cal, fc)
     cal.seconds = round(time.time() - t0, 2)
     path = Path(out_path) if out_path is not None else calibration_path(cfg.finetuned_predictor)
     cal.save(path)
     log.info(
-        "calibration (%s) fitted on %d validation forecasts in %.1fs: coverage %s -> %s; saved %s", cal.method,
-        cal.n_anchors, cal.seconds, {k: round(v["coverage"], 3) for k, v in cal.coverage_before.items()},
-        {k: round(v["coverage"], 3) for k, v in cal.coverage_after.items()}, path)
+        "calibration (%s) fitted on %d validation forecasts in %.1fs: coverage %s -> %s; saved %s",
+        cal.method,
+        cal.n_anchors,
+        cal.seconds,
+        {k: round(v["coverage"], 3) for k, v in cal.coverage_before.items()},
+        {k: round(v["coverage"], 3) for k, v in cal.coverage_after.items()},
+        path,
+    )
     return cal
 
 
 __all__ = [
-    "Calibration", "DEFAULT_METHOD", "METHODS", "apply_calibration", "calibrate_on_validation", "calibrated_crps",
-    "calibration_path", "candidate", "fit_calibration", "load_calibration", "model_fingerprint", "validation_scores",
+    "Calibration",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "apply_calibration",
+    "calibrate_on_validation",
+    "calibrated_crps",
+    "calibration_path",
+    "candidate",
+    "fit_calibration",
+    "load_calibration",
+    "model_fingerprint",
+    "validation_scores",
 ]

@@ -12,12 +12,14 @@ The model's scores (CRPS, MASE, direction accuracy, IC, coverage, ...) are compu
 
 Undefined values (one symbol, no realised data, ...) are NaN, never exceptions.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,8 +39,7 @@ def _check_records(records: pd.DataFrame, required: Sequence[str] = REQUIRED_COL
     missing = [c for c in required if c not in records.columns]
     if missing:
         raise InputError(
-            f"forecast records lack column(s) {missing}; expected {list(required)} "
-            f"(got {list(records.columns)[:12]})"
+            f"forecast records lack column(s) {missing}; expected {list(required)} (got {list(records.columns)[:12]})"
         )
     df = records.reset_index(drop=True)
     numeric = [c for c in df.columns if c in ("step", "last_close", "true_close", "close", "close_scale")]
@@ -115,8 +116,9 @@ def ic_by_date(records: pd.DataFrame) -> pd.DataFrame:
     """The model's per-anchor-date IC and RankIC (forecast vs realised return to the horizon's last step, as the
     report's IC), for :func:`kronos.evaluate.plots.plot_ic_over_time`."""
     fin = _final_rows(_check_records(records, (*REQUIRED_COLUMNS, "true_close")))
-    fin = fin.assign(pred_ret=fin["close"] / fin["last_close"] - 1.0,
-                     true_ret=fin["true_close"] / fin["last_close"] - 1.0).replace([np.inf, -np.inf], np.nan)
+    fin = fin.assign(
+        pred_ret=fin["close"] / fin["last_close"] - 1.0, true_ret=fin["true_close"] / fin["last_close"] - 1.0
+    ).replace([np.inf, -np.inf], np.nan)
     return daily_ic(fin, "pred_ret", "true_ret")
 
 
@@ -175,7 +177,7 @@ def all_signals(records: pd.DataFrame) -> dict[str, pd.Series]:
     return {kind: signals_from_records(records, kind) for kind in SIGNAL_KINDS}
 
 
-def save_metrics(metrics: dict[str, Any], path: Union[str, os.PathLike]) -> None:
+def save_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> None:
     """Write a metrics dict as strict JSON (NaN -> null), atomically."""
     kio.write_json(path, metrics)
 
@@ -200,10 +202,10 @@ class PathForecasts:
     true: np.ndarray
     point: np.ndarray
     samples: np.ndarray
-    vol: Optional[np.ndarray] = None  # [N] the context's recent log-return volatility (recent_volatility)
-    crps: Optional[np.ndarray] = None  # [N, P] exact CRPS when the forecaster has a closed form (random walk)
-    crps_calibrated: Optional[np.ndarray] = None  # [N, P] CRPS of its calibrated bands (set by the report)
-    records: Optional[pd.DataFrame] = None  # a model's forecast records (predict_df's schema) at these anchors
+    vol: np.ndarray | None = None  # [N] the context's recent log-return volatility (recent_volatility)
+    crps: np.ndarray | None = None  # [N, P] exact CRPS when the forecaster has a closed form (random walk)
+    crps_calibrated: np.ndarray | None = None  # [N, P] CRPS of its calibrated bands (set by the report)
+    records: pd.DataFrame | None = None  # a model's forecast records (predict_df's schema) at these anchors
 
     @property
     def horizon(self) -> int:
@@ -263,7 +265,9 @@ def crps_lognormal(mu: np.ndarray, sigma: np.ndarray, y: np.ndarray) -> np.ndarr
     m, sd, v = mu[pos], sigma[pos], y[pos]
     z = (np.log(v) - m) / sd
     out = out.copy()
-    out[pos] = v * (2 * norm.cdf(z) - 1) - 2 * np.exp(m + sd**2 / 2) * (norm.cdf(z - sd) + norm.cdf(sd / np.sqrt(2)) - 1)
+    out[pos] = v * (2 * norm.cdf(z) - 1) - 2 * np.exp(m + sd**2 / 2) * (
+        norm.cdf(z - sd) + norm.cdf(sd / np.sqrt(2)) - 1
+    )
     return out
 
 
@@ -294,7 +298,8 @@ def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[
 
     ``loss_a`` and ``loss_b`` are aligned loss series (time order). d = loss_a - loss_b; the long-run variance
     uses autocovariances up to lag h-1 (with Bartlett weights when the plain sum is not positive, as happens with few
-    dates and many lags; ``kernel`` says which); the statistic is scaled by sqrt((T + 1 - 2h + h(h-1)/T) / T) and compared
+    dates and many lags; ``kernel`` says which); the statistic is scaled by sqrt((T + 1 - 2h + h(h-1)/T) / T) and
+    compared
     with Student's t on T-1 degrees of freedom (two-sided). A negative statistic means ``a`` has the lower loss.
     """
     from scipy import stats
@@ -303,12 +308,17 @@ def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[
     d = d[np.isfinite(d)]
     n = int(d.size)
     h = max(1, int(h))
-    out = {"dm_stat": _nan(), "p_value": _nan(), "mean_loss_diff": _f(d.mean()) if n else _nan(), "n": float(n),
-           "lags": float(h - 1)}
+    out = {
+        "dm_stat": _nan(),
+        "p_value": _nan(),
+        "mean_loss_diff": _f(d.mean()) if n else _nan(),
+        "n": float(n),
+        "lags": float(h - 1),
+    }
     if n < 3 or h >= n:
         return out
     dc = d - d.mean()
-    gamma = [float(np.dot(dc[k:], dc[:n - k]) / n) for k in range(h)]
+    gamma = [float(np.dot(dc[k:], dc[: n - k]) / n) for k in range(h)]
     var = (gamma[0] + 2.0 * sum(gamma[1:])) / n
     out["kernel"] = "rectangular"
     if not var > 0:  # few dates and many lags can make it negative: Newey-West (Bartlett) weights never do
@@ -341,8 +351,9 @@ def nanmean(x: np.ndarray, axis=None):
             return np.nanmean(x, axis=axis)
 
 
-def score_paths(fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[float],
-                pit_bins: int = 10) -> dict[str, Any]:
+def score_paths(
+    fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[float], pit_bins: int = 10
+) -> dict[str, Any]:
     """Every point and probabilistic metric of one forecaster: ``{"overall": {...}, "by_step": {...}, "pit": [...]}``.
 
     Point metrics on price and on return (``x / last_close - 1``): MSE, MAE, MASE, direction accuracy (rows whose
@@ -368,9 +379,12 @@ def score_paths(fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[
     by["mase"] = nanmean(np.abs(e_price) / scale, 0)
     sp, st = np.sign(pr), np.sign(yr)
     dir_ok = ok & (sp != 0) & (st != 0)
-    by["direction_accuracy"] = np.array([
-        _f((sp[dir_ok[:, k], k] == st[dir_ok[:, k], k]).mean()) if dir_ok[:, k].any() else _nan()
-        for k in range(fc.horizon)])
+    by["direction_accuracy"] = np.array(
+        [
+            _f((sp[dir_ok[:, k], k] == st[dir_ok[:, k], k]).mean()) if dir_ok[:, k].any() else _nan()
+            for k in range(fc.horizon)
+        ]
+    )
     ic_rows = [_pearson_per_anchor(fc.anchor[ok[:, k]], pr[ok[:, k], k], yr[ok[:, k], k]) for k in range(fc.horizon)]
     by["ic"] = np.array([r[0] for r in ic_rows])
     by["rank_ic"] = np.array([r[1] for r in ic_rows])
@@ -399,15 +413,18 @@ def score_paths(fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[
     p_up = prob_up(s, fc.last_close)
     moved = ok & (y != last)
     up = (y > last).astype(float)
-    by["brier_up"] = np.array([_f(np.mean((p_up[moved[:, k], k] - up[moved[:, k], k]) ** 2))
-                               if moved[:, k].any() else _nan() for k in range(fc.horizon)])
-    overall: dict[str, float] = {k: _f(nanmean(v)) for k, v in by.items()
-                                 if k not in ("ic", "rank_ic", "icir", "wql")}
+    by["brier_up"] = np.array(
+        [
+            _f(np.mean((p_up[moved[:, k], k] - up[moved[:, k], k]) ** 2)) if moved[:, k].any() else _nan()
+            for k in range(fc.horizon)
+        ]
+    )
+    overall: dict[str, float] = {k: _f(nanmean(v)) for k, v in by.items() if k not in ("ic", "rank_ic", "icir", "wql")}
     overall["ic"], overall["rank_ic"], overall["icir"] = ic_rows[-1]
     if "wql" in by:
         loss_all = [np.where(ok, pinball_loss(y, qv, q), np.nan) for q, qv in zip(quantiles, qs)]
         tot = float(np.nansum(np.abs(np.where(ok, y, np.nan))))
-        overall["wql"] = _f(np.mean([2.0 * np.nansum(l) / tot for l in loss_all])) if tot > 0 else _nan()
+        overall["wql"] = _f(np.mean([2.0 * np.nansum(loss) / tot for loss in loss_all])) if tot > 0 else _nan()
     all_moved = moved
     overall["brier_up"] = _f(np.mean((p_up[all_moved] - up[all_moved]) ** 2)) if all_moved.any() else _nan()
     overall["up_rate"] = _f(up[all_moved].mean()) if all_moved.any() else _nan()
@@ -423,13 +440,21 @@ def score_paths(fc: PathForecasts, quantiles: Sequence[float], levels: Sequence[
         sp_path = np.concatenate([np.repeat(fc.last_close[full_ok, None, None], s.shape[1], 1), s[full_ok]], axis=2)
         with np.errstate(all="ignore"):
             fv = np.mean(np.std(np.diff(np.log(sp_path), axis=2), axis=2, ddof=1), axis=1)
-        vol = {"realised_vol": _f(np.nanmean(rv)), "forecast_vol": _f(np.nanmean(fv)),
-               "vol_mae": _f(np.nanmean(np.abs(fv - rv))), "vol_corr": _corr(fv, rv) if rv.size >= 3 else _nan()}
+        vol = {
+            "realised_vol": _f(np.nanmean(rv)),
+            "forecast_vol": _f(np.nanmean(fv)),
+            "vol_mae": _f(np.nanmean(np.abs(fv - rv))),
+            "vol_corr": _corr(fv, rv) if rv.size >= 3 else _nan(),
+        }
     overall.update(vol)
     overall["n_forecasts"] = float(ok.any(axis=1).sum())
     overall["n_samples"] = float(s.shape[1])
-    return {"overall": overall, "by_step": {k: [_f(x) for x in v] for k, v in by.items()},
-            "pit": [int(c) for c in hist], "p_up": p_up}
+    return {
+        "overall": overall,
+        "by_step": {k: [_f(x) for x in v] for k, v in by.items()},
+        "pit": [int(c) for c in hist],
+        "p_up": p_up,
+    }
 
 
 def dm_versus(model: PathForecasts, reference: PathForecasts, stride: int = 1) -> dict[str, float]:
@@ -441,8 +466,9 @@ def dm_versus(model: PathForecasts, reference: PathForecasts, stride: int = 1) -
     return dm_by_date(model.anchor, la, lb, model.horizon, stride)
 
 
-def dm_by_date(anchor: np.ndarray, loss_a: np.ndarray, loss_b: np.ndarray, horizon: int,
-               stride: int = 1) -> dict[str, float]:
+def dm_by_date(
+    anchor: np.ndarray, loss_a: np.ndarray, loss_b: np.ndarray, horizon: int, stride: int = 1
+) -> dict[str, float]:
     """DM test of two forecasters' losses ``[N, P]`` averaged per anchor date (time order). Forecasts from anchors
     less than a horizon apart overlap, so the long-run variance keeps ceil(P / stride) - 1 autocovariance lags."""
     frame = pd.DataFrame({"anchor": anchor, "a": nanmean(loss_a, 1), "b": nanmean(loss_b, 1)}).dropna()

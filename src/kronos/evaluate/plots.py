@@ -5,12 +5,14 @@ importing this module leaves ``plt.show()`` in a notebook alone. Every figure is
 (:func:`kronos.io.write_file`), so a reader never sees half a PNG. Time axes of K-line figures count
 trading bars, not calendar time: weekends, holidays and overnight breaks leave no gaps or straight lines.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,19 +24,20 @@ from kronos.data.schema import VALUE_COLUMNS
 from kronos.errors import DataError, InputError
 from kronos.inference.bands import quantile_columns
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 _TIME_COLUMNS = ("timestamps", "timestamp", "datetime", "date", "time")
 UP, DOWN = "#26a69a", "#ef5350"  # candle colours (rising, falling)
 
 
-def _figure(nrows: int, figsize: tuple, ratios: Optional[Sequence[float]] = None, sharex: bool = True):
+def _figure(nrows: int, figsize: tuple, ratios: Sequence[float] | None = None, sharex: bool = True):
     fig = Figure(figsize=figsize)
-    axes = fig.subplots(nrows, 1, sharex=sharex, squeeze=False,
-                        gridspec_kw={"height_ratios": list(ratios)} if ratios else None)
+    axes = fig.subplots(
+        nrows, 1, sharex=sharex, squeeze=False, gridspec_kw={"height_ratios": list(ratios)} if ratios else None
+    )
     return fig, axes[:, 0]
 
 
-def save_figure(fig: Figure, path: Optional[PathLike], dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: PathLike | None, dpi: int = 120) -> Path:
     if path is None:
         raise InputError("a plot needs an output path (path=...)")
     return kio.write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
@@ -56,23 +59,27 @@ def _bar_axis(ax: Any, index: pd.Index) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(label))
 
 
-def _candles(ax: Any, x: np.ndarray, frame: pd.DataFrame, alpha: float = 1.0, width: float = 0.7,
-             label: Optional[str] = None) -> None:
-    o, h, l, c = (pd.to_numeric(frame[k], errors="coerce").to_numpy(dtype=float) for k in ("open", "high", "low", "close"))
+def _candles(
+    ax: Any, x: np.ndarray, frame: pd.DataFrame, alpha: float = 1.0, width: float = 0.7, label: str | None = None
+) -> None:
+    o, h, lo, c = (
+        pd.to_numeric(frame[k], errors="coerce").to_numpy(dtype=float) for k in ("open", "high", "low", "close")
+    )
     up = c >= o
     colors = np.where(up, UP, DOWN)
-    ax.vlines(x, l, h, colors=colors, lw=0.8, alpha=alpha)
+    ax.vlines(x, lo, h, colors=colors, lw=0.8, alpha=alpha)
     body = np.abs(c - o)
-    body = np.where(body == 0, np.nanmax(np.r_[h - l, 0.0]) * 1e-3 + 1e-12, body)
-    ax.bar(x, body, bottom=np.minimum(o, c), width=width, color=colors, edgecolor=colors, lw=0.5, alpha=alpha,
-           label=label)
+    body = np.where(body == 0, np.nanmax(np.r_[h - lo, 0.0]) * 1e-3 + 1e-12, body)
+    ax.bar(
+        x, body, bottom=np.minimum(o, c), width=width, color=colors, edgecolor=colors, lw=0.5, alpha=alpha, label=label
+    )
 
 
-def _has_ohlc(df: Optional[pd.DataFrame]) -> bool:
+def _has_ohlc(df: pd.DataFrame | None) -> bool:
     return df is not None and all(k in df.columns for k in ("open", "high", "low", "close"))
 
 
-def _with_time_index(df: Optional[pd.DataFrame], what: str) -> Optional[pd.DataFrame]:
+def _with_time_index(df: pd.DataFrame | None, what: str) -> pd.DataFrame | None:
     """Index ``df`` by time: its DatetimeIndex, else a timestamps/datetime column, else its own index."""
     if df is None:
         return None
@@ -98,11 +105,11 @@ def _column(df: pd.DataFrame, name: str, what: str) -> pd.Series:
 def plot_forecast(
     history: pd.DataFrame,
     forecast: pd.DataFrame,
-    band: Optional[tuple[pd.DataFrame, pd.DataFrame]] = None,
-    actual: Optional[pd.DataFrame] = None,
+    band: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+    actual: pd.DataFrame | None = None,
     title: str = "",
-    path: Optional[PathLike] = None,
-    prob_up: Optional[Sequence[float]] = None,
+    path: PathLike | None = None,
+    prob_up: Sequence[float] | None = None,
 ) -> Path:
     """Candlesticks of the context (or its close line when it has no OHLC), the mean forecast continuing from the
     last close, an optional quantile band ``(lo, hi)`` around it, the optional actual future (candles), volume in
@@ -121,8 +128,11 @@ def plot_forecast(
     n_h, n_f = len(hist), len(fc)
     xh = np.arange(n_h, dtype=float)
     xf = np.arange(n_h, n_h + n_f, dtype=float)
-    axis_index = hist.index.append(fc.index) if isinstance(hist.index, pd.DatetimeIndex) and isinstance(
-        fc.index, pd.DatetimeIndex) else pd.RangeIndex(n_h + n_f)
+    axis_index = (
+        hist.index.append(fc.index)
+        if isinstance(hist.index, pd.DatetimeIndex) and isinstance(fc.index, pd.DatetimeIndex)
+        else pd.RangeIndex(n_h + n_f)
+    )
     has_volume = "volume" in hist.columns and "volume" in fc.columns
     panels = [3.0] + ([1.0] if has_volume else []) + ([0.8] if prob_up is not None else [])
     fig, axes = _figure(len(panels), (11, 3.5 + 2.0 * (len(panels) - 1) + 1.0), panels)
@@ -158,11 +168,20 @@ def plot_forecast(
         vax = axes[k]
         k += 1
         vol_h = _column(hist, "volume", "history").to_numpy(dtype=float)
-        colors = np.where(close_h.to_numpy() >= _column(hist, "open", "history").to_numpy(), UP, DOWN) \
-            if "open" in hist.columns else "tab:blue"
+        colors = (
+            np.where(close_h.to_numpy() >= _column(hist, "open", "history").to_numpy(), UP, DOWN)
+            if "open" in hist.columns
+            else "tab:blue"
+        )
         vax.bar(xh, vol_h, width=0.7, color=colors, alpha=0.6, label="history")
-        vax.bar(xf, _column(fc, "volume", "forecast").to_numpy(dtype=float), width=0.7, color="tab:purple", alpha=0.45,
-                label="forecast")
+        vax.bar(
+            xf,
+            _column(fc, "volume", "forecast").to_numpy(dtype=float),
+            width=0.7,
+            color="tab:purple",
+            alpha=0.45,
+            label="forecast",
+        )
         vax.set_ylabel("volume")
         vax.grid(alpha=0.3)
         vax.legend(loc="upper left", fontsize=8)
@@ -198,7 +217,7 @@ def read_metrics_jsonl(path: PathLike) -> list[dict]:
     return rows
 
 
-def plot_training_curves(metrics: Union[PathLike, Sequence[dict]], path: PathLike, title: str = "") -> Path:
+def plot_training_curves(metrics: PathLike | Sequence[dict], path: PathLike, title: str = "") -> Path:
     """Every ``*loss*`` series against ``step`` (train solid, validation with markers), log-scaled when the
     values span over two decades, and the learning rate in a lower panel when logged."""
     rows = read_metrics_jsonl(metrics) if isinstance(metrics, (str, os.PathLike)) else list(metrics)
@@ -282,8 +301,9 @@ def plot_backtest(daily: pd.DataFrame, path: PathLike, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def plot_backtest_comparison(dailies: dict[str, pd.DataFrame], path: PathLike, benchmark_label: str = "benchmark",
-                             title: str = "") -> Path:
+def plot_backtest_comparison(
+    dailies: dict[str, pd.DataFrame], path: PathLike, benchmark_label: str = "benchmark", title: str = ""
+) -> Path:
     """Several signals' backtests: cumulative return with cost and the benchmark (top), cumulative excess return
     with cost (bottom), as the official script's figure."""
     if not dailies:
@@ -323,8 +343,13 @@ def plot_ic_over_time(ic: pd.DataFrame, path: PathLike, title: str = "", window:
     ax = axes[0]
     for col, color in zip(cols, ("tab:blue", "tab:orange")):
         ax.bar(x, d[col].fillna(0.0).to_numpy(), width=0.8, color=color, alpha=0.3, label=f"{col} per date")
-        ax.plot(x, d[col].rolling(window, min_periods=1).mean().to_numpy(), color=color, lw=1.6,
-                label=f"{col} ({window}-date mean)")
+        ax.plot(
+            x,
+            d[col].rolling(window, min_periods=1).mean().to_numpy(),
+            color=color,
+            lw=1.6,
+            label=f"{col} ({window}-date mean)",
+        )
     ax.axhline(0.0, color="grey", lw=0.8)
     means = ", ".join(f"mean {c} {d[c].mean():.4f}" for c in cols)
     ax.set_title(title or f"IC over time ({means})")
@@ -340,8 +365,9 @@ def plot_ic_over_time(ic: pd.DataFrame, path: PathLike, title: str = "", window:
     return save_figure(fig, path)
 
 
-def plot_forecast_vs_actual(records: pd.DataFrame, symbols: Sequence[str], path: PathLike, step: int = 1,
-                            title: str = "") -> Path:
+def plot_forecast_vs_actual(
+    records: pd.DataFrame, symbols: Sequence[str], path: PathLike, step: int = 1, title: str = ""
+) -> Path:
     """Realised close against the rolling ``step``-bar-ahead forecast (mean and band) for a few symbols, one
     panel each, on the bars of forecast records (:meth:`KronosPredictor.predict_df`'s schema)."""
     need = {"symbol", "step", "close", "true_close"}
@@ -360,8 +386,15 @@ def plot_forecast_vs_actual(records: pd.DataFrame, symbols: Sequence[str], path:
         r = rows[rows["symbol"] == sym].sort_values(time_col)
         x = np.arange(len(r))
         if len(qcols) >= 2:
-            ax.fill_between(x, r[qcols[min(qcols)]].to_numpy(dtype=float), r[qcols[max(qcols)]].to_numpy(dtype=float),
-                            color="tab:red", alpha=0.18, lw=0, label=f"band q{min(qcols):g}-q{max(qcols):g}")
+            ax.fill_between(
+                x,
+                r[qcols[min(qcols)]].to_numpy(dtype=float),
+                r[qcols[max(qcols)]].to_numpy(dtype=float),
+                color="tab:red",
+                alpha=0.18,
+                lw=0,
+                label=f"band q{min(qcols):g}-q{max(qcols):g}",
+            )
         ax.plot(x, r["true_close"].to_numpy(dtype=float), color="black", lw=1.3, label="realised close")
         ax.plot(x, r["close"].to_numpy(dtype=float), color="tab:red", lw=1.2, label=f"forecast ({step}-bar ahead)")
         if "last_close" in r.columns:
@@ -374,8 +407,9 @@ def plot_forecast_vs_actual(records: pd.DataFrame, symbols: Sequence[str], path:
     return save_figure(fig, path)
 
 
-def frames_from_records(records: pd.DataFrame, symbol: str, anchor: Any = None
-                        ) -> tuple[pd.DataFrame, Optional[tuple[pd.DataFrame, pd.DataFrame]], Optional[pd.DataFrame]]:
+def frames_from_records(
+    records: pd.DataFrame, symbol: str, anchor: Any = None
+) -> tuple[pd.DataFrame, tuple[pd.DataFrame, pd.DataFrame] | None, pd.DataFrame | None]:
     """The forecast, quantile band and actual future of one forecast in a records frame
     (:meth:`KronosPredictor.predict_df`'s schema), ready for :func:`plot_forecast` (``anchor`` defaults to the
     symbol's latest). The forecast holds the value columns present (open .. amount), the actual future the
@@ -413,6 +447,13 @@ def frames_from_records(records: pd.DataFrame, symbol: str, anchor: Any = None
 
 
 __all__: Iterable[str] = [
-    "plot_forecast", "plot_training_curves", "plot_backtest", "plot_backtest_comparison", "frames_from_records",
-    "read_metrics_jsonl", "plot_ic_over_time", "plot_forecast_vs_actual", "drawdown",
+    "plot_forecast",
+    "plot_training_curves",
+    "plot_backtest",
+    "plot_backtest_comparison",
+    "frames_from_records",
+    "read_metrics_jsonl",
+    "plot_ic_over_time",
+    "plot_forecast_vs_actual",
+    "drawdown",
 ]

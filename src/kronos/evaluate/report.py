@@ -2,7 +2,8 @@
 
 Anchors are bars whose whole forecast horizon lies after the last validation bar and within the test split (their
 context may reach back into earlier splits), every ``eval_stride`` anchor dates, at most ``eval_max_anchors`` dates
-spread over the split. At each anchor the finetuned predictor and, when a pretrained predictor is configured, the zero-shot starting model sample
+spread over the split. At each anchor the finetuned predictor and, when a pretrained predictor is configured, the
+zero-shot starting model sample
 paths (repeated over ``eval_seeds``); the baselines of :mod:`kronos.evaluate.baselines` forecast from the same
 context. :func:`kronos.evaluate.metrics.score_paths` scores each; a calibration (``calibration.json``) is applied
 to the finetuned model's bands and P(up) and reported beside the raw figures.
@@ -10,17 +11,18 @@ to the finetuned model's bands and P(up) and reported beside the raw figures.
 Outputs in ``out_dir``: ``report.json`` (everything), ``report.md`` (the table a person reads), and the PNGs
 ``error_by_horizon.png``, ``pit_histogram.png``, ``coverage_by_horizon.png``, ``reliability.png``.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
 from matplotlib.figure import Figure
 
 from kronos import io as kio
@@ -40,19 +42,38 @@ from kronos.evaluate.rolling import SplitForecasts
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("mse_ret", "mae_ret", "mase", "direction_accuracy", "ic", "rank_ic", "crps_rel", "wql",
-            "coverage_0.5", "coverage_0.8", "width_0.8", "brier_up", "vol_corr")
+HEADLINE = (
+    "mse_ret",
+    "mae_ret",
+    "mase",
+    "direction_accuracy",
+    "ic",
+    "rank_ic",
+    "crps_rel",
+    "wql",
+    "coverage_0.5",
+    "coverage_0.8",
+    "width_0.8",
+    "brier_up",
+    "vol_corr",
+)
 
 
 # ---------------------------------------------------------------------- scoring helpers
 def _seed_summary(runs: list[dict]) -> dict:
     """Mean and spread (sample std; 0 with one seed) of each overall metric over seeds; by-step means."""
     keys = runs[0]["overall"].keys()
-    mean = {k: float(nanmean(np.array([r["overall"][k] for r in runs]))) if any(
-        np.isfinite(r["overall"][k]) for r in runs) else float("nan") for k in keys}
+    mean = {
+        k: float(nanmean(np.array([r["overall"][k] for r in runs])))
+        if any(np.isfinite(r["overall"][k]) for r in runs)
+        else float("nan")
+        for k in keys
+    }
     std = {k: float(np.nanstd([r["overall"][k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys}
-    by_step = {k: [float(v) for v in nanmean(np.array([r["by_step"][k] for r in runs], dtype=float), axis=0)]
-               for k in runs[0]["by_step"]}
+    by_step = {
+        k: [float(v) for v in nanmean(np.array([r["by_step"][k] for r in runs], dtype=float), axis=0)]
+        for k in runs[0]["by_step"]
+    }
     pit = [int(v) for v in np.sum([r["pit"] for r in runs], axis=0)]
     return {"overall": mean, "overall_std": std, "by_step": by_step, "pit": pit, "n_seeds": len(runs)}
 
@@ -66,8 +87,9 @@ def relative_quantile_crps(qv: np.ndarray, qs: Sequence[float], y: np.ndarray, l
 def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     """Raw vs calibrated coverage (with its interval, ``block`` dates per horizon), width, quantile-CRPS (and P(up)
     Brier, reliability bins) of one forecaster."""
-    raw = Calibration(method="none", levels=cal.levels, horizon=cal.horizon, lookback=cal.lookback,
-                      fingerprint=cal.fingerprint)
+    raw = Calibration(
+        method="none", levels=cal.levels, horizon=cal.horizon, lookback=cal.lookback, fingerprint=cal.fingerprint
+    )
     y, last = fc.true, fc.last_close
     qs = cal.quantile_levels()
     out: dict[str, Any] = {"method": cal.method, "levels": cal.levels, "quantiles": qs}
@@ -104,8 +126,7 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     return out
 
 
-def coverage_interval(inside: np.ndarray, dates: np.ndarray, block: int = 1, n_boot: int = 2000,
-                      seed: int = 0) -> list:
+def coverage_interval(inside: np.ndarray, dates: np.ndarray, block: int = 1, n_boot: int = 2000, seed: int = 0) -> list:
     """95% interval ``[low, high]`` of a coverage by a moving-block bootstrap over anchor dates: a market-wide move
     hits every symbol of a date at once, and forecasts whose horizons overlap share outcomes, so whole runs of
     ``block`` consecutive dates are resampled (``block``: dates per forecast horizon)."""
@@ -147,9 +168,18 @@ def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
 
 
 # ---------------------------------------------------------------------- the report
-def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, forecasts: SplitForecasts, out_dir: str,
-                 calibrations: Optional[dict] = None, skipped: Optional[dict] = None, in_use: str = "finetuned",
-                 starting_cutoff: Optional[dict] = None, selection: Optional[dict] = None) -> dict:
+def build_report(
+    cfg: Any,
+    frame: pd.DataFrame,
+    bounds: dict,
+    forecasts: SplitForecasts,
+    out_dir: str,
+    calibrations: dict | None = None,
+    skipped: dict | None = None,
+    in_use: str = "finetuned",
+    starting_cutoff: dict | None = None,
+    selection: dict | None = None,
+) -> dict:
     """Score the models of the test pass ``forecasts`` (:func:`kronos.evaluate.rolling.forecast_split`) and the
     baselines on the same anchors; write the outputs.
 
@@ -168,15 +198,28 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, forecasts: SplitFo
     symbols, dates = anchors["symbol"].to_numpy(), anchors["anchor"].to_numpy()
     calibrations = {k: v for k, v in (calibrations or {}).items() if v is not None and k in models}
     report: dict[str, Any] = {
-        "anchors": {"n_forecasts": int(len(anchors)), "n_dates": int(anchors["anchor"].nunique()),
-                    "n_symbols": int(anchors["symbol"].nunique()), "first": str(anchors["anchor"].min()),
-                    "last": str(anchors["anchor"].max()), "eval_stride": int(cfg.eval_stride),
-                    "eval_max_anchors": int(cfg.eval_max_anchors)},
-        "splits": {k: str(v) for k, v in bounds.items()}, "seeds": seeds, "quantiles": quantiles,
-        "levels": levels, "lookback_window": L, "predict_window": P,
-        "sample_count": int(cfg.inference_sample_count), "forecasters": {}, "skipped": dict(skipped or {}),
-        "crps_estimator": CRPS_ESTIMATOR, "model_in_use": in_use if in_use in models else None,
-        "model_selection": selection or None, "warnings": [],
+        "anchors": {
+            "n_forecasts": int(len(anchors)),
+            "n_dates": int(anchors["anchor"].nunique()),
+            "n_symbols": int(anchors["symbol"].nunique()),
+            "first": str(anchors["anchor"].min()),
+            "last": str(anchors["anchor"].max()),
+            "eval_stride": int(cfg.eval_stride),
+            "eval_max_anchors": int(cfg.eval_max_anchors),
+        },
+        "splits": {k: str(v) for k, v in bounds.items()},
+        "seeds": seeds,
+        "quantiles": quantiles,
+        "levels": levels,
+        "lookback_window": L,
+        "predict_window": P,
+        "sample_count": int(cfg.inference_sample_count),
+        "forecasters": {},
+        "skipped": dict(skipped or {}),
+        "crps_estimator": CRPS_ESTIMATOR,
+        "model_in_use": in_use if in_use in models else None,
+        "model_selection": selection or None,
+        "warnings": [],
     }
     base = baseline_forecasts(ctx_close, true, symbols, dates, n_samples=200, seed=int(cfg.inference_seed))
     for name, fc in base.items():
@@ -206,12 +249,17 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, forecasts: SplitFo
         for name, cal in calibrations.items():
             comparison = calibration_comparison(model_fc[name], cal, block)
             comparison["interval_block_dates"] = block
-            comparison["validation"] = {"n_anchors": cal.n_anchors, "coverage_before": cal.coverage_before,
-                                        "coverage_after": cal.coverage_after, "holdout": cal.holdout,
-                                        "scores": cal.validation}
+            comparison["validation"] = {
+                "n_anchors": cal.n_anchors,
+                "coverage_before": cal.coverage_before,
+                "coverage_after": cal.coverage_after,
+                "holdout": cal.holdout,
+                "scores": cal.validation,
+            }
             report["calibration"][name] = comparison
-            crps_cal = calibrated_crps(cal, model_fc[name].samples, model_fc[name].last_close, model_fc[name].true,
-                                model_fc[name].vol)
+            crps_cal = calibrated_crps(
+                cal, model_fc[name].samples, model_fc[name].last_close, model_fc[name].true, model_fc[name].vol
+            )
             if crps_cal is not None:
                 ok = np.isfinite(model_fc[name].true)
                 rel = np.where(ok, crps_cal / model_fc[name].last_close[:, None], np.nan)
@@ -226,22 +274,28 @@ def build_report(cfg: Any, frame: pd.DataFrame, bounds: dict, forecasts: SplitFo
     report["seconds"] = round(time.time() - t0, 2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report["files"] = {"json": str(out / "report.json"), "markdown": str(out / "report.md"),
-                       "plots": _plots(report, out)}
+    report["files"] = {
+        "json": str(out / "report.json"),
+        "markdown": str(out / "report.md"),
+        "plots": _plots(report, out),
+    }
     report["headline"] = headline(report)
     kio.write_text(out / "report.md", render_markdown(report))
     kio.write_json(out / "report.json", report)
     return report
 
 
-CRPS_ESTIMATOR = ("CRPS / last close. Models: the fair (unbiased) ensemble estimator over their sample paths; random "
-                  "walk: the exact log-normal formula; calibrated bands: 2 x mean pinball loss over the 20 quantile "
-                  "levels 0.025, 0.075, .., 0.975 of the calibrated distribution (within 1% of the exact CRPS for a "
-                  "log-normal); last value and drift: absolute error (point forecasts).")
+CRPS_ESTIMATOR = (
+    "CRPS / last close. Models: the fair (unbiased) ensemble estimator over their sample paths; random "
+    "walk: the exact log-normal formula; calibrated bands: 2 x mean pinball loss over the 20 quantile "
+    "levels 0.025, 0.075, .., 0.975 of the calibrated distribution (within 1% of the exact CRPS for a "
+    "log-normal); last value and drift: absolute error (point forecasts)."
+)
 
 
 def _dm_crps(a: PathForecasts, b: PathForecasts, stride: int) -> dict:
     """Diebold-Mariano of ``a`` vs ``b`` on per-date mean CRPS (calibrated when both have it, else raw fair CRPS)."""
+
     def loss(fc: PathForecasts, calibrated: bool) -> np.ndarray:
         if calibrated:
             return fc.crps_calibrated / fc.last_close[:, None]
@@ -255,7 +309,7 @@ def _dm_crps(a: PathForecasts, b: PathForecasts, stride: int) -> dict:
     return out
 
 
-def _cutoff_status(cutoff: Optional[dict], frame: pd.DataFrame, anchors: pd.DataFrame) -> dict:
+def _cutoff_status(cutoff: dict | None, frame: pd.DataFrame, anchors: pd.DataFrame) -> dict:
     """Whether the zero-shot model's pretraining data reach into the test targets (then its row is in-sample)."""
     end = (cutoff or {}).get("data_end")
     source = (cutoff or {}).get("source", "unknown")
@@ -264,23 +318,36 @@ def _cutoff_status(cutoff: Optional[dict], frame: pd.DataFrame, anchors: pd.Data
     later = ts[ts > first_anchor]
     first_target = pd.Timestamp(later[0]) if len(later) else first_anchor
     if not end:
-        return {"data_end": None, "source": source, "in_sample": None, "first_test_target": str(first_target),
-                "warning": ""}
+        return {
+            "data_end": None,
+            "source": source,
+            "in_sample": None,
+            "first_test_target": str(first_target),
+            "warning": "",
+        }
     in_sample = pd.Timestamp(end) >= first_target
     warning = ""
     if in_sample:
-        warning = (f"zero-shot row is in-sample: the starting model saw data up to {end} ({source}), on or after "
-                   f"the first test target {first_target.date()}; its scores overstate its skill on unseen data")
-    return {"data_end": end, "source": source, "in_sample": bool(in_sample), "first_test_target": str(first_target),
-            "warning": warning}
+        warning = (
+            f"zero-shot row is in-sample: the starting model saw data up to {end} ({source}), on or after "
+            f"the first test target {first_target.date()}; its scores overstate its skill on unseen data"
+        )
+    return {
+        "data_end": end,
+        "source": source,
+        "in_sample": bool(in_sample),
+        "first_test_target": str(first_target),
+        "warning": warning,
+    }
 
 
 def headline(report: dict) -> dict:
     """{forecaster: {metric: mean}} for the headline metrics (what the CLI prints), plus ``crps_rel_calibrated``
     for calibrated models; the keys ``model_in_use`` and ``dm_finetuned_vs_zero_shot`` beside them."""
-    out: dict[str, Any] = {name: {k: s["overall"].get(k) for k in (*HEADLINE, "crps_rel_calibrated")
-                                  if k in s["overall"]}
-                           for name, s in report["forecasters"].items()}
+    out: dict[str, Any] = {
+        name: {k: s["overall"].get(k) for k in (*HEADLINE, "crps_rel_calibrated") if k in s["overall"]}
+        for name, s in report["forecasters"].items()
+    }
     out["model_in_use"] = report.get("model_in_use")
     dm = report.get("dm_finetuned_vs_zero_shot")
     if dm:
@@ -304,21 +371,49 @@ def _fmt(v: Any, sd: Any = None) -> str:
 
 
 _LABELS = {
-    "mse_ret": "MSE (return)", "mae_ret": "MAE (return)", "mse": "MSE (price)", "mae": "MAE (price)",
-    "mase": "MASE", "direction_accuracy": "direction accuracy", "ic": "IC (final step)",
-    "rank_ic": "RankIC (final step)", "icir": "ICIR", "crps_rel": "CRPS / last close", "wql": "WQL",
-    "coverage_0.5": "coverage 50%", "coverage_0.8": "coverage 80%", "width_0.5": "width 50% / last close",
-    "width_0.8": "width 80% / last close", "brier_up": "P(up) Brier",
-    "crps_rel_calibrated": "CRPS / last close, calibrated", "vol_corr": "volatility corr.",
+    "mse_ret": "MSE (return)",
+    "mae_ret": "MAE (return)",
+    "mse": "MSE (price)",
+    "mae": "MAE (price)",
+    "mase": "MASE",
+    "direction_accuracy": "direction accuracy",
+    "ic": "IC (final step)",
+    "rank_ic": "RankIC (final step)",
+    "icir": "ICIR",
+    "crps_rel": "CRPS / last close",
+    "wql": "WQL",
+    "coverage_0.5": "coverage 50%",
+    "coverage_0.8": "coverage 80%",
+    "width_0.5": "width 50% / last close",
+    "width_0.8": "width 80% / last close",
+    "brier_up": "P(up) Brier",
+    "crps_rel_calibrated": "CRPS / last close, calibrated",
+    "vol_corr": "volatility corr.",
     "vol_mae": "volatility MAE",
 }
 
 
 def render_markdown(report: dict) -> str:
     names = list(report["forecasters"])
-    keys = ["crps_rel", "crps_rel_calibrated", "mse_ret", "mae_ret", "mse", "mae", "mase", "direction_accuracy", "ic",
-            "rank_ic", "icir", "wql"] + [f"coverage_{lv:g}" for lv in report["levels"]] + [
-        f"width_{lv:g}" for lv in report["levels"]] + ["brier_up", "vol_mae", "vol_corr"]
+    keys = (
+        [
+            "crps_rel",
+            "crps_rel_calibrated",
+            "mse_ret",
+            "mae_ret",
+            "mse",
+            "mae",
+            "mase",
+            "direction_accuracy",
+            "ic",
+            "rank_ic",
+            "icir",
+            "wql",
+        ]
+        + [f"coverage_{lv:g}" for lv in report["levels"]]
+        + [f"width_{lv:g}" for lv in report["levels"]]
+        + ["brier_up", "vol_mae", "vol_corr"]
+    )
     in_use = report.get("model_in_use")
     cut = report.get("zero_shot_cutoff") or {}
 
@@ -332,12 +427,16 @@ def render_markdown(report: dict) -> str:
 
     a = report["anchors"]
     lines = [
-        "# Walk-forward report", "",
+        "# Walk-forward report",
+        "",
         f"{a['n_forecasts']} forecasts at {a['n_dates']} anchor dates ({a['first']} .. {a['last']}, every "
         f"{a['eval_stride']} bar(s)) over {a['n_symbols']} symbol(s); lookback {report['lookback_window']}, horizon "
         f"{report['predict_window']}, {report['sample_count']} sample paths, seeds {report['seeds']} (mean ± std). "
-        f"Every target lies after the last validation bar ({report['splits'].get('val_end')}).", "",
-        "| metric | " + " | ".join(title(n) for n in names) + " |", "|---|" + "---|" * len(names)]
+        f"Every target lies after the last validation bar ({report['splits'].get('val_end')}).",
+        "",
+        "| metric | " + " | ".join(title(n) for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for k in keys:
         cells = []
         for n in names:
@@ -350,30 +449,48 @@ def render_markdown(report: dict) -> str:
     for n in names:
         dm = report["forecasters"][n].get("dm_vs_last_value")
         if dm:
-            lines.append(f"- Diebold-Mariano, {n} vs last value (squared return error, HLN): statistic "
-                         f"{_fmt(dm['dm_stat'])}, p-value {_fmt(dm['p_value'])} (negative: {n} more accurate).")
+            lines.append(
+                f"- Diebold-Mariano, {n} vs last value (squared return error, HLN): statistic "
+                f"{_fmt(dm['dm_stat'])}, p-value {_fmt(dm['p_value'])} (negative: {n} more accurate)."
+            )
     for n, why in report.get("skipped", {}).items():
         lines.append(f"- {n}: not scored ({why}).")
     dm = report.get("dm_finetuned_vs_zero_shot")
     if dm:
-        lines.append(f"- Diebold-Mariano, finetuned vs zero_shot ({dm.get('loss')}, per anchor date): statistic "
-                     f"{_fmt(dm['dm_stat'])}, p-value {_fmt(dm['p_value'])} (negative: finetuned better).")
+        lines.append(
+            f"- Diebold-Mariano, finetuned vs zero_shot ({dm.get('loss')}, per anchor date): statistic "
+            f"{_fmt(dm['dm_stat'])}, p-value {_fmt(dm['p_value'])} (negative: finetuned better)."
+        )
     if cut:
         if cut.get("data_end") is None:
-            lines.append("- zero_shot: the starting model's pretraining cutoff is unknown (no model card; set "
-                         "pretrained_data_end), so whether its test targets were in its training data is unknown.")
+            lines.append(
+                "- zero_shot: the starting model's pretraining cutoff is unknown (no model card; set "
+                "pretrained_data_end), so whether its test targets were in its training data is unknown."
+            )
         else:
-            state = "IN-SAMPLE: its training data reach the test targets" if cut.get("in_sample") else \
-                "out of sample: every test target is after it"
-            lines.append(f"- zero_shot: pretrained on data up to {cut['data_end']} ({cut['source']}); first test "
-                         f"target {cut['first_test_target'][:10]}: {state}.")
+            state = (
+                "IN-SAMPLE: its training data reach the test targets"
+                if cut.get("in_sample")
+                else "out of sample: every test target is after it"
+            )
+            lines.append(
+                f"- zero_shot: pretrained on data up to {cut['data_end']} ({cut['source']}); first test "
+                f"target {cut['first_test_target'][:10]}: {state}."
+            )
     sel = report.get("model_selection")
     if sel and sel.get("reason"):
         lines.append(f"- Model in use: {sel.get('model_in_use')} ({sel['reason']}).")
     lines += ["", f"CRPS: {report.get('crps_estimator', '')}"]
     for name, cal in (report.get("calibration") or {}).items():
-        lines += ["", f"## Calibration of {name} ({cal['method']}, fitted on {cal['validation']['n_anchors']} "
-                      "validation forecasts)", "", "| | uncalibrated | calibrated |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Calibration of {name} ({cal['method']}, fitted on {cal['validation']['n_anchors']} "
+            "validation forecasts)",
+            "",
+            "| | uncalibrated | calibrated |",
+            "|---|---|---|",
+        ]
+
         def cov(row, lv):
             ci = row.get(f"coverage_{lv:g}_ci")
             text = _fmt(row[f"coverage_{lv:g}"])
@@ -381,21 +498,36 @@ def render_markdown(report: dict) -> str:
             return f"{text} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ok else text
 
         for lv in cal["levels"]:
-            lines.append(f"| coverage {lv:.0%} [95% interval over dates] | {cov(cal['raw'], lv)} | "
-                         f"{cov(cal['calibrated'], lv)} |")
-            lines.append(f"| width {lv:.0%} / last close | {_fmt(cal['raw'][f'width_{lv:g}'])} | "
-                         f"{_fmt(cal['calibrated'][f'width_{lv:g}'])} |")
-        lines.append(f"| quantile CRPS / last close | {_fmt(cal['raw']['crps_q'])} | {_fmt(cal['calibrated']['crps_q'])} |")
-        lines.append(f"| P(up) Brier (base rate {_fmt(cal['brier_base_rate'])}) | {_fmt(cal['raw']['brier_up'])} | "
-                     f"{_fmt(cal['calibrated']['brier_up'])} |")
+            lines.append(
+                f"| coverage {lv:.0%} [95% interval over dates] | {cov(cal['raw'], lv)} | "
+                f"{cov(cal['calibrated'], lv)} |"
+            )
+            lines.append(
+                f"| width {lv:.0%} / last close | {_fmt(cal['raw'][f'width_{lv:g}'])} | "
+                f"{_fmt(cal['calibrated'][f'width_{lv:g}'])} |"
+            )
+        lines.append(
+            f"| quantile CRPS / last close | {_fmt(cal['raw']['crps_q'])} | {_fmt(cal['calibrated']['crps_q'])} |"
+        )
+        lines.append(
+            f"| P(up) Brier (base rate {_fmt(cal['brier_base_rate'])}) | {_fmt(cal['raw']['brier_up'])} | "
+            f"{_fmt(cal['calibrated']['brier_up'])} |"
+        )
         hold = cal["validation"]["holdout"]
         lv_keys = [f"{lv:g}" for lv in cal["levels"]]
-        lines += ["", f"The method is the config's `calibration_method` ({cal['method']}). Every candidate: coverage "
-                      "(width / last close) on the later 40% of validation anchors after fitting on the earlier 60%, "
-                      "and on these test anchors after fitting on all validation anchors:", "",
-                  "| method | " + " | ".join(f"validation {float(k):.0%}" for k in lv_keys) + " | "
-                  + " | ".join(f"test {float(k):.0%}" for k in lv_keys) + " |",
-                  "|---|" + "---|" * (2 * len(lv_keys))]
+        lines += [
+            "",
+            f"The method is the config's `calibration_method` ({cal['method']}). Every candidate: coverage "
+            "(width / last close) on the later 40% of validation anchors after fitting on the earlier 60%, "
+            "and on these test anchors after fitting on all validation anchors:",
+            "",
+            "| method | "
+            + " | ".join(f"validation {float(k):.0%}" for k in lv_keys)
+            + " | "
+            + " | ".join(f"test {float(k):.0%}" for k in lv_keys)
+            + " |",
+            "|---|" + "---|" * (2 * len(lv_keys)),
+        ]
         for method, row in cal.get("candidates", {}).items():
             h = hold.get(method, {})
             val_cells = [f"{_fmt(h.get('coverage', {}).get(k))} ({_fmt(h.get('width', {}).get(k))})" for k in lv_keys]
@@ -445,8 +577,11 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.legend(fontsize=7)
     files.append(str(save_figure(fig, out / "coverage_by_horizon.png")))
 
-    curves = [(f"{n} raw", s["reliability"], s["overall"].get("brier_up")) for n, s in report["forecasters"].items()
-              if s.get("reliability")]
+    curves = [
+        (f"{n} raw", s["reliability"], s["overall"].get("brier_up"))
+        for n, s in report["forecasters"].items()
+        if s.get("reliability")
+    ]
     for name, c in (cal or {}).items():
         curves.append((f"{name} calibrated", c["calibrated"]["reliability"], c["calibrated"]["brier_up"]))
     if curves:
@@ -458,10 +593,15 @@ def _plots(report: dict, out: Path) -> list[str]:
             ax.plot(x[keep], y[keep], marker="o", label=f"{label} (Brier {_fmt(brier)})")
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
         first = next(iter(report["forecasters"].values()))["overall"]
-        ax.axhline(first.get("up_rate", float("nan")), color="gray", lw=1,
-                   label=f"base rate (Brier {_fmt(first.get('brier_base_rate'))})")
-        ax.set(xlabel="forecast P(up)", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
-               title="P(up) reliability")
+        ax.axhline(
+            first.get("up_rate", float("nan")),
+            color="gray",
+            lw=1,
+            label=f"base rate (Brier {_fmt(first.get('brier_base_rate'))})",
+        )
+        ax.set(
+            xlabel="forecast P(up)", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title="P(up) reliability"
+        )
         ax.legend(fontsize=8)
         files.append(str(save_figure(fig, out / "reliability.png")))
     return files

@@ -7,10 +7,11 @@ evenly over the split (its first and last included). Calibration reads the valid
 validation split); the walk-forward report, ``metrics.json`` (the report's headline of the model in use), the
 saved forecast records and the backtest signals all read the one test pass (:func:`forecast_split`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,16 @@ from kronos.inference.bands import recent_volatility
 from kronos.inference.generate import SamplingConfig
 
 
-def select_anchors(frame: pd.DataFrame, targets_after: Optional[pd.Timestamp], targets_until: Optional[pd.Timestamp],
-                   lookback: int, horizon: int, stride: int = 1, max_anchors: int = 0,
-                   period: Optional[tuple[pd.Timestamp, pd.Timestamp]] = None) -> pd.DataFrame:
+def select_anchors(
+    frame: pd.DataFrame,
+    targets_after: pd.Timestamp | None,
+    targets_until: pd.Timestamp | None,
+    lookback: int,
+    horizon: int,
+    stride: int = 1,
+    max_anchors: int = 0,
+    period: tuple[pd.Timestamp, pd.Timestamp] | None = None,
+) -> pd.DataFrame:
     """(symbol, anchor, pos) of every bar at or after ``targets_after`` with ``lookback`` bars of history whose
     ``horizon`` target bars all exist and lie in ``(targets_after, targets_until]`` (and, with ``period``, whose
     anchor lies in that inclusive range); every ``stride``-th anchor date, and when ``max_anchors`` > 0 at most that
@@ -62,36 +70,60 @@ def contexts(frame: pd.DataFrame, anchors: pd.DataFrame, lookback: int, horizon:
     ctx_close, true = [], []
     for symbol, pos in zip(anchors["symbol"], anchors["pos"]):
         close = groups[symbol]
-        ctx_close.append(close[pos + 1 - lookback:pos + 1])
-        true.append(close[pos + 1:pos + 1 + horizon])
+        ctx_close.append(close[pos + 1 - lookback : pos + 1])
+        true.append(close[pos + 1 : pos + 1 + horizon])
     return np.stack(ctx_close), np.stack(true)
 
 
-def rolling_paths(name: str, predictor: Any, frame: pd.DataFrame, anchors: pd.DataFrame, cfg: Any, seed: int,
-                  prepared: Optional[tuple[np.ndarray, np.ndarray]] = None) -> PathForecasts:
+def rolling_paths(
+    name: str,
+    predictor: Any,
+    frame: pd.DataFrame,
+    anchors: pd.DataFrame,
+    cfg: Any,
+    seed: int,
+    prepared: tuple[np.ndarray, np.ndarray] | None = None,
+) -> PathForecasts:
     """The predictor's forecasts at ``anchors`` (:meth:`KronosPredictor.predict_df_paths` with the config's
     sampling, seed ``seed``) as :class:`PathForecasts`; its forecast ``records`` (the one schema, with the config's
     quantiles, uncalibrated) ride along."""
     L, P = int(cfg.lookback_window), int(cfg.predict_window)
     ctx_close, true = prepared if prepared is not None else contexts(frame, anchors, L, P)
     sampling = SamplingConfig.from_config(cfg)
-    sampling = SamplingConfig(sampling.T, sampling.top_k, sampling.top_p, sampling.top_k_then_top_p,
-                              sampling.sample_count, int(seed))
+    sampling = SamplingConfig(
+        sampling.T, sampling.top_k, sampling.top_p, sampling.top_k_then_top_p, sampling.sample_count, int(seed)
+    )
     out = predictor.predict_df_paths(
-        frame, pred_len=P, lookback=L, quantiles=[float(q) for q in cfg.quantiles],
-        anchors=list(zip(anchors["symbol"], anchors["anchor"])), sampling=sampling,
-        batch_size=max(1, int(cfg.backtest_batch_size) // max(1, sampling.sample_count)), progress=True,
+        frame,
+        pred_len=P,
+        lookback=L,
+        quantiles=[float(q) for q in cfg.quantiles],
+        anchors=list(zip(anchors["symbol"], anchors["anchor"])),
+        sampling=sampling,
+        batch_size=max(1, int(cfg.backtest_batch_size) // max(1, sampling.sample_count)),
+        progress=True,
     )
     records = out.records
     first = records[records["step"] == 1]
-    if len(first) != len(anchors) or not (np.asarray(first["symbol"]) == anchors["symbol"].to_numpy()).all() or not (
-            pd.DatetimeIndex(first["anchor"]) == pd.DatetimeIndex(anchors["anchor"])).all():
+    if (
+        len(first) != len(anchors)
+        or not (np.asarray(first["symbol"]) == anchors["symbol"].to_numpy()).all()
+        or not (pd.DatetimeIndex(first["anchor"]) == pd.DatetimeIndex(anchors["anchor"])).all()
+    ):
         raise RuntimeError("predict_df returned forecasts in another order than the split's anchors")
     point = records["close"].to_numpy(dtype=float).reshape(len(anchors), P)
-    return PathForecasts(name, symbol=anchors["symbol"].to_numpy(), anchor=anchors["anchor"].to_numpy(),
-                         last_close=ctx_close[:, -1], scale=naive_scale(ctx_close), true=true, point=point,
-                         samples=np.asarray(out.samples, dtype=float)[:, :, :, 3], vol=recent_volatility(ctx_close),
-                         records=records)
+    return PathForecasts(
+        name,
+        symbol=anchors["symbol"].to_numpy(),
+        anchor=anchors["anchor"].to_numpy(),
+        last_close=ctx_close[:, -1],
+        scale=naive_scale(ctx_close),
+        true=true,
+        point=point,
+        samples=np.asarray(out.samples, dtype=float)[:, :, :, 3],
+        vol=recent_volatility(ctx_close),
+        records=records,
+    )
 
 
 @dataclass
@@ -110,9 +142,16 @@ class SplitForecasts:
         return self.paths[model][0]
 
 
-def forecast_split(cfg: Any, frame: pd.DataFrame, split: str, targets_after: Optional[pd.Timestamp],
-                   targets_until: Optional[pd.Timestamp], models: dict[str, Any], seeds: Optional[list] = None,
-                   period: Optional[tuple[pd.Timestamp, pd.Timestamp]] = None) -> SplitForecasts:
+def forecast_split(
+    cfg: Any,
+    frame: pd.DataFrame,
+    split: str,
+    targets_after: pd.Timestamp | None,
+    targets_until: pd.Timestamp | None,
+    models: dict[str, Any],
+    seeds: list | None = None,
+    period: tuple[pd.Timestamp, pd.Timestamp] | None = None,
+) -> SplitForecasts:
     """Every model's rolling forecasts at the split's anchors (:func:`select_anchors` with the config's
     ``eval_stride``/``eval_max_anchors``), once per seed (default ``[inference_seed]``)."""
     L, P = int(cfg.lookback_window), int(cfg.predict_window)
@@ -126,8 +165,9 @@ def forecast_split(cfg: Any, frame: pd.DataFrame, split: str, targets_after: Opt
     seeds = [int(s) for s in (seeds or [cfg.inference_seed])]
     out = SplitForecasts(split, anchors, ctx_close, true, seeds)
     for name, predictor in models.items():
-        out.paths[name] = [rolling_paths(name, predictor, frame, anchors, cfg, seed, (ctx_close, true))
-                           for seed in seeds]
+        out.paths[name] = [
+            rolling_paths(name, predictor, frame, anchors, cfg, seed, (ctx_close, true)) for seed in seeds
+        ]
     return out
 
 

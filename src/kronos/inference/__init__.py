@@ -1,4 +1,6 @@
 """Forecasting with Kronos: sampling, (KV-cached) autoregressive generation and the DataFrame-level predictor."""
+
+from kronos.inference.bands import Calibration, apply_calibration, load_calibration, prob_up
 from kronos.inference.generate import (
     SamplingConfig,
     auto_regressive_inference,
@@ -6,7 +8,6 @@ from kronos.inference.generate import (
     mean_over_samples,
     sample_forecasts,
 )
-from kronos.inference.bands import Calibration, apply_calibration, load_calibration, prob_up
 from kronos.inference.predictor import FEATURE_COLS, KronosPredictor, calc_time_stamps
 from kronos.inference.sampling import sample_from_logits, top_k_top_p_filtering
 

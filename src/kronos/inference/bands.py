@@ -7,6 +7,7 @@ predictor, and applies it to sample paths (:meth:`Calibration.quantiles`, :meth:
 forecast records (:func:`apply_calibration`). The forecast-record column names for quantiles are made and parsed
 here only (:func:`quantile_column`, :data:`QUANTILE_COLUMN`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,10 +15,11 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -90,7 +92,7 @@ def sample_quantiles(samples: np.ndarray, quantiles: Sequence[float], axis: int 
     return np.stack([np.quantile(samples, q, axis=axis) for q in check_quantiles(quantiles)])
 
 
-def prob_up(close_paths: np.ndarray, last_close: Union[float, np.ndarray]) -> np.ndarray:
+def prob_up(close_paths: np.ndarray, last_close: float | np.ndarray) -> np.ndarray:
     """Probability of an up move per horizon step: the share of sample paths whose close is strictly above the last
     close of the context. ``close_paths [..., S, P]`` (prices), ``last_close`` a number or ``[...]``; returns
     ``[..., P]`` in [0, 1] (float64). The package's one P(up) rule (the predictor's ``return_p_up`` uses it)."""
@@ -168,31 +170,38 @@ class Calibration:
     validation: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ checks and I/O
-    def check(self, model: Any = None, lookback: Optional[int] = None, horizon: Optional[int] = None,
-              source: str = "calibration") -> "Calibration":
+    def check(
+        self, model: Any = None, lookback: int | None = None, horizon: int | None = None, source: str = "calibration"
+    ) -> Calibration:
         """Refuse (one line) a calibration fitted for another predictor, lookback or horizon."""
         if horizon is not None and int(horizon) != self.horizon:
-            raise CheckpointError(f"{source} was fitted for a horizon of {self.horizon} bars, not {horizon}; "
-                                  "rerun `kronos calibrate` with this predict_window")
+            raise CheckpointError(
+                f"{source} was fitted for a horizon of {self.horizon} bars, not {horizon}; "
+                "rerun `kronos calibrate` with this predict_window"
+            )
         if lookback is not None and int(lookback) != self.lookback:
-            raise CheckpointError(f"{source} was fitted for a lookback of {self.lookback} bars, not {lookback}; "
-                                  "give that many bars of context or rerun `kronos calibrate`")
+            raise CheckpointError(
+                f"{source} was fitted for a lookback of {self.lookback} bars, not {lookback}; "
+                "give that many bars of context or rerun `kronos calibrate`"
+            )
         if model is not None:
             fp = model_fingerprint(model, self.lookback, self.horizon)
             if fp != self.fingerprint:
-                raise CheckpointError(f"{source} was fitted for another predictor (weights hash {self.fingerprint[:12]}"
-                                      f" != {fp[:12]}); rerun `kronos calibrate` for this model")
+                raise CheckpointError(
+                    f"{source} was fitted for another predictor (weights hash {self.fingerprint[:12]}"
+                    f" != {fp[:12]}); rerun `kronos calibrate` for this model"
+                )
         return self
 
     def to_dict(self) -> dict:
         return kio.to_jsonable(asdict(self))
 
-    def save(self, path: Union[str, os.PathLike]) -> str:
+    def save(self, path: str | os.PathLike) -> str:
         kio.write_json(path, self.to_dict())
         return str(path)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "calibration") -> "Calibration":
+    def from_dict(cls, data: Any, source: str = "calibration") -> Calibration:
         if not isinstance(data, dict):
             raise CheckpointError(f"{source} is not a calibration object; rerun `kronos calibrate`")
         try:
@@ -200,8 +209,10 @@ class Calibration:
         except TypeError as exc:
             raise CheckpointError(f"{source} lacks required fields ({exc}); rerun `kronos calibrate`") from None
         if obj.version != FORMAT_VERSION:
-            raise CheckpointError(f"{source} has format version {obj.version}, this kronos reads version "
-                                  f"{FORMAT_VERSION}; rerun `kronos calibrate` to refit it")
+            raise CheckpointError(
+                f"{source} has format version {obj.version}, this kronos reads version "
+                f"{FORMAT_VERSION}; rerun `kronos calibrate` to refit it"
+            )
         if obj.method not in METHODS:
             raise CheckpointError(f"{source} names an unknown method '{obj.method}'; expected one of {list(METHODS)}")
         try:
@@ -210,36 +221,49 @@ class Calibration:
             raise CheckpointError(str(exc)) from None
         if not isinstance(obj.horizon, int) or obj.horizon < 1 or not isinstance(obj.lookback, int):
             raise CheckpointError(f"{source} has an invalid horizon/lookback; rerun `kronos calibrate`")
-        need = [f"{lv:g}" for lv in obj.levels] if obj.method in BAND_METHODS else (
-            ["scale"] if obj.method == "spread_scale" else [])
+        need = (
+            [f"{lv:g}" for lv in obj.levels]
+            if obj.method in BAND_METHODS
+            else (["scale"] if obj.method == "spread_scale" else [])
+        )
         for key in need:
             vals = obj.params.get(key) if isinstance(obj.params, dict) else None
-            if not isinstance(vals, list) or len(vals) != obj.horizon or not all(
-                    isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
-                raise CheckpointError(f"{source}: parameter '{key}' must list {obj.horizon} finite numbers; "
-                                      "rerun `kronos calibrate`")
+            if (
+                not isinstance(vals, list)
+                or len(vals) != obj.horizon
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals)
+            ):
+                raise CheckpointError(
+                    f"{source}: parameter '{key}' must list {obj.horizon} finite numbers; rerun `kronos calibrate`"
+                )
         center = obj.params.get("center") if isinstance(obj.params, dict) else None
-        if center is not None and (not isinstance(center, list) or len(center) != obj.horizon or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in center)):
-            raise CheckpointError(f"{source}: parameter 'center' must list {obj.horizon} finite numbers; "
-                                  "rerun `kronos calibrate`")
+        if center is not None and (
+            not isinstance(center, list)
+            or len(center) != obj.horizon
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in center)
+        ):
+            raise CheckpointError(
+                f"{source}: parameter 'center' must list {obj.horizon} finite numbers; rerun `kronos calibrate`"
+            )
         if not all(isinstance(obj.p_up.get(k), (int, float)) for k in ("a", "b")):
             raise CheckpointError(f"{source}: p_up needs numbers 'a' and 'b'; rerun `kronos calibrate`")
         return obj
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "Calibration":
+    def load(cls, path: str | os.PathLike) -> Calibration:
         p = Path(path)
         if not p.is_file():
             raise CheckpointError(f"calibration file '{p}' not found; run `kronos calibrate` first")
         try:
             data = kio.read_json(p)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"calibration file '{p}' is not valid JSON ({exc}); rerun `kronos calibrate`") from None
+            raise CheckpointError(
+                f"calibration file '{p}' is not valid JSON ({exc}); rerun `kronos calibrate`"
+            ) from None
         return cls.from_dict(data, source=f"calibration file '{p}'")
 
     # ------------------------------------------------------------------ application
-    def _level_of(self, q: float) -> Optional[float]:
+    def _level_of(self, q: float) -> float | None:
         if abs(q - 0.5) < 1e-12:
             return None
         lv = abs(2.0 * q - 1.0)
@@ -248,8 +272,9 @@ class Calibration:
                 return fitted
         return lv
 
-    def quantiles(self, samples: np.ndarray, last_close: np.ndarray, qs: Sequence[float],
-                  context_vol: Optional[np.ndarray] = None) -> np.ndarray:
+    def quantiles(
+        self, samples: np.ndarray, last_close: np.ndarray, qs: Sequence[float], context_vol: np.ndarray | None = None
+    ) -> np.ndarray:
         """Calibrated quantiles ``[len(qs), N, P]`` (price units) from sample paths ``[N, S, P]``; ``context_vol
         [N]`` (:func:`recent_volatility` of each context's closes) is needed by
         ``vol_scaled`` and ``cqr_vol``."""
@@ -274,9 +299,17 @@ class Calibration:
             out.append(last[:, None] * (1.0 + self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps, vol)))
         return np.stack(out)
 
-    def _adjust(self, q: float, r_q: np.ndarray, r_lo: Optional[np.ndarray], r_hi: Optional[np.ndarray],
-                med: np.ndarray, step_idx: np.ndarray, vol: Optional[np.ndarray] = None,
-                use_center: bool = True) -> np.ndarray:
+    def _adjust(
+        self,
+        q: float,
+        r_q: np.ndarray,
+        r_lo: np.ndarray | None,
+        r_hi: np.ndarray | None,
+        med: np.ndarray,
+        step_idx: np.ndarray,
+        vol: np.ndarray | None = None,
+        use_center: bool = True,
+    ) -> np.ndarray:
         """The calibrated q-quantile in return space from the raw one (and the raw band of its level, the median);
         ``step_idx`` (0-based horizon step) picks the per-step parameter."""
         lv = self._level_of(q)
@@ -287,15 +320,19 @@ class Calibration:
         if lv is None or self.method == "none":
             return r_q
         if self.method in VOL_METHODS and vol is None:
-            raise InputError(f"this calibration ({self.method}) needs the recent volatility of each forecast's "
-                             "context (context_vol: recent_volatility of its closes)")
+            raise InputError(
+                f"this calibration ({self.method}) needs the recent volatility of each forecast's "
+                "context (context_vol: recent_volatility of its closes)"
+            )
         if self.method == "spread_scale":
             k = np.asarray(self.params["scale"], dtype=float)[step_idx]
             return med + k * (r_q - med)
         key = f"{lv:g}"
         if key not in self.params:
-            raise InputError(f"quantile {q:g} (central level {lv:g}) was not calibrated; calibrated quantiles: "
-                             f"{self.quantile_levels()} (levels {self.levels})")
+            raise InputError(
+                f"quantile {q:g} (central level {lv:g}) was not calibrated; calibrated quantiles: "
+                f"{self.quantile_levels()} (levels {self.levels})"
+            )
         corr = np.asarray(self.params[key], dtype=float)[step_idx]
         lower = q < 0.5
         if self.method == "vol_scaled":
@@ -308,8 +345,9 @@ class Calibration:
         return med - corr * np.maximum(med - r_lo, MIN_HALF) if lower else med + corr * np.maximum(r_hi - med, MIN_HALF)
 
     def quantile_levels(self) -> list:
-        return sorted({round((1 - lv) / 2, 10) for lv in self.levels} | {0.5} | {round((1 + lv) / 2, 10)
-                                                                                 for lv in self.levels})
+        return sorted(
+            {round((1 - lv) / 2, 10) for lv in self.levels} | {0.5} | {round((1 + lv) / 2, 10) for lv in self.levels}
+        )
 
     def p_up_raw(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
         """The package's P(up) rule (:func:`prob_up`) on close paths ``[N, S, P]``."""
@@ -328,8 +366,9 @@ def vol_scale(r_lo: np.ndarray, r_hi: np.ndarray, vol: np.ndarray, h: Any, level
     """``vol_scaled``'s difficulty: sqrt(vol^2 h + sd^2), a random walk's spread at step ``h`` combined with the
     model's own (``sd``: the half-width of its raw ``level`` band over the normal quantile of that level)."""
     sd = np.maximum(np.asarray(r_hi, dtype=float) - np.asarray(r_lo, dtype=float), 0.0) / (
-        2.0 * NormalDist().inv_cdf((1.0 + level) / 2.0))
-    return np.sqrt(np.asarray(vol, dtype=float) ** 2 * h + sd ** 2) + EPS
+        2.0 * NormalDist().inv_cdf((1.0 + level) / 2.0)
+    )
+    return np.sqrt(np.asarray(vol, dtype=float) ** 2 * h + sd**2) + EPS
 
 
 def platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -338,7 +377,7 @@ def platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(a * x + b)))
 
 
-def apply_calibration(records: Any, calibration: Any, model: Any = None, lookback: Optional[int] = None) -> Any:
+def apply_calibration(records: Any, calibration: Any, model: Any = None, lookback: int | None = None) -> Any:
     """Calibrate the quantile columns (``open/high/low/close_q{q}``) and ``p_up`` of forecast records in place of
     the raw ones, which are kept as ``{column}_raw``; ``p_up_calibrated`` holds the calibrated P(up).
 
@@ -358,15 +397,19 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
     out = records.copy()
     steps = out["step"].to_numpy(dtype=int)
     if len(steps) and (steps.min() < 1 or steps.max() > cal.horizon):
-        raise CheckpointError(f"calibration was fitted for a horizon of {cal.horizon} bars; records reach step "
-                              f"{steps.max()}; rerun `kronos calibrate` with this predict_window")
+        raise CheckpointError(
+            f"calibration was fitted for a horizon of {cal.horizon} bars; records reach step "
+            f"{steps.max()}; rerun `kronos calibrate` with this predict_window"
+        )
     idx = steps - 1
     last = out["last_close"].to_numpy(dtype=float)
     vol = None
     if cal.method in VOL_METHODS:
         if "context_vol" not in out.columns:
-            raise InputError(f"this calibration ({cal.method}) needs a 'context_vol' column in the records (the "
-                             "recent volatility of each context's closes; predict_df writes it)")
+            raise InputError(
+                f"this calibration ({cal.method}) needs a 'context_vol' column in the records (the "
+                "recent volatility of each context's closes; predict_df writes it)"
+            )
         vol = out["context_vol"].to_numpy(dtype=float)
     cols: dict[str, dict[float, str]] = {}
     for c in out.columns:
@@ -389,8 +432,10 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
                 q_lo, q_hi = round((1 - lv) / 2, 10), round((1 + lv) / 2, 10)
                 partner = [qq for qq in (q_lo, q_hi) if not any(abs(qq - k) < 1e-9 for k in rel)]
                 if partner:
-                    raise InputError(f"calibrating '{c}' needs the column '{base}_q{partner[0]:g}' too "
-                                     f"(the other end of its {lv:g} band)")
+                    raise InputError(
+                        f"calibrating '{c}' needs the column '{base}_q{partner[0]:g}' too "
+                        f"(the other end of its {lv:g} band)"
+                    )
                 r_lo = next(v for k, v in rel.items() if abs(k - q_lo) < 1e-9)
                 r_hi = next(v for k, v in rel.items() if abs(k - q_hi) < 1e-9)
             # the centre's shrink was fitted on close; open/high/low keep their own medians (high sits above close)
@@ -404,7 +449,7 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
     return out
 
 
-def load_calibration(calibration: Union[str, os.PathLike, Calibration, dict, None]) -> Optional[Calibration]:
+def load_calibration(calibration: str | os.PathLike | Calibration | dict | None) -> Calibration | None:
     """A :class:`Calibration` from a path, a dict or an object (None stays None)."""
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
@@ -415,14 +460,31 @@ def load_calibration(calibration: Union[str, os.PathLike, Calibration, dict, Non
     raise InputError(f"calibration must be a path, a dict or a Calibration, got {type(calibration).__name__}")
 
 
-def calibration_path(predictor_path: Union[str, os.PathLike]) -> Path:
+def calibration_path(predictor_path: str | os.PathLike) -> Path:
     """Where ``calibration.json`` lives: beside the predictor's ``best_model`` folder."""
     return Path(predictor_path).parent / "calibration.json"
 
 
 __all__ = [
-    "BAND_METHODS", "Calibration", "DEFAULT_METHOD", "METHODS", "QUANTILE_COLUMN", "VOL_METHODS", "apply_calibration",
-    "calibration_path", "check_levels", "check_quantiles", "load_calibration", "log_returns", "model_fingerprint",
-    "path_returns", "platt", "prob_up", "quantile_column", "quantile_columns", "recent_volatility",
-    "sample_quantiles", "vol_scale",
+    "BAND_METHODS",
+    "Calibration",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "QUANTILE_COLUMN",
+    "VOL_METHODS",
+    "apply_calibration",
+    "calibration_path",
+    "check_levels",
+    "check_quantiles",
+    "load_calibration",
+    "log_returns",
+    "model_fingerprint",
+    "path_returns",
+    "platt",
+    "prob_up",
+    "quantile_column",
+    "quantile_columns",
+    "recent_volatility",
+    "sample_quantiles",
+    "vol_scale",
 ]

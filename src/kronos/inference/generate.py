@@ -10,12 +10,14 @@ Sample paths of one series share their context (``share_prefix``, default): its 
 keys/values of the context positions and the tokenizer decoder's context states are computed once per series and
 copied to the paths (MODEL_ARCHITECTURE_ANALYSIS.md 6.4); same tokens and random draws as per-path recomputation.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,15 +47,20 @@ class SamplingConfig:
     top_p: float = 0.9
     top_k_then_top_p: bool = False  # Q8 option; default = official (top_k disables top_p)
     sample_count: int = 1
-    seed: Optional[int] = None
+    seed: int | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> "SamplingConfig":
+    def from_config(cls, config: Any) -> SamplingConfig:
         """The config's ``inference_T``, ``inference_top_k``, ``inference_top_p``, ``inference_sample_count`` and
         ``inference_seed``."""
         seed = getattr(config, "inference_seed", None)
-        return cls(T=float(config.inference_T), top_k=int(config.inference_top_k), top_p=float(config.inference_top_p),
-                   sample_count=int(config.inference_sample_count), seed=None if seed is None else int(seed))
+        return cls(
+            T=float(config.inference_T),
+            top_k=int(config.inference_top_k),
+            top_p=float(config.inference_top_p),
+            sample_count=int(config.inference_sample_count),
+            seed=None if seed is None else int(seed),
+        )
 
 
 @contextlib.contextmanager
@@ -78,13 +85,13 @@ def generate_tokens(
     model: Kronos,
     s1: torch.Tensor,
     s2: torch.Tensor,
-    stamps: Optional[torch.Tensor],
+    stamps: torch.Tensor | None,
     pred_len: int,
     max_context: int,
-    sampling: Optional[SamplingConfig] = None,
+    sampling: SamplingConfig | None = None,
     *,
     use_cache: bool = True,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     verbose: bool = False,
     paths: int = 1,
     share_prefix: bool = True,
@@ -152,7 +159,7 @@ def _prefill_shared(
     model: Kronos,
     s1: torch.Tensor,
     s2: torch.Tensor,
-    stamps: Optional[torch.Tensor],
+    stamps: torch.Tensor | None,
     a: int,
     t0: int,
     shared: KronosCache,
@@ -181,18 +188,18 @@ def sample_forecasts(
     tokenizer: KronosTokenizer,
     model: Kronos,
     x: torch.Tensor,
-    x_stamp: Optional[torch.Tensor],
-    y_stamp: Optional[torch.Tensor],
+    x_stamp: torch.Tensor | None,
+    y_stamp: torch.Tensor | None,
     pred_len: int,
     max_context: int = 512,
     clip: float = 5.0,
     sample_count: int = 1,
-    sampling: Optional[SamplingConfig] = None,
+    sampling: SamplingConfig | None = None,
     *,
     use_cache: bool = True,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     verbose: bool = False,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     share_prefix: bool = True,
 ) -> torch.Tensor:
     """Sample paths for normalised series ``x [N, T, d]``: returns ``[N, sample_count, pred_len, d]`` (normalised).
@@ -258,7 +265,7 @@ def auto_regressive_inference(
     verbose: bool = False,
     *,
     use_cache: bool = True,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> np.ndarray:
     """Official-compatible entry point: mean over sample paths, ``[N, pred_len, d]`` float32 numpy, normalised.
 

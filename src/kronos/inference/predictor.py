@@ -1,17 +1,20 @@
 """KronosPredictor: K-line DataFrames in, forecasts (mean, sample paths, quantiles) out.
 
-Same constructor, ``predict`` / ``predict_batch`` arguments, defaults and outputs as the official predictor (MODEL_ARCHITECTURE_ANALYSIS.md §6),
+Same constructor, ``predict`` / ``predict_batch`` arguments, defaults and outputs as the official predictor
+(MODEL_ARCHITECTURE_ANALYSIS.md §6),
 plus keyword-only extras: KV-cached generation (``use_cache``), reproducible sampling (``seed``), access to the
 sample paths (``return_samples``) and quantiles, histories of different lengths in one ``predict_batch`` call, and
 one-line :class:`kronos.errors.InputError` messages for bad input.
 """
+
 from __future__ import annotations
 
 import logging
 import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +30,6 @@ from kronos.data.schema import (
     time_features,
 )
 from kronos.errors import InputError, cuda_missing_hint
-
 from kronos.inference.bands import (
     apply_calibration,
     check_quantiles,
@@ -53,7 +55,7 @@ AMT_COL = "amount"
 FEATURE_COLS = list(VALUE_COLUMNS)
 TIME_COLS = list(TIME_FEATURES)
 
-Timestamps = Union[pd.Series, pd.DatetimeIndex, Sequence[Any], np.ndarray]
+Timestamps = pd.Series | pd.DatetimeIndex | Sequence[Any] | np.ndarray
 
 
 def calc_time_stamps(timestamps: Timestamps) -> pd.DataFrame:
@@ -74,7 +76,7 @@ def _to_datetime_index(values: Timestamps, name: str) -> pd.DatetimeIndex:
     return idx
 
 
-def _check_device(device: Union[str, torch.device]) -> torch.device:
+def _check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch device that exists here; one-line InputError for a missing CUDA/MPS device."""
     try:
         dev = torch.device(device)
@@ -84,8 +86,12 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
         if not torch.cuda.is_available():
             raise InputError(f"device '{device}' was asked for but CUDA is not available here: {cuda_missing_hint()}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device '{device}' was asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise InputError(
+                f"device '{device}' was asked for but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    if dev.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
         raise InputError(f"device '{device}' was asked for but MPS is not available here; use 'cpu' or 'auto'")
     return dev
 
@@ -126,7 +132,7 @@ class KronosPredictor:
         self,
         model: Kronos,
         tokenizer: KronosTokenizer,
-        device: Optional[Union[str, torch.device]] = None,
+        device: str | torch.device | None = None,
         max_context: int = 512,
         clip: float = 5,
         *,
@@ -207,12 +213,10 @@ class KronosPredictor:
         _check_increasing(x_idx, f"{where}x_timestamp")
         _check_increasing(y_idx, f"{where}y_timestamp")
         if y_idx[0] <= x_idx[-1]:
-            raise InputError(
-                f"{where}y_timestamp must start after the last x_timestamp ({y_idx[0]} <= {x_idx[-1]})"
-            )
+            raise InputError(f"{where}y_timestamp must start after the last x_timestamp ({y_idx[0]} <= {x_idx[-1]})")
 
         if self.truncate_history and len(x) > self.max_context:  # Q7 option: only the predictor's window
-            x, x_idx = x[-self.max_context:], x_idx[-self.max_context:]
+            x, x_idx = x[-self.max_context :], x_idx[-self.max_context :]
         x_stamp = calc_time_stamps(x_idx).values.astype(np.float32)
         y_stamp = calc_time_stamps(y_idx).values.astype(np.float32)
         # Spec 5.1: statistics over the entire given history (Q7), numpy float32, population std.
@@ -237,7 +241,7 @@ class KronosPredictor:
             raise InputError(f"temperature T must be a finite number > 0, got {T!r}")
 
     # ------------------------------------------------------------------ generation
-    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+    def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
             return None  # the global torch RNG, as the official code
         gen = torch.Generator(device=self.device)
@@ -252,14 +256,14 @@ class KronosPredictor:
         sampling: SamplingConfig,
         verbose: bool,
         use_cache: bool,
-        generator: Optional[torch.Generator],
-        batch_size: Optional[int],
+        generator: torch.Generator | None,
+        batch_size: int | None,
     ) -> list[np.ndarray]:
         """Normalised sample paths ``[S, P, 6]`` per series; series of equal length run as one batch."""
         groups: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(len(item.x), []).append(i)
-        out: list[Optional[np.ndarray]] = [None] * len(items)
+        out: list[np.ndarray | None] = [None] * len(items)
         for members in groups.values():
             x = torch.from_numpy(np.stack([items[i].x for i in members])).to(self.device)
             xs = torch.from_numpy(np.stack([items[i].x_stamp for i in members])).to(self.device)
@@ -285,7 +289,7 @@ class KronosPredictor:
         verbose: bool,
         *,
         use_cache: bool = True,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ) -> np.ndarray:
         """Official-compatible: normalised inputs ``[N, T, 6]`` -> mean normalised forecast ``[N, pred_len, 6]``."""
         samples = sample_forecasts(
@@ -328,12 +332,12 @@ class KronosPredictor:
         verbose: bool = True,
         *,
         use_cache: bool = True,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         return_samples: bool = False,
-        batch_size: Optional[int] = None,
+        batch_size: int | None = None,
         top_k_then_top_p: bool = False,
         return_p_up: bool = False,
-    ) -> Union[pd.DataFrame, tuple[pd.DataFrame, np.ndarray]]:
+    ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
         """Forecast ``pred_len`` steps after ``df`` (columns open, high, low, close[, volume[, amount]]).
 
         Returns a DataFrame (columns open..amount, index ``y_timestamp``) holding the mean of ``sample_count``
@@ -363,9 +367,9 @@ class KronosPredictor:
         verbose: bool = True,
         *,
         use_cache: bool = True,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         return_samples: bool = False,
-        batch_size: Optional[int] = None,
+        batch_size: int | None = None,
         top_k_then_top_p: bool = False,
         return_p_up: bool = False,
     ) -> list:
@@ -410,7 +414,7 @@ class KronosPredictor:
         top_p: float = 0.9,
         verbose: bool = True,
         **kwargs: Any,
-    ) -> dict[Union[float, str], Union[pd.DataFrame, pd.Series]]:
+    ) -> dict[float | str, pd.DataFrame | pd.Series]:
         """Quantiles of ``sample_count`` sampled paths: ``{q: DataFrame}`` with the layout of :meth:`predict`.
 
         ``calibration=`` (keyword: a ``calibration.json`` path or a loaded :class:`~kronos.inference.bands.
@@ -438,7 +442,7 @@ class KronosPredictor:
         top_p: float = 0.9,
         verbose: bool = True,
         **kwargs: Any,
-    ) -> list[dict[Union[float, str], Union[pd.DataFrame, pd.Series]]]:
+    ) -> list[dict[float | str, pd.DataFrame | pd.Series]]:
         """Batch variant of :meth:`predict_quantiles`: one ``{q: DataFrame}`` per series."""
         qs = check_quantiles(quantiles)
         cal = kwargs.pop("calibration", None)
@@ -458,7 +462,7 @@ class KronosPredictor:
             if cal is not None:  # price columns: the close-fitted correction relative to the last close
                 last = np.array([float(df["close"].iloc[-1])])
                 close = df["close"].to_numpy(dtype=float)
-                vol = recent_volatility(close[-self.max_context:][None] if self.truncate_history else close[None])
+                vol = recent_volatility(close[-self.max_context :][None] if self.truncate_history else close[None])
                 for c in range(4):
                     values[:, :, c] = cal.quantiles(samples[None, :, :, c], last, qs, vol)[:, 0]
             bands: dict = {q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)}
@@ -476,12 +480,12 @@ class KronosPredictor:
     @classmethod
     def from_pretrained(
         cls,
-        tokenizer: Union[str, "os.PathLike[str]", KronosTokenizer],
-        model: Union[str, "os.PathLike[str]", Kronos],
-        device: Optional[Union[str, torch.device]] = None,
+        tokenizer: str | os.PathLike[str] | KronosTokenizer,
+        model: str | os.PathLike[str] | Kronos,
+        device: str | torch.device | None = None,
         max_context: int = 512,
         **kw: Any,
-    ) -> "KronosPredictor":
+    ) -> KronosPredictor:
         """Load a tokenizer and a predictor (local folders or hub ids, or already-loaded models) in one call.
 
         ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` in ``kw`` go to both loads; every other
@@ -499,17 +503,17 @@ class KronosPredictor:
         id_column: str = "symbol",
         timestamp_column: str = "timestamps",
         pred_len: int,
-        lookback: Optional[int] = None,
+        lookback: int | None = None,
         quantiles: Sequence[float] = (0.1, 0.5, 0.9),
         anchors: Any = None,
         future_timestamps: Any = None,
-        calendar: Optional[str] = None,
-        sampling: Optional[SamplingConfig] = None,
+        calendar: str | None = None,
+        sampling: SamplingConfig | None = None,
         sample_count: int = 32,
         T: float = 1.0,
         top_k: int = 0,
         top_p: float = 0.9,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         batch_size: int = 50,
         calibration: Any = None,
         progress: bool = True,
@@ -552,10 +556,26 @@ class KronosPredictor:
         records to :func:`kronos.inference.bands.apply_calibration`.
         """
         return self.predict_df_paths(
-            frame, id_column=id_column, timestamp_column=timestamp_column, pred_len=pred_len, lookback=lookback,
-            quantiles=quantiles, anchors=anchors, future_timestamps=future_timestamps, calendar=calendar,
-            sampling=sampling, sample_count=sample_count, T=T, top_k=top_k, top_p=top_p, seed=seed,
-            batch_size=batch_size, calibration=calibration, progress=progress, use_cache=use_cache, keep_paths=False,
+            frame,
+            id_column=id_column,
+            timestamp_column=timestamp_column,
+            pred_len=pred_len,
+            lookback=lookback,
+            quantiles=quantiles,
+            anchors=anchors,
+            future_timestamps=future_timestamps,
+            calendar=calendar,
+            sampling=sampling,
+            sample_count=sample_count,
+            T=T,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            calibration=calibration,
+            progress=progress,
+            use_cache=use_cache,
+            keep_paths=False,
         ).records
 
     def predict_df_paths(
@@ -565,23 +585,23 @@ class KronosPredictor:
         id_column: str = "symbol",
         timestamp_column: str = "timestamps",
         pred_len: int,
-        lookback: Optional[int] = None,
+        lookback: int | None = None,
         quantiles: Sequence[float] = (0.1, 0.5, 0.9),
         anchors: Any = None,
         future_timestamps: Any = None,
-        calendar: Optional[str] = None,
-        sampling: Optional[SamplingConfig] = None,
+        calendar: str | None = None,
+        sampling: SamplingConfig | None = None,
         sample_count: int = 32,
         T: float = 1.0,
         top_k: int = 0,
         top_p: float = 0.9,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         batch_size: int = 50,
         calibration: Any = None,
         progress: bool = True,
         use_cache: bool = True,
         keep_paths: bool = True,
-    ) -> "DataFrameForecast":
+    ) -> DataFrameForecast:
         """:meth:`predict_df` with the de-normalised sample paths kept: a :class:`DataFrameForecast` whose
         ``samples [N, S, pred_len, 6]`` hold forecast ``n`` for records rows ``n * pred_len`` to
         ``(n + 1) * pred_len - 1`` (``keep_paths=False``: records only, ``samples`` None)."""
@@ -592,32 +612,50 @@ class KronosPredictor:
         cal = load_calibration(calibration)
         if lookback is None and cal is not None:
             lookback = cal.lookback
-        if lookback is not None and (isinstance(lookback, bool) or not isinstance(lookback, (int, np.integer))
-                                     or lookback < 1):
+        if lookback is not None and (
+            isinstance(lookback, bool) or not isinstance(lookback, (int, np.integer)) or lookback < 1
+        ):
             raise InputError(f"lookback must be an integer >= 1 (or None for the history there is), got {lookback!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1 (series per chunk), got {batch_size!r}")
-        tasks = _forecast_tasks(frame, id_column, timestamp_column, None if lookback is None else int(lookback),
-                                self.max_context, int(pred_len), anchors, future_timestamps, calendar)
+        tasks = _forecast_tasks(
+            frame,
+            id_column,
+            timestamp_column,
+            None if lookback is None else int(lookback),
+            self.max_context,
+            int(pred_len),
+            anchors,
+            future_timestamps,
+            calendar,
+        )
         # every input checked (and normalised, once) before sampling
-        items = [self.prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ")
-                 for t in tasks]
+        items = [self.prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ") for t in tasks]
         scales = [norm_scale(float(item.std[VALUE_COLUMNS.index("close")])) for item in items]
         means, quants, ups, paths_out = [], [], [], []
         n_chunks = -(-len(tasks) // batch_size)
         for k in tqdm(range(n_chunks), desc="forecast", unit="batch", disable=not progress):
-            chunk = items[k * batch_size:(k + 1) * batch_size]
+            chunk = items[k * batch_size : (k + 1) * batch_size]
             seed_k = None if sampling.seed is None else int(sampling.seed) + k
-            paths = self._sample_paths(chunk, int(pred_len), sampling.sample_count, sampling, False, use_cache,
-                                       self._generator(seed_k), None)
+            paths = self._sample_paths(
+                chunk, int(pred_len), sampling.sample_count, sampling, False, use_cache, self._generator(seed_k), None
+            )
             prices = np.stack([p * norm_scale(item.std) + item.mean for item, p in zip(chunk, paths)])  # [n,S,P,6]
             means.append(np.stack([self._mean_path(item, p) for item, p in zip(chunk, paths)]))
             quants.append(sample_quantiles(prices, qs, axis=1))  # [Q, n, P, 6]
             ups.append(prob_up(prices[..., VALUE_COLUMNS.index("close")], [item.last_close for item in chunk]))
             if keep_paths:
                 paths_out.append(prices)
-        records = _records(tasks, np.concatenate(means), np.concatenate(quants, axis=1), qs, scales, id_column,
-                           int(pred_len), np.concatenate(ups))
+        records = _records(
+            tasks,
+            np.concatenate(means),
+            np.concatenate(quants, axis=1),
+            qs,
+            scales,
+            id_column,
+            int(pred_len),
+            np.concatenate(ups),
+        )
         if cal is not None:
             records = apply_calibration(records, cal, model=self, lookback=int(lookback))  # type: ignore[arg-type]
         return DataFrameForecast(records, np.concatenate(paths_out) if keep_paths else None)
@@ -628,7 +666,7 @@ class DataFrameForecast:
     """What :meth:`KronosPredictor.predict_df_paths` returns: the forecast records and their sample paths."""
 
     records: pd.DataFrame
-    samples: Optional[np.ndarray]  # [N, S, P, 6] prices, forecast n = records rows n*P .. (n+1)*P - 1
+    samples: np.ndarray | None  # [N, S, P, 6] prices, forecast n = records rows n*P .. (n+1)*P - 1
 
 
 @dataclass
@@ -644,7 +682,7 @@ class _Task:
     true_close: np.ndarray
 
 
-def _anchor_lookup(anchors: Any, id_column: str, timestamp_column: str) -> tuple[Optional[dict], Optional[np.ndarray]]:
+def _anchor_lookup(anchors: Any, id_column: str, timestamp_column: str) -> tuple[dict | None, np.ndarray | None]:
     """``anchors`` as ``({symbol: int64 ns array}, None)`` for pairs or ``(None, int64 ns array)`` for timestamps."""
     if isinstance(anchors, pd.DataFrame):
         ts_col = "anchor" if "anchor" in anchors.columns else timestamp_column
@@ -670,8 +708,15 @@ def _anchor_lookup(anchors: Any, id_column: str, timestamp_column: str) -> tuple
 
 
 def _forecast_tasks(
-    frame: pd.DataFrame, id_column: str, timestamp_column: str, L: Optional[int], max_context: int, P: int,
-    anchors: Any, future: Any, calendar: Optional[str] = None,
+    frame: pd.DataFrame,
+    id_column: str,
+    timestamp_column: str,
+    L: int | None,
+    max_context: int,
+    P: int,
+    anchors: Any,
+    future: Any,
+    calendar: str | None = None,
 ) -> list[_Task]:
     """One task per anchor: a context of ``L`` bars (``None``: the history there is, up to ``max_context`` bars and
     at least :data:`MIN_HISTORY`)."""
@@ -714,8 +759,8 @@ def _forecast_tasks(
                 short.append(f"{symbol}@{ts[i]}")
                 continue
             start = i + 1 - (min(i + 1, max_context) if L is None else L)
-            ctx_ts = ts[start:i + 1]
-            fut = ts[i + 1:i + 1 + P]
+            ctx_ts = ts[start : i + 1]
+            fut = ts[i + 1 : i + 1 + P]
             if future is not None:
                 given = future.get(symbol) if isinstance(future, dict) else future
                 if given is None:
@@ -725,7 +770,7 @@ def _forecast_tasks(
                 fut = fut.append(extend(ctx_ts.append(fut), P - len(fut), calendar=calendar))
             true_close = np.full(P, np.nan)
             n_known = min(P, len(ts) - i - 1)
-            true_close[:n_known] = close[i + 1:i + 1 + n_known]
+            true_close[:n_known] = close[i + 1 : i + 1 + n_known]
             tasks.append(_Task(
                 symbol, ts[i], values.iloc[start:i + 1].reset_index(drop=True), pd.Series(ctx_ts),
                 pd.Series(fut), float(close[i]), true_close,
@@ -736,8 +781,9 @@ def _forecast_tasks(
             raise InputError(f"anchors name symbol(s) not in the frame's '{id_column}' column: {unknown[:5]}")
     rule = f"lookback={L}" if L is not None else f"the minimum of {MIN_HISTORY}"
     if short:
-        logger.warning("skipped %d anchor(s) with fewer than %s bars of history (e.g. %s)",
-                       len(short), rule, ", ".join(short[:3]))
+        logger.warning(
+            "skipped %d anchor(s) with fewer than %s bars of history (e.g. %s)", len(short), rule, ", ".join(short[:3])
+        )
     if not tasks:
         raise InputError(
             f"nothing to forecast: no anchor has {rule} bars of history in the frame "
@@ -747,8 +793,16 @@ def _forecast_tasks(
     return tasks
 
 
-def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list[float], scales: list[float],
-             id_column: str, P: int, p_up: np.ndarray) -> pd.DataFrame:
+def _records(
+    tasks: list[_Task],
+    means: np.ndarray,
+    quants: np.ndarray,
+    qs: list[float],
+    scales: list[float],
+    id_column: str,
+    P: int,
+    p_up: np.ndarray,
+) -> pd.DataFrame:
     """Long records of :meth:`KronosPredictor.predict_df` (see its docstring for the columns)."""
     n = len(tasks)
     data: dict[str, Any] = {
@@ -764,8 +818,9 @@ def _records(tasks: list[_Task], means: np.ndarray, quants: np.ndarray, qs: list
             data[quantile_column(q, c)] = quants[qi, :, :, j].reshape(-1)
     data["p_up"] = p_up.reshape(-1)
     # the context's recent close log-return volatility (what the calibration scales its bands by)
-    data["context_vol"] = np.repeat([float(recent_volatility(t.context["close"].to_numpy(dtype=np.float64)))
-                                     for t in tasks], P)
+    data["context_vol"] = np.repeat(
+        [float(recent_volatility(t.context["close"].to_numpy(dtype=np.float64))) for t in tasks], P
+    )
     data["last_close"] = np.repeat([t.last_close for t in tasks], P)
     data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)
     data["true_close"] = np.concatenate([t.true_close for t in tasks])

@@ -1,7 +1,7 @@
-"""Token sampling: temperature, top-k, top-p (nucleus), as the official ``sample_from_logits`` (MODEL_ARCHITECTURE_ANALYSIS.md §6.1, quirk Q8)."""
-from __future__ import annotations
+"""Token sampling: temperature, top-k, top-p (nucleus), as the official ``sample_from_logits``
+(MODEL_ARCHITECTURE_ANALYSIS.md §6.1, quirk Q8)."""
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def sample_from_logits(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     top_k_then_top_p: bool = False,
 ) -> torch.Tensor:
     """Draw one token id per row of ``logits [B, V]``; returns ``[B, 1]`` int64.

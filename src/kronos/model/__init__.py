@@ -1,4 +1,5 @@
 """Kronos model modules: tokenizer, predictor, building blocks, presets and checkpoint I/O."""
+
 from kronos.model.hub import CheckpointMixin
 from kronos.model.kronos import (
     DEFAULT_MAX_CONTEXT,

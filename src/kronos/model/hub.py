@@ -5,6 +5,7 @@
 Local folders load without any network call; hub ids are resolved from the local Hugging Face cache first and
 otherwise fetched only after a quick reachability probe, so an offline machine fails fast with one clear message.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -13,7 +14,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -56,7 +57,7 @@ class CheckpointMixin:
         self.config = {k: _plain(values[k]) for k in sorted(self.constructor_keys())}
 
     # ------------------------------------------------------------------ save
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` atomically into ``save_directory``.
 
         Both files are first written to a temporary folder beside the target; a new target folder is then renamed
@@ -74,6 +75,7 @@ class CheckpointMixin:
             save_file(tensors, str(path), metadata={"format": "pt"})
 
         if not target.exists():
+
             def fill(folder: Path) -> None:
                 write_weights(folder / WEIGHTS_NAME)
                 (folder / CONFIG_NAME).write_text(config_text, encoding="utf-8")
@@ -89,14 +91,14 @@ class CheckpointMixin:
     @classmethod
     def from_pretrained(
         cls: type[M],
-        pretrained_model_name_or_path: Union[str, os.PathLike],
+        pretrained_model_name_or_path: str | os.PathLike,
         *,
-        map_location: Union[str, torch.device] = "cpu",
+        map_location: str | torch.device = "cpu",
         strict: bool = True,
-        revision: Optional[str] = None,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
-        token: Optional[Union[str, bool]] = None,
+        token: str | bool | None = None,
         **model_kwargs: Any,
     ) -> M:
         """Build the model from ``config.json`` and load ``model.safetensors`` (weights cast to float32, eval mode).
@@ -132,12 +134,13 @@ class CheckpointMixin:
         return model
 
 
-def read_card(folder: Union[str, os.PathLike]) -> Optional[dict]:
-    """The ``model_card.json`` of a local checkpoint folder (None for hub ids, folders without one, unreadable files)."""
+def read_card(folder: str | os.PathLike) -> dict | None:
+    """The ``model_card.json`` of a local checkpoint folder (None for hub ids, folders without one, unreadable
+    files)."""
     return kio.read_json_object(Path(folder) / CARD_NAME, "model card")
 
 
-def data_cutoff(folder: Union[str, os.PathLike], configured: str = "") -> tuple[Optional[str], str]:
+def data_cutoff(folder: str | os.PathLike, configured: str = "") -> tuple[str | None, str]:
     """(last bar the model was trained on, where that comes from): ``configured`` (the config's
     ``pretrained_data_end``) wins, else the model card's ``data_end``; (None, "unknown") when neither says."""
     if configured:
@@ -208,9 +211,7 @@ def _check_against_weights(expected: dict[str, tuple], found: dict[str, tuple], 
     """
     mismatched = [f"{k} {found[k]} vs expected {v}" for k, v in expected.items() if k in found and found[k] != v]
     if mismatched:
-        raise CheckpointError(
-            f"{path}: tensor shape mismatch (config.json does not fit the weights): {mismatched[:3]}"
-        )
+        raise CheckpointError(f"{path}: tensor shape mismatch (config.json does not fit the weights): {mismatched[:3]}")
     kinds = {_INDEX.sub(".#.", k) for k in expected}
     extra_layers = sorted(k for k in set(found) - set(expected) if _INDEX.sub(".#.", k) in kinds)
     if extra_layers:
@@ -251,7 +252,9 @@ def _load_state(model: Any, state: dict[str, torch.Tensor], path: Path, strict: 
     if missing:
         message = f"{path}: missing tensors {missing[:5]} ({len(missing)} in all)"
         if strict:
-            raise CheckpointError(message + "; the checkpoint does not match this model (pass strict=False to load anyway)")
+            raise CheckpointError(
+                message + "; the checkpoint does not match this model (pass strict=False to load anyway)"
+            )
         logger.warning(message + "; they keep their initial values")
     if unexpected:  # extra tensors are ignored, as the official (non-strict) loader does
         logger.warning("%s: ignoring %d tensors the model does not use: %s", path, len(unexpected), unexpected[:5])
@@ -300,10 +303,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _resolve_files(
     name: str,
-    revision: Optional[str],
-    cache_dir: Optional[Union[str, os.PathLike]],
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
     local_files_only: bool,
-    token: Optional[Union[str, bool]],
+    token: str | bool | None,
 ) -> tuple[Path, Path]:
     """(config path, weights path) of a local folder or a hub id.
 
@@ -316,8 +319,9 @@ def _resolve_files(
 
         prev = resolve_folder(path)
         if prev is not None:
-            logger.warning("%s is missing (a checkpoint swap was interrupted); loading its previous version %s",
-                           path, prev)
+            logger.warning(
+                "%s is missing (a checkpoint swap was interrupted); loading its previous version %s", path, prev
+            )
             path = prev
     if path.is_dir():
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -331,20 +335,26 @@ def _resolve_files(
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds {CONFIG_NAME}")
     if not _HUB_ID.match(name) or name.startswith((".", "~")):
         official = path.name in OFFICIAL_NAMES  # e.g. ./Kronos-small before the README's download step
-        raise CheckpointError(f"checkpoint folder not found: {path}"
-                              + (f"; {_download_hint('NeoQuasar/' + path.name)}" if official else ""))
+        raise CheckpointError(
+            f"checkpoint folder not found: {path}"
+            + (f"; {_download_hint('NeoQuasar/' + path.name)}" if official else "")
+        )
 
     try:
         from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError(f"'{name}' is not a local folder and huggingface_hub is missing; {_download_hint(name)}")
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(
+            f"'{name}' is not a local folder and huggingface_hub is missing; {_download_hint(name)}"
+        ) from None
     cached = [
         try_to_load_from_cache(name, f, cache_dir=cache_dir, revision=revision) for f in (CONFIG_NAME, WEIGHTS_NAME)
     ]
     if all(isinstance(c, str) for c in cached):
         return Path(cached[0]), Path(cached[1])
     if local_files_only or constants.HF_HUB_OFFLINE:
-        raise CheckpointError(f"'{name}' is neither a local folder nor in the Hugging Face cache; {_download_hint(name)}")
+        raise CheckpointError(
+            f"'{name}' is neither a local folder nor in the Hugging Face cache; {_download_hint(name)}"
+        )
     if not _hub_reachable():
         raise CheckpointError(
             f"'{name}' is not a local folder and the Hugging Face Hub cannot be reached; {_download_hint(name)}"
@@ -353,8 +363,11 @@ def _resolve_files(
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
         try:
             files.append(
-                Path(hf_hub_download(name, filename, revision=revision, cache_dir=cache_dir, token=token,
-                                     etag_timeout=10))
+                Path(
+                    hf_hub_download(
+                        name, filename, revision=revision, cache_dir=cache_dir, token=token, etag_timeout=10
+                    )
+                )
             )
         except Exception as exc:  # network/HTTP/repo errors of huggingface_hub
             raise CheckpointError(

@@ -1,15 +1,18 @@
 """Kronos: the decoder-only autoregressive predictor over (s1, s2) tokens, and the published size presets.
 
-The module reproduces the official ``Kronos`` class (constructor, state dict, numerics; MODEL_ARCHITECTURE_ANALYSIS.md §4). On top of the
+The module reproduces the official ``Kronos`` class (constructor, state dict, numerics; MODEL_ARCHITECTURE_ANALYSIS.md
+§4). On top of the
 official ``forward`` / ``decode_s1`` / ``decode_s2`` it offers an incremental path with a key/value cache
 (:meth:`Kronos.new_cache`, :meth:`Kronos.forward_cached`, :meth:`Kronos.decode_s2_cached`) used by fast generation.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +104,7 @@ class DependencyAwareLayer(nn.Module):
         self.norm = RMSNorm(d_model)
 
     def forward(
-        self, hidden_states: torch.Tensor, sibling_embed: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None
+        self, hidden_states: torch.Tensor, sibling_embed: torch.Tensor, key_padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         attn = self.cross_attn(sibling_embed, hidden_states, hidden_states, key_padding_mask=key_padding_mask)
         return self.norm(hidden_states + attn)  # Q3: residual on the context (keys), not on the query
@@ -200,7 +203,7 @@ class Kronos(nn.Module, CheckpointMixin):
         self.dep_layer.cross_attn.positioned_query = bool(value)
 
     # ------------------------------------------------------------------ official API
-    def _embed(self, s1_ids: torch.Tensor, s2_ids: torch.Tensor, stamp: Optional[torch.Tensor]) -> torch.Tensor:
+    def _embed(self, s1_ids: torch.Tensor, s2_ids: torch.Tensor, stamp: torch.Tensor | None) -> torch.Tensor:
         x = self.embedding([s1_ids, s2_ids])
         if stamp is not None:
             x = x + self.time_emb(stamp)
@@ -210,10 +213,10 @@ class Kronos(nn.Module, CheckpointMixin):
         self,
         s1_ids: torch.Tensor,
         s2_ids: torch.Tensor,
-        stamp: Optional[torch.Tensor] = None,
-        padding_mask: Optional[torch.Tensor] = None,
+        stamp: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
         use_teacher_forcing: bool = False,
-        s1_targets: Optional[torch.Tensor] = None,
+        s1_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training/validation pass: ``(s1_logits, s2_logits)`` ``[B, L, V1]``, ``[B, L, V2]`` (analysis §5.3).
 
@@ -235,8 +238,8 @@ class Kronos(nn.Module, CheckpointMixin):
         self,
         s1_ids: torch.Tensor,
         s2_ids: torch.Tensor,
-        stamp: Optional[torch.Tensor] = None,
-        padding_mask: Optional[torch.Tensor] = None,
+        stamp: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trunk pass: ``(s1_logits, context)``, context = normed hidden states ``[B, L, D]`` (analysis §4.3-4.4)."""
         x = self._embed(s1_ids, s2_ids, stamp)
@@ -246,7 +249,7 @@ class Kronos(nn.Module, CheckpointMixin):
         return self.head(x), x
 
     def decode_s2(
-        self, context: torch.Tensor, s1_ids: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+        self, context: torch.Tensor, s1_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """s2 logits conditioned on sibling s1 ids (analysis §4.5). Q3: sibling = raw ``emb_s1`` row, no sqrt(D)."""
         sibling = self.embedding.emb_s1(s1_ids)
@@ -268,7 +271,7 @@ class Kronos(nn.Module, CheckpointMixin):
         return KronosCache(layers=layers, dep=dep, capacity=capacity)
 
     def forward_cached(
-        self, s1_ids: torch.Tensor, s2_ids: torch.Tensor, stamp: Optional[torch.Tensor], cache: KronosCache
+        self, s1_ids: torch.Tensor, s2_ids: torch.Tensor, stamp: torch.Tensor | None, cache: KronosCache
     ) -> torch.Tensor:
         """Append tokens ``[B, n]`` at window positions ``cache.length..`` and return their context ``[B, n, D]``.
 
@@ -342,12 +345,13 @@ PREDICTOR_PRESETS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
-# Context length each published predictor was trained with (not stored in checkpoints; MODEL_ARCHITECTURE_ANALYSIS.md §7).
+# Context length each published predictor was trained with (not stored in checkpoints; MODEL_ARCHITECTURE_ANALYSIS.md
+# §7).
 DEFAULT_MAX_CONTEXT: dict[str, int] = {"mini": 2048, "small": 512, "base": 512, "tiny": 512}
 
 
 def _resolve_preset(
-    kind: str, presets: Mapping[str, dict], keys: list[str], preset_or_dict: Union[str, Mapping[str, Any]], overrides
+    kind: str, presets: Mapping[str, dict], keys: list[str], preset_or_dict: str | Mapping[str, Any], overrides
 ) -> dict:
     if isinstance(preset_or_dict, str):
         if preset_or_dict not in presets:
@@ -368,14 +372,14 @@ def _resolve_preset(
     return config
 
 
-def build_tokenizer(preset_or_dict: Union[str, Mapping[str, Any]], **overrides: Any) -> KronosTokenizer:
+def build_tokenizer(preset_or_dict: str | Mapping[str, Any], **overrides: Any) -> KronosTokenizer:
     """A freshly initialised tokenizer from a preset name (``TOKENIZER_PRESETS``) or a dict of constructor args
     (a dict may name a ``"preset"`` to start from); ``overrides`` replace single arguments."""
     keys = KronosTokenizer.constructor_keys()
     return KronosTokenizer(**_resolve_preset("tokenizer", TOKENIZER_PRESETS, keys, preset_or_dict, overrides))
 
 
-def build_predictor(preset_or_dict: Union[str, Mapping[str, Any]], **overrides: Any) -> Kronos:
+def build_predictor(preset_or_dict: str | Mapping[str, Any], **overrides: Any) -> Kronos:
     """A freshly initialised predictor from a preset name (``PREDICTOR_PRESETS``) or a dict of constructor args
     (a dict may name a ``"preset"`` to start from); ``overrides`` replace single arguments."""
     keys = Kronos.constructor_keys()

@@ -4,9 +4,8 @@ Parameter names, shapes and numerics follow the official checkpoints (spec secti
 module additionally supports an incremental key/value cache for fast autoregressive inference; without a cache it
 computes exactly what the official module computes.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +63,7 @@ class RotaryPositionalEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
         self.register_buffer("inv_freq", inv_freq)
-        self._table: Optional[tuple] = None  # (key, cos, sin)
+        self._table: tuple | None = None  # (key, cos, sin)
 
     def _angles(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions ``0..length-1``, shaped ``[1, 1, length, dim]`` (elementwise, so a slice of a longer
@@ -106,7 +105,8 @@ class RotaryPositionalEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k with positions ``0..Lq-1``; the table length follows the query and broadcasts onto
-        the keys (analysis §4.5 and quirk Q2: this is what makes the length-1 inference query of the dependency layer position-free)."""
+        the keys (analysis §4.5 and quirk Q2: this is what makes the length-1 inference query of the dependency layer
+        position-free)."""
         cos, sin = self.cos_sin(0, q.shape[-2], q.device)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
@@ -118,7 +118,7 @@ class KVCache:
         self.k = torch.empty(batch, n_heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
 
-    def share_prefix(self, src: "KVCache", length: int, paths: int) -> None:
+    def share_prefix(self, src: KVCache, length: int, paths: int) -> None:
         """Copy the first ``length`` positions of ``src`` (``B`` rows) into every one of this cache's ``B * paths``
         rows (series-major: rows ``b * paths .. b * paths + paths - 1`` get ``src`` row ``b``)."""
         batch = src.k.shape[0]
@@ -126,7 +126,7 @@ class KVCache:
             b.view(batch, paths, *b.shape[1:])[:, :, :, :length] = a[:, None, :, :length]
 
 
-def _check_padding_mask(mask: Optional[torch.Tensor]) -> None:
+def _check_padding_mask(mask: torch.Tensor | None) -> None:
     if mask is not None:
         # Spec 2: no official path passes a padding mask and their semantics are inconsistent.
         raise InputError("padding masks are not supported by Kronos attention; pass padding_mask=None")
@@ -163,8 +163,8 @@ class MultiHeadAttentionWithRoPE(_ProjectedAttention):
     def forward(
         self,
         x: torch.Tensor,
-        key_padding_mask: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
         """Attend over the input (positions ``0..L-1``), or, with ``cache``, over the cached prefix plus the input
@@ -211,7 +211,7 @@ class MultiHeadCrossAttentionWithRoPE(_ProjectedAttention):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        key_padding_mask: Optional[torch.Tensor] = None,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         _check_padding_mask(key_padding_mask)
         nq = query.shape[1]
@@ -273,8 +273,8 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        key_padding_mask: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.norm1(x), key_padding_mask, cache=cache, start_pos=start_pos)

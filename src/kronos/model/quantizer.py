@@ -4,6 +4,7 @@ A latent vector is L2-normalised and quantised to the signs of its components, s
 ``s1_bits`` dimensions form the coarse token, the remaining ``s2_bits`` the fine token; bits are LSB-first within each
 half (Q5). Buffer names and kinds match the official checkpoints (``tokenizer.bsq.basis`` etc.).
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,9 +3,10 @@
 An encoder Transformer maps each normalised time step to a latent vector that Binary Spherical Quantization turns
 into ``s1_bits + s2_bits`` sign bits; a decoder Transformer reconstructs the K-line from the bits.
 """
+
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,11 +16,12 @@ from kronos.model.hub import CheckpointMixin
 from kronos.model.layers import KVCache, TransformerBlock
 from kronos.model.quantizer import BSQuantizer
 
-TokenIds = Union[torch.Tensor, Sequence[torch.Tensor]]
+TokenIds = torch.Tensor | Sequence[torch.Tensor]
 
 
 class KronosTokenizer(nn.Module, CheckpointMixin):
-    """Tokenizer with the official constructor arguments and state-dict layout (the official ``config.json`` fields and weight names)."""
+    """Tokenizer with the official constructor arguments and state-dict layout (the official ``config.json`` fields and
+    weight names)."""
 
     def __init__(
         self,
@@ -139,4 +141,3 @@ class KronosTokenizer(nn.Module, CheckpointMixin):
             cache.share_prefix(shared, m, paths)
             h = block(h, cache=cache, start_pos=m)
         return self.head(h)
-

@@ -5,6 +5,7 @@ Routes: ``GET /health``, ``GET /models``, ``POST /forecast`` (JSON rows or a CSV
 results), ``/mcp`` (MCP streamable HTTP), ``/`` (the page) and ``/docs`` (OpenAPI). Every error is JSON
 ``{"error": "...", "limit": "..."?}`` with a 4xx status; the service never dies on a bad request.
 """
+
 import asyncio
 import contextlib
 import hmac
@@ -12,7 +13,7 @@ import json
 import logging
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
@@ -29,8 +30,16 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 OPEN_PATHS = ("/health",)
-SETTING_FIELDS = {"horizon": int, "samples": int, "T": float, "top_k": int, "top_p": float, "seed": int,
-                  "quantiles": list, "return_samples": bool}
+SETTING_FIELDS = {
+    "horizon": int,
+    "samples": int,
+    "T": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+    "quantiles": list,
+    "return_samples": bool,
+}
 FORECAST_FIELDS = {"bars", "model", "history", *SETTING_FIELDS}
 BATCH_FIELDS = {"series", "model", *SETTING_FIELDS}
 
@@ -52,7 +61,7 @@ class GuardMiddleware:
     is then kept in a cookie) or that cookie.
     """
 
-    def __init__(self, app, token: Optional[str], max_body: int) -> None:
+    def __init__(self, app, token: str | None, max_body: int) -> None:
         self.app = app
         self.token = token or None
         self.max_body = int(max_body)
@@ -83,9 +92,13 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         ok, set_cookie = self._authorised(scope)
         if not ok:
-            status, headers, body = _json_response(401, {
-                "error": "missing or wrong API token; send 'Authorization: Bearer <token>' (the --token / "
-                         "KRONOS_API_TOKEN the service was started with)"})
+            status, headers, body = _json_response(
+                401,
+                {
+                    "error": "missing or wrong API token; send 'Authorization: Bearer <token>' (the --token / "
+                    "KRONOS_API_TOKEN the service was started with)"
+                },
+            )
             return await _send(send, status, headers + [(b"www-authenticate", b"Bearer")], body)
         for k, v in scope.get("headers", []):
             if k.lower() == b"content-length":
@@ -94,9 +107,17 @@ class GuardMiddleware:
                 except ValueError:
                     length = 0
                 if length > self.max_body:
-                    return await _send(send, *_json_response(413, {
-                        "error": f"request body is {length} bytes, over the service limit "
-                                 f"max_body_bytes={self.max_body}", "limit": "max_body_bytes"}))
+                    return await _send(
+                        send,
+                        *_json_response(
+                            413,
+                            {
+                                "error": f"request body is {length} bytes, over the service limit "
+                                f"max_body_bytes={self.max_body}",
+                                "limit": "max_body_bytes",
+                            },
+                        ),
+                    )
         received = 0
         limit = self.max_body
 
@@ -106,8 +127,9 @@ class GuardMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise LimitError(f"request body is over the service limit max_body_bytes={limit}",
-                                     "max_body_bytes", 413)
+                    raise LimitError(
+                        f"request body is over the service limit max_body_bytes={limit}", "max_body_bytes", 413
+                    )
             return message
 
         async def send_with_cookie(message):
@@ -123,7 +145,7 @@ class RequestError(KronosError):
     """A request field is unknown or of the wrong kind."""
 
 
-def _settings(body: dict, allowed: set, defaults: Optional[dict] = None) -> Settings:
+def _settings(body: dict, allowed: set, defaults: dict | None = None) -> Settings:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise RequestError(f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -147,9 +169,11 @@ def _with_history(result: dict, frame, n: Any) -> dict:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise RequestError(f"'history' must be an integer >= 0 (bars to echo back), got {n!r}")
     if n:
-        tail = frame.iloc[-min(n, len(frame)):]
-        result["history"] = {"timestamps": [t.isoformat() for t in tail["timestamps"]],
-                             **{c: tail[c].round(6).tolist() for c in ("open", "high", "low", "close", "volume")}}
+        tail = frame.iloc[-min(n, len(frame)) :]
+        result["history"] = {
+            "timestamps": [t.isoformat() for t in tail["timestamps"]],
+            **{c: tail[c].round(6).tolist() for c in ("open", "high", "low", "close", "volume")},
+        }
     return result
 
 
@@ -169,8 +193,9 @@ def _form_value(raw: str, key: str) -> Any:
     return raw
 
 
-def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None, mcp: bool = True,
-               host: str = "127.0.0.1"):
+def create_app(
+    engine: ForecastEngine, *, token: str | None = None, run=None, mcp: bool = True, host: str = "127.0.0.1"
+):
     """The FastAPI app over ``engine``; ``run`` is a :class:`kronos.serve.run.RunFolder` for the run view.
 
     ``host`` is the bind address: on a local one the MCP endpoint also refuses foreign Host/Origin headers (DNS
@@ -180,8 +205,9 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
         from kronos.serve.mcp import build_mcp
 
         mcp_server = build_mcp(engine)
-        mcp_http = mcp_server.streamable_http_app(streamable_http_path="/mcp", stateless_http=True,
-                                                  json_response=True, host=host)
+        mcp_http = mcp_server.streamable_http_app(
+            streamable_http_path="/mcp", stateless_http=True, json_response=True, host=host
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -193,8 +219,12 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
             finally:
                 await engine.close()
 
-    app = FastAPI(title="Kronos forecasting service", version="1", lifespan=lifespan,
-                  description="Forecast K-lines with a loaded Kronos model: REST, MCP (/mcp) and a web page (/).")
+    app = FastAPI(
+        title="Kronos forecasting service",
+        version="1",
+        lifespan=lifespan,
+        description="Forecast K-lines with a loaded Kronos model: REST, MCP (/mcp) and a web page (/).",
+    )
     app.state.engine = engine
 
     def error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -216,8 +246,10 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail) if exc.status_code != 404 else
-                     f"no route {request.method} {request.url.path}; see /docs")
+        return error(
+            exc.status_code,
+            str(exc.detail) if exc.status_code != 404 else f"no route {request.method} {request.url.path}; see /docs",
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -232,9 +264,12 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
     @app.get("/models")
     async def models() -> dict:
         """What is loaded: model sizes, max context, the calibration's validation coverage; and the limits."""
-        return {"models": engine.models(), "limits": engine.limits.to_dict(),
-                "dataset": engine.dataset.path if engine.dataset else None,
-                "run": str(run.dir) if run is not None else None}
+        return {
+            "models": engine.models(),
+            "limits": engine.limits.to_dict(),
+            "dataset": engine.dataset.path if engine.dataset else None,
+            "run": str(run.dir) if run is not None else None,
+        }
 
     async def _json_body(request: Request) -> dict:
         raw = await request.body()
@@ -243,21 +278,49 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RequestError(f"request body is not valid JSON ({exc})") from None
         if not isinstance(body, dict):
-            raise RequestError("request body must be a JSON object, e.g. {\"bars\": [...], \"horizon\": 24}")
+            raise RequestError('request body must be a JSON object, e.g. {"bars": [...], "horizon": 24}')
         return body
 
-    forecast_doc = {"requestBody": {"content": {
-        "application/json": {"schema": {"type": "object", "required": ["bars"], "properties": {
-            "bars": {"type": "array", "items": {"type": "object"},
-                     "description": "rows with timestamps, open, high, low, close[, volume, amount]"},
-            "horizon": {"type": "integer", "default": 24}, "samples": {"type": "integer", "default": 16},
-            "T": {"type": "number", "default": 1.0}, "top_k": {"type": "integer", "default": 0},
-            "top_p": {"type": "number", "default": 0.9}, "seed": {"type": "integer"},
-            "quantiles": {"type": "array", "items": {"type": "number"}, "default": [0.1, 0.5, 0.9]},
-            "return_samples": {"type": "boolean", "default": False}, "model": {"type": "string"}}}},
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary"}, "horizon": {"type": "integer"},
-            "samples": {"type": "integer"}, "seed": {"type": "integer"}}}}}}}
+    forecast_doc = {
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["bars"],
+                        "properties": {
+                            "bars": {
+                                "type": "array",
+                                "items": {"type": "object"},
+                                "description": "rows with timestamps, open, high, low, close[, volume, amount]",
+                            },
+                            "horizon": {"type": "integer", "default": 24},
+                            "samples": {"type": "integer", "default": 16},
+                            "T": {"type": "number", "default": 1.0},
+                            "top_k": {"type": "integer", "default": 0},
+                            "top_p": {"type": "number", "default": 0.9},
+                            "seed": {"type": "integer"},
+                            "quantiles": {"type": "array", "items": {"type": "number"}, "default": [0.1, 0.5, 0.9]},
+                            "return_samples": {"type": "boolean", "default": False},
+                            "model": {"type": "string"},
+                        },
+                    }
+                },
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "horizon": {"type": "integer"},
+                            "samples": {"type": "integer"},
+                            "seed": {"type": "integer"},
+                        },
+                    }
+                },
+            }
+        }
+    }
 
     @app.post("/forecast", openapi_extra=forecast_doc)
     async def forecast(request: Request):
@@ -296,14 +359,14 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
         engine.check_model(body.get("model"))
         series = body.get("series")
         if not isinstance(series, list) or not series:
-            raise RequestError("'series' must be a non-empty list of {\"bars\": [...]} or {\"symbol\": ...}")
+            raise RequestError('\'series\' must be a non-empty list of {"bars": [...]} or {"symbol": ...}')
         from kronos.serve.inputs import check_limit
 
         check_limit(len(series), "max_batch_series", engine.limits, "number of series")
         histories = []
         for i, item in enumerate(series):
             if not isinstance(item, dict) or not ({"bars", "symbol"} & set(item)):
-                raise RequestError(f"series {i}: give {{\"bars\": [...]}} or {{\"symbol\": \"...\"}}")
+                raise RequestError(f'series {i}: give {{"bars": [...]}} or {{"symbol": "..."}}')
             if "symbol" in item:
                 histories.append(engine.symbol_history(str(item["symbol"])))
             else:
@@ -319,13 +382,22 @@ def create_app(engine: ForecastEngine, *, token: Optional[str] = None, run=None,
         return {"dataset": engine.dataset.path, "symbols": engine.dataset.symbols()}
 
     @app.get("/symbols/{symbol}/forecast")
-    async def symbol_forecast(symbol: str, horizon: Optional[int] = None, samples: Optional[int] = None, seed: Optional[int] = None,
-                              T: float = 1.0, top_k: int = 0, top_p: float = 0.9, history: int = 200,
-                              quantiles: str = "0.1,0.5,0.9"):
+    async def symbol_forecast(
+        symbol: str,
+        horizon: int | None = None,
+        samples: int | None = None,
+        seed: int | None = None,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        history: int = 200,
+        quantiles: str = "0.1,0.5,0.9",
+    ):
         """Forecast after a dataset symbol's latest bar; the response also carries the last ``history`` bars."""
         qs = _form_value(quantiles, "quantiles")
-        settings = Settings(horizon=horizon, samples=samples, seed=seed, T=T, top_k=top_k, top_p=top_p,
-                            quantiles=tuple(qs))
+        settings = Settings(
+            horizon=horizon, samples=samples, seed=seed, T=T, top_k=top_k, top_p=top_p, quantiles=tuple(qs)
+        )
         frame = engine.symbol_history(symbol)
         result = (await engine.forecast([frame], settings))[0]
         result["symbol"] = symbol

@@ -1,7 +1,8 @@
 """The forecasting engine behind the REST API, the MCP server and the web page.
 
 Models load once. Forecasts run on one worker thread, never on the event loop. Concurrent requests are gathered
-for ``batch_wait_ms`` (up to 5x that while fewer requests came than in the previous batch) and run as one :meth:`KronosPredictor.predict_batch` call per group of compatible settings
+for ``batch_wait_ms`` (up to 5x that while fewer requests came than in the previous batch) and run as one
+:meth:`KronosPredictor.predict_batch` call per group of compatible settings
 (same horizon and sampling settings; histories may differ in length). Each result says how long it waited in the
 queue and how many series shared its batch.
 
@@ -9,10 +10,10 @@ Reproducibility: a request with a ``seed`` and random sampling runs in a batch o
 stream is shared by the rows of one call), so the same request with the same seed always gives the same numbers.
 Greedy requests (``top_k=1``) and unseeded ones are batched freely; greedy results equal one-by-one results.
 """
+
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import threading
@@ -20,15 +21,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kronos.errors import CheckpointError, DataError, InputError, KronosError
+from kronos.errors import DataError, InputError, KronosError
 from kronos.inference import bands
 from kronos.inference.bands import prob_up, recent_volatility, sample_quantiles
-from kronos.serve.inputs import Limits, LimitError, check_history, check_limit, check_settings
+from kronos.serve.inputs import LimitError, Limits, check_history, check_limit, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,12 @@ class QueueFullError(KronosError):
 class Settings:
     """Sampling settings of one request (the predictor's names: T, top_k, top_p, sample_count)."""
 
-    horizon: Optional[int] = None  # default: min(24, max_horizon)
-    samples: Optional[int] = None  # default: min(16, max_samples)
+    horizon: int | None = None  # default: min(24, max_horizon)
+    samples: int | None = None  # default: min(16, max_samples)
     T: float = 1.0
     top_k: int = 0
     top_p: float = 0.9
-    seed: Optional[int] = None
+    seed: int | None = None
     quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     return_samples: bool = False
 
@@ -58,7 +59,7 @@ class Settings:
     def greedy(self) -> bool:
         return self.top_k == 1
 
-    def check(self, limits: Limits) -> "Settings":
+    def check(self, limits: Limits) -> Settings:
         if self.horizon is None:
             self.horizon = min(24, limits.max_horizon)
         if self.samples is None:
@@ -70,8 +71,9 @@ class Settings:
             raise InputError(f"top_k must be an integer >= 0 (0 = off, 1 = greedy), got {self.top_k!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
             raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
         return self
 
@@ -98,13 +100,18 @@ class ModelInfo:
     tokenizer_parameters: int
     max_context: int
     device: str
-    calibration: Optional[dict] = None
+    calibration: dict | None = None
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "tokenizer": self.tokenizer_path, "model": self.model_path,
-            "parameters": self.parameters, "tokenizer_parameters": self.tokenizer_parameters,
-            "max_context": self.max_context, "device": self.device, "calibration": self.calibration,
+            "name": self.name,
+            "tokenizer": self.tokenizer_path,
+            "model": self.model_path,
+            "parameters": self.parameters,
+            "tokenizer_parameters": self.tokenizer_parameters,
+            "max_context": self.max_context,
+            "device": self.device,
+            "calibration": self.calibration,
         }
 
 
@@ -115,8 +122,14 @@ def _jsonable(values: np.ndarray) -> list:
     return np.array(flat, dtype=object).reshape(out.shape).tolist() if out.ndim > 1 else flat
 
 
-def summarize(history: pd.DataFrame, mean: pd.DataFrame, samples: np.ndarray, settings: Settings,
-              timestamps: pd.DatetimeIndex, calibration: Any = None) -> dict:
+def summarize(
+    history: pd.DataFrame,
+    mean: pd.DataFrame,
+    samples: np.ndarray,
+    settings: Settings,
+    timestamps: pd.DatetimeIndex,
+    calibration: Any = None,
+) -> dict:
     """One forecast as JSON: mean OHLCV, quantile bands per column, P(up) per step (close above the last close).
 
     Uses the package's rules (:func:`~kronos.inference.bands.sample_quantiles`,
@@ -162,9 +175,16 @@ def load_calibration(path: str, predictor) -> Any:
 
 def calibration_info(cal: Any, path: str) -> dict:
     """What /models shows of a calibration: the method, its horizon/lookback and the validation coverage."""
-    return {"file": str(path), "method": cal.method, "levels": cal.levels, "horizon": cal.horizon,
-            "lookback": cal.lookback, "coverage_before": cal.coverage_before, "coverage_after": cal.coverage_after,
-            "n_anchors": cal.n_anchors}
+    return {
+        "file": str(path),
+        "method": cal.method,
+        "levels": cal.levels,
+        "horizon": cal.horizon,
+        "lookback": cal.lookback,
+        "coverage_before": cal.coverage_before,
+        "coverage_after": cal.coverage_after,
+        "n_anchors": cal.n_anchors,
+    }
 
 
 class Dataset:
@@ -174,8 +194,10 @@ class Dataset:
         from kronos.data.store import SPLITS, dataset_exists, load_split
 
         if not dataset_exists(path):
-            raise DataError(f"no processed dataset at '{path}' (train/val/test.parquet + manifest.json); "
-                            "run `kronos data` first or pass the dataset folder")
+            raise DataError(
+                f"no processed dataset at '{path}' (train/val/test.parquet + manifest.json); "
+                "run `kronos data` first or pass the dataset folder"
+            )
         self.path = str(Path(path).expanduser().resolve())
         parts = [load_split(path, s)[["symbol", "timestamps", *VALUE_COLS]] for s in SPLITS]
         frame = pd.concat(parts, ignore_index=True)
@@ -184,8 +206,15 @@ class Dataset:
         self.bars = {str(s): g.drop(columns="symbol").reset_index(drop=True) for s, g in frame.groupby("symbol")}
 
     def symbols(self) -> list[dict]:
-        return [{"symbol": s, "bars": len(g), "first": g["timestamps"].iloc[0].isoformat(),
-                 "last": g["timestamps"].iloc[-1].isoformat()} for s, g in self.bars.items()]
+        return [
+            {
+                "symbol": s,
+                "bars": len(g),
+                "first": g["timestamps"].iloc[0].isoformat(),
+                "last": g["timestamps"].iloc[-1].isoformat(),
+            }
+            for s, g in self.bars.items()
+        ]
 
     def history(self, symbol: str, lookback: int) -> pd.DataFrame:
         if symbol not in self.bars:
@@ -197,10 +226,19 @@ class Dataset:
 class ForecastEngine:
     """One loaded tokenizer + predictor, an optional dataset and calibration, and the micro-batching queue."""
 
-    def __init__(self, predictor, info: ModelInfo, *, dataset: Optional[Dataset] = None,
-                 calibration: Any = None, limits: Optional[Limits] = None,
-                 batching: bool = True, batch_wait_ms: float = 20.0, max_batch: int = 64,
-                 run_dir: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        predictor,
+        info: ModelInfo,
+        *,
+        dataset: Dataset | None = None,
+        calibration: Any = None,
+        limits: Limits | None = None,
+        batching: bool = True,
+        batch_wait_ms: float = 20.0,
+        max_batch: int = 64,
+        run_dir: str | None = None,
+    ) -> None:
         self.predictor = predictor
         self.info = info
         self.dataset = dataset
@@ -213,9 +251,9 @@ class ForecastEngine:
         # bars of a dataset symbol's history used for its forecast (the calibration's lookback when one is loaded)
         self.lookback = int(calibration.lookback) if calibration is not None else info.max_context
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kronos-forecast")
-        self._queue: Optional[asyncio.Queue] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._task: Optional[asyncio.Task] = None
+        self._queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
         self._job_ids = 0
         self._last_jobs = 1
         self._lock = threading.Lock()
@@ -223,9 +261,19 @@ class ForecastEngine:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, tokenizer: str, model: str, *, device: Optional[str] = None, max_context: int = 512,
-             name: str = "", calibration: str = "", dataset: str = "", run_dir: Optional[str] = None,
-             **kwargs: Any) -> "ForecastEngine":
+    def load(
+        cls,
+        tokenizer: str,
+        model: str,
+        *,
+        device: str | None = None,
+        max_context: int = 512,
+        name: str = "",
+        calibration: str = "",
+        dataset: str = "",
+        run_dir: str | None = None,
+        **kwargs: Any,
+    ) -> ForecastEngine:
         from kronos.inference import KronosPredictor
         from kronos.model import Kronos, KronosTokenizer
 
@@ -234,20 +282,29 @@ class ForecastEngine:
         predictor = KronosPredictor(mdl, tok, device=device, max_context=max_context)
         cal = load_calibration(calibration, predictor) if calibration else None
         info = ModelInfo(
-            name=name or Path(str(model).rstrip("/")).name or "model", tokenizer_path=str(tokenizer),
-            model_path=str(model), parameters=sum(p.numel() for p in mdl.parameters()),
-            tokenizer_parameters=sum(p.numel() for p in tok.parameters()), max_context=int(max_context),
-            device=str(predictor.device), calibration=calibration_info(cal, calibration) if cal else None,
+            name=name or Path(str(model).rstrip("/")).name or "model",
+            tokenizer_path=str(tokenizer),
+            model_path=str(model),
+            parameters=sum(p.numel() for p in mdl.parameters()),
+            tokenizer_parameters=sum(p.numel() for p in tok.parameters()),
+            max_context=int(max_context),
+            device=str(predictor.device),
+            calibration=calibration_info(cal, calibration) if cal else None,
         )
         data = Dataset(dataset) if dataset else None
-        log.info("loaded model '%s' (%d parameters) on %s%s", info.name, info.parameters, info.device,
-                 f", dataset {data.path} ({len(data.bars)} symbols)" if data else "")
+        log.info(
+            "loaded model '%s' (%d parameters) on %s%s",
+            info.name,
+            info.parameters,
+            info.device,
+            f", dataset {data.path} ({len(data.bars)} symbols)" if data else "",
+        )
         return cls(predictor, info, dataset=data, calibration=cal, run_dir=run_dir, **kwargs)
 
     def models(self) -> list[dict]:
         return [self.info.to_dict()]
 
-    def check_model(self, name: Optional[str]) -> None:
+    def check_model(self, name: str | None) -> None:
         if name not in (None, "", self.info.name):
             raise InputError(f"unknown model '{name}'; loaded: ['{self.info.name}'] (GET /models)")
 
@@ -280,7 +337,7 @@ class ForecastEngine:
         out, flags = [], []
         for h in histories:
             ok = settings.horizon == cal.horizon and len(h) >= cal.lookback
-            out.append(h.iloc[-cal.lookback:].reset_index(drop=True) if ok else h)
+            out.append(h.iloc[-cal.lookback :].reset_index(drop=True) if ok else h)
             flags.append(ok)
         return out, flags
 
@@ -360,9 +417,17 @@ class ForecastEngine:
         frames = [f for job in group for f in job.frames]
         y_ts = [pd.Series(future_timestamps(f["timestamps"], s.horizon)) for f in frames]
         outputs = self.predictor.predict_batch(
-            [f[list(VALUE_COLS)] for f in frames], [f["timestamps"] for f in frames], y_ts, pred_len=s.horizon,
-            T=float(s.T), top_k=s.top_k, top_p=float(s.top_p), sample_count=s.samples, verbose=False,
-            seed=s.seed, return_samples=True,
+            [f[list(VALUE_COLS)] for f in frames],
+            [f["timestamps"] for f in frames],
+            y_ts,
+            pred_len=s.horizon,
+            T=float(s.T),
+            top_k=s.top_k,
+            top_p=float(s.top_p),
+            sample_count=s.samples,
+            verbose=False,
+            seed=s.seed,
+            return_samples=True,
         )
         results, k = [], 0
         for job in group:
@@ -376,7 +441,8 @@ class ForecastEngine:
                 if self.calibration is not None and not calibrate:
                     res[-1]["calibration_note"] = (
                         f"bands not calibrated: the calibration was fitted for horizon {self.calibration.horizon} "
-                        f"with at least {self.calibration.lookback} bars of history")
+                        f"with at least {self.calibration.lookback} bars of history"
+                    )
                 k += 1
             results.append(res)
         return results

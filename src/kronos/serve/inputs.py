@@ -3,11 +3,13 @@
 Every problem raises :class:`kronos.errors.InputError` (a 422 for the REST API, a tool error for MCP) or
 :class:`LimitError` (413 for sizes, 422 for values over a limit), each with one line naming the field and the fix.
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,8 +59,10 @@ def frame_from_rows(rows: Any, where: str = "bars") -> pd.DataFrame:
             raise InputError(f"{where}: columns must be lists of equal length ({exc})") from None
     elif isinstance(rows, list):
         if not all(isinstance(r, dict) for r in rows):
-            raise InputError(f"{where}: each row must be an object like "
-                             '{"timestamps": "2024-01-02 09:35", "open": 1.0, "high": 1.1, "low": 0.9, "close": 1.0}')
+            raise InputError(
+                f"{where}: each row must be an object like "
+                '{"timestamps": "2024-01-02 09:35", "open": 1.0, "high": 1.1, "low": 0.9, "close": 1.0}'
+            )
         table = pd.DataFrame.from_records(rows)
     else:
         raise InputError(f"{where}: give a list of rows (objects) or an object of columns, got {type(rows).__name__}")
@@ -103,8 +107,10 @@ def check_history(table: pd.DataFrame, limits: Limits, where: str = "bars") -> p
     bad = ~np.isfinite(values)
     if bad.any():
         row, col = (int(v[0]) for v in np.nonzero(bad))
-        raise InputError(f"{where}: column '{KLINE_COLUMNS[1 + col]}' has a missing or infinite value at row {row}; "
-                         "fill or drop such rows")
+        raise InputError(
+            f"{where}: column '{KLINE_COLUMNS[1 + col]}' has a missing or infinite value at row {row}; "
+            "fill or drop such rows"
+        )
     ts = frame["timestamps"]
     if ts.isna().any():
         raise InputError(f"{where}: timestamp missing at row {int(np.flatnonzero(ts.isna().to_numpy())[0])}")
@@ -116,14 +122,16 @@ def check_history(table: pd.DataFrame, limits: Limits, where: str = "bars") -> p
             raise InputError(f"{where}: duplicate timestamp {ts.iloc[i]} at rows {i - 1} and {i}; send each bar once")
         if (steps < 0).any():
             i = int(np.flatnonzero(steps < 0)[0]) + 1
-            raise InputError(f"{where}: timestamps are not sorted: row {i} ({ts.iloc[i]}) comes before row {i - 1} "
-                             f"({ts.iloc[i - 1]}); sort the bars oldest first")
+            raise InputError(
+                f"{where}: timestamps are not sorted: row {i} ({ts.iloc[i]}) comes before row {i - 1} "
+                f"({ts.iloc[i - 1]}); sort the bars oldest first"
+            )
     if len(frame) < limits.min_bars:
         raise InputError(f"{where}: only {len(frame)} bars; a forecast needs at least min_bars={limits.min_bars}")
     return frame
 
 
-def check_settings(horizon: Any, samples: Any, quantiles: Optional[Sequence[Any]], limits: Limits) -> list[float]:
+def check_settings(horizon: Any, samples: Any, quantiles: Sequence[Any] | None, limits: Limits) -> list[float]:
     """Check horizon/sample/quantile values against the limits; returns the quantiles as floats."""
     if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
         raise InputError(f"horizon must be an integer >= 1, got {horizon!r}")

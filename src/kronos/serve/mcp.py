@@ -3,9 +3,10 @@
 ``kronos mcp`` serves it over stdio; ``kronos serve`` mounts it as streamable HTTP at ``/mcp``. Bad input gives a
 tool error (``isError``) with the same one-line message as the REST API's 422.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from kronos.errors import KronosError
 from kronos.serve.engine import ForecastEngine, Settings
@@ -20,17 +21,17 @@ def build_mcp(engine: ForecastEngine):
         name="kronos",
         log_level="WARNING",
         instructions="Forecast financial K-lines (OHLCV bars) with a loaded Kronos model. Call list_models and "
-                     "list_symbols first; forecast takes either bars or a dataset symbol.",
+        "list_symbols first; forecast takes either bars or a dataset symbol.",
     )
 
     @server.tool()
     async def forecast(
-        bars: Optional[list[dict[str, Any]]] = None,
-        symbol: Optional[str] = None,
-        horizon: Optional[int] = None,
-        samples: Optional[int] = None,
-        quantiles: Optional[list[float]] = None,
-        seed: Optional[int] = None,
+        bars: list[dict[str, Any]] | None = None,
+        symbol: str | None = None,
+        horizon: int | None = None,
+        samples: int | None = None,
+        quantiles: list[float] | None = None,
+        seed: int | None = None,
         T: float = 1.0,
         top_p: float = 0.9,
     ) -> dict[str, Any]:
@@ -44,10 +45,19 @@ def build_mcp(engine: ForecastEngine):
         try:
             if (bars is None) == (symbol is None):
                 raise KronosError("give exactly one of 'bars' (a list of OHLCV rows) or 'symbol' (see list_symbols)")
-            history = (engine.symbol_history(symbol) if symbol is not None
-                       else engine.history_for(frame_from_rows(bars), "bars"))
-            settings = Settings(horizon=horizon, samples=samples, seed=seed, T=T, top_p=top_p,
-                                quantiles=tuple(quantiles) if quantiles is not None else (0.1, 0.5, 0.9))
+            history = (
+                engine.symbol_history(symbol)
+                if symbol is not None
+                else engine.history_for(frame_from_rows(bars), "bars")
+            )
+            settings = Settings(
+                horizon=horizon,
+                samples=samples,
+                seed=seed,
+                T=T,
+                top_p=top_p,
+                quantiles=tuple(quantiles) if quantiles is not None else (0.1, 0.5, 0.9),
+            )
             result = (await engine.forecast([history], settings))[0]
         except KronosError as exc:
             raise ToolError(str(exc)) from None

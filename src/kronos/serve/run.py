@@ -3,12 +3,13 @@
 ``--run DIR`` names the run's output folder: the one holding ``pipeline_config.json`` (the config's ``save_path``)
 or its parent (e.g. ``outputs`` for ``outputs/models/pipeline_config.json``).
 """
+
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 
@@ -41,7 +42,6 @@ class RunFolder:
 
     def __init__(self, path: str) -> None:
         from kronos.config import Config
-
         from kronos.runs import latest_run
 
         self.dir = Path(path).expanduser().resolve()
@@ -52,8 +52,10 @@ class RunFolder:
                 found += sorted((runs / latest).glob("*/pipeline_config.json"))
         found = [f for f in found if f.is_file()]
         if not found:
-            raise ConfigError(f"--run '{self.dir}' holds no pipeline_config.json (nor does a subfolder); point it "
-                              "at the output folder of a `kronos pipeline` run (e.g. outputs)")
+            raise ConfigError(
+                f"--run '{self.dir}' holds no pipeline_config.json (nor does a subfolder); point it "
+                "at the output folder of a `kronos pipeline` run (e.g. outputs)"
+            )
         cfg_file = found[0]
         self.config = Config.from_file(str(cfg_file))
         c = self.config
@@ -74,13 +76,16 @@ class RunFolder:
             self.predictor = str(_resolve(str(sel["predictor"]), base))
             cal = cal.with_name("zero_shot_calibration.json")
         self.calibration = str(cal) if cal.is_file() else ""
-        self.stage_dirs = {"tokenizer": _resolve(c.tokenizer_dir, base),
-                           "predictor": _resolve(c.predictor_dir, base)}
+        self.stage_dirs = {"tokenizer": _resolve(c.tokenizer_dir, base), "predictor": _resolve(c.predictor_dir, base)}
 
     def summary(self) -> dict:
         """Training curves (``metrics.jsonl``), the evaluation metrics and the backtest curves, JSON-ready."""
-        return {"run": str(self.dir), "curves": {k: self._curves(d) for k, d in self.stage_dirs.items()},
-                "evaluation": self._evaluation(), "backtest": self._backtest()}
+        return {
+            "run": str(self.dir),
+            "curves": {k: self._curves(d) for k, d in self.stage_dirs.items()},
+            "evaluation": self._evaluation(),
+            "backtest": self._backtest(),
+        }
 
     @staticmethod
     def _curves(stage_dir: Path) -> dict:
@@ -105,7 +110,7 @@ class RunFolder:
                 series[key] = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
         return series
 
-    def _evaluation(self) -> Optional[dict]:
+    def _evaluation(self) -> dict | None:
         file = self.results / "metrics.json"
         if not file.is_file():
             return None

@@ -3,6 +3,7 @@
 ``train_tokenizer(config)`` then ``train_predictor(config)`` reproduce the official two-stage fine-tuning;
 ``run_stage(name, config, resume)`` is the common entry. See :mod:`kronos.train.trainer` for the launch commands.
 """
+
 from __future__ import annotations
 
 from kronos.train.stages import STAGES, PredictorStage, Stage, TokenizerStage, get_stage

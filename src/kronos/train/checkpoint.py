@@ -13,6 +13,7 @@ Folders are written with :func:`kronos.io.write_folder`: beside their final plac
 previous version is kept as ``<name>.prev`` until the swap is done, so a kill -9 at any moment leaves one complete
 checkpoint to resume from (:func:`kronos.io.resolve_folder`).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from kronos.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -66,7 +67,9 @@ def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             return float(x)
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
-        raise CheckpointError(f"cannot store a {type(x).__name__} in a training checkpoint (only tensors and JSON values)")
+        raise CheckpointError(
+            f"cannot store a {type(x).__name__} in a training checkpoint (only tensors and JSON values)"
+        )
 
     return walk(obj), tensors
 
@@ -103,8 +106,10 @@ def load_state(folder: Path, name: str) -> Any:
         tensors = load_file(str(tpath)) if tpath.exists() else {}
         return unflatten_state(structure, tensors)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint '{folder}' has an unreadable '{name}' state ({exc}); "
-                              "delete the folder to start over or train without --resume") from None
+        raise CheckpointError(
+            f"checkpoint '{folder}' has an unreadable '{name}' state ({exc}); "
+            "delete the folder to start over or train without --resume"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -114,8 +119,9 @@ def capture_rng() -> bytes:
     np_state = np.random.get_state()
     tensors = {
         "python_state": torch.tensor(py[1], dtype=torch.int64),
-        "python_meta": torch.tensor([py[0], 0 if py[2] is None else 1, 0.0 if py[2] is None else py[2]],
-                                    dtype=torch.float64),
+        "python_meta": torch.tensor(
+            [py[0], 0 if py[2] is None else 1, 0.0 if py[2] is None else py[2]], dtype=torch.float64
+        ),
         "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
         "numpy_meta": torch.tensor([np_state[2], np_state[3], np_state[4]], dtype=torch.float64),
         "torch_cpu": torch.get_rng_state(),
@@ -129,8 +135,9 @@ def capture_rng() -> bytes:
 def restore_rng(payload: bytes) -> None:
     t = st_load_bytes(payload)
     meta = t["python_meta"].tolist()
-    random.setstate((int(meta[0]), tuple(int(v) for v in t["python_state"].tolist()),
-                     float(meta[2]) if meta[1] else None))
+    random.setstate(
+        (int(meta[0]), tuple(int(v) for v in t["python_state"].tolist()), float(meta[2]) if meta[1] else None)
+    )
     nm = t["numpy_meta"].tolist()
     np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), int(nm[0]), int(nm[1]), float(nm[2])))
     torch.set_rng_state(t["torch_cpu"])

@@ -8,14 +8,16 @@ This module is the one owner of the process group and the one reader of the laun
 creates the group once (or joins the one that already exists) and yields the :class:`DistContext` that answers
 "am I rank 0"; code without a context asks :func:`is_main_process`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -139,8 +141,9 @@ def setup_distributed(config: Config) -> DistContext:
         kwargs.pop("device_id", None)
         dist.init_process_group(**kwargs)
     logger.debug("rank %d/%d on %s (%s)", rank, world_size, device, backend)
-    return DistContext(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                       backend=backend, owns_group=True)
+    return DistContext(
+        device=device, rank=rank, local_rank=local_rank, world_size=world_size, backend=backend, owns_group=True
+    )
 
 
 def _existing_group(config: Config) -> DistContext:
@@ -149,8 +152,14 @@ def _existing_group(config: Config) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = _process_device(config, local_rank, world_size)
     _WAIT["hours"] = float(config.dist_wait_hours)
-    return DistContext(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                       backend=str(dist.get_backend()), owns_group=False)
+    return DistContext(
+        device=device,
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        backend=str(dist.get_backend()),
+        owns_group=False,
+    )
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
@@ -197,9 +206,9 @@ def share_text(text: str, limit: int = 200) -> str:
     data = text.encode("utf-8")[:limit]
     buf = torch.zeros(limit + 1, dtype=torch.uint8)
     buf[0] = len(data)
-    buf[1:1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    buf[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
     dist.broadcast(buf, src=0, group=_wait_group())
-    return bytes(buf[1:1 + int(buf[0])].tolist()).decode("utf-8")
+    return bytes(buf[1 : 1 + int(buf[0])].tolist()).decode("utf-8")
 
 
 def barrier(ctx: DistContext) -> None:
@@ -240,8 +249,11 @@ def all_gather_bytes(ctx: DistContext, payload: bytes) -> list[bytes]:
     """Every rank's byte string, in rank order (used to collect per-rank RNG states on rank 0)."""
     if not (ctx.distributed and dist.is_initialized()):
         return [payload]
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(ctx.device) if payload else \
-        torch.zeros(0, dtype=torch.uint8, device=ctx.device)
+    data = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(ctx.device)
+        if payload
+        else torch.zeros(0, dtype=torch.uint8, device=ctx.device)
+    )
     size = torch.tensor([data.numel()], dtype=torch.int64, device=ctx.device)
     sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
     dist.all_gather(sizes, size)
@@ -259,7 +271,7 @@ class Precision:
     """Mixed-precision policy for one device: the autocast dtype (None = fp32) and whether to scale losses."""
 
     name: str  # fp32 | bf16 | fp16
-    dtype: Optional[torch.dtype]
+    dtype: torch.dtype | None
     device_type: str
     use_scaler: bool
     reason: str = ""  # why this precision (logged at the start of training)
@@ -288,8 +300,10 @@ def resolve_precision(config: Config, device: torch.device) -> Precision:
         if device.type == "cuda":
             major, minor = _cuda_capability(device)
             want = "bf16" if major >= 8 else "fp16"
-            reason = (f"precision auto -> {want}: GPU compute capability {major}.{minor} "
-                      f"{'has native' if major >= 8 else 'lacks native'} bfloat16")
+            reason = (
+                f"precision auto -> {want}: GPU compute capability {major}.{minor} "
+                f"{'has native' if major >= 8 else 'lacks native'} bfloat16"
+            )
         else:
             want = "fp32"
             reason = f"precision auto -> fp32 on {device.type}"
@@ -308,7 +322,9 @@ def resolve_precision(config: Config, device: torch.device) -> Precision:
         return Precision("bf16", torch.bfloat16, device.type, False, reason)
     if want == "fp16":
         if device.type != "cuda":
-            raise ConfigError(f"config key 'precision' 'fp16' needs a CUDA device (got {device.type}); use bf16 or fp32")
+            raise ConfigError(
+                f"config key 'precision' 'fp16' needs a CUDA device (got {device.type}); use bf16 or fp32"
+            )
         return Precision("fp16", torch.float16, "cuda", True, reason)
     raise ConfigError(f"config key 'precision' must be one of auto, fp32, bf16, fp16, got '{want}'")
 

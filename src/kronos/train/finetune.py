@@ -11,6 +11,7 @@
 
 The tokenizer stage always trains fully; ``finetune_tokenizer: false`` keeps the pretrained tokenizer instead.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,10 @@ def _lora_layer_type() -> type:
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
-        raise ConfigError("finetune_mode 'lora' needs the peft library; install it with "
-                          "`pip install 'kronos-kline[lora]'` (make setup does) or use finetune_mode full/freeze") from None
+        raise ConfigError(
+            "finetune_mode 'lora' needs the peft library; install it with "
+            "`pip install 'kronos-kline[lora]'` (make setup does) or use finetune_mode full/freeze"
+        ) from None
     return LoraLayer
 
 
@@ -48,8 +51,10 @@ def apply_finetune_mode(model: nn.Module, config: Any, stage: str) -> nn.Module:
         n_blocks = len(blocks) if blocks is not None else 0
         k = int(config.freeze_layers)
         if k > n_blocks:
-            raise ConfigError(f"config key 'freeze_layers' ({k}) is more than the predictor's {n_blocks} Transformer "
-                              f"blocks; use 0 .. {n_blocks}")
+            raise ConfigError(
+                f"config key 'freeze_layers' ({k}) is more than the predictor's {n_blocks} Transformer "
+                f"blocks; use 0 .. {n_blocks}"
+            )
         frozen = [model.embedding, model.time_emb, *list(blocks)[:k]]
         for part in frozen:
             for p in part.parameters():
@@ -62,19 +67,31 @@ def apply_finetune_mode(model: nn.Module, config: Any, stage: str) -> nn.Module:
         targets = list(config.lora_target_modules)
         unknown = [t for t in targets if t not in names]
         if unknown or not targets:
-            raise ConfigError(f"config key 'lora_target_modules' names {unknown or targets} but the predictor's Linear "
-                              f"layers are {sorted(names)}; pick from those")
+            raise ConfigError(
+                f"config key 'lora_target_modules' names {unknown or targets} but the predictor's Linear "
+                f"layers are {sorted(names)}; pick from those"
+            )
         for p in model.parameters():
             p.requires_grad_(False)
-        lora = LoraConfig(r=int(config.lora_rank), lora_alpha=float(config.lora_alpha),
-                          lora_dropout=float(config.lora_dropout), target_modules=targets, bias="none")
+        lora = LoraConfig(
+            r=int(config.lora_rank),
+            lora_alpha=float(config.lora_alpha),
+            lora_dropout=float(config.lora_dropout),
+            target_modules=targets,
+            bias="none",
+        )
         inject_adapter_in_model(lora, model)
     else:
         raise ConfigError(f"config key 'finetune_mode' must be one of {', '.join(MODES)}, got {mode!r}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("predictor: finetune_mode %s: %s of %s parameters train (%.1f%%)", mode, f"{trainable:,}",
-             f"{total:,}", 100.0 * trainable / max(total, 1))
+    log.info(
+        "predictor: finetune_mode %s: %s of %s parameters train (%.1f%%)",
+        mode,
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
+    )
     return model
 
 
@@ -122,20 +139,26 @@ def load_adapter(model: nn.Module, folder: Path) -> None:
 
     path = Path(folder) / ADAPTER_FILE
     if not path.is_file():
-        raise CheckpointError(f"cannot resume a LoRA run from {folder}: it has no {ADAPTER_FILE} (it was written by "
-                              "another finetune_mode); resume with that mode or train without --resume")
+        raise CheckpointError(
+            f"cannot resume a LoRA run from {folder}: it has no {ADAPTER_FILE} (it was written by "
+            "another finetune_mode); resume with that mode or train without --resume"
+        )
     state = load_file(str(path))
     expected = set(adapter_state(model))
     if set(state) != expected:
-        raise CheckpointError(f"cannot resume from {folder}: its adapters ({len(state)} tensors) do not match this "
-                              f"run's lora settings ({len(expected)} tensors); restore lora_rank/lora_target_modules "
-                              "or train without --resume")
+        raise CheckpointError(
+            f"cannot resume from {folder}: its adapters ({len(state)} tensors) do not match this "
+            f"run's lora settings ({len(expected)} tensors); restore lora_rank/lora_target_modules "
+            "or train without --resume"
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise CheckpointError(f"cannot resume from {folder}: adapter {name} has shape {tuple(value.shape)}, "
-                                      f"this run's is {tuple(params[name].shape)}; restore lora_rank")
+                raise CheckpointError(
+                    f"cannot resume from {folder}: adapter {name} has shape {tuple(value.shape)}, "
+                    f"this run's is {tuple(params[name].shape)}; restore lora_rank"
+                )
             params[name].copy_(value)
 
 

@@ -2,10 +2,10 @@
 
 The loop in :mod:`kronos.train.trainer` is shared; a stage only answers "which model, which loss" (spec §6).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -105,7 +105,9 @@ class TokenizerStage(Stage):
             return _from_pretrained(self.model_class, path, "tokenizer")
         preset = self.config.tokenizer_preset
         if preset not in TOKENIZER_PRESETS:
-            raise ConfigError(f"config key 'tokenizer_preset' must be one of {sorted(TOKENIZER_PRESETS)}, got '{preset}'")
+            raise ConfigError(
+                f"config key 'tokenizer_preset' must be one of {sorted(TOKENIZER_PRESETS)}, got '{preset}'"
+            )
         logger.info("tokenizer: training from scratch (preset '%s')", preset)
         return build_tokenizer(preset)
 
@@ -119,8 +121,7 @@ class TokenizerStage(Stage):
         mse = F.mse_loss(z.float(), x)
         bsq = bsq_loss.float()
         loss = (mse_pre + mse + bsq) / 2
-        return loss, {"loss": loss.detach(), "recon_pre": mse_pre.detach(), "recon": mse.detach(),
-                      "bsq": bsq.detach()}
+        return loss, {"loss": loss.detach(), "recon_pre": mse_pre.detach(), "recon": mse.detach(), "bsq": bsq.detach()}
 
     def val_loss(self, model: nn.Module, x: torch.Tensor, stamp: torch.Tensor) -> torch.Tensor:
         (_, z), _, _, _ = model(x)
@@ -138,7 +139,7 @@ class PredictorStage(Stage):
         self.betas = (config.adam_beta1, config.adam_beta2)
         self.grad_clip = config.predictor_grad_clip
         self.teacher_forcing = config.teacher_forcing  # False = the released scripts' sampled sibling (Q13)
-        self.tokenizer: Optional[nn.Module] = None
+        self.tokenizer: nn.Module | None = None
 
     @property
     def folder_name(self) -> str:
@@ -158,7 +159,9 @@ class PredictorStage(Stage):
             return _from_pretrained(self.model_class, path, "predictor")
         preset = self.config.predictor_preset
         if preset not in PREDICTOR_PRESETS:
-            raise ConfigError(f"config key 'predictor_preset' must be one of {sorted(PREDICTOR_PRESETS)}, got '{preset}'")
+            raise ConfigError(
+                f"config key 'predictor_preset' must be one of {sorted(PREDICTOR_PRESETS)}, got '{preset}'"
+            )
         logger.info("predictor: training from scratch (preset '%s')", preset)
         return build_predictor(preset)
 
@@ -176,8 +179,10 @@ class PredictorStage(Stage):
         try:
             tok = KronosTokenizer.from_pretrained(path)
         except CheckpointError as exc:
-            raise CheckpointError(f"{exc} (the predictor stage needs the tokenizer stage's output; "
-                                  "run the tokenizer stage first or fix finetuned_tokenizer_path)") from None
+            raise CheckpointError(
+                f"{exc} (the predictor stage needs the tokenizer stage's output; "
+                "run the tokenizer stage first or fix finetuned_tokenizer_path)"
+            ) from None
         tok.to(device).eval()
         for p in tok.parameters():
             p.requires_grad_(False)
@@ -185,8 +190,11 @@ class PredictorStage(Stage):
         from kronos.model.hub import weights_sha256
 
         self.tokenizer_sha256 = weights_sha256(tok)
-        logger.info("predictor: tokenising with the frozen tokenizer at %s (weights sha256 %s)", path,
-                    self.tokenizer_sha256[:12])
+        logger.info(
+            "predictor: tokenising with the frozen tokenizer at %s (weights sha256 %s)",
+            path,
+            self.tokenizer_sha256[:12],
+        )
 
     def inputs_fingerprint(self) -> dict[str, str]:
         sha = getattr(self, "tokenizer_sha256", None)
@@ -218,9 +226,13 @@ class PredictorStage(Stage):
     def _logits(self, model: nn.Module, x: torch.Tensor, stamp: torch.Tensor):
         s1, s2 = self._tokens(x)
         t1, t2 = s1[:, 1:], s2[:, 1:]
-        logits1, logits2 = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1],
-                                 use_teacher_forcing=self.teacher_forcing,
-                                 s1_targets=t1 if self.teacher_forcing else None)
+        logits1, logits2 = model(
+            s1[:, :-1],
+            s2[:, :-1],
+            stamp[:, :-1],
+            use_teacher_forcing=self.teacher_forcing,
+            s1_targets=t1 if self.teacher_forcing else None,
+        )
         ce1 = F.cross_entropy(logits1.float().reshape(-1, logits1.shape[-1]), t1.reshape(-1))
         ce2 = F.cross_entropy(logits2.float().reshape(-1, logits2.shape[-1]), t2.reshape(-1))
         return ce1, ce2

@@ -10,6 +10,7 @@ The data ends at :data:`DATA_CUTOFF`: every later bar (the demo's validation and
 so a zero-shot score of the starter on those years is out of sample. The card records the cutoff and the report
 marks a zero-shot row as in-sample when test targets fall on or before it (README, "Finetuning the starter").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -87,13 +89,20 @@ PREDICTOR_SHAPES: dict[str, dict[str, Any]] = {
 DEFAULT_SHAPE = "d64x4"  # best validation loss at an equal time budget (README, "The starter pair")
 
 
-def starter_config(data_path: str, work: Path, stage: str, overrides: Optional[dict] = None) -> Config:
+def starter_config(data_path: str, work: Path, stage: str, overrides: dict | None = None) -> Config:
     """The recipe's Config for ``stage`` ('tokenizer' or 'predictor') writing under ``work`` (``overrides`` on top)."""
     cfg = Config.from_dict({**RECIPE, **STAGE_RECIPE[stage], **(overrides or {})}, source="starter recipe")
-    return cfg.update({"qlib_data_path": str(data_path), "dataset_path": str(work / "dataset"),
-                       "save_path": str(work / "models"), "backtest_result_path": str(work / "results"),
-                       "pretrained_tokenizer_path": str(work / "init" / "tokenizer"),
-                       "pretrained_predictor_path": str(work / "init" / "predictor")}, source="starter recipe")
+    return cfg.update(
+        {
+            "qlib_data_path": str(data_path),
+            "dataset_path": str(work / "dataset"),
+            "save_path": str(work / "models"),
+            "backtest_result_path": str(work / "results"),
+            "pretrained_tokenizer_path": str(work / "init" / "tokenizer"),
+            "pretrained_predictor_path": str(work / "init" / "predictor"),
+        },
+        source="starter recipe",
+    )
 
 
 def _initial_checkpoints(work: Path, shape: str, seed: int) -> None:
@@ -108,9 +117,16 @@ def _initial_checkpoints(work: Path, shape: str, seed: int) -> None:
     build_predictor(dict(PREDICTOR_SHAPES[shape])).save_pretrained(work / "init" / "predictor")
 
 
-def build_starter(data_path: str = DEFAULT_DATA, out: str = DEFAULT_OUT, work: Optional[str] = None,
-                  shape: str = DEFAULT_SHAPE, stage_overrides: Optional[dict[str, dict]] = None,
-                  command: str = "", skip_tokenizer: bool = False, recipe_overrides: Optional[dict] = None) -> dict:
+def build_starter(
+    data_path: str = DEFAULT_DATA,
+    out: str = DEFAULT_OUT,
+    work: str | None = None,
+    shape: str = DEFAULT_SHAPE,
+    stage_overrides: dict[str, dict] | None = None,
+    command: str = "",
+    skip_tokenizer: bool = False,
+    recipe_overrides: dict | None = None,
+) -> dict:
     """Process the data, train the tokenizer then the predictor, and write the pair with model cards to ``out``.
 
     ``stage_overrides`` ({stage: {key: value}}) changes steps or learning rates (tests run one step; the shape
@@ -124,8 +140,10 @@ def build_starter(data_path: str = DEFAULT_DATA, out: str = DEFAULT_OUT, work: O
     from kronos.train.trainer import run_stage
 
     if not (Path(data_path) / "calendars").is_dir():
-        raise DataError(f"starter data '{data_path}' is not a Qlib data folder (no calendars/); pass --data with the "
-                        "folder of real A-share daily bars (e.g. ../shared/data/qlib_cn_2010_2024)")
+        raise DataError(
+            f"starter data '{data_path}' is not a Qlib data folder (no calendars/); pass --data with the "
+            "folder of real A-share daily bars (e.g. ../shared/data/qlib_cn_2010_2024)"
+        )
     work_dir = Path(work or Path(out).parent / ".starter_build")
     torch.set_num_threads(THREADS)
     overrides = stage_overrides or {}
@@ -133,8 +151,13 @@ def build_starter(data_path: str = DEFAULT_DATA, out: str = DEFAULT_OUT, work: O
     common = recipe_overrides or {}
     cfg_tok = starter_config(data_path, work_dir, "tokenizer", {**common, **overrides.get("tokenizer", {})})
     cfg_pred = starter_config(data_path, work_dir, "predictor", {**common, **overrides.get("predictor", {})})
-    cfg_pred.update({"pretrained_tokenizer_path": cfg_tok.finetuned_tokenizer,
-                     "finetuned_tokenizer_path": cfg_tok.finetuned_tokenizer}, source="starter recipe")
+    cfg_pred.update(
+        {
+            "pretrained_tokenizer_path": cfg_tok.finetuned_tokenizer,
+            "finetuned_tokenizer_path": cfg_tok.finetuned_tokenizer,
+        },
+        source="starter recipe",
+    )
     seconds: dict[str, float] = {}
     t0 = time.time()
     manifest = DataProcessorFactory.create_processor("qlib", cfg_tok).run_pipeline()
@@ -163,27 +186,48 @@ def build_starter(data_path: str = DEFAULT_DATA, out: str = DEFAULT_OUT, work: O
         card = {
             "name": f"kronos-starter-{stage}",
             "made_by": "kronos-kline (this package's data step and trainer)",
-            "data": {"source": "qlib", "folder": Path(data_path).name, "instrument": RECIPE["instrument"],
-                     "symbols": symbols, "n_symbols": len(symbols), "frequency": "1d",
-                     "first_bar": first_bar, "last_bar": last_bar, "cutoff": cfg_tok.dataset_end_time,
-                     "splits": {s: {k: v for k, v in (info.get(s) or {}).items() if k in ("first", "last", "rows")}
-                                for s in ("train", "val", "test")}},
+            "data": {
+                "source": "qlib",
+                "folder": Path(data_path).name,
+                "instrument": RECIPE["instrument"],
+                "symbols": symbols,
+                "n_symbols": len(symbols),
+                "frequency": "1d",
+                "first_bar": first_bar,
+                "last_bar": last_bar,
+                "cutoff": cfg_tok.dataset_end_time,
+                "splits": {
+                    s: {k: v for k, v in (info.get(s) or {}).items() if k in ("first", "last", "rows")}
+                    for s in ("train", "val", "test")
+                },
+            },
             "data_end": last_bar,
             "shape": dict(model.config),
             "shape_name": shape if stage == "predictor" else "tokenizer",
             "parameters": int(sum(p.numel() for p in model.parameters())),
             "weights_sha256": weights_sha256(model),
             "training": {
-                "lookback_window": cfg.lookback_window, "predict_window": cfg.predict_window,
-                "batch_size": cfg.batch_size, "epochs": cfg.epochs, "steps": summary.get("global_step"),
+                "lookback_window": cfg.lookback_window,
+                "predict_window": cfg.predict_window,
+                "batch_size": cfg.batch_size,
+                "epochs": cfg.epochs,
+                "steps": summary.get("global_step"),
                 "learning_rate": cfg.tokenizer_learning_rate if stage == "tokenizer" else cfg.predictor_learning_rate,
-                "seed": cfg.seed, "threads": THREADS, "device": "cpu", "precision": "fp32",
-                "final_train_loss": _last_train_loss(Path(cfg.tokenizer_dir if stage == "tokenizer"
-                                                          else cfg.predictor_dir)),
+                "seed": cfg.seed,
+                "threads": THREADS,
+                "device": "cpu",
+                "precision": "fp32",
+                "final_train_loss": _last_train_loss(
+                    Path(cfg.tokenizer_dir if stage == "tokenizer" else cfg.predictor_dir)
+                ),
                 "final_val_loss": history[-1].get("val_loss") if history else None,
-                "best_val_loss": summary.get("best_val_loss"), "best_epoch": summary.get("best_epoch"),
-                "val_loss_meaning": ("reconstruction MSE of normalised bars" if stage == "tokenizer"
-                                     else "causal next-token cross-entropy, mean of s1 and s2"),
+                "best_val_loss": summary.get("best_val_loss"),
+                "best_epoch": summary.get("best_epoch"),
+                "val_loss_meaning": (
+                    "reconstruction MSE of normalised bars"
+                    if stage == "tokenizer"
+                    else "causal next-token cross-entropy, mean of s1 and s2"
+                ),
                 "wall_time_s": seconds.get(stage),
             },
             "build_wall_time_s": wall,
@@ -200,8 +244,14 @@ def build_starter(data_path: str = DEFAULT_DATA, out: str = DEFAULT_OUT, work: O
 
         kio.write_folder(target, fill)
         cards[stage] = card
-        log.info("starter %s: %s (%d parameters, best val loss %s) written to %s", stage, card["shape_name"],
-                 card["parameters"], card["training"]["best_val_loss"], target)
+        log.info(
+            "starter %s: %s (%d parameters, best val loss %s) written to %s",
+            stage,
+            card["shape_name"],
+            card["parameters"],
+            card["training"]["best_val_loss"],
+            target,
+        )
     log.info("starter built in %.0f s (data %.0f s)", wall, seconds["data"])
     return cards
 
@@ -226,7 +276,7 @@ def _bar_range(dataset_path: str) -> tuple[str, str]:
     return str(lo.date()), str(hi.date())
 
 
-def _last_train_loss(stage_dir: Path) -> Optional[float]:
+def _last_train_loss(stage_dir: Path) -> float | None:
     path = stage_dir / "metrics.jsonl"
     last = None
     if path.is_file():
@@ -245,19 +295,28 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="build_starter", description=(
-        "Rebuild the starter pair (examples/models/starter/) from real A-share daily bars up to "
-        f"{DATA_CUTOFF} with this package's trainer (CPU, deterministic)."))
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="build_starter",
+        description=(
+            "Rebuild the starter pair (examples/models/starter/) from real A-share daily bars up to "
+            f"{DATA_CUTOFF} with this package's trainer (CPU, deterministic)."
+        ),
+    )
     parser.add_argument("--data", default=DEFAULT_DATA, help="Qlib folder of daily bars (default: %(default)s)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="where the pair is written (default: %(default)s)")
     parser.add_argument("--work", default=None, help="scratch folder (default: <out>/../.starter_build)")
-    parser.add_argument("--shape", default=DEFAULT_SHAPE, choices=sorted(PREDICTOR_SHAPES),
-                        help="predictor shape (default: %(default)s)")
+    parser.add_argument(
+        "--shape",
+        default=DEFAULT_SHAPE,
+        choices=sorted(PREDICTOR_SHAPES),
+        help="predictor shape (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = "python tools/build_starter.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                    else sys.argv[1:]))
+    command = "python tools/build_starter.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     from kronos.errors import KronosError
 
     try:

@@ -5,6 +5,7 @@ validation rows carry ``"val/loss"``. Comet is imported lazily; without an API k
 ``comet_config["api_key"]``), or when Comet cannot be reached, it runs as an ``OfflineExperiment`` writing an
 archive under the stage folder (upload it later with ``comet upload``), so a run never waits on the network.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from kronos import io as kio
 from kronos.config import REDACTED, Config
@@ -43,8 +44,9 @@ def truncate_metrics(path: Path, max_step: int) -> None:
 class Tracker:
     """Fan-out of metric rows to the JSONL file, TensorBoard and Comet. Inactive (no-op) off rank 0."""
 
-    def __init__(self, config: Config, stage_dir: Path, stage: str, active: bool = True,
-                 resume_step: Optional[int] = None) -> None:
+    def __init__(
+        self, config: Config, stage_dir: Path, stage: str, active: bool = True, resume_step: int | None = None
+    ) -> None:
         self.active = active
         self.stage = stage
         self._file = None
@@ -74,8 +76,11 @@ class Tracker:
         self._file.write(kio.dumps_json(row, indent=None) + "\n")
         self._file.flush()
         step = int(row.get("step", 0))
-        numeric = {k: float(v) for k, v in row.items()
-                   if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {
+            k: float(v)
+            for k, v in row.items()
+            if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self._tb is not None:
             for k, v in numeric.items():
                 self._tb.add_scalar(f"{self.stage}/{k}", v, step)
@@ -141,7 +146,9 @@ def _open_comet(config: Config, stage_dir: Path, stage: str) -> Any:
     cc = dict(config.comet_config or {})
     api_key = os.environ.get("COMET_API_KEY") or cc.get("api_key") or ""
     if api_key == REDACTED:  # a config saved by a run (secrets written as "***"): the key itself is not there
-        logger.warning("comet_config.api_key is the redacted placeholder %r; set COMET_API_KEY or the real key", REDACTED)
+        logger.warning(
+            "comet_config.api_key is the redacted placeholder %r; set COMET_API_KEY or the real key", REDACTED
+        )
         api_key = ""
     project = cc.get("project_name") or None
     workspace = cc.get("workspace") or None
@@ -154,8 +161,7 @@ def _open_comet(config: Config, stage_dir: Path, stage: str) -> Any:
     else:
         offline_dir = stage_dir / "comet"
         offline_dir.mkdir(parents=True, exist_ok=True)
-        exp = comet_ml.OfflineExperiment(project_name=project, workspace=workspace,
-                                         offline_directory=str(offline_dir))
+        exp = comet_ml.OfflineExperiment(project_name=project, workspace=workspace, offline_directory=str(offline_dir))
         logger.info("no Comet API key (COMET_API_KEY or comet_config.api_key): logging offline to %s", offline_dir)
     if config.comet_tag:
         exp.add_tag(config.comet_tag)

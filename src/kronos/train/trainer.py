@@ -19,6 +19,7 @@ and every ``checkpoint_interval`` optimizer steps), ``metrics.jsonl``, ``summary
 TensorBoard events. Only rank 0 writes; for a multi-node ``--resume`` every node must see ``save_path``
 (shared storage), since each rank reloads ``checkpoints/last/`` including its own RNG state.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,6 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -57,8 +57,15 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 # Config keys whose change makes a resumed run's schedule or sample order differ from the interrupted one.
-_RESUME_KEYS = ("epochs", "batch_size", "n_train_iter", "accumulation_steps", "seed", "lookback_window",
-                "predict_window")
+_RESUME_KEYS = (
+    "epochs",
+    "batch_size",
+    "n_train_iter",
+    "accumulation_steps",
+    "seed",
+    "lookback_window",
+    "predict_window",
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -100,17 +107,17 @@ class Trainer:
         self._nonfinite_run = 0
         self._nonfinite_logged = 0
         self.nonfinite_total = 0
-        self.start_val_loss: Optional[float] = None  # validation loss of the pretrained start (before step 1)
+        self.start_val_loss: float | None = None  # validation loss of the pretrained start (before step 1)
         self.train_seconds = 0.0  # wall seconds inside optimizer steps (data included), this process
         self._steps_this_process = 0
 
     # ------------------------------------------------------------------------------------------ setup
-    def setup(self, resume: bool = False, datasets: Optional[tuple] = None) -> None:
+    def setup(self, resume: bool = False, datasets: tuple | None = None) -> None:
         """Data, model, optimizer, schedule; then, with ``resume``, the state of ``checkpoints/last/``."""
         cfg = self.config
         seed_everything(cfg.seed + self.ctx.rank)
 
-        self.resume_from: Optional[Path] = kio.resolve_folder(self.last_dir) if resume else None
+        self.resume_from: Path | None = kio.resolve_folder(self.last_dir) if resume else None
         if resume and self.resume_from is None:
             logger.warning("--resume: no checkpoint at %s; starting from the beginning", self.last_dir)
         state = ckpt.read_json(self.resume_from / ckpt.TRAINER_STATE) if self.resume_from else None
@@ -130,8 +137,7 @@ class Trainer:
         # a small dataset is not passed over many times per "epoch" (and the OneCycle schedule is not stretched).
         self.train_samples = min(cfg.n_train_iter, len(self.train_ds))
         self.val_samples = min(cfg.n_val_iter, len(self.val_ds))
-        self.train_sampler = WindowSampler(len(self.train_ds), self.train_samples, seed=cfg.seed, rank=r,
-                                           world_size=w)
+        self.train_sampler = WindowSampler(len(self.train_ds), self.train_samples, seed=cfg.seed, rank=r, world_size=w)
         self.val_sampler = WindowSampler(len(self.val_ds), self.val_samples, seed=cfg.seed, rank=r, world_size=w)
         steps = self.train_sampler.per_rank // cfg.batch_size
         self.steps_per_epoch = all_reduce_min_int(self.ctx, steps)
@@ -146,9 +152,15 @@ class Trainer:
         # One vectorised get_batch per batch; a private generator keeps DataLoader iterator creation off the
         # global torch RNG (exact resume). Indices come from the sampler in the main process, so workers never
         # replay one another's samples (Q15).
-        self.train_loader = window_loader(self.train_ds, self.train_sampler, cfg.batch_size,
-                                          num_workers=cfg.num_workers, drop_last=True,
-                                          pin_memory=self.device.type == "cuda", generator=torch.Generator())
+        self.train_loader = window_loader(
+            self.train_ds,
+            self.train_sampler,
+            cfg.batch_size,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),
+        )
 
         # model
         self.stage.prepare(self.device)
@@ -156,9 +168,11 @@ class Trainer:
             self._check_resume_inputs(state)
         lora = self.stage.name == "predictor" and cfg.finetune_mode == "lora"
         if self.stage.name == "predictor" and cfg.finetune_mode != "full" and not cfg.pretrained_predictor_path:
-            raise ConfigError(f"finetune_mode '{cfg.finetune_mode}' finetunes a pretrained predictor, and "
-                              "pretrained_predictor_path is empty; set it (e.g. examples/models/starter/predictor) "
-                              "or use finetune_mode full to train from scratch")
+            raise ConfigError(
+                f"finetune_mode '{cfg.finetune_mode}' finetunes a pretrained predictor, and "
+                "pretrained_predictor_path is empty; set it (e.g. examples/models/starter/predictor) "
+                "or use finetune_mode full to train from scratch"
+            )
         if self.resume_from is not None and not lora:
             raw = self.stage.model_class.from_pretrained(str(self.resume_from))
         else:  # LoRA resumes from the pretrained weights plus the adapters saved in last/
@@ -181,12 +195,17 @@ class Trainer:
 
         params = [p for p in raw.parameters() if p.requires_grad]
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=self.stage.lr, betas=self.stage.betas,
-                                           weight_decay=cfg.adam_weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.stage.lr, betas=self.stage.betas, weight_decay=cfg.adam_weight_decay
+        )
         # Q14: with cycle_momentum (official default) OneCycleLR drives Adam's beta1 between 0.95 and 0.85.
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=self.stage.lr, total_steps=self.total_steps, pct_start=cfg.pct_start,
-            div_factor=cfg.div_factor, cycle_momentum=cfg.cycle_momentum,
+            self.optimizer,
+            max_lr=self.stage.lr,
+            total_steps=self.total_steps,
+            pct_start=cfg.pct_start,
+            div_factor=cfg.div_factor,
+            cycle_momentum=cfg.cycle_momentum,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
 
@@ -199,8 +218,9 @@ class Trainer:
         if int(state.get("world_size", self.ctx.world_size)) != self.ctx.world_size:
             changed.append("world_size")
         if changed:
-            detail = ", ".join(f"{k}: {saved.get(k, state.get(k))} -> "
-                               f"{getattr(self.config, k, self.ctx.world_size)}" for k in changed)
+            detail = ", ".join(
+                f"{k}: {saved.get(k, state.get(k))} -> {getattr(self.config, k, self.ctx.world_size)}" for k in changed
+            )
             raise CheckpointError(
                 f"cannot resume from {self.resume_from}: {detail} changed since it was written; restore those "
                 "settings or train without --resume"
@@ -228,8 +248,9 @@ class Trainer:
             if self.precision.use_scaler and (folder / "grad_scaler.json").exists():
                 self.scaler.load_state_dict(ckpt.load_state(folder, "grad_scaler"))
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot restore optimizer/scheduler from {folder} ({exc}); "
-                                  "train without --resume") from None
+            raise CheckpointError(
+                f"cannot restore optimizer/scheduler from {folder} ({exc}); train without --resume"
+            ) from None
         try:
             for key in ("global_step", "epoch", "step_in_epoch", "best_epoch", "bad_epochs", "epochs_run"):
                 setattr(self, key, int(state[key]))
@@ -237,27 +258,42 @@ class Trainer:
             self.stopped_early = bool(state.get("stopped_early", False))
             self.elapsed = float(state.get("elapsed", 0.0))
             self.history = list(state.get("history", []))
-            self._log_sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
-                              for k, v in state.get("log_sums", {}).items()}
+            self._log_sums = {
+                k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                for k, v in state.get("log_sums", {}).items()
+            }
             self._log_n = int(state.get("log_n", 0))
             self.nonfinite_total = int(state.get("nonfinite_total", 0))
             start = state.get("start_val_loss")
             self.start_val_loss = float(start) if start is not None else None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"cannot resume from {folder}: {ckpt.TRAINER_STATE} is damaged ({type(exc).__name__}: "
-                                  f"{exc}); delete the folder to start over or train without --resume") from None
+            raise CheckpointError(
+                f"cannot resume from {folder}: {ckpt.TRAINER_STATE} is damaged ({type(exc).__name__}: "
+                f"{exc}); delete the folder to start over or train without --resume"
+            ) from None
         rng_file = folder / f"rng_rank{self.ctx.rank}.safetensors"
         if rng_file.exists():
             try:
                 ckpt.restore_rng(rng_file.read_bytes())
             except Exception as exc:  # safetensors/torch raise several types for a damaged RNG state
-                raise CheckpointError(f"cannot resume from {folder}: {rng_file.name} is damaged ({type(exc).__name__}); "
-                                      "delete the folder to start over or train without --resume") from None
+                raise CheckpointError(
+                    f"cannot resume from {folder}: {rng_file.name} is damaged ({type(exc).__name__}); "
+                    "delete the folder to start over or train without --resume"
+                ) from None
         else:
-            logger.warning("%s has no RNG state for rank %d; dropout/sampling will differ from the interrupted run",
-                           folder, self.ctx.rank)
-        logger.info("resumed from %s at epoch %d, step %d/%d of the epoch (global step %d)", folder,
-                    self.epoch + 1, self.step_in_epoch, self.steps_per_epoch, self.global_step)
+            logger.warning(
+                "%s has no RNG state for rank %d; dropout/sampling will differ from the interrupted run",
+                folder,
+                self.ctx.rank,
+            )
+        logger.info(
+            "resumed from %s at epoch %d, step %d/%d of the epoch (global step %d)",
+            folder,
+            self.epoch + 1,
+            self.step_in_epoch,
+            self.steps_per_epoch,
+            self.global_step,
+        )
 
     # ------------------------------------------------------------------------------------------ steps
     def train_step(self, x: torch.Tensor, stamp: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -277,7 +313,7 @@ class Trainer:
         chunk = x.shape[0] // acc
         sums: dict[str, torch.Tensor] = {}
         for j in range(acc):
-            xb, sb = x[j * chunk:(j + 1) * chunk], stamp[j * chunk:(j + 1) * chunk]
+            xb, sb = x[j * chunk : (j + 1) * chunk], stamp[j * chunk : (j + 1) * chunk]
             last = j == acc - 1
             sync = contextlib.nullcontext() if (last or not self.ctx.distributed) else self.model.no_sync()
             with sync:
@@ -336,8 +372,9 @@ class Trainer:
                 count += x.shape[0]
         model.train()
         names = sorted(totals) or ["loss"]
-        sums = all_reduce_sum(self.ctx, [float(totals[k].item()) if k in totals else 0.0 for k in names]
-                              + [float(count)])
+        sums = all_reduce_sum(
+            self.ctx, [float(totals[k].item()) if k in totals else 0.0 for k in names] + [float(count)]
+        )
         n = sums[-1]
         self.val_metrics = {k: (v / n if n else math.nan) for k, v in zip(names, sums[:-1])}
         return self.val_metrics.get("loss", math.nan)
@@ -347,7 +384,7 @@ class Trainer:
         idx = list(iter(self.val_sampler))
         bs = self.config.batch_size
         for i in range(0, len(idx), bs):
-            yield self.val_ds.get_batch(idx[i:i + bs])
+            yield self.val_ds.get_batch(idx[i : i + bs])
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_last(self) -> None:
@@ -403,23 +440,51 @@ class Trainer:
         """Run the remaining epochs; returns the summary (also written to ``summary.json``)."""
         cfg = self.config
         self._t0 = time.perf_counter()
-        tracker = Tracker(cfg, self.stage_dir, self.stage.name, active=self.ctx.is_main,
-                          resume_step=self.global_step if self.resume_from is not None else None)
+        tracker = Tracker(
+            cfg,
+            self.stage_dir,
+            self.stage.name,
+            active=self.ctx.is_main,
+            resume_step=self.global_step if self.resume_from is not None else None,
+        )
         if self.ctx.is_main:
             cfg.save(self.stage_dir / "config.json")
             tracker.log_params(cfg.to_dict())
-            logger.info("%s: %d epochs x %d steps (batch %d x %d process(es), %s, %s), %d parameters",
-                        self.stage.name, cfg.epochs, self.steps_per_epoch, cfg.batch_size, self.ctx.world_size,
-                        self.device, self.precision.name, sum(p.numel() for p in self.params))
-            logger.info("%s: epoch = min(n_train_iter %d, %d training windows) = %d samples -> %d steps of batch "
-                        "%d; validation = min(n_val_iter %d, %d windows) = %d samples -> %d batches; OneCycle over "
-                        "%d steps", self.stage.name, cfg.n_train_iter, len(self.train_ds), self.train_samples,
-                        self.steps_per_epoch, cfg.batch_size, cfg.n_val_iter, len(self.val_ds), self.val_samples,
-                        self.val_steps, self.total_steps)
+            logger.info(
+                "%s: %d epochs x %d steps (batch %d x %d process(es), %s, %s), %d parameters",
+                self.stage.name,
+                cfg.epochs,
+                self.steps_per_epoch,
+                cfg.batch_size,
+                self.ctx.world_size,
+                self.device,
+                self.precision.name,
+                sum(p.numel() for p in self.params),
+            )
+            logger.info(
+                "%s: epoch = min(n_train_iter %d, %d training windows) = %d samples -> %d steps of batch "
+                "%d; validation = min(n_val_iter %d, %d windows) = %d samples -> %d batches; OneCycle over "
+                "%d steps",
+                self.stage.name,
+                cfg.n_train_iter,
+                len(self.train_ds),
+                self.train_samples,
+                self.steps_per_epoch,
+                cfg.batch_size,
+                cfg.n_val_iter,
+                len(self.val_ds),
+                self.val_samples,
+                self.val_steps,
+                self.total_steps,
+            )
             logger.info("%s", self.precision.reason)
         tokens_per_step = cfg.batch_size * self.ctx.world_size * self.stage.tokens_per_sample(cfg.window)
-        if (self.resume_from is None and self.stage.name == "predictor" and cfg.pretrained_predictor_path
-                and self.start_val_loss is None):
+        if (
+            self.resume_from is None
+            and self.stage.name == "predictor"
+            and cfg.pretrained_predictor_path
+            and self.start_val_loss is None
+        ):
             # where finetuning starts from, on the same validation windows (the pipeline's keep_better reads it)
             self.start_val_loss = self.validate()
             if self.ctx.is_main:
@@ -439,8 +504,14 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         self.train_sampler.set_start(self.step_in_epoch * cfg.batch_size)
         remaining = self.steps_per_epoch - self.step_in_epoch
-        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.ctx.is_main,
-                   desc=f"{self.stage.name} {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            disable=not self.ctx.is_main,
+            desc=f"{self.stage.name} {epoch + 1}/{cfg.epochs}",
+            dynamic_ncols=True,
+            leave=False,
+        )
         t_log, n_timed = time.perf_counter(), 0
         batches = iter(self.train_loader)
         for _ in range(remaining):
@@ -495,14 +566,26 @@ class Trainer:
         others = {k: v for k, v in getattr(self, "val_metrics", {}).items() if k != "loss"}
         row = {"step": self.global_step, "epoch": epoch + 1, "val/loss": val, "val/best": self.best_val}
         row.update({f"val/{k}": v for k, v in others.items()})
-        self.history.append({"epoch": epoch + 1, "step": self.global_step,
-                             "val_loss": val if math.isfinite(val) else None,
-                             **{f"val_{k}": (v if math.isfinite(v) else None) for k, v in others.items()}})
+        self.history.append(
+            {
+                "epoch": epoch + 1,
+                "step": self.global_step,
+                "val_loss": val if math.isfinite(val) else None,
+                **{f"val_{k}": (v if math.isfinite(v) else None) for k, v in others.items()},
+            }
+        )
         tracker.log(row)
         if self.ctx.is_main:
             extra = "".join(f", {k} {v:.6f}" for k, v in others.items())
-            logger.info("%s epoch %d/%d: val loss %.6f%s%s", self.stage.name, epoch + 1, cfg.epochs, val, extra,
-                        " (best)" if improved else f" (best {self.best_val:.6f} at epoch {self.best_epoch})")
+            logger.info(
+                "%s epoch %d/%d: val loss %.6f%s%s",
+                self.stage.name,
+                epoch + 1,
+                cfg.epochs,
+                val,
+                extra,
+                " (best)" if improved else f" (best {self.best_val:.6f} at epoch {self.best_epoch})",
+            )
             if self.stopped_early:
                 logger.info("early stopping: no improvement for %d epoch(s)", self.bad_epochs)
         self.save_last()
@@ -517,10 +600,16 @@ class Trainer:
         self.nonfinite_total += 1
         limit = self.config.max_nonfinite_steps
         if self.ctx.is_main:
-            logger.warning("%s step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped "
-                           "(%d in a row, stop at %d)", self.stage.name, self.global_step,
-                           float(parts["loss"]) if "loss" in parts else "?", float(parts["grad_norm"]),
-                           self._nonfinite_run, limit)
+            logger.warning(
+                "%s step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped "
+                "(%d in a row, stop at %d)",
+                self.stage.name,
+                self.global_step,
+                float(parts["loss"]) if "loss" in parts else "?",
+                float(parts["grad_norm"]),
+                self._nonfinite_run,
+                limit,
+            )
         if self._nonfinite_run >= limit:
             raise TrainingError(
                 f"{self.stage.name} training stopped at step {self.global_step}: {self._nonfinite_run} non-finite "
@@ -560,11 +649,15 @@ class Trainer:
         if self.ctx.is_main:
             kio.write_json(self.stage_dir / SUMMARY_FILE, summary)
             self._write_card(summary)
-            logger.info("%s done: best val loss %s at epoch %d; best model in %s", self.stage.name,
-                        summary["best_val_loss"], self.best_epoch, self.best_dir)
+            logger.info(
+                "%s done: best val loss %s at epoch %d; best model in %s",
+                self.stage.name,
+                summary["best_val_loss"],
+                self.best_epoch,
+                self.best_dir,
+            )
         barrier(self.ctx)
         return summary
-
 
     def _write_card(self, summary: dict) -> None:
         """``model_card.json`` beside the best checkpoint: the data it saw (its cutoff: the last validation bar, since
@@ -583,9 +676,14 @@ class Trainer:
             info = load_manifest(cfg.dataset_path).get("splits") or {}
         except DataError:  # windows handed in directly (benchmarks): no manifest to name the dates
             info = {}
-        splits = {s: ((pd.Timestamp(info[s]["first"]), pd.Timestamp(info[s]["last"]))
-                      if isinstance(info.get(s), dict) and info[s].get("first") and info[s].get("last") else None)
-                  for s in ("train", "val")}
+        splits = {
+            s: (
+                (pd.Timestamp(info[s]["first"]), pd.Timestamp(info[s]["last"]))
+                if isinstance(info.get(s), dict) and info[s].get("first") and info[s].get("last")
+                else None
+            )
+            for s in ("train", "val")
+        }
         ends = [b[1] for b in splits.values() if b]
         start = cfg.pretrained_predictor_path if self.stage.name == "predictor" else cfg.pretrained_tokenizer_path
         parent = read_card(start) if start else None
@@ -593,13 +691,18 @@ class Trainer:
             "made_by": "kronos-kline",
             "stage": self.stage.name,
             "data_end": str(max(ends).date()) if ends else None,
-            "data": {"dataset": cfg.dataset_path, "source": cfg.data_source,
-                     **{s: ({"first": str(b[0]), "last": str(b[1])} if b else None) for s, b in splits.items()}},
+            "data": {
+                "dataset": cfg.dataset_path,
+                "source": cfg.data_source,
+                **{s: ({"first": str(b[0]), "last": str(b[1])} if b else None) for s, b in splits.items()},
+            },
             "started_from": start or f"preset {getattr(cfg, f'{self.stage.name}_preset')} (from scratch)",
             "started_from_data_end": (parent or {}).get("data_end"),
             "finetune_mode": cfg.finetune_mode if self.stage.name == "predictor" else "full",
-            "steps": summary["global_step"], "best_epoch": summary["best_epoch"],
-            "best_val_loss": summary["best_val_loss"], "seed": cfg.seed,
+            "steps": summary["global_step"],
+            "best_epoch": summary["best_epoch"],
+            "best_val_loss": summary["best_val_loss"],
+            "seed": cfg.seed,
         }
         kio.write_json(self.best_dir / CARD_NAME, card)
 
@@ -640,9 +743,11 @@ def keep_pretrained_tokenizer(config: Config) -> dict:
 
     src = config.pretrained_tokenizer_path
     if not src:
-        raise ConfigError("finetune_tokenizer is false but pretrained_tokenizer_path is empty: there is no tokenizer "
-                          "to keep; set pretrained_tokenizer_path (e.g. examples/models/starter/tokenizer) or set "
-                          "finetune_tokenizer true")
+        raise ConfigError(
+            "finetune_tokenizer is false but pretrained_tokenizer_path is empty: there is no tokenizer "
+            "to keep; set pretrained_tokenizer_path (e.g. examples/models/starter/tokenizer) or set "
+            "finetune_tokenizer true"
+        )
     with process_group(config) as dist_ctx:
         summary = {"stage": "tokenizer", "kept_pretrained": src, "trained": False}
         if dist_ctx.is_main:
@@ -651,8 +756,9 @@ def keep_pretrained_tokenizer(config: Config) -> dict:
             kio.write_folder(target, lambda folder: tok.save_pretrained(folder))
             summary.update(best_model=str(target), weights_sha256=weights_sha256(tok))
             kio.write_json(Path(config.tokenizer_dir) / SUMMARY_FILE, summary)
-            logger.info("tokenizer: finetune_tokenizer false: kept the pretrained tokenizer %s (copied to %s)", src,
-                        target)
+            logger.info(
+                "tokenizer: finetune_tokenizer false: kept the pretrained tokenizer %s (copied to %s)", src, target
+            )
         barrier(dist_ctx)
         return summary
 

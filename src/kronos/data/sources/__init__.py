@@ -4,6 +4,7 @@ Built-in names: ``qlib`` (:mod:`.qlib`, needs pyqlib), ``sina`` (:mod:`.sina`, S
 ``csv`` (:mod:`.csv`, CSV/Parquet files). Add your own with ``DataProcessorFactory.register(name, cls)``.
 Source modules are imported on first use, so importing this package never needs pyqlib.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -18,12 +18,13 @@ Adding a source::
     DataProcessorFactory.register("mine", MyProcessor)
     DataProcessorFactory.create_processor("mine", config).run_pipeline()
 """
+
 from __future__ import annotations
 
 import abc
 import importlib
 import logging
-from typing import Any, Optional, Union
+from typing import Any
 
 import pandas as pd
 
@@ -43,15 +44,16 @@ class BaseDataProcessor(abc.ABC):
 
     name: str = "base"
 
-    def __init__(self, config: Optional[Config] = None, **kwargs: Any) -> None:
+    def __init__(self, config: Config | None = None, **kwargs: Any) -> None:
         self.config: Config = config if config is not None else Config()
         self.options: dict[str, Any] = dict(kwargs)
         self.skipped_symbols: dict[str, str] = {}
         self.source_info: dict[str, Any] = {}
-        self.manifest: Optional[dict[str, Any]] = None
+        self.manifest: dict[str, Any] | None = None
 
     def download_data(self) -> None:
         """Fetch raw data into a local cache when the source needs it (default: nothing to fetch)."""
+        return None
 
     @abc.abstractmethod
     def load_raw(self) -> dict[str, pd.DataFrame]:
@@ -81,7 +83,7 @@ class BaseDataProcessor(abc.ABC):
         return self.manifest
 
 
-ProcessorSpec = Union[type, str]
+ProcessorSpec = type | str
 
 
 class DataProcessorFactory:
@@ -133,7 +135,7 @@ class DataProcessorFactory:
         return spec
 
     @classmethod
-    def create_processor(cls, name: str, config: Optional[Config] = None, **kwargs: Any) -> BaseDataProcessor:
+    def create_processor(cls, name: str, config: Config | None = None, **kwargs: Any) -> BaseDataProcessor:
         """Instantiate the processor registered as ``name`` with ``config`` and source-specific ``kwargs``."""
         return cls.get_class(name)(config, **kwargs)
 

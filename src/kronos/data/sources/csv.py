@@ -10,12 +10,12 @@ volume gives volume = amount = 0 and a missing amount is derived as mean(OHLC) x
 used (``dataset_begin_time``/``dataset_end_time`` apply to Qlib only); choose the rows per split with the
 ``*_time_range`` keys or ``split_ratios``.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 import pandas as pd
 
@@ -29,7 +29,7 @@ CSV_SUFFIXES = (".csv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-def _kind(path: Path) -> Optional[str]:
+def _kind(path: Path) -> str | None:
     name = path.name.lower()
     if name.endswith(CSV_SUFFIXES):
         return "csv"
@@ -79,7 +79,7 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
             raise DataError(f"file '{path}' is neither UTF-8 nor GBK text; save it as UTF-8 CSV") from None
 
 
-def read_kline_file(path: Union[str, os.PathLike], symbol: str = "", timestamp_column: str = "") -> pd.DataFrame:
+def read_kline_file(path: str | os.PathLike, symbol: str = "", timestamp_column: str = "") -> pd.DataFrame:
     """One symbol's bars from a CSV/Parquet file, cleaned and sorted (e.g. the history for a forecast).
 
     Returns the canonical raw frame (``timestamps`` + six float64 values). A file with a symbol column holding
@@ -90,8 +90,10 @@ def read_kline_file(path: Union[str, os.PathLike], symbol: str = "", timestamp_c
 
     file = Path(path).expanduser()
     if file.is_dir():
-        raise DataError(f"K-line file '{file}' is a folder; pass one CSV/Parquet file (a folder of files is "
-                        "data_source csv with csv_data_path)")
+        raise DataError(
+            f"K-line file '{file}' is a folder; pass one CSV/Parquet file (a folder of files is "
+            "data_source csv with csv_data_path)"
+        )
     if not file.is_file():
         raise DataError(f"K-line file '{file}' does not exist")
     if _kind(file) is None:
@@ -100,16 +102,19 @@ def read_kline_file(path: Union[str, os.PathLike], symbol: str = "", timestamp_c
     where = f"file '{file}'"
     if table.empty:
         raise DataError(f"{where} has no rows")
-    frame = validate_kline_frame(table, where, timestamp_column=timestamp_column,
-                                 line_offset=2 if _kind(file) == "csv" else None)
+    frame = validate_kline_frame(
+        table, where, timestamp_column=timestamp_column, line_offset=2 if _kind(file) == "csv" else None
+    )
     sym_col = find_column(table.columns, SYMBOL_ALIASES)
     if sym_col is not None:
         codes = table[sym_col].astype(str).str.strip().reset_index(drop=True)
         if symbol:
             if not (codes == symbol).any():
                 known = codes.drop_duplicates()
-                raise DataError(f"{where}: symbol '{symbol}' not found in column '{sym_col}'; it holds {len(known)}: "
-                                f"{', '.join(known.iloc[:5])}{', ...' if len(known) > 5 else ''}")
+                raise DataError(
+                    f"{where}: symbol '{symbol}' not found in column '{sym_col}'; it holds {len(known)}: "
+                    f"{', '.join(known.iloc[:5])}{', ...' if len(known) > 5 else ''}"
+                )
             frame = frame[(codes == symbol).to_numpy()]
         elif codes.nunique() > 1:
             raise DataError(
@@ -120,8 +125,15 @@ def read_kline_file(path: Union[str, os.PathLike], symbol: str = "", timestamp_c
     clean, stats = clean_kline_frame(frame, str(file))
     dropped = stats.rows_in - stats.rows_out
     if dropped:
-        logger.warning("%s: dropped %d of %d rows (%d duplicate timestamps, %d missing values, %d impossible bars)",
-                       where, dropped, stats.rows_in, stats.duplicates, stats.missing, stats.impossible)
+        logger.warning(
+            "%s: dropped %d of %d rows (%d duplicate timestamps, %d missing values, %d impossible bars)",
+            where,
+            dropped,
+            stats.rows_in,
+            stats.duplicates,
+            stats.missing,
+            stats.impossible,
+        )
     if clean.empty:
         raise DataError(f"{where}: no usable rows left after dropping missing and impossible values")
     return clean
@@ -136,12 +148,12 @@ class CsvDataProcessor(BaseDataProcessor):
         """The data files ``csv_data_path`` names (one file, or the data files of a folder, sorted)."""
         raw = self.config.csv_data_path
         if not raw:
-            raise ConfigError(
-                "config key 'csv_data_path' is empty; set it to a CSV/Parquet file or a folder of them"
-            )
+            raise ConfigError("config key 'csv_data_path' is empty; set it to a CSV/Parquet file or a folder of them")
         path = Path(raw).expanduser()
         if not path.exists():
-            raise DataError(f"csv_data_path '{path}' does not exist; set config key 'csv_data_path' to a file or folder")
+            raise DataError(
+                f"csv_data_path '{path}' does not exist; set config key 'csv_data_path' to a file or folder"
+            )
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _kind(p))
             if not files:
@@ -184,8 +196,9 @@ class CsvDataProcessor(BaseDataProcessor):
             symbols = table[sym_col].reset_index(drop=True)
             missing = symbols.isna().to_numpy()
             if missing.any():
-                logger.warning("%s: %d row(s) without a symbol in column '%s' are ignored", where,
-                               int(missing.sum()), sym_col)
+                logger.warning(
+                    "%s: %d row(s) without a symbol in column '%s' are ignored", where, int(missing.sum()), sym_col
+                )
             symbols = symbols.astype(str).str.strip()
             for symbol, idx in frame[~missing].groupby(symbols[~missing], sort=True).groups.items():
                 pieces.setdefault(str(symbol), []).append(frame.loc[idx].reset_index(drop=True))
@@ -205,10 +218,12 @@ class CsvDataProcessor(BaseDataProcessor):
             symbol: parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
             for symbol, parts in pieces.items()
         }
-        self.source_info.update({
-            "path": str(Path(cfg.csv_data_path).expanduser()),
-            "files": [str(f) for f in files],
-        })
+        self.source_info.update(
+            {
+                "path": str(Path(cfg.csv_data_path).expanduser()),
+                "files": [str(f) for f in files],
+            }
+        )
         logger.info("csv: %d symbol(s) from %d file(s)", len(frames), len(files))
         return frames
 

@@ -1,6 +1,7 @@
 """Qlib source: daily bars of an instrument pool (e.g. csi300) from a local Qlib data folder.
 
-Needs pyqlib (``pip install pyqlib``, or the ``qlib`` extra: ``pip install 'kronos-kline[qlib]'``). Follows the official ``qlib_data_preprocess.py``: the time range
+Needs pyqlib (``pip install pyqlib``, or the ``qlib`` extra: ``pip install 'kronos-kline[qlib]'``). Follows the
+official ``qlib_data_preprocess.py``: the time range
 ``dataset_begin_time .. dataset_end_time`` is widened by ``lookback_window`` trading days before and
 ``predict_window`` trading days after (on the Qlib calendar), fields ``$open $high $low $close $volume`` are
 read, and ``amount`` is derived as mean(OHLC) x volume unless the data folder has an ``amount`` field.
@@ -12,6 +13,7 @@ the pool (no look-ahead in the choice of stocks), and a window whose predicted p
 membership still has a full lookback of history. Spans of one symbol are concatenated, as are the bars around
 a suspension, so a window may straddle such a gap.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,20 +22,21 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from kronos import io as kio
 from kronos.data.schema import derive_amount, validate_kline_frame
 from kronos.data.sources.base import BaseDataProcessor
-from kronos import io as kio
 from kronos.errors import DataError, DependencyError
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("open", "high", "low", "close", "volume")
 FREQ = "day"
+
 
 def _missing_qlib(detail: str) -> DependencyError:
     return DependencyError(
@@ -101,8 +104,10 @@ def lowercase_view(provider: Path) -> Path:
     """
     features = provider / "features"
     folders = sorted(p for p in features.iterdir() if p.is_dir())
+
     def needs_view(folder: Path) -> bool:
         return folder.name != folder.name.lower() or any(f.name != f.name.lower() for f in folder.iterdir())
+
     if not any(needs_view(f) for f in folders[:50]) and not any(f.name != f.name.lower() for f in folders):
         return provider
     seen: dict[str, str] = {}
@@ -132,10 +137,9 @@ def lowercase_view(provider: Path) -> Path:
         raise DataError(
             f"Qlib data folder '{features}' has upper-case symbol folders or field files, which pyqlib does not "
             f"find, and a lower-case view could not be made ({exc}); rename them to lower case, e.g. in that folder: "
-            "for d in *; do mv \"$d\" \"$(echo $d | tr A-Z a-z)\"; done"
+            'for d in *; do mv "$d" "$(echo $d | tr A-Z a-z)"; done'
         ) from None
-    logger.info("qlib: '%s' has upper-case feature names; reading it through a lower-case view in %s",
-                features, view)
+    logger.info("qlib: '%s' has upper-case feature names; reading it through a lower-case view in %s", features, view)
     return view
 
 
@@ -159,7 +163,7 @@ def init_qlib(provider_uri: str) -> Path:
     return provider
 
 
-def current_qlib_provider() -> Optional[str]:
+def current_qlib_provider() -> str | None:
     """The folder Qlib is initialised on in this process, or None (not initialised / not imported)."""
     if "qlib" not in sys.modules or sys.modules["qlib"] is None:
         return None
@@ -239,19 +243,25 @@ class QlibDataProcessor(BaseDataProcessor):
             frames[symbol] = validate_kline_frame(frame, f"Qlib symbol {symbol}", timestamp_column="timestamps")
         logger.info(
             "qlib: %d symbols of pool '%s' between %s and %s (%d suspended rows to drop)%s",
-            len(frames), cfg.instrument, start.date(), end.date(), suspended,
+            len(frames),
+            cfg.instrument,
+            start.date(),
+            end.date(),
+            suspended,
             "" if has_amount else "; amount = mean(OHLC) x volume",
         )
-        self.source_info.update({
-            "provider_uri": str(provider),
-            "instrument": cfg.instrument,
-            "freq": FREQ,
-            "load_start": start.isoformat(),
-            "load_end": end.isoformat(),
-            "amount": "field" if has_amount else "mean(OHLC) x volume",
-            "membership": f"spans from instruments/{cfg.instrument.lower()}.txt, widened by lookback_window "
-                          f"({lookback}) trading days before each span start",
-        })
+        self.source_info.update(
+            {
+                "provider_uri": str(provider),
+                "instrument": cfg.instrument,
+                "freq": FREQ,
+                "load_start": start.isoformat(),
+                "load_end": end.isoformat(),
+                "amount": "field" if has_amount else "mean(OHLC) x volume",
+                "membership": f"spans from instruments/{cfg.instrument.lower()}.txt, widened by lookback_window "
+                f"({lookback}) trading days before each span start",
+            }
+        )
         return frames
 
     def _time_range(self, calendar: pd.DatetimeIndex, provider: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
@@ -275,4 +285,12 @@ class QlibDataProcessor(BaseDataProcessor):
         return pd.Timestamp(start), pd.Timestamp(stop)
 
 
-__all__ = ["QlibDataProcessor", "init_qlib", "lowercase_view", "import_qlib", "require_qlib", "check_provider", "current_qlib_provider"]
+__all__ = [
+    "QlibDataProcessor",
+    "init_qlib",
+    "lowercase_view",
+    "import_qlib",
+    "require_qlib",
+    "check_provider",
+    "current_qlib_provider",
+]

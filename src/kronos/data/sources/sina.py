@@ -18,6 +18,7 @@ Raw bodies are cached on disk per (symbol, scale, datalen) so that a rerun after
 missing. The cache lives in ``sina_cache_dir``, by default ``<dataset_path>/raw_sina`` (the dataset store carries
 non-dataset entries over when it rebuilds the folder, so the cache survives). Delete it to fetch fresh bars.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -32,8 +33,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,8 +56,7 @@ SINA_SCALES = (5, 15, 30, 60, 240)
 # Sina answers bare clients (no browser User-Agent, no Referer) with 403 or an empty page.
 DEFAULT_HEADERS = {
     "User-Agent": (
-        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
-        "Chrome/124.0 Safari/537.36"
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
     ),
     "Referer": "https://finance.sina.com.cn",
     "Accept": "*/*",
@@ -77,9 +78,7 @@ def normalize_symbol(symbol: Any) -> str:
     Raises ConfigError naming the symbol when it is not an exchange prefix (sh, sz, bj) plus six digits.
     """
     if not isinstance(symbol, str):
-        raise ConfigError(
-            f"config key 'sina_symbols': symbol {symbol!r} must be a string like 'sh600000'"
-        )
+        raise ConfigError(f"config key 'sina_symbols': symbol {symbol!r} must be a string like 'sh600000'")
     s = symbol.strip().lower()
     m = _SUFFIX_SYMBOL_RE.match(s)
     if m:
@@ -122,8 +121,8 @@ def _extract_payload(text: str) -> str:
         m = _COMMENT_RE.match(s)
         if not m:
             break
-        s = s[m.end():].strip()
-    if not s or s[0] in "[{\"" or s.startswith("null"):
+        s = s[m.end() :].strip()
+    if not s or s[0] in '[{"' or s.startswith("null"):
         return s.rstrip(";").strip()
     m = _JSONP_RE.match(s)
     if m:
@@ -134,7 +133,7 @@ def _extract_payload(text: str) -> str:
     return s
 
 
-def parse_kline_body(text: str, symbol: str, url: str = "", max_bars: Optional[int] = None) -> pd.DataFrame:
+def parse_kline_body(text: str, symbol: str, url: str = "", max_bars: int | None = None) -> pd.DataFrame:
     """Parse one Sina response body (JSONP or plain JSON) into a canonical K-line frame.
 
     Columns: ``timestamps`` (datetime64[ns], sorted, unique) and ``open, high, low, close, volume, amount``
@@ -163,9 +162,7 @@ def parse_kline_body(text: str, symbol: str, url: str = "", max_bars: Optional[i
             f"Sina has no data for symbol '{symbol}' (body 'null'){where}; check that the symbol exists and is listed"
         )
     if not isinstance(data, list):
-        raise DataError(
-            f"Sina returned a {type(data).__name__} instead of a list of bars for symbol '{symbol}'{where}"
-        )
+        raise DataError(f"Sina returned a {type(data).__name__} instead of a list of bars for symbol '{symbol}'{where}")
     if not data:
         raise DataError(f"Sina returned no bars (empty list) for symbol '{symbol}'{where}")
     if max_bars is not None and len(data) > max_bars:
@@ -223,8 +220,9 @@ def fill_missing_amount(frame: pd.DataFrame) -> pd.DataFrame:
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code == 429 or exc.code >= 500
-    return isinstance(exc, (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
-                            http.client.HTTPException))
+    return isinstance(
+        exc, (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -295,7 +293,7 @@ class _Watchdog:
         if self.fired or self.remaining() <= 0:
             raise _DeadlineExceeded()
 
-    def __enter__(self) -> "_Watchdog":
+    def __enter__(self) -> _Watchdog:
         self._timer.start()
         return self
 
@@ -344,10 +342,16 @@ class _SameHostRedirectHandler(urllib.request.HTTPRedirectHandler):
 
     max_redirections = 5
 
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> Optional[urllib.request.Request]:
-        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
-        if (new.hostname or "").lower() != (old.hostname or "").lower() or (old.scheme == "https" and new.scheme != "https"):
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        old, new = (
+            urllib.parse.urlsplit(req.full_url),
+            urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)),
+        )
+        if (new.hostname or "").lower() != (old.hostname or "").lower() or (
+            old.scheme == "https" and new.scheme != "https"
+        ):
             raise _Refused(f"refused a redirect (HTTP {code}) to another host: {new.scheme}://{new.netloc}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -432,10 +436,10 @@ class SinaClient:
         timeout: float = 10.0,
         retries: int = 3,
         pause: float = 0.5,
-        opener: Optional[urllib.request.OpenerDirector] = None,
-        headers: Optional[Mapping[str, str]] = None,
+        opener: urllib.request.OpenerDirector | None = None,
+        headers: Mapping[str, str] | None = None,
         sleep: Callable[[float], None] = time.sleep,
-        max_bytes: Optional[int] = None,
+        max_bytes: int | None = None,
     ) -> None:
         if not base_url or not urllib.parse.urlsplit(base_url).scheme.startswith("http"):
             raise ConfigError(f"config key 'sina_base_url' must be an http(s) URL, got {base_url!r}")
@@ -477,7 +481,7 @@ class SinaClient:
         request = urllib.request.Request(url, headers=self.headers, method="GET")
         attempts = self.retries + 1
         limit = self.max_bytes if self.max_bytes is not None else 65536 + 1024 * int(datalen)
-        last: Optional[BaseException] = None
+        last: BaseException | None = None
         for attempt in range(attempts):
             watch = _Watchdog(self.timeout)
             _WATCH.current = watch
@@ -495,14 +499,13 @@ class SinaClient:
                 elif not isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException)):
                     raise
                 if not _is_retryable(exc):
-                    raise DataError(
-                        f"Sina request for symbol '{symbol}' failed: {_describe(exc)} from {url}"
-                    ) from None
+                    raise DataError(f"Sina request for symbol '{symbol}' failed: {_describe(exc)} from {url}") from None
                 last = exc
                 if attempt + 1 < attempts:
                     delay = self.pause * 2**attempt
-                    logger.debug("Sina %s: %s, retry %d/%d in %.2fs", symbol, _describe(exc), attempt + 1,
-                                 self.retries, delay)
+                    logger.debug(
+                        "Sina %s: %s, retry %d/%d in %.2fs", symbol, _describe(exc), attempt + 1, self.retries, delay
+                    )
                     if delay > 0:
                         self.sleep(delay)
             finally:
@@ -514,8 +517,9 @@ class SinaClient:
     def fetch(self, symbol: str, scale: int = 240, datalen: int = 1023) -> pd.DataFrame:
         """Fetch and parse one symbol's bars (see :func:`parse_kline_body`; amount NaN where absent)."""
         symbol = normalize_symbol(symbol)
-        return parse_kline_body(self.fetch_body(symbol, scale, datalen), symbol, self.url(symbol, scale, datalen),
-                                max_bars=datalen)
+        return parse_kline_body(
+            self.fetch_body(symbol, scale, datalen), symbol, self.url(symbol, scale, datalen), max_bars=datalen
+        )
 
 
 # ---------------------------------------------------------------------------------------------- processor
@@ -534,31 +538,34 @@ class SinaDataProcessor(BaseDataProcessor):
 
     name = "sina"
 
-    def __init__(self, config: Optional[Config] = None, client: Optional[SinaClient] = None, **kwargs: Any) -> None:
+    def __init__(self, config: Config | None = None, client: SinaClient | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         cfg = self.config
         self.symbols: list[str] = normalize_symbols(cfg.sina_symbols)
         self.scale = int(cfg.sina_scale)
         self.datalen = int(cfg.sina_datalen)
-        self.cache_dir = Path(os.path.expanduser(cfg.sina_cache_dir)) if cfg.sina_cache_dir \
-            else default_cache_dir(cfg.dataset_path)
+        self.cache_dir = (
+            Path(os.path.expanduser(cfg.sina_cache_dir)) if cfg.sina_cache_dir else default_cache_dir(cfg.dataset_path)
+        )
         self.client = client or SinaClient(
             cfg.sina_base_url, timeout=cfg.sina_timeout, retries=cfg.sina_retries, pause=cfg.sina_pause
         )
-        self.source_info.update({
-            "sina_base_url": self.client.base_url,
-            "scale_minutes": self.scale,
-            "datalen": self.datalen,
-            "requested_symbols": list(self.symbols),
-            "cache_dir": str(self.cache_dir),
-            "volume_unit": "shares",  # Sina's numbers are kept as given
-        })
+        self.source_info.update(
+            {
+                "sina_base_url": self.client.base_url,
+                "scale_minutes": self.scale,
+                "datalen": self.datalen,
+                "requested_symbols": list(self.symbols),
+                "cache_dir": str(self.cache_dir),
+                "volume_unit": "shares",  # Sina's numbers are kept as given
+            }
+        )
 
     def cache_path(self, symbol: str) -> Path:
         """The cached raw body of ``symbol`` (keyed by symbol, scale and datalen)."""
         return self.cache_dir / f"{symbol}_{self.scale}_{self.datalen}.txt"
 
-    def _read_cached(self, symbol: str) -> Optional[pd.DataFrame]:
+    def _read_cached(self, symbol: str) -> pd.DataFrame | None:
         path = self.cache_path(symbol)
         if not path.is_file():
             return None
@@ -573,8 +580,12 @@ class SinaDataProcessor(BaseDataProcessor):
         self.skipped_symbols.clear()
         todo = [s for s in self.symbols if self._read_cached(s) is None]
         if len(todo) < len(self.symbols):
-            logger.info("Sina: %d of %d symbol(s) already cached in %s", len(self.symbols) - len(todo),
-                        len(self.symbols), self.cache_dir)
+            logger.info(
+                "Sina: %d of %d symbol(s) already cached in %s",
+                len(self.symbols) - len(todo),
+                len(self.symbols),
+                self.cache_dir,
+            )
         for i, symbol in enumerate(tqdm(todo, desc="sina download", unit="symbol", disable=None)):
             if i and self.client.pause > 0:
                 self.client.sleep(self.client.pause)  # be polite between symbols
@@ -598,13 +609,13 @@ class SinaDataProcessor(BaseDataProcessor):
         failed = [s for s in self.symbols if s in self.skipped_symbols]
         if failed and len(failed) == len(self.symbols):
             first = self.skipped_symbols[failed[0]]
-            raise DataError(
-                f"Sina download failed for every symbol ({', '.join(failed)}); first error: {first}"
-            )
+            raise DataError(f"Sina download failed for every symbol ({', '.join(failed)}); first error: {first}")
         if failed:
             logger.warning(
                 "Sina: %d of %d symbol(s) failed and are left out: %s; rerun to fetch only those",
-                len(failed), len(self.symbols), ", ".join(failed),
+                len(failed),
+                len(self.symbols),
+                ", ".join(failed),
             )
 
     def load_raw(self) -> dict[str, pd.DataFrame]:
