@@ -366,18 +366,19 @@ def setup_logging(quiet: bool = False) -> None:
 
 def run_pipeline_command(args: argparse.Namespace, config: Config) -> int:
     """The whole pipeline; under torchrun the process group lives for all steps (barriers between them)."""
-    from kronos.pipeline import KronosPipeline
+    from kronos.pipeline import KronosPipeline, steps_from_flags
     from kronos.train.distributed import process_group
 
+    steps = steps_from_flags(
+        skip_data=args.skip_data_process,
+        skip_tokenizer=args.skip_tokenizer,
+        skip_predictor=args.skip_predictor,
+        skip_predict=args.skip_predict,
+        skip_backtest=args.skip_backtest,
+    )
     with process_group(config) as ctx:  # the steps' own process_group calls join this group
         pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
-        result = pipe.run(
-            skip_data=args.skip_data_process,
-            skip_tokenizer=args.skip_tokenizer,
-            skip_predictor=args.skip_predictor,
-            skip_predict=args.skip_predict,
-            skip_backtest=args.skip_backtest,
-        )
+        result = pipe.run(steps)
     if ctx.is_main:
         print_result_summary(result)
     return 0
@@ -504,6 +505,7 @@ def run_forecast_command(args: argparse.Namespace) -> int:
         from kronos.inference.bands import load_calibration
 
         cal = load_calibration(args.calibration)
+        assert cal is not None  # a path was given
         cal.check(predictor, lookback=lookback, horizon=args.pred_len, source=f"calibration file '{args.calibration}'")
         qs = list(args.quantiles or cal.quantile_levels())
     elif args.sample_count > 1:
@@ -622,7 +624,7 @@ def main(
         return 1
 
 
-def print_error(exc: BaseException) -> None:
+def print_error(exc: BaseException | str) -> None:
     """The one error printer: ``error: <message>`` on one line of stderr, no traceback."""
     print("error: " + " ".join(str(exc).split()), file=sys.stderr)
 
@@ -640,9 +642,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.effective_dict(), indent=2, ensure_ascii=False))
         return 0
     if args.command != "data" and str(config.device).strip().lower() not in ("auto", "cpu"):
-        from kronos.train.distributed import _resolve_device
+        from kronos.train.distributed import resolve_device
 
-        _resolve_device(config.device, 0)  # a missing CUDA/MPS device fails now, not after the data step
+        resolve_device(config.device, 0)  # a missing CUDA/MPS device fails now, not after the data step
     if args.command == "pipeline":
         return run_pipeline_command(args, config)
     from kronos.pipeline import KronosPipeline
@@ -650,7 +652,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command in ("predict", "evaluate", "calibrate", "backtest"):
         from kronos.runs import for_existing_run
 
-        config = for_existing_run(config)  # the latest pipeline run (or run_id), not the seed's shared folders
+        config = for_existing_run(
+            config
+        )  # the latest pipeline run (or run_id), not the official scripts' shared folders
     pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
     pipe.reuse_records = args.command in ("evaluate", "backtest")  # the run's saved forecast records, not new ones
     if args.command == "data":
@@ -662,7 +666,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "train-predictor":
         pipe.train_predictor()
     elif args.command == "predict":
-        pipe.predict()
+        pipe.plot_forecasts(pipe.predict())
         print(f"forecasts: {pipe.result.forecast_file}")
     elif args.command == "evaluate":
         pipe.evaluate()

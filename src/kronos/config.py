@@ -252,9 +252,9 @@ class Config:
             for rule in rules:
                 if not rule.check(value):
                     raise ConfigError(f"config key '{key}' {rule.message}, got {value!r}")
-        for rule in CROSS_RULES:
-            if not rule.check(self):
-                raise ConfigError(rule.message(self))
+        for cross in CROSS_RULES:
+            if not cross.check(self):
+                raise ConfigError(cross.message(self))
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
@@ -660,7 +660,10 @@ def _yaml_loader(path: Path) -> Any:
             return super().compose_node(parent, index)
 
     # unquoted dates stay the strings written (2018-13-45 included: the key's check names it, no ValueError)
-    NoAliasLoader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node))
+    def timestamp_as_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+        return loader.construct_scalar(node)
+
+    NoAliasLoader.add_constructor("tag:yaml.org,2002:timestamp", timestamp_as_text)
     # YAML 1.1 reads 4e-5 (no dot) as a string; read it as the number it is, as JSON does (1e-4 learning rates)
     NoAliasLoader.add_implicit_resolver(
         "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")

@@ -11,7 +11,7 @@ import copy
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from kronos.config import Config
 from kronos.data.schema import VALUE_COLUMNS
 from kronos.data.sources import DataProcessorFactory
 from kronos.data.store import SPLITS, dataset_exists, load_split
-from kronos.errors import CheckpointError, DataError, InputError, KronosError
+from kronos.errors import CheckpointError, ConfigError, DataError, InputError, KronosError
 from kronos.evaluate.anchors import EvalPeriods, eval_periods, in_period, split_dates
 from kronos.evaluate.backtest import run_backtests
 from kronos.evaluate.calibration import calibrate_on_validation
@@ -85,10 +85,10 @@ class PipelineResult:
 
 
 class KronosPipeline:
-    """Runs each step of the seed's pipeline over one :class:`Config`.
+    """Runs each step of the official fine-tuning pipeline over one :class:`Config`.
 
     Steps: :meth:`process_data`, :meth:`train_tokenizer`, :meth:`train_predictor`, :meth:`predict`,
-    :meth:`evaluate`, :meth:`backtest`; :meth:`run` chains them with the seed's skip flags.
+    :meth:`evaluate`, :meth:`backtest`; :meth:`run` chains the named :data:`STEPS`.
     """
 
     def __init__(self, config: Config, resume: bool = False) -> None:
@@ -225,11 +225,12 @@ class KronosPipeline:
 
     # ------------------------------------------------------------------ step 4: prediction
     def predict(self) -> pd.DataFrame:
-        """Forecast the ``predict_window`` bars after every symbol's latest ``lookback_window`` bars.
+        """Forecast the ``predict_window`` bars after every symbol's latest ``lookback_window`` bars (records in the
+        one schema of :meth:`KronosPredictor.predict_df`; ``anchor`` is the last bar the forecast saw).
 
-        Each row carries its ``as_of`` bar (the last bar the forecast saw). Symbols whose data ends before the
-        dataset's last bar (suspended, delisted, left the pool) are not "latest": their forecasts go to
-        ``forecast_stale.parquet/.csv`` instead of ``forecast_latest``, with a log line.
+        Symbols whose data ends before the dataset's last bar (suspended, delisted, left the pool) are not
+        "latest": their forecasts go to ``forecast_stale.parquet/.csv`` instead of ``forecast_latest``, with a log
+        line.
         """
         cfg = self.config
         self.require_dataset()
@@ -238,24 +239,15 @@ class KronosPipeline:
             records = self._predict_df(calibration=calibration)
         except InputError as exc:
             raise DataError(f"dataset '{cfg.dataset_path}': {exc}") from None
-        records = records.rename(columns={"anchor": "as_of"})
         extra = [
             c
             for c in (*(f"{quantile_column(q)}_raw" for q in cfg.quantiles), "p_up", "p_up_raw", "p_up_calibrated")
             if c in records.columns
         ]
-        columns = [
-            "symbol",
-            "as_of",
-            "step",
-            "timestamps",
-            *VALUE_COLUMNS,
-            *(quantile_column(q) for q in cfg.quantiles),
-            *extra,
-        ]
-        frame = self.full_frame()
-        newest = frame["timestamps"].max()
-        fresh = records["as_of"] >= newest
+        columns = ["symbol", "anchor", "step", "timestamps", *VALUE_COLUMNS]
+        columns += [*(quantile_column(q, c) for c in VALUE_COLUMNS for q in cfg.quantiles), *extra]
+        newest = self.full_frame()["timestamps"].max()
+        fresh = records["anchor"] >= newest
         forecasts, stale = records.loc[fresh, columns], records.loc[~fresh, columns]
         out_dir = Path(cfg.backtest_dir)
         if len(stale):
@@ -267,14 +259,27 @@ class KronosPipeline:
                 len(stale_symbols),
                 newest,
                 stale_symbols["symbol"].iloc[0],
-                stale_symbols["as_of"].iloc[0],
+                stale_symbols["anchor"].iloc[0],
                 self.result.stale_forecast_file,
             )
-        plot_dir = out_dir / "plots"
-        latest = forecasts.drop_duplicates("symbol").sort_values("symbol")
+        self.result.forecast_file = str(kio.write_table(forecasts, out_dir / "forecast_latest"))
+        log.info(
+            "forecasts for %d symbols as of %s written to %s",
+            forecasts["symbol"].nunique(),
+            newest,
+            self.result.forecast_file,
+        )
+        return forecasts
+
+    def plot_forecasts(self, forecasts: pd.DataFrame) -> list[str]:
+        """Candlestick figures of the first ``plot_n_symbols`` symbols' forecasts (band: the outer quantiles) beside
+        their recent history, in ``plots/`` of the results folder."""
+        cfg = self.config
+        frame = self.full_frame()
         lo, hi = min(cfg.quantiles), max(cfg.quantiles)
-        for symbol in latest["symbol"].iloc[: cfg.plot_n_symbols]:
-            rows = records[records["symbol"] == symbol].set_index("timestamps")
+        out = []
+        for symbol in sorted(forecasts["symbol"].unique())[: cfg.plot_n_symbols]:
+            rows = forecasts[forecasts["symbol"] == symbol].set_index("timestamps")
             history = frame[frame["symbol"] == symbol].iloc[-cfg.lookback_window :]
             band = None
             if lo < hi:
@@ -282,20 +287,22 @@ class KronosPipeline:
                     rows[[quantile_column(q, c) for c in VALUE_COLUMNS]].set_axis(list(VALUE_COLUMNS), axis=1)
                     for q in (lo, hi)
                 )
-            path = path_in(plot_dir, f"forecast_{safe_filename(symbol)}.png")
+            path = path_in(Path(cfg.backtest_dir) / "plots", f"forecast_{safe_filename(symbol)}.png")
             plot_forecast(
                 history.set_index("timestamps")[list(VALUE_COLUMNS)],
                 rows[list(VALUE_COLUMNS)],
                 band,
                 None,
-                f"{symbol}: {cfg.predict_window}-bar forecast as of {rows['as_of'].iloc[0]} (band q{lo:g}-q{hi:g})",
+                f"{symbol}: {cfg.predict_window}-bar forecast as of {rows['anchor'].iloc[0]} (band q{lo:g}-q{hi:g})",
                 path,
                 prob_up=next((rows[c].to_numpy() for c in ("p_up_calibrated", "p_up") if c in rows.columns), None),
             )
-            self.result.plots.append(str(path))
-        self.result.forecast_file = str(kio.write_table(forecasts, out_dir / "forecast_latest"))
-        log.info("forecasts for %d symbols as of %s written to %s", len(latest), newest, self.result.forecast_file)
-        return forecasts
+            out.append(str(path))
+        self.result.plots.extend(out)
+        return out
+
+    def _predict_step(self) -> None:
+        self.plot_forecasts(self.predict())
 
     # ------------------------------------------------------------------ step 5: evaluation
     def eval_periods(self) -> EvalPeriods:
@@ -405,10 +412,11 @@ class KronosPipeline:
             dates.iloc[-1].date(),
             cfg.eval_max_anchors or "all",
         )
-        cfg = self._backtest_config(int(records["symbol"].nunique()))
-        if cfg is None:
+        adapted = self._backtest_config(int(records["symbol"].nunique()))
+        if adapted is None:
             self.result.backtest_summary = {}
             return {}
+        cfg = adapted
         signals = {
             kind: signals_from_records(records, kind, scale=cfg.backtest_signal_scale)
             for kind in ("last", "mean", "max", "min")
@@ -480,28 +488,18 @@ class KronosPipeline:
         )
 
     # ------------------------------------------------------------------ everything
-    def run(
-        self,
-        skip_data: bool = False,
-        skip_tokenizer: bool = False,
-        skip_predictor: bool = False,
-        skip_predict: bool = False,
-        skip_backtest: bool = False,
-    ) -> PipelineResult:
-        """Every step, skipping those asked; under ``torchrun`` from Python it sets up, and tears down, its own
-        process group when none exists. With ``run_folders`` (the default) the run writes under its own run folder
-        (see :mod:`kronos.runs`)."""
-        kwargs = dict(
-            skip_data=skip_data,
-            skip_tokenizer=skip_tokenizer,
-            skip_predictor=skip_predictor,
-            skip_predict=skip_predict,
-            skip_backtest=skip_backtest,
-        )
+    def run(self, steps: Sequence[str] | None = None) -> PipelineResult:
+        """Run ``steps`` (names of :data:`STEPS`, run in that order; default: every step; the CLI's ``--skip-*``
+        flags map to them through :func:`steps_from_flags`). Under ``torchrun`` from Python it sets up, and tears
+        down, its own process group when none exists. With ``run_folders`` (the default) the run writes under its
+        own run folder (see :mod:`kronos.runs`)."""
+        chosen = check_steps(steps)
         with process_group(self.config):
-            run_id = self.enter_run_folder(skip_tokenizer=skip_tokenizer, skip_predictor=skip_predictor)
+            run_id = self.enter_run_folder(
+                skip_tokenizer="tokenizer" not in chosen, skip_predictor="predictor" not in chosen
+            )
             try:
-                return self._locked_run(**kwargs)
+                return self._locked_run(chosen)
             except BaseException:
                 if run_id and is_main_process():  # a run that stopped before writing anything leaves no folder
                     folder = self._runs_root / run_id
@@ -524,7 +522,7 @@ class KronosPipeline:
             if cfg.run_id:
                 run_id = cfg.run_id
             elif self.resume and newest_run(root):
-                run_id = newest_run(root)
+                run_id = newest_run(root) or ""
             else:
                 run_id = new_run_id(root, reserve=True)
         run_id = share_text(run_id)  # rank 0's choice on every rank
@@ -557,48 +555,28 @@ class KronosPipeline:
         folder = resolve_folder(path)
         return folder is not None and (folder / "config.json").is_file()
 
-    def _locked_run(
-        self,
-        skip_data: bool = False,
-        skip_tokenizer: bool = False,
-        skip_predictor: bool = False,
-        skip_predict: bool = False,
-        skip_backtest: bool = False,
-    ) -> PipelineResult:
+    def _locked_run(self, steps: list[str]) -> PipelineResult:
         """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`)."""
         cfg = self.config
-        kwargs = dict(
-            skip_data=skip_data,
-            skip_tokenizer=skip_tokenizer,
-            skip_predictor=skip_predictor,
-            skip_predict=skip_predict,
-            skip_backtest=skip_backtest,
-        )
         if not is_main_process():
-            return self._run(**kwargs)
-        with run_locks([cfg.save_path, cfg.backtest_dir], whole=[] if skip_data else [cfg.dataset_path]):
-            return self._run(**kwargs)
+            return self._run(steps)
+        with run_locks([cfg.save_path, cfg.backtest_dir], whole=[cfg.dataset_path] if "data" in steps else []):
+            return self._run(steps)
 
-    def _run(
-        self,
-        skip_data: bool = False,
-        skip_tokenizer: bool = False,
-        skip_predictor: bool = False,
-        skip_predict: bool = False,
-        skip_backtest: bool = False,
-    ) -> PipelineResult:
+    def _run(self, steps: list[str]) -> PipelineResult:
         cfg = self.config
         timings = self.result.seconds
-
-        def step(name: str, fn: Callable[[], Any], main_only: bool) -> None:
-            t0 = time.time()
-            if not main_only or is_main_process():
-                log.info("==== %s ====", name)
-                fn()
-            barrier()
-            timings[name] = round(time.time() - t0, 2)
-
-        if skip_data:
+        # name -> (what it runs, rank 0 only)
+        table: dict[str, tuple[Callable[[], Any], bool]] = {
+            "data": (self.process_data, True),
+            "tokenizer": (self._tokenizer_step, False),
+            "predictor": (self._predictor_step, False),
+            "calibrate": (self._calibrate_step, True),
+            "predict": (self._predict_step, True),
+            "evaluate": (self.evaluate, True),
+            "backtest": (self.backtest, True),
+        }
+        if "data" not in steps:
             self.require_dataset()
         if is_main_process():
             cfg.save(Path(cfg.save_path) / "pipeline_config.json")  # inside the outputs, never beside them
@@ -607,25 +585,18 @@ class KronosPipeline:
             kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
             if cfg.run_id:
                 log.info("run %s: outputs under %s", cfg.run_id, Path(cfg.save_path).parent)
-        if not skip_data:
-            step("data", self.process_data, main_only=True)
-        if skip_tokenizer:
-            self.require_checkpoint(cfg.finetuned_tokenizer, "tokenizer", "--skip-tokenizer")
-        else:
-            step("tokenizer", self.train_tokenizer, main_only=False)
-            self._plot_curves(cfg.tokenizer_dir, "tokenizer training")
-        if skip_predictor:
-            self.require_checkpoint(cfg.finetuned_predictor, "predictor", "--skip-predictor")
-        else:
-            step("predictor", self.train_predictor, main_only=False)
-            self._plot_curves(cfg.predictor_dir, "predictor training")
-            if not skip_predict:  # skipped with the predictor: a reused predictor keeps its calibration.json
-                step("calibrate", self._calibrate_step, main_only=True)
-        if not skip_predict:
-            step("predict", self.predict, main_only=True)
-            step("evaluate", self.evaluate, main_only=True)
-            if not skip_backtest:
-                step("backtest", self.backtest, main_only=True)
+        for name in STEPS:
+            if name not in steps:
+                if name in ("tokenizer", "predictor"):  # a skipped stage needs its checkpoint
+                    self.require_checkpoint(getattr(cfg, f"finetuned_{name}"), name, f"--skip-{name}")
+                continue
+            fn, main_only = table[name]
+            t0 = time.time()
+            if not main_only or is_main_process():
+                log.info("==== %s ====", name)
+                fn()
+            barrier()
+            timings[name] = round(time.time() - t0, 2)
         self.result.tokenizer_path = cfg.finetuned_tokenizer
         self.result.predictor_path = cfg.finetuned_predictor
         if self._has_checkpoint(cfg.finetuned_predictor):
@@ -640,6 +611,14 @@ class KronosPipeline:
             if getattr(self, "_runs_root", None) is not None and cfg.run_id:
                 mark_latest(self._runs_root, cfg.run_id)  # runs/latest: the newest finished run
         return self.result
+
+    def _tokenizer_step(self) -> None:
+        self.train_tokenizer()
+        self._plot_curves(self.config.tokenizer_dir, "tokenizer training")
+
+    def _predictor_step(self) -> None:
+        self.train_predictor()
+        self._plot_curves(self.config.predictor_dir, "predictor training")
 
     # ------------------------------------------------------------------ calibration and the walk-forward report
     def calibrate(self) -> dict:
@@ -815,6 +794,40 @@ class KronosPipeline:
             self.result.plots.append(str(out))
 
 
+# ---------------------------------------------------------------------- steps
+STEPS = ("data", "tokenizer", "predictor", "calibrate", "predict", "evaluate", "backtest")
+
+
+def check_steps(steps: Sequence[str] | None) -> list[str]:
+    """``steps`` as a list of known step names (None: every step); an unknown name is a one-line ConfigError."""
+    if steps is None:
+        return list(STEPS)
+    if isinstance(steps, str):
+        steps = [steps]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ConfigError(f"unknown pipeline step(s) {unknown}; the steps are {list(STEPS)}")
+    return [s for s in STEPS if s in steps]
+
+
+def steps_from_flags(
+    skip_data: bool = False,
+    skip_tokenizer: bool = False,
+    skip_predictor: bool = False,
+    skip_predict: bool = False,
+    skip_backtest: bool = False,
+) -> list[str]:
+    """The steps the CLI's ``--skip-*`` flags leave. ``calibrate`` runs with a newly trained predictor (a reused
+    predictor keeps its calibration); ``--skip-predict`` drops forecasting, evaluation and backtest."""
+    steps = [] if skip_data else ["data"]
+    steps += [] if skip_tokenizer else ["tokenizer"]
+    if not skip_predictor:
+        steps += ["predictor"] + ([] if skip_predict else ["calibrate"])
+    if not skip_predict:
+        steps += ["predict", "evaluate"] + ([] if skip_backtest else ["backtest"])
+    return steps
+
+
 # ---------------------------------------------------------------------- helpers
 def _num(v: Any) -> str:
     return "n/a" if v is None else f"{float(v):.5g}"
@@ -829,4 +842,4 @@ def _daily_anchors(records: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-__all__ = ["KronosPipeline", "PipelineResult"]
+__all__ = ["STEPS", "KronosPipeline", "PipelineResult", "check_steps", "steps_from_flags"]

@@ -9,7 +9,7 @@ folder. With the defaults ``./outputs/models`` and ``./outputs/backtest_results`
 
 The runs root is the common parent of ``save_path`` and ``backtest_result_path`` plus ``runs/``. A run id is
 readable: the local date and time it started (a ``-2``, ``-3`` ... suffix when two start in the same second).
-``run_folders: false`` writes straight into ``save_path``/``backtest_result_path`` as the seed does.
+``run_folders: false`` writes straight into ``save_path``/``backtest_result_path`` as the official scripts do.
 """
 
 from __future__ import annotations

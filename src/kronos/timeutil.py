@@ -97,8 +97,8 @@ def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int, calendar: s
         raise InputError("cannot extend an empty timestamp history")
     if ts.tz is not None:  # work on the exchange's wall clock, then put the zone back
         tz = ts.tz
-        out = future_timestamps(ts.tz_localize(None), n, calendar)
-        return out.tz_localize(tz, ambiguous="NaT", nonexistent="shift_forward")
+        naive = future_timestamps(ts.tz_localize(None), n, calendar)
+        return naive.tz_localize(tz, ambiguous="NaT", nonexistent="shift_forward")
     if n < 1:
         raise InputError(f"number of future bars must be >= 1, got {n}")
     last = ts[-1]

@@ -107,7 +107,7 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
     assert json.loads((models / "pipeline_config.json").read_text())["data_source"] == "qlib"
     res = run / "backtest_results" / "finetune_backtest_demo"
     fc = pd.read_parquet(res / "forecast_latest.parquet")
-    assert (pd.to_datetime(fc["as_of"]) == pd.Timestamp("2024-12-31")).all()  # as-of bar; stale symbols elsewhere
+    assert (pd.to_datetime(fc["anchor"]) == pd.Timestamp("2024-12-31")).all()  # as-of bar; stale symbols elsewhere
     assert not (pd.to_datetime(fc["timestamps"]) == pd.Timestamp("2025-01-01")).any()  # XSHG calendar: a holiday
     assert fc["symbol"].nunique() >= 3 and set(fc["step"]) == set(range(1, 6))
     assert {"close", "close_q0.1", "close_q0.9"} <= set(fc.columns)

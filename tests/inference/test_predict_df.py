@@ -194,3 +194,17 @@ def test_quantiles_and_forecasting_live_in_one_place():
     pipeline = (src / "pipeline.py").read_text(encoding="utf-8")
     for banned in ("import numpy", "np.", ".std(", "future_timestamps", "1e-5"):
         assert banned not in pipeline, banned
+
+
+def test_generate_is_the_official_normalised_entry_point(predictor):
+    """``generate`` (the official predictor's inner call) on prepared arrays gives predict()'s forecast in
+    normalised units."""
+    from kronos.data.schema import norm_scale
+
+    g = long_frame({"AAA": 30}).sort_values("timestamps").reset_index(drop=True)
+    future = pd.Series(pd.bdate_range(g["timestamps"].iloc[-1] + pd.offsets.BDay(1), periods=3))
+    item = predictor.prepare(g[COLS[:5]], g["timestamps"], future, 3)
+    out = predictor.generate(item.x[None], item.x_stamp[None], item.y_stamp[None], 3, 1.0, 1, 1.0, 1, False)
+    ref = predictor.predict(g[COLS[:5]], g["timestamps"], future, 3, T=1.0, top_k=1, top_p=1.0, verbose=False)
+    assert out.shape == (1, 3, 6)
+    np.testing.assert_allclose(out[0] * norm_scale(item.std) + item.mean, ref[COLS].to_numpy(), rtol=1e-5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,7 +203,7 @@ def split_frames(
 
     * ``split_ratios``: the cut dates are where the pooled bars of all symbols reach the ratios (one date per
       cut for every symbol, so one stock's training bars never cover another's test dates);
-    * ``train/val/test_time_range`` (inclusive; they may overlap, as in the seed's config): the val split owns
+    * ``train/val/test_time_range`` (inclusive; they may overlap, as in the official config): the val split owns
       its range's bars after the last training bar, the test split its range's bars after the last val bar.
 
     The val and test frames also hold the ``lookback_window`` bars before their first own bar as history, so
@@ -220,7 +220,7 @@ def split_frames(
         ratios = [float(r) for r in config.split_ratios]
         selection: dict[str, Any] = {s: {"ratio": r} for s, r in zip(SPLITS, ratios)}
         cuts = dict(zip(SPLITS, _ratio_cuts(frames, ratios) + (None,)))  # last own bar of each split
-        own = {s: (lambda ts, c=cuts[s]: np.ones(len(ts), bool) if c is None else (ts <= c).to_numpy()) for s in SPLITS}
+        own: dict[str, Callable[..., np.ndarray]] = {s: (lambda ts, c=cuts[s]: np.ones(len(ts), bool) if c is None else (ts <= c).to_numpy()) for s in SPLITS}
         if cuts["train"] is None:
             own["train"] = lambda ts: np.zeros(len(ts), bool)
     else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -50,7 +50,7 @@ DEFAULT_TIME_FEATURES = list(TIME_FEATURES)
 FEATURE_ALIASES = {"vol": "volume", "amt": "amount", "volume": "vol", "amount": "amt"}
 
 
-IndexLike = Sequence[int] | np.ndarray | torch.Tensor
+IndexLike: TypeAlias = "Sequence[int] | np.ndarray | torch.Tensor"
 
 
 def normalise_windows(x: np.ndarray, lookback: int, clip: float) -> np.ndarray:
@@ -148,12 +148,14 @@ class WindowDataset(Dataset):
 
         n_win = run_len - self.window + 1
         first_row = np.zeros_like(run_start)  # offset of each run's first usable window start
-        self.target_range: tuple[pd.Timestamp, pd.Timestamp] | None = None
+        self.target_range: tuple[pd.Timestamp, pd.Timestamp] | None
         if target_range is not None:
-            first_row, n_win = self._target_limits(target_range, run_start, run_len)
+            first_row, n_win = self._target_limits(target_range, run_start, run_len)  # sets self.target_range
+        else:
+            self.target_range = None
         keep = n_win > 0
         if not keep.any():
-            if target_range is not None and (run_len >= self.window).any():
+            if self.target_range is not None and (run_len >= self.window).any():
                 raise DataError(
                     f"split '{self.name}' has no window whose {self.predict + 1} target bars lie in its own dates "
                     f"{self.target_range[0]} .. {self.target_range[1]}; re-run the data step or widen the split"
@@ -367,6 +369,8 @@ class WindowDataset(Dataset):
             return self.get_batch(i)  # DataLoader(batch_size=None, sampler=BatchSampler(...)) path
         if isinstance(i, (np.integer, torch.Tensor)):
             i = int(i)
+        if not isinstance(i, int):
+            raise InputError(f"window index must be an int or a list/array of ints, got {type(i).__name__}")
         if not -self._n <= i < self._n:
             raise IndexError(f"window index {i} out of range for {self._n} windows")
         if i < 0:

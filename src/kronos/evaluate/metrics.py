@@ -293,7 +293,7 @@ def pit_values(samples: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.mean(x < y, axis=-1) + 0.5 * np.mean(x == y, axis=-1)
 
 
-def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[str, float]:
+def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[str, Any]:
     """Diebold-Mariano test of equal predictive accuracy with the Harvey-Leybourne-Newbold correction.
 
     ``loss_a`` and ``loss_b`` are aligned loss series (time order). d = loss_a - loss_b; the long-run variance
@@ -308,7 +308,7 @@ def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[
     d = d[np.isfinite(d)]
     n = int(d.size)
     h = max(1, int(h))
-    out = {
+    out: dict[str, Any] = {
         "dm_stat": _nan(),
         "p_value": _nan(),
         "mean_loss_diff": _f(d.mean()) if n else _nan(),
@@ -457,7 +457,7 @@ def score_paths(
     }
 
 
-def dm_versus(model: PathForecasts, reference: PathForecasts, stride: int = 1) -> dict[str, float]:
+def dm_versus(model: PathForecasts, reference: PathForecasts, stride: int = 1) -> dict[str, Any]:
     """DM test of ``model`` against ``reference`` on squared return errors averaged per anchor date (time order)."""
     last = model.last_close[:, None]
     ok = np.isfinite(model.true) & np.isfinite(model.point) & np.isfinite(reference.point)
@@ -468,7 +468,7 @@ def dm_versus(model: PathForecasts, reference: PathForecasts, stride: int = 1) -
 
 def dm_by_date(
     anchor: np.ndarray, loss_a: np.ndarray, loss_b: np.ndarray, horizon: int, stride: int = 1
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """DM test of two forecasters' losses ``[N, P]`` averaged per anchor date (time order). Forecasts from anchors
     less than a horizon apart overlap, so the long-run variance keeps ceil(P / stride) - 1 autocovariance lags."""
     frame = pd.DataFrame({"anchor": anchor, "a": nanmean(loss_a, 1), "b": nanmean(loss_b, 1)}).dropna()

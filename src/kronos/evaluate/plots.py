@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,8 @@ def plot_forecast(
     time or carry a ``timestamps`` column. Returns the PNG's path."""
     hist = _with_time_index(history, "history")
     fc = _with_time_index(forecast, "forecast")
+    if hist is None or fc is None:
+        raise InputError("history and forecast must be pandas DataFrames, got None")
     act = _with_time_index(actual, "actual")
     lo = hi = None
     if band is not None:
@@ -317,6 +319,7 @@ def plot_backtest_comparison(
         axes[1].plot(x, (d["return"] - d["bench"] - d["cost"]).cumsum(), lw=1.3, label=str(name))
         if bench is None:
             bench, index = d["bench"], d.index
+    assert bench is not None  # dailies is not empty
     axes[0].plot(np.arange(len(bench)), bench.cumsum(), color="black", ls="--", lw=1.2, label=benchmark_label)
     axes[0].set_title(title or "cumulative return with cost")
     axes[0].set_ylabel("cumulative return")
@@ -446,7 +449,7 @@ def frames_from_records(
     return forecast, band, actual
 
 
-__all__: Iterable[str] = [
+__all__: list[str] = [
     "plot_forecast",
     "plot_training_curves",
     "plot_backtest",

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -48,6 +48,14 @@ class CheckpointMixin:
 
     config: dict
 
+    if TYPE_CHECKING:  # provided by the torch.nn.Module the mixin is combined with (torch is untyped here)
+
+        def state_dict(self) -> dict[str, Any]: ...
+
+        def to(self, device: Any) -> Any: ...
+
+        def eval(self) -> Any: ...
+
     @classmethod
     def constructor_keys(cls) -> list[str]:
         params = inspect.signature(cls.__init__).parameters
@@ -68,7 +76,7 @@ class CheckpointMixin:
         target = Path(save_directory).expanduser()
         if target.exists() and not target.is_dir():
             raise CheckpointError(f"cannot save checkpoint: {target} exists and is not a folder")
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}  # type: ignore
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         config_text = json.dumps(self.config, indent=2, sort_keys=True)
 
         def write_weights(path: Path) -> None:
@@ -129,8 +137,8 @@ class CheckpointMixin:
             raise CheckpointError(f"{config_path}: cannot build {cls.__name__} from it: {exc}") from exc
         state = _read_weights(weights_path)
         _load_state(model, state, weights_path, strict)
-        model.to(map_location)  # type: ignore[attr-defined]
-        model.eval()  # type: ignore[attr-defined]
+        model.to(map_location)
+        model.eval()
         return model
 
 
@@ -168,7 +176,7 @@ def weights_sha256(module: Any) -> str:
     return h.hexdigest()
 
 
-def _read_config(cls: type, path: Path) -> dict:
+def _read_config(cls: type[CheckpointMixin], path: Path) -> dict:
     try:
         config = kio.read_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -7,6 +7,7 @@ into ``s1_bits + s2_bits`` sign bits; a decoder Transformer reconstructs the K-l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from kronos.model.hub import CheckpointMixin
 from kronos.model.layers import KVCache, TransformerBlock
 from kronos.model.quantizer import BSQuantizer
 
-TokenIds = torch.Tensor | Sequence[torch.Tensor]
+TokenIds: TypeAlias = "torch.Tensor | Sequence[torch.Tensor]"
 
 
 class KronosTokenizer(nn.Module, CheckpointMixin):
@@ -49,7 +50,7 @@ class KronosTokenizer(nn.Module, CheckpointMixin):
         self.s1_bits = s1_bits
         self.s2_bits = s2_bits
         self.codebook_dim = s1_bits + s2_bits
-        block = dict(
+        block: dict[str, Any] = dict(
             d_model=d_model, n_heads=n_heads, ff_dim=ff_dim, ffn_dropout_p=ffn_dropout_p,
             attn_dropout_p=attn_dropout_p, resid_dropout_p=resid_dropout_p,
         )  # fmt: skip
@@ -126,7 +127,7 @@ class KronosTokenizer(nn.Module, CheckpointMixin):
         q_suffix = self.indices_to_bits(suffix, half)
         h = self.post_quant_embed(q_suffix)
         rows, n = h.shape[0], h.shape[1]
-        m = (prefix[0] if half else prefix).shape[1]  # type: ignore[index, union-attr]
+        m = (prefix[0] if half else prefix).shape[1]  # type: ignore[union-attr]
         if m == 0:
             return self._decode_latent(h)
         hp = self.post_quant_embed(self.indices_to_bits(prefix, half))

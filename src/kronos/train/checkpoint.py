@@ -117,6 +117,7 @@ def capture_rng() -> bytes:
     """This process's python, numpy, torch CPU and CUDA generator states as safetensors bytes."""
     py = random.getstate()
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy (MT19937) layout: the global generator always has it
     tensors = {
         "python_state": torch.tensor(py[1], dtype=torch.int64),
         "python_meta": torch.tensor(

@@ -71,7 +71,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
+def resolve_device(name: str, local_rank: int) -> torch.device:
     """Map config.device ('auto', 'cpu', 'cuda', 'cuda:N', 'mps') to a torch device for this process."""
     name = (name or "auto").strip().lower()
     if name == "auto":
@@ -107,7 +107,7 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
 
 def _process_device(config: Config, local_rank: int, world_size: int) -> torch.device:
     """This process's device (made the current CUDA device when it is one)."""
-    device = _resolve_device(config.device, local_rank)
+    device = resolve_device(config.device, local_rank)
     if device.type == "mps" and world_size > 1:
         raise ConfigError("multi-process training on MPS is not supported; set device to 'cpu' or use CUDA")
     if device.type == "cuda":
@@ -288,7 +288,7 @@ class Precision:
 
 
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 def resolve_precision(config: Config, device: torch.device) -> Precision:

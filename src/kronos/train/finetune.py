@@ -30,7 +30,7 @@ MODES = ("full", "freeze", "lora")
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def _lora_layer_type() -> type:
+def _lora_layer_type() -> type[Any]:
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -55,7 +55,7 @@ def apply_finetune_mode(model: nn.Module, config: Any, stage: str) -> nn.Module:
                 f"config key 'freeze_layers' ({k}) is more than the predictor's {n_blocks} Transformer "
                 f"blocks; use 0 .. {n_blocks}"
             )
-        frozen = [model.embedding, model.time_emb, *list(blocks)[:k]]
+        frozen = [model.embedding, model.time_emb, *(list(blocks)[:k] if blocks is not None else [])]
         for part in frozen:
             for p in part.parameters():
                 p.requires_grad_(False)

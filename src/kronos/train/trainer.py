@@ -1,6 +1,6 @@
 """One training loop for both stages, on one CPU, one GPU, or ``torchrun`` DDP (one or many nodes).
 
-Usage (the seed's scripts are thin wrappers over ``kronos.cli.main``, i.e. ``kronos train-tokenizer|predictor``)::
+Usage (the finetune/ scripts are thin wrappers over ``kronos.cli.main``, i.e. ``kronos train-tokenizer|predictor``)::
 
     python finetune/train_tokenizer.py --config-path my.yaml            # one GPU (or CPU when there is none)
     python finetune/train_tokenizer.py --config-path my.yaml --cpu      # force CPU

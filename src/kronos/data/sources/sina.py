@@ -304,8 +304,10 @@ class _Watchdog:
 _WATCH = threading.local()  # the attempt's watchdog, seen by the connections the handlers below create
 
 
-def _watched(cls: type) -> type:
-    class Watched(cls):  # type: ignore[misc, valid-type]
+def _watched(cls: type) -> type[http.client.HTTPConnection]:
+    class Watched(cls):
+        _create_connection: Callable[..., socket.socket]
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             watch = getattr(_WATCH, "current", None)
@@ -334,7 +336,7 @@ class _WatchedHTTPHandler(urllib.request.HTTPHandler):
 
 class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(_WatchedHTTPSConnection, req, context=self._context)
+        return self.do_open(_WatchedHTTPSConnection, req, context=self._context)  # type: ignore[attr-defined]
 
 
 class _SameHostRedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -510,6 +512,7 @@ class SinaClient:
                         self.sleep(delay)
             finally:
                 _WATCH.current = None
+        assert last is not None  # attempts >= 1 (retries >= 0) and every failed attempt sets it
         raise DataError(
             f"Sina request for symbol '{symbol}' failed after {attempts} attempt(s): {_describe(last)} from {url}"
         )
