@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from pathlib import Path
 
@@ -52,6 +53,6 @@ def test_other_os_errors_are_not_hidden(monkeypatch):
     def boom(args):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(cli, "run_forecast_command", boom)
+    monkeypatch.setitem(cli.COMMANDS, "forecast", dataclasses.replace(cli.COMMANDS["forecast"], handler=boom))
     with pytest.raises(OSError, match="Input/output"):
         cli.main(["forecast", "--input", str(CSV), "--tokenizer", "x", "--model", "y", "--pred-len", "2"])

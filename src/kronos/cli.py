@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,72 +247,6 @@ def _add_mcp_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
 
 
-# name -> (help, example, add_arguments); the `kronos` parser and every finetune/ script are built from this table
-COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
-    "data": (
-        "load, clean and split market data into the processed dataset",
-        "kronos data --config-path examples/configs/demo.json",
-        add_config_args,
-    ),
-    "train-tokenizer": (
-        "train or finetune the tokenizer (torchrun for several GPUs/processes)",
-        "kronos train-tokenizer --config-path examples/configs/demo.json --cpu --fast-mode",
-        _add_train_args,
-    ),
-    "train-predictor": (
-        "train or finetune the predictor (torchrun for several GPUs/processes)",
-        "kronos train-predictor --config-path examples/configs/demo.json --cpu --fast-mode",
-        _add_train_args,
-    ),
-    "predict": (
-        "forecast the bars after every symbol's latest lookback window",
-        "kronos predict --config-path examples/configs/demo.json",
-        add_config_args,
-    ),
-    "evaluate": (
-        "walk-forward report on the test split: the model beside baselines (report.json/md, PNGs)",
-        "kronos evaluate --config-path examples/configs/demo.json --fast-mode",
-        add_config_args,
-    ),
-    "calibrate": (
-        "fit calibrated bands and P(up) on validation anchors (calibration.json beside best_model)",
-        "kronos calibrate --config-path examples/configs/demo.json --fast-mode",
-        add_config_args,
-    ),
-    "backtest": (
-        "top-k backtest of the forecast signals over backtest_time_range",
-        "kronos backtest --config-path examples/configs/demo.json --fast-mode",
-        add_config_args,
-    ),
-    "pipeline": (
-        "the complete pipeline: data, tokenizer, predictor, predict, evaluate, backtest",
-        "kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode",
-        _add_pipeline_args,
-    ),
-    "forecast": (
-        "forecast one K-line file (CSV/Parquet) with any tokenizer/predictor checkpoints",
-        "kronos forecast --input klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small "
-        "--pred-len 24 --output forecast.csv",
-        _add_forecast_args,
-    ),
-    "serve": (
-        "forecasting service: REST API (/docs), MCP (/mcp) and a web page (/)",
-        "kronos serve --tokenizer ./tok --model ./pred --dataset ./data/processed",
-        _add_serve_args,
-    ),
-    "mcp": (
-        "MCP server over stdio (tools forecast, list_models, list_symbols)",
-        "kronos mcp --run outputs",
-        _add_mcp_args,
-    ),
-    "config": (
-        "print the effective config (defaults + file + flags) as JSON",
-        "kronos config --config-path examples/configs/demo.json --fast-mode",
-        add_config_args,
-    ),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The one argument parser: ``kronos [-q] COMMAND [flags]``."""
     from kronos import __version__
@@ -325,19 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_flags(parser, root=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, example, add_args) in COMMANDS.items():
-        add_args(_new_command_parser(sub.add_parser, name, help_text, example))
+    for name, command in COMMANDS.items():
+        command.add_args(_new_command_parser(sub.add_parser, name, command.help, command.example))
     return parser
 
 
 def script_parser(command: str, prog: str, description: str = "") -> argparse.ArgumentParser:
     """A finetune/ script's parser: the flags of ``kronos COMMAND``, under the script's own name."""
-    help_text, example, add_args = COMMANDS[command]
+    spec = COMMANDS[command]
     parser = _Parser(
-        prog=prog, description=description or help_text, epilog=f"same as: {example}", formatter_class=_HelpFormatter
+        prog=prog,
+        description=description or spec.help,
+        epilog=f"same as: {spec.example}",
+        formatter_class=_HelpFormatter,
     )
     _add_global_flags(parser, root=True)
-    add_args(parser)
+    spec.add_args(parser)
     parser.set_defaults(command=command)
     return parser
 
@@ -629,70 +567,204 @@ def print_error(exc: BaseException | str) -> None:
     print("error: " + " ".join(str(exc).split()), file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Dispatch parsed arguments to their command."""
-    if args.command == "forecast":
-        return run_forecast_command(args)
-    if args.command in ("serve", "mcp"):
-        from kronos.serve.command import run_mcp, run_serve
+@dataclass(frozen=True)
+class Command:
+    """One ``kronos`` command: its help line, an example, its flags and its handler (exit code)."""
 
-        return run_serve(args) if args.command == "serve" else run_mcp(args)
+    help: str
+    example: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch parsed arguments to their command's handler."""
+    return COMMANDS[args.command].handler(args)
+
+
+def _checked_config(args: argparse.Namespace) -> Config:
+    """The command's config; a configured CUDA/MPS device that is missing fails now, not after the data step."""
     config = build_config(args)
-    if args.command == "config":
-        print(json.dumps(config.effective_dict(), indent=2, ensure_ascii=False))
-        return 0
     if args.command != "data" and str(config.device).strip().lower() not in ("auto", "cpu"):
         from kronos.train.distributed import resolve_device
 
-        resolve_device(config.device, 0)  # a missing CUDA/MPS device fails now, not after the data step
-    if args.command == "pipeline":
-        return run_pipeline_command(args, config)
+        resolve_device(config.device, 0)
+    return config
+
+
+def _pipeline_for(args: argparse.Namespace, existing_run: bool = False):
+    """A KronosPipeline over the command's config; ``existing_run``: on the latest run (or ``run_id``), not the
+    shared output folders."""
     from kronos.pipeline import KronosPipeline
 
-    if args.command in ("predict", "evaluate", "calibrate", "backtest"):
+    config = _checked_config(args)
+    if existing_run:
         from kronos.runs import for_existing_run
 
-        config = for_existing_run(
-            config
-        )  # the latest pipeline run (or run_id), not the official scripts' shared folders
+        config = for_existing_run(config)
     pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
-    pipe.reuse_records = args.command in ("evaluate", "backtest")  # the run's saved forecast records, not new ones
-    if args.command == "data":
-        manifest = pipe.process_data()
-        rows = ", ".join(f"{name} {info['rows']} rows" for name, info in manifest["splits"].items())
-        log.info("dataset ready at %s: %d symbols; %s", config.dataset_path, len(manifest["symbols"]), rows)
-    elif args.command == "train-tokenizer":
-        pipe.train_tokenizer()
-    elif args.command == "train-predictor":
-        pipe.train_predictor()
-    elif args.command == "predict":
-        pipe.plot_forecasts(pipe.predict())
-        print(f"forecasts: {pipe.result.forecast_file}")
-    elif args.command == "evaluate":
-        pipe.evaluate()
-        print_headline(pipe.result)
-        for note in pipe.result.notes:
-            print(f"note: {note}")
-    elif args.command == "calibrate":
-        for name, cal in pipe.calibrate().items():
-            print(
-                f"{name} calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): "
-                f"{pipe.calibration_file(name)}"
-            )
-            for lv, before in cal["coverage_before"].items():
-                print(
-                    f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
-                    f"{_fmt(cal['coverage_after'][lv]['coverage'])}"
-                )
-        print(f"model in use: {pipe.result.model_in_use} ({pipe.result.model_selection.get('reason', '')})")
-    elif args.command == "backtest":
-        summary = pipe.backtest()
-        if not summary:
-            print("\n".join(f"note: {note}" for note in pipe.result.notes))
-            return 0
-        print(f"backtest results: {pipe.result.backtest_dir}")
-        print(json.dumps(summary, indent=2, default=str))
+    pipe.reuse_records = args.command == "backtest"  # the run's saved forecast records, not new ones
+    return pipe
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    print(json.dumps(build_config(args).effective_dict(), indent=2, ensure_ascii=False))
     return 0
+
+
+def _pipeline_command(args: argparse.Namespace) -> int:
+    return run_pipeline_command(args, _checked_config(args))
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    from kronos.serve.command import run_serve
+
+    return run_serve(args)
+
+
+def _mcp_command(args: argparse.Namespace) -> int:
+    from kronos.serve.command import run_mcp
+
+    return run_mcp(args)
+
+
+def _data_command(args: argparse.Namespace) -> int:
+    pipe = _pipeline_for(args)
+    manifest = pipe.process_data()
+    rows = ", ".join(f"{name} {info['rows']} rows" for name, info in manifest["splits"].items())
+    log.info("dataset ready at %s: %d symbols; %s", pipe.config.dataset_path, len(manifest["symbols"]), rows)
+    return 0
+
+
+def _train_tokenizer_command(args: argparse.Namespace) -> int:
+    _pipeline_for(args).train_tokenizer()
+    return 0
+
+
+def _train_predictor_command(args: argparse.Namespace) -> int:
+    _pipeline_for(args).train_predictor()
+    return 0
+
+
+def _predict_command(args: argparse.Namespace) -> int:
+    pipe = _pipeline_for(args, existing_run=True)
+    pipe.plot_forecasts(pipe.predict())
+    print(f"forecasts: {pipe.result.forecast_file}")
+    return 0
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    pipe = _pipeline_for(args, existing_run=True)
+    pipe.evaluate()
+    print_headline(pipe.result)
+    for note in pipe.result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _calibrate_command(args: argparse.Namespace) -> int:
+    pipe = _pipeline_for(args, existing_run=True)
+    for name, cal in pipe.calibrate().items():
+        print(
+            f"{name} calibration ({cal['method']}, {cal['n_anchors']} validation forecasts): "
+            f"{pipe.calibration_file(name)}"
+        )
+        for lv, before in cal["coverage_before"].items():
+            print(
+                f"  {float(lv):.0%} band coverage on validation: {_fmt(before['coverage'])} -> "
+                f"{_fmt(cal['coverage_after'][lv]['coverage'])}"
+            )
+    print(f"model in use: {pipe.result.model_in_use} ({pipe.result.model_selection.get('reason', '')})")
+    return 0
+
+
+def _backtest_command(args: argparse.Namespace) -> int:
+    pipe = _pipeline_for(args, existing_run=True)
+    summary = pipe.backtest()
+    if not summary:
+        print("\n".join(f"note: {note}" for note in pipe.result.notes))
+        return 0
+    print(f"backtest results: {pipe.result.backtest_dir}")
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# name -> Command; the `kronos` parser, every finetune/ script and the dispatch are built from this table
+COMMANDS: dict[str, Command] = {
+    "data": Command(
+        "load, clean and split market data into the processed dataset",
+        "kronos data --config-path examples/configs/demo.json",
+        add_config_args,
+        _data_command,
+    ),
+    "train-tokenizer": Command(
+        "train or finetune the tokenizer (torchrun for several GPUs/processes)",
+        "kronos train-tokenizer --config-path examples/configs/demo.json --cpu --fast-mode",
+        _add_train_args,
+        _train_tokenizer_command,
+    ),
+    "train-predictor": Command(
+        "train or finetune the predictor (torchrun for several GPUs/processes)",
+        "kronos train-predictor --config-path examples/configs/demo.json --cpu --fast-mode",
+        _add_train_args,
+        _train_predictor_command,
+    ),
+    "predict": Command(
+        "forecast the bars after every symbol's latest lookback window",
+        "kronos predict --config-path examples/configs/demo.json",
+        add_config_args,
+        _predict_command,
+    ),
+    "evaluate": Command(
+        "walk-forward report on the test split: the model beside baselines (report.json/md, PNGs)",
+        "kronos evaluate --config-path examples/configs/demo.json --fast-mode",
+        add_config_args,
+        _evaluate_command,
+    ),
+    "calibrate": Command(
+        "fit calibrated bands and P(up) on validation anchors (calibration.json beside best_model)",
+        "kronos calibrate --config-path examples/configs/demo.json --fast-mode",
+        add_config_args,
+        _calibrate_command,
+    ),
+    "backtest": Command(
+        "top-k backtest of the forecast signals over backtest_time_range",
+        "kronos backtest --config-path examples/configs/demo.json --fast-mode",
+        add_config_args,
+        _backtest_command,
+    ),
+    "pipeline": Command(
+        "the complete pipeline: data, tokenizer, predictor, predict, evaluate, backtest",
+        "kronos pipeline --config-path examples/configs/demo.json --cpu --fast-mode",
+        _add_pipeline_args,
+        _pipeline_command,
+    ),
+    "forecast": Command(
+        "forecast one K-line file (CSV/Parquet) with any tokenizer/predictor checkpoints",
+        "kronos forecast --input klines.csv --tokenizer ./Kronos-Tokenizer-base --model ./Kronos-small "
+        "--pred-len 24 --output forecast.csv",
+        _add_forecast_args,
+        run_forecast_command,
+    ),
+    "serve": Command(
+        "forecasting service: REST API (/docs), MCP (/mcp) and a web page (/)",
+        "kronos serve --tokenizer ./tok --model ./pred --dataset ./data/processed",
+        _add_serve_args,
+        _serve_command,
+    ),
+    "mcp": Command(
+        "MCP server over stdio (tools forecast, list_models, list_symbols)",
+        "kronos mcp --run outputs",
+        _add_mcp_args,
+        _mcp_command,
+    ),
+    "config": Command(
+        "print the effective config (defaults + file + flags) as JSON",
+        "kronos config --config-path examples/configs/demo.json --fast-mode",
+        add_config_args,
+        _config_command,
+    ),
+}
 
 
 if __name__ == "__main__":

@@ -220,7 +220,9 @@ def split_frames(
         ratios = [float(r) for r in config.split_ratios]
         selection: dict[str, Any] = {s: {"ratio": r} for s, r in zip(SPLITS, ratios)}
         cuts = dict(zip(SPLITS, _ratio_cuts(frames, ratios) + (None,)))  # last own bar of each split
-        own: dict[str, Callable[..., np.ndarray]] = {s: (lambda ts, c=cuts[s]: np.ones(len(ts), bool) if c is None else (ts <= c).to_numpy()) for s in SPLITS}
+        own: dict[str, Callable[..., np.ndarray]] = {
+            s: (lambda ts, c=cuts[s]: np.ones(len(ts), bool) if c is None else (ts <= c).to_numpy()) for s in SPLITS
+        }
         if cuts["train"] is None:
             own["train"] = lambda ts: np.zeros(len(ts), bool)
     else:

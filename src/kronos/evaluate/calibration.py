@@ -118,10 +118,12 @@ def _cqr_fit(
     if center is not None:
         med = med * np.asarray(center, dtype=float)[None, :]
     if method == "vol_scaled":
+        assert vol is not None  # fit_calibration keeps the VOL_METHODS only with context_vol
         scores = np.abs(y - med) / vol_scale(lo, hi, vol[:, None], np.arange(1, z.shape[2] + 1)[None, :], level)
     elif method in ("cqr_additive", "cqr_vol"):
         scores = np.maximum(lo - y, y - hi)
         if method == "cqr_vol":
+            assert vol is not None
             scores = scores / (vol[:, None] * np.sqrt(np.arange(1, z.shape[2] + 1))[None, :])
     else:
         scores = np.maximum((med - y) / np.maximum(med - lo, MIN_HALF), (y - med) / np.maximum(hi - med, MIN_HALF))
@@ -160,6 +162,7 @@ def _fit_params(
     out: dict = {}
     center = None
     if method == "vol_scaled":
+        assert vol is not None  # fit_calibration keeps the VOL_METHODS only with context_vol
         center = _center_fit(z, y, vol)
         out["center"] = [float(v) for v in center]
     for lv in levels:
@@ -273,7 +276,7 @@ def fit_calibration(
     cut = dates[int(len(dates) * (1 - holdout_fraction))] if len(dates) >= 4 else None
     fit_rows = anchors < cut if cut is not None else np.ones(n, bool)
     held = ~fit_rows if cut is not None else np.ones(n, bool)
-    holdout = {}
+    holdout: dict[str, dict[str, Any]] = {}
     for m in methods:
         vf = None if vol is None else vol[fit_rows]
         vh = None if vol is None else vol[held]
@@ -384,13 +387,13 @@ def calibrate_on_validation(
     fc = rolling_paths("validation", predictor, frame, anchors, cfg, int(cfg.inference_seed))
     fp = model_fingerprint(predictor, L, P)
     # the report's central levels plus the bands the forecasts carry (quantiles q and 1 - q)
-    levels = {round(float(v), 10) for v in (getattr(cfg, "interval_levels", None) or [0.5, 0.8])}
-    levels |= {
+    level_set = {round(float(v), 10) for v in (getattr(cfg, "interval_levels", None) or [0.5, 0.8])}
+    level_set |= {
         round(abs(2 * float(q) - 1), 10)
         for q in getattr(cfg, "quantiles", [])
         if 0 < float(q) < 1 and abs(float(q) - 0.5) > 1e-9
     }
-    levels = sorted(levels)
+    levels = sorted(level_set)
     cal = fit_calibration(
         fc.samples,
         fc.last_close,

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pandas as pd
@@ -92,7 +92,7 @@ def sample_quantiles(samples: np.ndarray, quantiles: Sequence[float], axis: int 
     return np.stack([np.quantile(samples, q, axis=axis) for q in check_quantiles(quantiles)])
 
 
-def prob_up(close_paths: np.ndarray, last_close: float | np.ndarray) -> np.ndarray:
+def prob_up(close_paths: np.ndarray, last_close: float | Sequence[float] | np.ndarray) -> np.ndarray:
     """Probability of an up move per horizon step: the share of sample paths whose close is strictly above the last
     close of the context. ``close_paths [..., S, P]`` (prices), ``last_close`` a number or ``[...]``; returns
     ``[..., P]`` in [0, 1] (float64). The package's one P(up) rule (the predictor's ``return_p_up`` uses it)."""
@@ -336,6 +336,7 @@ class Calibration:
         corr = np.asarray(self.params[key], dtype=float)[step_idx]
         lower = q < 0.5
         if self.method == "vol_scaled":
+            assert r_lo is not None and r_hi is not None and vol is not None  # callers pass the level's raw band
             half = corr * vol_scale(r_lo, r_hi, vol, step_idx + 1.0, lv)
             return np.maximum(med - half, MIN_RETURN) if lower else med + half
         if self.method == "cqr_vol":
@@ -387,6 +388,8 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
     against the calibration's fingerprint.
     """
     cal = load_calibration(calibration)
+    if cal is None:
+        raise InputError("apply_calibration needs a calibration (a path, a dict or a Calibration), got None")
     if model is not None or lookback is not None:
         cal.check(model, lookback=lookback, source="calibration")
     if not isinstance(records, pd.DataFrame):
@@ -447,6 +450,14 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
         out["p_up_raw"] = out["p_up"]
         out["p_up_calibrated"] = platt(out["p_up"].to_numpy(dtype=float), cal.p_up["a"], cal.p_up["b"])
     return out
+
+
+@overload
+def load_calibration(calibration: None) -> None: ...
+
+
+@overload
+def load_calibration(calibration: str | os.PathLike | Calibration | dict) -> Calibration: ...
 
 
 def load_calibration(calibration: str | os.PathLike | Calibration | dict | None) -> Calibration | None:

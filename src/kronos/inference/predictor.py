@@ -14,7 +14,7 @@ import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -55,7 +55,12 @@ AMT_COL = "amount"
 FEATURE_COLS = list(VALUE_COLUMNS)
 TIME_COLS = list(TIME_FEATURES)
 
-Timestamps = pd.Series | pd.DatetimeIndex | Sequence[Any] | np.ndarray
+Timestamps: TypeAlias = "pd.Series | pd.DatetimeIndex | Sequence[Any] | np.ndarray"
+
+
+def _is_real(value: Any) -> bool:
+    """A real number that is not a bool (a plain check: typeshed's numbers.Real has no comparison with int)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
 
 def calc_time_stamps(timestamps: Timestamps) -> pd.DataFrame:
@@ -189,9 +194,9 @@ class KronosPredictor:
             raise InputError(f"{where}df is missing price column(s) {missing}; it needs {self.price_cols}")
         present = [c for c in FEATURE_COLS if c in df.columns]
         frame = df[present].copy()
-        for col in present:
-            if not pd.api.types.is_numeric_dtype(frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
-                raise InputError(f"{where}column '{col}' must be numeric, got dtype {frame[col].dtype}")
+        for name in present:
+            if not pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name]):
+                raise InputError(f"{where}column '{name}' must be numeric, got dtype {frame[name].dtype}")
         # Q10: no volume -> both volume and amount are zero (a supplied amount is overwritten, unless keep_amount).
         complete_volume_amount(frame, keep_amount=self.keep_amount)
         x = frame[FEATURE_COLS].values.astype(np.float32)
@@ -235,9 +240,9 @@ class KronosPredictor:
             raise InputError(f"sample_count must be an integer >= 1, got {sample_count!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        if not _is_real(top_p) or not 0 < top_p <= 1:
             raise InputError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
-        if isinstance(T, bool) or not isinstance(T, numbers.Real) or not 0 < T < float("inf"):
+        if not _is_real(T) or not 0 < T < float("inf"):
             raise InputError(f"temperature T must be a finite number > 0, got {T!r}")
 
     # ------------------------------------------------------------------ generation
@@ -313,6 +318,7 @@ class KronosPredictor:
         frame = pd.DataFrame(preds, columns=FEATURE_COLS, index=item.y_index)
         prices = paths * norm_scale(item.std) + item.mean if (return_samples or return_p_up) else None
         if return_p_up:
+            assert prices is not None  # computed when return_p_up
             frame["p_up"] = prob_up(prices[..., FEATURE_COLS.index("close")], item.last_close)
         if not return_samples:
             return frame
@@ -657,7 +663,7 @@ class KronosPredictor:
             np.concatenate(ups),
         )
         if cal is not None:
-            records = apply_calibration(records, cal, model=self, lookback=int(lookback))  # type: ignore[arg-type]
+            records = apply_calibration(records, cal, model=self, lookback=int(lookback))
         return DataFrameForecast(records, np.concatenate(paths_out) if keep_paths else None)
 
 

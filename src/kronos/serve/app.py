@@ -189,6 +189,7 @@ def _form_value(raw: str, key: str) -> Any:
         if kind is list:
             return [float(x) for x in raw.replace(",", " ").split()]
     except ValueError:
+        assert kind is not None  # only the conversions above raise it
         raise RequestError(f"form field '{key}' must be a {kind.__name__}, got {raw!r}") from None
     return raw
 

@@ -414,6 +414,7 @@ class ForecastEngine:
         from kronos.timeutil import future_timestamps
 
         s = group[0].settings
+        assert s.horizon is not None  # Settings.check filled it in before the job was queued
         frames = [f for job in group for f in job.frames]
         y_ts = [pd.Series(future_timestamps(f["timestamps"], s.horizon)) for f in frames]
         outputs = self.predictor.predict_batch(

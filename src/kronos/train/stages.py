@@ -6,6 +6,7 @@ The loop in :mod:`kronos.train.trainer` is shared; a stage only answers "which m
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 
 from kronos.config import Config
 from kronos.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from kronos.model.hub import CheckpointMixin
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ class Stage:
         raise NotImplementedError
 
     @property
-    def model_class(self) -> type:
+    def model_class(self) -> type[CheckpointMixin]:
         raise NotImplementedError
 
     def initial_model(self) -> nn.Module:
@@ -70,7 +74,7 @@ class Stage:
         return {"loss": self.val_loss(model, x, stamp)}
 
 
-def _from_pretrained(cls: type, path: str, what: str) -> nn.Module:
+def _from_pretrained(cls: type[CheckpointMixin], path: str, what: str) -> nn.Module:
     model = cls.from_pretrained(path)
     logger.info("%s: starting from %s", what, path)
     return model
@@ -92,7 +96,7 @@ class TokenizerStage(Stage):
         return self.config.tokenizer_save_folder_name
 
     @property
-    def model_class(self) -> type:
+    def model_class(self) -> type[CheckpointMixin]:
         from kronos.model import KronosTokenizer
 
         return KronosTokenizer
@@ -146,7 +150,7 @@ class PredictorStage(Stage):
         return self.config.predictor_save_folder_name
 
     @property
-    def model_class(self) -> type:
+    def model_class(self) -> type[CheckpointMixin]:
         from kronos.model import Kronos
 
         return Kronos

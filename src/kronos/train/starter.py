@@ -183,7 +183,7 @@ def build_starter(
         model = cls.from_pretrained(best)
         summary = summaries[stage]
         history = summary.get("history") or []
-        card = {
+        card: dict[str, Any] = {
             "name": f"kronos-starter-{stage}",
             "made_by": "kronos-kline (this package's data step and trainer)",
             "data": {
@@ -273,6 +273,7 @@ def _bar_range(dataset_path: str) -> tuple[str, str]:
         ts = load_split(dataset_path, split)["timestamps"]
         lo = ts.min() if lo is None else min(lo, ts.min())
         hi = ts.max() if hi is None else max(hi, ts.max())
+    assert lo is not None and hi is not None  # SPLITS is not empty
     return str(lo.date()), str(hi.date())
 
 

@@ -28,6 +28,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ class Trainer:
                 "or use finetune_mode full to train from scratch"
             )
         if self.resume_from is not None and not lora:
-            raw = self.stage.model_class.from_pretrained(str(self.resume_from))
+            raw: nn.Module = self.stage.model_class.from_pretrained(str(self.resume_from))
         else:  # LoRA resumes from the pretrained weights plus the adapters saved in last/
             raw = self.stage.initial_model()
         self.stage.check_model(raw)
@@ -186,7 +187,7 @@ class Trainer:
         self.raw_model = raw
         model: nn.Module = raw
         if cfg.compile:
-            model = torch.compile(model)  # type: ignore[assignment]
+            model = torch.compile(model)
         self.eval_model = model
         if self.ctx.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -534,7 +535,7 @@ class Trainer:
                 now = time.perf_counter()
                 n_sum = max(self._log_n, 1)
                 means = {k: float(v.item()) / n_sum for k, v in sums.items()}
-                row = {"step": self.global_step, "epoch": epoch + 1}
+                row: dict[str, Any] = {"step": self.global_step, "epoch": epoch + 1}
                 row.update({f"train/{k}": v for k, v in means.items() if k != "grad_norm"})
                 row["grad_norm"] = means.get("grad_norm")
                 row["nonfinite_steps"] = self._nonfinite_logged
