@@ -224,7 +224,8 @@ class KronosPredictor:
             x, x_idx = x[-self.max_context :], x_idx[-self.max_context :]
         x_stamp = calc_time_stamps(x_idx).values.astype(np.float32)
         y_stamp = calc_time_stamps(y_idx).values.astype(np.float32)
-        # statistics over the entire given history (Q7, MODEL_ARCHITECTURE_ANALYSIS.md §8), numpy float32, population std.
+        # statistics over the entire given history (Q7, MODEL_ARCHITECTURE_ANALYSIS.md §8), numpy float32,
+        # population std.
         mean, std = np.mean(x, axis=0), np.std(x, axis=0)
         x = (x - mean) / norm_scale(std)
         x = np.clip(x, -self.clip, self.clip)
@@ -663,7 +664,7 @@ class KronosPredictor:
             np.concatenate(ups),
         )
         if cal is not None:
-            records = apply_calibration(records, cal, model=self, lookback=int(lookback))
+            records = apply_calibration(records, cal, model=self, lookback=lookback)
         return DataFrameForecast(records, np.concatenate(paths_out) if keep_paths else None)
 
 

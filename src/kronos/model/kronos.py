@@ -39,7 +39,8 @@ class HierarchicalEmbedding(nn.Module):
         self.fusion_proj = nn.Linear(2 * d_model, d_model)
 
     def split_token(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split composite ids. Q16 (MODEL_ARCHITECTURE_ANALYSIS.md §8): the official splitter treats the HIGH bits as s1 (the tokenizer's
+        """Split composite ids. Q16 (MODEL_ARCHITECTURE_ANALYSIS.md §8): the official splitter treats the HIGH bits
+        as s1 (the tokenizer's
         ``encode(half=False)`` puts s1 in the low bits); kept for compatibility, prefer passing (s1, s2) pairs."""
         s2 = token_ids & ((1 << self.s2_bits) - 1)
         s1 = token_ids >> self.s2_bits
@@ -180,7 +181,8 @@ class Kronos(nn.Module, CheckpointMixin):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The official initialisation: Xavier-normal Linear weights, zero biases, N(0, D^-1/2) embeddings, unit RMSNorm weights."""
+        """The official initialisation: Xavier-normal Linear weights, zero biases, N(0, D^-1/2) embeddings, unit
+        RMSNorm weights."""
         if isinstance(module, nn.Linear):
             nn.init.xavier_normal_(module.weight)
             if module.bias is not None:

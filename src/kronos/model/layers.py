@@ -128,7 +128,8 @@ class KVCache:
 
 def _check_padding_mask(mask: torch.Tensor | None) -> None:
     if mask is not None:
-        # No official path passes a padding mask (MODEL_ARCHITECTURE_ANALYSIS.md §4.3) and their semantics are inconsistent.
+        # No official path passes a padding mask (MODEL_ARCHITECTURE_ANALYSIS.md §4.3) and their semantics are
+        # inconsistent.
         raise InputError("padding masks are not supported by Kronos attention; pass padding_mask=None")
 
 
