@@ -40,8 +40,8 @@ class HierarchicalEmbedding(nn.Module):
 
     def split_token(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split composite ids. Q16 (MODEL_ARCHITECTURE_ANALYSIS.md §8): the official splitter treats the HIGH bits
-        as s1 (the tokenizer's
-        ``encode(half=False)`` puts s1 in the low bits); kept for compatibility, prefer passing (s1, s2) pairs."""
+        as s1 (the tokenizer's ``encode(half=False)`` puts s1 in the low bits); kept for compatibility, prefer
+        passing (s1, s2) pairs."""
         s2 = token_ids & ((1 << self.s2_bits) - 1)
         s1 = token_ids >> self.s2_bits
         return s1, s2
