@@ -28,10 +28,12 @@ from kronos.errors import CheckpointError, ConfigError, DataError, InputError, K
 from kronos.evaluate.anchors import EvalPeriods, eval_periods, in_period, split_dates
 from kronos.evaluate.backtest import run_backtests
 from kronos.evaluate.calibration import calibrate_on_validation
-from kronos.evaluate.metrics import ic_by_date, save_metrics, signals_from_records
+from kronos.evaluate.metrics import save_metrics
 from kronos.evaluate.plots import plot_forecast, plot_forecast_vs_actual, plot_ic_over_time, plot_training_curves
+from kronos.evaluate.records import ic_by_date
 from kronos.evaluate.report import build_report
 from kronos.evaluate.rolling import SplitForecasts, forecast_split
+from kronos.evaluate.signals import signals_from_records
 from kronos.inference import KronosPredictor
 from kronos.inference.bands import Calibration, apply_calibration, calibration_path, quantile_column
 from kronos.inference.generate import SamplingConfig

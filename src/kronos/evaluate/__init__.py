@@ -10,12 +10,7 @@ from kronos.evaluate.backtest import (
     run_qlib_backtest,
     run_simple_backtest,
 )
-from kronos.evaluate.metrics import (
-    SIGNAL_KINDS,
-    all_signals,
-    save_metrics,
-    signals_from_records,
-)
+from kronos.evaluate.metrics import save_metrics
 from kronos.evaluate.plots import (
     frames_from_records,
     plot_backtest,
@@ -23,6 +18,7 @@ from kronos.evaluate.plots import (
     plot_forecast,
     plot_training_curves,
 )
+from kronos.evaluate.signals import SIGNAL_KINDS, all_signals, signals_from_records
 
 __all__ = [
     "BacktestComparison",

@@ -1,72 +1,28 @@
-"""Forecast scores: sample-path scoring for the walk-forward report, and trading signals from forecast records.
+"""Forecast scores on sample paths: the walk-forward report's metrics, CRPS, coverage, Diebold-Mariano tests.
 
-Forecast records are the long frame of :meth:`kronos.inference.KronosPredictor.predict_df` (one schema everywhere):
-one row per (symbol, anchor, step) with ``symbol``, ``anchor`` (the last context bar, i.e. the signal date),
-``step`` (1..P), ``timestamps`` (the forecast bar), the mean forecast ``close`` (and the other value columns),
-``close_q{q}`` quantile columns (:func:`kronos.inference.bands.quantile_column`), ``last_close`` (close at the
-anchor), ``close_scale`` and ``true_close`` (the realised close, NaN when not known yet).
-
-The model's scores (CRPS, MASE, direction accuracy, IC, coverage, ...) are computed once, on sample paths, by
-:func:`score_paths` beside the baselines (:mod:`kronos.evaluate.report`); records feed the backtest signals
-(:func:`signals_from_records`) and the IC-over-time figure (:func:`ic_by_date`).
-
-Undefined values (one symbol, no realised data, ...) are NaN, never exceptions.
+Everything works on arrays: N forecasts (one per symbol and anchor), P steps, S sample paths
+(:class:`PathForecasts`). The model's scores (CRPS, MASE, direction accuracy, IC, coverage, ...) are computed once,
+here, beside the baselines' (:mod:`kronos.evaluate.report`). Forecast records (the long frame of
+:meth:`kronos.inference.KronosPredictor.predict_df`) are read by :mod:`kronos.evaluate.records` (IC by date) and
+:mod:`kronos.evaluate.signals` (backtest signals). Undefined values (one symbol, no realised data, ...) are NaN,
+never exceptions.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from kronos import io as kio
-from kronos.errors import InputError
 from kronos.inference.bands import check_levels, log_returns, prob_up
-
-REQUIRED_COLUMNS = ("symbol", "anchor", "step", "last_close", "close")
-SIGNAL_KINDS = ("last", "mean", "max", "min")
-
-
-# ---------------------------------------------------------------------- input checks
-def _check_records(records: pd.DataFrame, required: Sequence[str] = REQUIRED_COLUMNS) -> pd.DataFrame:
-    if not isinstance(records, pd.DataFrame):
-        raise InputError(f"forecast records must be a pandas DataFrame, got {type(records).__name__}")
-    missing = [c for c in required if c not in records.columns]
-    if missing:
-        raise InputError(
-            f"forecast records lack column(s) {missing}; expected {list(required)} (got {list(records.columns)[:12]})"
-        )
-    df = records.reset_index(drop=True)
-    numeric = [c for c in df.columns if c in ("step", "last_close", "true_close", "close", "close_scale")]
-    for col in numeric:
-        if not pd.api.types.is_numeric_dtype(df[col]):
-            converted = pd.to_numeric(df[col], errors="coerce")
-            bad = converted.isna() & df[col].notna()
-            if bad.any():
-                row = int(np.flatnonzero(bad.to_numpy())[0])
-                raise InputError(
-                    f"forecast records column '{col}' must be numeric; row {row} holds {df[col].iloc[row]!r}"
-                )
-            df[col] = converted
-    if not pd.api.types.is_datetime64_any_dtype(df["anchor"]):
-        try:
-            df["anchor"] = pd.to_datetime(df["anchor"])
-        except (ValueError, TypeError):
-            raise InputError(
-                "forecast records column 'anchor' must hold dates (the last context bar of each forecast)"
-            ) from None
-    return df
-
-
-def _final_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (symbol, anchor): the last step of the horizon."""
-    df = df.sort_values(["symbol", "anchor", "step"], kind="mergesort")
-    return df.groupby(["symbol", "anchor"], sort=False).tail(1).reset_index(drop=True)
 
 
 def _nan() -> float:
@@ -83,7 +39,8 @@ def _f(x: Any) -> float:
 
 
 # ---------------------------------------------------------------------- correlations
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two equal-length arrays; NaN for fewer than 2 points or a constant series."""
     if len(a) < 2:
         return _nan()
     a = a - a.mean()
@@ -108,21 +65,12 @@ def daily_ic(frame: pd.DataFrame, signal: str, target: str, by: str = "anchor") 
         y = g[target].to_numpy(dtype=float)
         rx = g[signal].rank(method="average").to_numpy(dtype=float)
         ry = g[target].rank(method="average").to_numpy(dtype=float)
-        rows.append((date, _corr(x, y), _corr(rx, ry), len(g)))
+        rows.append((date, pearson(x, y), pearson(rx, ry), len(g)))
     return pd.DataFrame(rows, columns=[by, "ic", "rank_ic", "n"]).set_index(by)
 
 
-def ic_by_date(records: pd.DataFrame) -> pd.DataFrame:
-    """The model's per-anchor-date IC and RankIC (forecast vs realised return to the horizon's last step, as the
-    report's IC), for :func:`kronos.evaluate.plots.plot_ic_over_time`."""
-    fin = _final_rows(_check_records(records, (*REQUIRED_COLUMNS, "true_close")))
-    fin = fin.assign(
-        pred_ret=fin["close"] / fin["last_close"] - 1.0, true_ret=fin["true_close"] / fin["last_close"] - 1.0
-    ).replace([np.inf, -np.inf], np.nan)
-    return daily_ic(fin, "pred_ret", "true_ret")
-
-
-def _ic_summary(ic: pd.Series) -> tuple[float, float, float, int]:
+def ic_summary(ic: pd.Series) -> tuple[float, float, float, int]:
+    """Mean, std, IR (mean / std) and count of a per-date IC series (NaN dates left out)."""
     ic = ic.dropna()
     n = int(len(ic))
     if n == 0:
@@ -138,43 +86,6 @@ def pinball_loss(y: np.ndarray, pred: np.ndarray, q: float) -> np.ndarray:
     """Elementwise quantile (pinball) loss of forecasting ``pred`` as the ``q``-quantile of ``y``."""
     diff = y - pred
     return np.maximum(q * diff, (q - 1.0) * diff)
-
-
-# ---------------------------------------------------------------------- signals
-def signals_from_records(records: pd.DataFrame, kind: str = "mean", scale: str = "price") -> pd.Series:
-    """Trading signal per (datetime, instrument) from the forecast close path, as the official qlib_test.py (the
-    anchor is the signal's date; the index uses Qlib's level names).
-
-    ``kind`` picks the last / mean / max / min forecast close over the horizon, minus ``last_close``. The official
-    script takes that difference in normalised space, i.e. divided by the lookback's close std (``scale="std"``,
-    needs a ``close_scale`` column holding ``std + 1e-5``); ``scale="price"`` divides by ``last_close`` instead, so
-    the score is a return. The index is a (datetime, instrument) MultiIndex, the format Qlib's strategies take;
-    NaN scores are dropped.
-    """
-    if scale not in ("price", "std"):
-        raise InputError(f"signal scale '{scale}' is unknown; use 'price' or 'std'")
-    if kind not in SIGNAL_KINDS:
-        raise InputError(f"signal kind '{kind}' is unknown; use one of {list(SIGNAL_KINDS)}")
-    df = _check_records(records)
-    df = df.sort_values(["anchor", "symbol", "step"], kind="mergesort")
-    g = df.groupby(["anchor", "symbol"], sort=True)
-    agg = g["close"].agg(kind if kind != "last" else "last")
-    last_close = g["last_close"].last()
-    if scale == "std":
-        if "close_scale" not in df.columns:
-            raise InputError("signal scale 'std' needs a 'close_scale' column (lookback close std + 1e-5)")
-        score = (agg - last_close) / g["close_scale"].last()
-    else:
-        score = agg / last_close - 1.0
-    score = score.replace([np.inf, -np.inf], np.nan).dropna()
-    score.index = score.index.set_names(["datetime", "instrument"])
-    score.name = "score"
-    return score.astype(float)
-
-
-def all_signals(records: pd.DataFrame) -> dict[str, pd.Series]:
-    """The four official signals (last, mean, max, min) keyed by kind."""
-    return {kind: signals_from_records(records, kind) for kind in SIGNAL_KINDS}
 
 
 def save_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> None:
@@ -226,8 +137,6 @@ def context_volatility(close: np.ndarray) -> np.ndarray:
     if r.shape[-1] < 2:
         return np.full(r.shape[:-1], 1e-8)
     with np.errstate(all="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             vol = np.nanstd(r, axis=-1, ddof=1)
@@ -257,16 +166,14 @@ def crps_samples(samples: np.ndarray, y: np.ndarray) -> np.ndarray:
 def crps_lognormal(mu: np.ndarray, sigma: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Exact CRPS of a log-normal forecast (log X ~ N(mu, sigma^2)) at ``y`` > 0 (Baran and Lerch, 2015): the random
     walk baseline's closed form. ``sigma`` 0 is a point mass at exp(mu)."""
-    from scipy.stats import norm
-
     mu, sigma, y = np.broadcast_arrays(np.asarray(mu, float), np.asarray(sigma, float), np.asarray(y, float))
     out = np.abs(np.exp(mu) - y)
     pos = (sigma > 0) & (y > 0)
     m, sd, v = mu[pos], sigma[pos], y[pos]
     z = (np.log(v) - m) / sd
     out = out.copy()
-    out[pos] = v * (2 * norm.cdf(z) - 1) - 2 * np.exp(m + sd**2 / 2) * (
-        norm.cdf(z - sd) + norm.cdf(sd / np.sqrt(2)) - 1
+    out[pos] = v * (2 * stats.norm.cdf(z) - 1) - 2 * np.exp(m + sd**2 / 2) * (
+        stats.norm.cdf(z - sd) + stats.norm.cdf(sd / np.sqrt(2)) - 1
     )
     return out
 
@@ -299,10 +206,9 @@ def diebold_mariano(loss_a: np.ndarray, loss_b: np.ndarray, h: int = 1) -> dict[
     ``loss_a`` and ``loss_b`` are aligned loss series (time order). d = loss_a - loss_b; the long-run variance
     uses autocovariances up to lag h-1 (with Bartlett weights when the plain sum is not positive, as happens with few
     dates and many lags; ``kernel`` says which); the statistic is scaled by sqrt((T + 1 - 2h + h(h-1)/T) / T) and
-    compared
-    with Student's t on T-1 degrees of freedom (two-sided). A negative statistic means ``a`` has the lower loss.
+    compared with Student's t on T-1 degrees of freedom (two-sided). A negative statistic means ``a`` has the lower
+    loss.
     """
-    from scipy import stats
 
     d = np.asarray(loss_a, dtype=float) - np.asarray(loss_b, dtype=float)
     d = d[np.isfinite(d)]
@@ -337,15 +243,13 @@ def _pearson_per_anchor(anchor: np.ndarray, a: np.ndarray, b: np.ndarray) -> tup
     """Mean cross-sectional IC, RankIC and ICIR (IC mean / IC std) over anchors with >= 2 symbols."""
     frame = pd.DataFrame({"anchor": anchor, "s": a, "t": b})
     ics = daily_ic(frame, "s", "t")
-    ic_mean, _, ic_ir, _ = _ic_summary(ics["ic"])
-    ric_mean, _, _, _ = _ic_summary(ics["rank_ic"])
+    ic_mean, _, ic_ir, _ = ic_summary(ics["ic"])
+    ric_mean, _, _, _ = ic_summary(ics["rank_ic"])
     return ic_mean, ric_mean, ic_ir
 
 
 def nanmean(x: np.ndarray, axis=None):
     with np.errstate(all="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmean(x, axis=axis)
@@ -444,7 +348,7 @@ def score_paths(
             "realised_vol": _f(np.nanmean(rv)),
             "forecast_vol": _f(np.nanmean(fv)),
             "vol_mae": _f(np.nanmean(np.abs(fv - rv))),
-            "vol_corr": _corr(fv, rv) if rv.size >= 3 else _nan(),
+            "vol_corr": pearson(fv, rv) if rv.size >= 3 else _nan(),
         }
     overall.update(vol)
     overall["n_forecasts"] = float(ok.any(axis=1).sum())

@@ -10,7 +10,7 @@ import pytest
 
 from kronos.errors import InputError
 from kronos.evaluate import all_signals, save_metrics, signals_from_records
-from kronos.evaluate.metrics import ic_by_date
+from kronos.evaluate.records import ic_by_date
 
 DATES = pd.to_datetime(["2024-01-02", "2024-01-03", "2024-01-04"])
 
@@ -97,7 +97,7 @@ def test_signals_from_records_kinds():
 
 def test_official_std_scaled_signal():
     # the official qlib_test.py scores (forecast close - last close) in normalised units: / (lookback std + 1e-5)
-    from kronos.evaluate.metrics import signals_from_records as sig
+    from kronos.evaluate.signals import signals_from_records as sig
 
     rec = pd.DataFrame(
         {
