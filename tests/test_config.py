@@ -260,3 +260,17 @@ def test_to_dict_redacts_every_secret_by_default(tmp_path):
     text = (tmp_path / "cfg.json").read_text()
     assert "k-123" not in text and "t-9" not in text and 'pw"' not in text
     assert Config.from_dict({"comet_config": {"api_key": ""}}).to_dict()["comet_config"]["api_key"] == ""
+
+
+def test_views_group_the_flat_keys_and_cannot_change_the_config():
+    import dataclasses
+
+    cfg = Config.from_dict({"eval_seeds": [1, 2], "eval_max_anchors": 7, "backtest_n_symbol_hold": 3,
+                            "instrument": "csi500", "lookback_window": 30})  # fmt: skip
+    assert cfg.eval.seeds == (1, 2) and cfg.eval.max_anchors == 7 and cfg.eval.lookback == 30
+    assert Config().eval.seeds == (Config().inference_seed,)  # no eval_seeds: the inference seed
+    assert cfg.backtest.n_symbol_hold == 3 and cfg.backtest.benchmark == cfg.benchmark
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.eval.stride = 5  # type: ignore[misc]
+    # the file format stays flat: views are not keys
+    assert "eval" not in cfg.to_dict() and "eval_seeds" in cfg.to_dict()

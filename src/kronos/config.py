@@ -180,8 +180,8 @@ class Config:
     # ---- prediction & evaluation (ours) ----
     quantiles: list = field(default_factory=lambda: [0.1, 0.5, 0.9])
     eval_stride: int = 1  # rolling evaluation/backtest forecasts every N bars
-    eval_max_anchors: int = 0  # at most N anchor dates (0 = all): spread over the split for the report and the
-    # calibration, the latest N for the backtest (it trades every bar); --fast-mode caps it
+    eval_max_anchors: int = 0  # at most N anchor dates (0 = all), spread over the split: one rule for calibration,
+    # the report and the backtest (kronos.evaluate.rolling); --fast-mode caps it
     eval_seeds: list = field(default_factory=list)  # walk-forward report sampling seeds (empty: [inference_seed])
     interval_levels: list = field(default_factory=lambda: [0.5, 0.8])  # central bands scored and calibrated
     calibration_method: str = "vol_scaled"  # band correction (kronos.evaluate.calibration; "auto" = hold-out choice)
@@ -241,6 +241,39 @@ class Config:
     def window(self) -> int:
         """Rows per training window: lookback + predict + 1."""
         return self.lookback_window + self.predict_window + 1
+
+    # ------------------------------------------------------------------ views: the keys one component reads
+    @property
+    def eval(self) -> EvalSettings:
+        """The evaluation keys (``eval_*``, quantiles, levels, windows) as one read-only value."""
+        return EvalSettings(
+            lookback=self.lookback_window,
+            horizon=self.predict_window,
+            stride=self.eval_stride,
+            max_anchors=self.eval_max_anchors,
+            seeds=tuple(self.eval_seeds or [self.inference_seed]),
+            quantiles=tuple(float(q) for q in self.quantiles),
+            levels=tuple(float(v) for v in self.interval_levels or [0.5, 0.8]),
+            calibration_method=self.calibration_method,
+            allow_overlap=self.allow_eval_overlap,
+        )
+
+    @property
+    def backtest(self) -> BacktestSettings:
+        """The top-k backtest keys (``backtest_*``) as one read-only value."""
+        return BacktestSettings(
+            n_symbol_hold=self.backtest_n_symbol_hold,
+            n_symbol_drop=self.backtest_n_symbol_drop,
+            hold_thresh=self.backtest_hold_thresh,
+            open_cost=self.backtest_open_cost,
+            close_cost=self.backtest_close_cost,
+            min_cost=self.backtest_min_cost,
+            account=self.backtest_account,
+            deal_price=self.backtest_deal_price,
+            signal_scale=self.backtest_signal_scale,
+            benchmark=self.benchmark,
+            time_range=tuple(self.backtest_time_range),
+        )
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -333,6 +366,38 @@ class Config:
 # a key whose name has one of these words (split at "_", "-" or "."): api_key, hf_token, db_password; not "tokenizer_*"
 SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|apikey|token|secret|password|passwd)s?($|[_.-])", re.IGNORECASE)
 REDACTED = "***"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """:attr:`Config.eval`: what rolling evaluation and calibration read (the flat keys stay the file format)."""
+
+    lookback: int
+    horizon: int
+    stride: int
+    max_anchors: int
+    seeds: tuple[int, ...]  # eval_seeds, or (inference_seed,)
+    quantiles: tuple[float, ...]
+    levels: tuple[float, ...]
+    calibration_method: str
+    allow_overlap: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BacktestSettings:
+    """:attr:`Config.backtest`: what the top-k backtest reads (the flat ``backtest_*`` keys stay the file format)."""
+
+    n_symbol_hold: int
+    n_symbol_drop: int
+    hold_thresh: int
+    open_cost: float
+    close_cost: float
+    min_cost: float
+    account: float
+    deal_price: str
+    signal_scale: str
+    benchmark: str
+    time_range: tuple
 
 
 def redact_secrets(value: Any) -> Any:

@@ -338,7 +338,7 @@ class KronosPipeline:
             periods.last_val if periods.last_val is not None else bounds["val_end"],
             bounds["test_end"],
             models,
-            list(cfg.eval_seeds or []) or None,
+            list(cfg.eval.seeds),
             period=periods.test,
         )
         return self._test

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
+from kronos.config import Config
 from kronos.errors import InputError
 from kronos.evaluate.metrics import CRPS_GRID, CRPS_LEVELS, crps_samples, quantile_crps
 from kronos.evaluate.rolling import rolling_paths, select_anchors
@@ -365,7 +366,7 @@ def validation_scores(cal: Calibration, fc: Any) -> dict:
 
 
 def calibrate_on_validation(
-    cfg: Any, predictor: Any, frame: Any, bounds: dict, out_path: str | os.PathLike | None = None
+    cfg: Config, predictor: Any, frame: Any, bounds: dict, out_path: str | os.PathLike | None = None
 ) -> Calibration:
     """Rolling forecasts at validation anchors (every target inside validation), fit, save ``calibration.json``.
 
@@ -374,25 +375,20 @@ def calibrate_on_validation(
     rule, with ``eval_stride`` and ``eval_max_anchors``).
     """
     t0 = time.time()
-    L, P = int(cfg.lookback_window), int(cfg.predict_window)
-    anchors = select_anchors(
-        frame, bounds.get("train_end"), bounds.get("val_end"), L, P, cfg.eval_stride, cfg.eval_max_anchors
-    )
+    ev = cfg.eval
+    L, P = ev.lookback, ev.horizon
+    anchors = select_anchors(frame, bounds.get("train_end"), bounds.get("val_end"), L, P, ev.stride, ev.max_anchors)
     if len(anchors) < 10:
         raise InputError(
             f"calibration needs at least 10 validation anchors whose {P} target bars lie inside the validation "
             f"split ({bounds.get('val_start')} .. {bounds.get('val_end')}), found {len(anchors)}; lengthen the "
             "validation split, lower eval_stride or raise eval_max_anchors"
         )
-    fc = rolling_paths("validation", predictor, frame, anchors, cfg, int(cfg.inference_seed))
+    fc = rolling_paths("validation", predictor, frame, anchors, cfg, cfg.inference_seed)
     fp = model_fingerprint(predictor, L, P)
     # the report's central levels plus the bands the forecasts carry (quantiles q and 1 - q)
-    level_set = {round(float(v), 10) for v in (getattr(cfg, "interval_levels", None) or [0.5, 0.8])}
-    level_set |= {
-        round(abs(2 * float(q) - 1), 10)
-        for q in getattr(cfg, "quantiles", [])
-        if 0 < float(q) < 1 and abs(float(q) - 0.5) > 1e-9
-    }
+    level_set = {round(v, 10) for v in ev.levels}
+    level_set |= {round(abs(2 * q - 1), 10) for q in ev.quantiles if 0 < q < 1 and abs(q - 0.5) > 1e-9}
     levels = sorted(level_set)
     cal = fit_calibration(
         fc.samples,
@@ -403,7 +399,7 @@ def calibrate_on_validation(
         L,
         fp,
         context_vol=fc.vol,
-        method=str(getattr(cfg, "calibration_method", DEFAULT_METHOD)),
+        method=ev.calibration_method,
     )
     cal.validation = validation_scores(cal, fc)
     cal.seconds = round(time.time() - t0, 2)

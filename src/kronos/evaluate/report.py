@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from kronos import io as kio
+from kronos.config import Config
 from kronos.evaluate.baselines import baseline_forecasts
 from kronos.evaluate.calibration import Calibration, calibrated_crps, candidate
 from kronos.evaluate.metrics import (
@@ -169,7 +170,7 @@ def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
 
 # ---------------------------------------------------------------------- the report
 def build_report(
-    cfg: Any,
+    cfg: Config,
     frame: pd.DataFrame,
     bounds: dict,
     forecasts: SplitForecasts,
@@ -189,12 +190,13 @@ def build_report(
     ``selection``: the run's model_selection.json (shown in the report).
     """
     t0 = time.time()
-    L, P = int(cfg.lookback_window), int(cfg.predict_window)
+    ev = cfg.eval
+    L, P = ev.lookback, ev.horizon
     anchors, ctx_close, true = forecasts.anchors, forecasts.ctx_close, forecasts.true
     seeds = forecasts.seeds
     models = forecasts.paths
-    quantiles = [float(q) for q in cfg.quantiles]
-    levels = [float(v) for v in getattr(cfg, "interval_levels", None) or [0.5, 0.8]]
+    quantiles = list(ev.quantiles)
+    levels = list(ev.levels)
     symbols, dates = anchors["symbol"].to_numpy(), anchors["anchor"].to_numpy()
     calibrations = {k: v for k, v in (calibrations or {}).items() if v is not None and k in models}
     report: dict[str, Any] = {
@@ -204,8 +206,8 @@ def build_report(
             "n_symbols": int(anchors["symbol"].nunique()),
             "first": str(anchors["anchor"].min()),
             "last": str(anchors["anchor"].max()),
-            "eval_stride": int(cfg.eval_stride),
-            "eval_max_anchors": int(cfg.eval_max_anchors),
+            "eval_stride": ev.stride,
+            "eval_max_anchors": ev.max_anchors,
         },
         "splits": {k: str(v) for k, v in bounds.items()},
         "seeds": seeds,
@@ -232,7 +234,7 @@ def build_report(
         runs, dms = [], []
         for fc in runs_fc:
             runs.append(score_paths(fc, quantiles, levels))
-            dms.append(dm_versus(fc, base["last_value"], stride=cfg.eval_stride))
+            dms.append(dm_versus(fc, base["last_value"], stride=ev.stride))
         model_fc[name] = runs_fc[0]
         summary = _seed_summary(runs)
         summary["kind"] = "model"
@@ -266,7 +268,7 @@ def build_report(
                 report["forecasters"][name]["overall"]["crps_rel_calibrated"] = float(np.nanmean(rel))
                 model_fc[name].crps_calibrated = crps_cal
     if "finetuned" in model_fc and "zero_shot" in model_fc:
-        report["dm_finetuned_vs_zero_shot"] = _dm_crps(model_fc["finetuned"], model_fc["zero_shot"], cfg.eval_stride)
+        report["dm_finetuned_vs_zero_shot"] = _dm_crps(model_fc["finetuned"], model_fc["zero_shot"], ev.stride)
     if "zero_shot" in models:
         report["zero_shot_cutoff"] = _cutoff_status(starting_cutoff, frame, anchors)
         if report["zero_shot_cutoff"]["warning"]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kronos.config import Config
 from kronos.errors import DataError
 from kronos.evaluate.metrics import PathForecasts, naive_scale
 from kronos.inference.bands import recent_volatility
@@ -80,14 +81,15 @@ def rolling_paths(
     predictor: Any,
     frame: pd.DataFrame,
     anchors: pd.DataFrame,
-    cfg: Any,
+    cfg: Config,
     seed: int,
     prepared: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PathForecasts:
     """The predictor's forecasts at ``anchors`` (:meth:`KronosPredictor.predict_df_paths` with the config's
     sampling, seed ``seed``) as :class:`PathForecasts`; its forecast ``records`` (the one schema, with the config's
     quantiles, uncalibrated) ride along."""
-    L, P = int(cfg.lookback_window), int(cfg.predict_window)
+    ev = cfg.eval
+    L, P = ev.lookback, ev.horizon
     ctx_close, true = prepared if prepared is not None else contexts(frame, anchors, L, P)
     sampling = SamplingConfig.from_config(cfg)
     sampling = SamplingConfig(
@@ -97,7 +99,7 @@ def rolling_paths(
         frame,
         pred_len=P,
         lookback=L,
-        quantiles=[float(q) for q in cfg.quantiles],
+        quantiles=list(ev.quantiles),
         anchors=list(zip(anchors["symbol"], anchors["anchor"])),
         sampling=sampling,
         batch_size=max(1, int(cfg.backtest_batch_size) // max(1, sampling.sample_count)),
@@ -143,7 +145,7 @@ class SplitForecasts:
 
 
 def forecast_split(
-    cfg: Any,
+    cfg: Config,
     frame: pd.DataFrame,
     split: str,
     targets_after: pd.Timestamp | None,
@@ -154,15 +156,16 @@ def forecast_split(
 ) -> SplitForecasts:
     """Every model's rolling forecasts at the split's anchors (:func:`select_anchors` with the config's
     ``eval_stride``/``eval_max_anchors``), once per seed (default ``[inference_seed]``)."""
-    L, P = int(cfg.lookback_window), int(cfg.predict_window)
-    anchors = select_anchors(frame, targets_after, targets_until, L, P, cfg.eval_stride, cfg.eval_max_anchors, period)
+    ev = cfg.eval
+    L, P = ev.lookback, ev.horizon
+    anchors = select_anchors(frame, targets_after, targets_until, L, P, ev.stride, ev.max_anchors, period)
     if anchors.empty:
         raise DataError(
             f"no {split} anchor has lookback_window={L} bars of history and predict_window={P} known bars after "
             f"{targets_after} up to {targets_until}; lengthen the {split} split or shorten the windows"
         )
     ctx_close, true = contexts(frame, anchors, L, P)
-    seeds = [int(s) for s in (seeds or [cfg.inference_seed])]
+    seeds = [int(s) for s in (seeds or ev.seeds)]
     out = SplitForecasts(split, anchors, ctx_close, true, seeds)
     for name, predictor in models.items():
         out.paths[name] = [
