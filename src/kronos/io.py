@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -46,8 +47,6 @@ def _replace(src: PathLike, dst: PathLike) -> None:
     if limit:
         _renames += 1
         if _renames >= int(limit):
-            import signal
-
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -100,6 +99,7 @@ def to_jsonable(value: Any) -> Any:
         return to_jsonable(dataclasses.asdict(value))
     mod = type(value).__module__.split(".")[0]
     if mod == "numpy":
+        # numpy/pandas load only when such a value is written: this module is imported by the CLI's parser path
         import numpy as np
 
         if isinstance(value, np.ndarray):

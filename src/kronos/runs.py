@@ -14,6 +14,7 @@ readable: the local date and time it started (a ``-2``, ``-3`` ... suffix when t
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import os
@@ -102,7 +103,6 @@ def run_paths(save_path: str, backtest_result_path: str, run_id: str) -> dict[st
 def for_existing_run(config):
     """``config`` pointed at the run a single step (predict, evaluate, calibrate, backtest) works on: ``run_id``
     when set, else the latest finished run; unchanged with ``run_folders: false`` or when there is no run yet."""
-    import copy
 
     if not config.run_folders:
         return config

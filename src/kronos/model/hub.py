@@ -8,19 +8,25 @@ otherwise fetched only after a quick reachability probe, so an offline machine f
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
 import os
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from kronos import io as kio
 from kronos.errors import CheckpointError
+from kronos.io import resolve_folder
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +77,6 @@ class CheckpointMixin:
         Both files are first written to a temporary folder beside the target; a new target folder is then renamed
         into place in one step, an existing one gets each file replaced atomically (other files there are kept).
         """
-        from safetensors.torch import save_file
 
         target = Path(save_directory).expanduser()
         if target.exists() and not target.is_dir():
@@ -166,7 +171,6 @@ def weights_sha256(module: Any) -> str:
     Identical for the same weights wherever they were loaded from (folder, hub, memory); any changed value,
     shape or dtype changes it.
     """
-    import hashlib
 
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -198,7 +202,6 @@ def _read_config(cls: type[CheckpointMixin], path: Path) -> dict:
 
 def _read_header(path: Path) -> dict[str, tuple]:
     """Tensor names and shapes from the safetensors header (no tensor data is read)."""
-    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -236,8 +239,6 @@ def _check_against_weights(expected: dict[str, tuple], found: dict[str, tuple], 
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
         state = load_file(str(path), device="cpu")
@@ -288,8 +289,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     captive portal) would stall the download for minutes. Any HTTP answer (even 404) within ``timeout``
     seconds counts as reachable.
     """
-    import urllib.error
-    import urllib.request
 
     try:
         from huggingface_hub import constants
@@ -323,8 +322,6 @@ def _resolve_files(
     """
     path = Path(name).expanduser()
     if not path.exists():
-        from kronos.io import resolve_folder
-
         prev = resolve_folder(path)
         if prev is not None:
             logger.warning(

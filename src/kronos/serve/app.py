@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kronos.errors import KronosError
 from kronos.serve.engine import ForecastEngine, QueueFullError, Settings
-from kronos.serve.inputs import LimitError, frame_from_rows, frame_from_upload
+from kronos.serve.inputs import LimitError, check_limit, frame_from_rows, frame_from_upload
+from kronos.serve.mcp import build_mcp
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,6 @@ def create_app(
     rebinding protection of the SDK)."""
     mcp_server = None
     if mcp:
-        from kronos.serve.mcp import build_mcp
-
         mcp_server = build_mcp(engine)
         mcp_http = mcp_server.streamable_http_app(
             streamable_http_path="/mcp", stateless_http=True, json_response=True, host=host
@@ -361,7 +360,6 @@ def create_app(
         series = body.get("series")
         if not isinstance(series, list) or not series:
             raise RequestError('\'series\' must be a non-empty list of {"bars": [...]} or {"symbol": ...}')
-        from kronos.serve.inputs import check_limit
 
         check_limit(len(series), "max_batch_series", engine.limits, "number of series")
         histories = []

@@ -26,10 +26,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kronos.data.store import SPLITS, dataset_exists, load_split
 from kronos.errors import DataError, InputError, KronosError
-from kronos.inference import bands
+from kronos.inference import KronosPredictor, bands
 from kronos.inference.bands import prob_up, recent_volatility, sample_quantiles
+from kronos.model import Kronos, KronosTokenizer
 from kronos.serve.inputs import LimitError, Limits, check_history, check_limit, check_settings
+from kronos.timeutil import future_timestamps
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +194,6 @@ class Dataset:
     """A processed dataset's bars per symbol (all splits, time-ordered), for ``/symbols`` and symbol forecasts."""
 
     def __init__(self, path: str) -> None:
-        from kronos.data.store import SPLITS, dataset_exists, load_split
 
         if not dataset_exists(path):
             raise DataError(
@@ -274,8 +276,6 @@ class ForecastEngine:
         run_dir: str | None = None,
         **kwargs: Any,
     ) -> ForecastEngine:
-        from kronos.inference import KronosPredictor
-        from kronos.model import Kronos, KronosTokenizer
 
         tok = KronosTokenizer.from_pretrained(tokenizer)
         mdl = Kronos.from_pretrained(model)
@@ -411,7 +411,6 @@ class ForecastEngine:
 
     def _run_group(self, group: list[_Job]) -> list[list[dict]]:
         """Worker thread: one ``predict_batch`` call for every series of the group."""
-        from kronos.timeutil import future_timestamps
 
         s = group[0].settings
         assert s.horizon is not None  # Settings.check filled it in before the job was queued

@@ -14,7 +14,10 @@ from typing import Any
 import pandas as pd
 
 from kronos import io as kio
+from kronos.config import Config
 from kronos.errors import ConfigError
+from kronos.inference.bands import calibration_path
+from kronos.runs import latest_run
 
 MAX_CURVE_POINTS = 2000
 
@@ -41,8 +44,6 @@ class RunFolder:
     """Paths and results of one pipeline run (read on demand, so a page refresh shows new results)."""
 
     def __init__(self, path: str) -> None:
-        from kronos.config import Config
-        from kronos.runs import latest_run
 
         self.dir = Path(path).expanduser().resolve()
         found = [self.dir / "pipeline_config.json", *sorted(self.dir.glob("*/pipeline_config.json"))]
@@ -64,7 +65,6 @@ class RunFolder:
         self.predictor = str(_resolve(c.finetuned_predictor, base))
         self.dataset = str(_resolve(c.dataset_path, base)) if c.dataset_path else ""
         self.results = _resolve(c.backtest_dir, base)
-        from kronos.inference.bands import calibration_path
 
         cal = calibration_path(self.predictor)  # written by the pipeline's calibrate step
         # the run's model in use: the starting pair when finetuning did not help on validation (keep_better)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from kronos.errors import CheckpointError, ConfigError
 
@@ -128,14 +129,11 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, folder: Path) -> None:
     if is_lora(model):
-        from safetensors.torch import save_file
-
         save_file(adapter_state(model), str(Path(folder) / ADAPTER_FILE))
 
 
 def load_adapter(model: nn.Module, folder: Path) -> None:
     """Restore the adapter weights saved by :func:`save_adapter` (``--resume`` of a LoRA run)."""
-    from safetensors.torch import load_file
 
     path = Path(folder) / ADAPTER_FILE
     if not path.is_file():

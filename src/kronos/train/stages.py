@@ -14,6 +14,9 @@ import torch.nn.functional as F
 
 from kronos.config import Config
 from kronos.errors import CheckpointError, ConfigError
+from kronos.io import resolve_folder
+from kronos.model import PREDICTOR_PRESETS, TOKENIZER_PRESETS, Kronos, KronosTokenizer, build_predictor, build_tokenizer
+from kronos.model.hub import weights_sha256
 
 if TYPE_CHECKING:
     from kronos.model.hub import CheckpointMixin
@@ -97,12 +100,10 @@ class TokenizerStage(Stage):
 
     @property
     def model_class(self) -> type[CheckpointMixin]:
-        from kronos.model import KronosTokenizer
 
         return KronosTokenizer
 
     def initial_model(self) -> nn.Module:
-        from kronos.model import TOKENIZER_PRESETS, build_tokenizer
 
         path = self.config.pretrained_tokenizer_path
         if path:
@@ -151,12 +152,10 @@ class PredictorStage(Stage):
 
     @property
     def model_class(self) -> type[CheckpointMixin]:
-        from kronos.model import Kronos
 
         return Kronos
 
     def initial_model(self) -> nn.Module:
-        from kronos.model import PREDICTOR_PRESETS, build_predictor
 
         path = self.config.pretrained_predictor_path
         if path:
@@ -170,10 +169,8 @@ class PredictorStage(Stage):
         return build_predictor(preset)
 
     def prepare(self, device: torch.device) -> None:
-        from kronos.model import KronosTokenizer
 
         path = self.config.finetuned_tokenizer
-        from kronos.io import resolve_folder
 
         if not self.config.finetuned_tokenizer_path and resolve_folder(path) is None:
             raise CheckpointError(
@@ -191,7 +188,6 @@ class PredictorStage(Stage):
         for p in tok.parameters():
             p.requires_grad_(False)
         self.tokenizer = tok
-        from kronos.model.hub import weights_sha256
 
         self.tokenizer_sha256 = weights_sha256(tok)
         logger.info(

@@ -14,8 +14,10 @@ marks a zero-shot row as in-sample when test targets fall on or before it (READM
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import platform
 import shlex
 import sys
@@ -28,8 +30,12 @@ import torch
 
 from kronos import io as kio
 from kronos.config import Config
-from kronos.errors import ConfigError, DataError
-from kronos.model.hub import CARD_NAME
+from kronos.data.sources import DataProcessorFactory
+from kronos.data.store import SPLITS, load_split
+from kronos.errors import ConfigError, DataError, KronosError
+from kronos.model import Kronos, KronosTokenizer, build_predictor, build_tokenizer
+from kronos.model.hub import CARD_NAME, weights_sha256
+from kronos.train.trainer import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +113,6 @@ def starter_config(data_path: str, work: Path, stage: str, overrides: dict | Non
 
 def _initial_checkpoints(work: Path, shape: str, seed: int) -> None:
     """Freshly initialised (seeded) tokenizer and predictor of the recipe's shapes, saved as the stages' start."""
-    from kronos.model import build_predictor, build_tokenizer
 
     if shape not in PREDICTOR_SHAPES:
         raise ConfigError(f"unknown starter shape '{shape}'; choose one of {sorted(PREDICTOR_SHAPES)}")
@@ -134,10 +139,6 @@ def build_starter(
     data). ``skip_tokenizer`` reuses ``work``'s trained tokenizer (shape comparisons).
     Returns {"tokenizer": card, "predictor": card}.
     """
-    from kronos.data.sources import DataProcessorFactory
-    from kronos.model import Kronos, KronosTokenizer
-    from kronos.model.hub import weights_sha256
-    from kronos.train.trainer import run_stage
 
     if not (Path(data_path) / "calendars").is_dir():
         raise DataError(
@@ -257,7 +258,6 @@ def build_starter(
 
 
 def _symbols(dataset_path: str) -> set[str]:
-    from kronos.data.store import SPLITS, load_split
 
     out: set[str] = set()
     for split in SPLITS:
@@ -266,7 +266,6 @@ def _symbols(dataset_path: str) -> set[str]:
 
 
 def _bar_range(dataset_path: str) -> tuple[str, str]:
-    from kronos.data.store import SPLITS, load_split
 
     lo, hi = None, None
     for split in SPLITS:
@@ -281,8 +280,6 @@ def _last_train_loss(stage_dir: Path) -> float | None:
     path = stage_dir / "metrics.jsonl"
     last = None
     if path.is_file():
-        import json
-
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             if "train/loss" in row and row["train/loss"] is not None and math.isfinite(row["train/loss"]):
@@ -291,7 +288,6 @@ def _last_train_loss(stage_dir: Path) -> float | None:
 
 
 def _cpus() -> int:
-    import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -318,7 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python tools/build_starter.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    from kronos.errors import KronosError
 
     try:
         build_starter(args.data, args.out, args.work, args.shape, command=command.strip())

@@ -31,12 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from kronos import io as kio
 from kronos.config import Config
-from kronos.errors import CheckpointError, ConfigError, TrainingError
+from kronos.data.store import load_manifest
+from kronos.data.windows import WindowDataset, WindowSampler, window_loader
+from kronos.errors import CheckpointError, ConfigError, DataError, TrainingError
+from kronos.model import KronosTokenizer
+from kronos.model.hub import CARD_NAME, read_card, weights_sha256
+from kronos.runlock import run_locks
 from kronos.train import checkpoint as ckpt
 from kronos.train import finetune
 from kronos.train.distributed import (
@@ -127,11 +134,8 @@ class Trainer:
 
         # data
         if datasets is None:
-            from kronos.data.windows import WindowDataset
-
             datasets = (WindowDataset.from_config(cfg, "train"), WindowDataset.from_config(cfg, "val"))
         self.train_ds, self.val_ds = datasets
-        from kronos.data.windows import WindowSampler, window_loader
 
         r, w = self.ctx.rank, self.ctx.world_size
         # An epoch is min(n_train_iter, windows) samples, as the official dataset's min(n_samples, len(indices)):
@@ -498,7 +502,6 @@ class Trainer:
         return self._finish()
 
     def _run_epoch(self, tracker: Tracker, tokens_per_step: int) -> None:
-        from tqdm.auto import tqdm
 
         cfg = self.config
         epoch = self.epoch
@@ -663,15 +666,10 @@ class Trainer:
     def _write_card(self, summary: dict) -> None:
         """``model_card.json`` beside the best checkpoint: the data it saw (its cutoff: the last validation bar, since
         validation picked it), where it started and how it was trained."""
-        import pandas as pd
-
-        from kronos.data.store import load_manifest
-        from kronos.model.hub import CARD_NAME, read_card
 
         if kio.resolve_folder(self.best_dir) is None:
             return
         cfg = self.config
-        from kronos.errors import DataError
 
         try:
             info = load_manifest(cfg.dataset_path).get("splits") or {}
@@ -714,7 +712,6 @@ def run_stage(stage_name: str, config: Config, resume: bool = False) -> dict:
 
     The stage holds :func:`~kronos.train.distributed.process_group` for its work: it joins the group of an outer
     entry point (``kronos pipeline``) or, called alone under ``torchrun``, sets one up and removes it after."""
-    from kronos.runlock import run_locks
 
     stage = get_stage(stage_name, config)
     with process_group(config) as ctx:
@@ -739,8 +736,6 @@ def train_tokenizer(config: Config, resume: bool = False) -> dict:
 
 def keep_pretrained_tokenizer(config: Config) -> dict:
     """Copy the pretrained tokenizer unchanged as the run's tokenizer (``finetune_tokenizer: false``)."""
-    from kronos.model import KronosTokenizer
-    from kronos.model.hub import weights_sha256
 
     src = config.pretrained_tokenizer_path
     if not src:

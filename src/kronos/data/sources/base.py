@@ -29,6 +29,8 @@ from typing import Any
 import pandas as pd
 
 from kronos.config import Config
+from kronos.data.processing import process_frames
+from kronos.data.store import save_dataset
 from kronos.errors import ConfigError, DependencyError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,6 @@ class BaseDataProcessor(abc.ABC):
 
         The manifest describing the result is kept in :attr:`manifest`.
         """
-        from kronos.data.processing import process_frames
 
         raw = self.load_raw()
         splits, self.manifest = process_frames(
@@ -74,7 +75,6 @@ class BaseDataProcessor(abc.ABC):
 
     def run_pipeline(self) -> dict[str, Any]:
         """download -> process -> save to ``config.dataset_path``; returns the manifest written."""
-        from kronos.data.store import save_dataset
 
         self.download_data()
         splits = self.process_raw_data()
