@@ -395,8 +395,8 @@ class KronosPipeline:
     def backtest(self) -> dict:
         """Top-k backtest of the forecast signals (last/mean/max/min) over ``backtest_time_range``."""
         cfg = self.config
+        period = self.eval_periods().backtest  # the dataset and the periods are checked before the checkpoints
         records = self.forecast_records()
-        period = self.eval_periods().backtest
         records = records.loc[in_period(records["anchor"], period)]
         if records.empty:
             raise DataError(
@@ -759,6 +759,7 @@ class KronosPipeline:
         """Walk-forward report on the test split: finetuned and zero-shot models (each with its own validation
         calibration) beside the baselines; the model in use and the starting model's data cutoff marked."""
         cfg = self.config
+        self.eval_periods()  # the dataset and the periods are checked before the checkpoints
         models = self._models()
         calibrations = {name: self.load_calibration(name) for name in models}
         passed = self.test_forecasts(models)
