@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from kronos.model import Kronos, KronosTokenizer
 from kronos.model.hub import data_cutoff
 from kronos.paths import path_in, safe_filename
 from kronos.runlock import run_locks
-from kronos.runs import latest_run, mark_latest, new_run_id, newest_run, run_paths, runs_root
+from kronos.runs import enter_run, has_checkpoint, mark_latest, pick_run_id, remove_if_empty, runs_root
 from kronos.timeutil import resolve_calendar
 from kronos.train import train_predictor, train_tokenizer
 from kronos.train.distributed import is_main_process, process_group, share_text, wait_for_main
@@ -504,58 +503,26 @@ class KronosPipeline:
                 return self._locked_run(chosen)
             except BaseException:
                 if run_id and is_main_process():  # a run that stopped before writing anything leaves no folder
-                    folder = self._runs_root / run_id
-                    if folder.is_dir() and not any(
-                        p.is_file() and not p.name.endswith("kronos-run.lock") for p in folder.rglob("*")
-                    ):
-                        shutil.rmtree(folder, ignore_errors=True)
+                    remove_if_empty(self._runs_root, run_id)
                 raise
 
     def enter_run_folder(self, skip_tokenizer: bool = False, skip_predictor: bool = False) -> str | None:
-        """Move ``save_path``/``backtest_result_path`` inside this run's folder (a new id, ``run_id`` when set,
-        or with ``resume`` the newest run). A skipped training stage with no explicit ``finetuned_*_path`` reuses
-        the checkpoint of the latest finished run. Returns the run id (None with ``run_folders: false``)."""
+        """Move the config's output paths inside this run's folder (:func:`kronos.runs.enter_run`; rank 0 picks the
+        id, every rank gets it). Returns the run id (None with ``run_folders: false``)."""
         cfg = self.config
         if not cfg.run_folders:
             return None
         root = runs_root(cfg.save_path, cfg.backtest_result_path)
-        run_id = ""
-        if is_main_process():
-            if cfg.run_id:
-                run_id = cfg.run_id
-            elif self.resume and newest_run(root):
-                run_id = newest_run(root) or ""
-            else:
-                run_id = new_run_id(root, reserve=True)
-        run_id = share_text(run_id)  # rank 0's choice on every rank
-
-        def in_run(rid: str, extra: dict | None = None) -> Config:
-            paths = run_paths(cfg.save_path, cfg.backtest_result_path, rid)
-            return copy.deepcopy(cfg).update({**paths, "run_id": rid, **(extra or {})}, source="run folder", user=False)
-
-        overrides: dict[str, Any] = {}
-        moved = in_run(run_id)
-        previous = latest_run(root)
-        for stage, skipped in (("tokenizer", skip_tokenizer), ("predictor", skip_predictor)):
-            key = f"finetuned_{stage}_path"
-            own = getattr(moved, f"finetuned_{stage}")
-            if not skipped or cfg.is_set(key) or getattr(cfg, key) or self._has_checkpoint(own):
-                continue
-            if previous and previous != run_id:
-                earlier = in_run(previous)
-                theirs = getattr(earlier, f"finetuned_{stage}")
-                if self._has_checkpoint(theirs):
-                    overrides[key] = theirs
-                    log.info("--skip-%s: reusing the %s of run %s (%s)", stage, stage, previous, theirs)
-        self.config = in_run(run_id, overrides)
+        run_id = share_text(pick_run_id(root, cfg.run_id, self.resume) if is_main_process() else "")
+        skipped = [stage for stage, skip in (("tokenizer", skip_tokenizer), ("predictor", skip_predictor)) if skip]
+        self.config = enter_run(cfg, root, run_id, skipped)
         self._runs_root = root
         self.result.results_dir = self.config.backtest_dir
         return run_id
 
     @staticmethod
     def _has_checkpoint(path: str) -> bool:
-        folder = resolve_folder(path)
-        return folder is not None and (folder / "config.json").is_file()
+        return has_checkpoint(path)
 
     def _locked_run(self, steps: list[str]) -> PipelineResult:
         """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`)."""

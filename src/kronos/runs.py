@@ -18,10 +18,13 @@ import copy
 import datetime as _dt
 import logging
 import os
+import shutil
 from pathlib import Path
 
+from kronos.config import Config
 from kronos.errors import ConfigError, DataError
-from kronos.io import write_text
+from kronos.io import resolve_folder, write_text
+from kronos.runlock import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,53 @@ def for_existing_run(config):
     return copy.deepcopy(config).update({**paths, "run_id": run_id}, source="run folder", user=False)
 
 
+def pick_run_id(root: Path, run_id: str = "", resume: bool = False) -> str:
+    """The id of the run a pipeline starts: ``run_id`` when set, with ``resume`` the newest run, else a new id
+    (its folder reserved). Called on rank 0 only; the pipeline shares the choice with the other ranks."""
+    if run_id:
+        return run_id
+    if resume and newest_run(root):
+        return newest_run(root) or ""
+    return new_run_id(root, reserve=True)
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint folder (or its interrupted-swap ``.prev``) with a ``config.json``."""
+    folder = resolve_folder(path)
+    return folder is not None and (folder / "config.json").is_file()
+
+
+def enter_run(config: Config, root: Path, run_id: str, skipped: list[str] | tuple[str, ...] = ()) -> Config:
+    """``config`` with its output paths moved inside run ``run_id`` of ``root`` (a copy; the caller's config is not
+    changed). A skipped training stage (``skipped``: 'tokenizer', 'predictor') with no explicit ``finetuned_*_path``
+    and no checkpoint of its own reuses the checkpoint of the latest finished run, and says so in the log."""
+
+    def in_run(rid: str, extra: dict | None = None) -> Config:
+        paths = run_paths(config.save_path, config.backtest_result_path, rid)
+        return copy.deepcopy(config).update({**paths, "run_id": rid, **(extra or {})}, source="run folder", user=False)
+
+    overrides: dict[str, str] = {}
+    moved = in_run(run_id)
+    previous = latest_run(root)
+    for stage in skipped:
+        key = f"finetuned_{stage}_path"
+        if config.is_set(key) or getattr(config, key) or has_checkpoint(getattr(moved, f"finetuned_{stage}")):
+            continue
+        if previous and previous != run_id:
+            theirs = getattr(in_run(previous), f"finetuned_{stage}")
+            if has_checkpoint(theirs):
+                overrides[key] = theirs
+                log.info("--skip-%s: reusing the %s of run %s (%s)", stage, stage, previous, theirs)
+    return in_run(run_id, overrides)
+
+
+def remove_if_empty(root: Path, run_id: str) -> None:
+    """Remove the folder of a run that stopped before writing anything (lock files aside)."""
+    folder = root / run_id
+    if folder.is_dir() and not any(p.is_file() and not p.name.endswith(LOCK_NAME) for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def check_run_id(run_id: str) -> str:
     """A run id is a plain folder name (it may come from a user's flag)."""
     if not run_id or run_id in (".", "..") or "/" in run_id or "\\" in run_id or run_id == LATEST:
@@ -141,6 +191,10 @@ def resolve_run(ref: str | os.PathLike, save_path: str, backtest_result_path: st
 
 
 __all__ = [
+    "enter_run",
+    "has_checkpoint",
+    "pick_run_id",
+    "remove_if_empty",
     "runs_root",
     "new_run_id",
     "newest_run",
