@@ -324,6 +324,8 @@ def run_pipeline_command(args: argparse.Namespace, config: Config) -> int:
 
 def print_result_summary(result) -> None:
     lines = ["", "Kronos pipeline finished. Results:"]
+    from kronos.evaluate.backtest.report import MIN_DAYS_TO_ANNUALISE
+
     if result.dataset_path:
         lines.append(f"  dataset:          {result.dataset_path}")
     lines.append(f"  tokenizer:        {result.tokenizer_path}")
@@ -341,10 +343,20 @@ def print_result_summary(result) -> None:
     if result.backtest_dir:
         lines.append(f"  backtest:         {result.backtest_dir}")
         for sig, s in result.backtest_summary.items():
+            if s.get("annualised", True):
+                returns = (
+                    f"annualised excess return {_fmt(s.get('excess_return_without_cost/annualized_return'))} "
+                    f"without cost, {_fmt(s.get('excess_return_with_cost/annualized_return'))} with cost"
+                )
+            else:  # too short a period to annualise: the period's own excess return
+                returns = (
+                    f"excess return over {s.get('n_days')} days ({s.get('start')} .. {s.get('end')}) "
+                    f"{_fmt(s.get('excess_total_return_without_cost'))} without cost, "
+                    f"{_fmt(s.get('excess_total_return_with_cost'))} with cost (not annualised: under "
+                    f"{MIN_DAYS_TO_ANNUALISE} trading days)"
+                )
             lines.append(
-                f"                    signal {sig}: annualised excess return "
-                f"{_fmt(s.get('excess_return_without_cost/annualized_return'))} without cost, "
-                f"{_fmt(s.get('excess_return_with_cost/annualized_return'))} with cost; "
+                f"                    signal {sig}: {returns}; "
                 f"max drawdown {_fmt(s.get('excess_return_with_cost/max_drawdown'))}"
             )
     if result.plots:
@@ -603,7 +615,8 @@ def _pipeline_for(args: argparse.Namespace, existing_run: bool = False):
 
         config = for_existing_run(config)
     pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
-    pipe.reuse_records = args.command == "backtest"  # the run's saved forecast records, not new ones
+    # the run's saved test pass and forecast records, not new forecasts (re-forecast, logged, if settings differ)
+    pipe.reuse_forecasts = args.command in ("evaluate", "backtest")
     return pipe
 
 

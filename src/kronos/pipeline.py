@@ -31,7 +31,7 @@ from kronos.evaluate.metrics import save_metrics
 from kronos.evaluate.plots import plot_forecast, plot_forecast_vs_actual, plot_ic_over_time, plot_training_curves
 from kronos.evaluate.records import ic_by_date
 from kronos.evaluate.report import build_report
-from kronos.evaluate.rolling import SplitForecasts, forecast_split
+from kronos.evaluate.rolling import SplitForecasts, forecast_split, pass_settings
 from kronos.evaluate.signals import signals_from_records
 from kronos.inference import KronosPredictor
 from kronos.inference.bands import Calibration, apply_calibration, calibration_path, quantile_column
@@ -41,7 +41,7 @@ from kronos.model import Kronos, KronosTokenizer
 from kronos.model.hub import data_cutoff
 from kronos.paths import path_in, safe_filename
 from kronos.runlock import run_locks
-from kronos.runs import enter_run, has_checkpoint, mark_latest, pick_run_id, remove_if_empty, runs_root
+from kronos.runs import CONFIG_NAME, enter_run, has_checkpoint, mark_latest, pick_run_id, remove_if_empty, runs_root
 from kronos.timeutil import resolve_calendar
 from kronos.train import train_predictor, train_tokenizer
 from kronos.train.distributed import is_main_process, process_group, share_text, wait_for_main
@@ -102,7 +102,8 @@ class KronosPipeline:
         self._frame: pd.DataFrame | None = None
         self._records: pd.DataFrame | None = None
         self._test: SplitForecasts | None = None  # the one rolling pass over the test split
-        self.reuse_records = False  # forecast_records() loads the run's saved records when present (kronos backtest)
+        # evaluate/backtest commands on a finished run: reuse its saved test pass and forecast records (same settings)
+        self.reuse_forecasts = False
         self._skipped: dict[str, str] = {}  # models left out of the report, and why
 
     # ------------------------------------------------------------------ step 1: data
@@ -321,6 +322,22 @@ class KronosPipeline:
         cfg = self.config
         periods = self.eval_periods()
         bounds = split_dates(cfg.dataset_path)
+        saved = Path(cfg.backtest_dir) / TEST_PASS
+        if self.reuse_forecasts and saved.is_dir():
+            passed = SplitForecasts.load(saved)
+            wanted = pass_settings(cfg, "test", periods.test)
+            if passed.settings != wanted:
+                differ = sorted(k for k in wanted if passed.settings.get(k) != wanted.get(k))
+                log.info("the run's saved test pass %s was made with other settings (%s): forecasting again", saved,
+                         ", ".join(differ))  # fmt: skip
+            elif models is not None and not set(models) <= set(passed.paths):
+                log.info("the run's saved test pass %s lacks %s: forecasting again", saved,
+                         sorted(set(models) - set(passed.paths)))  # fmt: skip
+            else:
+                log.info("reusing the run's test pass %s (%d forecasts of %s): no new forecasts", saved,
+                         len(passed.anchors), ", ".join(passed.paths))  # fmt: skip
+                self._test = passed
+                return passed
         models = models if models is not None else self._models()
         frame = self.full_frame()
         log.info(
@@ -340,18 +357,24 @@ class KronosPipeline:
             list(cfg.eval.seeds),
             period=periods.test,
         )
+        if is_main_process():
+            self._test.save(saved)  # `kronos evaluate` and `kronos backtest` reuse it
         return self._test
 
     def forecast_records(self) -> pd.DataFrame:
         """The model in use's forecast records at the test anchors (the first seed of the test pass, with its
-        calibrated bands when it has a calibration); ``kronos backtest`` reuses the run's saved ones."""
+        calibrated bands when it has a calibration); on a finished run the saved pass is reused
+        (:meth:`test_forecasts`)."""
         if self._records is not None:
             return self._records
-        saved = Path(self.config.backtest_dir) / "forecast_records.parquet"
-        if self.reuse_records and saved.is_file():
-            log.info("reusing the run's forecast records %s (the forecasts evaluate and backtest saw)", saved)
-            self._records = pd.read_parquet(saved)
-            return self._records
+        cfg = self.config
+        saved = Path(cfg.backtest_dir) / "forecast_records.parquet"
+        if self.reuse_forecasts and self._test is None and saved.is_file():
+            made_with = kio.read_json_object(Path(cfg.backtest_dir) / TEST_PASS / "pass.json", "forecast pass") or {}
+            if made_with.get("settings") == pass_settings(cfg, "test", self.eval_periods().test):
+                log.info("reusing the run's forecast records %s (from its saved test pass): no model needed", saved)
+                self._records = pd.read_parquet(saved)
+                return self._records
         in_use = self.model_in_use()
         passed = self.test_forecasts(None if self._test is not None else {in_use: self.load_predictor()})
         records = passed.first(in_use).records
@@ -438,7 +461,26 @@ class KronosPipeline:
         self.result.backtest_dir = str(out_dir)
         self.result.plots.extend(str(p) for p in reports.plots)  # the summary counts every PNG written
         self.result.backtest_summary = {k: r.summary for k, r in reports.items()}
+        self._note_backtest_span(period, self.result.backtest_summary)
         return self.result.backtest_summary
+
+    def _note_backtest_span(self, period: tuple[pd.Timestamp, pd.Timestamp], summary: dict) -> None:
+        """Say (log and pipeline_result.json) which part of backtest_time_range the backtest covered, and why,
+        when it is not the whole range (a week of slack at either end)."""
+        first: dict = next(iter(summary.values()), {})
+        if not first.get("start") or not first.get("end"):
+            return
+        start, end = pd.Timestamp(first["start"]), pd.Timestamp(first["end"])
+        slack = pd.Timedelta(days=7)
+        if start <= period[0] + slack and end >= period[1].normalize() - slack:
+            return
+        cfg = self.config
+        self._note(
+            f"backtest covers {start.date()} .. {end.date()} ({first.get('n_days')} trading days) of "
+            f"backtest_time_range {period[0].date()} .. {period[1].date()}: it trades on the test pass's forecast "
+            f"dates (eval_max_anchors {cfg.eval_max_anchors or 'all'}, spread over the test split) and needs each "
+            f"forecast's {cfg.predict_window} target bars to be known; set eval_max_anchors 0 to trade every bar"
+        )
 
     def _evaluation_figures(self, records: pd.DataFrame) -> None:
         """Forecast vs realised close (1 bar ahead) for the symbols with the most test anchors, and IC/RankIC per
@@ -548,12 +590,21 @@ class KronosPipeline:
         if "data" not in steps:
             self.require_dataset()
         if is_main_process():
-            cfg.save(Path(cfg.save_path) / "pipeline_config.json")  # inside the outputs, never beside them
+            cfg.save(Path(cfg.save_path) / CONFIG_NAME)  # inside the outputs, never beside them
             # a run killed later leaves status 'running' under its own id: its results are never taken for finished
             self.result.run_id, self.result.status = cfg.run_id or runlock.RUN_ID, "running"
             kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
             if cfg.run_id:
                 log.info("run %s: outputs under %s", cfg.run_id, Path(cfg.save_path).parent)
+            log.info(
+                "where this run reads and writes: dataset %s; tokenizer %s (%s); predictor %s (%s); results %s",
+                cfg.dataset_path,
+                cfg.finetuned_tokenizer,
+                "trained now" if "tokenizer" in steps else "reused",
+                cfg.finetuned_predictor,
+                "trained now" if "predictor" in steps else "reused",
+                cfg.backtest_dir,
+            )
         for name in STEPS:
             if name not in steps:
                 if name in ("tokenizer", "predictor"):  # a skipped stage needs its checkpoint
@@ -763,6 +814,8 @@ class KronosPipeline:
             plot_training_curves(path, out, title=f"{stage}: loss curves")
             self.result.plots.append(str(out))
 
+
+TEST_PASS = "test_pass"  # the saved test pass, in the results folder
 
 # ---------------------------------------------------------------------- steps
 STEPS = ("data", "tokenizer", "predictor", "calibrate", "predict", "evaluate", "backtest")

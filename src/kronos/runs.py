@@ -103,10 +103,18 @@ def run_paths(save_path: str, backtest_result_path: str, run_id: str) -> dict[st
     }
 
 
-def for_existing_run(config):
-    """``config`` pointed at the run a single step (predict, evaluate, calibrate, backtest) works on: ``run_id``
-    when set, else the latest finished run; unchanged with ``run_folders: false`` or when there is no run yet."""
+# keys a run owns: where its outputs and checkpoints are (a step command never moves them)
+RUN_KEYS = ("save_path", "backtest_result_path", "run_id", "run_folders", "finetuned_tokenizer_path",
+            "finetuned_predictor_path")  # fmt: skip
+CONFIG_NAME = "pipeline_config.json"
 
+
+def for_existing_run(config: Config) -> Config:
+    """The config a single step (predict, evaluate, calibrate, backtest) uses on an existing run: ``run_id`` when
+    set, else the latest finished run. It is the run's saved effective config (``pipeline_config.json``), with what
+    the command itself set on top (its config file, ``--set``, flags: every key whose value differs from the
+    default, except the run's own paths), and a log line naming each key that differs from the run's. Unchanged with
+    ``run_folders: false`` or when there is no run yet; a run without a saved config gets its paths moved only."""
     if not config.run_folders:
         return config
     root = runs_root(config.save_path, config.backtest_result_path)
@@ -118,9 +126,26 @@ def for_existing_run(config):
             sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
         )
         raise DataError(f"run_id '{run_id}': no such run in '{root}'; known runs: {known[-5:] or 'none yet'}")
-    log.info("working on run %s (%s)", run_id, root / run_id)
     paths = run_paths(config.save_path, config.backtest_result_path, run_id)
-    return copy.deepcopy(config).update({**paths, "run_id": run_id}, source="run folder", user=False)
+    saved = Path(paths["save_path"]) / CONFIG_NAME
+    if not saved.is_file():
+        log.info("working on run %s (%s; no saved %s: the command's config with the run's paths)", run_id,
+                 root / run_id, CONFIG_NAME)  # fmt: skip
+        return copy.deepcopy(config).update({**paths, "run_id": run_id}, source="run folder", user=False)
+    run_cfg = Config.from_file(saved)
+    default = Config()
+    own = {
+        key: getattr(config, key)
+        for key in Config.keys()
+        if key not in RUN_KEYS and getattr(config, key) != getattr(default, key)
+    }
+    changed = {k: v for k, v in own.items() if v != getattr(run_cfg, k)}
+    for key, value in changed.items():
+        log.info("run %s: %s = %r here (the run used %r)", run_id, key, value, getattr(run_cfg, key))
+    run_cfg.update({**changed, **paths, "run_id": run_id}, source="command line")
+    log.info("working on run %s (%s) with its saved config %s%s", run_id, root / run_id, saved,
+             f" and {len(changed)} key(s) of this command" if changed else "")  # fmt: skip
+    return run_cfg
 
 
 def pick_run_id(root: Path, run_id: str = "", resume: bool = False) -> str:
@@ -191,6 +216,8 @@ def resolve_run(ref: str | os.PathLike, save_path: str, backtest_result_path: st
 
 
 __all__ = [
+    "CONFIG_NAME",
+    "RUN_KEYS",
     "enter_run",
     "has_checkpoint",
     "pick_run_id",

@@ -159,6 +159,26 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
     assert not list(tmp.rglob("*.pkl")) and not list(tmp.rglob("*.pickle"))
 
 
+def test_evaluate_and_backtest_on_the_run_reuse_its_config_and_forecasts(qlib_run):
+    """`kronos evaluate` and `kronos backtest` with no flags, beside the run's outputs: the latest run's saved
+    config and test pass, no new forecasts, the pipeline's numbers."""
+    tmp, _, r = qlib_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = latest_run(tmp) / "backtest_results" / "finetune_backtest_demo"
+    before = json.loads((res / "report.json").read_text())
+    backtest_before = json.loads((res / "backtest" / "comparison.json").read_text())
+    ev = run_script(["-m", "kronos.cli", "evaluate"], cwd=tmp)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "with its saved config" in ev.stderr and "reusing the run's test pass" in ev.stderr
+    assert "test pass:" not in ev.stderr and "forecast:" not in ev.stderr  # nothing forecast again
+    after = json.loads((res / "report.json").read_text())
+    assert after["headline"] == before["headline"] and after["anchors"] == before["anchors"]
+    bt = run_script(["-m", "kronos.cli", "backtest"], cwd=tmp)
+    assert bt.returncode == 0, bt.stderr[-3000:]
+    assert "reusing the run's forecast records" in bt.stderr and "forecast:" not in bt.stderr
+    assert json.loads((res / "backtest" / "comparison.json").read_text()) == backtest_before
+
+
 def test_skip_flags_reuse_what_is_on_disk(qlib_run):
     tmp, cfg, r = qlib_run
     assert r.returncode == 0

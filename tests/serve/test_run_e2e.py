@@ -174,7 +174,9 @@ def test_page_forecast_and_run_views(served_run):
         driver.find_element("id", "tab-run").click()
         run = wait_for(driver, "window.kronosView.run")
         assert run["curves"]["predictor"] and run["curves"]["tokenizer"]
-        assert "model" in run["evaluation"]["rows"] and "naive" in run["evaluation"]["rows"]
+        rows = run["evaluation"]["rows"]  # metrics.json: the model in use beside the baselines
+        assert run["evaluation"]["model"] in rows and {"last_value", "random_walk"} <= set(rows)
+        assert rows[run["evaluation"]["model"]]["crps_rel"] > 0
         assert run["backtest"], "no backtest curves"
         assert len(driver.find_elements("css selector", "#eval-table tr")) >= 3
         assert driver.execute_script("return document.querySelectorAll('#curves-chart canvas').length") > 0

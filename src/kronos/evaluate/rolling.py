@@ -10,12 +10,15 @@ saved forecast records and the backtest signals all read the one test pass (:fun
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from kronos import io as kio
 from kronos.config import Config
 from kronos.errors import DataError
 from kronos.evaluate.metrics import PathForecasts, naive_scale
@@ -138,10 +141,71 @@ class SplitForecasts:
     true: np.ndarray
     seeds: list
     paths: dict[str, list[PathForecasts]] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # what chose the anchors and drew the paths (pass_settings)
 
     def first(self, model: str) -> PathForecasts:
         """The model's forecasts with the first seed (the run's forecasts: records, signals, calibration)."""
         return self.paths[model][0]
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the pass to ``folder`` (atomically): ``anchors.parquet``, ``paths.npz`` (contexts, outcomes, each
+        model's mean path and close sample paths per seed, float32 paths), ``{model}_records.parquet`` (first seed)
+        and ``pass.json``. NumPy and Parquet only: :meth:`load` never unpickles."""
+
+        def fill(tmp: Path) -> None:
+            self.anchors.to_parquet(tmp / "anchors.parquet", index=False)
+            arrays = {"ctx_close": self.ctx_close, "true": self.true}
+            for model, runs in self.paths.items():
+                for i, fc in enumerate(runs):
+                    arrays[f"{model}.{i}.point"] = fc.point
+                    arrays[f"{model}.{i}.samples"] = fc.samples.astype(np.float32)
+                if runs[0].records is not None:
+                    runs[0].records.to_parquet(tmp / f"{model}_records.parquet", index=False)
+            np.savez(tmp / "paths.npz", **arrays)  # type: ignore[arg-type]  # numpy stubs type **kwds as allow_pickle
+            kio.write_json(
+                tmp / "pass.json",
+                {"split": self.split, "seeds": self.seeds, "models": list(self.paths), "settings": self.settings},
+            )
+
+        return kio.write_folder(folder, fill)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> SplitForecasts:
+        """A pass written by :meth:`save` (:class:`~kronos.errors.DataError` naming the folder when it is not
+        one)."""
+        folder = Path(folder)
+        meta = kio.read_json_object(folder / "pass.json", "forecast pass")
+        if not meta or not (folder / "paths.npz").is_file() or not (folder / "anchors.parquet").is_file():
+            raise DataError(f"'{folder}' holds no saved forecast pass (pass.json, paths.npz, anchors.parquet)")
+        anchors = pd.read_parquet(folder / "anchors.parquet")
+        with np.load(folder / "paths.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        ctx_close, true = arrays["ctx_close"], arrays["true"]
+        out = cls(str(meta["split"]), anchors, ctx_close, true, [int(s) for s in meta["seeds"]])
+        out.settings = dict(meta.get("settings") or {})
+        vol, scale = recent_volatility(ctx_close), naive_scale(ctx_close)
+        for model in meta["models"]:
+            runs = []
+            for i in range(len(out.seeds)):
+                records_file = folder / f"{model}_records.parquet"
+                records = pd.read_parquet(records_file) if i == 0 and records_file.is_file() else None
+                runs.append(PathForecasts(
+                    model, symbol=anchors["symbol"].to_numpy(), anchor=anchors["anchor"].to_numpy(),
+                    last_close=ctx_close[:, -1], scale=scale, true=true, point=arrays[f"{model}.{i}.point"],
+                    samples=arrays[f"{model}.{i}.samples"].astype(float), vol=vol, records=records,
+                ))  # fmt: skip
+            out.paths[str(model)] = runs
+        return out
+
+
+def pass_settings(cfg: Config, split: str, period: tuple[pd.Timestamp, pd.Timestamp] | None = None) -> dict:
+    """What decides a split's pass (anchors and sample paths): a saved pass is reused only when these match."""
+    ev, s = cfg.eval, SamplingConfig.from_config(cfg)
+    return kio.to_jsonable({
+        "split": split, "period": [str(p) for p in period] if period else None, "lookback": ev.lookback,
+        "horizon": ev.horizon, "stride": ev.stride, "max_anchors": ev.max_anchors, "seeds": list(ev.seeds),
+        "quantiles": list(ev.quantiles), "T": s.T, "top_k": s.top_k, "top_p": s.top_p, "sample_count": s.sample_count,
+    })  # fmt: skip
 
 
 def forecast_split(
@@ -166,7 +230,7 @@ def forecast_split(
         )
     ctx_close, true = contexts(frame, anchors, L, P)
     seeds = [int(s) for s in (seeds or ev.seeds)]
-    out = SplitForecasts(split, anchors, ctx_close, true, seeds)
+    out = SplitForecasts(split, anchors, ctx_close, true, seeds, settings=pass_settings(cfg, split, period))
     for name, predictor in models.items():
         out.paths[name] = [
             rolling_paths(name, predictor, frame, anchors, cfg, seed, (ctx_close, true)) for seed in seeds
@@ -174,4 +238,4 @@ def forecast_split(
     return out
 
 
-__all__ = ["SplitForecasts", "contexts", "forecast_split", "rolling_paths", "select_anchors"]
+__all__ = ["SplitForecasts", "contexts", "forecast_split", "pass_settings", "rolling_paths", "select_anchors"]

@@ -437,7 +437,8 @@ class ForecastEngine:
                 cal = self.calibration if calibrate else None
                 res.append(summarize(f, mean, samples, job.settings, pd.DatetimeIndex(y_ts[k]), cal))
                 res[-1]["model"] = self.info.name
-                res[-1]["context_bars"] = len(f)
+                res[-1]["history_bars"] = len(f)  # the bars given: normalisation statistics use them all
+                res[-1]["context_bars"] = min(len(f), self.info.max_context)  # the bars the model's window sees
                 if self.calibration is not None and not calibrate:
                     res[-1]["calibration_note"] = (
                         f"bands not calibrated: the calibration was fitted for horizon {self.calibration.horizon} "

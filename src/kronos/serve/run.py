@@ -118,12 +118,20 @@ class RunFolder:
             data = kio.read_json(file)
         except (OSError, json.JSONDecodeError):
             return None
+        if not isinstance(data, dict):
+            return None
+        # metrics.json: the report's headline for the model in use (top level) beside the baselines' (baselines)
         rows: dict[str, dict] = {}
-        for key, value in data.items() if isinstance(data, dict) else []:
-            if "/" in key and isinstance(value, (int, float)):
-                model, metric = key.split("/", 1)
-                rows.setdefault(model, {})[metric] = _finite(value)
-        return {"file": str(file), "rows": rows}
+        model = str(data.get("model") or "model")
+        rows[model] = {
+            k: _finite(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        for name, scores in (data.get("baselines") or {}).items():
+            if isinstance(scores, dict):
+                rows[str(name)] = {
+                    k: _finite(v) for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+        return {"file": str(file), "model": model, "rows": rows}
 
     def _backtest(self) -> dict:
         curves = {}

@@ -94,7 +94,9 @@ class Trainer:
         self.precision: Precision = resolve_precision(config, ctx.device)
         self.stage_dir = Path(config.save_path) / stage.folder_name
         self.ckpt_dir = self.stage_dir / "checkpoints"
-        self.best_dir = self.ckpt_dir / "best_model"
+        # the stage's finetuned path: <stage dir>/checkpoints/best_model, or exactly where finetuned_<stage>_path says
+        # (an explicit path means "write the new checkpoint here"; the next stage reads it from there)
+        self.best_dir = Path(getattr(config, f"finetuned_{stage.name}"))
         self.last_dir = self.ckpt_dir / "last"
         config.validate()  # keys may have been set on the object after it was built
         # counters (restored on resume)
@@ -703,6 +705,8 @@ class Trainer:
             "best_val_loss": summary["best_val_loss"],
             "seed": cfg.seed,
         }
+        if self.stage.name == "predictor":  # the tokenizer it learned the tokens of (this run's)
+            card["tokenizer"] = {"path": cfg.finetuned_tokenizer, **self.stage.inputs_fingerprint()}
         kio.write_json(self.best_dir / CARD_NAME, card)
 
 

@@ -30,6 +30,9 @@ DAILY_COLUMNS = [
     "turnover",
     "account",
 ]
+# Below this many trading days an annualised return mostly scales noise: the summary marks it (``annualised``
+# false) and the CLI shows the period's excess return instead.
+MIN_DAYS_TO_ANNUALISE = 120
 TRADING_DAYS_PER_YEAR = 238  # Qlib's risk_analysis scaler for daily data
 
 
@@ -154,6 +157,8 @@ def summarize(
     out["start"] = fmt_time(daily.index[0]) if len(daily) else None
     out["end"] = fmt_time(daily.index[-1]) if len(daily) else None
     out["periods_per_year"] = float(periods_per_year)
+    out["annualised"] = bool(len(daily) >= MIN_DAYS_TO_ANNUALISE * periods_per_year / TRADING_DAYS_PER_YEAR)
+    out["excess_total_return_without_cost"] = out["total_return_without_cost"] - out["benchmark_total_return"]
     if extra:
         out.update(extra)
     return out
