@@ -23,6 +23,11 @@ _EXPORTS = {
     "Kronos": "kronos.model",
     "KronosTokenizer": "kronos.model",
     "KronosPredictor": "kronos.inference",
+    # the official package's other names, for code written for the official repository
+    "auto_regressive_inference": "kronos.inference",
+    "calc_time_stamps": "kronos.inference",
+    "get_model_class": "kronos.inference",
+    "model_dict": "kronos.inference",
     "DataProcessorFactory": "kronos.data.sources",
     "BaseDataProcessor": "kronos.data.sources",
 }

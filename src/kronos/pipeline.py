@@ -22,7 +22,7 @@ from kronos import runlock
 from kronos.config import Config
 from kronos.data.schema import VALUE_COLUMNS
 from kronos.data.sources import DataProcessorFactory
-from kronos.data.store import SPLITS, dataset_exists, load_split
+from kronos.data.store import SPLITS, dataset_exists, load_split, refuse_official_pickles
 from kronos.errors import CheckpointError, ConfigError, DataError, InputError, KronosError
 from kronos.evaluate.anchors import EvalPeriods, eval_periods, in_period, split_dates
 from kronos.evaluate.backtest import run_backtests
@@ -102,6 +102,7 @@ class KronosPipeline:
         self._frame: pd.DataFrame | None = None
         self._records: pd.DataFrame | None = None
         self._test: SplitForecasts | None = None  # the one rolling pass over the test split
+        self._periods: EvalPeriods | None = None
         # evaluate/backtest commands on a finished run: reuse its saved test pass and forecast records (same settings)
         self.reuse_forecasts = False
         self._skipped: dict[str, str] = {}  # models left out of the report, and why
@@ -114,6 +115,7 @@ class KronosPipeline:
 
     def require_dataset(self) -> None:
         if not dataset_exists(self.config.dataset_path):
+            refuse_official_pickles(self.config.dataset_path)
             raise DataError(
                 f"no processed dataset at '{self.config.dataset_path}'; run the data step first "
                 "(drop --skip-data-process, or `kronos data --config-path ...`)"
@@ -309,8 +311,10 @@ class KronosPipeline:
     # ------------------------------------------------------------------ step 5: evaluation
     def eval_periods(self) -> EvalPeriods:
         """Evaluation and backtest anchor periods: only the test split (see :mod:`kronos.evaluate.anchors`)."""
-        self.require_dataset()
-        return eval_periods(self.config)
+        if self._periods is None:  # computed (and logged) once per pipeline
+            self.require_dataset()
+            self._periods = eval_periods(self.config)
+        return self._periods
 
     def test_forecasts(self, models: dict | None = None) -> SplitForecasts:
         """The one rolling pass over the test split (:func:`kronos.evaluate.rolling.forecast_split`): every

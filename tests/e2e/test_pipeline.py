@@ -424,3 +424,47 @@ def test_skipped_calibration_is_a_note(monkeypatch):
     assert pipe.result.notes == [
         "calibration skipped (bands stay uncalibrated): calibration needs at least 10 validation anchors ..., found 8"
     ]
+
+
+def test_a_config_with_the_49_official_names_trains_the_predictor_on_its_own_runs_tokenizer(tmp_path):
+    """Every field name of the official finetune/config.py, explicit finetuned paths included (as the official
+    Config sets them): the pipeline runs end to end and the predictor learns the tokens of the tokenizer this run
+    trained, written where finetuned_tokenizer_path says."""
+    tok = "outputs/models/finetune_tokenizer_demo/checkpoints/best_model"
+    pred = "outputs/models/finetune_predictor_demo/checkpoints/best_model"
+    official = {
+        "qlib_data_path": str(DATA / "qlib_cn"), "instrument": "csi300", "dataset_begin_time": "2021-01-01",
+        "dataset_end_time": "2024-12-31", "lookback_window": 30, "predict_window": 5, "max_context": 512,
+        "feature_list": ["open", "high", "low", "close", "vol", "amt"],
+        "time_feature_list": ["minute", "hour", "weekday", "day", "month"],
+        "train_time_range": ["2021-01-01", "2023-06-30"], "val_time_range": ["2023-04-01", "2023-12-31"],
+        "test_time_range": ["2023-10-01", "2024-12-31"], "backtest_time_range": ["2024-11-01", "2024-12-31"],
+        "dataset_path": "data/processed", "clip": 5.0, "epochs": 1, "log_interval": 2, "batch_size": 8,
+        "n_train_iter": 48, "n_val_iter": 16, "tokenizer_learning_rate": 0.002, "predictor_learning_rate": 0.002,
+        "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_weight_decay": 0.1, "accumulation_steps": 1,
+        "save_path": "outputs/models", "tokenizer_save_folder_name": "finetune_tokenizer_demo",
+        "predictor_save_folder_name": "finetune_predictor_demo", "backtest_save_folder_name": "finetune_backtest_demo",
+        "backtest_result_path": "outputs/backtest_results", "pretrained_tokenizer_path": "",
+        "pretrained_predictor_path": "", "finetuned_tokenizer_path": tok, "finetuned_predictor_path": pred,
+        "backtest_n_symbol_hold": 3, "backtest_n_symbol_drop": 1, "backtest_hold_thresh": 1, "inference_T": 0.6,
+        "inference_top_p": 0.9, "inference_top_k": 0, "inference_sample_count": 2, "backtest_batch_size": 1000,
+        "backtest_benchmark": "SH000300", "use_comet": False,
+        "comet_config": {"api_key": "", "project_name": "Kronos-Finetune-Demo", "workspace": ""},
+        "comet_tag": "finetune_demo", "comet_name": "finetune_demo", "seed": 100,
+    }  # fmt: skip
+    assert len(official) == 49
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**official, "eval_max_anchors": 8, "tokenizer_preset": "tiny",
+                               "predictor_preset": "tiny", "num_workers": 0}))  # fmt: skip
+    r = run_script(["-m", "kronos.cli", "pipeline", "--cpu", "--fast-mode", "--config-path", str(cfg)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok_dir, pred_dir = tmp_path / tok, tmp_path / pred
+    from kronos.model import KronosTokenizer
+    from kronos.model.hub import weights_sha256
+
+    sha = weights_sha256(KronosTokenizer.from_pretrained(str(tok_dir)))
+    card = json.loads((pred_dir / "model_card.json").read_text())
+    assert card["tokenizer"] == {"path": str(tok_dir), "tokenizer_sha256": sha}
+    assert f"tokenising with the frozen tokenizer at {tok_dir} (weights sha256 {sha[:12]})" in r.stderr
+    assert f"tokenizer {tok_dir} (trained now)" in r.stderr and "Kronos pipeline finished" in r.stdout
+    assert str(pred_dir) in r.stdout  # the summary names the predictor that exists

@@ -51,6 +51,22 @@ def dataset_folder(path: PathLike) -> Path:
     return kio.resolve_folder(p) or p
 
 
+# the official scripts' dataset: pickled dicts of DataFrames (refused: unpickling a file can run any code)
+OFFICIAL_PICKLES = ("train_data.pkl", "val_data.pkl", "test_data.pkl")
+
+
+def refuse_official_pickles(path: PathLike) -> None:
+    """One-line :class:`~kronos.errors.DataError` when ``path`` holds the official pickle dataset instead of ours."""
+    folder = Path(path).expanduser()
+    found = [name for name in OFFICIAL_PICKLES if (folder / name).is_file()]
+    if found and not (folder / MANIFEST_NAME).is_file():
+        raise DataError(
+            f"dataset_path '{folder}' holds the official scripts' pickle dataset ({', '.join(found)}); this package "
+            "never unpickles data (loading a pickle can run any code): rebuild it as Parquet from the raw data with "
+            "`kronos data --config-path <your config>` (or train_complete_pipeline.py without --skip-data-process)"
+        )
+
+
 def dataset_exists(path: PathLike) -> bool:
     """True when ``path`` (or its ``.prev`` copy after a killed swap) holds all three splits and the manifest."""
     p = dataset_folder(path)
@@ -102,6 +118,7 @@ def load_split(path: PathLike, split: str) -> pd.DataFrame:
 
     file = split_file(path, split)
     if not file.is_file():
+        refuse_official_pickles(path)
         raise DataError(f"dataset split '{split}' not found at '{file}'; {_RERUN}")
     try:
         frame = pd.read_parquet(file, engine="pyarrow")
@@ -116,6 +133,7 @@ def load_manifest(path: PathLike) -> dict[str, Any]:
     """Read ``manifest.json`` of the dataset folder ``path``."""
     file = dataset_folder(path) / MANIFEST_NAME
     if not file.is_file():
+        refuse_official_pickles(path)
         raise DataError(f"dataset manifest not found at '{file}'; {_RERUN}")
     try:
         data = kio.read_json(file)

@@ -10,6 +10,19 @@ from kronos.inference.generate import (
 )
 from kronos.inference.predictor import FEATURE_COLS, KronosPredictor, calc_time_stamps
 from kronos.inference.sampling import sample_from_logits, top_k_top_p_filtering
+from kronos.model import Kronos, KronosTokenizer
+
+# The official package's registry (``model/__init__.py``): code written for the official repository keeps working
+model_dict = {"kronos_tokenizer": KronosTokenizer, "kronos": Kronos, "kronos_predictor": KronosPredictor}
+
+
+def get_model_class(model_name: str) -> type:
+    """The class registered as ``model_name`` in :data:`model_dict` (the official helper); KeyError names the known
+    ones."""
+    if model_name not in model_dict:
+        raise KeyError(f"model '{model_name}' is not registered; known: {sorted(model_dict)}")
+    return model_dict[model_name]
+
 
 __all__ = [
     "Calibration",
@@ -21,6 +34,8 @@ __all__ = [
     "auto_regressive_inference",
     "calc_time_stamps",
     "generate_tokens",
+    "get_model_class",
+    "model_dict",
     "mean_over_samples",
     "prob_up",
     "sample_forecasts",

@@ -81,6 +81,18 @@ def _to_datetime_index(values: Timestamps, name: str) -> pd.DatetimeIndex:
     return idx
 
 
+class DeviceName(str):
+    """The predictor's device as the official predictor keeps it, a string (``predictor.device == "cpu"``), with
+    :class:`torch.device`'s ``type``; torch takes it wherever it takes a device."""
+
+    type: str
+
+    def __new__(cls, device: torch.device) -> DeviceName:
+        obj = super().__new__(cls, str(device))
+        obj.type = device.type
+        return obj
+
+
 def _check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch device that exists here; one-line InputError for a missing CUDA/MPS device."""
     try:
@@ -161,7 +173,7 @@ class KronosPredictor:
                 f"tokenizer bits ({tokenizer.s1_bits}, {tokenizer.s2_bits}) do not match the predictor's "
                 f"({model.s1_bits}, {model.s2_bits}); use the tokenizer the predictor was trained with"
             )
-        self.device = _check_device(device)
+        self.device = DeviceName(_check_device(device))
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer.to(self.device).eval()
         self.max_context = int(max_context)
@@ -171,6 +183,7 @@ class KronosPredictor:
         self.price_cols = list(PRICE_COLS)
         self.vol_col = VOL_COL
         self.amt_col = AMT_COL
+        self.amt_vol = AMT_COL  # the official predictor's name for the amount column
         self.time_cols = list(TIME_COLS)
 
     # ------------------------------------------------------------------ pre-processing
