@@ -274,3 +274,15 @@ def test_views_group_the_flat_keys_and_cannot_change_the_config():
         cfg.eval.stride = 5  # type: ignore[misc]
     # the file format stays flat: views are not keys
     assert "eval" not in cfg.to_dict() and "eval_seeds" in cfg.to_dict()
+
+
+def test_the_config_object_reads_like_the_official_one():
+    """Official code reads config.finetuned_tokenizer_path as a path; the file format keeps "" (derived)."""
+    cfg = Config.from_dict({"save_path": "/runs/x", "instrument": "csi500"})
+    assert cfg.finetuned_tokenizer_path == "/runs/x/finetune_tokenizer_demo/checkpoints/best_model"
+    assert cfg.finetuned_predictor_path.endswith("finetune_predictor_demo/checkpoints/best_model")
+    assert cfg.backtest_benchmark == "SH000905"
+    assert cfg.to_dict()["finetuned_tokenizer_path"] == "" and cfg.explicit("backtest_benchmark") == ""
+    cfg.update({"save_path": "/runs/y"})  # a derived path still follows save_path
+    assert cfg.finetuned_tokenizer_path.startswith("/runs/y/")
+    assert Config.from_dict({"finetuned_tokenizer_path": "/mine"}).finetuned_tokenizer_path == "/mine"

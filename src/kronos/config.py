@@ -7,6 +7,7 @@ wrong types are rejected with a message that names the key and suggests the clos
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import difflib
@@ -228,18 +229,34 @@ class Config:
     def backtest_dir(self) -> str:
         return os.path.join(self.backtest_result_path, self.backtest_save_folder_name)
 
+    def __getattribute__(self, name: str) -> Any:
+        # As the official Config object: an empty derived key reads as its derived value
+        # (config.finetuned_tokenizer_path is a path); explicit(key) and to_dict() keep what was set.
+        value = object.__getattribute__(self, name)
+        if value == "" and name in _DERIVED_KEYS:
+            return object.__getattribute__(self, _DERIVED_KEYS[name])
+        return value
+
+    def explicit(self, key: str) -> Any:
+        """The value stored for ``key`` ("" for a derived key left to follow ``save_path``/``instrument``)."""
+        return self.__dict__[key]
+
     @property
     def finetuned_tokenizer(self) -> str:
         """Where the finetuned tokenizer's best checkpoint lives (explicit value wins)."""
-        return self.finetuned_tokenizer_path or os.path.join(self.tokenizer_dir, "checkpoints", "best_model")
+        return self.explicit("finetuned_tokenizer_path") or os.path.join(
+            self.tokenizer_dir, "checkpoints", "best_model"
+        )
 
     @property
     def finetuned_predictor(self) -> str:
-        return self.finetuned_predictor_path or os.path.join(self.predictor_dir, "checkpoints", "best_model")
+        return self.explicit("finetuned_predictor_path") or os.path.join(
+            self.predictor_dir, "checkpoints", "best_model"
+        )
 
     @property
     def benchmark(self) -> str:
-        return self.backtest_benchmark or BENCHMARKS.get(self.instrument.lower(), "SH000300")
+        return self.explicit("backtest_benchmark") or BENCHMARKS.get(self.instrument.lower(), "SH000300")
 
     @property
     def window(self) -> int:
@@ -283,7 +300,7 @@ class Config:
     def validate(self) -> None:
         """Coerce every key to its type, then check it against :data:`RULES` and :data:`CROSS_RULES`."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_type(f)))
+            setattr(self, f.name, _coerce(f.name, self.__dict__[f.name], _field_type(f)))
         for key, rules in RULES.items():
             value = getattr(self, key)
             for rule in rules:
@@ -304,7 +321,7 @@ class Config:
         Every file, log line and tracker parameter gets the redacted form; only code that talks to the service
         itself (the Comet client) reads the secret from the Config object.
         """
-        data = dataclasses.asdict(self)
+        data = {f.name: copy.deepcopy(self.__dict__[f.name]) for f in dataclasses.fields(self)}  # as set, not derived
         return redact_secrets(data) if redact else data
 
     def is_set(self, key: str) -> bool:
@@ -369,6 +386,14 @@ class Config:
 # a key whose name has one of these words (split at "_", "-" or "."): api_key, hf_token, db_password; not "tokenizer_*"
 SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|apikey|token|secret|password|passwd)s?($|[_.-])", re.IGNORECASE)
 REDACTED = "***"
+
+
+# derived keys -> the property that derives them (an empty value follows save_path / instrument)
+_DERIVED_KEYS = {
+    "finetuned_tokenizer_path": "finetuned_tokenizer",
+    "finetuned_predictor_path": "finetuned_predictor",
+    "backtest_benchmark": "benchmark",
+}
 
 
 @dataclasses.dataclass(frozen=True)

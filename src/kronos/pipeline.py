@@ -342,6 +342,9 @@ class KronosPipeline:
                          len(passed.anchors), ", ".join(passed.paths))  # fmt: skip
                 self._test = passed
                 return passed
+        elif self.reuse_forecasts:
+            log.info("run %s has no saved test pass (%s; it ran without the evaluate step): forecasting the test "
+                     "split now", cfg.run_id or "?", saved)  # fmt: skip
         models = models if models is not None else self._models()
         frame = self.full_frame()
         log.info(

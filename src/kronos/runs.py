@@ -135,11 +135,11 @@ def for_existing_run(config: Config) -> Config:
     run_cfg = Config.from_file(saved)
     default = Config()
     own = {
-        key: getattr(config, key)
+        key: config.explicit(key)
         for key in Config.keys()
-        if key not in RUN_KEYS and getattr(config, key) != getattr(default, key)
+        if key not in RUN_KEYS and config.explicit(key) != default.explicit(key)
     }
-    changed = {k: v for k, v in own.items() if v != getattr(run_cfg, k)}
+    changed = {k: v for k, v in own.items() if v != run_cfg.explicit(k)}
     for key, value in changed.items():
         log.info("run %s: %s = %r here (the run used %r)", run_id, key, value, getattr(run_cfg, key))
     run_cfg.update({**changed, **paths, "run_id": run_id}, source="command line")
@@ -178,7 +178,7 @@ def enter_run(config: Config, root: Path, run_id: str, skipped: list[str] | tupl
     previous = latest_run(root)
     for stage in skipped:
         key = f"finetuned_{stage}_path"
-        if config.is_set(key) or getattr(config, key) or has_checkpoint(getattr(moved, f"finetuned_{stage}")):
+        if config.is_set(key) or config.explicit(key) or has_checkpoint(getattr(moved, f"finetuned_{stage}")):
             continue
         if previous and previous != run_id:
             theirs = getattr(in_run(previous), f"finetuned_{stage}")

@@ -172,7 +172,7 @@ class PredictorStage(Stage):
 
         path = self.config.finetuned_tokenizer
 
-        if not self.config.finetuned_tokenizer_path and resolve_folder(path) is None:
+        if not self.config.explicit("finetuned_tokenizer_path") and resolve_folder(path) is None:
             raise CheckpointError(
                 f"finetuned tokenizer '{path}' does not exist; run the tokenizer stage first "
                 "(finetune/train_tokenizer.py or `kronos train-tokenizer`) or set finetuned_tokenizer_path"
