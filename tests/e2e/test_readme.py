@@ -97,3 +97,16 @@ def test_quick_start_python_runs(readme, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "close" in r.stdout  # the printed band widths
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: p.name)
+def test_every_symbol_the_serve_and_mcp_examples_ask_for_is_in_the_bundled_sample(readme):
+    """The serve/MCP examples run against `make demo`'s dataset: their symbols are bars of the bundled sample."""
+    text = readme.read_text(encoding="utf-8")
+    asked = set(re.findall(r"/symbols/([A-Za-z0-9.]+)/forecast", text))
+    asked |= set(re.findall(r'"symbol": "([A-Za-z0-9.]+)"', text))
+    assert asked or readme.name != "README.md", "no dataset symbol in the serve/MCP examples"
+    features = ROOT / "examples" / "data" / "qlib_cn_demo" / "features"
+    for symbol in asked:
+        folder = features / symbol.lower()
+        assert (folder / "close.day.bin").is_file(), f"{readme.name} asks for {symbol}, which the sample does not hold"
