@@ -176,7 +176,14 @@ def test_evaluate_and_backtest_on_the_run_reuse_its_config_and_forecasts(qlib_ru
     bt = run_script(["-m", "kronos.cli", "backtest"], cwd=tmp)
     assert bt.returncode == 0, bt.stderr[-3000:]
     assert "reusing the run's forecast records" in bt.stderr and "forecast:" not in bt.stderr
-    assert json.loads((res / "backtest" / "comparison.json").read_text()) == backtest_before
+    after_bt = json.loads((res / "backtest" / "comparison.json").read_text())
+    assert set(after_bt) == set(backtest_before)
+    for signal, stats in backtest_before.items():  # Qlib's sums may differ in the last bits, nothing more
+        for key, value in stats.items():
+            if isinstance(value, float):
+                assert after_bt[signal][key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+            else:
+                assert after_bt[signal][key] == value, key
 
 
 def test_skip_flags_reuse_what_is_on_disk(qlib_run):
