@@ -75,7 +75,21 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
     assert len(fin["by_step"]["mase"]) == 3
     assert report["forecasters"]["last_value"]["overall"]["width_0.8"] == 0.0
     saved = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert saved["calibration"]["finetuned"]["calibrated"]["coverage_0.8"] is not None
+    comp = saved["calibration"]["finetuned"]
+    assert comp["calibrated"]["coverage_0.8"] is not None
+    # coverage by horizon step and by tercile of recent volatility, each with its interval over dates
+    by_vol, by_vol_ci = (
+        comp["calibrated"]["coverage_0.8_by_vol_tercile"],
+        comp["calibrated"]["coverage_0.8_by_vol_tercile_ci"],
+    )
+    assert len(by_vol) == 3 and len(by_vol_ci) == 3 and comp["vol_tercile_edges"][0] <= comp["vol_tercile_edges"][1]
+    fc = passed.first("finetuned")
+    low = fc.vol < comp["vol_tercile_edges"][0]  # the calm third of the forecasts
+    lo, hi = cal.quantiles(fc.samples, fc.last_close, [0.1, 0.9], fc.vol)
+    inside = (fc.true >= lo) & (fc.true <= hi)
+    assert by_vol[0] == pytest.approx(inside[low].mean()) and by_vol_ci[0][0] <= by_vol[0] <= by_vol_ci[0][1]
+    assert len(comp["calibrated"]["coverage_0.8_by_step_ci"]) == 3
+    assert all(lo <= hi for lo, hi in comp["calibrated"]["coverage_0.8_by_step_ci"] if lo == lo)
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| MASE |" in md and "random_walk" in md and "calibrated" in md
     assert set(saved["calibration"]["finetuned"]["candidates"]) >= {"none", "cqr_additive", "cqr_vol", "spread_scale"}

@@ -94,6 +94,11 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     y, last = fc.true, fc.last_close
     qs = cal.quantile_levels()
     out: dict[str, Any] = {"method": cal.method, "levels": cal.levels, "quantiles": qs}
+    # volatility regimes: terciles of each forecast's recent volatility at its anchor (its context's last bars)
+    vol = np.asarray(fc.vol if fc.vol is not None else np.zeros(len(last)), dtype=float)
+    edges = [float(v) for v in np.quantile(vol, [1 / 3, 2 / 3])] if len(vol) else [float("nan")] * 2
+    tercile = np.digitize(vol, edges) if len(vol) else np.zeros(0, int)
+    out["vol_tercile_edges"] = edges
     for tag, c in (("raw", raw), ("calibrated", cal)):
         qv = c.quantiles(fc.samples, last, qs, fc.vol)
         row: dict[str, Any] = {"crps_q": relative_quantile_crps(qv, qs, y, last)}
@@ -103,6 +108,18 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
             row[f"coverage_{lv:g}"] = float(inside.mean())
             row[f"coverage_{lv:g}_ci"] = coverage_interval(inside, fc.anchor, block)
             row[f"coverage_{lv:g}_by_step"] = [float(v) for v in inside.mean(axis=0)]
+            row[f"coverage_{lv:g}_by_step_ci"] = [
+                coverage_interval(inside[:, k : k + 1], fc.anchor, block) for k in range(inside.shape[1])
+            ]
+            row[f"coverage_{lv:g}_by_vol_tercile"] = [
+                float(inside[tercile == t].mean()) if (tercile == t).any() else float("nan") for t in range(3)
+            ]
+            row[f"coverage_{lv:g}_by_vol_tercile_ci"] = [
+                coverage_interval(inside[tercile == t], fc.anchor[tercile == t], block)
+                if (tercile == t).any()
+                else [float("nan"), float("nan")]
+                for t in range(3)
+            ]
             row[f"width_{lv:g}"] = float(np.mean((hi - lo) / last[:, None]))
         p = c.p_up_raw(fc.samples, last) if tag == "raw" else cal.p_up_calibrated(fc.samples, last)
         moved = y != last[:, None]
@@ -504,6 +521,16 @@ def render_markdown(report: dict) -> str:
                 f"| coverage {lv:.0%} [95% interval over dates] | {cov(cal['raw'], lv)} | "
                 f"{cov(cal['calibrated'], lv)} |"
             )
+            for t, name in enumerate(("low", "mid", "high")):
+                key = f"coverage_{lv:g}_by_vol_tercile"
+                if key in cal["calibrated"]:
+                    cells = []
+                    for tag in ("raw", "calibrated"):
+                        ci = cal[tag][f"{key}_ci"][t]
+                        ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci)
+                        value = _fmt(cal[tag][key][t])
+                        cells.append(f"{value} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ok else value)
+                    lines.append(f"| coverage {lv:.0%}, {name} recent volatility | {cells[0]} | {cells[1]} |")
             lines.append(
                 f"| width {lv:.0%} / last close | {_fmt(cal['raw'][f'width_{lv:g}'])} | "
                 f"{_fmt(cal['calibrated'][f'width_{lv:g}'])} |"
