@@ -63,6 +63,9 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
     frame, bounds, predictor, cfg = setup
     cal = calibrate_on_validation(cfg, predictor, frame, bounds, out_path=tmp_path / "calibration.json")
     assert cal.n_anchors >= 10 and load_calibration(tmp_path / "calibration.json").method == cal.method
+    # the fit's own uncertainty: its validation coverage with an interval over the validation dates
+    fitted = cal.coverage_after["0.8"]
+    assert fitted["interval"][0] <= fitted["coverage"] <= fitted["interval"][1] < 1.0 + 1e-9
     cfg.update({"eval_seeds": [1, 2]})
     passed = forecast_split(
         cfg, frame, "test", bounds["val_end"], bounds["test_end"], {"finetuned": predictor}, seeds=cfg.eval_seeds
@@ -92,6 +95,7 @@ def test_report_and_calibration_end_to_end(setup, tmp_path):
     assert all(lo <= hi for lo, hi in comp["calibrated"]["coverage_0.8_by_step_ci"] if lo == lo)
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| MASE |" in md and "random_walk" in md and "calibrated" in md
+    assert "Fitted coverage on validation (in-sample, 95% interval over validation dates): 50%: " in md
     assert set(saved["calibration"]["finetuned"]["candidates"]) >= {"none", "cqr_additive", "cqr_vol", "spread_scale"}
     assert f"| {cal.method} (used) |" in md
     for name in ("error_by_horizon", "pit_histogram", "coverage_by_horizon", "reliability"):

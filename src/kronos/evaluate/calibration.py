@@ -55,7 +55,14 @@ from scipy.optimize import minimize
 
 from kronos.config import Config
 from kronos.errors import InputError
-from kronos.evaluate.metrics import CRPS_GRID, CRPS_LEVELS, crps_samples, quantile_crps
+from kronos.evaluate.metrics import (
+    CRPS_GRID,
+    CRPS_LEVELS,
+    coverage_interval,
+    crps_samples,
+    dates_per_horizon,
+    quantile_crps,
+)
 from kronos.evaluate.rolling import rolling_paths, select_anchors
 from kronos.inference.bands import (
     BAND_METHODS,
@@ -175,9 +182,16 @@ def _fit_params(
 
 
 def _coverage(
-    cal: Calibration, samples: np.ndarray, last: np.ndarray, true: np.ndarray, vol: np.ndarray | None = None
+    cal: Calibration,
+    samples: np.ndarray,
+    last: np.ndarray,
+    true: np.ndarray,
+    vol: np.ndarray | None = None,
+    anchors: np.ndarray | None = None,
+    block: int = 1,
 ) -> dict:
-    """Coverage (overall and per step) and mean relative width of each central level."""
+    """Coverage (overall and per step) and mean relative width of each central level; with ``anchors`` also the
+    coverage's 95% interval over dates (:func:`~kronos.evaluate.metrics.coverage_interval`)."""
     out = {}
     for lv in cal.levels:
         lo, hi = cal.quantiles(samples, last, [(1 - lv) / 2, (1 + lv) / 2], vol)
@@ -187,6 +201,8 @@ def _coverage(
             "by_step": [float(v) for v in inside.mean(axis=0)],
             "width": float(np.mean((hi - lo) / last[:, None])),
         }
+        if anchors is not None:
+            out[f"{lv:g}"]["interval"] = coverage_interval(inside, anchors, block)
     return out
 
 
@@ -233,6 +249,7 @@ def fit_calibration(
     methods: Sequence[str] = METHODS,
     context_vol: np.ndarray | None = None,
     method: str = DEFAULT_METHOD,
+    block: int = 1,
 ) -> Calibration:
     """Fit the band correction ``method`` on validation forecasts (``"auto"``: the candidate of ``methods`` whose
     coverage on the later ``holdout_fraction`` of the anchors, fitted on the earlier part, is nearest nominal).
@@ -242,7 +259,8 @@ def fit_calibration(
 
     ``samples [N, S, P]`` price paths, ``last_close [N]``, ``true [N, P]`` realised closes (all known), ``anchors
     [N]`` the anchor times (used to split the anchors in time for the method choice), ``context_vol [N]`` the
-    context's log-return volatility (without it ``cqr_vol`` is not a candidate).
+    context's log-return volatility (without it ``cqr_vol`` is not a candidate); ``block``: anchor dates per
+    forecast horizon, for the interval of the fitted coverage (``coverage_after[level]["interval"]``).
     """
     t0 = time.time()
     levels = check_levels(levels)
@@ -308,7 +326,8 @@ def fit_calibration(
     cal.alternatives = alternatives
     raw = Calibration(method="none", **base)
     cal.coverage_before = _coverage(raw, samples, last, true)
-    cal.coverage_after = _coverage(cal, samples, last, true, vol)
+    # the fit's own uncertainty: its in-sample coverage with an interval over the validation dates
+    cal.coverage_after = _coverage(cal, samples, last, true, vol, anchors, block)
     cal.holdout = holdout
     cal.n_anchors = int(n)
 
@@ -400,6 +419,7 @@ def calibrate_on_validation(
         fp,
         context_vol=fc.vol,
         method=ev.calibration_method,
+        block=dates_per_horizon(frame["timestamps"], fc.anchor, P),
     )
     cal.validation = validation_scores(cal, fc)
     cal.seconds = round(time.time() - t0, 2)

@@ -379,3 +379,32 @@ def dm_by_date(
     per = frame.groupby("anchor", sort=True)[["a", "b"]].mean()
     h = max(1, math.ceil(int(horizon) / max(1, int(stride))))
     return diebold_mariano(per["a"].to_numpy(), per["b"].to_numpy(), h=h)
+
+
+def coverage_interval(inside: np.ndarray, dates: np.ndarray, block: int = 1, n_boot: int = 2000, seed: int = 0) -> list:
+    """95% interval ``[low, high]`` of a coverage by a moving-block bootstrap over anchor dates: a market-wide move
+    hits every symbol of a date at once, and forecasts whose horizons overlap share outcomes, so whole runs of
+    ``block`` consecutive dates are resampled (``block``: dates per forecast horizon)."""
+    inside = np.asarray(inside, dtype=float).reshape(len(dates), -1)
+    codes, idx = np.unique(np.asarray(dates), return_inverse=True)
+    n = len(codes)
+    if n < 2:
+        return [float("nan"), float("nan")]
+    hits = np.bincount(idx, weights=inside.sum(axis=1), minlength=n)
+    counts = np.bincount(idx, minlength=n) * inside.shape[1]
+    b = int(min(max(1, block), max(1, n // 2)))
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n - b + 1, size=(n_boot, -(-n // b)))
+    pick = (starts[:, :, None] + np.arange(b)[None, None, :]).reshape(n_boot, -1)[:, :n]
+    cov = hits[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    return [float(v) for v in np.quantile(cov, [0.025, 0.975])]
+
+
+def dates_per_horizon(all_dates: Any, anchor_dates: Any, horizon: int) -> int:
+    """How many of the anchor dates fall within one forecast horizon (bars of ``all_dates``), at their median gap."""
+    grid = np.sort(pd.DatetimeIndex(pd.unique(np.asarray(all_dates))).as_unit("ns").asi8)
+    a = np.unique(pd.DatetimeIndex(np.asarray(anchor_dates)).as_unit("ns").asi8)
+    if len(a) < 2:
+        return 1
+    gap = float(np.median(np.diff(np.searchsorted(grid, a))))
+    return max(1, int(math.ceil(horizon / max(gap, 1.0))))

@@ -31,7 +31,9 @@ from kronos.evaluate.baselines import baseline_forecasts
 from kronos.evaluate.calibration import Calibration, calibrated_crps, candidate
 from kronos.evaluate.metrics import (
     PathForecasts,
+    coverage_interval,
     crps_samples,
+    dates_per_horizon,
     dm_by_date,
     dm_versus,
     nanmean,
@@ -142,35 +144,6 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     out["up_rate"] = rate
     out["brier_base_rate"] = rate * (1 - rate)
     return out
-
-
-def coverage_interval(inside: np.ndarray, dates: np.ndarray, block: int = 1, n_boot: int = 2000, seed: int = 0) -> list:
-    """95% interval ``[low, high]`` of a coverage by a moving-block bootstrap over anchor dates: a market-wide move
-    hits every symbol of a date at once, and forecasts whose horizons overlap share outcomes, so whole runs of
-    ``block`` consecutive dates are resampled (``block``: dates per forecast horizon)."""
-    inside = np.asarray(inside, dtype=float).reshape(len(dates), -1)
-    codes, idx = np.unique(np.asarray(dates), return_inverse=True)
-    n = len(codes)
-    if n < 2:
-        return [float("nan"), float("nan")]
-    hits = np.bincount(idx, weights=inside.sum(axis=1), minlength=n)
-    counts = np.bincount(idx, minlength=n) * inside.shape[1]
-    b = int(min(max(1, block), max(1, n // 2)))
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, n - b + 1, size=(n_boot, -(-n // b)))
-    pick = (starts[:, :, None] + np.arange(b)[None, None, :]).reshape(n_boot, -1)[:, :n]
-    cov = hits[pick].sum(axis=1) / counts[pick].sum(axis=1)
-    return [float(v) for v in np.quantile(cov, [0.025, 0.975])]
-
-
-def dates_per_horizon(all_dates: Any, anchor_dates: Any, horizon: int) -> int:
-    """How many of the anchor dates fall within one forecast horizon (bars of ``all_dates``), at their median gap."""
-    grid = np.sort(pd.DatetimeIndex(pd.unique(np.asarray(all_dates))).as_unit("ns").asi8)
-    a = np.unique(pd.DatetimeIndex(np.asarray(anchor_dates)).as_unit("ns").asi8)
-    if len(a) < 2:
-        return 1
-    gap = float(np.median(np.diff(np.searchsorted(grid, a))))
-    return max(1, int(math.ceil(horizon / max(gap, 1.0))))
 
 
 def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
@@ -506,6 +479,8 @@ def render_markdown(report: dict) -> str:
             f"## Calibration of {name} ({cal['method']}, fitted on {cal['validation']['n_anchors']} "
             "validation forecasts)",
             "",
+            _fit_line(cal["validation"]),
+            "",
             "| | uncalibrated | calibrated |",
             "|---|---|---|",
         ]
@@ -565,6 +540,24 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {method}{mark} | " + " | ".join(val_cells + test_cells) + " |")
     lines += ["", "Figures: " + ", ".join(Path(p).name for p in report["files"]["plots"]), ""]
     return "\n".join(lines)
+
+
+def _fit_line(validation: dict) -> str:
+    """The fit's own coverage on the validation forecasts it was fitted on, with its interval over dates."""
+    parts = []
+    for lv, row in (validation.get("coverage_after") or {}).items():
+        ci = row.get("interval") or []
+        ok = len(ci) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci)
+        parts.append(
+            f"{float(lv):.0%}: {_fmt(row.get('coverage'))}" + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ok else "")
+        )
+    if not parts:
+        return "Fitted coverage on validation: not recorded."
+    return (
+        "Fitted coverage on validation (in-sample, 95% interval over validation dates): "
+        + ", ".join(parts)
+        + ". A wide interval means too few validation dates for a stable fit (raise eval_max_anchors)."
+    )
 
 
 def _plots(report: dict, out: Path) -> list[str]:
