@@ -233,7 +233,7 @@ class Config:
         # As the official Config object: an empty derived key reads as its derived value
         # (config.finetuned_tokenizer_path is a path); explicit(key) and to_dict() keep what was set.
         value = object.__getattribute__(self, name)
-        if value == "" and name in _DERIVED_KEYS:
+        if name in _DERIVED_KEYS and value == "":  # one dict lookup for every other attribute
             return object.__getattribute__(self, _DERIVED_KEYS[name])
         return value
 

@@ -328,20 +328,20 @@ class KronosPipeline:
         bounds = split_dates(cfg.dataset_path)
         saved = Path(cfg.backtest_dir) / TEST_PASS
         if self.reuse_forecasts and saved.is_dir():
-            passed = SplitForecasts.load(saved)
-            wanted = pass_settings(cfg, "test", periods.test)
-            if passed.settings != wanted:
-                differ = sorted(k for k in wanted if passed.settings.get(k) != wanted.get(k))
+            differ = self._saved_pass_differs()
+            if differ:
                 log.info("the run's saved test pass %s was made with other settings (%s): forecasting again", saved,
                          ", ".join(differ))  # fmt: skip
-            elif models is not None and not set(models) <= set(passed.paths):
-                log.info("the run's saved test pass %s lacks %s: forecasting again", saved,
-                         sorted(set(models) - set(passed.paths)))  # fmt: skip
             else:
-                log.info("reusing the run's test pass %s (%d forecasts of %s): no new forecasts", saved,
-                         len(passed.anchors), ", ".join(passed.paths))  # fmt: skip
-                self._test = passed
-                return passed
+                passed = SplitForecasts.load(saved)
+                if models is not None and not set(models) <= set(passed.paths):
+                    log.info("the run's saved test pass %s lacks %s: forecasting again", saved,
+                             sorted(set(models) - set(passed.paths)))  # fmt: skip
+                else:
+                    log.info("reusing the run's test pass %s (%d forecasts of %s): no new forecasts", saved,
+                             len(passed.anchors), ", ".join(passed.paths))  # fmt: skip
+                    self._test = passed
+                    return passed
         elif self.reuse_forecasts:
             log.info("run %s has no saved test pass (%s; it ran without the evaluate step): forecasting the test "
                      "split now", cfg.run_id or "?", saved)  # fmt: skip
@@ -368,6 +368,14 @@ class KronosPipeline:
             self._test.save(saved)  # `kronos evaluate` and `kronos backtest` reuse it
         return self._test
 
+    def _saved_pass_differs(self) -> list[str]:
+        """The settings (anchors, sampling) in which the run's saved test pass differs from this config's; every
+        setting when it has no readable ``pass.json`` (read before any array is loaded)."""
+        wanted = pass_settings(self.config, "test", self.eval_periods().test)
+        meta = kio.read_json_object(Path(self.config.backtest_dir) / TEST_PASS / "pass.json", "forecast pass") or {}
+        made_with = meta.get("settings") or {}
+        return sorted(k for k in wanted if made_with.get(k) != wanted[k])
+
     def forecast_records(self) -> pd.DataFrame:
         """The model in use's forecast records at the test anchors (the first seed of the test pass, with its
         calibrated bands when it has a calibration); on a finished run the saved pass is reused
@@ -377,8 +385,7 @@ class KronosPipeline:
         cfg = self.config
         saved = Path(cfg.backtest_dir) / "forecast_records.parquet"
         if self.reuse_forecasts and self._test is None and saved.is_file():
-            made_with = kio.read_json_object(Path(cfg.backtest_dir) / TEST_PASS / "pass.json", "forecast pass") or {}
-            if made_with.get("settings") == pass_settings(cfg, "test", self.eval_periods().test):
+            if not self._saved_pass_differs():
                 log.info("reusing the run's forecast records %s (from its saved test pass): no model needed", saved)
                 self._records = pd.read_parquet(saved)
                 return self._records
@@ -569,10 +576,6 @@ class KronosPipeline:
         self.result.results_dir = self.config.backtest_dir
         return run_id
 
-    @staticmethod
-    def _has_checkpoint(path: str) -> bool:
-        return has_checkpoint(path)
-
     def _locked_run(self, steps: list[str]) -> PipelineResult:
         """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`)."""
         cfg = self.config
@@ -626,7 +629,7 @@ class KronosPipeline:
             timings[name] = round(time.time() - t0, 2)
         self.result.tokenizer_path = cfg.finetuned_tokenizer
         self.result.predictor_path = cfg.finetuned_predictor
-        if self._has_checkpoint(cfg.finetuned_predictor):
+        if has_checkpoint(cfg.finetuned_predictor):
             try:
                 self.result.model_in_use = self.model_in_use()
             except (KronosError, OSError):

@@ -10,6 +10,7 @@ saved forecast records and the backtest signals all read the one test pass (:fun
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +95,7 @@ def rolling_paths(
     ev = cfg.eval
     L, P = ev.lookback, ev.horizon
     ctx_close, true = prepared if prepared is not None else contexts(frame, anchors, L, P)
-    sampling = SamplingConfig.from_config(cfg)
-    sampling = SamplingConfig(
-        sampling.T, sampling.top_k, sampling.top_p, sampling.top_k_then_top_p, sampling.sample_count, int(seed)
-    )
+    sampling = dataclasses.replace(SamplingConfig.from_config(cfg), seed=int(seed))
     out = predictor.predict_df_paths(
         frame,
         pred_len=P,
