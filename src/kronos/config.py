@@ -190,6 +190,10 @@ class Config:
     eval_seeds: list = field(default_factory=list)  # walk-forward report sampling seeds (empty: [inference_seed])
     interval_levels: list = field(default_factory=lambda: [0.5, 0.8])  # central bands scored and calibrated
     calibration_method: str = "vol_scaled"  # band correction (kronos.evaluate.calibration; "auto" = hold-out choice)
+    calibration_half_life: int = 60  # bars; adaptive bands: realised outcomes weigh half as much every N bars back
+    # (kronos.inference.outcomes; 0 = the static validation fit only)
+    calibration_min_forecasts: int = 600  # validation forecasts the calibration fit needs at least (more anchor
+    # dates than eval_max_anchors when the symbols are few, as many as the validation split has at most)
     plot_n_symbols: int = 5
     inference_seed: int = 100
     # backtest costs and fills as the official qlib_test.py: buy 0.1%, sell 0.15%, min 5 yuan, fill at the open
@@ -277,6 +281,8 @@ class Config:
             levels=tuple(float(v) for v in self.interval_levels or [0.5, 0.8]),
             calibration_method=self.calibration_method,
             allow_overlap=self.allow_eval_overlap,
+            half_life=self.calibration_half_life,
+            min_calibration_forecasts=self.calibration_min_forecasts,
         )
 
     @property
@@ -409,6 +415,8 @@ class EvalSettings:
     levels: tuple[float, ...]
     calibration_method: str
     allow_overlap: bool
+    half_life: int  # calibration_half_life (0: static bands)
+    min_calibration_forecasts: int  # calibration_min_forecasts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,6 +596,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
     ),
     "price_spike_factor": (Rule(lambda v: v == 0 or (math.isfinite(v) and v > 1), "must be 0 (off) or a number > 1"),),
     "price_spike_action": (_one_of("drop", "keep"),),
+    "calibration_half_life": (_at_least(0),),
+    "calibration_min_forecasts": (_at_least(10),),
     # folder names are names, never paths: '../x' would put a stage's outputs outside save_path
     **{
         k: (Rule(_plain_name, "must be one plain folder name (letters, digits, '-', '_', '.'; no '/' or '..')"),)

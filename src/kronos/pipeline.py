@@ -35,6 +35,7 @@ from kronos.evaluate.rolling import SplitForecasts, forecast_split, pass_setting
 from kronos.evaluate.signals import signals_from_records
 from kronos.inference import KronosPredictor
 from kronos.inference.bands import Calibration, apply_calibration, calibration_path, quantile_column
+from kronos.inference.outcomes import BandOutcomes, outcomes_path, target_times
 from kronos.inference.generate import SamplingConfig
 from kronos.io import resolve_folder
 from kronos.model import Kronos, KronosTokenizer
@@ -102,6 +103,7 @@ class KronosPipeline:
         self._frame: pd.DataFrame | None = None
         self._records: pd.DataFrame | None = None
         self._test: SplitForecasts | None = None  # the one rolling pass over the test split
+        self._adaptive: dict[str, Any] = {}  # model -> its calibration adapted to the realised outcomes
         self._periods: EvalPeriods | None = None
         # evaluate/backtest commands on a finished run: reuse its saved test pass and forecast records (same settings)
         self.reuse_forecasts = False
@@ -238,7 +240,7 @@ class KronosPipeline:
         """
         cfg = self.config
         self.require_dataset()
-        calibration = self.load_calibration()  # bands calibrated on validation when calibration.json fits
+        calibration = self.adaptive_calibration()  # validation fit, adapted to every outcome realised so far
         try:
             records = self._predict_df(calibration=calibration)
         except InputError as exc:
@@ -392,7 +394,7 @@ class KronosPipeline:
         in_use = self.model_in_use()
         passed = self.test_forecasts(None if self._test is not None else {in_use: self.load_predictor()})
         records = passed.first(in_use).records
-        cal = self.load_calibration(in_use)
+        cal = self.adaptive_calibration(in_use)
         self._records = apply_calibration(records, cal) if cal is not None else records
         return self._records
 
@@ -748,6 +750,7 @@ class KronosPipeline:
         self.result.model_in_use = selection["model_in_use"]
         self.result.model_selection = selection
         self._predictor = None  # the next load_predictor follows the selection
+        self._adaptive = {}
         return selection
 
     def _calibrate_step(self) -> None:
@@ -783,14 +786,53 @@ class KronosPipeline:
             self.result.calibration_file = str(path)
         return cal
 
+    def adaptive_calibration(self, model: str | None = None):
+        """The model's calibration (default: the model in use) corrected by every outcome realised so far
+        (:mod:`kronos.inference.outcomes`): the validation outcomes the calibrate step saved plus the run's test pass
+        (forecast now when the run has none), saved back beside the calibration for the service. The correction at
+        an anchor reads only outcomes realised on or before it. Static when ``calibration_half_life`` is 0 or the
+        calibration has no outcomes file; None without a calibration."""
+        cfg = self.config
+        model = model or self.model_in_use()
+        if model in self._adaptive:
+            return self._adaptive[model]
+        cal = self.load_calibration(model)
+        path = outcomes_path(self.calibration_file(model))
+        if cal is None or cfg.calibration_half_life <= 0 or cal.method != "vol_scaled":
+            return cal
+        if not path.is_file():
+            log.info("no realised outcomes at %s (rerun `kronos calibrate`): static %s bands", path, model)
+            return cal
+        try:
+            pool = BandOutcomes.load(path)
+            test = self.test_forecasts()
+            if model in test.paths:
+                fc = test.first(model)
+                frame = self.full_frame()
+                targets = target_times(frame, test.anchors, cfg.predict_window)
+                pool = pool.concat(BandOutcomes.from_forecasts(
+                    cal, fc.samples, fc.last_close, fc.true, fc.vol, targets, calendar=frame["timestamps"].unique(),
+                ))  # fmt: skip
+                if is_main_process():
+                    pool.save(path)  # every outcome realised so far, for the service
+            pool.half_life = float(cfg.calibration_half_life)
+            adaptive = cal.with_outcomes(pool)
+        except KronosError as exc:
+            log.warning("%s: static %s bands", exc, model)
+            return cal
+        log.info("adaptive %s bands: %d realised outcomes (to %s), half-life %d bars", model, len(pool),
+                 pd.Timestamp(pool.target.max()) if len(pool) else "-", cfg.calibration_half_life)  # fmt: skip
+        self._adaptive[model] = adaptive
+        return adaptive
+
     def report(self) -> dict:
         """Walk-forward report on the test split: finetuned and zero-shot models (each with its own validation
         calibration) beside the baselines; the model in use and the starting model's data cutoff marked."""
         cfg = self.config
         self.eval_periods()  # the dataset and the periods are checked before the checkpoints
         models = self._models()
-        calibrations = {name: self.load_calibration(name) for name in models}
         passed = self.test_forecasts(models)
+        calibrations = {name: self.adaptive_calibration(name) for name in models}
         cutoff = None
         if "zero_shot" in models or cfg.pretrained_predictor_path:
             end, source = data_cutoff(cfg.pretrained_predictor_path, cfg.pretrained_data_end)

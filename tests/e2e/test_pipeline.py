@@ -147,6 +147,17 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
     printed = next(line for line in r.stdout.splitlines() if line.strip().startswith(f"{in_use} "))
     assert f"crps_rel={metrics['crps_rel']:.4g}" in printed and f"mase={metrics['mase']:.4g}" in printed
     assert printed.count("ic=") <= 1 and "model/" not in r.stdout
+    # adaptive bands: the validation fit rescaled by the outcomes realised up to each anchor, saved for the service
+    calibration = report["calibration"][in_use]
+    adaptive = calibration["adaptive"]
+    assert adaptive and adaptive["half_life_bars"] == 60 and adaptive["n_outcomes"] > 0
+    assert pd.Timestamp(adaptive["last_outcome"]) <= pd.Timestamp(report["splits"]["test_end"])
+    assert "vol_scaled_adaptive" in calibration["candidates"] and "Bands adapted to realised outcomes" in (
+        res / "report.md"
+    ).read_text()
+    best = models / "finetune_predictor_demo" / "checkpoints"
+    outcomes = pd.read_parquet(best / "calibration_outcomes.parquet")
+    assert pd.to_datetime(outcomes["target"]).max() > pd.Timestamp(report["splits"]["val_end"])  # test included
     records = pd.read_parquet(res / "forecast_records.parquet")  # the backtest's signals: the same test pass
     assert records["anchor"].nunique() == anchors["n_dates"] and len(records) == anchors["n_forecasts"] * 5
     # the top-k backtest of each signal: its report, also gathered in comparison.json

@@ -64,6 +64,7 @@ from kronos.evaluate.metrics import (
     quantile_crps,
 )
 from kronos.evaluate.rolling import rolling_paths, select_anchors
+from kronos.inference.outcomes import BandOutcomes, outcomes_path, target_times
 from kronos.inference.bands import (
     BAND_METHODS,
     DEFAULT_METHOD,
@@ -118,16 +119,20 @@ def _cqr_fit(
     level: float,
     vol: np.ndarray | None = None,
     center: np.ndarray | None = None,
+    power: float = 1.0,
+    ref: float = 1.0,
 ) -> np.ndarray:
     """Per-step conformal correction for one level from paths ``z [N,S,P]`` and outcomes ``y [N,P]`` (returns);
-    ``center [P]`` (vol_scaled) shrinks the median toward the last close."""
+    ``center [P]`` (vol_scaled) shrinks the median toward the last close; ``power``/``ref``: vol_scaled's volatility
+    exponent and reference (:func:`~kronos.inference.bands.vol_scale`)."""
     lo, hi = np.quantile(z, [(1 - level) / 2, (1 + level) / 2], axis=1)
     med = np.median(z, axis=1)
     if center is not None:
         med = med * np.asarray(center, dtype=float)[None, :]
     if method == "vol_scaled":
         assert vol is not None  # fit_calibration keeps the VOL_METHODS only with context_vol
-        scores = np.abs(y - med) / vol_scale(lo, hi, vol[:, None], np.arange(1, z.shape[2] + 1)[None, :], level)
+        steps = np.arange(1, z.shape[2] + 1)[None, :]
+        scores = np.abs(y - med) / vol_scale(lo, hi, vol[:, None], steps, level, power, ref)
     elif method in ("cqr_additive", "cqr_vol"):
         scores = np.maximum(lo - y, y - hi)
         if method == "cqr_vol":
@@ -136,6 +141,38 @@ def _cqr_fit(
     else:
         scores = np.maximum((med - y) / np.maximum(med - lo, MIN_HALF), (y - med) / np.maximum(hi - med, MIN_HALF))
     return np.array([_conformal_quantile(scores[:, k], level) for k in range(z.shape[2])])
+
+
+_POWER_GRID = np.round(np.arange(0.0, 1.2001, 0.05), 2)
+MIN_PER_TERCILE = 30  # validation forecasts per volatility tercile needed to fit vol_scaled's exponent
+
+
+def _power_fit(
+    z: np.ndarray, y: np.ndarray, levels: Sequence[float], vol: np.ndarray, center: np.ndarray, ref: float
+) -> float:
+    """vol_scaled's volatility exponent: the one (0 .. 1.2) whose conformal bands cover most evenly across the
+    terciles of recent volatility on validation (squared coverage errors per tercile, step and level). 1 (bands in
+    proportion to the recent volatility) when there are too few forecasts per tercile; ties go to the value nearest
+    1. Measured (README): realised moves grow like vol^0.75 for daily A-shares and far less for 5-minute bars, so a
+    power of 1 gives bands too narrow in calm markets and too wide in turbulent ones."""
+    if len(vol) < 3 * MIN_PER_TERCILE:
+        return 1.0
+    tercile = np.digitize(vol, np.quantile(vol, [1 / 3, 2 / 3]))
+    if min(int((tercile == t).sum()) for t in range(3)) < MIN_PER_TERCILE:
+        return 1.0
+    best, best_err = 1.0, float("inf")
+    for power in sorted(_POWER_GRID, key=lambda p: abs(p - 1.0)):  # nearest 1 first: ties keep it
+        err = 0.0
+        for lv in levels:
+            corr = _cqr_fit("vol_scaled", z, y, lv, vol, center, float(power), ref)
+            lo, hi = np.quantile(z, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
+            med = np.median(z, axis=1) * center[None, :]
+            steps = np.arange(1, z.shape[2] + 1)[None, :]
+            inside = np.abs(y - med) <= corr[None, :] * vol_scale(lo, hi, vol[:, None], steps, lv, float(power), ref)
+            err += sum(float(np.sum((inside[tercile == t].mean(axis=0) - lv) ** 2)) for t in range(3))
+        if err < best_err - 1e-9:
+            best, best_err = float(power), err
+    return best
 
 
 _SCALE_GRID = np.exp(np.linspace(np.log(0.2), np.log(50.0), 241))
@@ -161,20 +198,31 @@ def _spread_fit(z: np.ndarray, y: np.ndarray, levels: Sequence[float]) -> np.nda
 
 
 def _fit_params(
-    method: str, z: np.ndarray, y: np.ndarray, levels: Sequence[float], vol: np.ndarray | None = None
+    method: str,
+    z: np.ndarray,
+    y: np.ndarray,
+    levels: Sequence[float],
+    vol: np.ndarray | None = None,
+    power_levels: Sequence[float] | None = None,
 ) -> dict:
+    """One method's parameters for ``levels``; vol_scaled's exponent is chosen on ``power_levels`` (default
+    ``levels``: the reported ones, not every level of the CRPS grid)."""
     if method == "none":
         return {}
     if method == "spread_scale":
         return {"scale": [float(v) for v in _spread_fit(z, y, levels)]}
     out: dict = {}
     center = None
+    power, ref = 1.0, 1.0
     if method == "vol_scaled":
         assert vol is not None  # fit_calibration keeps the VOL_METHODS only with context_vol
         center = _center_fit(z, y, vol)
         out["center"] = [float(v) for v in center]
+        ref = float(np.median(vol))
+        power = _power_fit(z, y, list(power_levels or levels), vol, center, ref)
+        out["vol_power"], out["vol_ref"] = power, ref
     for lv in levels:
-        corr = _cqr_fit(method, z, y, lv, vol, center)
+        corr = _cqr_fit(method, z, y, lv, vol, center, power, ref)
         out[f"{lv:g}"] = [
             float(v) if np.isfinite(v) else (1.0 if method == "cqr_multiplicative" else 0.0) for v in corr
         ]
@@ -320,7 +368,9 @@ def fit_calibration(
     )
     fit_levels = sorted(set(levels) | set(CRPS_LEVELS))  # the reported levels and the CRPS grid's
     alternatives = {
-        m: _fit_params(m, z, y, fit_levels if m in BAND_METHODS else levels, vol) for m in methods if m != "none"
+        m: _fit_params(m, z, y, fit_levels if m in BAND_METHODS else levels, vol, levels)
+        for m in methods
+        if m != "none"
     }
     cal = Calibration(method=chosen, params=alternatives.get(chosen, {}), score_levels=list(CRPS_LEVELS), **base)
     cal.alternatives = alternatives
@@ -355,13 +405,14 @@ def calibrated_crps(
     last_close: np.ndarray,
     true: np.ndarray,
     context_vol: np.ndarray | None = None,
+    anchors: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """CRPS ``[N, P]`` (price units) of the calibrated distribution at the realised closes ``true``: the grid CRPS
     of its quantiles at :data:`~kronos.evaluate.metrics.CRPS_GRID`; None for a calibration fitted without those
-    levels (written before they were added: rerun `kronos calibrate`)."""
+    levels (written before they were added: rerun `kronos calibrate`). ``anchors``: for adaptive bands."""
     if cal.method in BAND_METHODS and not all(f"{lv:g}" in cal.params for lv in CRPS_LEVELS):
         return None
-    qv = cal.quantiles(samples, last_close, CRPS_GRID, context_vol)
+    qv = cal.quantiles(samples, last_close, CRPS_GRID, context_vol, anchors=anchors)
     return quantile_crps(qv, np.asarray(true, dtype=float))
 
 
@@ -384,6 +435,28 @@ def validation_scores(cal: Calibration, fc: Any) -> dict:
     return out
 
 
+def calibration_anchors(cfg: Config, frame: Any, bounds: dict) -> Any:
+    """The validation anchors the calibration is fitted on: :func:`~kronos.evaluate.rolling.select_anchors` with the
+    config's stride and ``eval_max_anchors`` dates, raised to as many dates as ``calibration_min_forecasts`` needs
+    when the symbols are few (a fit on 20 forecasts of one series is noise), at most every validation date."""
+    ev = cfg.eval
+    L, P = ev.lookback, ev.horizon
+    after, until = bounds.get("train_end"), bounds.get("val_end")
+    anchors = select_anchors(frame, after, until, L, P, ev.stride, ev.max_anchors)
+    if ev.max_anchors and len(anchors) < ev.min_calibration_forecasts:
+        every = select_anchors(frame, after, until, L, P, ev.stride, 0)
+        per_date = len(every) / max(1, every["anchor"].nunique())
+        dates = int(math.ceil(ev.min_calibration_forecasts / max(per_date, 1e-9)))
+        if dates > ev.max_anchors:
+            anchors = select_anchors(frame, after, until, L, P, ev.stride, dates)
+            log.info(
+                "calibration: %d validation anchor dates (eval_max_anchors=%d gives %d forecasts, fewer than "
+                "calibration_min_forecasts=%d)", anchors["anchor"].nunique(), ev.max_anchors,
+                int(round(per_date * ev.max_anchors)), ev.min_calibration_forecasts,
+            )  # fmt: skip
+    return anchors
+
+
 def calibrate_on_validation(
     cfg: Config, predictor: Any, frame: Any, bounds: dict, out_path: str | os.PathLike | None = None
 ) -> Calibration:
@@ -396,7 +469,7 @@ def calibrate_on_validation(
     t0 = time.time()
     ev = cfg.eval
     L, P = ev.lookback, ev.horizon
-    anchors = select_anchors(frame, bounds.get("train_end"), bounds.get("val_end"), L, P, ev.stride, ev.max_anchors)
+    anchors = calibration_anchors(cfg, frame, bounds)
     if len(anchors) < 10:
         raise InputError(
             f"calibration needs at least 10 validation anchors whose {P} target bars lie inside the validation "
@@ -425,6 +498,16 @@ def calibrate_on_validation(
     cal.seconds = round(time.time() - t0, 2)
     path = Path(out_path) if out_path is not None else calibration_path(cfg.finetuned_predictor)
     cal.save(path)
+    # the validation outcomes: where the adaptive correction starts (kronos.inference.outcomes)
+    kept = outcomes_path(path)
+    if ev.half_life > 0 and cal.method == "vol_scaled":
+        outcomes = BandOutcomes.from_forecasts(
+            cal, fc.samples, fc.last_close, fc.true, fc.vol, target_times(frame, anchors, P),
+            calendar=frame["timestamps"].unique(), half_life=ev.half_life,
+        )  # fmt: skip
+        outcomes.save(kept)
+    elif kept.is_file():
+        kept.unlink()  # a static calibration: no outcomes of an earlier fit may adapt it
     log.info(
         "calibration (%s) fitted on %d validation forecasts in %.1fs: coverage %s -> %s; saved %s",
         cal.method,

@@ -101,8 +101,9 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     edges = [float(v) for v in np.quantile(vol, [1 / 3, 2 / 3])] if len(vol) else [float("nan")] * 2
     tercile = np.digitize(vol, edges) if len(vol) else np.zeros(0, int)
     out["vol_tercile_edges"] = edges
+    out["adaptive"] = _adaptive_info(cal, fc.anchor)
     for tag, c in (("raw", raw), ("calibrated", cal)):
-        qv = c.quantiles(fc.samples, last, qs, fc.vol)
+        qv = c.quantiles(fc.samples, last, qs, fc.vol, anchors=fc.anchor)
         row: dict[str, Any] = {"crps_q": relative_quantile_crps(qv, qs, y, last)}
         for lv in cal.levels:
             lo, hi = qv[qs.index(round((1 - lv) / 2, 10))], qv[qs.index(round((1 + lv) / 2, 10))]
@@ -130,12 +131,14 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
         row["reliability"] = _reliability(p[moved], up[moved])
         out[tag] = row
     # every candidate method on the test anchors (parameters fitted on all validation anchors): the evidence
+    # (static: fitted once on validation; the adaptive correction of the calibrated row is shown as its own row)
     out["candidates"] = {}
-    for method in ["none", *cal.alternatives]:
-        c = candidate(cal, method)
+    names = ["none", *cal.alternatives] + (["vol_scaled_adaptive"] if cal.outcomes is not None else [])
+    for method in names:
+        c = cal if method == "vol_scaled_adaptive" else candidate(cal.static(), method)
         row = {}
         for lv in cal.levels:
-            lo, hi = c.quantiles(fc.samples, last, [(1 - lv) / 2, (1 + lv) / 2], fc.vol)
+            lo, hi = c.quantiles(fc.samples, last, [(1 - lv) / 2, (1 + lv) / 2], fc.vol, anchors=fc.anchor)
             row[f"coverage_{lv:g}"] = float(((y >= lo) & (y <= hi)).mean())
             row[f"width_{lv:g}"] = float(np.mean((hi - lo) / last[:, None]))
         out["candidates"][method] = row
@@ -144,6 +147,25 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     out["up_rate"] = rate
     out["brier_base_rate"] = rate * (1 - rate)
     return out
+
+
+def _adaptive_info(cal: Any, anchors: np.ndarray) -> dict | None:
+    """What the adaptive correction did at the test anchors: outcomes, half-life, the multipliers' range per level
+    (None: static bands)."""
+    pool = cal.outcomes
+    if pool is None:
+        return None
+    mult = pool.multipliers(anchors, cal.levels)
+    return {
+        "half_life_bars": pool.half_life,
+        "n_outcomes": len(pool),
+        "last_outcome": str(pd.Timestamp(pool.target.max())) if len(pool) else None,
+        "multiplier": {
+            k: {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+            for k, v in mult.items()
+            if len(v)
+        },
+    }
 
 
 def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
@@ -250,7 +272,12 @@ def build_report(
             }
             report["calibration"][name] = comparison
             crps_cal = calibrated_crps(
-                cal, model_fc[name].samples, model_fc[name].last_close, model_fc[name].true, model_fc[name].vol
+                cal,
+                model_fc[name].samples,
+                model_fc[name].last_close,
+                model_fc[name].true,
+                model_fc[name].vol,
+                anchors=model_fc[name].anchor,
             )
             if crps_cal is not None:
                 ok = np.isfinite(model_fc[name].true)
@@ -481,6 +508,8 @@ def render_markdown(report: dict) -> str:
             "",
             _fit_line(cal["validation"]),
             "",
+            _adaptive_line(cal.get("adaptive")),
+            "",
             "| | uncalibrated | calibrated |",
             "|---|---|---|",
         ]
@@ -536,10 +565,26 @@ def render_markdown(report: dict) -> str:
             h = hold.get(method, {})
             val_cells = [f"{_fmt(h.get('coverage', {}).get(k))} ({_fmt(h.get('width', {}).get(k))})" for k in lv_keys]
             test_cells = [f"{_fmt(row[f'coverage_{k}'])} ({_fmt(row[f'width_{k}'])})" for k in lv_keys]
-            mark = " (used)" if method == cal["method"] else ""
+            used = "vol_scaled_adaptive" if cal.get("adaptive") else cal["method"]
+            mark = " (used)" if method == used else ""
             lines.append(f"| {method}{mark} | " + " | ".join(val_cells + test_cells) + " |")
     lines += ["", "Figures: " + ", ".join(Path(p).name for p in report["files"]["plots"]), ""]
     return "\n".join(lines)
+
+
+def _adaptive_line(info: dict | None) -> str:
+    """One line on the adaptive correction (or that the bands are the static validation fit)."""
+    if not info:
+        return "Bands: the static validation fit (no realised outcomes; calibration_half_life 0 or none saved)."
+    spans = ", ".join(
+        f"{float(k):.0%} x{_fmt(v['min'])}..{_fmt(v['max'])} (median {_fmt(v['median'])})"
+        for k, v in info["multiplier"].items()
+    )
+    return (
+        f"Bands adapted to realised outcomes: at each test anchor the validation fit is rescaled by the "
+        f"{info['n_outcomes']} outcomes (validation and earlier test forecasts) realised on or before that anchor, "
+        f"weights halving every {_fmt(info['half_life_bars'])} bars; multipliers {spans}."
+    )
 
 
 def _fit_line(validation: dict) -> str:

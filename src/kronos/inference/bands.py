@@ -10,6 +10,7 @@ here only (:func:`quantile_column`, :data:`QUANTILE_COLUMN`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -236,6 +237,11 @@ class Calibration:
                 raise CheckpointError(
                     f"{source}: parameter '{key}' must list {obj.horizon} finite numbers; rerun `kronos calibrate`"
                 )
+        for key, low in (("vol_power", 0.0), ("vol_ref", EPS)):  # vol_scaled's volatility exponent and reference
+            v = obj.params.get(key) if isinstance(obj.params, dict) else None
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= low):
+                raise CheckpointError(f"{source}: parameter '{key}' must be a finite number >= {low:g}; rerun "
+                                      "`kronos calibrate`")  # fmt: skip
         center = obj.params.get("center") if isinstance(obj.params, dict) else None
         if center is not None and (
             not isinstance(center, list)
@@ -272,12 +278,59 @@ class Calibration:
                 return fitted
         return lv
 
+    # ------------------------------------------------------------------ adaptive correction (realised outcomes)
+    def with_outcomes(self, outcomes: Any) -> Calibration:
+        """This calibration corrected by realised outcomes (a :class:`kronos.inference.outcomes.BandOutcomes` of
+        this calibration): its bands at an anchor are scaled by what the outcomes realised up to that anchor say
+        (:meth:`quantiles` then needs the anchors). ``None`` gives the static calibration."""
+        out = dataclasses.replace(self)
+        if outcomes is not None:
+            if self.method != "vol_scaled":
+                raise InputError(f"adaptive bands need a vol_scaled calibration, not '{self.method}'")
+            if outcomes.fingerprint and outcomes.fingerprint != self.fingerprint:
+                raise CheckpointError(
+                    "band outcomes belong to another calibration (fingerprint differs); rerun `kronos calibrate`"
+                )
+        object.__setattr__(out, "_outcomes", outcomes)
+        return out
+
+    @property
+    def outcomes(self) -> Any:
+        """The realised outcomes this calibration adapts to (None: static bands)."""
+        return getattr(self, "_outcomes", None)
+
+    def static(self) -> Calibration:
+        """This calibration without its realised outcomes."""
+        return self.with_outcomes(None) if self.outcomes is not None else self
+
+    def fitted_levels(self) -> list[float]:
+        """Every central level with fitted parameters (the reported levels and the CRPS grid's)."""
+        if self.method not in BAND_METHODS:
+            return list(self.levels)
+        return sorted({float(k) for k in self.params if _is_number(k)})
+
+    def multipliers(self, anchors: Any, n: int, vol: Any = None) -> dict[str, np.ndarray] | None:
+        """``{level key: [n]}`` band multipliers at ``anchors`` from the realised outcomes (None when static)."""
+        if self.outcomes is None:
+            return None
+        if anchors is None:
+            raise InputError("adaptive bands need each forecast's anchor time (its last known bar)")
+        anchors = np.atleast_1d(np.asarray(anchors))
+        if len(anchors) != n:
+            raise InputError(f"adaptive bands need one anchor per forecast ({n}), got {len(anchors)}")
+        return self.outcomes.multipliers(anchors, vol=vol)
+
     def quantiles(
-        self, samples: np.ndarray, last_close: np.ndarray, qs: Sequence[float], context_vol: np.ndarray | None = None
+        self,
+        samples: np.ndarray,
+        last_close: np.ndarray,
+        qs: Sequence[float],
+        context_vol: np.ndarray | None = None,
+        anchors: Any = None,
     ) -> np.ndarray:
         """Calibrated quantiles ``[len(qs), N, P]`` (price units) from sample paths ``[N, S, P]``; ``context_vol
-        [N]`` (:func:`recent_volatility` of each context's closes) is needed by
-        ``vol_scaled`` and ``cqr_vol``."""
+        [N]`` (:func:`recent_volatility` of each context's closes) is needed by ``vol_scaled`` and ``cqr_vol``;
+        ``anchors [N]`` (each forecast's last known bar) by a calibration :meth:`with_outcomes`."""
         samples = np.asarray(samples, dtype=float)
         last = np.asarray(last_close, dtype=float)
         if samples.ndim != 3 or samples.shape[2] != self.horizon:
@@ -285,6 +338,7 @@ class Calibration:
         z = path_returns(samples, last)
         med = np.median(z, axis=1)
         steps = np.broadcast_to(np.arange(self.horizon), med.shape)
+        mult = self.multipliers(anchors, len(last), context_vol)
         out = []
         for q in qs:
             q = float(q)
@@ -296,7 +350,9 @@ class Calibration:
             else:
                 lo, hi = np.quantile(z, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
             vol = None if context_vol is None else np.asarray(context_vol, dtype=float)[:, None]
-            out.append(last[:, None] * (1.0 + self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps, vol)))
+            k = None if mult is None or lv is None else mult.get(f"{lv:g}")
+            k = None if k is None else k[:, None]
+            out.append(last[:, None] * (1.0 + self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps, vol, k)))
         return np.stack(out)
 
     def _adjust(
@@ -308,10 +364,12 @@ class Calibration:
         med: np.ndarray,
         step_idx: np.ndarray,
         vol: np.ndarray | None = None,
+        mult: np.ndarray | None = None,
         use_center: bool = True,
     ) -> np.ndarray:
         """The calibrated q-quantile in return space from the raw one (and the raw band of its level, the median);
-        ``step_idx`` (0-based horizon step) picks the per-step parameter."""
+        ``step_idx`` (0-based horizon step) picks the per-step parameter; ``mult`` (vol_scaled) scales the
+        half-band (the adaptive correction)."""
         lv = self._level_of(q)
         if use_center and self.method == "vol_scaled" and "center" in self.params:  # centre shrunk toward last close
             med = med * np.asarray(self.params["center"], dtype=float)[step_idx]
@@ -337,7 +395,10 @@ class Calibration:
         lower = q < 0.5
         if self.method == "vol_scaled":
             assert r_lo is not None and r_hi is not None and vol is not None  # callers pass the level's raw band
-            half = corr * vol_scale(r_lo, r_hi, vol, step_idx + 1.0, lv)
+            corr = corr if mult is None else corr * mult
+            half = corr * vol_scale(
+                r_lo, r_hi, vol, step_idx + 1.0, lv, self.params.get("vol_power", 1.0), self.params.get("vol_ref", 1.0)
+            )
             return np.maximum(med - half, MIN_RETURN) if lower else med + half
         if self.method == "cqr_vol":
             corr = corr * vol * np.sqrt(step_idx + 1.0)
@@ -359,17 +420,38 @@ class Calibration:
         return platt(self.p_up_raw(samples, last_close), self.p_up["a"], self.p_up["b"])
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 MIN_RETURN = -0.9999  # a lower band never reaches a price of zero
 MIN_HALF = 1e-4  # cqr_multiplicative: a raw half-band narrower than 0.01% counts as 0.01% (no division by ~0)
 
 
-def vol_scale(r_lo: np.ndarray, r_hi: np.ndarray, vol: np.ndarray, h: Any, level: float) -> np.ndarray:
-    """``vol_scaled``'s difficulty: sqrt(vol^2 h + sd^2), a random walk's spread at step ``h`` combined with the
-    model's own (``sd``: the half-width of its raw ``level`` band over the normal quantile of that level)."""
+def vol_scale(
+    r_lo: np.ndarray,
+    r_hi: np.ndarray,
+    vol: np.ndarray,
+    h: Any,
+    level: float,
+    power: float = 1.0,
+    ref: float = 1.0,
+) -> np.ndarray:
+    """``vol_scaled``'s difficulty: sqrt(v^2 h + sd^2), a random walk's spread at step ``h`` combined with the
+    model's own (``sd``: the half-width of its raw ``level`` band over the normal quantile of that level), where
+    ``v = ref (vol / ref) ** power``: with ``power`` < 1 the band follows the recent volatility less than in
+    proportion (realised moves revert toward a typical level; ``power`` and ``ref`` are fitted on validation)."""
     sd = np.maximum(np.asarray(r_hi, dtype=float) - np.asarray(r_lo, dtype=float), 0.0) / (
         2.0 * NormalDist().inv_cdf((1.0 + level) / 2.0)
     )
-    return np.sqrt(np.asarray(vol, dtype=float) ** 2 * h + sd**2) + EPS
+    v = np.asarray(vol, dtype=float)
+    if power != 1.0:
+        v = float(ref) * (np.maximum(v, EPS) / float(ref)) ** float(power)
+    return np.sqrt(v**2 * h + sd**2) + EPS
 
 
 def platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -406,6 +488,12 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
         )
     idx = steps - 1
     last = out["last_close"].to_numpy(dtype=float)
+    mult = None
+    if cal.outcomes is not None:
+        if "anchor" not in out.columns:
+            raise InputError("adaptive bands need an 'anchor' column in the records (each forecast's last known bar)")
+        vol_rows = out["context_vol"].to_numpy(dtype=float) if "context_vol" in out.columns else None
+        mult = cal.multipliers(out["anchor"].to_numpy(), len(out), vol_rows)
     vol = None
     if cal.method in VOL_METHODS:
         if "context_vol" not in out.columns:
@@ -442,7 +530,8 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
                 r_lo = next(v for k, v in rel.items() if abs(k - q_lo) < 1e-9)
                 r_hi = next(v for k, v in rel.items() if abs(k - q_hi) < 1e-9)
             # the centre's shrink was fitted on close; open/high/low keep their own medians (high sits above close)
-            new[c] = last * (1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx, vol, use_center=base == "close"))
+            k = None if mult is None or lv is None else mult.get(f"{lv:g}")
+            new[c] = last * (1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx, vol, k, use_center=base == "close"))
         for c, v in new.items():
             out[f"{c}_raw"] = out[c]
             out[c] = v

@@ -477,14 +477,15 @@ class KronosPredictor:
             df_list, x_timestamp_list, y_timestamp_list, pred_len, T, top_k, top_p, sample_count, verbose, **kwargs
         )
         out = []
-        for (mean_df, samples), df in zip(results, df_list):
+        for (mean_df, samples), df, x_ts in zip(results, df_list, x_timestamp_list):
             values = sample_quantiles(samples, qs)
             if cal is not None:  # price columns: the close-fitted correction relative to the last close
                 last = np.array([float(df["close"].iloc[-1])])
                 close = df["close"].to_numpy(dtype=float)
                 vol = recent_volatility(close[-self.max_context :][None] if self.truncate_history else close[None])
+                anchor = pd.DatetimeIndex(pd.to_datetime(x_ts))[-1:]  # adaptive bands: outcomes up to the last bar
                 for c in range(4):
-                    values[:, :, c] = cal.quantiles(samples[None, :, :, c], last, qs, vol)[:, 0]
+                    values[:, :, c] = cal.quantiles(samples[None, :, :, c], last, qs, vol, anchors=anchor)[:, 0]
             bands: dict = {q: pd.DataFrame(v, columns=FEATURE_COLS, index=mean_df.index) for q, v in zip(qs, values)}
             if "p_up" in mean_df.columns:
                 bands["p_up"] = mean_df["p_up"].copy()

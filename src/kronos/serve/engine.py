@@ -30,6 +30,7 @@ from kronos.data.store import SPLITS, dataset_exists, load_split
 from kronos.errors import DataError, InputError, KronosError
 from kronos.inference import KronosPredictor, bands
 from kronos.inference.bands import prob_up, recent_volatility, sample_quantiles
+from kronos.inference.outcomes import BandOutcomes, outcomes_path
 from kronos.model import Kronos, KronosTokenizer
 from kronos.serve.inputs import LimitError, Limits, check_history, check_limit, check_settings
 from kronos.timeutil import future_timestamps
@@ -154,8 +155,9 @@ def summarize(
         if calibration is not None:
             last = np.array([last_close])
             vol = recent_volatility(history["close"].to_numpy(dtype=float)[None])  # the history is its lookback
+            anchor = pd.DatetimeIndex(history["timestamps"].iloc[-1:])  # adaptive bands: outcomes up to this bar
             for c in range(4):  # open/high/low/close: the close-fitted correction relative to the last close
-                values[:, :, c] = calibration.quantiles(samples[None, :, :, c], last, qs, vol)[:, 0]
+                values[:, :, c] = calibration.quantiles(samples[None, :, :, c], last, qs, vol, anchors=anchor)[:, 0]
         for q, v in zip(qs, values):
             bands[f"{q:g}"] = {c: _jsonable(v[:, i]) for i, c in enumerate(VALUE_COLS)}
     out["quantiles"] = bands
@@ -172,8 +174,14 @@ def summarize(
 
 def load_calibration(path: str, predictor) -> Any:
     """The fitted calibration of ``path`` (``kronos calibrate``), checked to belong to the loaded predictor."""
-    cal = bands.load_calibration(path)
-    return cal.check(predictor, source=f"calibration file '{path}'")
+    cal = bands.load_calibration(path).check(predictor, source=f"calibration file '{path}'")
+    kept = outcomes_path(path)  # the realised outcomes the pipeline saved beside it: adaptive bands
+    if cal.method == "vol_scaled" and kept.is_file():
+        try:
+            cal = cal.with_outcomes(BandOutcomes.load(kept))
+        except KronosError as exc:
+            log.warning("%s: the service's bands are the static validation fit", exc)
+    return cal
 
 
 def calibration_info(cal: Any, path: str) -> dict:
@@ -187,6 +195,13 @@ def calibration_info(cal: Any, path: str) -> dict:
         "coverage_before": cal.coverage_before,
         "coverage_after": cal.coverage_after,
         "n_anchors": cal.n_anchors,
+        "adaptive": None
+        if cal.outcomes is None
+        else {
+            "outcomes": len(cal.outcomes),
+            "last_outcome": str(pd.Timestamp(cal.outcomes.target.max())) if len(cal.outcomes) else None,
+            "half_life_bars": cal.outcomes.half_life,
+        },
     }
 
 

@@ -1,0 +1,263 @@
+"""Adaptive band correction: the realised outcomes of past forecasts widen or narrow the bands of later ones.
+
+A calibration fitted once on validation (:class:`~kronos.inference.bands.Calibration`, ``vol_scaled``) cannot follow
+a change of regime between validation and the time of a forecast. :class:`BandOutcomes` keeps, for every past
+forecast and horizon step whose target bar has been realised, its *score* at each central level: the distance of
+the realised close from the band's centre over the calibrated half-band (``<= 1``: inside the band). At a later
+anchor ``t`` the band of level ``lv`` is multiplied by the weighted conformal ``lv``-quantile of the scores realised
+**on or before ``t``** (weights halve every ``half_life`` bars back from ``t``; the forecast being made counts with
+full weight and an infinite score: the finite-sample conformal quantile of Barber et al., 2023, "Conformal
+prediction beyond exchangeability"). A multiplier of 1 is the static band; no outcome on or before ``t`` leaves it
+static too. Outcomes after ``t`` are never read at ``t`` (:meth:`BandOutcomes.multipliers`; tested).
+
+The pipeline stores the outcomes beside the calibration (:func:`outcomes_path`): the validation forecasts after
+``kronos calibrate``, and the test pass's too once the run has forecast it; the walk-forward report, the latest
+forecasts and the service read them through :meth:`~kronos.inference.bands.Calibration.with_outcomes`. A
+calibration without an outcomes file works as before (static bands).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kronos import io as kio
+from kronos.errors import CheckpointError, InputError
+
+HALF_LIFE_BARS = 60  # bars; the recency of the outcomes the adaptive correction weighs (README, "Calibrated bands")
+VOL_BANDWIDTH = 0.5  # log-volatility kernel width: outcomes of forecasts made in similar volatility weigh more
+FORMAT = "kronos-band-outcomes-1"
+
+
+def outcomes_path(calibration_file: str | os.PathLike) -> Path:
+    """Where the realised outcomes of a calibration live: ``calibration.json`` -> ``calibration_outcomes.parquet``
+    beside it."""
+    p = Path(calibration_file)
+    return p.with_name(f"{p.stem}_outcomes.parquet")
+
+
+def _level_key(level: float) -> str:
+    return f"{float(level):g}"
+
+
+@dataclass
+class BandOutcomes:
+    """Realised band scores of past forecasts (one row per forecast and horizon step whose target is known)."""
+
+    target: np.ndarray  # datetime64[ns] [R]: the target bar's time (when the outcome became known)
+    scores: dict[str, np.ndarray]  # level key ("0.8") -> [R] |close - centre| / calibrated half-band
+    bar: np.timedelta64  # the data's bar spacing (median step between consecutive target bars)
+    calendar: np.ndarray  # datetime64[ns]: the data's bar times over the outcomes' span (ages are counted in bars)
+    fingerprint: str = ""  # the calibration's (predictor weights, lookback, horizon)
+    half_life: float = HALF_LIFE_BARS
+    meta: dict = field(default_factory=dict)
+    vol: Any = None  # [R] the forecast's context_vol (for the volatility kernel)
+    bandwidth: float = VOL_BANDWIDTH  # log-volatility kernel width (0: outcomes of every volatility weigh alike)
+
+    def __len__(self) -> int:
+        return int(len(self.target))
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_forecasts(
+        cls,
+        calibration: Any,
+        samples: np.ndarray,
+        last_close: np.ndarray,
+        true: np.ndarray,
+        context_vol: np.ndarray | None,
+        targets: np.ndarray,
+        calendar: Any = None,
+        half_life: float = HALF_LIFE_BARS,
+    ) -> BandOutcomes:
+        """Scores of forecasts with known outcomes: close sample paths ``[N, S, P]``, ``last_close [N]``, realised
+        closes ``true [N, P]`` (NaN: not realised, left out), ``targets [N, P]`` their bar times, ``calendar`` the
+        data's bar times (default: the targets'; ages are counted in its bars, so nights, weekends and holidays do
+        not age an outcome). ``calibration`` is the static one (a ``vol_scaled``
+        :class:`~kronos.inference.bands.Calibration`)."""
+        cal = calibration.static()
+        if cal.method != "vol_scaled":
+            raise InputError(f"adaptive bands need a vol_scaled calibration, not '{cal.method}'")
+        samples = np.asarray(samples, dtype=float)
+        true = np.asarray(true, dtype=float)
+        targets = np.asarray(targets, dtype="datetime64[ns]")
+        if true.shape != samples.shape[::2] or targets.shape != true.shape:
+            raise InputError(
+                f"outcomes need samples [N, S, P], true [N, P] and targets [N, P]; got {samples.shape}, "
+                f"{true.shape}, {targets.shape}"
+            )
+        ok = np.isfinite(true) & ~np.isnat(targets)
+        scores = {}
+        for lv in cal.fitted_levels():
+            med, hi = cal.quantiles(samples, last_close, [0.5, (1 + lv) / 2], context_vol)
+            s = np.abs(true - med) / np.maximum(hi - med, 1e-12)
+            scores[_level_key(lv)] = s[ok]
+        vol_rows = None if context_vol is None else np.broadcast_to(np.asarray(context_vol, float)[:, None], true.shape)[ok]
+        steps = np.diff(targets, axis=1).ravel() if targets.shape[1] > 1 else np.array([], dtype="timedelta64[ns]")
+        steps = steps[~np.isnat(steps) & (steps > np.timedelta64(0, "ns"))]
+        bar = np.median(steps.astype(np.int64)).astype("timedelta64[ns]") if len(steps) else np.timedelta64(1, "D")
+        cal_times = targets[ok] if calendar is None else np.asarray(pd.DatetimeIndex(calendar).tz_localize(None))
+        cal_times = np.unique(cal_times.astype("datetime64[ns]"))
+        if len(targets[ok]):  # the span the outcomes need
+            cal_times = cal_times[(cal_times >= targets[ok].min())]
+        return cls(targets[ok], scores, bar, cal_times, cal.fingerprint, float(half_life), vol=vol_rows)
+
+    def concat(self, other: BandOutcomes) -> BandOutcomes:
+        """Both sets of outcomes (same calibration); a row realised at the same time with the same scores is kept
+        once, so adding a pass twice changes nothing."""
+        if other.fingerprint != self.fingerprint:
+            raise CheckpointError("band outcomes of two different calibrations cannot be merged")
+        keys = [k for k in self.scores if k in other.scores]
+        parts = [self.to_frame(keys), other.to_frame(keys)]
+        if (self.vol is None) != (other.vol is None):
+            parts = [p.drop(columns="vol", errors="ignore") for p in parts]
+        frame = pd.concat(parts, ignore_index=True).drop_duplicates()
+        calendar = np.union1d(self.calendar, other.calendar)
+        out = self.from_frame(frame, self.bar, calendar, self.fingerprint, self.half_life, self.meta)
+        out.bandwidth = self.bandwidth
+        return out
+
+    def bar_position(self, times: np.ndarray) -> np.ndarray:
+        """Position of ``times`` in bars of the calendar (fractional past its last bar, at the bar spacing)."""
+        times = np.asarray(times, dtype="datetime64[ns]")
+        pos = np.searchsorted(self.calendar, times, side="right").astype(float) - 1.0
+        if len(self.calendar):
+            end = self.calendar[-1]
+            after = times > end
+            bar_ns = max(float(self.bar.astype(np.int64)), 1.0)
+            pos[after] = len(self.calendar) - 1 + (times[after] - end).astype(np.int64) / bar_ns
+        return pos
+
+    # ------------------------------------------------------------------ the correction
+    def multipliers(self, anchors: Any, levels: Any = None, vol: Any = None) -> dict[str, np.ndarray]:
+        """``{level key: [N]}``: the band multiplier of each forecast anchored at ``anchors [N]`` (its last known
+        bar): the weighted conformal quantile of the scores realised on or before its anchor (1 where none is)."""
+        at = np.asarray(pd.DatetimeIndex(np.atleast_1d(anchors)).tz_localize(None), dtype="datetime64[ns]")
+        keys = [_level_key(v) for v in levels] if levels is not None else list(self.scores)
+        out = {k: np.ones(len(at)) for k in keys}
+        if not len(self) or not len(at):
+            return out
+        kernel = self.bandwidth > 0 and vol is not None and self.vol is not None
+        if kernel:  # one query per anchor time and volatility bin (a quarter of the kernel's width)
+            step = self.bandwidth / 4.0
+            vbin = np.round(np.log(np.maximum(np.broadcast_to(np.asarray(vol, float), at.shape), 1e-12)) / step)
+            pairs, inverse = np.unique(np.stack([at.astype(np.int64), vbin.astype(np.int64)], axis=1), axis=0,
+                                      return_inverse=True)  # fmt: skip
+            inverse = inverse.ravel()
+            uniq = pairs[:, 0].astype("datetime64[ns]")
+            qvol = pairs[:, 1].astype(float) * step
+        else:
+            uniq, inverse = np.unique(at, return_inverse=True)
+        t_pos = self.bar_position(uniq)
+        o_pos = self.bar_position(self.target)
+        for key in keys:
+            if key not in self.scores:
+                continue
+            level = float(key)
+            s = self.scores[key]
+            ok = np.isfinite(s)
+            order = np.argsort(s[ok], kind="stable")
+            s_sorted, o_sorted, t_sorted = s[ok][order], o_pos[ok][order], self.target[ok][order]
+            v_sorted = np.log(np.maximum(self.vol[ok][order], 1e-12)) if kernel else None
+            for start in range(0, len(uniq), 64):  # a block of anchor times at once
+                block = slice(start, start + 64)
+                known = t_sorted[None, :] <= uniq[block, None]  # realised on or before the anchor: never later
+                age = np.maximum(t_pos[block, None] - o_sorted[None, :], 0.0)
+                w = np.where(known, 0.5 ** (age / self.half_life), 0.0)
+                if kernel:
+                    w = w * np.exp(-0.5 * ((v_sorted[None, :] - qvol[block, None]) / self.bandwidth) ** 2)
+                total = w.sum(axis=1)
+                share = np.cumsum(w, axis=1) / (total[:, None] + 1.0)  # the new forecast: weight 1 at +inf
+                k = np.minimum((share < level).sum(axis=1), len(s_sorted) - 1)
+                value = s_sorted[k] if len(s_sorted) else np.ones(len(total))
+                value = np.where(total > 0, value, 1.0)  # nothing realised yet: the static band
+                for j, v in zip(range(start, start + len(total)), value):
+                    out[key][inverse == j] = v
+        return out
+
+    # ------------------------------------------------------------------ files
+    def to_frame(self, keys: list[str] | None = None) -> pd.DataFrame:
+        keys = list(self.scores) if keys is None else keys
+        vol = {} if self.vol is None else {"vol": np.asarray(self.vol, dtype=float)}
+        return pd.DataFrame({"target": self.target, **vol, **{f"score_{k}": self.scores[k] for k in keys}})
+
+    @classmethod
+    def from_frame(
+        cls,
+        frame: pd.DataFrame,
+        bar: np.timedelta64,
+        calendar: np.ndarray,
+        fingerprint: str,
+        half_life: float,
+        meta: dict | None = None,
+    ) -> BandOutcomes:
+        scores = {str(c)[6:]: frame[c].to_numpy(dtype=float) for c in frame.columns if str(c).startswith("score_")}
+        target = frame["target"].to_numpy(dtype="datetime64[ns]")
+        vol = frame["vol"].to_numpy(dtype=float) if "vol" in frame.columns else None
+        calendar = np.asarray(calendar, "datetime64[ns]")
+        return cls(target, scores, bar, calendar, fingerprint, half_life, meta or {}, vol=vol)  # default bandwidth
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a Parquet file (atomically) with the bar spacing, half-life and fingerprint in its metadata."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(self.to_frame(), preserve_index=False)
+        info = {
+            "format": FORMAT,
+            "bar_ns": int(self.bar.astype(np.int64)),
+            "fingerprint": self.fingerprint,
+            "half_life": self.half_life,
+            "bandwidth": self.bandwidth,
+            "calendar_ns": [int(v) for v in self.calendar.astype(np.int64)],
+            **self.meta,
+        }
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"kronos": json.dumps(info).encode()})
+        return kio.write_file(path, lambda tmp: pq.write_table(table, tmp))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BandOutcomes:
+        """Read :meth:`save`'s file (a one-line CheckpointError naming it when it is not one)."""
+        import pyarrow.parquet as pq
+
+        p = Path(path)
+        try:
+            table = pq.read_table(p)
+            info = json.loads((table.schema.metadata or {}).get(b"kronos", b"{}"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"band outcomes file '{p}' cannot be read ({exc}); rerun `kronos calibrate`") from None
+        if info.get("format") != FORMAT or "target" not in table.column_names:
+            raise CheckpointError(f"'{p}' is not a band outcomes file ({FORMAT}); rerun `kronos calibrate`")
+        frame = table.to_pandas()
+        own = ("format", "bar_ns", "fingerprint", "half_life", "calendar_ns", "bandwidth")
+        meta = {k: v for k, v in info.items() if k not in own}
+        out = cls.from_frame(
+            frame,
+            np.timedelta64(int(info.get("bar_ns", 86_400_000_000_000)), "ns"),
+            np.asarray(info.get("calendar_ns", []), dtype=np.int64).astype("datetime64[ns]"),
+            str(info.get("fingerprint", "")),
+            float(info.get("half_life", HALF_LIFE_BARS)),
+            meta,
+        )
+        out.bandwidth = float(info.get("bandwidth", 0.0))
+        return out
+
+
+def target_times(frame: pd.DataFrame, anchors: pd.DataFrame, horizon: int) -> np.ndarray:
+    """The bar times ``[N, P]`` of each anchor's ``horizon`` target bars (``anchors``: symbol, pos, as
+    :func:`kronos.evaluate.rolling.select_anchors` gives; NaT past a series' end)."""
+    times = {s: g["timestamps"].to_numpy(dtype="datetime64[ns]") for s, g in frame.groupby("symbol", sort=True)}
+    out = np.full((len(anchors), int(horizon)), np.datetime64("NaT"), dtype="datetime64[ns]")
+    for i, (symbol, pos) in enumerate(zip(anchors["symbol"], anchors["pos"])):
+        t = times[symbol][int(pos) + 1 : int(pos) + 1 + int(horizon)]
+        out[i, : len(t)] = t
+    return out
+
+
+__all__ = ["HALF_LIFE_BARS", "BandOutcomes", "outcomes_path", "target_times"]
