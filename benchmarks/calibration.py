@@ -33,6 +33,7 @@ from kronos.evaluate.report import relative_quantile_crps
 from kronos.evaluate.rolling import contexts, select_anchors
 from kronos.inference import KronosPredictor, SamplingConfig
 from kronos.inference.bands import recent_volatility
+from kronos.inference.outcomes import BandOutcomes, target_times
 
 
 def load_frame(args) -> pd.DataFrame:
@@ -107,15 +108,18 @@ def forecasts(pred, frame, anchors, L, P, args):
     return np.asarray(out.samples, dtype=float)[:, :, :, 3], ctx_close, true
 
 
-def score(cal, samples, ctx, true, levels):
+def score(cal, samples, ctx, true, levels, anchors=None):
     last = ctx[:, -1]
     vol = recent_volatility(ctx)
     qs = cal.quantile_levels()
-    qv = cal.quantiles(samples, last, qs, vol)
+    qv = cal.quantiles(samples, last, qs, vol, anchors=anchors)
     row = {"crps_q": relative_quantile_crps(qv, qs, true, last)}
+    tercile = np.digitize(vol, np.quantile(vol, [1 / 3, 2 / 3]))
     for lv in levels:
         lo, hi = qv[qs.index(round((1 - lv) / 2, 10))], qv[qs.index(round((1 + lv) / 2, 10))]
-        row[f"coverage_{lv:g}"] = float(((true >= lo) & (true <= hi)).mean())
+        inside = (true >= lo) & (true <= hi)
+        row[f"coverage_{lv:g}"] = float(inside.mean())
+        row[f"coverage_{lv:g}_by_vol_tercile"] = [float(inside[tercile == t].mean()) for t in range(3)]
         row[f"width_{lv:g}"] = float(np.mean((hi - lo) / last[:, None]))
     return row
 
@@ -145,6 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--exclude-folder", help="leave out the symbols of this Qlib folder (e.g. the training data)")
     ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--half-life", type=int, default=60, help="adaptive bands: bars (0: static only)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
 
@@ -187,16 +192,37 @@ def main(argv=None) -> int:
         context_vol=recent_volatility(vctx),
     )
     rows = {m: score(candidate(cal, m), ts, tctx, ttrue, args.levels) for m in ["none", *cal.alternatives]}
-    header = "| method | " + " | ".join(f"cov {lv:.0%} | width {lv:.0%}" for lv in args.levels) + " | CRPS q |"
-    print("\n" + header + "\n|" + "---|" * (2 * len(args.levels) + 2))
-    for m in ["none", *[m for m in METHODS if m in rows and m != "none"]]:
-        r = rows[m]
-        name = "raw (none)" if m == "none" else m + (" (default)" if m == cal.method else "")
-        print(
-            f"| {name} | "
-            + " | ".join(f"{r[f'coverage_{lv:g}']:.3f} | {r[f'width_{lv:g}']:.4f}" for lv in args.levels)
-            + f" | {r['crps_q']:.4f} |"
+    if cal.method == "vol_scaled" and args.half_life > 0:
+        # adaptive: at each test anchor, the validation and test outcomes realised on or before it (never later)
+        calendar = frame["timestamps"].unique()
+        pool = BandOutcomes.from_forecasts(
+            cal, vs, vctx[:, -1], vtrue, recent_volatility(vctx), target_times(frame, val_anchors, P), calendar,
+            args.half_life,
+        ).concat(BandOutcomes.from_forecasts(
+            cal, ts, tctx[:, -1], ttrue, recent_volatility(tctx), target_times(frame, test_anchors, P), calendar,
+            args.half_life,
+        ))  # fmt: skip
+        rows["vol_scaled_adaptive"] = score(
+            cal.with_outcomes(pool), ts, tctx, ttrue, args.levels, test_anchors["anchor"].to_numpy()
         )
+    header = (
+        "| method | "
+        + " | ".join(f"cov {lv:.0%} | by vol tercile {lv:.0%} | width {lv:.0%}" for lv in args.levels)
+        + " | CRPS q |"
+    )
+    print("\n" + header + "\n|" + "---|" * (3 * len(args.levels) + 2))
+    for m in ["none", *[m for m in METHODS if m in rows and m != "none"], "vol_scaled_adaptive"]:
+        if m not in rows:
+            continue
+        r = rows[m]
+        name = "raw (none)" if m == "none" else m + (" (static)" if m == cal.method else "")
+        cells = [
+            f"{r[f'coverage_{lv:g}']:.3f} | "
+            + " / ".join(f"{v:.3f}" for v in r[f"coverage_{lv:g}_by_vol_tercile"])
+            + f" | {r[f'width_{lv:g}']:.4f}"
+            for lv in args.levels
+        ]
+        print(f"| {name} | " + " | ".join(cells) + f" | {r['crps_q']:.4f} |")
     print(
         f"\nforecasts {t_forecast:.1f} s ({len(val_anchors) + len(test_anchors)} x {args.samples} paths); "
         f"fitting {cal.seconds:.2f} s; naive scale {np.nanmean(naive_scale(tctx)):.4f}"

@@ -35,8 +35,8 @@ from kronos.evaluate.rolling import SplitForecasts, forecast_split, pass_setting
 from kronos.evaluate.signals import signals_from_records
 from kronos.inference import KronosPredictor
 from kronos.inference.bands import Calibration, apply_calibration, calibration_path, quantile_column
-from kronos.inference.outcomes import BandOutcomes, outcomes_path, target_times
 from kronos.inference.generate import SamplingConfig
+from kronos.inference.outcomes import BandOutcomes, outcomes_path, target_times
 from kronos.io import resolve_folder
 from kronos.model import Kronos, KronosTokenizer
 from kronos.model.hub import data_cutoff

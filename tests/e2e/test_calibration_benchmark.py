@@ -74,7 +74,8 @@ def test_calibration_benchmark_on_index_csvs(tmp_path, capsys):
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| vol_scaled (default) |" in printed and "| raw (none) |" in printed
+    assert "| vol_scaled (static) |" in printed and "| raw (none) |" in printed
+    assert "| vol_scaled_adaptive |" in printed
     res = json.loads(out.read_text())
     assert res["method"] == "vol_scaled" and res["n_val"] >= 60 and res["n_test"] >= 60
     rows = res["rows"]

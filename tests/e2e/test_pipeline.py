@@ -152,9 +152,10 @@ def test_qlib_pipeline_leaves_every_output(qlib_run):
     adaptive = calibration["adaptive"]
     assert adaptive and adaptive["half_life_bars"] == 60 and adaptive["n_outcomes"] > 0
     assert pd.Timestamp(adaptive["last_outcome"]) <= pd.Timestamp(report["splits"]["test_end"])
-    assert "vol_scaled_adaptive" in calibration["candidates"] and "Bands adapted to realised outcomes" in (
-        res / "report.md"
-    ).read_text()
+    assert (
+        "vol_scaled_adaptive" in calibration["candidates"]
+        and "Bands adapted to realised outcomes" in (res / "report.md").read_text()
+    )
     best = models / "finetune_predictor_demo" / "checkpoints"
     outcomes = pd.read_parquet(best / "calibration_outcomes.parquet")
     assert pd.to_datetime(outcomes["target"]).max() > pd.Timestamp(report["splits"]["val_end"])  # test included

@@ -74,8 +74,7 @@ def _refit_power_one(data):
     y = true / last[:, None] - 1
     center = C._center_fit(z, y, vol)
     return {
-        f"{lv:g}": list(C._cqr_fit("vol_scaled", z, y, lv, vol, center, 1.0, 1.0))
-        for lv in (0.5, 0.8, *C.CRPS_LEVELS)
+        f"{lv:g}": list(C._cqr_fit("vol_scaled", z, y, lv, vol, center, 1.0, 1.0)) for lv in (0.5, 0.8, *C.CRPS_LEVELS)
     }
 
 

@@ -310,3 +310,50 @@ def test_full_queue_is_a_503_naming_the_limit(engine, bars):
         engine.limits.max_queue = saved
         release.set()
     assert refused is not None and "max_queue=1" in str(refused)
+
+
+def test_adaptive_bands_use_only_outcomes_realised_before_the_requests_last_bar(one_thread, tmp_path, bars):
+    from kronos.evaluate.calibration import Calibration, model_fingerprint
+    from kronos.inference.outcomes import BandOutcomes, outcomes_path
+
+    plain = ForecastEngine.load(str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64)
+    cal = Calibration(
+        method="vol_scaled", levels=[0.8], horizon=4, lookback=40,
+        fingerprint=model_fingerprint(plain.predictor, 40, 4), params={"0.8": [1.0] * 4},
+    )  # fmt: skip
+    cal.save(tmp_path / "calibration.json")
+    last_bar = pd.Timestamp(bars[-1]["timestamps"])
+    before = pd.date_range(end=last_bar - pd.Timedelta(days=1), periods=200, freq="D").to_numpy()
+    after = pd.date_range(start=last_bar + pd.Timedelta(days=1), periods=200, freq="D").to_numpy()
+    BandOutcomes(
+        target=np.concatenate([before, after]).astype("datetime64[ns]"),
+        scores={"0.8": np.concatenate([np.full(200, 2.0), np.full(200, 9.0)])},  # later outcomes: never read
+        bar=np.timedelta64(1, "D"), calendar=np.concatenate([before, after]).astype("datetime64[ns]"),
+        fingerprint=cal.fingerprint,
+    ).save(outcomes_path(tmp_path / "calibration.json"))  # fmt: skip
+    static_dir = tmp_path / "static"
+    static_dir.mkdir()
+    cal.save(static_dir / "calibration.json")
+    engines = {
+        name: ForecastEngine.load(
+            str(TINY / "tokenizer"), str(TINY / "predictor"), device="cpu", max_context=64, calibration=str(path)
+        )
+        for name, path in (("adaptive", tmp_path / "calibration.json"), ("static", static_dir / "calibration.json"))
+    }
+    try:
+        body = {"bars": bars, "horizon": 4, "samples": 6, "seed": 2, "quantiles": [0.1, 0.5, 0.9]}
+        res = {}
+        for name, eng in engines.items():
+            with TestClient(create_app(eng, mcp=False)) as c:
+                res[name] = c.post("/forecast", json=body).json()
+                info = c.get("/models").json()["models"][0]["calibration"]
+                assert (info["adaptive"] is not None) == (name == "adaptive")
+        assert info["adaptive"] is None and res["adaptive"]["calibrated"] is True
+        half = {k: np.array(r["quantiles"]["0.9"]["close"]) - np.array(r["quantiles"]["0.5"]["close"])
+                for k, r in res.items()}  # fmt: skip
+        # the outcomes up to the last bar all sat at twice the band: the band doubles (the later 9s are unread)
+        np.testing.assert_allclose(half["adaptive"], 2.0 * half["static"], rtol=1e-3, atol=1e-3)
+    finally:
+        plain.shutdown()
+        for eng in engines.values():
+            eng.shutdown()

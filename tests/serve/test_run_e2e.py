@@ -129,6 +129,8 @@ def test_forecast_for_unseen_data_over_http(served_run):
     # the run's calibrate step wrote calibration.json: its horizon (predict_window 5) gets calibrated bands
     cal = models["models"][0]["calibration"]
     assert cal and cal["horizon"] == 5 and cal["lookback"] == 30
+    # ... and the validation outcomes it saved beside it: the service's bands adapt to what was realised
+    assert cal["adaptive"] and cal["adaptive"]["outcomes"] > 0 and cal["adaptive"]["half_life_bars"] == 60
     sym = httpx.get(
         f"{url}/symbols/{symbols[0]['symbol']}/forecast", params={"horizon": 5, "samples": 8}, timeout=120
     ).json()

@@ -98,7 +98,9 @@ class BandOutcomes:
             med, hi = cal.quantiles(samples, last_close, [0.5, (1 + lv) / 2], context_vol)
             s = np.abs(true - med) / np.maximum(hi - med, 1e-12)
             scores[_level_key(lv)] = s[ok]
-        vol_rows = None if context_vol is None else np.broadcast_to(np.asarray(context_vol, float)[:, None], true.shape)[ok]
+        vol_rows = None
+        if context_vol is not None:
+            vol_rows = np.broadcast_to(np.asarray(context_vol, float)[:, None], true.shape)[ok]
         steps = np.diff(targets, axis=1).ravel() if targets.shape[1] > 1 else np.array([], dtype="timedelta64[ns]")
         steps = steps[~np.isnat(steps) & (steps > np.timedelta64(0, "ns"))]
         bar = np.median(steps.astype(np.int64)).astype("timedelta64[ns]") if len(steps) else np.timedelta64(1, "D")
@@ -170,7 +172,7 @@ class BandOutcomes:
                 known = t_sorted[None, :] <= uniq[block, None]  # realised on or before the anchor: never later
                 age = np.maximum(t_pos[block, None] - o_sorted[None, :], 0.0)
                 w = np.where(known, 0.5 ** (age / self.half_life), 0.0)
-                if kernel:
+                if v_sorted is not None:
                     w = w * np.exp(-0.5 * ((v_sorted[None, :] - qvol[block, None]) / self.bandwidth) ** 2)
                 total = w.sum(axis=1)
                 share = np.cumsum(w, axis=1) / (total[:, None] + 1.0)  # the new forecast: weight 1 at +inf
@@ -231,7 +233,9 @@ class BandOutcomes:
             table = pq.read_table(p)
             info = json.loads((table.schema.metadata or {}).get(b"kronos", b"{}"))
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"band outcomes file '{p}' cannot be read ({exc}); rerun `kronos calibrate`") from None
+            raise CheckpointError(
+                f"band outcomes file '{p}' cannot be read ({exc}); rerun `kronos calibrate`"
+            ) from None
         if info.get("format") != FORMAT or "target" not in table.column_names:
             raise CheckpointError(f"'{p}' is not a band outcomes file ({FORMAT}); rerun `kronos calibrate`")
         frame = table.to_pandas()
