@@ -714,8 +714,13 @@ class KronosPipeline:
                 else "crps_rel"
             )
             ft, zs = val["finetuned"].get(key), val["zero_shot"].get(key)
+            if key == "crps_rel_calibrated" and ft is not None and zs is not None and _tied(ft, zs):
+                # calibration can leave two models with the same bands (e.g. both medians shrunk to the last close,
+                # the same spread): their raw sample paths decide
+                key = "crps_rel"
+                ft, zs = val["finetuned"].get(key), val["zero_shot"].get(key)
             selection["criterion"] = f"validation {key} (lower is better)"
-            helped = ft is not None and zs is not None and ft < zs
+            helped = ft is not None and zs is not None and ft < zs and not _tied(ft, zs)
             detail = (
                 f"validation {key}: finetuned {_num(ft)} vs starting model {_num(zs)}; causal val loss "
                 f"{_num(losses.get('finetuned'))} vs {_num(losses.get('zero_shot'))}"
@@ -904,6 +909,11 @@ def steps_from_flags(
 
 
 # ---------------------------------------------------------------------- helpers
+def _tied(a: float, b: float) -> bool:
+    """Equal up to floating-point noise (a relative 1e-9): neither model is better."""
+    return abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), abs(float(b)), 1e-300)
+
+
 def _num(v: Any) -> str:
     return "n/a" if v is None else f"{float(v):.5g}"
 

@@ -55,7 +55,10 @@ def test_a_worse_finetuned_model_is_not_used(tmp_path, setup):
     assert set(cals) == {"finetuned", "zero_shot"}
     sel = json.loads(pipe.selection_path().read_text())
     val = sel["validation"]
-    assert val["finetuned"]["crps_rel_calibrated"] > val["zero_shot"]["crps_rel_calibrated"]
+    # the broken model is worse on its raw paths; calibration (median shrunk to the last close, same spread) can
+    # leave the two with the same bands, and then the raw paths decide
+    assert val["finetuned"]["crps_rel"] > val["zero_shot"]["crps_rel"]
+    assert val["finetuned"]["crps_rel_calibrated"] >= val["zero_shot"]["crps_rel_calibrated"] * (1 - 1e-9)
     assert sel["model_in_use"] == "zero_shot" and "did not help" in sel["reason"]
     assert pipe.result.model_in_use == "zero_shot"
     assert any("did not help" in n for n in pipe.result.notes)
