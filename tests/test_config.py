@@ -194,6 +194,22 @@ def test_yaml_alias_bomb_is_refused_fast(tmp_path):
         Config.from_file(big)
 
 
+def test_a_key_given_twice_is_one_line_naming_it_and_both_lines(tmp_path):
+    path = tmp_path / "dup.json"
+    path.write_text('{\n  "batch_size": 16,\n  "epochs": 2,\n  "batch_size": 64\n}\n')
+    with pytest.raises(ConfigError) as err:
+        Config.from_file(path)
+    assert "'batch_size' twice (lines 2 and 4)" in str(err.value) and "\n" not in str(err.value)
+    path = tmp_path / "dup.yaml"
+    path.write_text("batch_size: 16\nepochs: 2\nbatch_size: 64\n")
+    with pytest.raises(ConfigError, match=r"'batch_size' twice \(lines 1 and 3\)"):
+        Config.from_file(path)
+    # the same key in two different objects is not a duplicate
+    path = tmp_path / "ok.json"
+    path.write_text('{"epochs": 2, "train_time_range": ["2018-01-01", "2022-12-31"]}')
+    assert Config.from_file(path).epochs == 2
+
+
 def test_yaml_dates_are_read_as_dates(tmp_path):
     path = tmp_path / "dates.yaml"
     path.write_text("dataset_begin_time: 2021-01-01\ntrain_time_range: [2021-01-01, 2023-06-30 15:00:00]\n")

@@ -733,7 +733,7 @@ def load_overrides(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"config file '{p}' is not valid YAML{where}") from None
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=lambda pairs: _unique_json_keys(pairs, text, p))
         except json.JSONDecodeError as exc:
             kinds = "" if p.suffix.lower() == ".json" else " (config files are JSON or YAML: .json, .yaml, .yml)"
             raise ConfigError(
@@ -745,6 +745,22 @@ def load_overrides(path: str | os.PathLike) -> dict[str, Any]:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+
+
+def _unique_json_keys(pairs: list, text: str, path: Path) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is a one-line ConfigError naming it and both lines (json
+    itself keeps the last value without a word)."""
+    seen: set = set()
+    for key, _ in pairs:
+        if key in seen:
+            lines = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(rf'"{re.escape(key)}"\s*:', text)]
+            where = f" (lines {lines[0]} and {lines[1]})" if len(lines) >= 2 else ""
+            raise ConfigError(
+                f"config file '{path}' gives the key '{key}' twice{where}; keep one of them (JSON would silently "
+                "use the last)"
+            )
+        seen.add(key)
+    return dict(pairs)
 
 
 def _yaml_loader(path: Path) -> Any:
@@ -759,6 +775,18 @@ def _yaml_loader(path: Path) -> Any:
                     "aliases are not allowed in config files, write the value out"
                 )
             return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            first: dict = {}
+            for key_node, _ in node.value:
+                key = key_node.value
+                if key in first:
+                    raise ConfigError(
+                        f"config file '{path}' gives the key '{key}' twice (lines {first[key] + 1} and "
+                        f"{key_node.start_mark.line + 1}); keep one of them (YAML would silently use the last)"
+                    )
+                first[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
 
     # unquoted dates stay the strings written (2018-13-45 included: the key's check names it, no ValueError)
     def timestamp_as_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:

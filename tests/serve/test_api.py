@@ -140,12 +140,22 @@ def test_seeded_sampling_runs_alone_and_repeats(engine, bars):
 
 
 def _bad_requests(bars):
-    """Ten kinds of bad request: (name, kwargs for client.request, expected status, phrase in the error)."""
+    """Fifteen kinds of bad request: (name, kwargs for client.request, expected status, phrase in the error)."""
     nan = [dict(b) for b in bars]
     nan[7]["close"] = float("nan")
     dup = bars[:20] + bars[19:30]
+    boolean, crossed, tiny, huge = ([dict(b) for b in bars] for _ in range(4))
+    boolean[5]["close"] = True
+    crossed[9]["high"], crossed[9]["low"] = crossed[9]["low"] - 1.0, crossed[9]["high"]
+    tiny = [{**b, **{c: b[c] * 1e-9 for c in ("open", "high", "low", "close")}} for b in bars]
+    huge[3]["close"] = 1e39
     post = dict(method="POST", url="/forecast")
     return [
+        ("boolean price", dict(post, json={"bars": boolean}), 422, "column 'close' holds True at row 5"),
+        ("high below low", dict(post, json={"bars": crossed}), 422, "is below low"),
+        ("prices too small", dict(post, json={"bars": tiny}), 422, "prices must lie in"),
+        ("price too large", dict(post, json={"bars": huge}), 422, "at row 3"),
+        ("negative history", dict(post, json={"bars": bars, "history": -1}), 422, "'history' must be an integer"),
         ("invalid JSON", dict(post, content=b"{not json"), 422, "not valid JSON"),
         ("missing bars", dict(post, json={"horizon": 3}), 422, "missing field 'bars'"),
         ("too few bars", dict(post, json={"bars": bars[:3]}), 422, "min_bars=8"),
@@ -168,9 +178,9 @@ def _nan_json(rows) -> bytes:
 @pytest.mark.slow
 def test_200_bad_requests_get_4xx_and_the_service_stays_up(client, bars):
     kinds = _bad_requests(bars)
-    assert len(kinds) == 10
+    assert len(kinds) == 15
     for i in range(200):
-        name, request, status, phrase = kinds[i % 10]
+        name, request, status, phrase = kinds[i % len(kinds)]
         r = client.request(**request)
         assert r.status_code == status, (name, r.text)
         assert phrase in r.json()["error"], (name, r.json())

@@ -165,10 +165,16 @@ def _settings(body: dict, allowed: set, defaults: dict | None = None) -> Setting
     return Settings(**values)
 
 
-def _with_history(result: dict, frame, n: Any) -> dict:
-    """Echo the last ``n`` bars of the history into the result (for drawing it beside the forecast)."""
+def _check_echo(n: Any) -> int:
+    """The ``history`` field (bars to echo back), checked before any work is done."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise RequestError(f"'history' must be an integer >= 0 (bars to echo back), got {n!r}")
+    return n
+
+
+def _with_history(result: dict, frame, n: Any) -> dict:
+    """Echo the last ``n`` bars of the history into the result (for drawing it beside the forecast)."""
+    n = _check_echo(n)
     if n:
         tail = frame.iloc[-min(n, len(frame)) :]
         result["history"] = {
@@ -333,7 +339,7 @@ def create_app(
             if upload is None or isinstance(upload, str):
                 raise RequestError("multipart upload needs a 'file' field holding a CSV or Parquet file")
             fields = {k: _form_value(v, k) for k, v in form.items() if k != "file" and isinstance(v, str)}
-            echo = fields.pop("history", 0)
+            echo = _check_echo(fields.pop("history", 0))
             settings = _settings(fields, FORECAST_FIELDS - {"bars"})
             engine.check_model(fields.get("model"))
             table = await asyncio.to_thread(frame_from_upload, await upload.read(), upload.filename or "upload")
@@ -342,7 +348,7 @@ def create_app(
             body = await _json_body(request)
             settings = _settings(body, FORECAST_FIELDS)
             engine.check_model(body.get("model"))
-            echo = body.get("history", 0)
+            echo = _check_echo(body.get("history", 0))
             if "bars" not in body:
                 raise RequestError("missing field 'bars': a list of rows with timestamps, open, high, low, close")
             table = frame_from_rows(body["bars"])
@@ -393,6 +399,7 @@ def create_app(
         quantiles: str = "0.1,0.5,0.9",
     ):
         """Forecast after a dataset symbol's latest bar; the response also carries the last ``history`` bars."""
+        _check_echo(history)
         qs = _form_value(quantiles, "quantiles")
         settings = Settings(
             horizon=horizon, samples=samples, seed=seed, T=T, top_k=top_k, top_p=top_p, quantiles=tuple(qs)

@@ -90,6 +90,12 @@ def frame_from_upload(data: bytes, filename: str, where: str = "file") -> pd.Dat
         raise InputError(f"{label} cannot be read as CSV/Parquet: {msg}") from None
 
 
+# prices the model can normalise in float32 without its epsilon (1e-5) swamping the spread or squares overflowing
+MIN_PRICE = 1e-4
+MAX_PRICE = 1e15
+MAX_SIZE = 1e30  # volume and amount
+
+
 def check_history(table: pd.DataFrame, limits: Limits, where: str = "bars") -> pd.DataFrame:
     """The canonical history frame (``timestamps`` + open..amount) of one request, strictly checked.
 
@@ -99,6 +105,13 @@ def check_history(table: pd.DataFrame, limits: Limits, where: str = "bars") -> p
     if not isinstance(table, pd.DataFrame) or table.empty:
         raise InputError(f"{where}: no bars given; send at least {limits.min_bars} rows")
     check_limit(len(table), "max_bars", limits, f"{where}: number of bars", 413)
+    for name in KLINE_COLUMNS[1:]:  # true/false are not prices (pandas would read them as 1/0)
+        if name in table.columns:
+            given = table[name]
+            flags = given.map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(dtype=bool)
+            if flags.any():
+                first = int(np.flatnonzero(flags)[0])
+                raise InputError(f"{where}: column '{name}' holds {given.iloc[first]!r} at row {first}; send numbers")
     try:
         frame = validate_kline_frame(table, where)
     except DataError as exc:
@@ -110,6 +123,27 @@ def check_history(table: pd.DataFrame, limits: Limits, where: str = "bars") -> p
         raise InputError(
             f"{where}: column '{KLINE_COLUMNS[1 + col]}' has a missing or infinite value at row {row}; "
             "fill or drop such rows"
+        )
+    prices = values[:, :4]
+    out_of_range = (prices < MIN_PRICE) | (prices > MAX_PRICE)
+    if out_of_range.any():
+        row, col = (int(v[0]) for v in np.nonzero(out_of_range))
+        raise InputError(
+            f"{where}: column '{KLINE_COLUMNS[1 + col]}' is {prices[row, col]:g} at row {row}; prices must lie in "
+            f"[{MIN_PRICE:g}, {MAX_PRICE:g}] (scale them, e.g. quote per million units, and scale the forecast back)"
+        )
+    size = values[:, 4:]
+    if ((size < 0) | (size > MAX_SIZE)).any():
+        row, col = (int(v[0]) for v in np.nonzero((size < 0) | (size > MAX_SIZE)))
+        raise InputError(
+            f"{where}: column '{KLINE_COLUMNS[5 + col]}' is {size[row, col]:g} at row {row}; it must lie in "
+            f"[0, {MAX_SIZE:g}]"
+        )
+    crossed = values[:, 1] < values[:, 2]  # high < low
+    if crossed.any():
+        row = int(np.flatnonzero(crossed)[0])
+        raise InputError(
+            f"{where}: high {values[row, 1]:g} is below low {values[row, 2]:g} at row {row}; fix or drop that bar"
         )
     ts = frame["timestamps"]
     if ts.isna().any():
