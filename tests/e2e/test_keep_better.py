@@ -36,6 +36,7 @@ def _pipeline(tmp_path, setup, finetuned_tokenizer, **kw):
         inference_sample_count=4,
         eval_stride=5,
         eval_max_anchors=8,
+        calibration_min_forecasts=10,  # tiny data: keep the test fast
         run_folders=False,
         backtest_result_path=str(tmp_path / "bt"),
         pretrained_tokenizer_path=str(root / "start" / "tokenizer"),

@@ -32,6 +32,7 @@ TINY = {
     "predictor_learning_rate": 0.002,
     "inference_sample_count": 2,
     "eval_max_anchors": 8,
+    "calibration_min_forecasts": 10,  # tiny data: keep the test fast
     "plot_n_symbols": 2,
     "backtest_n_symbol_hold": 3,
     "backtest_n_symbol_drop": 1,
@@ -401,6 +402,7 @@ def test_one_symbol_pipeline_says_what_it_skips(tmp_path):
         split_ratios=[0.6, 0.2, 0.2],
         backtest_n_symbol_hold=50,
         eval_max_anchors=30,
+        calibration_min_forecasts=10,  # tiny data: keep the test fast
     )  # test and backtest: the test split
     r = run_script(["-m", "kronos.cli", "pipeline", "--cpu", "--fast-mode", "--config-path", str(cfg)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -473,8 +475,8 @@ def test_a_config_with_the_49_official_names_trains_the_predictor_on_its_own_run
     }  # fmt: skip
     assert len(official) == 49
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({**official, "eval_max_anchors": 8, "tokenizer_preset": "tiny",
-                               "predictor_preset": "tiny", "num_workers": 0}))  # fmt: skip
+    cfg.write_text(json.dumps({**official, "eval_max_anchors": 8, "calibration_min_forecasts": 10,
+                               "tokenizer_preset": "tiny", "predictor_preset": "tiny", "num_workers": 0}))  # fmt: skip
     r = run_script(["-m", "kronos.cli", "pipeline", "--cpu", "--fast-mode", "--config-path", str(cfg)])
     assert r.returncode == 0, r.stderr[-3000:]
     tok_dir, pred_dir = tmp_path / tok, tmp_path / pred

@@ -24,6 +24,7 @@ def test_calibrate_evaluate_and_forecast_with_calibration(tmp_path, capsys, data
         inference_sample_count=8,
         eval_stride=5,
         eval_max_anchors=10,
+        calibration_min_forecasts=10,  # tiny data: keep the test fast
         eval_seeds=[1, 2],
         backtest_result_path=str(tmp_path / "bt"),
     )

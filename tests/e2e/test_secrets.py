@@ -44,6 +44,7 @@ def test_comet_api_key_never_reaches_a_file_log_or_tracker(tmp_path):
         csv_data_path="klines",
         split_ratios=[0.6, 0.2, 0.2],
         eval_max_anchors=40,
+        calibration_min_forecasts=10,  # tiny data: keep the test fast
         test_time_range=["2024-08-01", "2024-08-31"],
         backtest_time_range=["2024-08-16", "2024-08-31"],
         dataset_path="data/processed",

@@ -38,6 +38,7 @@ def setup():
             inference_sample_count=8,
             eval_stride=5,
             eval_max_anchors=12,
+            calibration_min_forecasts=10,  # tiny data: keep the test fast
             device="cpu",
             quantiles=[0.1, 0.25, 0.5, 0.75, 0.9],
         )

@@ -52,6 +52,7 @@ CONFIG = {
     "predictor_learning_rate": 0.002,
     "inference_sample_count": 2,
     "eval_max_anchors": 8,
+    "calibration_min_forecasts": 10,  # tiny data: keep the test fast
     "plot_n_symbols": 1,
     "backtest_n_symbol_hold": 3,
     "backtest_n_symbol_drop": 1,

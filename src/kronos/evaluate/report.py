@@ -101,7 +101,7 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     edges = [float(v) for v in np.quantile(vol, [1 / 3, 2 / 3])] if len(vol) else [float("nan")] * 2
     tercile = np.digitize(vol, edges) if len(vol) else np.zeros(0, int)
     out["vol_tercile_edges"] = edges
-    out["adaptive"] = _adaptive_info(cal, fc.anchor)
+    out["adaptive"] = _adaptive_info(cal, fc.anchor, fc.vol)
     for tag, c in (("raw", raw), ("calibrated", cal)):
         qv = c.quantiles(fc.samples, last, qs, fc.vol, anchors=fc.anchor)
         row: dict[str, Any] = {"crps_q": relative_quantile_crps(qv, qs, y, last)}
@@ -149,13 +149,13 @@ def calibration_comparison(fc: PathForecasts, cal: Any, block: int = 1) -> dict:
     return out
 
 
-def _adaptive_info(cal: Any, anchors: np.ndarray) -> dict | None:
+def _adaptive_info(cal: Any, anchors: np.ndarray, vol: np.ndarray | None) -> dict | None:
     """What the adaptive correction did at the test anchors: outcomes, half-life, the multipliers' range per level
     (None: static bands)."""
     pool = cal.outcomes
     if pool is None:
         return None
-    mult = pool.multipliers(anchors, cal.levels)
+    mult = pool.multipliers(anchors, cal.levels, vol=vol)
     return {
         "half_life_bars": pool.half_life,
         "n_outcomes": len(pool),

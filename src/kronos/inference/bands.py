@@ -309,8 +309,9 @@ class Calibration:
             return list(self.levels)
         return sorted({float(k) for k in self.params if _is_number(k)})
 
-    def multipliers(self, anchors: Any, n: int, vol: Any = None) -> dict[str, np.ndarray] | None:
-        """``{level key: [n]}`` band multipliers at ``anchors`` from the realised outcomes (None when static)."""
+    def multipliers(self, anchors: Any, n: int, vol: Any = None, levels: Any = None) -> dict[str, np.ndarray] | None:
+        """``{level key: [n]}`` band multipliers at ``anchors`` from the realised outcomes (None when static);
+        ``levels``: only these central levels (default every level with outcomes)."""
         if self.outcomes is None:
             return None
         if anchors is None:
@@ -318,7 +319,7 @@ class Calibration:
         anchors = np.atleast_1d(np.asarray(anchors))
         if len(anchors) != n:
             raise InputError(f"adaptive bands need one anchor per forecast ({n}), got {len(anchors)}")
-        return self.outcomes.multipliers(anchors, vol=vol)
+        return self.outcomes.multipliers(anchors, levels=levels, vol=vol)
 
     def quantiles(
         self,
@@ -338,7 +339,8 @@ class Calibration:
         z = path_returns(samples, last)
         med = np.median(z, axis=1)
         steps = np.broadcast_to(np.arange(self.horizon), med.shape)
-        mult = self.multipliers(anchors, len(last), context_vol)
+        wanted = sorted({lv for lv in (self._level_of(float(q)) for q in qs) if lv is not None})
+        mult = self.multipliers(anchors, len(last), context_vol, wanted) if wanted else None
         out = []
         for q in qs:
             q = float(q)
@@ -493,7 +495,9 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
         if "anchor" not in out.columns:
             raise InputError("adaptive bands need an 'anchor' column in the records (each forecast's last known bar)")
         vol_rows = out["context_vol"].to_numpy(dtype=float) if "context_vol" in out.columns else None
-        mult = cal.multipliers(out["anchor"].to_numpy(), len(out), vol_rows)
+        wanted = sorted({lv for lv in (cal._level_of(float(m.group(2))) for m in map(QUANTILE_COLUMN.match,
+                         map(str, out.columns)) if m) if lv is not None})  # fmt: skip
+        mult = cal.multipliers(out["anchor"].to_numpy(), len(out), vol_rows, wanted) if wanted else None
     vol = None
     if cal.method in VOL_METHODS:
         if "context_vol" not in out.columns:
