@@ -161,15 +161,17 @@ def _power_fit(
     tercile = np.digitize(vol, np.quantile(vol, [1 / 3, 2 / 3]))
     if min(int((tercile == t).sum()) for t in range(3)) < MIN_PER_TERCILE:
         return 1.0
+    # what does not depend on the exponent, once: the centre's distance to each outcome and each level's raw band
+    dist = np.abs(y - np.median(z, axis=1) * center[None, :])
+    bands = {lv: np.quantile(z, [(1 - lv) / 2, (1 + lv) / 2], axis=1) for lv in levels}
+    steps = np.arange(1, z.shape[2] + 1)[None, :]
     errors = {}
     for power in _POWER_GRID:
         err = 0.0
-        for lv in levels:
-            corr = _cqr_fit("vol_scaled", z, y, lv, vol, center, float(power), ref)
-            lo, hi = np.quantile(z, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
-            med = np.median(z, axis=1) * center[None, :]
-            steps = np.arange(1, z.shape[2] + 1)[None, :]
-            inside = np.abs(y - med) <= corr[None, :] * vol_scale(lo, hi, vol[:, None], steps, lv, float(power), ref)
+        for lv, (lo, hi) in bands.items():
+            scores = dist / vol_scale(lo, hi, vol[:, None], steps, lv, float(power), ref)
+            corr = np.array([_conformal_quantile(scores[:, k], lv) for k in range(z.shape[2])])
+            inside = scores <= corr[None, :]
             err += sum(float(np.sum((inside[tercile == t].mean(axis=0) - lv) ** 2)) for t in range(3))
         errors[float(power)] = err
     # sampling noise: what the error sums to for bands that are exactly right (p (1 - p) / n per cell). An exponent

@@ -490,14 +490,6 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
         )
     idx = steps - 1
     last = out["last_close"].to_numpy(dtype=float)
-    mult = None
-    if cal.outcomes is not None:
-        if "anchor" not in out.columns:
-            raise InputError("adaptive bands need an 'anchor' column in the records (each forecast's last known bar)")
-        vol_rows = out["context_vol"].to_numpy(dtype=float) if "context_vol" in out.columns else None
-        wanted = sorted({lv for lv in (cal._level_of(float(m.group(2))) for m in map(QUANTILE_COLUMN.match,
-                         map(str, out.columns)) if m) if lv is not None})  # fmt: skip
-        mult = cal.multipliers(out["anchor"].to_numpy(), len(out), vol_rows, wanted) if wanted else None
     vol = None
     if cal.method in VOL_METHODS:
         if "context_vol" not in out.columns:
@@ -511,6 +503,13 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
         m = QUANTILE_COLUMN.match(str(c))
         if m:
             cols.setdefault(m.group(1), {})[float(m.group(2))] = c
+    mult = None
+    if cal.outcomes is not None:
+        if "anchor" not in out.columns:
+            raise InputError("adaptive bands need an 'anchor' column in the records (each forecast's last known bar)")
+        vol_rows = out["context_vol"].to_numpy(dtype=float) if "context_vol" in out.columns else None
+        wanted = sorted({lv for qcols in cols.values() for q in qcols if (lv := cal._level_of(q)) is not None})
+        mult = cal.multipliers(out["anchor"].to_numpy(), len(out), vol_rows, wanted) if wanted else None
     for base, qcols in cols.items():
         rel = {q: out[c].to_numpy(dtype=float) / last - 1.0 for q, c in qcols.items()}
         if 0.5 in rel:

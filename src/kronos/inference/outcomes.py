@@ -167,6 +167,7 @@ class BandOutcomes:
             order = np.argsort(s[ok], kind="stable")
             s_sorted, o_sorted, t_sorted = s[ok][order], o_pos[ok][order], self.target[ok][order]
             v_sorted = np.log(np.maximum(self.vol[ok][order], 1e-12)) if kernel else None
+            per_query = np.ones(len(uniq))
             for start in range(0, len(uniq), 64):  # a block of anchor times at once
                 block = slice(start, start + 64)
                 known = t_sorted[None, :] <= uniq[block, None]  # realised on or before the anchor: never later
@@ -178,9 +179,8 @@ class BandOutcomes:
                 share = np.cumsum(w, axis=1) / (total[:, None] + 1.0)  # the new forecast: weight 1 at +inf
                 k = np.minimum((share < level).sum(axis=1), len(s_sorted) - 1)
                 value = s_sorted[k] if len(s_sorted) else np.ones(len(total))
-                value = np.where(total > 0, value, 1.0)  # nothing realised yet: the static band
-                for j, v in zip(range(start, start + len(total)), value):
-                    out[key][inverse == j] = v
+                per_query[block] = np.where(total > 0, value, 1.0)  # nothing realised yet: the static band
+            out[key] = per_query[inverse]
         return out
 
     # ------------------------------------------------------------------ files
