@@ -126,3 +126,27 @@ def test_pipeline_into_locked_folders_stops_with_one_line(tmp_path):
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert "Traceback" not in r.stderr and len(err) == 1 and f"pid {owner.pid}" in err[0], r.stderr[-2000:]
     assert not (tmp_path / "data").exists()  # stopped before any work
+
+
+def test_the_lock_moves_back_folders_left_at_prev_and_spares_kept_entries(tmp_path, caplog):
+    from kronos import io as kio
+
+    out = tmp_path / "models"
+    best = out / "finetune_tokenizer_demo" / "checkpoints" / "best_model"
+    kio.write_folder(best, lambda f: (f / "config.json").write_text("{}"))
+    best.rename(best.with_name("best_model.prev"))  # an older version killed between its two renames
+    dataset = tmp_path / "dataset"
+    kio.write_folder(dataset, lambda f: (f / "manifest.json").write_text("{}"))
+    (dataset / "raw").mkdir()
+    dataset.rename(tmp_path / "dataset.prev")
+    # the old copy of a swap killed before its kept entries were moved over: named after the folder it replaced
+    kept = out / f".notes.tmp-1-ab{kio._KEEP_TAG}0"
+    kept.mkdir()
+    kept = kept.rename(kept.with_name(f".notes.tmp-1-ab{kio._KEEP_TAG}{kept.stat().st_ino}"))
+    with caplog.at_level("WARNING", logger="kronos.io"), run_locks([out], whole=[dataset]):
+        pass
+    assert (best / "config.json").is_file() and not best.with_name("best_model.prev").exists()
+    assert (dataset / "raw").is_dir() and not (tmp_path / "dataset.prev").exists()
+    assert caplog.text.count("moved its complete previous version") == 2
+    assert kept.is_dir()  # left to the next write of its folder, which moves its entries first
+    assert kio.holds_kept_entries(kept) and not kio.holds_kept_entries(kept.with_name(".notes.tmp-1-ab-k1"))

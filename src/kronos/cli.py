@@ -608,6 +608,7 @@ def _pipeline_for(args: argparse.Namespace, existing_run: bool = False):
     """A KronosPipeline over the command's config; ``existing_run``: on the latest run (or ``run_id``), not the
     shared output folders."""
     from kronos.pipeline import KronosPipeline
+    from kronos.train.distributed import is_main_process
 
     config = _checked_config(args)
     if existing_run:
@@ -615,6 +616,8 @@ def _pipeline_for(args: argparse.Namespace, existing_run: bool = False):
 
         config = for_existing_run(config)
     pipe = KronosPipeline(config, resume=getattr(args, "resume", False))
+    if is_main_process():  # a folder a killed older version left at <name>.prev goes back first (logged)
+        pipe.heal_outputs()
     # the run's saved test pass and forecast records, not new forecasts (re-forecast, logged, if settings differ)
     pipe.reuse_forecasts = args.command in ("evaluate", "backtest")
     return pipe

@@ -7,7 +7,9 @@ distributed while data processing, prediction, evaluation and backtest run on ra
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +47,7 @@ from kronos.runlock import run_locks
 from kronos.runs import CONFIG_NAME, enter_run, has_checkpoint, mark_latest, pick_run_id, remove_if_empty, runs_root
 from kronos.timeutil import resolve_calendar
 from kronos.train import train_predictor, train_tokenizer
-from kronos.train.distributed import is_main_process, process_group, share_text, wait_for_main
+from kronos.train.distributed import is_main_process, on_main, process_group, wait_for_main
 
 log = logging.getLogger(__name__)
 
@@ -571,7 +573,7 @@ class KronosPipeline:
         if not cfg.run_folders:
             return None
         root = runs_root(cfg.save_path, cfg.backtest_result_path)
-        run_id = share_text(pick_run_id(root, cfg.run_id, self.resume) if is_main_process() else "")
+        run_id = on_main(lambda: pick_run_id(root, cfg.run_id, self.resume))  # rank 0 picks, every rank gets it
         skipped = [stage for stage, skip in (("tokenizer", skip_tokenizer), ("predictor", skip_predictor)) if skip]
         self.config = enter_run(cfg, root, run_id, skipped)
         self._runs_root = root
@@ -579,12 +581,33 @@ class KronosPipeline:
         return run_id
 
     def _locked_run(self, steps: list[str]) -> PipelineResult:
-        """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`)."""
+        """Run the steps; one run per output folder at a time (see :mod:`kronos.runlock`). Rank 0 takes the locks
+        while the other ranks wait: a refusal (another run holds the folders) ends every rank at once."""
         cfg = self.config
-        if not is_main_process():
+        with contextlib.ExitStack() as held:
+
+            def claim() -> None:
+                whole = [cfg.dataset_path] if "data" in steps else []
+                held.enter_context(run_locks([cfg.save_path, cfg.backtest_dir], whole=whole))
+                self.heal_outputs()
+
+            on_main(claim)
             return self._run(steps)
-        with run_locks([cfg.save_path, cfg.backtest_dir], whole=[cfg.dataset_path] if "data" in steps else []):
-            return self._run(steps)
+
+    def heal_outputs(self) -> list[Path]:
+        """Move back the folders of this config (dataset, checkpoints, results) that a killed writer of an older
+        version left missing beside a complete ``<name>.prev`` (logged; :func:`kronos.io.heal_folder`). Rank 0
+        only; the folders healed."""
+        cfg = self.config
+        healed = []
+        for path in (cfg.dataset_path, cfg.finetuned_tokenizer, cfg.finetuned_predictor):
+            target = Path(path).expanduser() if path else None
+            if target is not None and not target.is_dir() and kio.heal_folder(target) == target:
+                healed.append(target)
+        for root in (cfg.save_path, cfg.backtest_dir):
+            if root:
+                healed += runlock.heal_interrupted_swaps(root)
+        return healed
 
     def _run(self, steps: list[str]) -> PipelineResult:
         cfg = self.config
@@ -601,22 +624,7 @@ class KronosPipeline:
         }
         if "data" not in steps:
             self.require_dataset()
-        if is_main_process():
-            cfg.save(Path(cfg.save_path) / CONFIG_NAME)  # inside the outputs, never beside them
-            # a run killed later leaves status 'running' under its own id: its results are never taken for finished
-            self.result.run_id, self.result.status = cfg.run_id or runlock.RUN_ID, "running"
-            kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
-            if cfg.run_id:
-                log.info("run %s: outputs under %s", cfg.run_id, Path(cfg.save_path).parent)
-            log.info(
-                "where this run reads and writes: dataset %s; tokenizer %s (%s); predictor %s (%s); results %s",
-                cfg.dataset_path,
-                cfg.finetuned_tokenizer,
-                "trained now" if "tokenizer" in steps else "reused",
-                cfg.finetuned_predictor,
-                "trained now" if "predictor" in steps else "reused",
-                cfg.backtest_dir,
-            )
+        on_main(lambda: self._announce(steps))  # the other ranks wait: a failure on rank 0 ends every rank at once
         for name in STEPS:
             if name not in steps:
                 if name in ("tokenizer", "predictor"):  # a skipped stage needs its checkpoint
@@ -624,10 +632,12 @@ class KronosPipeline:
                 continue
             fn, main_only = table[name]
             t0 = time.time()
-            if not main_only or is_main_process():
+            if main_only:  # rank 0 runs it while the others wait; a failure there ends every rank at once
+                on_main(functools.partial(self._main_step, name, fn))
+            else:
                 log.info("==== %s ====", name)
                 fn()
-            barrier()
+                barrier()
             timings[name] = round(time.time() - t0, 2)
         self.result.tokenizer_path = cfg.finetuned_tokenizer
         self.result.predictor_path = cfg.finetuned_predictor
@@ -643,6 +653,31 @@ class KronosPipeline:
             if getattr(self, "_runs_root", None) is not None and cfg.run_id:
                 mark_latest(self._runs_root, cfg.run_id)  # runs/latest: the newest finished run
         return self.result
+
+    def _announce(self, steps: list[str]) -> None:
+        """Rank 0, before the steps: the run's config inside its outputs, its result marked 'running', and where it
+        reads and writes."""
+        cfg = self.config
+        cfg.save(Path(cfg.save_path) / CONFIG_NAME)  # inside the outputs, never beside them
+        # a run killed later leaves status 'running' under its own id: its results are never taken for finished
+        self.result.run_id, self.result.status = cfg.run_id or runlock.RUN_ID, "running"
+        kio.write_json(Path(cfg.backtest_dir) / "pipeline_result.json", self.result)
+        if cfg.run_id:
+            log.info("run %s: outputs under %s", cfg.run_id, Path(cfg.save_path).parent)
+        log.info(
+            "where this run reads and writes: dataset %s; tokenizer %s (%s); predictor %s (%s); results %s",
+            cfg.dataset_path,
+            cfg.finetuned_tokenizer,
+            "trained now" if "tokenizer" in steps else "reused",
+            cfg.finetuned_predictor,
+            "trained now" if "predictor" in steps else "reused",
+            cfg.backtest_dir,
+        )
+
+    @staticmethod
+    def _main_step(name: str, fn: Callable[[], Any]) -> None:
+        log.info("==== %s ====", name)
+        fn()
 
     def _tokenizer_step(self) -> None:
         self.train_tokenizer()

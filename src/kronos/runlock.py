@@ -11,7 +11,9 @@ locked by ``.<name>.kronos-run.lock`` beside it, where its swap temporaries live
 a process (the pipeline holds ``save_path`` while its training stages lock it again).
 
 Once the locks are held no other live run writes there, so every temporary (``.<name>.tmp-*``) found in the
-locked folders is a leftover of a killed run: :func:`clean_stale_temporaries` removes them.
+locked folders is a leftover of a killed run: :func:`clean_stale_temporaries` removes them (except the old copy of
+a swapped folder whose kept entries are not moved over yet, see :func:`kronos.io.holds_kept_entries`), and
+:func:`heal_interrupted_swaps` moves back a folder that a killed writer of an older version left at ``<name>.prev``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from kronos import io as kio
 from kronos.errors import BusyError
 
 logger = logging.getLogger(__name__)
@@ -167,6 +170,8 @@ def clean_stale_temporaries(folder: str | os.PathLike, name: str | None = None) 
     for path in list(candidates):
         if not _TMP_RE.match(path.name) or not os.path.lexists(path):
             continue
+        if kio.holds_kept_entries(path):  # the next write of its folder moves the kept entries, then removes it
+            continue
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -180,6 +185,32 @@ def clean_stale_temporaries(folder: str | os.PathLike, name: str | None = None) 
             "removed %d temporary file(s)/folder(s) left by an earlier, killed run under %s", len(removed), root
         )
     return removed
+
+
+def heal_interrupted_swaps(folder: str | os.PathLike, whole: bool = False) -> list[Path]:
+    """Move back every folder under ``folder`` (``folder`` itself with ``whole``) that is missing while its complete
+    previous version ``<name>.prev`` is there (:func:`kronos.io.heal_folder`, which logs it); the folders healed."""
+    root = Path(folder).expanduser()
+    if whole:
+        candidates: Iterable[Path] = [root.with_name(root.name + kio.PREV_SUFFIX)]
+    elif root.is_dir():
+        candidates = _walk(root, depth=4)
+    else:
+        candidates = []
+    healed = []
+    for prev in list(candidates):
+        if not prev.name.endswith(kio.PREV_SUFFIX) or prev.name == kio.PREV_SUFFIX:
+            continue
+        target = prev.with_name(prev.name[: -len(kio.PREV_SUFFIX)])
+        if not os.path.lexists(target) and prev.is_dir() and not prev.is_symlink():
+            kio.heal_folder(target)
+            if target.is_dir():
+                healed.append(target)
+    return healed
+
+
+def _place(folder: Path) -> Path:
+    return folder.parent.resolve() / folder.name
 
 
 def _walk(root: Path, depth: int) -> Iterator[Path]:
@@ -204,11 +235,12 @@ def run_locks(
 ) -> Iterator[list[RunLock]]:
     """Hold the run locks of ``folders`` (lock inside) and ``whole`` (lock beside) for the ``with`` block.
 
-    Locks are taken in a fixed order (no deadlock between two runs); with ``clean``, temporaries of killed runs
-    in those folders are removed once all locks are held.
+    Locks are taken in a fixed order (no deadlock between two runs); with ``clean``, once all locks are held,
+    folders a killed run left at ``<name>.prev`` are moved back and its temporaries in those folders removed.
     """
     inside = {str(Path(f).expanduser().resolve()): Path(f).expanduser() for f in folders if str(f)}
-    beside = {str(Path(f).expanduser().resolve()): Path(f).expanduser() for f in whole if str(f)}
+    # a folder replaced as a whole may be a link to its current version: its key is its place, not the version
+    beside = {str(_place(Path(f).expanduser())): Path(f).expanduser() for f in whole if str(f)}
     plan = sorted([(k, f, False) for k, f in inside.items()] + [(k, f, True) for k, f in beside.items()])
     held: list[RunLock] = []
     try:
@@ -218,6 +250,7 @@ def run_locks(
             held.append(lock)
         if clean:
             for _, folder, is_whole in plan:
+                heal_interrupted_swaps(folder, whole=is_whole)
                 if is_whole:
                     clean_stale_temporaries(folder.parent, folder.name)
                 else:
@@ -228,4 +261,12 @@ def run_locks(
             lock.release()
 
 
-__all__ = ["LOCK_NAME", "RUN_ID", "RunLock", "clean_stale_temporaries", "lock_file_for", "run_locks"]
+__all__ = [
+    "LOCK_NAME",
+    "RUN_ID",
+    "RunLock",
+    "clean_stale_temporaries",
+    "heal_interrupted_swaps",
+    "lock_file_for",
+    "run_locks",
+]

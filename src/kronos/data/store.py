@@ -3,8 +3,8 @@
 Each split file holds one long frame (see :data:`kronos.data.schema.SPLIT_COLUMNS`); the manifest records
 where the data came from (source, config, symbols, rows and time range per split, skipped symbols).
 Nothing is pickled. :func:`save_dataset` builds the new dataset in a temporary folder beside the target and
-swaps it into place (:func:`kronos.io.write_folder`), so a failed run never leaves a half-written dataset or loses
-the previous one.
+swaps it into place in one atomic step (:func:`kronos.io.write_folder`), so a failed or killed run never leaves a
+half-written dataset, loses the previous one, or leaves ``dataset_path`` missing for plain readers (pandas).
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def dataset_exists(path: PathLike) -> bool:
 def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any]) -> None:
     """Write ``splits`` (train, val, test long frames) and ``manifest`` to the folder ``path`` atomically.
 
-    Everything is written into a temporary folder beside ``path`` first; only then is the old folder moved
-    aside and the new one renamed into place. Files in ``path`` that are not part of a dataset (a raw-data
-    cache, notes) are carried over into the new folder.
+    Everything is written into a temporary folder beside ``path`` first; only then is it swapped with the old
+    folder in one step. Files in ``path`` that are not part of a dataset (a raw-data cache, notes) are carried
+    over into the new folder (by the next write, when a kill interrupts the move).
     """
     from kronos.data.schema import SPLIT_COLUMNS, VALUE_COLUMNS, check_split_frame
 
@@ -95,7 +95,8 @@ def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: M
         frames[split] = frame.sort_values(["symbol", "timestamps"], kind="mergesort").reset_index(drop=True)
     manifest_text = kio.dumps_json(dict(manifest))
 
-    target = Path(path).expanduser().resolve()
+    given = Path(path).expanduser()
+    target = given.parent.resolve() / given.name  # not the folder itself: it may be a link to its current version
     if target.exists() and not target.is_dir():
         raise DataError(f"dataset path '{target}' is a file; set config key 'dataset_path' to a folder")
 

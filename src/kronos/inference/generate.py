@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kronos.errors import InputError
+from kronos.errors import InputError, KronosError
 from kronos.inference.sampling import sample_from_logits
 from kronos.model.kronos import Kronos, KronosCache
 from kronos.model.tokenizer import KronosTokenizer
@@ -80,6 +81,31 @@ def _progress(n: int, verbose: bool, desc: str):
     return tqdm(range(n), desc=desc, disable=not verbose, leave=False)
 
 
+class Cancelled(KronosError):
+    """Generation stopped between two decode steps because its :func:`cancel_when` check said so."""
+
+
+_cancel = threading.local()
+
+
+@contextlib.contextmanager
+def cancel_when(check: Callable[[], bool]) -> Iterator[None]:
+    """Within this block (on this thread), generation calls ``check()`` before each decode step and raises
+    :class:`Cancelled` once it returns True: a service stops work whose clients have gone within one step."""
+    before = getattr(_cancel, "check", None)
+    _cancel.check = check
+    try:
+        yield
+    finally:
+        _cancel.check = before
+
+
+def _stop_if_cancelled() -> None:
+    check = getattr(_cancel, "check", None)
+    if check is not None and check():
+        raise Cancelled("forecast cancelled (its client went away or the service is shutting down)")
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Kronos,
@@ -128,6 +154,7 @@ def generate_tokens(
     shared = model.new_cache(batch, min(capacity, t0), device=s1.device) if share else None
     with eval_mode(model):
         for i in _progress(pred_len, verbose, "generating"):
+            _stop_if_cancelled()
             n = t0 + i
             a = max(0, n - max_context)
             st = None if stamps_rows is None else stamps_rows[:, a:n]
@@ -233,6 +260,7 @@ def sample_forecasts(
             sl = slice(start, start + batch_size)
             # Q7: the whole history is encoded, even beyond max_context. Each series is encoded once; its tokens are
             # then replicated series-major for the sample paths.
+            _stop_if_cancelled()
             s1, s2 = tokenizer.encode(x[sl], half=True)
             st = None if stamps is None else stamps[sl]
             s1_all, s2_all = generate_tokens(

@@ -317,8 +317,8 @@ def _resolve_files(
 ) -> tuple[Path, Path]:
     """(config path, weights path) of a local folder or a hub id.
 
-    A folder whose atomic swap was interrupted (see :func:`kronos.io.write_folder`)
-    is read from its complete previous version ``<folder>.prev``.
+    A folder missing beside its complete previous version ``<folder>.prev`` (a swap by an older version of
+    :func:`kronos.io.write_folder` killed between its renames) is read from ``<folder>.prev``.
     """
     path = Path(name).expanduser()
     if not path.exists():

@@ -4,6 +4,12 @@ Routes: ``GET /health``, ``GET /models``, ``POST /forecast`` (JSON rows or a CSV
 ``POST /forecast/batch``, ``GET /symbols``, ``GET /symbols/{symbol}/forecast``, ``GET /run`` (a pipeline run's
 results), ``/mcp`` (MCP streamable HTTP), ``/`` (the page) and ``/docs`` (OpenAPI). Every error is JSON
 ``{"error": "...", "limit": "..."?}`` with a 4xx status; the service never dies on a bad request.
+
+Safe without a token: only the bound host names are served (Starlette's trusted-host middleware; a DNS-rebinding
+page's foreign ``Host`` gets a 400), state-changing requests must be JSON or multipart (a cross-site form or
+``text/plain`` POST gets a 415) and a foreign ``Origin`` gets a 403; ``/models`` and ``/symbols`` name files, not
+absolute paths, unless a token guards the service. A client that sends its body too slowly gets a 408; a request
+whose client goes away is cancelled (:class:`~kronos.serve.engine.ForecastEngine`).
 """
 
 import asyncio
@@ -14,23 +20,52 @@ import logging
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from kronos.errors import KronosError
 from kronos.serve.engine import ForecastEngine, QueueFullError, Settings
-from kronos.serve.inputs import LimitError, check_limit, frame_from_rows, frame_from_upload
+from kronos.serve.inputs import (
+    LimitError,
+    check_limit,
+    frame_from_rows,
+    frame_from_upload,
+    parse_json_body,
+    short,
+    upload_label,
+)
 from kronos.serve.mcp import build_mcp
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 OPEN_PATHS = ("/health",)
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+BODY_TYPES = ("application/json", "multipart/form-data")  # what a state-changing request may send
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+ANY_ADDRESS = ("0.0.0.0", "::", "")
+CLIENT_GONE = 499  # the status logged for a request whose client disconnected (nobody reads it)
+
+
+def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The ``Host`` header names served for a bind address: a loopback bind serves the loopback names, a specific
+    address serves itself, a wildcard bind (0.0.0.0, ::) any name unless ``extra`` lists them; plus ``extra``."""
+    names = list(extra)
+    if host in LOCAL_NAMES:
+        names += LOCAL_NAMES
+    elif host in ANY_ADDRESS:
+        names += [] if extra else ["*"]
+    else:
+        names += [host, f"[{host}]"] if ":" in host else [host]
+    return list(dict.fromkeys(names))
+
+
 SETTING_FIELDS = {
     "horizon": int,
     "samples": int,
@@ -62,10 +97,34 @@ class GuardMiddleware:
     is then kept in a cookie) or that cookie.
     """
 
-    def __init__(self, app, token: str | None, max_body: int) -> None:
+    def __init__(self, app, token: str | None, max_body: int, body_timeout: float = 10.0) -> None:
         self.app = app
         self.token = token or None
         self.max_body = int(max_body)
+        self.body_timeout = float(body_timeout)
+
+    @staticmethod
+    def _refusal(scope) -> tuple[int, str] | None:
+        """Why a state-changing request is refused before anything else: a body type a cross-site form can send, or
+        an ``Origin`` other than the service's own."""
+        if scope.get("method", "GET") in SAFE_METHODS:
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        origin = headers.get("origin")
+        if origin is not None:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or parts.netloc.lower() != headers.get("host", "").lower():
+                return 403, short(
+                    f"cross-origin request from {origin!r} refused; the service answers pages it serves itself "
+                    "and clients that send no Origin header"
+                )
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in BODY_TYPES:
+            return 415, short(
+                f"content type {ctype or 'none'!r} refused; send application/json (or multipart/form-data for a "
+                "file upload)"
+            )
+        return None
 
     def _authorised(self, scope) -> tuple[bool, bool]:
         if self.token is None or scope["path"] in OPEN_PATHS:
@@ -91,6 +150,9 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await _send(send, *_json_response(refusal[0], {"error": refusal[1]}))
         ok, set_cookie = self._authorised(scope)
         if not ok:
             status, headers, body = _json_response(
@@ -121,16 +183,28 @@ class GuardMiddleware:
                     )
         received = 0
         limit = self.max_body
+        body_done = scope.get("method", "GET") in SAFE_METHODS
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body: wait for the client to go away (disconnect), without a deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise LimitError(
+                    f"request body not received within body_timeout_s={self.body_timeout:g} seconds",
+                    "body_timeout_s",
+                    408,
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise LimitError(
                         f"request body is over the service limit max_body_bytes={limit}", "max_body_bytes", 413
                     )
+                body_done = not message.get("more_body", False)
             return message
 
         async def send_with_cookie(message):
@@ -144,6 +218,10 @@ class GuardMiddleware:
 
 class RequestError(KronosError):
     """A request field is unknown or of the wrong kind."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its forecast was queued or running."""
 
 
 def _settings(body: dict, allowed: set, defaults: dict | None = None) -> Settings:
@@ -202,12 +280,36 @@ def _form_value(raw: str, key: str) -> Any:
 
 
 def create_app(
-    engine: ForecastEngine, *, token: str | None = None, run=None, mcp: bool = True, host: str = "127.0.0.1"
+    engine: ForecastEngine,
+    *,
+    token: str | None = None,
+    run=None,
+    mcp: bool = True,
+    host: str = "127.0.0.1",
+    hosts: list[str] | tuple[str, ...] = (),
 ):
     """The FastAPI app over ``engine``; ``run`` is a :class:`kronos.serve.run.RunFolder` for the run view.
 
-    ``host`` is the bind address: on a local one the MCP endpoint also refuses foreign Host/Origin headers (DNS
-    rebinding protection of the SDK)."""
+    ``host`` is the bind address: only the names :func:`allowed_hosts` gives for it (plus ``hosts``) are served, and
+    on a local one the MCP endpoint also refuses foreign Host/Origin headers (DNS rebinding protection of the SDK).
+    Without a ``token``, file locations are shown as names only."""
+    names = allowed_hosts(host, hosts)
+
+    def public(path: Any) -> str | None:
+        """A file location as shown to clients: the absolute path behind a token; else relative to the working
+        folder or the run folder when inside one, or its name only."""
+        if path in (None, ""):
+            return None
+        if token:
+            return str(path)
+        p = Path(str(path)).expanduser()
+        for base in [Path.cwd()] + ([run.dir] if run is not None else []):
+            with contextlib.suppress(ValueError, OSError):
+                rel = p.resolve().relative_to(Path(base).resolve())
+                if rel.parts:
+                    return str(rel)
+        return p.resolve().name
+
     mcp_server = None
     if mcp:
         mcp_server = build_mcp(engine)
@@ -239,10 +341,10 @@ def create_app(
     @app.exception_handler(KronosError)
     async def _kronos_error(request: Request, exc: KronosError):
         if isinstance(exc, LimitError):
-            return error(exc.status, str(exc), limit=exc.limit)
+            return error(exc.status, short(exc), limit=exc.limit)
         if isinstance(exc, QueueFullError):
-            return error(503, str(exc), limit="max_queue")
-        return error(422, str(exc))
+            return error(503, short(exc), limit="max_queue")
+        return error(422, short(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -270,19 +372,46 @@ def create_app(
     @app.get("/models")
     async def models() -> dict:
         """What is loaded: model sizes, max context, the calibration's validation coverage; and the limits."""
+        models = engine.models()
+        for m in models:
+            m["tokenizer"], m["model"] = public(m["tokenizer"]), public(m["model"])
+            if m.get("calibration"):
+                m["calibration"] = {**m["calibration"], "file": public(m["calibration"]["file"])}
         return {
-            "models": engine.models(),
+            "models": models,
             "limits": engine.limits.to_dict(),
-            "dataset": engine.dataset.path if engine.dataset else None,
-            "run": str(run.dir) if run is not None else None,
+            "dataset": public(engine.dataset.path) if engine.dataset else None,
+            "run": public(run.dir) if run is not None else None,
         }
 
-    async def _json_body(request: Request) -> dict:
-        raw = await request.body()
+    async def until_gone(request: Request, work) -> Any:
+        """Await ``work`` (an engine forecast) unless the client disconnects first: then it is cancelled (the
+        engine drops it or stops it between decode steps) and :class:`ClientGone` ends the request."""
+        task = asyncio.ensure_future(work)
+
+        async def gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(gone())
         try:
-            body = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(f"request body is not valid JSON ({exc})") from None
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+            watcher.cancel()
+        if task.cancelled():
+            raise ClientGone()
+        return task.result()
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        log.info("%s %s: the client went away; its forecast was cancelled", request.method, request.url.path)
+        return error(CLIENT_GONE, "client closed the request")
+
+    async def _json_body(request: Request) -> dict:
+        # size and nesting depth are checked on the raw bytes before json.loads; the message is short
+        body = parse_json_body(await request.body(), engine.limits)
         if not isinstance(body, dict):
             raise RequestError('request body must be a JSON object, e.g. {"bars": [...], "horizon": 24}')
         return body
@@ -342,8 +471,10 @@ def create_app(
             echo = _check_echo(fields.pop("history", 0))
             settings = _settings(fields, FORECAST_FIELDS - {"bars"})
             engine.check_model(fields.get("model"))
-            table = await asyncio.to_thread(frame_from_upload, await upload.read(), upload.filename or "upload")
-            where = f"file '{upload.filename}'"
+            table = await asyncio.to_thread(  # sized up (rows, columns, types) before it is decoded
+                frame_from_upload, await upload.read(), upload.filename or "upload", limits=engine.limits
+            )
+            where = upload_label(upload.filename or "upload")
         else:
             body = await _json_body(request)
             settings = _settings(body, FORECAST_FIELDS)
@@ -354,7 +485,7 @@ def create_app(
             table = frame_from_rows(body["bars"])
             where = "bars"
         history = await asyncio.to_thread(engine.history_for, table, where)  # parsing stays off the event loop
-        result = (await engine.forecast([history], settings))[0]
+        result = (await until_gone(request, engine.forecast([history], settings)))[0]
         return JSONResponse(_with_history(result, history, echo))
 
     @app.post("/forecast/batch")
@@ -377,17 +508,18 @@ def create_app(
             else:
                 table = frame_from_rows(item["bars"], f"series {i}")
                 histories.append(await asyncio.to_thread(engine.history_for, table, f"series {i}"))
-        return JSONResponse({"forecasts": await engine.forecast(histories, settings)})
+        return JSONResponse({"forecasts": await until_gone(request, engine.forecast(histories, settings))})
 
     @app.get("/symbols")
     async def symbols() -> dict:
         """The loaded dataset's symbols (with bar counts and time ranges)."""
         if engine.dataset is None:
             raise RequestError("no dataset is loaded; start the service with --dataset PATH or --run DIR")
-        return {"dataset": engine.dataset.path, "symbols": engine.dataset.symbols()}
+        return {"dataset": public(engine.dataset.path), "symbols": engine.dataset.symbols()}
 
     @app.get("/symbols/{symbol}/forecast")
     async def symbol_forecast(
+        request: Request,
         symbol: str,
         horizon: int | None = None,
         samples: int | None = None,
@@ -405,7 +537,7 @@ def create_app(
             horizon=horizon, samples=samples, seed=seed, T=T, top_k=top_k, top_p=top_p, quantiles=tuple(qs)
         )
         frame = engine.symbol_history(symbol)
-        result = (await engine.forecast([frame], settings))[0]
+        result = (await until_gone(request, engine.forecast([frame], settings)))[0]
         result["symbol"] = symbol
         return JSONResponse(_with_history(result, frame, history))
 
@@ -423,5 +555,11 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if mcp_server is not None:
         app.router.routes.extend(r for r in mcp_http.routes if getattr(r, "path", "") == "/mcp")
-    app.add_middleware(GuardMiddleware, token=token, max_body=engine.limits.max_body_bytes)
+    app.add_middleware(
+        GuardMiddleware,
+        token=token,
+        max_body=engine.limits.max_body_bytes,
+        body_timeout=engine.limits.body_timeout_s,
+    )
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=names)  # outermost: a foreign Host gets nothing else
     return app

@@ -9,9 +9,10 @@
     last/rng_rank{r}.safetensors                python, numpy, torch CPU and CUDA generator states of rank r
     last/trainer_state.json                     step counters, best loss, sampler position, run config
 
-Folders are written with :func:`kronos.io.write_folder`: beside their final place, then renamed into it; the
-previous version is kept as ``<name>.prev`` until the swap is done, so a kill -9 at any moment leaves one complete
-checkpoint to resume from (:func:`kronos.io.resolve_folder`).
+Folders are written with :func:`kronos.io.write_folder`: beside their final place, then swapped with the previous
+version in one atomic step, so after a kill -9 at any moment ``best_model/`` and ``last/`` are each a complete
+checkpoint (the old or the new one) that a plain ``from_pretrained(path)`` loads. A ``<name>.prev`` that an older
+version left beside a missing folder is moved back when a training stage starts (:func:`kronos.io.heal_folder`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ This module is the one owner of the process group and the one reader of the laun
 (a ``kronos`` command, ``KronosPipeline.run``, a training stage) holds :func:`process_group` for its work, which
 creates the group once (or joins the one that already exists) and yields the :class:`DistContext` that answers
 "am I rank 0"; code without a context asks :func:`is_main_process`.
+
+Work that only rank 0 does before the others may go on (taking the run lock, picking the run id, checking what it
+alone reads) goes through :func:`on_main`: the other ranks wait for its outcome, and a refusal on rank 0 ends every
+rank at once with the same one-line error, instead of leaving them waiting out a process-group timeout.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,8 +26,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kronos import errors
 from kronos.config import Config
-from kronos.errors import ConfigError, cuda_missing_hint
+from kronos.errors import ConfigError, KronosError, cuda_missing_hint
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +214,51 @@ def share_text(text: str, limit: int = 200) -> str:
     buf[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
     dist.broadcast(buf, src=0, group=_wait_group())
     return bytes(buf[1 : 1 + int(buf[0])].tolist()).decode("utf-8")
+
+
+def on_main(action: Callable[[], str | None]) -> str:
+    """Run ``action`` on rank 0 only and give every rank its outcome: the text it returns (``""`` for None), the
+    same on every rank; or, when it raises, the other ranks raise the same one-line error (the same
+    :class:`~kronos.errors.KronosError` class; any other exception as a ``KronosError`` naming it) while rank 0
+    raises the original. The other ranks wait on the gloo wait group (``dist_wait_hours``), so a slow ``action``
+    (a run lock waited for) times nothing out. Without a process group it just calls ``action``.
+    """
+    if not (_group_is_up() and dist.get_world_size() > 1):
+        return action() or ""
+    if dist.get_rank() == 0:
+        try:
+            text = action() or ""
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # the group may be broken too; rank 0's own error matters most
+                _broadcast_bytes(b"E" + type(exc).__name__.encode() + b"\0" + _one_line(exc).encode("utf-8"))
+            raise
+        _broadcast_bytes(b"T" + text.encode("utf-8"))
+        return text
+    payload = _broadcast_bytes(b"")
+    if payload[:1] == b"T":
+        return payload[1:].decode("utf-8")
+    name, _, message = payload[1:].decode("utf-8", "replace").partition("\0")
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, KronosError):
+        raise cls(message)
+    raise KronosError(f"rank 0 stopped with {name}: {message}")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _broadcast_bytes(data: bytes) -> bytes:
+    """Rank 0's ``data`` on every rank (its length first, then the bytes; over the wait group, nothing pickled)."""
+    group = _wait_group()
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=0, group=group)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if dist.get_rank() == 0 and data:
+        buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if buf.numel():
+        dist.broadcast(buf, src=0, group=group)
+    return bytes(buf.tolist())
 
 
 def barrier(ctx: DistContext) -> None:

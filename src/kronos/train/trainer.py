@@ -55,6 +55,7 @@ from kronos.train.distributed import (
     barrier,
     broadcast_flag,
     deterministic_cpu,
+    on_main,
     process_group,
     resolve_precision,
 )
@@ -718,10 +719,18 @@ def run_stage(stage_name: str, config: Config, resume: bool = False) -> dict:
     entry point (``kronos pipeline``) or, called alone under ``torchrun``, sets one up and removes it after."""
 
     stage = get_stage(stage_name, config)
-    with process_group(config) as ctx:
-        # one run per output folder: rank 0 locks save_path (re-entrant inside the pipeline's own lock)
-        lock = run_locks([config.save_path]) if ctx.is_main else contextlib.nullcontext()
-        with lock, deterministic_cpu(ctx.device.type == "cpu"):
+    with process_group(config) as ctx, contextlib.ExitStack() as held:
+
+        def claim() -> None:
+            # one run per output folder: rank 0 locks save_path (re-entrant inside the pipeline's own lock) and
+            # moves back the checkpoints a killed older version left at <name>.prev (the lock heals those under
+            # save_path; an explicit finetuned path may lie elsewhere)
+            held.enter_context(run_locks([config.save_path]))
+            kio.heal_folder(getattr(config, f"finetuned_{stage.name}"))
+            kio.heal_folder(Path(config.save_path) / stage.folder_name / "checkpoints" / "last")
+
+        on_main(claim)  # the other ranks wait for the lock: a refusal ends every rank at once
+        with deterministic_cpu(ctx.device.type == "cpu"):
             trainer = Trainer(stage, config, ctx)
             trainer.setup(resume=resume)
             return trainer.fit()
@@ -748,9 +757,10 @@ def keep_pretrained_tokenizer(config: Config) -> dict:
             "to keep; set pretrained_tokenizer_path (e.g. examples/models/starter/tokenizer) or set "
             "finetune_tokenizer true"
         )
-    with process_group(config) as dist_ctx:
+    with process_group(config):
         summary = {"stage": "tokenizer", "kept_pretrained": src, "trained": False}
-        if dist_ctx.is_main:
+
+        def keep() -> None:
             tok = KronosTokenizer.from_pretrained(src)
             target = Path(config.finetuned_tokenizer)
             kio.write_folder(target, lambda folder: tok.save_pretrained(folder))
@@ -759,7 +769,8 @@ def keep_pretrained_tokenizer(config: Config) -> dict:
             logger.info(
                 "tokenizer: finetune_tokenizer false: kept the pretrained tokenizer %s (copied to %s)", src, target
             )
-        barrier(dist_ctx)
+
+        on_main(keep)  # rank 0 copies it while the others wait; a tokenizer it cannot load ends every rank at once
         return summary
 
 
