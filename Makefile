@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q -e '.[qlib,tracking,serve,lora,dev]'
+	$(PY) -m pip install -q -e '.[qlib,tracking,serve,lora,crypto,dev]'
 	$(PY) -c "import torch; print('installed torch', torch.__version__, '(CUDA ' + torch.version.cuda + ')' if torch.version.cuda else '(CPU-only build)')"
 	touch $(STAMP)
 

@@ -79,7 +79,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-source",
         metavar="NAME",
-        help="qlib, sina, csv or a registered custom source; default: the config's data_source (qlib)",
+        help="qlib, sina, csv, ccxt or a registered custom source; default: the config's data_source (qlib)",
     )
     p.add_argument(
         "--set",

@@ -47,6 +47,7 @@ PATH_KEYS = (
     "dataset_path",
     "csv_data_path",
     "sina_cache_dir",
+    "ccxt_cache_dir",
     "save_path",
     "backtest_result_path",
     "pretrained_tokenizer_path",
@@ -82,11 +83,14 @@ class Config:
     dataset_path: str = "./data/processed_datasets"
 
     # ---- data sources (ours) ----
-    data_source: str = "qlib"  # qlib | sina | csv | a registered custom name
+    data_source: str = "qlib"  # qlib | sina | csv | ccxt | a registered custom name
     split_ratios: list | None = None  # e.g. [0.7, 0.15, 0.15]; used instead of the time ranges when set
     csv_data_path: str = ""
     csv_symbol_column: str = ""  # long file: column holding the symbol (auto-detected when empty)
     csv_timestamp_column: str = ""  # auto-detected when empty
+    # none: prices as in the files | adj_close: scale open/high/low/close by "Adj Close" / "Close" row by row
+    # (Yahoo-style exports; a file without an "Adj Close" column is an error)
+    adjust: str = "none"
     # a bar whose open/high/low/close is more than this many times (or less than 1/this) the median close of the
     # 21 bars around it is a spike (a vendor error such as 1e12); 0 turns the check off
     price_spike_factor: float = 10.0
@@ -99,6 +103,18 @@ class Config:
     sina_retries: int = 3
     sina_pause: float = 0.5
     sina_cache_dir: str = ""  # defaults to <dataset_path>/raw_sina
+    # crypto exchanges through ccxt (pip install 'kronos[crypto]'); public OHLCV, no API key
+    ccxt_exchange: str = "binance"  # any ccxt exchange id (ccxt.exchanges): binance, okx, bybit, kraken, ...
+    ccxt_symbols: list = field(default_factory=lambda: ["BTC/USDT"])  # ccxt unified symbols
+    ccxt_timeframe: str = "1h"  # one of the exchange's timeframes (1m, 5m, 15m, 1h, 4h, 1d, ...)
+    ccxt_since: str = "2024-01-01"  # first bar (UTC, inclusive)
+    ccxt_until: str = ""  # end (UTC, exclusive); empty: now (the bar still forming is left out)
+    ccxt_limit: int = 0  # bars per request; 0: the exchange's maximum (binance 1000)
+    ccxt_api_url: str = ""  # scheme://host[:port][/prefix] replacing the host of every API URL (proxy, test server)
+    ccxt_timeout: float = 10.0
+    ccxt_retries: int = 3
+    ccxt_pause: float = 0.5
+    ccxt_cache_dir: str = ""  # defaults to <dataset_path>/raw_ccxt
 
     # ---- training (seed) ----
     clip: float = 5.0
@@ -207,7 +223,8 @@ class Config:
     # Unsafe: let evaluation/backtest anchors target bars on or before the last validation bar (see README).
     allow_eval_overlap: bool = False
     # Future bar dates follow this exchange's trading calendar (exchange_calendars code, e.g. XSHG, XNYS);
-    # auto: XSHG for the qlib and sina sources (A-shares), business days for csv; none: business days.
+    # auto: XSHG for the qlib and sina sources (A-shares), 24/7 for ccxt, business days for csv; none: business
+    # days (every day when the history has weekend bars); 24/7: every calendar day.
     trading_calendar: str = "auto"
 
     # ---- runs (ours) ----
@@ -437,7 +454,8 @@ class BacktestSettings:
 
 
 def redact_secrets(value: Any) -> Any:
-    """A copy of ``value`` where every non-empty value under a key named like a secret is ``"***"``."""
+    """A copy of ``value`` where every non-empty value under a key named like a secret is ``"***"``, and so is
+    the password of any ``scheme://user:password@host`` URL."""
     if isinstance(value, dict):
         return {
             k: (
@@ -447,7 +465,13 @@ def redact_secrets(value: Any) -> Any:
         }
     if isinstance(value, (list, tuple)):
         return type(value)(redact_secrets(v) for v in value)
+    if isinstance(value, str) and "@" in value and _URL_PASSWORD.match(value):
+        return _URL_PASSWORD.sub(r"\1" + REDACTED + "@", value, count=1)  # http://user:***@proxy
     return value
+
+
+# a URL's user:password (e.g. ccxt_api_url pointing at an authenticating proxy)
+_URL_PASSWORD = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@")
 
 
 # ---------------------------------------------------------------------- validation table
@@ -542,6 +566,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
             "num_workers",
             "sina_retries",
             "sina_pause",
+            "ccxt_retries",
+            "ccxt_pause",
+            "ccxt_limit",
             "eval_max_anchors",
             "plot_n_symbols",
             "inference_top_k",
@@ -550,7 +577,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
             "backtest_min_cost",
         )
     },
-    **{k: (_above(0),) for k in ("clip", "sina_timeout", "backtest_account")},
+    **{k: (_above(0),) for k in ("clip", "sina_timeout", "ccxt_timeout", "backtest_account")},
     # 0 is allowed: it freezes the weights (tests and sanity checks use it)
     **{
         k: (Rule(lambda v: math.isfinite(v) and 0 <= v <= 1, "must be a finite number in [0, 1] (e.g. 2e-4)"),)
@@ -566,6 +593,24 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "sina_symbols": (Rule(lambda v: len(v) > 0, 'must list at least one symbol, e.g. ["sh600000"]'),),
     "sina_scale": (_one_of(5, 15, 30, 60, 240),),
     "sina_base_url": (Rule(lambda v: v.startswith(("http://", "https://")), "must be an http(s) URL"),),
+    "adjust": (_one_of("none", "adj_close"),),
+    "ccxt_exchange": (
+        Rule(lambda v: bool(re.fullmatch(r"[a-z0-9_]+", v)), "must be a ccxt exchange id, e.g. binance"),
+    ),
+    "ccxt_symbols": (
+        Rule(
+            lambda v: len(v) > 0 and all(isinstance(x, str) and x.strip() for x in v),
+            'must list symbols, e.g. ["BTC/USDT"]',
+        ),
+    ),
+    "ccxt_timeframe": (
+        Rule(lambda v: bool(re.fullmatch(r"\d+[smhdwMy]", v)), "must be a timeframe such as 1m, 1h or 1d"),
+    ),
+    "ccxt_since": (Rule(lambda v: _date_range([v, v]), "must be a date or time such as 2024-01-01 (UTC)"),),
+    "ccxt_until": (Rule(lambda v: v == "" or _date_range([v, v]), "must be empty (now) or a date such as 2024-06-30"),),
+    "ccxt_api_url": (
+        Rule(lambda v: v == "" or v.startswith(("http://", "https://")), "must be empty or an http(s) URL"),
+    ),
     "device": (Rule(lambda v: bool(_DEVICE.match(v)), "must be auto, cpu, cuda, cuda:N or mps"),),
     "precision": (_one_of("auto", "fp32", "bf16", "fp16"),),
     "inference_top_p": (Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),),
@@ -621,7 +666,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "trading_calendar": (
         Rule(
             _calendar_name,
-            "must be auto, none or an exchange_calendars code such as XSHG, XSHE, XHKG, XNYS, XNAS, XLON, XTKS",
+            "must be auto, none, 24/7 or an exchange_calendars code such as XSHG, XSHE, XHKG, XNYS, XNAS, XLON, XTKS",
         ),
     ),
     "run_id": (

@@ -2,8 +2,9 @@
 
 Future bars follow an exchange's trading calendar when one is named (``calendar="XSHG"`` for China A-shares,
 ``"XNYS"`` for US stocks: any code of the kept ``exchange_calendars`` library), so holidays such as New Year's
-Day are never forecast dates. Without a calendar (unknown markets, 24/7 crypto, FX) the rule is plain business
-days (or the history's own spacing), as before.
+Day are never forecast dates. ``calendar="24/7"`` (the default of the ``ccxt`` crypto source) steps over every
+calendar day. Without a calendar the rule is plain business days (or the history's own spacing), unless the
+history itself holds Saturday or Sunday bars: such a market trades every day (crypto), so every day is used.
 """
 
 from __future__ import annotations
@@ -20,16 +21,22 @@ from kronos.errors import ConfigError, InputError
 log = logging.getLogger(__name__)
 
 # Data sources whose market is known: their forecasts follow that exchange's calendar by default.
-SOURCE_CALENDARS = {"qlib": "XSHG", "sina": "XSHG"}
+SOURCE_CALENDARS = {"qlib": "XSHG", "sina": "XSHG", "ccxt": "24/7"}
+# A market open every day of the year (crypto): future bars step over calendar days, weekends included.
+ALWAYS_OPEN = "24/7"
+_ALWAYS_OPEN_NAMES = ("24/7", "24x7", "always")
 
 
 def resolve_calendar(name: str | None, data_source: str = "") -> str | None:
-    """The exchange calendar code to use: ``"auto"`` picks the data source's market (A-shares for qlib/sina),
-    ``"none"``/empty means plain business days; any other value must be an ``exchange_calendars`` code."""
+    """The exchange calendar code to use: ``"auto"`` picks the data source's market (A-shares for qlib/sina,
+    ``"24/7"`` for ccxt), ``"none"``/empty means plain business days, ``"24/7"`` every calendar day; any other
+    value must be an ``exchange_calendars`` code."""
     if name is None or str(name).strip().lower() in ("", "none", "business", "bday"):
         return None
     if str(name).strip().lower() == "auto":
         return SOURCE_CALENDARS.get(data_source)
+    if str(name).strip().lower() in _ALWAYS_OPEN_NAMES:
+        return ALWAYS_OPEN
     _calendar(str(name))  # validate early: a one-line error naming the key
     return str(name)
 
@@ -58,8 +65,13 @@ def _next_days(calendar: str | None) -> Callable[[pd.Timestamp, int], pd.Datetim
     def bdays(day: pd.Timestamp, k: int) -> pd.DatetimeIndex:
         return pd.bdate_range(day.normalize() + pd.Timedelta(days=1), periods=k)
 
+    def every_day(day: pd.Timestamp, k: int) -> pd.DatetimeIndex:
+        return pd.date_range(day.normalize() + pd.Timedelta(days=1), periods=k, freq="D")
+
     if calendar is None:
         return bdays
+    if str(calendar).strip().lower() in _ALWAYS_OPEN_NAMES:
+        return every_day
     cal = _calendar(calendar)
 
     def sessions(day: pd.Timestamp, k: int) -> pd.DatetimeIndex:
@@ -89,12 +101,15 @@ def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int, calendar: s
 
     Daily bars step over trading days (the sessions of ``calendar``, an ``exchange_calendars`` code such as
     ``"XSHG"``, or business days without one); intraday bars repeat the times of day seen in the history on the
-    following trading days, so lunch breaks, overnight gaps and holidays are respected.
+    following trading days, so lunch breaks, overnight gaps and holidays are respected. Without a calendar, a
+    history with Saturday or Sunday bars (a market open every day, such as crypto) continues over every day.
     """
-    next_days = _next_days(calendar)
     ts = pd.DatetimeIndex(pd.to_datetime(history)).as_unit("ns")
     if len(ts) == 0:
         raise InputError("cannot extend an empty timestamp history")
+    if calendar is None and (ts.day_of_week >= 5).any():
+        calendar = ALWAYS_OPEN
+    next_days = _next_days(calendar)
     if ts.tz is not None:  # work on the exchange's wall clock, then put the zone back
         tz = ts.tz
         naive = future_timestamps(ts.tz_localize(None), n, calendar)

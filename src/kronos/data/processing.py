@@ -341,15 +341,14 @@ def process_frames(
             continue
         clean[str(symbol)] = add_time_features(frame)
     logger.info(
-        "%s: %d rows in, dropped %d duplicate, %d NaN/inf and %d impossible bar(s); %d price spike(s); derived %d "
-        "amount(s)",
+        "%s: %d rows in, dropped %d duplicate, %d NaN/inf and %d impossible bar(s); %d price spike(s)%s",
         source_name,
         total.rows_in,
         total.duplicates,
         total.missing,
         total.impossible,
         total.spikes,
-        total.amount_derived,
+        f"; derived {total.amount_derived} missing amount(s)" if total.amount_derived else "",
     )
     if not clean:
         raise DataError(

@@ -53,6 +53,8 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "volume": ("volume", "vol", "成交量"),
     "amount": ("amount", "amt", "turnover", "money", "成交额"),
 }
+# Yahoo-style split/dividend-adjusted close (used by the csv source's ``adjust: adj_close``; never read as close).
+ADJ_CLOSE_ALIASES: tuple[str, ...] = ("adj close", "adj_close", "adjclose", "adjusted close", "adjusted_close")
 SYMBOL_ALIASES: tuple[str, ...] = ("symbol", "code", "ticker", "instrument", "stock_code", "代码", "股票代码")
 
 _TZ_SUFFIX = re.compile(r"\s*(?:Z|UTC|[+-]\d{2}:?\d{2})$")
@@ -336,7 +338,8 @@ def validate_kline_frame(
     else:
         out["volume"] = _coerce_numbers(frame[vol_col], source_name, str(vol_col), line_offset)
         if amt_col is None:
-            logger.info("%s: no amount column; deriving amount = mean(open, high, low, close) x volume", source_name)
+            # debug only: sources say it once per run (csv: "derived amount ... for N of M files")
+            logger.debug("%s: no amount column; deriving amount = mean(open, high, low, close) x volume", source_name)
         else:
             out["amount"] = _coerce_numbers(frame[amt_col], source_name, str(amt_col), line_offset)
     return complete_volume_amount(out)[list(KLINE_COLUMNS)]

@@ -1,8 +1,9 @@
 """Data sources behind one interface: ``DataProcessorFactory.create_processor(name, config)``.
 
-Built-in names: ``qlib`` (:mod:`.qlib`, needs pyqlib), ``sina`` (:mod:`.sina`, Sina Finance HTTP API) and
-``csv`` (:mod:`.csv`, CSV/Parquet files). Add your own with ``DataProcessorFactory.register(name, cls)``.
-Source modules are imported on first use, so importing this package never needs pyqlib.
+Built-in names: ``qlib`` (:mod:`.qlib`, needs pyqlib), ``sina`` (:mod:`.sina`, Sina Finance HTTP API),
+``csv`` (:mod:`.csv`, CSV/Parquet files) and ``ccxt`` (:mod:`.crypto`, crypto exchanges, needs ccxt). Add your
+own with ``DataProcessorFactory.register(name, cls)``.
+Source modules are imported on first use, so importing this package never needs pyqlib or ccxt.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ _LAZY = {
     "QlibDataProcessor": "kronos.data.sources.qlib",
     "CsvDataProcessor": "kronos.data.sources.csv",
     "SinaDataProcessor": "kronos.data.sources.sina",
+    "CcxtDataProcessor": "kronos.data.sources.crypto",
 }
 
 __all__ = ["BaseDataProcessor", "DataProcessorFactory", *_LAZY]

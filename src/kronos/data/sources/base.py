@@ -87,9 +87,9 @@ ProcessorSpec = type | str
 
 
 class DataProcessorFactory:
-    """Creates data processors by name: built-ins ``qlib``, ``sina``, ``csv`` plus registered ones.
+    """Creates data processors by name: built-ins ``qlib``, ``sina``, ``csv``, ``ccxt`` plus registered ones.
 
-    Built-in sources are imported only when asked for, so a missing optional dependency (pyqlib) or a broken
+    Built-in sources are imported only when asked for, so a missing optional dependency (pyqlib, ccxt) or a broken
     source module affects that source alone. ``register(name, cls)`` adds or replaces a source.
     """
 
@@ -97,6 +97,7 @@ class DataProcessorFactory:
         "qlib": "kronos.data.sources.qlib:QlibDataProcessor",
         "sina": "kronos.data.sources.sina:SinaDataProcessor",
         "csv": "kronos.data.sources.csv:CsvDataProcessor",
+        "ccxt": "kronos.data.sources.crypto:CcxtDataProcessor",
     }
 
     @classmethod

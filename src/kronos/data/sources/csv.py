@@ -6,7 +6,10 @@
 - a long file (or folder of long files) with a symbol column: ``csv_symbol_column``, or the first of
   symbol/code/ticker/instrument/stock_code found.
 Columns are matched case-insensitively with aliases (see :data:`kronos.data.schema.COLUMN_ALIASES`); a missing
-volume gives volume = amount = 0 and a missing amount is derived as mean(OHLC) x volume. All rows of the files are
+volume gives volume = amount = 0 and a missing amount is derived as mean(OHLC) x volume (said once per run).
+Yahoo-style files (``Date, Open, High, Low, Close, Adj Close, Volume``) are read as they are; with config key
+``adjust: adj_close`` open/high/low/close are scaled row by row by ``Adj Close / Close`` (split- and
+dividend-adjusted prices; volume and amount stay as traded). All rows of the files are
 used (``dataset_begin_time``/``dataset_end_time`` apply to Qlib only); choose the rows per split with the
 ``*_time_range`` keys or ``split_ratios``.
 """
@@ -19,7 +22,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from kronos.data.schema import SYMBOL_ALIASES, find_column, validate_kline_frame
+from kronos.data.schema import (
+    ADJ_CLOSE_ALIASES,
+    COLUMN_ALIASES,
+    PRICE_COLUMNS,
+    SYMBOL_ALIASES,
+    find_column,
+    validate_kline_frame,
+)
 from kronos.data.sources.base import BaseDataProcessor
 from kronos.errors import ConfigError, DataError
 
@@ -105,6 +115,8 @@ def read_kline_file(path: str | os.PathLike, symbol: str = "", timestamp_column:
     frame = validate_kline_frame(
         table, where, timestamp_column=timestamp_column, line_offset=2 if _kind(file) == "csv" else None
     )
+    if _derives_amount(table):
+        logger.info("%s: no amount column; derived amount = volume x mean(open, high, low, close)", where)
     sym_col = find_column(table.columns, SYMBOL_ALIASES)
     if sym_col is not None:
         codes = table[sym_col].astype(str).str.strip().reset_index(drop=True)
@@ -137,6 +149,31 @@ def read_kline_file(path: str | os.PathLike, symbol: str = "", timestamp_column:
     if clean.empty:
         raise DataError(f"{where}: no usable rows left after dropping missing and impossible values")
     return clean
+
+
+def _derives_amount(table: pd.DataFrame) -> bool:
+    """Whether a file's amount is derived: it has a volume column but no amount column."""
+    cols = table.columns
+    return (
+        find_column(cols, COLUMN_ALIASES["volume"]) is not None and find_column(cols, COLUMN_ALIASES["amount"]) is None
+    )
+
+
+def adjust_prices(frame: pd.DataFrame, table: pd.DataFrame, where: str) -> pd.DataFrame:
+    """``frame``'s open/high/low/close scaled by ``Adj Close / Close`` of ``table`` row by row (same row order).
+
+    Rows whose factor is missing or not positive keep NaN prices (cleaning drops them and says so).
+    """
+    col = find_column(table.columns, ADJ_CLOSE_ALIASES)
+    if col is None:
+        raise DataError(
+            f"{where} has no 'Adj Close' column, which config key 'adjust: adj_close' needs; columns are "
+            f"{list(map(str, table.columns))}; set adjust to none or add the column"
+        )
+    adj = pd.to_numeric(table[col], errors="coerce").astype("float64").reset_index(drop=True)
+    factor = adj / frame["close"]
+    factor = factor.where(factor > 0)
+    return frame.assign(**{c: frame[c] * factor for c in PRICE_COLUMNS})
 
 
 class CsvDataProcessor(BaseDataProcessor):
@@ -174,6 +211,7 @@ class CsvDataProcessor(BaseDataProcessor):
         pieces: dict[str, list[pd.DataFrame]] = {}
         files = self.files()
         origin: dict[str, list[tuple[Path, bool]]] = {}  # symbol -> (file, whether the file is that one symbol's)
+        adjusted = unused_adj = derived = 0  # files, for one summary line each
         for file in files:
             table = read_table(file, cfg.csv_symbol_column)
             where = f"file '{file}'"
@@ -189,6 +227,14 @@ class CsvDataProcessor(BaseDataProcessor):
             frame = validate_kline_frame(
                 table, where, timestamp_column=cfg.csv_timestamp_column, line_offset=line_offset
             )
+            has_adj = find_column(table.columns, ADJ_CLOSE_ALIASES) is not None
+            if cfg.adjust == "adj_close":
+                frame = adjust_prices(frame, table, where)
+                adjusted += 1
+            elif has_adj:
+                unused_adj += 1
+            if _derives_amount(table):
+                derived += 1
             if sym_col is None:
                 pieces.setdefault(_stem(file), []).append(frame)
                 origin.setdefault(_stem(file), []).append((file, True))
@@ -225,6 +271,20 @@ class CsvDataProcessor(BaseDataProcessor):
             }
         )
         logger.info("csv: %d symbol(s) from %d file(s)", len(frames), len(files))
+        if derived:
+            logger.info("csv: derived amount = volume x average price for %d of %d file(s)", derived, len(files))
+        if adjusted:
+            logger.info(
+                "csv: open/high/low/close scaled by Adj Close / Close in %d of %d file(s)", adjusted, len(files)
+            )
+        if unused_adj:
+            logger.info(
+                "csv: %d of %d file(s) have an 'Adj Close' column, not used (adjust: none); set adjust: adj_close "
+                "for split/dividend-adjusted prices",
+                unused_adj,
+                len(files),
+            )
+        self.source_info["adjust"] = cfg.adjust
         return frames
 
 
