@@ -43,10 +43,10 @@ from tqdm.auto import tqdm
 from kronos import io as kio
 from kronos.config import Config
 from kronos.data.schema import KLINE_COLUMNS, derive_amount
-from kronos.data.sources.base import BaseDataProcessor
 
 # The guarded HTTP machinery of the Sina client (deadline watchdog, size-limited reads, same-host redirects).
-from kronos.data.sources.sina import client as guarded
+from kronos.data.sources import guarded_http as guarded
+from kronos.data.sources.base import BaseDataProcessor
 from kronos.errors import ConfigError, DataError, DependencyError
 from kronos.paths import safe_filename
 
@@ -132,9 +132,9 @@ class GuardedFetch:
         loopback = urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
         if loopback not in self._openers:
             handlers: list[Any] = [
-                guarded._WatchedHTTPHandler,
-                guarded._WatchedHTTPSHandler,
-                guarded._SameHostRedirectHandler,
+                guarded.WatchedHTTPHandler,
+                guarded.WatchedHTTPSHandler,
+                guarded.SameHostRedirectHandler,
             ]
             if loopback:  # no proxy can reach a loopback server
                 handlers.append(urllib.request.ProxyHandler({}))
@@ -154,37 +154,37 @@ class GuardedFetch:
         attempts = self.retries + 1
         last: BaseException | None = None
         for attempt in range(attempts):
-            watch = guarded._Watchdog(self.timeout)
-            guarded._WATCH.current = watch
+            watch = guarded.Watchdog(self.timeout)
+            guarded.WATCH.current = watch
             try:
                 with watch, self._opener(url).open(request, timeout=self.timeout) as response:
-                    text = guarded._decode(guarded._read_limited(response, watch, self.max_bytes), response.headers)
+                    text = guarded.decode(guarded.read_limited(response, watch, self.max_bytes), response.headers)
                 break
-            except guarded._Refused as exc:
+            except guarded.Refused as exc:
                 raise DataError(f"{exc} from {shown}") from None
             except Exception as exc:  # noqa: BLE001 - classified below, everything else re-raised
                 detail = ""
                 if isinstance(exc, urllib.error.HTTPError):
                     detail = self._error_detail(exc)
                     exc.close()
-                if isinstance(exc, guarded._DeadlineExceeded) or watch.fired:
+                if isinstance(exc, guarded.DeadlineExceeded) or watch.fired:
                     exc = TimeoutError(f"no complete answer within the {self.timeout:g}s deadline")
                 elif not isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException)):
                     raise
-                if not guarded._is_retryable(exc):
-                    raise DataError(f"{guarded._describe(exc)}{detail} from {shown}") from None
+                if not guarded.is_retryable(exc):
+                    raise DataError(f"{guarded.describe(exc)}{detail} from {shown}") from None
                 last = exc
                 if attempt + 1 < attempts:
                     delay = self.pause * 2**attempt
-                    reason = guarded._describe(exc)
+                    reason = guarded.describe(exc)
                     logger.debug("ccxt %s: %s, retry %d/%d in %.2fs", shown, reason, attempt + 1, self.retries, delay)
                     if delay > 0:
                         self.sleep(delay)
             finally:
-                guarded._WATCH.current = None
+                guarded.WATCH.current = None
         else:
             assert last is not None
-            raise DataError(f"failed after {attempts} attempt(s): {guarded._describe(last)} from {shown}")
+            raise DataError(f"failed after {attempts} attempt(s): {guarded.describe(last)} from {shown}")
         try:
             return json.loads(text)
         except ValueError:
