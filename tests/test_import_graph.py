@@ -8,7 +8,7 @@ import sys
 import grimp
 
 LOW_LEVEL = ("kronos.inference", "kronos.model", "kronos.data", "kronos.serve")
-UPPER = ("kronos.evaluate", "kronos.train", "kronos.pipeline", "kronos.cli")
+UPPER = ("kronos.evaluate", "kronos.train", "kronos.pipeline", "kronos.cli", "kronos.contrib")
 
 
 def _graph() -> grimp.ImportGraph:
