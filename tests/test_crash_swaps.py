@@ -200,6 +200,8 @@ def test_train_tokenizer_killed_in_any_checkpoint_swap_resumes_to_a_loadable_bes
 
     # which renames of a whole run swap best_model/ and last/ (or write the model card into best_model/)
     log = tmp_path / "renames.txt"
+    cfg, _, _ = _tokenizer_run(tmp_path / "warm", dataset)
+    assert in_child(lambda: train_tokenizer(cfg)) == 0  # builds the dataset's array cache once (its renames vary)
     cfg, _, _ = _tokenizer_run(tmp_path / "probe", dataset)
     assert in_child(_record_renames(log, lambda: train_tokenizer(cfg))) == 0
     renames = log.read_text().splitlines()

@@ -5,9 +5,9 @@ and Qlib's Alpha158 + LightGBM on the same data, segments, strategy and costs.
     python examples/qlib/compare.py --data /path/to/qlib_data --market csi300 --benchmark SH000300
     python examples/qlib/compare.py --table-only           # the table of the latest runs already recorded
 
-The runs go to Qlib's recorder (mlflow) under ``--mlruns`` (default ``outputs/qlib_mlruns``, git-ignored); the
-table reads the metrics Qlib logged there (SigAnaRecord: IC, ICIR, Rank IC; PortAnaRecord: the excess return with
-cost, annualised, and its max drawdown).
+The runs go to Qlib's recorder (mlflow) at ``--mlruns`` (default ``sqlite:///outputs/qlib_mlruns.db``; artifacts
+in ``./mlruns/``; both git-ignored); the table reads the metrics Qlib logged there (SigAnaRecord: IC, ICIR, Rank IC;
+PortAnaRecord: the excess return with cost, annualised, and its max drawdown).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ COLUMNS = [
 ]
 
 
-def run_workflow(workflow: Path, experiment: str, env: dict, mlruns: str) -> float:
+def run_workflow(workflow: Path, experiment: str, env: dict) -> float:
     qrun = Path(sys.executable).parent / "qrun"
-    cmd = [str(qrun) if qrun.exists() else "qrun", str(workflow), "--uri_folder", mlruns]
+    cmd = [str(qrun) if qrun.exists() else "qrun", str(workflow)]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=REPO, env={**env, "KRONOS_QLIB_EXPERIMENT": experiment}, text=True,
                          capture_output=True)  # fmt: skip
@@ -49,24 +49,11 @@ def run_workflow(workflow: Path, experiment: str, env: dict, mlruns: str) -> flo
     return time.perf_counter() - t0
 
 
-def remove_stray_lock(mlruns: Path) -> None:
-    """Qlib 0.9.x takes its experiment lock at the recorder's absolute path read as a path relative to the working
-    directory (``<repo>/work/main/outputs/qlib_mlruns/filelock`` here); remove that empty file and its empty folders."""
-    absolute = mlruns.resolve()
-    stray = REPO / absolute.relative_to(absolute.anchor) / "filelock"
-    if stray == absolute / "filelock" or not stray.is_file() or stray.stat().st_size:
-        return
-    stray.unlink()
-    folder = stray.parent
-    while folder != REPO and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-        folder = folder.parent
-
-
-def latest_metrics(mlruns: Path, experiment: str) -> dict[str, float]:
+def latest_metrics(uri: str, experiment: str) -> dict[str, float]:
+    """The metrics of the experiment's latest run in Qlib's recorder (an mlflow tracking URI)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=mlruns.resolve().as_uri())
+    client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
@@ -91,24 +78,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="", help="Qlib data folder (default: the bundled examples/data/qlib_cn_demo)")
     ap.add_argument("--market", default="", help="instrument pool (default csi300)")
     ap.add_argument("--benchmark", default="", help="benchmark index (default SH000300)")
-    ap.add_argument("--mlruns", default="outputs/qlib_mlruns", help="Qlib recorder folder, relative to the repo root")
+    ap.add_argument(
+        "--mlruns",
+        default="sqlite:///outputs/qlib_mlruns.db",
+        help="Qlib's recorder (an mlflow tracking URI; a relative sqlite path is under the repo root)",
+    )
     ap.add_argument("--table-only", action="store_true", help="print the table of the latest recorded runs")
     args = ap.parse_args(argv)
 
-    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}  # mlflow's file store, which Qlib's recorder uses
+    uri = args.mlruns
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: under the repo root
+        db = REPO / uri[len("sqlite:///") :]
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = "sqlite:///" + str(db)
+    env = {**os.environ, "KRONOS_QLIB_MLRUNS": uri}
     for key, value in (("KRONOS_QLIB_DATA", args.data), ("KRONOS_QLIB_MARKET", args.market),
                        ("KRONOS_QLIB_BENCHMARK", args.benchmark)):  # fmt: skip
         if value:
             env[key] = str(Path(value).expanduser().resolve()) if key == "KRONOS_QLIB_DATA" else value
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     rows = []
     for label, experiment, workflow, extra in RUNS:
         seconds = None
         if not args.table_only:
             print(f"running {label}: qrun {workflow} ...", flush=True)
-            seconds = run_workflow(HERE / workflow, experiment, {**env, **extra}, args.mlruns)
-            remove_stray_lock(REPO / args.mlruns)
-        rows.append((label, latest_metrics(REPO / args.mlruns, experiment), seconds))
+            seconds = run_workflow(HERE / workflow, experiment, {**env, **extra})
+        rows.append((label, latest_metrics(uri, experiment), seconds))
     print(table(rows))
     return 0
 

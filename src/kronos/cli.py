@@ -645,8 +645,14 @@ def _mcp_command(args: argparse.Namespace) -> int:
 
 
 def _data_command(args: argparse.Namespace) -> int:
+    from kronos.train.distributed import launched_by_torchrun, process_group
+
     pipe = _pipeline_for(args)
-    manifest = pipe.process_data()
+    if launched_by_torchrun():  # every rank streams its share of the symbol chunks; rank 0 swaps the dataset in
+        with process_group(pipe.config):
+            manifest = pipe.process_data()
+    else:
+        manifest = pipe.process_data()
     rows = ", ".join(f"{name} {info['rows']} rows" for name, info in manifest["splits"].items())
     log.info("dataset ready at %s: %d symbols; %s", pipe.config.dataset_path, len(manifest["symbols"]), rows)
     return 0

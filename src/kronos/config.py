@@ -95,6 +95,9 @@ class Config:
     # 21 bars around it is a spike (a vendor error such as 1e12); 0 turns the check off
     price_spike_factor: float = 10.0
     price_spike_action: str = "drop"  # drop | keep (spikes are always counted and logged)
+    # the data step reads, cleans and writes this many symbols at a time (peak memory follows the chunk, not the
+    # market); under torchrun the ranks share the chunks. The dataset is the same for every chunk size.
+    data_chunk_symbols: int = 300
     sina_symbols: list = field(default_factory=lambda: ["sh600000"])
     sina_scale: int = 240  # 5/15/30/60 minutes or 240 (daily)
     sina_datalen: int = 1023
@@ -641,6 +644,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     ),
     "price_spike_factor": (Rule(lambda v: v == 0 or (math.isfinite(v) and v > 1), "must be 0 (off) or a number > 1"),),
     "price_spike_action": (_one_of("drop", "keep"),),
+    "data_chunk_symbols": (_at_least(1),),
     "calibration_half_life": (_at_least(0),),
     "calibration_min_forecasts": (_at_least(10),),
     # folder names are names, never paths: '../x' would put a stage's outputs outside save_path

@@ -2,7 +2,8 @@
 
 ``KronosPipeline(config)`` has one method per step, each usable alone from Python; ``run()`` chains them as
 ``finetune/train_complete_pipeline.py`` and ``kronos pipeline`` do. Under ``torchrun`` the training stages are
-distributed while data processing, prediction, evaluation and backtest run on rank 0 between barriers.
+distributed, the data step shares its symbol chunks among the ranks, and prediction, evaluation and backtest run on
+rank 0 between barriers.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import contextlib
 import copy
 import functools
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from kronos import io as kio
 from kronos import runlock
@@ -39,6 +44,7 @@ from kronos.inference import KronosPredictor
 from kronos.inference.bands import Calibration, apply_calibration, calibration_path, quantile_column
 from kronos.inference.generate import SamplingConfig
 from kronos.inference.outcomes import BandOutcomes, outcomes_path, target_times
+from kronos.inference.predictor import DataFrameForecast
 from kronos.io import resolve_folder
 from kronos.model import Kronos, KronosTokenizer
 from kronos.model.hub import data_cutoff
@@ -47,7 +53,7 @@ from kronos.runlock import run_locks
 from kronos.runs import CONFIG_NAME, enter_run, has_checkpoint, mark_latest, pick_run_id, remove_if_empty, runs_root
 from kronos.timeutil import resolve_calendar
 from kronos.train import train_predictor, train_tokenizer
-from kronos.train.distributed import is_main_process, on_main, process_group, wait_for_main
+from kronos.train.distributed import data_shard, is_main_process, on_main, process_group, wait_for_main
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +119,10 @@ class KronosPipeline:
 
     # ------------------------------------------------------------------ step 1: data
     def process_data(self) -> dict:
-        """Load raw data from ``config.data_source``, clean it, split it and save the dataset."""
+        """Load raw data from ``config.data_source``, clean it, split it and save the dataset, ``data_chunk_symbols``
+        symbols at a time; under ``torchrun`` every rank takes its share of the chunks (call it on every rank)."""
         processor = DataProcessorFactory.create_processor(self.config.data_source, self.config)
-        return processor.run_pipeline()
+        return processor.run_pipeline(data_shard())
 
     def require_dataset(self) -> None:
         if not dataset_exists(self.config.dataset_path):
@@ -215,12 +222,13 @@ class KronosPipeline:
             self._frame = frame.sort_values(["symbol", "timestamps"], kind="stable").reset_index(drop=True)
         return self._frame
 
-    def _predict_df(self, calibration=None) -> pd.DataFrame:
-        """``predict_df`` at every symbol's last bar with the config's sampling (and a calibration)."""
+    def _predict_chunks(self, calibration=None) -> Iterator[DataFrameForecast]:
+        """``predict_df`` at every symbol's last bar with the config's sampling (and a calibration), chunk by chunk
+        (:meth:`KronosPredictor.iter_predict_df`: every input is checked before this returns)."""
         cfg = self.config
         frame = self.full_frame()  # the dataset is checked before the checkpoints
         sampling = SamplingConfig.from_config(cfg)
-        return self.load_predictor().predict_df(
+        return self.load_predictor().iter_predict_df(
             frame,
             pred_len=cfg.predict_window,
             lookback=cfg.lookback_window,
@@ -238,39 +246,63 @@ class KronosPipeline:
 
         Symbols whose data ends before the dataset's last bar (suspended, delisted, left the pool) are not
         "latest": their forecasts go to ``forecast_stale.parquet/.csv`` instead of ``forecast_latest``, with a log
-        line.
+        line. The files are written chunk by chunk as the forecasts come (one Parquet row group per chunk; each
+        file appears whole, when complete); only one chunk's contexts and sample paths are held at a time.
         """
         cfg = self.config
         self.require_dataset()
         calibration = self.adaptive_calibration()  # validation fit, adapted to every outcome realised so far
-        try:
-            records = self._predict_df(calibration=calibration)
-        except InputError as exc:
-            raise DataError(f"dataset '{cfg.dataset_path}': {exc}") from None
-        extra = [
-            c
-            for c in (*(f"{quantile_column(q)}_raw" for q in cfg.quantiles), "p_up", "p_up_raw", "p_up_calibrated")
-            if c in records.columns
-        ]
-        columns = ["symbol", "anchor", "step", "timestamps", *VALUE_COLUMNS]
-        columns += [*(quantile_column(q, c) for c in VALUE_COLUMNS for q in cfg.quantiles), *extra]
         newest = self.full_frame()["timestamps"].max()
-        fresh = records["anchor"] >= newest
-        forecasts, stale = records.loc[fresh, columns], records.loc[~fresh, columns]
         out_dir = Path(cfg.backtest_dir)
-        if len(stale):
-            stale_symbols = stale.drop_duplicates("symbol")
-            self.result.stale_forecast_file = str(kio.write_table(stale, out_dir / "forecast_stale"))
-            log.warning(
-                "%d symbol(s) end before the dataset's last bar %s (e.g. %s as of %s): their forecasts are in "
-                "%s, not in forecast_latest",
-                len(stale_symbols),
-                newest,
-                stale_symbols["symbol"].iloc[0],
-                stale_symbols["anchor"].iloc[0],
-                self.result.stale_forecast_file,
-            )
-        self.result.forecast_file = str(kio.write_table(forecasts, out_dir / "forecast_latest"))
+        latest, stale = _TableStream(out_dir / "forecast_latest"), _TableStream(out_dir / "forecast_stale")
+        kept: list[pd.DataFrame] = []
+        first_stale: pd.DataFrame | None = None
+        stale_symbols = 0
+        try:
+            try:
+                offset = 0
+                for chunk in self._predict_chunks(calibration=calibration):
+                    records = chunk.records  # row labels as in the whole records frame
+                    records.index = pd.RangeIndex(offset, offset + len(records))
+                    offset += len(records)
+                    extra = [
+                        c
+                        for c in (
+                            *(f"{quantile_column(q)}_raw" for q in cfg.quantiles),
+                            "p_up",
+                            "p_up_raw",
+                            "p_up_calibrated",
+                        )  # fmt: skip
+                        if c in records.columns
+                    ]
+                    columns = ["symbol", "anchor", "step", "timestamps", *VALUE_COLUMNS]
+                    columns += [*(quantile_column(q, c) for c in VALUE_COLUMNS for q in cfg.quantiles), *extra]
+                    fresh = records["anchor"] >= newest
+                    rows, old = records.loc[fresh, columns], records.loc[~fresh, columns]
+                    latest.append(rows)
+                    kept.append(rows)
+                    if len(old):
+                        stale.append(old)
+                        first_stale = old if first_stale is None else first_stale
+                        stale_symbols += old["symbol"].nunique()
+            except InputError as exc:
+                raise DataError(f"dataset '{cfg.dataset_path}': {exc}") from None
+            if first_stale is not None:
+                self.result.stale_forecast_file = str(stale.commit())
+                log.warning(
+                    "%d symbol(s) end before the dataset's last bar %s (e.g. %s as of %s): their forecasts are in "
+                    "%s, not in forecast_latest",
+                    stale_symbols,
+                    newest,
+                    first_stale["symbol"].iloc[0],
+                    first_stale["anchor"].iloc[0],
+                    self.result.stale_forecast_file,
+                )
+            forecasts = pd.concat(kept, ignore_index=False) if len(kept) > 1 else kept[0]
+            self.result.forecast_file = str(latest.commit(empty=forecasts))
+        finally:
+            latest.discard()
+            stale.discard()
         log.info(
             "forecasts for %d symbols as of %s written to %s",
             forecasts["symbol"].nunique(),
@@ -614,7 +646,7 @@ class KronosPipeline:
         timings = self.result.seconds
         # name -> (what it runs, rank 0 only)
         table: dict[str, tuple[Callable[[], Any], bool]] = {
-            "data": (self.process_data, True),
+            "data": (self.process_data, False),  # every rank streams its share of the symbol chunks
             "tokenizer": (self._tokenizer_step, False),
             "predictor": (self._predictor_step, False),
             "calibrate": (self._calibrate_step, True),
@@ -951,6 +983,56 @@ def _tied(a: float, b: float) -> bool:
 
 def _num(v: Any) -> str:
     return "n/a" if v is None else f"{float(v):.5g}"
+
+
+class _TableStream:
+    """A table written chunk by chunk as ``<stem>.parquet`` and ``<stem>.csv`` (what :func:`kronos.io.write_table`
+    writes for the whole frame: the same schema and text): rows go to hidden files beside the targets, which
+    :meth:`commit` puts in place atomically; :meth:`discard` removes what was not committed."""
+
+    def __init__(self, stem: Path) -> None:
+        self.stem = stem
+        self.rows = 0
+        tag = f".{stem.name}.tmp-stream-{uuid.uuid4().hex[:12]}"
+        self._pq, self._csv = stem.with_name(tag + ".parquet"), stem.with_name(tag + ".csv")
+        self._writer: pq.ParquetWriter | None = None
+        self._text: Any = None
+
+    def append(self, frame: pd.DataFrame) -> None:
+        if not len(frame):
+            return
+        if self._writer is None:
+            self.stem.parent.mkdir(parents=True, exist_ok=True)
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            self._writer = pq.ParquetWriter(self._pq, table.schema)
+            self._text = open(self._csv, "w", encoding="utf-8", newline="")
+        else:
+            table = pa.Table.from_pandas(frame, preserve_index=False, schema=self._writer.schema)
+        self._writer.write_table(table)
+        frame.to_csv(self._text, index=False, header=self.rows == 0)
+        self.rows += len(frame)
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._text.close()
+
+    def commit(self, empty: pd.DataFrame | None = None) -> Path:
+        """Put the files in place; with no rows written, ``empty`` (a frame with the columns) is written whole."""
+        if self._writer is None:
+            assert empty is not None, "nothing was written"
+            return kio.write_table(empty, self.stem)
+        self._close()
+        target = kio.write_file(self.stem.with_name(self.stem.name + ".parquet"), lambda p: os.replace(self._pq, p))
+        kio.write_file(self.stem.with_name(self.stem.name + ".csv"), lambda p: os.replace(self._csv, p))
+        self._writer = None
+        return target
+
+    def discard(self) -> None:
+        self._close()
+        self._writer = None
+        for path in (self._pq, self._csv):
+            path.unlink(missing_ok=True)
 
 
 def _daily_anchors(records: pd.DataFrame) -> pd.DataFrame:

@@ -96,6 +96,30 @@ def _next_days(calendar: str | None) -> Callable[[pd.Timestamp, int], pd.Datetim
     return sessions
 
 
+_DAY_NS = 86_400 * 10**9
+
+
+def future_timestamps_key(wall_ns: np.ndarray, calendar: str | None = None) -> tuple:
+    """What :func:`future_timestamps` of a history depends on, from the history's wall-clock times (int64 ns, at
+    least one): histories with equal keys (and equal ``n`` and time zone) get the same future timestamps, so a
+    caller extending many series computes each distinct continuation once. Mirrors :func:`future_timestamps`
+    branch by branch; keep the two in step."""
+    ns = np.asarray(wall_ns, dtype=np.int64)
+    if calendar is None and bool((((ns // _DAY_NS) + 3) % 7 >= 5).any()):  # 1970-01-01 was a Thursday (Mon=0)
+        calendar = ALWAYS_OPEN
+    last = int(ns[-1])
+    if len(ns) == 1:
+        return (calendar, "one", last)
+    step = int(np.median(np.diff(ns)))
+    times = ns % _DAY_NS
+    if step >= _DAY_NS or not times.any():
+        return (calendar, "days", last, step) if step > 5 * _DAY_NS else (calendar, "days", last)
+    day_times = np.unique(times)
+    if len(day_times) > 24 * 60 * 60:
+        return (calendar, "spacing", last, step)
+    return (calendar, "intraday", last, day_times.tobytes())
+
+
 def future_timestamps(history: pd.DatetimeIndex | pd.Series, n: int, calendar: str | None = None) -> pd.DatetimeIndex:
     """The ``n`` bar timestamps that follow ``history``, continuing its trading pattern.
 

@@ -170,9 +170,10 @@ def test_qrun_runs_the_kronos_workflow_into_the_recorder(tmp_path):
     workflow = tmp_path / "workflow.yaml"
     workflow.write_text(yaml.safe_dump(config))
     qrun = Path(sys.executable).parent / "qrun"
-    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KRONOS_QLIB_"))}
+    env["OMP_NUM_THREADS"] = "1"
     out = subprocess.run(
-        [str(qrun), str(workflow), "--uri_folder", "mlruns"],
+        [str(qrun), str(workflow)],  # plain qrun, as a user types it: the workflow names its own recorder
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -185,6 +186,11 @@ def test_qrun_runs_the_kronos_workflow_into_the_recorder(tmp_path):
     assert "pred.pkl" in names, artifacts
     assert "sig_analysis/ic.pkl" in names and "sig_analysis/ric.pkl" in names, artifacts
     assert "portfolio_analysis/port_analysis_1day.pkl" in names, artifacts
-    metrics = {p.name for p in (tmp_path / "mlruns").rglob("metrics/*")}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("kronos_test")
+    run = client.search_runs([exp.experiment_id], max_results=1)[0]
+    metrics = set(run.data.metrics)
     assert {"IC", "ICIR", "Rank IC"} <= metrics, metrics
     assert any("excess_return_with_cost.annualized_return" in m for m in metrics), metrics

@@ -133,13 +133,13 @@ def test_csv_errors_are_one_clear_message(tmp_path, table):
 
 def test_failed_run_leaves_previous_dataset_untouched(tmp_path, table):
     run_csv(CSV, tmp_path / "ds")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()}
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
     bad = table.copy()
     bad.loc[100, "timestamps"] = "garbage"
     bad.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError):
         run_csv(tmp_path / "bad.csv", tmp_path / "ds")
-    after = {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()}
+    after = {str(p.relative_to(tmp_path)): p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}
     assert after == before and dataset_exists(tmp_path / "ds")
     assert load_manifest(tmp_path / "ds")["symbols"] == ["kline_5min"]
 

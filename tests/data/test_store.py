@@ -14,6 +14,7 @@ from kronos.data.processing import process_frames
 from kronos.data.schema import SPLIT_COLUMNS, validate_kline_frame
 from kronos.data.store import (
     DATASET_FILES,
+    FORMAT_VERSION,
     SPLITS,
     dataset_exists,
     load_manifest,
@@ -51,7 +52,7 @@ def test_round_trip_keeps_columns_dtypes_and_values(tmp_path, processed):
         pd.testing.assert_frame_equal(back, splits[split], check_dtype=False)
         assert back.equals(back.sort_values(["symbol", "timestamps"]))
     m = load_manifest(tmp_path / "ds")
-    assert m["format_version"] == 1 and m["source"] == "csv" and m["symbols"] == ["X", "Y"]
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["source"] == "csv" and m["symbols"] == ["X", "Y"]
     assert m["splits"]["train"]["rows"] == len(splits["train"])
     assert m == json.loads(json.dumps(manifest))
 

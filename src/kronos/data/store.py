@@ -1,9 +1,13 @@
 """Processed datasets on disk: ``<dataset_path>/{train,val,test}.parquet`` and ``manifest.json``.
 
-Each split file holds one long frame (see :data:`kronos.data.schema.SPLIT_COLUMNS`); the manifest records
-where the data came from (source, config, symbols, rows and time range per split, skipped symbols).
-Nothing is pickled. :func:`save_dataset` builds the new dataset in a temporary folder beside the target and
-swaps it into place in one atomic step (:func:`kronos.io.write_folder`), so a failed or killed run never leaves a
+Each split is one long frame (see :data:`kronos.data.schema.SPLIT_COLUMNS`), sorted by symbol and time. Since
+``format_version`` 2 a split is a Parquet dataset: the folder ``<split>.parquet/`` holding ``part-00000.parquet``,
+``part-00001.parquet``, ... (one per chunk of symbols the data step wrote, in symbol order), which plain readers
+(``pandas.read_parquet(folder)``) read as one table; version 1 datasets hold one file ``<split>.parquet``, and
+:func:`load_split` reads both. The manifest records where the data came from (source, config, symbols, rows and
+time range per split, skipped symbols). Nothing is pickled. :func:`save_dataset` (and the streaming data step,
+:func:`kronos.data.processing.stream_dataset`) build the new dataset in a temporary folder beside the target and
+swap it into place in one atomic step (:func:`kronos.io.write_folder`), so a failed or killed run never leaves a
 half-written dataset, loses the previous one, or leaves ``dataset_path`` missing for plain readers (pandas).
 """
 
@@ -24,9 +28,16 @@ from kronos.errors import DataError, InputError
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one file per split; 2: one folder of part files per split (both are read)
 MANIFEST_NAME = "manifest.json"
 DATASET_FILES: tuple[str, ...] = tuple(f"{s}.parquet" for s in SPLITS) + (MANIFEST_NAME,)
+PART_PREFIX = "part-"
+
+
+def part_name(index: int) -> str:
+    """File name of the ``index``-th part of a split folder (sorting by name = sorting by index)."""
+    return f"{PART_PREFIX}{index:05d}.parquet"
+
 
 _RERUN = (
     "run the data step first (e.g. `python finetune/qlib_data_preprocess.py --config-path CONFIG`) "
@@ -37,7 +48,7 @@ PathLike = str | os.PathLike
 
 
 def split_file(path: PathLike, split: str) -> Path:
-    """Path of one split's Parquet file inside the dataset folder ``path``."""
+    """Path of one split inside the dataset folder ``path``: a folder of part files (format 2) or one file (1)."""
     if split not in SPLITS:
         raise InputError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
     return dataset_folder(path) / f"{split}.parquet"
@@ -70,7 +81,40 @@ def refuse_official_pickles(path: PathLike) -> None:
 def dataset_exists(path: PathLike) -> bool:
     """True when ``path`` (or its ``.prev`` copy after a killed swap) holds all three splits and the manifest."""
     p = dataset_folder(path)
-    return all((p / name).is_file() for name in DATASET_FILES)
+    return (p / MANIFEST_NAME).is_file() and all(_is_split(p / f"{s}.parquet") for s in SPLITS)
+
+
+def _is_split(entry: Path) -> bool:
+    return entry.is_file() or (entry.is_dir() and any(split_parts(entry)))
+
+
+def split_parts(entry: Path) -> list[Path]:
+    """The part files of a split folder, in order (empty when ``entry`` is no such folder)."""
+    if not entry.is_dir():
+        return []
+    return sorted(p for p in entry.iterdir() if p.name.startswith(PART_PREFIX) and p.name.endswith(".parquet"))
+
+
+def check_part(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``frame`` in canonical columns/dtypes, sorted by (symbol, timestamps); DataError on NaN values or a
+    repeated (symbol, timestamps) pair."""
+    from kronos.data.schema import SPLIT_COLUMNS, VALUE_COLUMNS, check_split_frame
+
+    frame = check_split_frame(frame, what)
+    if frame[list(VALUE_COLUMNS)].isna().any().any():
+        raise DataError(f"{what} holds NaN feature values; clean the data before saving")
+    if frame.duplicated(["symbol", "timestamps"]).any():
+        raise DataError(f"{what} repeats a (symbol, timestamps) pair; each bar must appear once")
+    frame = frame.sort_values(["symbol", "timestamps"], kind="mergesort").reset_index(drop=True)
+    return frame[list(SPLIT_COLUMNS)]
+
+
+def write_part(folder: Path, split: str, index: int, frame: pd.DataFrame) -> Path:
+    """Write one part of ``split`` into the (temporary) dataset folder ``folder``; returns the file."""
+    file = folder / f"{split}.parquet" / part_name(index)
+    file.parent.mkdir(exist_ok=True)
+    check_part(frame, f"split '{split}'").to_parquet(file, index=False, engine="pyarrow")
+    return file
 
 
 def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any]) -> None:
@@ -80,19 +124,10 @@ def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: M
     folder in one step. Files in ``path`` that are not part of a dataset (a raw-data cache, notes) are carried
     over into the new folder (by the next write, when a kill interrupts the move).
     """
-    from kronos.data.schema import SPLIT_COLUMNS, VALUE_COLUMNS, check_split_frame
-
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         raise InputError(f"save_dataset needs the splits {list(SPLITS)}; missing {missing}")
-    frames = {}
-    for split in SPLITS:
-        frame = check_split_frame(splits[split], f"split '{split}'")
-        if frame[list(VALUE_COLUMNS)].isna().any().any():
-            raise DataError(f"split '{split}' holds NaN feature values; clean the data before saving")
-        if frame.duplicated(["symbol", "timestamps"]).any():
-            raise DataError(f"split '{split}' repeats a (symbol, timestamps) pair; each bar must appear once")
-        frames[split] = frame.sort_values(["symbol", "timestamps"], kind="mergesort").reset_index(drop=True)
+    frames = {split: check_part(splits[split], f"split '{split}'") for split in SPLITS}
     manifest_text = kio.dumps_json(dict(manifest))
 
     given = Path(path).expanduser()
@@ -102,7 +137,7 @@ def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: M
 
     def fill(folder: Path) -> None:
         for split, frame in frames.items():
-            frame[list(SPLIT_COLUMNS)].to_parquet(folder / f"{split}.parquet", index=False, engine="pyarrow")
+            write_part(folder, split, 0, frame)
         (folder / MANIFEST_NAME).write_text(manifest_text, encoding="utf-8")
 
     try:
@@ -117,17 +152,23 @@ def load_split(path: PathLike, split: str) -> pd.DataFrame:
     """Read one split's long frame (columns and dtypes as in :data:`~kronos.data.schema.SPLIT_COLUMNS`)."""
     from kronos.data.schema import check_split_frame
 
-    file = split_file(path, split)
-    if not file.is_file():
+    entry = split_file(path, split)
+    files = split_parts(entry) if entry.is_dir() else [entry] if entry.is_file() else []
+    if not files:
         refuse_official_pickles(path)
-        raise DataError(f"dataset split '{split}' not found at '{file}'; {_RERUN}")
+        raise DataError(f"dataset split '{split}' not found at '{entry}'; {_RERUN}")
+    frames = [_read_part(file) for file in files]
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return check_split_frame(frame, f"dataset split '{entry}'")
+
+
+def _read_part(file: Path) -> pd.DataFrame:
     try:
-        frame = pd.read_parquet(file, engine="pyarrow")
+        return pd.read_parquet(file, engine="pyarrow")
     except Exception as exc:  # pyarrow raises several unrelated types for damaged files
         raise DataError(
             f"cannot read dataset file '{file}' ({type(exc).__name__}: {exc}); re-run the data step"
         ) from None
-    return check_split_frame(frame, f"dataset file '{file}'")
 
 
 def load_manifest(path: PathLike) -> dict[str, Any]:
@@ -152,6 +193,10 @@ __all__ = [
     "MANIFEST_NAME",
     "DATASET_FILES",
     "split_file",
+    "split_parts",
+    "part_name",
+    "check_part",
+    "write_part",
     "dataset_exists",
     "save_dataset",
     "load_split",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -40,6 +40,16 @@ from kronos.inference.bands import (
     sample_quantiles,
 )
 from kronos.inference.generate import SamplingConfig, mean_over_samples, sample_forecasts
+from kronos.inference.prepare import (
+    Batch,
+    FrameTasks,
+    SeriesInputs,
+    frame_batches,
+    frame_tasks_or_none,
+    read_series,
+    series_batches,
+    to_index,
+)
 from kronos.model.kronos import Kronos
 from kronos.model.tokenizer import KronosTokenizer
 from kronos.timeutil import future_timestamps as extend
@@ -134,7 +144,7 @@ class PreparedContext:
     y_stamp: np.ndarray  # [P, 5] float32
     mean: np.ndarray  # [6] float32
     std: np.ndarray  # [6] float32
-    y_index: pd.Index
+    y_index: pd.Index | None  # None where the caller does not need it (predict_df)
     last_close: float  # close of the last history row, in prices (the reference of P(up))
 
 
@@ -143,7 +153,14 @@ class KronosPredictor:
 
     ``max_context`` is the predictor's window (512 for Kronos-small/base, 2048 for Kronos-mini); ``clip`` bounds the
     normalised inputs. Both models are moved to ``device`` (auto: CUDA, then MPS, then CPU) and used in eval mode.
+
+    ``fast_prepare`` (attribute, default True): ``predict``, ``predict_batch`` and ``predict_df`` check and
+    normalise all contexts at once with NumPy (:mod:`kronos.inference.prepare`; bit-identical tensors), turning to
+    the per-series :meth:`prepare` only to word the message of a bad input; False: always per series (the former
+    path, kept for comparison).
     """
+
+    fast_prepare: bool = True
 
     def __init__(
         self,
@@ -245,6 +262,32 @@ class KronosPredictor:
         y_index = y_timestamp if isinstance(y_timestamp, pd.Series) else y_idx
         last_close = float(frame["close"].iloc[-1])
         return PreparedContext(x, x_stamp, y_stamp, mean, std, pd.Index(y_index), last_close)
+
+    def prepare_many(
+        self,
+        df_list: Sequence[pd.DataFrame],
+        x_timestamp_list: Sequence[Timestamps],
+        y_timestamp_list: Sequence[Timestamps],
+        pred_len: int,
+        where: str = "series {i}: ",
+    ) -> list[PreparedContext]:
+        """:meth:`prepare` of every series (``where`` formatted with the series' position ``i``), all at once with
+        NumPy when :attr:`fast_prepare`; the first bad series raises the per-series message."""
+        inputs = list(zip(df_list, x_timestamp_list, y_timestamp_list))
+        if self.fast_prepare:
+            series: list[SeriesInputs] = []
+            for df, xt, yt in inputs:
+                one = read_series(df, xt, yt, pred_len, self.keep_amount, MIN_HISTORY)
+                if one is None:
+                    break
+                series.append(one)
+            else:
+                out: list[PreparedContext | None] = [None] * len(series)
+                for batch in series_batches(series, self.clip, self.max_context if self.truncate_history else None):
+                    for j, i in enumerate(batch.members):
+                        out[i] = _context(batch, j, series[i].y_index, series[i].last_close)
+                return out  # type: ignore[return-value]
+        return [self.prepare(df, xt, yt, pred_len, where=where.format(i=i)) for i, (df, xt, yt) in enumerate(inputs)]
 
     @staticmethod
     def _check_args(pred_len: Any, T: Any, top_k: Any, top_p: Any, sample_count: Any) -> None:
@@ -367,7 +410,7 @@ class KronosPredictor:
         above the last close of ``df`` (:func:`prob_up`; it needs many paths, e.g. ``sample_count=32``).
         """
         self._check_args(pred_len, T, top_k, top_p, sample_count)
-        item = self.prepare(df, x_timestamp, y_timestamp, pred_len)
+        item = self.prepare_many([df], [x_timestamp], [y_timestamp], pred_len, where="")[0]
         sampling = SamplingConfig(T, top_k, top_p, top_k_then_top_p)
         paths = self._sample_paths(
             [item], pred_len, sample_count, sampling, verbose, use_cache, self._generator(seed), batch_size
@@ -411,10 +454,7 @@ class KronosPredictor:
                 f"df_list, x_timestamp_list and y_timestamp_list must have the same length, got "
                 f"{len(df_list)}, {len(x_timestamp_list)}, {len(y_timestamp_list)}"
             )
-        items = [
-            self.prepare(df, xt, yt, pred_len, where=f"series {i}: ")
-            for i, (df, xt, yt) in enumerate(zip(df_list, x_timestamp_list, y_timestamp_list))
-        ]
+        items = self.prepare_many(df_list, x_timestamp_list, y_timestamp_list, pred_len)
         sampling = SamplingConfig(T, top_k, top_p, top_k_then_top_p)
         paths = self._sample_paths(
             items, pred_len, sample_count, sampling, verbose, use_cache, self._generator(seed), batch_size
@@ -572,9 +612,10 @@ class KronosPredictor:
         population std + 1e-5, the unit of the official signals) and ``true_close`` (the realised close where the
         frame has it, else NaN). :meth:`predict_df_paths` returns the sample paths beside them.
 
-        Each context is checked and normalised once; forecasts run in chunks of ``batch_size`` series (tqdm bar when
-        ``progress``); chunk ``k`` samples with seed ``seed + k``. ``calibration`` (optional) is handed with the
-        records to :func:`kronos.inference.bands.apply_calibration`.
+        Each context is checked and normalised once (all at once with NumPy, see :attr:`fast_prepare`); forecasts
+        run in chunks of ``batch_size`` series (tqdm bar when ``progress``); chunk ``k`` samples with seed
+        ``seed + k``; :meth:`iter_predict_df` hands the records over chunk by chunk. ``calibration`` (optional) is
+        handed with the records to :func:`kronos.inference.bands.apply_calibration`.
         """
         return self.predict_df_paths(
             frame,
@@ -626,6 +667,73 @@ class KronosPredictor:
         """:meth:`predict_df` with the de-normalised sample paths kept: a :class:`DataFrameForecast` whose
         ``samples [N, S, pred_len, 6]`` hold forecast ``n`` for records rows ``n * pred_len`` to
         ``(n + 1) * pred_len - 1`` (``keep_paths=False``: records only, ``samples`` None)."""
+        run = self._df_run(frame, id_column, timestamp_column, pred_len, lookback, quantiles, anchors,
+                           future_timestamps, calendar, sampling, sample_count, T, top_k, top_p, seed, batch_size,
+                           calibration, progress, use_cache)  # fmt: skip
+        parts = list(self._df_chunks(run, keep_paths, calibrate=False))
+        records = pd.concat([part.records for part in parts], ignore_index=True) if len(parts) > 1 else parts[0].records
+        if run.cal is not None:
+            records = apply_calibration(records, run.cal, model=self, lookback=run.lookback)
+        samples = [part.samples for part in parts if part.samples is not None]
+        return DataFrameForecast(records, np.concatenate(samples) if keep_paths else None)
+
+    def iter_predict_df(
+        self,
+        frame: pd.DataFrame,
+        *,
+        id_column: str = "symbol",
+        timestamp_column: str = "timestamps",
+        pred_len: int,
+        lookback: int | None = None,
+        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+        anchors: Any = None,
+        future_timestamps: Any = None,
+        calendar: str | None = None,
+        sampling: SamplingConfig | None = None,
+        sample_count: int = 32,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        batch_size: int = 50,
+        calibration: Any = None,
+        progress: bool = True,
+        use_cache: bool = True,
+        keep_paths: bool = False,
+    ) -> Iterator[DataFrameForecast]:
+        """:meth:`predict_df_paths` chunk by chunk (``batch_size`` forecasts each, in the records' order): a
+        :class:`DataFrameForecast` per chunk, its records calibrated (a calibration corrects each row on its own,
+        so the chunks concatenated equal :meth:`predict_df`'s records) and, with ``keep_paths``, its paths. Only
+        one chunk's sample paths and contexts are held at a time; every input is checked by this call, before the
+        first chunk is sampled."""
+        run = self._df_run(frame, id_column, timestamp_column, pred_len, lookback, quantiles, anchors,
+                           future_timestamps, calendar, sampling, sample_count, T, top_k, top_p, seed, batch_size,
+                           calibration, progress, use_cache)  # fmt: skip
+        return self._df_chunks(run, keep_paths, calibrate=True)
+
+    def _df_run(
+        self,
+        frame: pd.DataFrame,
+        id_column: str,
+        timestamp_column: str,
+        pred_len: int,
+        lookback: int | None,
+        quantiles: Sequence[float],
+        anchors: Any,
+        future_timestamps: Any,
+        calendar: str | None,
+        sampling: SamplingConfig | None,
+        sample_count: int,
+        T: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        batch_size: int,
+        calibration: Any,
+        progress: bool,
+        use_cache: bool,
+    ) -> _DfRun:
+        """Arguments checked and every forecast's input checked (and, on the per-series path, normalised)."""
         if sampling is None:
             sampling = SamplingConfig(T=T, top_k=top_k, top_p=top_p, sample_count=sample_count, seed=seed)
         self._check_args(pred_len, sampling.T, sampling.top_k, sampling.top_p, sampling.sample_count)
@@ -639,47 +747,62 @@ class KronosPredictor:
             raise InputError(f"lookback must be an integer >= 1 (or None for the history there is), got {lookback!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1 (series per chunk), got {batch_size!r}")
-        tasks = _forecast_tasks(
-            frame,
-            id_column,
-            timestamp_column,
-            None if lookback is None else int(lookback),
-            self.max_context,
-            int(pred_len),
-            anchors,
-            future_timestamps,
-            calendar,
+        L = None if lookback is None else int(lookback)
+        run = _DfRun(sampling, qs, cal, lookback, int(pred_len), int(batch_size), id_column, progress, use_cache)
+        if self.fast_prepare:
+            _check_frame(frame, id_column, timestamp_column, anchors, future_timestamps)
+            lookup = None if anchors is None else _anchor_lookup(anchors, id_column, timestamp_column)
+            run.fast = frame_tasks_or_none(
+                frame, id_column, timestamp_column, L, self.max_context, int(pred_len), lookup, future_timestamps,
+                calendar, self.keep_amount, MIN_HISTORY,
+            )  # fmt: skip
+            if run.fast is not None:
+                _log_short(run.fast.short, L)
+                return run
+        run.tasks = _forecast_tasks(
+            frame, id_column, timestamp_column, L, self.max_context, int(pred_len), anchors, future_timestamps, calendar
         )
         # every input checked (and normalised, once) before sampling
-        items = [self.prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ") for t in tasks]
-        scales = [norm_scale(float(item.std[VALUE_COLUMNS.index("close")])) for item in items]
-        means, quants, ups, paths_out = [], [], [], []
-        n_chunks = -(-len(tasks) // batch_size)
-        for k in tqdm(range(n_chunks), desc="forecast", unit="batch", disable=not progress):
-            chunk = items[k * batch_size : (k + 1) * batch_size]
+        run.items = [
+            self.prepare(t.context, t.x_ts, t.y_ts, pred_len, where=f"{t.symbol} @ {t.anchor}: ") for t in run.tasks
+        ]
+        return run
+
+    def _df_items(self, run: _DfRun, which: np.ndarray) -> list[PreparedContext]:
+        if run.fast is None:
+            assert run.items is not None  # the per-series path prepared every context
+            return [run.items[i] for i in which]
+        ft = run.fast
+        out: list[PreparedContext | None] = [None] * len(which)
+        for batch in frame_batches(ft, which, self.clip, self.max_context if self.truncate_history else None):
+            for j, i in enumerate(batch.members):
+                out[i] = _context(batch, j, None, float(ft.close[ft.pos[which[i]]]))
+        return out  # type: ignore[return-value]
+
+    def _df_chunks(self, run: _DfRun, keep_paths: bool, calibrate: bool) -> Iterator[DataFrameForecast]:
+        sampling, P, bs = run.sampling, run.pred_len, run.batch_size
+        tasks = run.tasks or []
+        n = len(run.fast) if run.fast is not None else len(tasks)
+        close = VALUE_COLUMNS.index("close")
+        for k in tqdm(range(-(-n // bs)), desc="forecast", unit="batch", disable=not run.progress):
+            which = np.arange(k * bs, min((k + 1) * bs, n))
+            chunk = self._df_items(run, which)
             seed_k = None if sampling.seed is None else int(sampling.seed) + k
             paths = self._sample_paths(
-                chunk, int(pred_len), sampling.sample_count, sampling, False, use_cache, self._generator(seed_k), None
+                chunk, P, sampling.sample_count, sampling, False, run.use_cache, self._generator(seed_k), None
             )
             prices = np.stack([p * norm_scale(item.std) + item.mean for item, p in zip(chunk, paths)])  # [n,S,P,6]
-            means.append(np.stack([self._mean_path(item, p) for item, p in zip(chunk, paths)]))
-            quants.append(sample_quantiles(prices, qs, axis=1))  # [Q, n, P, 6]
-            ups.append(prob_up(prices[..., VALUE_COLUMNS.index("close")], [item.last_close for item in chunk]))
-            if keep_paths:
-                paths_out.append(prices)
-        records = _records(
-            tasks,
-            np.concatenate(means),
-            np.concatenate(quants, axis=1),
-            qs,
-            scales,
-            id_column,
-            int(pred_len),
-            np.concatenate(ups),
-        )
-        if cal is not None:
-            records = apply_calibration(records, cal, model=self, lookback=lookback)
-        return DataFrameForecast(records, np.concatenate(paths_out) if keep_paths else None)
+            means = np.stack([self._mean_path(item, p) for item, p in zip(chunk, paths)])
+            quants = sample_quantiles(prices, run.qs, axis=1)  # [Q, n, P, 6]
+            ups = prob_up(prices[..., close], [item.last_close for item in chunk])
+            scales = [norm_scale(float(item.std[close])) for item in chunk]
+            if run.fast is not None:
+                records = _fast_records(run.fast, which, means, quants, run.qs, scales, run.id_column, P, ups)
+            else:
+                records = _records([tasks[i] for i in which], means, quants, run.qs, scales, run.id_column, P, ups)
+            if calibrate and run.cal is not None:
+                records = apply_calibration(records, run.cal, model=self, lookback=run.lookback)
+            yield DataFrameForecast(records, prices if keep_paths else None)
 
 
 @dataclass
@@ -688,6 +811,67 @@ class DataFrameForecast:
 
     records: pd.DataFrame
     samples: np.ndarray | None  # [N, S, P, 6] prices, forecast n = records rows n*P .. (n+1)*P - 1
+
+
+@dataclass
+class _DfRun:
+    """One ``predict_df`` call after its checks: the forecasts to make, prepared fast or per series."""
+
+    sampling: SamplingConfig
+    qs: list[float]
+    cal: Any
+    lookback: int | None
+    pred_len: int
+    batch_size: int
+    id_column: str
+    progress: bool
+    use_cache: bool
+    fast: FrameTasks | None = None  # the NumPy path's tasks
+    tasks: list[_Task] | None = None  # the per-series path's tasks and prepared contexts
+    items: list[PreparedContext] | None = None
+
+
+def _context(batch: Batch, j: int, y_index: pd.Index | None, last_close: float) -> PreparedContext:
+    return PreparedContext(batch.x[j], batch.x_stamp[j], batch.y_stamp[j], batch.mean[j], batch.std[j], y_index,
+                           last_close)  # fmt: skip
+
+
+def _fast_records(
+    ft: FrameTasks,
+    which: np.ndarray,
+    means: np.ndarray,
+    quants: np.ndarray,
+    qs: list[float],
+    scales: list[float],
+    id_column: str,
+    P: int,
+    p_up: np.ndarray,
+) -> pd.DataFrame:
+    """:func:`_records` of the NumPy path's tasks ``which`` (the same columns, values and dtypes)."""
+    n = len(which)
+    pos, start = ft.pos[which], ft.start[which]
+    data: dict[str, Any] = {
+        id_column: np.repeat(np.array([ft.symbols[i] for i in which], dtype=object), P),
+        "anchor": np.repeat(ft.ts[pos].to_numpy(), P),
+        "step": np.tile(np.arange(1, P + 1), n),
+        "timestamps": to_index(ft.y_utc[which].ravel(), ft.tz).to_numpy(),
+    }
+    for j, c in enumerate(VALUE_COLUMNS):
+        data[c] = means[:, :, j].reshape(-1)
+    for j, c in enumerate(VALUE_COLUMNS):
+        for qi, q in enumerate(qs):
+            data[quantile_column(q, c)] = quants[qi, :, :, j].reshape(-1)
+    data["p_up"] = p_up.reshape(-1)
+    vol = np.empty(n)
+    lengths = pos + 1 - start
+    for length in np.unique(lengths):  # contexts of one length at once
+        sel = np.flatnonzero(lengths == length)
+        vol[sel] = recent_volatility(ft.close[start[sel, None] + np.arange(length)])
+    data["context_vol"] = np.repeat(vol, P)
+    data["last_close"] = np.repeat(ft.close[pos], P)
+    data["close_scale"] = np.repeat(np.asarray(scales, dtype=np.float64), P)
+    data["true_close"] = ft.true_close(P, which).reshape(-1)
+    return pd.DataFrame(data)
 
 
 @dataclass
@@ -728,6 +912,27 @@ def _anchor_lookup(anchors: Any, id_column: str, timestamp_column: str) -> tuple
     return {k: np.unique(np.asarray(v, dtype=np.int64)) for k, v in out.items()}, None
 
 
+def _check_frame(frame: Any, id_column: str, timestamp_column: str, anchors: Any, future: Any) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise InputError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in (id_column, timestamp_column, *PRICE_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"frame is missing column(s) {missing}; predict_df needs '{id_column}' (id_column), "
+            f"'{timestamp_column}' (timestamp_column) and {list(PRICE_COLUMNS)}"
+        )
+    if future is not None and anchors is not None:
+        raise InputError("future_timestamps can only be given with anchors=None (forecasts after each last bar)")
+
+
+def _log_short(short: list[str], L: int | None) -> None:
+    if short:
+        rule = f"lookback={L}" if L is not None else f"the minimum of {MIN_HISTORY}"
+        logger.warning(
+            "skipped %d anchor(s) with fewer than %s bars of history (e.g. %s)", len(short), rule, ", ".join(short[:3])
+        )
+
+
 def _forecast_tasks(
     frame: pd.DataFrame,
     id_column: str,
@@ -741,16 +946,7 @@ def _forecast_tasks(
 ) -> list[_Task]:
     """One task per anchor: a context of ``L`` bars (``None``: the history there is, up to ``max_context`` bars and
     at least :data:`MIN_HISTORY`)."""
-    if not isinstance(frame, pd.DataFrame):
-        raise InputError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
-    missing = [c for c in (id_column, timestamp_column, *PRICE_COLUMNS) if c not in frame.columns]
-    if missing:
-        raise InputError(
-            f"frame is missing column(s) {missing}; predict_df needs '{id_column}' (id_column), "
-            f"'{timestamp_column}' (timestamp_column) and {list(PRICE_COLUMNS)}"
-        )
-    if future is not None and anchors is not None:
-        raise InputError("future_timestamps can only be given with anchors=None (forecasts after each last bar)")
+    _check_frame(frame, id_column, timestamp_column, anchors, future)
     values_cols = [c for c in VALUE_COLUMNS if c in frame.columns]
     by_symbol, shared = (None, None) if anchors is None else _anchor_lookup(anchors, id_column, timestamp_column)
     tasks: list[_Task] = []
@@ -801,10 +997,7 @@ def _forecast_tasks(
         if unknown:
             raise InputError(f"anchors name symbol(s) not in the frame's '{id_column}' column: {unknown[:5]}")
     rule = f"lookback={L}" if L is not None else f"the minimum of {MIN_HISTORY}"
-    if short:
-        logger.warning(
-            "skipped %d anchor(s) with fewer than %s bars of history (e.g. %s)", len(short), rule, ", ".join(short[:3])
-        )
+    _log_short(short, L)
     if not tasks:
         raise InputError(
             f"nothing to forecast: no anchor has {rule} bars of history in the frame "

@@ -244,6 +244,26 @@ def on_main(action: Callable[[], str | None]) -> str:
     raise KronosError(f"rank 0 stopped with {name}: {message}")
 
 
+def all_agree(ok: bool) -> bool:
+    """A barrier of every rank on the wait group that returns True when every rank passed True (nothing pickled).
+    Without a process group it returns ``ok``."""
+    if not (_group_is_up() and dist.get_world_size() > 1):
+        return bool(ok)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_wait_group())
+    return bool(flag.item())
+
+
+def data_shard() -> Any:
+    """This process's :class:`~kronos.data.processing.Shard` for the streaming data step: every rank of the group
+    takes its share of the symbol chunks (a plain process: rank 0 of 1)."""
+    from kronos.data.processing import Shard
+
+    if not (_group_is_up() and dist.get_world_size() > 1):
+        return Shard()
+    return Shard(rank=dist.get_rank(), world_size=dist.get_world_size(), share=on_main, agree=all_agree)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 

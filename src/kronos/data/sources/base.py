@@ -1,7 +1,10 @@
 """The data-source interface and the factory that picks a source by name.
 
 A source only has to *load* data: :meth:`BaseDataProcessor.load_raw` returns one canonical raw frame per
-symbol (see :mod:`kronos.data.schema`). Cleaning, calendar features, splits and the on-disk dataset are shared
+symbol (see :mod:`kronos.data.schema`). A source that can read a few symbols at a time (``streams = True``:
+:meth:`~BaseDataProcessor.list_symbols` and :meth:`~BaseDataProcessor.load_symbols`, as the Qlib and CSV sources
+do) never holds the whole market in memory: the data step reads, cleans and writes ``data_chunk_symbols`` symbols
+at a time, shared among the ranks under torchrun. Cleaning, calendar features, splits and the on-disk dataset are shared
 by all sources, so every source produces the same dataset format.
 
 Adding a source::
@@ -29,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from kronos.config import Config
-from kronos.data.processing import process_frames
+from kronos.data.processing import Shard, process_frames, stream_dataset
 from kronos.data.store import save_dataset
 from kronos.errors import ConfigError, DependencyError
 
@@ -45,6 +48,8 @@ class BaseDataProcessor(abc.ABC):
     """
 
     name: str = "base"
+    # True: list_symbols/load_symbols read a chunk of symbols at a time (else load_raw reads all at once, on rank 0)
+    streams: bool = False
 
     def __init__(self, config: Config | None = None, **kwargs: Any) -> None:
         self.config: Config = config if config is not None else Config()
@@ -61,6 +66,19 @@ class BaseDataProcessor(abc.ABC):
     def load_raw(self) -> dict[str, pd.DataFrame]:
         """Return ``{symbol: raw frame}`` in the canonical schema; frames may still hold NaN or bad bars."""
 
+    def list_symbols(self) -> list[str]:
+        """Every symbol the source has (streaming sources list them without loading their bars).
+
+        Default: everything :meth:`load_raw` returns, held until :meth:`load_symbols` hands it out."""
+        self._raw: dict[str, pd.DataFrame] = {str(k): v for k, v in self.load_raw().items()}
+        return sorted(self._raw)
+
+    def load_symbols(self, symbols: list[str]) -> dict[str, pd.DataFrame]:
+        """Raw frames of ``symbols`` (a chunk of :meth:`list_symbols`); a symbol without data may be left out
+        (with a reason in :attr:`skipped_symbols`)."""
+        held = getattr(self, "_raw", {})
+        return {s: held.pop(s) for s in symbols if s in held}
+
     def process_raw_data(self) -> dict[str, pd.DataFrame]:
         """Load, clean, add time features and split; returns ``{"train": ..., "val": ..., "test": ...}``.
 
@@ -73,9 +91,16 @@ class BaseDataProcessor(abc.ABC):
         )
         return splits
 
-    def run_pipeline(self) -> dict[str, Any]:
-        """download -> process -> save to ``config.dataset_path``; returns the manifest written."""
+    def run_pipeline(self, shard: Shard | None = None, chunk_symbols: int | None = None) -> dict[str, Any]:
+        """download -> load, clean, split and save to ``config.dataset_path``, ``chunk_symbols`` (default: config
+        key ``data_chunk_symbols``) symbols at a time; under torchrun ``shard`` shares the chunks among the ranks
+        (see :func:`~kronos.data.processing.stream_dataset`). Returns the manifest written."""
 
+        self.manifest = stream_dataset(self, self.config, shard, chunk_symbols)
+        return self.manifest
+
+    def run_whole(self) -> dict[str, Any]:
+        """The data step with every symbol in memory at once (as before streaming; same dataset)."""
         self.download_data()
         splits = self.process_raw_data()
         assert self.manifest is not None

@@ -56,18 +56,19 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def read_table(path: Path, symbol_column: str = "") -> pd.DataFrame:
+def read_table(path: Path, symbol_column: str = "", columns: list[str] | None = None) -> pd.DataFrame:
     """Read one CSV or Parquet file; DataError naming the file when it cannot be read.
 
     In CSV files the symbol column is read as text so codes such as ``000001`` keep their leading zeros.
+    ``columns``: read only these.
     """
     kind = _kind(path)
     try:
         if kind == "parquet":
-            return pd.read_parquet(path)
+            return pd.read_parquet(path, columns=columns)
         header = _read_csv(path, nrows=0)
         sym = find_column(header.columns, SYMBOL_ALIASES, symbol_column)
-        return _read_csv(path, dtype={sym: str} if sym is not None else None)
+        return _read_csv(path, dtype={sym: str} if sym is not None else None, usecols=columns)
     except DataError:
         raise
     except pd.errors.EmptyDataError:
@@ -206,51 +207,44 @@ class CsvDataProcessor(BaseDataProcessor):
             )
         return [path]
 
+    streams = True
+
     def load_raw(self) -> dict[str, pd.DataFrame]:
+        return self.load_symbols(self.list_symbols())
+
+    def list_symbols(self) -> list[str]:
+        """Every symbol of the files: file names, and the symbol columns of long files (only that column read)."""
         cfg = self.config
-        pieces: dict[str, list[pd.DataFrame]] = {}
         files = self.files()
         origin: dict[str, list[tuple[Path, bool]]] = {}  # symbol -> (file, whether the file is that one symbol's)
         adjusted = unused_adj = derived = 0  # files, for one summary line each
         for file in files:
-            table = read_table(file, cfg.csv_symbol_column)
+            columns = _columns(file)
             where = f"file '{file}'"
-            if table.empty:
-                raise DataError(f"{where} has no rows")
-            line_offset = 2 if _kind(file) == "csv" else None  # header line + 1-based lines
-            sym_col = find_column(table.columns, SYMBOL_ALIASES, cfg.csv_symbol_column)
+            sym_col = find_column(columns, SYMBOL_ALIASES, cfg.csv_symbol_column)
             if cfg.csv_symbol_column and sym_col is None:
                 raise DataError(
                     f"{where}: symbol column '{cfg.csv_symbol_column}' (config key 'csv_symbol_column') not found; "
-                    f"columns are {list(map(str, table.columns))}"
+                    f"columns are {list(map(str, columns))}"
                 )
-            frame = validate_kline_frame(
-                table, where, timestamp_column=cfg.csv_timestamp_column, line_offset=line_offset
-            )
-            has_adj = find_column(table.columns, ADJ_CLOSE_ALIASES) is not None
+            has_adj = find_column(columns, ADJ_CLOSE_ALIASES) is not None
             if cfg.adjust == "adj_close":
-                frame = adjust_prices(frame, table, where)
                 adjusted += 1
             elif has_adj:
                 unused_adj += 1
-            if _derives_amount(table):
+            if find_column(columns, COLUMN_ALIASES["volume"]) is not None and (
+                find_column(columns, COLUMN_ALIASES["amount"]) is None
+            ):
                 derived += 1
             if sym_col is None:
-                pieces.setdefault(_stem(file), []).append(frame)
                 origin.setdefault(_stem(file), []).append((file, True))
                 continue
-            symbols = table[sym_col].reset_index(drop=True)
-            missing = symbols.isna().to_numpy()
-            if missing.any():
-                logger.warning(
-                    "%s: %d row(s) without a symbol in column '%s' are ignored", where, int(missing.sum()), sym_col
-                )
-            symbols = symbols.astype(str).str.strip()
-            for symbol, idx in frame[~missing].groupby(symbols[~missing], sort=True).groups.items():
-                pieces.setdefault(str(symbol), []).append(frame.loc[idx].reset_index(drop=True))
-                origin.setdefault(str(symbol), []).append((file, False))
-            if not pieces:
+            codes = _symbol_codes(read_table(file, cfg.csv_symbol_column, columns=[sym_col])[sym_col])
+            found = codes.dropna().drop_duplicates()
+            if found.empty:
                 raise DataError(f"{where}: column '{sym_col}' holds no symbols")
+            for symbol in found:
+                origin.setdefault(str(symbol), []).append((file, False))
         for symbol, where_from in origin.items():
             # a long export split over several files is one symbol's history in parts; a file named after the
             # symbol next to another source of the same symbol is two copies (e.g. AAA.csv and AAA.parquet)
@@ -260,17 +254,11 @@ class CsvDataProcessor(BaseDataProcessor):
                     f"symbol '{symbol}' comes from more than one file: {names}; keep one of them in "
                     "csv_data_path (they would be merged silently)"
                 )
-        frames = {
-            symbol: parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
-            for symbol, parts in pieces.items()
-        }
-        self.source_info.update(
-            {
-                "path": str(Path(cfg.csv_data_path).expanduser()),
-                "files": [str(f) for f in files],
-            }
-        )
-        logger.info("csv: %d symbol(s) from %d file(s)", len(frames), len(files))
+        self._origin = {symbol: [f for f, _ in where_from] for symbol, where_from in origin.items()}
+        self._order = {f: i for i, f in enumerate(files)}
+        self.source_info.update({"path": str(Path(cfg.csv_data_path).expanduser()), "files": [str(f) for f in files]})
+        self.source_info["adjust"] = cfg.adjust
+        logger.info("csv: %d symbol(s) from %d file(s)", len(origin), len(files))
         if derived:
             logger.info("csv: derived amount = volume x average price for %d of %d file(s)", derived, len(files))
         if adjusted:
@@ -284,8 +272,75 @@ class CsvDataProcessor(BaseDataProcessor):
                 unused_adj,
                 len(files),
             )
-        self.source_info["adjust"] = cfg.adjust
-        return frames
+        return sorted(origin)
+
+    def load_symbols(self, symbols: list[str]) -> dict[str, pd.DataFrame]:
+        """The bars of ``symbols``: only the files that hold them are read, one at a time (the last long file
+        read is kept for the next chunk, which usually needs it too)."""
+        if getattr(self, "_origin", None) is None:
+            self.list_symbols()
+        wanted = set(symbols)
+        files = sorted({f for s in symbols for f in self._origin.get(s, [])}, key=self._order.__getitem__)
+        pieces: dict[str, list[pd.DataFrame]] = {}
+        for file in files:
+            frame, codes = self._read(file)
+            if codes is None:
+                pieces.setdefault(_stem(file), []).append(frame)
+                continue
+            keep = codes.notna().to_numpy() & codes.isin(wanted).to_numpy()
+            for symbol, idx in frame[keep].groupby(codes[keep], sort=True).groups.items():
+                pieces.setdefault(str(symbol), []).append(frame.loc[idx].reset_index(drop=True))
+        return {
+            symbol: parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+            for symbol, parts in sorted(pieces.items())
+        }
+
+    def _read(self, file: Path) -> tuple[pd.DataFrame, pd.Series | None]:
+        """One file's canonical frame and its symbol codes (None: the file is one symbol's)."""
+        cached = getattr(self, "_cache", None)
+        if cached is not None and cached[0] == file:
+            return cached[1], cached[2]
+        self._cache = None
+        cfg = self.config
+        table = read_table(file, cfg.csv_symbol_column)
+        where = f"file '{file}'"
+        if table.empty:
+            raise DataError(f"{where} has no rows")
+        line_offset = 2 if _kind(file) == "csv" else None  # header line + 1-based lines
+        sym_col = find_column(table.columns, SYMBOL_ALIASES, cfg.csv_symbol_column)
+        frame = validate_kline_frame(table, where, timestamp_column=cfg.csv_timestamp_column, line_offset=line_offset)
+        if cfg.adjust == "adj_close":
+            frame = adjust_prices(frame, table, where)
+        if sym_col is None:
+            return frame, None
+        codes = _symbol_codes(table[sym_col].reset_index(drop=True))
+        missing = int(codes.isna().sum())
+        if missing:
+            logger.warning("%s: %d row(s) without a symbol in column '%s' are ignored", where, missing, sym_col)
+        self._cache = (file, frame, codes)
+        return frame, codes
+
+
+def _columns(path: Path) -> list[str]:
+    """A data file's column names (its header or Parquet schema only)."""
+    try:
+        if _kind(path) == "parquet":
+            import pyarrow.parquet as pq
+
+            return [str(c) for c in pq.read_schema(path).names if not str(c).startswith("__index_level_")]
+        return [str(c) for c in _read_csv(path, nrows=0).columns]
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"file '{path}' is empty") from None
+    except Exception as exc:  # pyarrow raises its own types for damaged Parquet files
+        raise DataError(f"cannot read file '{path}': {type(exc).__name__}: {exc}") from None
+
+
+def _symbol_codes(column: pd.Series) -> pd.Series:
+    """A symbol column as stripped text (NaN stays missing)."""
+    missing = column.isna()
+    return column.astype(str).str.strip().where(~missing)
 
 
 __all__ = ["CsvDataProcessor", "read_table", "read_kline_file"]

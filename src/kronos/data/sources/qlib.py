@@ -184,7 +184,13 @@ class QlibDataProcessor(BaseDataProcessor):
 
     name = "qlib"
 
+    streams = True
+
     def load_raw(self) -> dict[str, pd.DataFrame]:
+        return self.load_symbols(self.list_symbols())
+
+    def list_symbols(self) -> list[str]:
+        """The pool's members in the time range (calendar and instruments through pyqlib; no bars read)."""
         cfg = self.config
         provider = Path(cfg.qlib_data_path).expanduser().resolve()
         require_qlib()
@@ -210,22 +216,53 @@ class QlibDataProcessor(BaseDataProcessor):
                 f"{start.date()} and {end.date()}; check dataset_begin_time/dataset_end_time"
             )
         symbols = sorted(members)
-        fields = list(FIELDS)
         has_amount = all((provider / "features" / s.lower() / f"amount.{FREQ}.bin").is_file() for s in symbols)
-        if has_amount:
-            fields.append("amount")
+        self._plan = (provider, calendar, start, end, members, has_amount)
+        logger.info(
+            "qlib: %d symbols of pool '%s' between %s and %s%s",
+            len(symbols),
+            cfg.instrument,
+            start.date(),
+            end.date(),
+            "" if has_amount else "; amount = mean(OHLC) x volume",
+        )
+        self.source_info.update(
+            {
+                "provider_uri": str(provider),
+                "instrument": cfg.instrument,
+                "freq": FREQ,
+                "load_start": start.isoformat(),
+                "load_end": end.isoformat(),
+                "amount": "field" if has_amount else "mean(OHLC) x volume",
+                "membership": f"spans from instruments/{cfg.instrument.lower()}.txt, widened by lookback_window "
+                f"({cfg.lookback_window}) trading days before each span start",
+            }
+        )
+        return symbols
+
+    def load_symbols(self, symbols: list[str]) -> dict[str, pd.DataFrame]:
+        """The bars of ``symbols`` (members listed by :meth:`list_symbols`) through ``D.features``."""
+        if not symbols:
+            return {}
+        if getattr(self, "_plan", None) is None:
+            self.list_symbols()
+        provider, calendar, start, end, members, has_amount = self._plan
+        from qlib.data import D
+
+        fields = list(FIELDS) + (["amount"] if has_amount else [])
         try:
             data = D.features(symbols, [f"${f}" for f in fields], start_time=start, end_time=end, freq=FREQ)
         except Exception as exc:
             raise DataError(f"Qlib could not read features from '{provider}': {type(exc).__name__}: {exc}") from None
         data = data.rename(columns=lambda c: str(c).lstrip("$")).astype("float64")  # Qlib stores float32
 
-        lookback = cfg.lookback_window
+        lookback = self.config.lookback_window
         frames: dict[str, pd.DataFrame] = {}
         suspended = 0
         groups = dict(iter(data.groupby(level="instrument", sort=True))) if len(data) else {}
+        del data
         for symbol in symbols:
-            part = groups.get(symbol)
+            part = groups.pop(symbol, None)
             if part is None or part.empty:
                 self.skipped_symbols[symbol] = f"no Qlib data between {start.date()} and {end.date()}"
                 continue
@@ -241,27 +278,7 @@ class QlibDataProcessor(BaseDataProcessor):
             if not has_amount:
                 frame["amount"] = derive_amount(frame)
             frames[symbol] = validate_kline_frame(frame, f"Qlib symbol {symbol}", timestamp_column="timestamps")
-        logger.info(
-            "qlib: %d symbols of pool '%s' between %s and %s (%d suspended rows to drop)%s",
-            len(frames),
-            cfg.instrument,
-            start.date(),
-            end.date(),
-            suspended,
-            "" if has_amount else "; amount = mean(OHLC) x volume",
-        )
-        self.source_info.update(
-            {
-                "provider_uri": str(provider),
-                "instrument": cfg.instrument,
-                "freq": FREQ,
-                "load_start": start.isoformat(),
-                "load_end": end.isoformat(),
-                "amount": "field" if has_amount else "mean(OHLC) x volume",
-                "membership": f"spans from instruments/{cfg.instrument.lower()}.txt, widened by lookback_window "
-                f"({lookback}) trading days before each span start",
-            }
-        )
+        logger.debug("qlib: %d symbols read (%d suspended rows to drop)", len(frames), suspended)
         return frames
 
     def _time_range(self, calendar: pd.DatetimeIndex, provider: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
