@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import collections
 import json
-import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
+
+from .loopback import LoopbackServer, QuietHandler
 
 DATA_CSV = Path(__file__).resolve().parents[1] / "fixtures" / "kline_5min.csv"
 START = pd.Timestamp("2024-01-01 00:00")
@@ -70,58 +70,21 @@ def build_bars(csv_path: Path = DATA_CSV) -> pd.DataFrame:
     )
 
 
-class BinanceTestServer:
+class BinanceTestServer(LoopbackServer):
     """Binance's public spot API on 127.0.0.1 (random port) in a background thread; use as a context manager.
 
     ``requests``: Counter of requests per path and exchange symbol id (``"klines BTCUSDT"``, ``"exchangeInfo"``).
     """
+
+    NAME = "binance-test-server"
+    FAILURE_MODES = FAILURE_MODES
 
     def __init__(self, symbols: dict[str, tuple[str, str, float]] | None = None, csv_path: Path = DATA_CSV) -> None:
         self.markets = dict(DEFAULT_SYMBOLS if symbols is None else symbols)
         self.bars = build_bars(csv_path)
         self.requests: collections.Counter = collections.Counter()
         self.kline_queries: list[dict[str, str]] = []
-        self._failures: dict[str, dict] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> BinanceTestServer:
-        handler = type("_Handler", (_BinanceHandler,), {"app": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="binance-test-server", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> BinanceTestServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return self._httpd.server_address[1]
-
-    @property
-    def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
     @property
     def symbols(self) -> list[str]:
@@ -218,10 +181,7 @@ class BinanceTestServer:
         self, symbol_id: str, mode: str, times: int | None = None, delay: float = 1.0, size: int = 4 << 20
     ) -> None:
         """Make kline requests for ``symbol_id`` (e.g. ``BTCUSDT``) fail with ``mode``; ``times`` then OK."""
-        if mode not in FAILURE_MODES:
-            raise ValueError(f"unknown failure mode {mode!r}; choose from {sorted(FAILURE_MODES)}")
-        with self._lock:
-            self._failures[symbol_id] = {"mode": mode, "left": times, "delay": delay, "size": size}
+        self._set_failure(symbol_id, mode, times, delay=delay, size=size)
 
     def clear(self) -> None:
         """Forget failures, request counts and queries."""
@@ -234,30 +194,10 @@ class BinanceTestServer:
         with self._lock:
             return self.requests[key]
 
-    def _take_failure(self, symbol_id: str) -> dict | None:
-        with self._lock:
-            f = self._failures.get(symbol_id)
-            if f is None:
-                return None
-            if f["left"] is not None:
-                if f["left"] <= 0:
-                    return None
-                f["left"] -= 1
-            return dict(f)
 
-
-class _BinanceHandler(BaseHTTPRequestHandler):
+class _BinanceHandler(QuietHandler):
     app: BinanceTestServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args) -> None:  # keep test output quiet
-        pass
-
-    def handle_one_request(self) -> None:
-        try:
-            super().handle_one_request()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+    CONTENT_TYPE = "application/json;charset=UTF-8"
 
     def _send(self, status: int, payload: object, content_type: str = "application/json;charset=UTF-8") -> None:
         body = (payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))).encode()
@@ -300,9 +240,7 @@ class _BinanceHandler(BaseHTTPRequestHandler):
         failure = app._take_failure(symbol_id)
         mode = failure["mode"] if failure else None
         if mode == "slow":
-            deadline = time.monotonic() + failure["delay"]
-            while time.monotonic() < deadline and not app._stop.is_set():
-                time.sleep(0.01)
+            self._stall(failure["delay"])
             mode = None
         if mode == "429":
             return self._send(429, {"code": -1003, "msg": "Too many requests; current limit is 6000 request weight."})
@@ -313,13 +251,7 @@ class _BinanceHandler(BaseHTTPRequestHandler):
         if mode == "html":
             return self._send(200, "<!DOCTYPE html><html><body>maintenance</body></html>", "text/html")
         if mode == "redirect_other_host":
-            self.send_response(302)
-            self.send_header("Location", f"http://localhost:{app.port}{self.path}")
-            self.send_header("Content-Length", "0")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            return
+            return self._redirect(f"http://localhost:{app.port}{self.path}")
         rows = app.rows(unified, interval, start, end, limit + 5 if mode == "too_many" else limit)
         if mode == "malformed" and rows:
             rows[len(rows) // 2][2] = "NaN-ish"
@@ -349,19 +281,5 @@ class _BinanceHandler(BaseHTTPRequestHandler):
         except OSError:  # the client hung up (it refused the body): expected
             return
 
-    def _drip(self, body: bytes, interval: float) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json;charset=UTF-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        for i in range(len(body)):
-            if self.app._stop.is_set():
-                return
-            try:
-                self.wfile.write(body[i : i + 1])
-                self.wfile.flush()
-            except OSError:
-                return
-            time.sleep(interval)
+
+BinanceTestServer.HANDLER = _BinanceHandler

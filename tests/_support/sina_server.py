@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import collections
 import json
-import threading
-import time
 import urllib.parse
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
+
+from .loopback import LoopbackServer, QuietHandler
 
 DATA_CSV = Path(__file__).resolve().parents[1] / "fixtures" / "kline_5min.csv"
 DEFAULT_SYMBOLS = {"sh600000": 0.0, "sz000001": 5.0, "bj430047": 2.5}
@@ -93,13 +92,16 @@ def build_bars(csv_path: Path = DATA_CSV) -> dict[int, pd.DataFrame]:
     return out
 
 
-class SinaTestServer:
+class SinaTestServer(LoopbackServer):
     """Sina K-line API on 127.0.0.1 (random port) in a background thread; use as a context manager.
 
     Attributes: ``jsonp_url`` (the default-style URL with an empty callback), ``json_url`` (plain JSON twin),
     ``symbols`` (served symbols), ``requests`` (Counter of requests per symbol, every attempt counted),
     ``last_headers`` (headers of the latest request).
     """
+
+    NAME = "sina-test-server"
+    FAILURE_MODES = FAILURE_MODES
 
     def __init__(
         self, symbols: dict[str, float] | None = None, csv_path: Path = DATA_CSV, require_browser_headers: bool = True
@@ -109,48 +111,7 @@ class SinaTestServer:
         self.require_browser_headers = require_browser_headers
         self.requests: collections.Counter = collections.Counter()
         self.last_headers: dict[str, str] = {}
-        self._failures: dict[str, dict] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> SinaTestServer:
-        handler = type("_Handler", (_SinaHandler,), {"app": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="sina-test-server", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> SinaTestServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ addresses
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return self._httpd.server_address[1]
-
-    @property
-    def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
     def jsonp_base(self, callback: str = "") -> str:
         """JSONP endpoint whose responses use ``callback`` (e.g. ``var _x``; empty gives ``=(...)``)."""
@@ -192,10 +153,7 @@ class SinaTestServer:
         ``delay``: seconds of "slow" or per byte of "drip"; ``size``: bytes of "oversize"/"gzip_bomb" bodies;
         ``target``: the symbol a cross-host redirect asks for.
         """
-        if mode not in FAILURE_MODES:
-            raise ValueError(f"unknown failure mode {mode!r}; choose from {sorted(FAILURE_MODES)}")
-        with self._lock:
-            self._failures[symbol] = {"mode": mode, "left": times, "delay": delay, "size": size, "target": target}
+        self._set_failure(symbol, mode, times, delay=delay, size=size, target=target)
 
     def clear_failures(self, symbol: str | None = None) -> None:
         with self._lock:
@@ -207,17 +165,6 @@ class SinaTestServer:
     def request_count(self, symbol: str | None = None) -> int:
         with self._lock:
             return sum(self.requests.values()) if symbol is None else self.requests[symbol]
-
-    def _take_failure(self, symbol: str) -> dict | None:
-        with self._lock:
-            f = self._failures.get(symbol)
-            if f is None:
-                return None
-            if f["left"] is not None:
-                if f["left"] <= 0:
-                    return None
-                f["left"] -= 1
-            return dict(f)
 
     def body_array(self, symbol: str, scale: int, datalen: int, with_amount: bool = True) -> list[dict]:
         bars = self.frame(symbol, scale, datalen)
@@ -238,18 +185,9 @@ class SinaTestServer:
         return rows
 
 
-class _SinaHandler(BaseHTTPRequestHandler):
+class _SinaHandler(QuietHandler):
     app: SinaTestServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args) -> None:  # keep test output quiet
-        pass
-
-    def handle_one_request(self) -> None:
-        try:
-            super().handle_one_request()
-        except (BrokenPipeError, ConnectionResetError):  # client gave up (timeout tests)
-            self.close_connection = True
+    CONTENT_TYPE = "application/javascript; charset=utf-8"
 
     def _send(self, status: int, text: str, content_type: str = "application/javascript; charset=utf-8") -> None:
         body = text.encode("utf-8")
@@ -294,10 +232,7 @@ class _SinaHandler(BaseHTTPRequestHandler):
         failure = app._take_failure(symbol)
         mode = failure["mode"] if failure else None
         if mode == "slow":
-            # Sleep in small steps so that closing the server never waits for a sleeping handler.
-            deadline = time.monotonic() + failure["delay"]
-            while time.monotonic() < deadline and not app._stop.is_set():
-                time.sleep(0.01)
+            self._stall(failure["delay"])
             mode = None
         if mode in ("500", "503", "429", "404", "403"):
             status = int(mode)
@@ -332,14 +267,6 @@ class _SinaHandler(BaseHTTPRequestHandler):
         if mode == "drip":
             return self._drip(text.encode("utf-8"), failure["delay"])
         self._send(200, text)
-
-    def _redirect(self, location: str) -> None:
-        self.send_response(302)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
 
     def _send_padded(self, body: bytes, size: int, gzipped: bool) -> None:
         """``body`` padded with whitespace inside its JSONP parentheses to ``size`` bytes (valid, only too big).
@@ -380,26 +307,11 @@ class _SinaHandler(BaseHTTPRequestHandler):
         except OSError:  # the client hung up (it refused the body): expected
             return
 
-    def _drip(self, body: bytes, interval: float) -> None:
-        """Headers at once, then the body one byte per ``interval`` seconds (until the client hangs up)."""
-        self.send_response(200)
-        self.send_header("Content-Type", "application/javascript; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        for i in range(len(body)):
-            if self.app._stop.is_set():
-                return
-            try:
-                self.wfile.write(body[i : i + 1])
-                self.wfile.flush()
-            except OSError:
-                return
-            time.sleep(interval)
-
     @staticmethod
     def _wrap(callback: str | None, payload: str) -> str:
         if callback is None:  # plain JSON twin
             return payload
         return f"{ANTI_EMBED_PREFIX}{callback}=({payload});"
+
+
+SinaTestServer.HANDLER = _SinaHandler

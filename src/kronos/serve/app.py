@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -104,12 +105,11 @@ class GuardMiddleware:
         self.body_timeout = float(body_timeout)
 
     @staticmethod
-    def _refusal(scope) -> tuple[int, str] | None:
+    def _refusal(scope, headers: Headers) -> tuple[int, str] | None:
         """Why a state-changing request is refused before anything else: a body type a cross-site form can send, or
         an ``Origin`` other than the service's own."""
         if scope.get("method", "GET") in SAFE_METHODS:
             return None
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         origin = headers.get("origin")
         if origin is not None:
             parts = urlsplit(origin)
@@ -126,10 +126,9 @@ class GuardMiddleware:
             )
         return None
 
-    def _authorised(self, scope) -> tuple[bool, bool]:
+    def _authorised(self, scope, headers: Headers) -> tuple[bool, bool]:
         if self.token is None or scope["path"] in OPEN_PATHS:
             return True, False
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         given = []
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
@@ -150,10 +149,11 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        refusal = self._refusal(scope)
+        request_headers = Headers(scope=scope)  # parsed once: origin, content type, token, length
+        refusal = self._refusal(scope, request_headers)
         if refusal is not None:
             return await _send(send, *_json_response(refusal[0], {"error": refusal[1]}))
-        ok, set_cookie = self._authorised(scope)
+        ok, set_cookie = self._authorised(scope, request_headers)
         if not ok:
             status, headers, body = _json_response(
                 401,
@@ -163,24 +163,23 @@ class GuardMiddleware:
                 },
             )
             return await _send(send, status, headers + [(b"www-authenticate", b"Bearer")], body)
-        for k, v in scope.get("headers", []):
-            if k.lower() == b"content-length":
-                try:
-                    length = int(v)
-                except ValueError:
-                    length = 0
-                if length > self.max_body:
-                    return await _send(
-                        send,
-                        *_json_response(
-                            413,
-                            {
-                                "error": f"request body is {length} bytes, over the service limit "
-                                f"max_body_bytes={self.max_body}",
-                                "limit": "max_body_bytes",
-                            },
-                        ),
-                    )
+        if "content-length" in request_headers:
+            try:
+                length = int(request_headers["content-length"])
+            except ValueError:
+                length = 0
+            if length > self.max_body:
+                return await _send(
+                    send,
+                    *_json_response(
+                        413,
+                        {
+                            "error": f"request body is {length} bytes, over the service limit "
+                            f"max_body_bytes={self.max_body}",
+                            "limit": "max_body_bytes",
+                        },
+                    ),
+                )
         received = 0
         limit = self.max_body
         body_done = scope.get("method", "GET") in SAFE_METHODS
