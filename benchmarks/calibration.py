@@ -27,7 +27,7 @@ import pandas as pd
 from kronos.config import Config
 from kronos.data.processing import clean_kline_frame
 from kronos.data.sources import DataProcessorFactory
-from kronos.evaluate.calibration import METHODS, candidate, fit_calibration
+from kronos.evaluate.calibration import METHODS, candidate, fit_calibration, fit_session_profile
 from kronos.evaluate.metrics import naive_scale
 from kronos.evaluate.report import relative_quantile_crps
 from kronos.evaluate.rolling import contexts, select_anchors
@@ -190,21 +190,21 @@ def main(argv=None) -> int:
         L,
         "benchmark",
         context_vol=recent_volatility(vctx),
+        session=fit_session_profile(frame, val_end),  # intraday bars: the profile of bars up to validation's end
     )
-    rows = {m: score(candidate(cal, m), ts, tctx, ttrue, args.levels) for m in ["none", *cal.alternatives]}
+    t_anchor = test_anchors["anchor"].to_numpy()
+    rows = {m: score(candidate(cal, m), ts, tctx, ttrue, args.levels, t_anchor) for m in ["none", *cal.alternatives]}
     if cal.method == "vol_scaled" and args.half_life > 0:
         # adaptive: at each test anchor, the validation and test outcomes realised on or before it (never later)
         calendar = frame["timestamps"].unique()
         pool = BandOutcomes.from_forecasts(
             cal, vs, vctx[:, -1], vtrue, recent_volatility(vctx), target_times(frame, val_anchors, P), calendar,
-            args.half_life,
+            args.half_life, anchors=val_anchors["anchor"].to_numpy(),
         ).concat(BandOutcomes.from_forecasts(
             cal, ts, tctx[:, -1], ttrue, recent_volatility(tctx), target_times(frame, test_anchors, P), calendar,
-            args.half_life,
+            args.half_life, anchors=test_anchors["anchor"].to_numpy(),
         ))  # fmt: skip
-        rows["vol_scaled_adaptive"] = score(
-            cal.with_outcomes(pool), ts, tctx, ttrue, args.levels, test_anchors["anchor"].to_numpy()
-        )
+        rows["vol_scaled_adaptive"] = score(cal.with_outcomes(pool), ts, tctx, ttrue, args.levels, t_anchor)
     header = (
         "| method | "
         + " | ".join(f"cov {lv:.0%} | by vol tercile {lv:.0%} | width {lv:.0%}" for lv in args.levels)

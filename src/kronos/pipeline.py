@@ -884,6 +884,7 @@ class KronosPipeline:
                 targets = target_times(frame, test.anchors, cfg.predict_window)
                 pool = pool.concat(BandOutcomes.from_forecasts(
                     cal, fc.samples, fc.last_close, fc.true, fc.vol, targets, calendar=frame["timestamps"].unique(),
+                    anchors=fc.anchor,
                 ))  # fmt: skip
                 if is_main_process():
                     pool.save(path)  # every outcome realised so far, for the service

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize
 
 from kronos.config import Config
@@ -79,6 +80,7 @@ from kronos.inference.bands import (
     model_fingerprint,
     path_returns,
     platt,
+    session_time,
     vol_scale,
 )
 from kronos.inference.outcomes import BandOutcomes, outcomes_path, target_times
@@ -121,17 +123,19 @@ def _cqr_fit(
     center: np.ndarray | None = None,
     power: float = 1.0,
     ref: float = 1.0,
+    h: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-step conformal correction for one level from paths ``z [N,S,P]`` and outcomes ``y [N,P]`` (returns);
     ``center [P]`` (vol_scaled) shrinks the median toward the last close; ``power``/``ref``: vol_scaled's volatility
-    exponent and reference (:func:`~kronos.inference.bands.vol_scale`)."""
+    exponent and reference (:func:`~kronos.inference.bands.vol_scale`); ``h [N, P]``: vol_scaled's variance time
+    (an intraday profile; default the step count)."""
     lo, hi = np.quantile(z, [(1 - level) / 2, (1 + level) / 2], axis=1)
     med = np.median(z, axis=1)
     if center is not None:
         med = med * np.asarray(center, dtype=float)[None, :]
     if method == "vol_scaled":
         assert vol is not None  # fit_calibration keeps the VOL_METHODS only with context_vol
-        steps = np.arange(1, z.shape[2] + 1)[None, :]
+        steps = np.arange(1, z.shape[2] + 1)[None, :] if h is None else h
         scores = np.abs(y - med) / vol_scale(lo, hi, vol[:, None], steps, level, power, ref)
     elif method in ("cqr_additive", "cqr_vol"):
         scores = np.maximum(lo - y, y - hi)
@@ -148,7 +152,13 @@ MIN_PER_TERCILE = 30  # validation forecasts per volatility tercile needed to fi
 
 
 def _power_fit(
-    z: np.ndarray, y: np.ndarray, levels: Sequence[float], vol: np.ndarray, center: np.ndarray, ref: float
+    z: np.ndarray,
+    y: np.ndarray,
+    levels: Sequence[float],
+    vol: np.ndarray,
+    center: np.ndarray,
+    ref: float,
+    h: np.ndarray | None = None,
 ) -> float:
     """vol_scaled's volatility exponent: the one (0 .. 1.2) whose conformal bands cover most evenly across the
     terciles of recent volatility on validation (squared coverage errors per tercile, step and level). 1 (bands in
@@ -164,7 +174,7 @@ def _power_fit(
     # what does not depend on the exponent, once: the centre's distance to each outcome and each level's raw band
     dist = np.abs(y - np.median(z, axis=1) * center[None, :])
     bands = {lv: np.quantile(z, [(1 - lv) / 2, (1 + lv) / 2], axis=1) for lv in levels}
-    steps = np.arange(1, z.shape[2] + 1)[None, :]
+    steps = np.arange(1, z.shape[2] + 1)[None, :] if h is None else h
     errors = {}
     for power in _POWER_GRID:
         err = 0.0
@@ -180,6 +190,50 @@ def _power_fit(
     noise = sum(lv * (1 - lv) / max(1, int((tercile == t).sum())) for lv in levels for t in range(3)) * z.shape[2]
     best = min(errors.values())
     return min((p for p, e in errors.items() if e <= best + noise), key=lambda p: abs(p - 1.0))
+
+
+SESSION_MIN_SHARE = 0.1  # a bar slot of the day belongs to the profile when at least this share of days has it
+SESSION_CLIP = 50.0  # one bar's squared return counts at most this many times its series' mean (a bad print)
+
+
+def fit_session_profile(frame: Any, until: Any = None) -> dict | None:
+    """The intraday volatility profile of bars up to ``until`` (never later: the training and validation bars): for
+    every bar slot of the trading day (minutes since midnight), the mean squared log-return of the bars ending in that
+    slot, each series' returns in units of its own mean square, scaled to a mean of 1 over the slots. ``None`` for
+    daily or coarser bars, or when fewer than two slots recur on at least :data:`SESSION_MIN_SHARE` of the days.
+
+    Intraday volatility follows the clock: the first bar of a session carries the night's gap, lunch bars are quiet.
+    Used by ``vol_scaled`` (:func:`~kronos.inference.bands.session_time`) so a band anchored late in a session that
+    reaches into the next morning is not sized by the afternoon's calm."""
+    if frame is None or not len(frame):
+        return None
+    data = frame[["symbol", "timestamps", "close"]]
+    if until is not None:
+        data = data[data["timestamps"] <= pd.Timestamp(until)]
+    data = data.sort_values(["symbol", "timestamps"], kind="stable")
+    times = pd.DatetimeIndex(data["timestamps"])
+    same = data["symbol"].to_numpy()[1:] == data["symbol"].to_numpy()[:-1]
+    step = np.diff(times.asi8)[same]
+    if not len(step) or np.median(step) >= pd.Timedelta(days=1).value:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.diff(np.log(data["close"].to_numpy(dtype=float)))
+    ok = same & np.isfinite(r)
+    symbols = data["symbol"].to_numpy()[1:][ok]
+    r2 = r[ok] ** 2
+    minutes = (times.hour * 60 + times.minute).to_numpy()[1:][ok]
+    scale = pd.Series(r2).groupby(symbols).transform("mean").to_numpy()
+    r2 = np.minimum(np.where(scale > 0, r2 / np.where(scale > 0, scale, 1.0), 0.0), SESSION_CLIP)
+    days = pd.DataFrame({"s": data["symbol"].to_numpy(), "d": times.normalize()}).drop_duplicates().shape[0]
+    slots, count = np.unique(minutes, return_counts=True)
+    keep = slots[count >= SESSION_MIN_SHARE * days]
+    if len(keep) < 2:
+        return None
+    inside = np.isin(minutes, keep)
+    mean = pd.Series(r2[inside]).groupby(minutes[inside]).mean().reindex(keep).to_numpy()
+    weight = np.maximum(mean / max(float(np.mean(mean)), 1e-12), 0.05)
+    weight = weight / float(np.mean(weight))
+    return {"minutes": [int(m) for m in keep], "weight": [round(float(w), 6) for w in weight]}
 
 
 _SCALE_GRID = np.exp(np.linspace(np.log(0.2), np.log(50.0), 241))
@@ -211,9 +265,13 @@ def _fit_params(
     levels: Sequence[float],
     vol: np.ndarray | None = None,
     power_levels: Sequence[float] | None = None,
+    session: dict | None = None,
+    times: np.ndarray | None = None,
+    lookback: int = 2,
 ) -> dict:
     """One method's parameters for ``levels``; vol_scaled's exponent is chosen on ``power_levels`` (default
-    ``levels``: the reported ones, not every level of the CRPS grid)."""
+    ``levels``: the reported ones, not every level of the CRPS grid). ``session`` (an intraday profile,
+    :func:`fit_session_profile`) with the anchor ``times``: vol_scaled's bands follow it."""
     if method == "none":
         return {}
     if method == "spread_scale":
@@ -221,15 +279,20 @@ def _fit_params(
     out: dict = {}
     center = None
     power, ref = 1.0, 1.0
+    h = None
     if method == "vol_scaled":
         assert vol is not None  # fit_calibration keeps the VOL_METHODS only with context_vol
+        if session is not None and times is not None:
+            ctx, h = session_time(session, times, z.shape[2], lookback)
+            vol = np.asarray(vol, dtype=float) / np.sqrt(ctx)
+            out["session"] = session
         center = _center_fit(z, y, vol)
         out["center"] = [float(v) for v in center]
         ref = float(np.median(vol))
-        power = _power_fit(z, y, list(power_levels or levels), vol, center, ref)
+        power = _power_fit(z, y, list(power_levels or levels), vol, center, ref, h)
         out["vol_power"], out["vol_ref"] = power, ref
     for lv in levels:
-        corr = _cqr_fit(method, z, y, lv, vol, center, power, ref)
+        corr = _cqr_fit(method, z, y, lv, vol, center, power, ref, h)
         out[f"{lv:g}"] = [
             float(v) if np.isfinite(v) else (1.0 if method == "cqr_multiplicative" else 0.0) for v in corr
         ]
@@ -244,12 +307,14 @@ def _coverage(
     vol: np.ndarray | None = None,
     anchors: np.ndarray | None = None,
     block: int = 1,
+    times: np.ndarray | None = None,
 ) -> dict:
     """Coverage (overall and per step) and mean relative width of each central level; with ``anchors`` also the
-    coverage's 95% interval over dates (:func:`~kronos.evaluate.metrics.coverage_interval`)."""
+    coverage's 95% interval over dates (:func:`~kronos.evaluate.metrics.coverage_interval`); ``times``: the anchor
+    times (an intraday profile needs them)."""
     out = {}
     for lv in cal.levels:
-        lo, hi = cal.quantiles(samples, last, [(1 - lv) / 2, (1 + lv) / 2], vol)
+        lo, hi = cal.quantiles(samples, last, [(1 - lv) / 2, (1 + lv) / 2], vol, anchors=times)
         inside = (true >= lo) & (true <= hi)
         out[f"{lv:g}"] = {
             "coverage": float(inside.mean()),
@@ -305,6 +370,7 @@ def fit_calibration(
     context_vol: np.ndarray | None = None,
     method: str = DEFAULT_METHOD,
     block: int = 1,
+    session: dict | None = None,
 ) -> Calibration:
     """Fit the band correction ``method`` on validation forecasts (``"auto"``: the candidate of ``methods`` whose
     coverage on the later ``holdout_fraction`` of the anchors, fitted on the earlier part, is nearest nominal).
@@ -315,7 +381,8 @@ def fit_calibration(
     ``samples [N, S, P]`` price paths, ``last_close [N]``, ``true [N, P]`` realised closes (all known), ``anchors
     [N]`` the anchor times (used to split the anchors in time for the method choice), ``context_vol [N]`` the
     context's log-return volatility (without it ``cqr_vol`` is not a candidate); ``block``: anchor dates per
-    forecast horizon, for the interval of the fitted coverage (``coverage_after[level]["interval"]``).
+    forecast horizon, for the interval of the fitted coverage (``coverage_after[level]["interval"]``); ``session``:
+    an intraday volatility profile (:func:`fit_session_profile`; ``anchors`` are then the anchor times).
     """
     t0 = time.time()
     levels = check_levels(levels)
@@ -343,6 +410,9 @@ def fit_calibration(
         )
     z = path_returns(samples, last)
     y = true / last[:, None] - 1.0
+    times = None  # the anchor times, for an intraday profile
+    if session is not None:
+        times = np.asarray(pd.DatetimeIndex(anchors).tz_localize(None), dtype="datetime64[ns]")
     base = dict(levels=levels, horizon=horizon, lookback=int(lookback), fingerprint=fingerprint)
 
     # time-ordered hold-out for the choice of method
@@ -354,8 +424,10 @@ def fit_calibration(
     for m in methods:
         vf = None if vol is None else vol[fit_rows]
         vh = None if vol is None else vol[held]
-        cal = Calibration(method=m, params=_fit_params(m, z[fit_rows], y[fit_rows], levels, vf), **base)
-        cov = _coverage(cal, samples[held], last[held], true[held], vh)
+        tf, th = (None, None) if times is None else (times[fit_rows], times[held])
+        params = _fit_params(m, z[fit_rows], y[fit_rows], levels, vf, None, session, tf, lookback)
+        cal = Calibration(method=m, params=params, **base)
+        cov = _coverage(cal, samples[held], last[held], true[held], vh, times=th)
         err = float(np.mean([abs(cov[f"{lv:g}"]["coverage"] - lv) for lv in levels]))
         float(np.mean([cov[f"{lv:g}"]["width"] for lv in levels]))
         holdout[m] = {
@@ -375,7 +447,7 @@ def fit_calibration(
     )
     fit_levels = sorted(set(levels) | set(CRPS_LEVELS))  # the reported levels and the CRPS grid's
     alternatives = {
-        m: _fit_params(m, z, y, fit_levels if m in BAND_METHODS else levels, vol, levels)
+        m: _fit_params(m, z, y, fit_levels if m in BAND_METHODS else levels, vol, levels, session, times, lookback)
         for m in methods
         if m != "none"
     }
@@ -384,7 +456,7 @@ def fit_calibration(
     raw = Calibration(method="none", **base)
     cal.coverage_before = _coverage(raw, samples, last, true)
     # the fit's own uncertainty: its in-sample coverage with an interval over the validation dates
-    cal.coverage_after = _coverage(cal, samples, last, true, vol, anchors, block)
+    cal.coverage_after = _coverage(cal, samples, last, true, vol, anchors, block, times)
     cal.holdout = holdout
     cal.n_anchors = int(n)
 
@@ -436,7 +508,7 @@ def validation_scores(cal: Calibration, fc: Any) -> dict:
         "crps_rel_calibrated": None,
     }
     vol = None if fc.vol is None else fc.vol[ok]
-    calibrated = calibrated_crps(cal, fc.samples[ok], fc.last_close[ok], fc.true[ok], vol)
+    calibrated = calibrated_crps(cal, fc.samples[ok], fc.last_close[ok], fc.true[ok], vol, anchors=fc.anchor[ok])
     if calibrated is not None and calibrated.size:
         out["crps_rel_calibrated"] = float((calibrated / last).mean())
     return out
@@ -500,6 +572,7 @@ def calibrate_on_validation(
         context_vol=fc.vol,
         method=ev.calibration_method,
         block=dates_per_horizon(frame["timestamps"], fc.anchor, P),
+        session=fit_session_profile(frame, bounds.get("val_end")),  # intraday bars only; never a test bar
     )
     cal.validation = validation_scores(cal, fc)
     cal.seconds = round(time.time() - t0, 2)
@@ -510,7 +583,7 @@ def calibrate_on_validation(
     if ev.half_life > 0 and cal.method == "vol_scaled":
         outcomes = BandOutcomes.from_forecasts(
             cal, fc.samples, fc.last_close, fc.true, fc.vol, target_times(frame, anchors, P),
-            calendar=frame["timestamps"].unique(), half_life=ev.half_life,
+            calendar=frame["timestamps"].unique(), half_life=ev.half_life, anchors=fc.anchor,
         )  # fmt: skip
         outcomes.save(kept)
     elif kept.is_file():

@@ -139,6 +139,33 @@ def model_fingerprint(model: Any, lookback: int, horizon: int) -> str:
     return h.hexdigest()
 
 
+def bar_minutes(times: Any) -> np.ndarray:
+    """Minutes since midnight of each bar time (the slot of the trading day it belongs to)."""
+    t = pd.DatetimeIndex(np.atleast_1d(np.asarray(times)))
+    return np.asarray(t.hour * 60 + t.minute, dtype=np.int64)
+
+
+def session_time(session: dict, anchors: Any, horizon: int, lookback: int) -> tuple[np.ndarray, np.ndarray]:
+    """The intraday volatility profile applied to forecasts anchored at ``anchors [N]`` (each forecast's last known
+    bar): ``(ctx [N], tau [N, P])``. ``session`` (``vol_scaled``'s ``session`` parameter, fitted on bars before the
+    test split by :func:`kronos.evaluate.calibration.fit_session_profile`) holds the bar slots of the trading day
+    (``minutes`` since midnight) and each slot's share of the variance (``weight``, mean 1). ``ctx`` is the profile
+    weight that :func:`recent_volatility`'s exponential weights give the context's bars (so ``vol / sqrt(ctx)`` is the
+    context's volatility per unit of profile), ``tau[:, k]`` the profile summed over the ``k + 1`` target bars (the
+    variance time of the horizon: a 5-minute horizon crossing a night and the next open weighs the open's gap, a
+    midday one the quiet lunch bars). Anchors off the grid take the slot at or before them."""
+    minutes = np.asarray(session["minutes"], dtype=np.int64)
+    weight = np.asarray(session["weight"], dtype=float)
+    slots = len(minutes)
+    at = bar_minutes(anchors)
+    i0 = np.searchsorted(minutes, at, side="right") - 1  # before the first slot: the last slot of the day before
+    back = np.arange(max(int(lookback) - 1, 1))
+    ew = 0.5 ** (back / float(VOL_HALFLIFE))
+    ctx = (weight[(i0[:, None] - back[None, :]) % slots] * ew).sum(axis=1) / ew.sum()
+    tau = np.cumsum(weight[(i0[:, None] + np.arange(1, int(horizon) + 1)[None, :]) % slots], axis=1)
+    return np.maximum(ctx, EPS), tau
+
+
 def path_returns(samples: np.ndarray, last: np.ndarray) -> np.ndarray:
     """Sample paths ``[N, S, P]`` as returns relative to each forecast's last close ``[N]``."""
     return np.asarray(samples, dtype=float) / np.asarray(last, dtype=float)[:, None, None] - 1.0
@@ -242,6 +269,12 @@ class Calibration:
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= low):
                 raise CheckpointError(f"{source}: parameter '{key}' must be a finite number >= {low:g}; rerun "
                                       "`kronos calibrate`")  # fmt: skip
+        session = obj.params.get("session") if isinstance(obj.params, dict) else None
+        if session is not None and not _valid_session(session):
+            raise CheckpointError(
+                f"{source}: parameter 'session' must hold equally long lists 'minutes' (increasing, 0..1439) and "
+                "'weight' (finite, > 0); rerun `kronos calibrate`"
+            )
         center = obj.params.get("center") if isinstance(obj.params, dict) else None
         if center is not None and (
             not isinstance(center, list)
@@ -321,6 +354,23 @@ class Calibration:
             raise InputError(f"adaptive bands need one anchor per forecast ({n}), got {len(anchors)}")
         return self.outcomes.multipliers(anchors, levels=levels, vol=vol)
 
+    def session_scale(self, vol: Any, anchors: Any, n: int) -> tuple[Any, np.ndarray | None]:
+        """``vol_scaled`` with an intraday profile (``session`` parameter): ``(vol per unit of profile [N], variance
+        time [N, P])`` for forecasts anchored at ``anchors``; otherwise ``(vol, None)`` (bands grow with the step)."""
+        session = self.params.get("session") if self.method == "vol_scaled" else None
+        if session is None or vol is None:
+            return vol, None
+        if anchors is None:
+            raise InputError(
+                "this calibration follows the intraday volatility profile; it needs each forecast's anchor time "
+                "(its last known bar)"
+            )
+        anchors = np.atleast_1d(np.asarray(anchors))
+        if len(anchors) != n:
+            raise InputError(f"the intraday profile needs one anchor per forecast ({n}), got {len(anchors)}")
+        ctx, tau = session_time(session, anchors, self.horizon, self.lookback)
+        return np.asarray(vol, dtype=float) / np.sqrt(ctx), tau
+
     def quantiles(
         self,
         samples: np.ndarray,
@@ -341,6 +391,7 @@ class Calibration:
         steps = np.broadcast_to(np.arange(self.horizon), med.shape)
         wanted = sorted({lv for lv in (self._level_of(float(q)) for q in qs) if lv is not None})
         mult = self.multipliers(anchors, len(last), context_vol, wanted) if wanted else None
+        vol_s, tau = self.session_scale(context_vol, anchors, len(last))
         out = []
         for q in qs:
             q = float(q)
@@ -351,10 +402,11 @@ class Calibration:
                 lo = hi = None
             else:
                 lo, hi = np.quantile(z, [(1 - lv) / 2, (1 + lv) / 2], axis=1)
-            vol = None if context_vol is None else np.asarray(context_vol, dtype=float)[:, None]
+            vol = None if vol_s is None else np.asarray(vol_s, dtype=float)[:, None]
             k = None if mult is None or lv is None else mult.get(f"{lv:g}")
             k = None if k is None else k[:, None]
-            out.append(last[:, None] * (1.0 + self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps, vol, k)))
+            r = self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps, vol, k, time=tau)
+            out.append(last[:, None] * (1.0 + r))
         return np.stack(out)
 
     def _adjust(
@@ -368,10 +420,12 @@ class Calibration:
         vol: np.ndarray | None = None,
         mult: np.ndarray | None = None,
         use_center: bool = True,
+        time: np.ndarray | None = None,
     ) -> np.ndarray:
         """The calibrated q-quantile in return space from the raw one (and the raw band of its level, the median);
         ``step_idx`` (0-based horizon step) picks the per-step parameter; ``mult`` (vol_scaled) scales the
-        half-band (the adaptive correction)."""
+        half-band (the adaptive correction); ``time`` (vol_scaled with an intraday profile, :meth:`session_scale`)
+        is each step's variance time in place of the step count."""
         lv = self._level_of(q)
         if use_center and self.method == "vol_scaled" and "center" in self.params:  # centre shrunk toward last close
             med = med * np.asarray(self.params["center"], dtype=float)[step_idx]
@@ -398,8 +452,9 @@ class Calibration:
         if self.method == "vol_scaled":
             assert r_lo is not None and r_hi is not None and vol is not None  # callers pass the level's raw band
             corr = corr if mult is None else corr * mult
+            h = step_idx + 1.0 if time is None else time
             half = corr * vol_scale(
-                r_lo, r_hi, vol, step_idx + 1.0, lv, self.params.get("vol_power", 1.0), self.params.get("vol_ref", 1.0)
+                r_lo, r_hi, vol, h, lv, self.params.get("vol_power", 1.0), self.params.get("vol_ref", 1.0)
             )
             return np.maximum(med - half, MIN_RETURN) if lower else med + half
         if self.method == "cqr_vol":
@@ -420,6 +475,19 @@ class Calibration:
     def p_up_calibrated(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
         """Platt-scaled P(close at step h > last close) ``[N, P]``."""
         return platt(self.p_up_raw(samples, last_close), self.p_up["a"], self.p_up["b"])
+
+
+def _valid_session(session: Any) -> bool:
+    if not isinstance(session, dict):
+        return False
+    minutes, weight = session.get("minutes"), session.get("weight")
+    if not isinstance(minutes, list) or not isinstance(weight, list) or len(minutes) != len(weight) or not minutes:
+        return False
+    if not all(isinstance(m, int) and 0 <= m < 1440 for m in minutes) or any(
+        b <= a for a, b in zip(minutes, minutes[1:])
+    ):
+        return False
+    return all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weight)
 
 
 def _is_number(text: str) -> bool:
@@ -503,6 +571,15 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
         m = QUANTILE_COLUMN.match(str(c))
         if m:
             cols.setdefault(m.group(1), {})[float(m.group(2))] = c
+    tau = None
+    if vol is not None and cal.params.get("session") is not None and cal.method == "vol_scaled":
+        if "anchor" not in out.columns:
+            raise InputError(
+                "this calibration follows the intraday volatility profile; the records need an 'anchor' column "
+                "(each forecast's last known bar)"
+            )
+        vol, tau_all = cal.session_scale(vol, out["anchor"].to_numpy(), len(out))
+        tau = tau_all[np.arange(len(out)), idx]
     mult = None
     if cal.outcomes is not None:
         if "anchor" not in out.columns:
@@ -534,7 +611,9 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
                 r_hi = next(v for k, v in rel.items() if abs(k - q_hi) < 1e-9)
             # the centre's shrink was fitted on close; open/high/low keep their own medians (high sits above close)
             k = None if mult is None or lv is None else mult.get(f"{lv:g}")
-            new[c] = last * (1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx, vol, k, use_center=base == "close"))
+            new[c] = last * (
+                1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx, vol, k, use_center=base == "close", time=tau)
+            )
         for c, v in new.items():
             out[f"{c}_raw"] = out[c]
             out[c] = v
@@ -569,6 +648,8 @@ def calibration_path(predictor_path: str | os.PathLike) -> Path:
 
 
 __all__ = [
+    "bar_minutes",
+    "session_time",
     "BAND_METHODS",
     "Calibration",
     "DEFAULT_METHOD",

@@ -31,7 +31,7 @@ from kronos import io as kio
 from kronos.errors import CheckpointError, InputError
 
 HALF_LIFE_BARS = 60  # bars; the recency of the outcomes the adaptive correction weighs (README, "Calibrated bands")
-VOL_BANDWIDTH = 0.5  # log-volatility kernel width: outcomes of forecasts made in similar volatility weigh more
+VOL_BANDWIDTH = 0.25  # log-volatility kernel width: outcomes of forecasts made in similar volatility weigh more
 FORMAT = "kronos-band-outcomes-1"
 
 
@@ -75,12 +75,14 @@ class BandOutcomes:
         targets: np.ndarray,
         calendar: Any = None,
         half_life: float = HALF_LIFE_BARS,
+        anchors: Any = None,
     ) -> BandOutcomes:
         """Scores of forecasts with known outcomes: close sample paths ``[N, S, P]``, ``last_close [N]``, realised
         closes ``true [N, P]`` (NaN: not realised, left out), ``targets [N, P]`` their bar times, ``calendar`` the
         data's bar times (default: the targets'; ages are counted in its bars, so nights, weekends and holidays do
         not age an outcome). ``calibration`` is the static one (a ``vol_scaled``
-        :class:`~kronos.inference.bands.Calibration`)."""
+        :class:`~kronos.inference.bands.Calibration`); ``anchors [N]``: each forecast's last known bar (needed by a
+        calibration with an intraday profile)."""
         cal = calibration.static()
         if cal.method != "vol_scaled":
             raise InputError(f"adaptive bands need a vol_scaled calibration, not '{cal.method}'")
@@ -95,7 +97,7 @@ class BandOutcomes:
         ok = np.isfinite(true) & ~np.isnat(targets)
         scores = {}
         for lv in cal.fitted_levels():
-            med, hi = cal.quantiles(samples, last_close, [0.5, (1 + lv) / 2], context_vol)
+            med, hi = cal.quantiles(samples, last_close, [0.5, (1 + lv) / 2], context_vol, anchors=anchors)
             s = np.abs(true - med) / np.maximum(hi - med, 1e-12)
             scores[_level_key(lv)] = s[ok]
         vol_rows = None
