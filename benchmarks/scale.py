@@ -15,8 +15,11 @@ Run: ``python benchmarks/scale.py --part ranks [--copies 150] [--seconds 10]``.
 ``--part forecast`` (issue 23, item 4): the latest forecasts of a whole market with the per-series and the NumPy
 forecast preparation (:func:`bench_forecast`).
 
-``--part data`` (issue 23, items 1-2): seconds and peak RSS of the data step on synthetic markets, streaming a chunk
-of symbols at a time versus every symbol at once (:func:`bench_data_step`).
+``--part data`` (issue 23, items 1-2): seconds and peak RSS of the data step (``kronos data``: the streaming step,
+``data_chunk_symbols`` at a time) on synthetic markets -- daily (Qlib folder and CSV files; targets: 5,000 symbols
+under 45 s and 1.5 GB) and 5-minute (one Parquet file per symbol, about a year each; target: 5,000 symbols within
+4 GB) -- beside the previous implementation (git revision ``--baseline``), the all-at-once step or one chunk
+(:func:`bench_data_step`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -439,45 +443,114 @@ def _data_markets(root: Path, provider: Path, n: int, layouts: list[str]) -> dic
     return out
 
 
-def bench_data_step(args: argparse.Namespace) -> None:
-    """``--part data`` (issue 23, items 1-2): the data step's seconds and peak RSS on synthetic markets of
-    ``--market-sizes`` daily symbols (Qlib and CSV layouts), streaming ``--chunk`` symbols at a time, with every
-    symbol in one chunk, and with the in-memory step of before (``run_whole``), each in a fresh subprocess.
+FIVE_MIN = ROOT / "tests" / "fixtures" / "kline_5min.csv"  # = shared/data/kline_5min_a_share.csv; see --five-min
 
-    Run: ``python benchmarks/scale.py --part data [--market-sizes 500 2000] [--layouts qlib csv] [--chunk 300]``.
+
+def _five_min_market(root: Path, source: Path, n: int, days: int) -> dict[str, Any]:
+    """A synthetic 5-minute market of ``n`` symbols, one Parquet file each: ``days`` trading days (weekdays from
+    2023-01-02) of the real series' full sessions (48 bars: 09:35-11:30, 13:05-15:00), day ``d`` of symbol ``i``
+    taking the bars of real session ``(d + i) % sessions`` (the times moved to that day), prices scaled by
+    ``1 + (i // sessions) / 1000``. Returns the data-step config keys (data_source csv, ratio splits)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = root / f"5min-{n}x{days}"
+    keys = dict(data_source="csv", csv_data_path=str(folder), split_ratios=[0.7, 0.15, 0.15])
+    if folder.exists():
+        return keys
+    folder.mkdir(parents=True)
+    bars = pd.read_csv(source, parse_dates=["timestamps"])
+    day = bars["timestamps"].dt.normalize()
+    sizes = day.map(day.value_counts())
+    full = bars[sizes == sizes.max()].reset_index(drop=True)  # whole sessions only
+    sessions = full["timestamps"].dt.normalize().nunique()
+    per_day = len(full) // sessions
+    clock = (full["timestamps"] - full["timestamps"].dt.normalize()).to_numpy()[:per_day]
+    values = full[["open", "high", "low", "close", "volume", "amount"]].to_numpy().reshape(sessions, per_day, 6)
+    dates = pd.bdate_range("2023-01-02", periods=days).to_numpy()
+    stamps = (dates[:, None] + clock[None, :]).reshape(-1)
+    for i in range(n):
+        rows = values[(np.arange(days) + i) % sessions].reshape(-1, 6).copy()
+        rows[:, :4] *= 1 + (i // sessions) / 1000
+        rows[:, 5] *= 1 + (i // sessions) / 1000
+        cols = {"timestamps": pa.array(stamps)}
+        cols.update(
+            {c: pa.array(rows[:, k]) for k, c in enumerate(("open", "high", "low", "close", "volume", "amount"))}
+        )
+        pq.write_table(pa.table(cols), folder / f"S{i:05d}.parquet")
+    return keys
+
+
+def _baseline_src(root: Path, rev: str) -> Path:
+    """The package source of git revision ``rev`` (``git archive``, nothing checked out), for the old step."""
+    dest = root / f"baseline-{rev}"
+    if not dest.exists():
+        dest.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest / "src"
+
+
+def bench_data_step(args: argparse.Namespace) -> None:
+    """``--part data`` (issue 23, items 1-2): the data step's seconds and peak RSS on synthetic markets, each run in
+    a fresh subprocess: ``stream`` (this tree's streaming step, ``--chunk`` symbols at a time, as ``kronos data``
+    runs it), ``one-chunk`` (every symbol in one chunk), ``whole`` (this tree's all-at-once step, ``run_whole``)
+    and ``baseline`` (the streaming step of git revision ``--baseline``, default the first streaming version:
+    per-symbol pandas frames, ``D.features``, Parquet spool).
+
+    Daily markets (``--market-sizes``): renamed copies of the provider's real series, as a Qlib folder and as a
+    folder of CSV files (``--layouts``). 5-minute markets (``--five-min SYMBOLS ...``): one Parquet file per
+    symbol, ``--days`` trading days each, built from ``--five-min-source`` (:func:`_five_min_market`; data_source
+    csv, ratio splits). The markets are built under ``--workdir`` (default: a temporary folder, removed after).
+
+    Run: ``python benchmarks/scale.py --part data [--market-sizes 500 1000 5000] [--layouts qlib csv]
+    [--five-min 1000 5000 --days 242] [--modes stream whole baseline] [--chunk 300]``.
     """
     if not Path("/proc/self/status").is_file():
         raise SystemExit("--part data needs Linux /proc/self/status (VmHWM)")
     provider = Path(args.data)
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="kronos-data-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kronos-data-bench-", dir=args.workdir or None) as tmp:
         root = Path(tmp)
-        print(f"{'symbols':>8} {'layout':<6} {'mode':<18}{'seconds':>9}{'peak RSS MiB':>14}{'after imports':>15}")
+        baseline = _baseline_src(root, args.baseline) if "baseline" in args.modes else None
+        markets: list[tuple[str, str, dict[str, Any]]] = []
         for n in args.market_sizes:
-            for layout, keys in _data_markets(root, provider, n, args.layouts).items():
-                keys = dict(keys, lookback_window=args.lookback, predict_window=args.predict)
-                modes = [
-                    (f"stream {args.chunk}", str(args.chunk)),
-                    ("one chunk", str(10**9)),
-                    ("whole (before)", "whole"),
-                ]
-                for label, mode in modes:
-                    cfg = dict(keys, dataset_path=str(root / f"ds-{layout}-{n}-{mode}"))
-                    proc = subprocess.run(
-                        [sys.executable, "-c", DATA_WORKER, json.dumps(cfg), mode],
-                        capture_output=True,
-                        text=True,
-                        env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), TQDM_DISABLE="1"),
-                    )
-                    if proc.returncode != 0:
-                        raise SystemExit(f"data step failed ({layout}, {n}, {label}): {proc.stderr[-1500:]}")
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    results[f"{n}/{layout}/{label}"] = row
-                    print(
-                        f"{n:>8} {layout:<6} {label:<18}{row['seconds']:>9.1f}{row['peak_mib']:>14.0f}"
-                        f"{row['start_mib']:>15.0f}",
-                        flush=True,
-                    )
+            markets += [
+                (f"{n}", layout, keys) for layout, keys in _data_markets(root, provider, n, args.layouts).items()
+            ]
+        for n in args.five_min:
+            t0 = time.perf_counter()
+            keys = _five_min_market(root, Path(args.five_min_source), n, args.days)
+            print(f"5-minute market of {n} symbols x {args.days} days written in {time.perf_counter() - t0:.1f}s")
+            markets.append((f"{n}x{args.days}d", "5min", keys))
+        print(f"{'symbols':>10} {'layout':<6} {'mode':<22}{'seconds':>9}{'peak RSS MiB':>14}{'after imports':>15}")
+        for size, layout, keys in markets:
+            keys = dict(keys, lookback_window=args.lookback, predict_window=args.predict)
+            modes = {
+                "stream": (f"stream {args.chunk}", str(args.chunk), ROOT / "src"),
+                "one-chunk": ("one chunk", str(10**9), ROOT / "src"),
+                "whole": ("whole", "whole", ROOT / "src"),
+                "baseline": (f"stream {args.chunk} @{args.baseline}", str(args.chunk), baseline),
+            }
+            for mode in args.modes:
+                label, arg, src = modes[mode]
+                cfg = dict(keys, dataset_path=str(root / f"ds-{layout}-{size}-{mode}"))
+                proc = subprocess.run(
+                    [sys.executable, "-c", DATA_WORKER, json.dumps(cfg), arg],
+                    capture_output=True,
+                    text=True,
+                    env=dict(os.environ, PYTHONPATH=str(src), TQDM_DISABLE="1"),
+                )
+                if proc.returncode != 0:
+                    raise SystemExit(f"data step failed ({layout}, {size}, {label}): {proc.stderr[-1500:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                shutil.rmtree(cfg["dataset_path"], ignore_errors=True)
+                results[f"{size}/{layout}/{label}"] = row
+                print(
+                    f"{size:>10} {layout:<6} {label:<22}{row['seconds']:>9.1f}{row['peak_mib']:>14.0f}"
+                    f"{row['start_mib']:>15.0f}",
+                    flush=True,
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
@@ -508,9 +581,17 @@ def main() -> None:
     forecast.add_argument("--threads", type=int, default=2, help="torch threads")
     forecast.add_argument("--repeats", type=int, default=1, help="runs per row (the fastest is shown)")
     data = parser.add_argument_group("--part data (also --data, --lookback, --predict, --json)")
-    data.add_argument("--market-sizes", type=int, nargs="+", default=[500, 2000], help="symbols of each market")
+    data.add_argument("--market-sizes", type=int, nargs="*", default=[500, 1000, 5000], help="daily markets")
     data.add_argument("--layouts", nargs="+", choices=["qlib", "csv"], default=["qlib", "csv"])
+    data.add_argument("--five-min", type=int, nargs="*", default=[], help="5-minute markets (symbols each)")
+    data.add_argument("--days", type=int, default=242, help="trading days of each 5-minute symbol")
+    data.add_argument("--five-min-source", default=str(FIVE_MIN), help="the real 5-minute series copied")
     data.add_argument("--chunk", type=int, default=300, help="symbols per chunk of the streaming data step")
+    data.add_argument(
+        "--modes", nargs="+", choices=["stream", "one-chunk", "whole", "baseline"], default=["stream", "baseline"]
+    )
+    data.add_argument("--baseline", default="1e573b8", help="git revision of the old streaming step")
+    data.add_argument("--workdir", default="", help="folder for the markets and datasets (default: temporary)")
     args = parser.parse_args()
     PARTS[args.part](args)
 

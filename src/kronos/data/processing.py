@@ -1,7 +1,11 @@
 """Cleaning, derived fields, calendar features and train/val/test splits, shared by every data source.
 
 ``process_frames`` takes the per-symbol raw frames a source loaded (see :mod:`kronos.data.schema`) and returns
-the three split frames plus the dataset manifest that :func:`kronos.data.store.save_dataset` writes.
+the three split frames plus the dataset manifest that :func:`kronos.data.store.save_dataset` writes;
+:func:`stream_dataset` writes the same dataset a chunk of symbols at a time. Both work on :class:`Bars` (the bars of
+many symbols in flat NumPy arrays): cleaning (:func:`clean_bars`), calendar features and splits
+(:func:`split_bars`) run over all the symbols at once, not symbol by symbol; :func:`clean_kline_frame` and
+:func:`split_frames` are the same code for frames.
 """
 
 from __future__ import annotations
@@ -9,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import functools
+import json
 import logging
 import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,10 +35,18 @@ from kronos.data.schema import (
     SPLIT_COLUMNS,
     TIME_FEATURES,
     VALUE_COLUMNS,
-    derive_amount,
+    check_split_frame,
+    derive_amount_values,
     time_features,
 )
-from kronos.data.store import FORMAT_VERSION, MANIFEST_NAME, SPLITS, load_manifest, part_name, split_parts, write_part
+from kronos.data.store import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SPLITS,
+    load_manifest,
+    split_table,
+    write_table_part,
+)
 from kronos.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -60,17 +73,219 @@ class CleaningStats:
 
 
 SPIKE_WINDOW = 21  # bars around each bar whose median close is the reference of the spike check
+NAT = np.iinfo("int64").min  # NaT as int64 nanoseconds
+_STAT_FIELDS = tuple(f.name for f in dataclasses.fields(CleaningStats))
+
+
+@dataclass(eq=False)
+class Bars(Mapping):
+    """Bars of several symbols in flat arrays (the data step's working form: no frame per symbol).
+
+    Symbol ``symbols[i]`` owns rows ``offsets[i]:offsets[i + 1]`` of ``times`` (int64 nanoseconds, tz-naive) and
+    ``data`` (float64, one column per :data:`~kronos.data.schema.VALUE_COLUMNS`). Raw bars (a source's) may hold
+    NaT/NaN, duplicates and unsorted times; clean bars (:func:`clean_bars`) are sorted by time within a symbol,
+    symbols by name.
+    """
+
+    symbols: list[str]
+    offsets: np.ndarray
+    times: np.ndarray
+    data: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.times)
+
+    # a Mapping of {symbol: raw frame}, like the dict a source's load_symbols returns
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.symbols)
+
+    def __getitem__(self, symbol: str) -> pd.DataFrame:
+        if symbol not in self.symbols:
+            raise KeyError(symbol)
+        return self.frame(self.symbols.index(symbol))
+
+    def segments(self) -> np.ndarray:
+        """The symbol index of every row."""
+        return np.repeat(np.arange(len(self.symbols), dtype="int64"), self.lengths)
+
+    @classmethod
+    def empty(cls) -> Bars:
+        return cls([], np.zeros(1, "int64"), np.zeros(0, "int64"), np.zeros((0, len(VALUE_COLUMNS)), "float64"))
+
+    @classmethod
+    def from_frames(cls, frames: Mapping[Any, pd.DataFrame]) -> Bars:
+        """The bars of ``{symbol: raw frame}`` (canonical columns, see :mod:`kronos.data.schema`), symbols sorted."""
+        keys = sorted(frames, key=str)
+        if not keys:
+            return cls.empty()
+        times = [frames[k]["timestamps"].to_numpy(dtype="datetime64[ns]").view("int64") for k in keys]
+        values = [frames[k][list(VALUE_COLUMNS)].to_numpy(dtype="float64") for k in keys]
+        offsets = np.concatenate([[0], np.cumsum([len(t) for t in times])]).astype("int64")
+        return cls([str(k) for k in keys], offsets, np.concatenate(times), np.concatenate(values))
+
+    @classmethod
+    def from_segments(cls, symbols: list[str], seg: np.ndarray, times: np.ndarray, values: np.ndarray) -> Bars:
+        """Bars from rows grouped by symbol index ``seg`` (non-decreasing); symbols without rows are dropped."""
+        counts = np.bincount(seg, minlength=len(symbols)) if len(seg) else np.zeros(len(symbols), "int64")
+        keep = np.flatnonzero(counts)
+        offsets = np.concatenate([[0], np.cumsum(counts[keep])]).astype("int64")
+        return cls([symbols[i] for i in keep], offsets, times, values)
+
+    def select(self, keep: np.ndarray) -> Bars:
+        """The bars of the symbols where the boolean ``keep`` (one per symbol) is True."""
+        if keep.all():
+            return self
+        rows = np.repeat(keep, self.lengths)
+        lengths = self.lengths[keep]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("int64")
+        return Bars([s for s, k in zip(self.symbols, keep) if k], offsets, self.times[rows], self.data[rows])
+
+    def frame(self, i: int, features: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Symbol ``i``'s bars as a raw frame (plus the rows of ``features``, calendar features of all rows)."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        cols: dict[str, Any] = {"timestamps": self.times[a:b].view("datetime64[ns]")}
+        cols.update({c: self.data[a:b, j] for j, c in enumerate(VALUE_COLUMNS)})
+        if features is not None:
+            cols.update({c: features[c].to_numpy()[a:b] for c in TIME_FEATURES})
+        return pd.DataFrame(cols)
+
+    def frames(self, with_features: bool = False) -> dict[str, pd.DataFrame]:
+        """``{symbol: frame}`` (raw frames, or with the calendar features: what the splits are made of)."""
+        features = time_features(self.times.view("datetime64[ns]")) if with_features else None
+        return {s: self.frame(i, features) for i, s in enumerate(self.symbols)}
+
+    def long_frame(self) -> pd.DataFrame:
+        """The long split frame (:data:`~kronos.data.schema.SPLIT_COLUMNS`) of these (clean) bars."""
+        cols: dict[str, Any] = {
+            "symbol": np.repeat(np.array(self.symbols, dtype=object), self.lengths),
+            "timestamps": self.times.view("datetime64[ns]"),
+        }
+        cols.update({c: self.data[:, j] for j, c in enumerate(VALUE_COLUMNS)})
+        features = time_features(self.times.view("datetime64[ns]"))
+        cols.update({c: features[c].to_numpy() for c in TIME_FEATURES})
+        return check_split_frame(pd.DataFrame(cols), "split")
+
+
+def _bincount(seg: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(seg[mask], minlength=n) if mask.any() else np.zeros(n, "int64")
 
 
 def find_price_spikes(frame: pd.DataFrame, factor: float) -> np.ndarray:
     """Boolean mask of bars with an open/high/low/close above ``factor`` x (or below 1/``factor`` x) the median
     close of the :data:`SPIKE_WINDOW` bars centred on them (a robust bound: one wild bar cannot move the median)."""
-    if factor <= 0 or len(frame) < 3:
-        return np.zeros(len(frame), dtype=bool)
-    log_close = np.log(frame["close"].to_numpy(dtype="float64"))
-    ref = pd.Series(log_close).rolling(SPIKE_WINDOW, center=True, min_periods=1).median().to_numpy()
-    prices = np.log(frame[["open", "high", "low", "close"]].to_numpy(dtype="float64"))
-    return (np.abs(prices - ref[:, None]) > np.log(factor)).any(axis=1)
+    prices = frame[["open", "high", "low", "close"]].to_numpy(dtype="float64")
+    return _spikes(prices, np.zeros(len(frame), "int64"), factor)
+
+
+def _spikes(prices: np.ndarray, seg: np.ndarray, factor: float) -> np.ndarray:
+    """:func:`find_price_spikes` of every symbol at once (``seg``: non-decreasing symbol index of each row)."""
+    n_rows = len(prices)
+    if factor <= 0 or n_rows == 0:
+        return np.zeros(n_rows, dtype=bool)
+    log_prices = np.log(prices)
+    # Each symbol's rows in one series, symbols apart by half a window of NaN (which the rolling median skips):
+    # every window sees its own symbol's bars only, as if each symbol were run alone.
+    half = SPIKE_WINDOW // 2
+    where = np.arange(n_rows, dtype="int64") + seg * half
+    padded = np.full(int(where[-1]) + 1, np.nan)
+    padded[where] = log_prices[:, 3]
+    ref = pd.Series(padded).rolling(SPIKE_WINDOW, center=True, min_periods=1).median().to_numpy()[where]
+    spikes = (np.abs(log_prices - ref[:, None]) > np.log(factor)).any(axis=1)
+    counts = np.bincount(seg)
+    spikes &= (counts >= 3)[seg]  # too few bars for a reference
+    return spikes
+
+
+def clean_bars(raw: Bars, spike_factor: float = 10.0, drop_spikes: bool = True) -> tuple[Bars, np.ndarray]:
+    """:func:`clean_kline_frame` for every symbol of ``raw`` at once; returns the clean bars (symbols without a
+    clean row left out) and the counts of each symbol (one row per symbol of ``raw``, the fields of
+    :class:`CleaningStats` in order)."""
+    n = len(raw.symbols)
+    col = {f: i for i, f in enumerate(_STAT_FIELDS)}
+    counts = np.zeros((n, len(_STAT_FIELDS)), "int64")
+    counts[:, col["rows_in"]] = raw.lengths
+    seg, t, v = raw.segments(), raw.times, raw.data
+    ok = t != NAT
+    if not ok.all():
+        counts[:, col["missing"]] += _bincount(seg, ~ok, n)
+        seg, t, v = seg[ok], t[ok], v[ok]
+    if len(t) > 1:
+        same = seg[1:] == seg[:-1]
+        if (t[1:][same] < t[:-1][same]).any():  # sort by time within each symbol, equal times in input order
+            order = np.argsort(t, kind="stable")
+            order = order[np.argsort(seg[order], kind="stable")]
+            seg, t, v = seg[order], t[order], v[order]
+        dup = np.zeros(len(t), bool)  # the same time again: the last one is kept
+        dup[:-1] = (seg[1:] == seg[:-1]) & (t[1:] == t[:-1])
+        if dup.any():
+            counts[:, col["duplicates"]] = _bincount(seg, dup, n)
+            seg, t, v = seg[~dup], t[~dup], v[~dup]
+
+    fill = np.isnan(v[:, 5]) & ~np.isnan(v[:, :5]).any(axis=1)
+    if fill.any():
+        v = v.copy() if v is raw.data else v
+        v[fill, 5] = derive_amount_values(v[fill, :4], v[fill, 4])
+        counts[:, col["amount_derived"]] = _bincount(seg, fill, n)
+
+    finite = np.isfinite(v).all(axis=1)
+    o, h, lo, c, vol, a = (v[:, i] for i in range(6))
+    with np.errstate(invalid="ignore"):
+        top = np.maximum(o, c)
+        bottom = np.minimum(o, c)
+        impossible = (
+            (v[:, :4] <= 0).any(axis=1)
+            | (vol < 0)
+            | (a < 0)
+            | (h < lo * (1 - BAR_TOLERANCE))
+            | (h < top * (1 - BAR_TOLERANCE))
+            | (lo > bottom * (1 + BAR_TOLERANCE))
+        )
+    impossible &= finite
+    counts[:, col["missing"]] += _bincount(seg, ~finite, n)
+    counts[:, col["impossible"]] = _bincount(seg, impossible, n)
+    keep = finite & ~impossible
+    if not keep.all():
+        seg, t, v = seg[keep], t[keep], v[keep]
+
+    spikes = _spikes(v[:, :4], seg, spike_factor)
+    if spikes.any():
+        counts[:, col["spikes"]] = _bincount(seg, spikes, n)
+        firsts = np.flatnonzero(spikes)
+        firsts = firsts[np.r_[True, seg[firsts][1:] != seg[firsts][:-1]]]
+        for row in firsts:
+            sym = int(seg[row])
+            logger.warning(
+                "%s: %d price spike(s) more than %gx away from the surrounding bars' median close, first at %s "
+                "(close %r); %s (config keys price_spike_factor, price_spike_action)",
+                raw.symbols[sym] or "frame",
+                counts[sym, col["spikes"]],
+                spike_factor,
+                pd.Timestamp(t[row]),
+                float(v[row, 3]),
+                "dropped" if drop_spikes else "kept",
+            )
+        if drop_spikes:
+            seg, t, v = seg[~spikes], t[~spikes], v[~spikes]
+    counts[:, col["rows_out"]] = np.bincount(seg, minlength=n) if len(seg) else np.zeros(n, "int64")
+    if logger.isEnabledFor(logging.DEBUG):
+        for i in np.flatnonzero(counts[:, [col["duplicates"], col["missing"], col["impossible"]]].any(axis=1)):
+            logger.debug(
+                "%s: dropped %d duplicate, %d NaN/inf and %d impossible bar(s) of %d",
+                raw.symbols[i] or "frame",
+                counts[i, col["duplicates"]],
+                counts[i, col["missing"]],
+                counts[i, col["impossible"]],
+                counts[i, col["rows_in"]],
+            )
+    return Bars.from_segments(raw.symbols, seg, t, v), counts
 
 
 def clean_kline_frame(
@@ -81,67 +296,16 @@ def clean_kline_frame(
     Bad bars are rows with a NaN/inf value or an impossible price/volume (see :data:`BAR_TOLERANCE`). Price
     spikes (see :func:`find_price_spikes`; ``spike_factor`` 0 = off) are counted, logged with their first time,
     and dropped unless ``drop_spikes`` is False. Returns the clean frame (RangeIndex, canonical columns) and the
-    counts of what was removed.
+    counts of what was removed. (:func:`clean_bars` cleans many symbols at once, the same way.)
     """
-    stats = CleaningStats(rows_in=len(df))
-    frame = df[list(KLINE_COLUMNS)].copy()
-    frame = frame[frame["timestamps"].notna()]
-    stats.missing += stats.rows_in - len(frame)
-    frame = frame.sort_values("timestamps", kind="mergesort")
-    dup = frame["timestamps"].duplicated(keep="last").to_numpy()
-    stats.duplicates = int(dup.sum())
-    frame = frame[~dup].reset_index(drop=True)
-
-    fill = frame["amount"].isna() & frame[["open", "high", "low", "close", "volume"]].notna().all(axis=1)
-    if fill.any():
-        frame["amount"] = frame["amount"].where(~fill, derive_amount(frame))
-        stats.amount_derived = int(fill.sum())
-
-    values = frame[list(VALUE_COLUMNS)].to_numpy(dtype="float64")
-    finite = np.isfinite(values).all(axis=1)
-    stats.missing += int((~finite).sum())
-    o, h, lo, c, v, a = (values[:, i] for i in range(6))
-    with np.errstate(invalid="ignore"):
-        top = np.maximum(o, c)
-        bottom = np.minimum(o, c)
-        impossible = (
-            (values[:, :4] <= 0).any(axis=1)
-            | (v < 0)
-            | (a < 0)
-            | (h < lo * (1 - BAR_TOLERANCE))
-            | (h < top * (1 - BAR_TOLERANCE))
-            | (lo > bottom * (1 + BAR_TOLERANCE))
-        )
-    impossible &= finite
-    stats.impossible = int(impossible.sum())
-    frame = frame[finite & ~impossible].reset_index(drop=True)
-    spikes = find_price_spikes(frame, spike_factor)
-    stats.spikes = int(spikes.sum())
-    if stats.spikes:
-        first = int(np.flatnonzero(spikes)[0])
-        logger.warning(
-            "%s: %d price spike(s) more than %gx away from the surrounding bars' median close, first at %s "
-            "(close %r); %s (config keys price_spike_factor, price_spike_action)",
-            symbol or "frame",
-            stats.spikes,
-            spike_factor,
-            frame["timestamps"].iloc[first],
-            float(frame["close"].iloc[first]),
-            "dropped" if drop_spikes else "kept",
-        )
-        if drop_spikes:
-            frame = frame[~spikes].reset_index(drop=True)
-    stats.rows_out = len(frame)
-    if stats.duplicates or stats.missing or stats.impossible:
-        logger.debug(
-            "%s: dropped %d duplicate, %d NaN/inf and %d impossible bar(s) of %d",
-            symbol or "frame",
-            stats.duplicates,
-            stats.missing,
-            stats.impossible,
-            stats.rows_in,
-        )
-    return frame, stats
+    raw = Bars.from_frames({symbol: df[list(KLINE_COLUMNS)]})
+    clean, counts = clean_bars(raw, spike_factor, drop_spikes)
+    stats = CleaningStats(*(int(x) for x in counts[0]))
+    if not clean.symbols:
+        return pd.DataFrame(
+            {c: pd.Series(dtype="datetime64[ns]" if c == "timestamps" else "float64") for c in KLINE_COLUMNS}
+        ), stats
+    return clean.frame(0), stats
 
 
 def add_time_features(df: pd.DataFrame) -> pd.DataFrame:
@@ -173,11 +337,12 @@ def parse_time_range(value: Any, key: str) -> tuple[pd.Timestamp, pd.Timestamp, 
     return start, end, whole_day
 
 
-def _time_mask(ts: pd.Series, bounds: tuple[pd.Timestamp, pd.Timestamp, bool]) -> np.ndarray:
+def _time_mask(times: np.ndarray, bounds: tuple[pd.Timestamp, pd.Timestamp, bool]) -> np.ndarray:
+    """Mask of the bar times ``times`` (int64 ns) inside ``bounds`` (see :func:`parse_time_range`)."""
     start, end, whole_day = bounds
     if whole_day:
-        return ((ts >= start) & (ts < end + pd.Timedelta(days=1))).to_numpy()
-    return ((ts >= start) & (ts <= end)).to_numpy()
+        return (times >= start.value) & (times < (end + pd.Timedelta(days=1)).value)
+    return (times >= start.value) & (times <= end.value)
 
 
 def _ratio_cuts_from_counts(times: np.ndarray, counts: np.ndarray, ratios: list[float]) -> tuple[Any, ...]:
@@ -196,21 +361,18 @@ def _ratio_cuts_from_counts(times: np.ndarray, counts: np.ndarray, ratios: list[
     return tuple(cuts)
 
 
-def _time_counts(frames: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct bar times (int64 ns) of ``frames`` and how many bars each has."""
-    if not frames:
-        return np.zeros(0, "int64"), np.zeros(0, "int64")
-    stamps = np.concatenate([f["timestamps"].to_numpy(dtype="datetime64[ns]").view("int64") for f in frames.values()])
-    return np.unique(stamps, return_counts=True)
+def _time_counts(bars: Bars) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct bar times (int64 ns) of ``bars`` and how many bars each has."""
+    return np.unique(bars.times, return_counts=True)
 
 
-def _gap_counts(frames: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct gaps (int64 ns) between consecutive bars of each frame and how often each occurs."""
-    gaps = [np.diff(f["timestamps"].to_numpy(dtype="datetime64[ns]").view("int64")) for f in frames.values()]
-    gaps = [g for g in gaps if len(g)]
-    if not gaps:
+def _gap_counts(bars: Bars) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct gaps (int64 ns) between consecutive bars of each symbol and how often each occurs."""
+    if bars.n_rows < 2:
         return np.zeros(0, "int64"), np.zeros(0, "int64")
-    return np.unique(np.concatenate(gaps), return_counts=True)
+    inside = np.ones(bars.n_rows - 1, bool)
+    inside[bars.offsets[1:-1] - 1] = False  # from one symbol's last bar to the next one's first
+    return np.unique(np.diff(bars.times)[inside], return_counts=True)
 
 
 def _add_counts(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -233,12 +395,6 @@ def _median_from_counts(gaps: np.ndarray, counts: np.ndarray) -> float | None:
     return float(np.median(np.array([lo, hi])))
 
 
-def _window_count(n_rows: int, own_start: int, window: int, lookback: int) -> int:
-    """Windows of a piece whose target rows (after the lookback) all lie at/after row ``own_start``."""
-    lo = max(0, own_start - lookback)
-    return max(0, n_rows - window - lo + 1)
-
-
 @dataclass
 class SplitPlan:
     """How each split picks its own bars: the ratio cut dates, or the configured time ranges."""
@@ -257,15 +413,16 @@ class SplitPlan:
         bounds = {s: parse_time_range(getattr(config, f"{s}_time_range"), f"{s}_time_range") for s in SPLITS}
         return cls({s: {"time_range": list(getattr(config, f"{s}_time_range"))} for s in SPLITS}, bounds=bounds)
 
-    def own(self, split: str, ts: pd.Series) -> np.ndarray:
-        """Mask of the bars at times ``ts`` that ``split`` may own (before the previous split's bars are cut)."""
+    def own(self, split: str, times: np.ndarray) -> np.ndarray:
+        """Mask of the bars at ``times`` (int64 ns) that ``split`` may own (before the previous split's bars are
+        cut)."""
         if self.cuts is not None:
             if self.cuts["train"] is None and split == "train":
-                return np.zeros(len(ts), bool)
+                return np.zeros(len(times), bool)
             cut = self.cuts[split]
-            return np.ones(len(ts), bool) if cut is None else (ts <= cut).to_numpy()
+            return np.ones(len(times), bool) if cut is None else times <= cut.value
         assert self.bounds is not None
-        return _time_mask(ts, self.bounds[split])
+        return _time_mask(times, self.bounds[split])
 
     def after(self, split: str, last: pd.Timestamp) -> pd.Timestamp:
         """The last bar of ``split`` that the next split must start after: the ratio cut date (the same for every
@@ -319,43 +476,53 @@ class SplitTally:
         )
 
 
+def split_bars(
+    bars: Bars, split: str, plan: SplitPlan, after: pd.Timestamp | None, config: Config
+) -> tuple[Bars | None, SplitTally]:
+    """The part of ``split`` that the clean bars of some symbols give (None: no symbol has a window in it) and
+    its tally; ``after``: the previous split's last bar (this split owns only later bars)."""
+    window, lookback = config.window, config.lookback_window
+    tally = SplitTally()
+    times = bars.times
+    mask = plan.own(split, times)
+    if after is not None:
+        mask &= times > after.value
+    rows = np.flatnonzero(mask)
+    if len(rows) == 0:
+        return None, tally
+    seg = bars.segments()[rows]  # the symbol of each own row
+    change = seg[1:] != seg[:-1]
+    firsts, lasts = np.r_[True, change], np.r_[change, True]
+    symbols = seg[firsts]
+    start, stop = rows[firsts], rows[lasts] + 1  # own rows are contiguous (one time interval)
+    begin = start if split == "train" else np.maximum(start - lookback, bars.offsets[symbols])
+    history = start - begin
+    n_rows = stop - begin
+    windows = n_rows - window - np.maximum(0, history - lookback) + 1  # windows whose targets lie at/after start
+    ok = windows >= 1
+    for i in np.flatnonzero(~ok):
+        tally.dropped[bars.symbols[symbols[i]]] = (
+            f"{stop[i] - start[i]} rows in the split (+{history[i]} history), fewer than one window of "
+            f"{window} whose {config.predict_window + 1} target bars lie in the split"
+        )
+    if not ok.any():
+        return None, tally
+    symbols, start, stop, begin, n_rows = symbols[ok], start[ok], stop[ok], begin[ok], n_rows[ok]
+    offsets = np.concatenate([[0], np.cumsum(n_rows)]).astype("int64")
+    take = np.arange(int(offsets[-1]), dtype="int64") + np.repeat(begin - offsets[:-1], n_rows)
+    tally.rows, tally.target_rows, tally.n_symbols = int(offsets[-1]), int((stop - start).sum()), len(symbols)
+    tally.first, tally.last = pd.Timestamp(times[start].min()), pd.Timestamp(times[stop - 1].max())
+    tally.history_from = pd.Timestamp(times[begin].min())
+    part = Bars([bars.symbols[i] for i in symbols], offsets, times[take], bars.data[take])
+    return part, tally
+
+
 def split_chunk(
     frames: Mapping[str, pd.DataFrame], split: str, plan: SplitPlan, after: pd.Timestamp | None, config: Config
 ) -> tuple[pd.DataFrame | None, SplitTally]:
-    """The part of ``split`` that the clean frames of one chunk of symbols give (None: no symbol has a window in
-    it) and its tally; ``after``: the previous split's last bar (this split owns only later bars)."""
-    window, lookback = config.window, config.lookback_window
-    tally = SplitTally()
-    pieces: list[pd.DataFrame] = []
-    for symbol in sorted(frames):
-        frame = frames[symbol]
-        ts = frame["timestamps"]
-        mask = plan.own(split, ts)
-        if after is not None:
-            mask = mask & (ts > after).to_numpy()
-        rows = np.flatnonzero(mask)
-        if len(rows) == 0:
-            continue
-        start, stop = int(rows[0]), int(rows[-1]) + 1  # own rows are contiguous (one time interval)
-        begin = start if split == "train" else max(start - lookback, 0)
-        piece = frame.iloc[begin:stop]
-        if _window_count(len(piece), start - begin, window, lookback) < 1:
-            tally.dropped[symbol] = (
-                f"{stop - start} rows in the split (+{start - begin} history), fewer than one window of "
-                f"{window} whose {config.predict_window + 1} target bars lie in the split"
-            )
-            continue
-        piece = piece.reset_index(drop=True)
-        piece.insert(0, "symbol", symbol)
-        pieces.append(piece)
-        first = ts.iloc[start]
-        hist, last = piece["timestamps"].iloc[0], piece["timestamps"].iloc[-1]
-        tally = tally.merge(SplitTally(len(piece), stop - start, 1, first, last, hist))
-    if not pieces:
-        return None, tally
-    part = pd.concat(pieces, ignore_index=True)
-    part["symbol"] = part["symbol"].astype(str)
-    return part[list(SPLIT_COLUMNS)], tally
+    """:func:`split_bars` of clean per-symbol frames, the part as a long split frame."""
+    part, tally = split_bars(_as_bars(frames), split, plan, after, config)
+    return (None if part is None else part.long_frame()), tally
 
 
 def split_info(
@@ -413,15 +580,23 @@ def split_frames(
     Returns the split frames and per-split info for the manifest; an empty split raises DataError.
     The streaming data step (:func:`stream_dataset`) makes the same splits a chunk of symbols at a time.
     """
-    plan = SplitPlan.from_config(config, *_time_counts(frames))
-    starts = [f["timestamps"].iloc[0] for f in frames.values() if len(f)]
-    ends = [f["timestamps"].iloc[-1] for f in frames.values() if len(f)]
-    span = (min(starts, default=None), max(ends, default=None))
+    splits, info = _split_all(_as_bars(frames), config)
+    return {s: part.long_frame() for s, part in splits.items()}, info
+
+
+def _split_all(bars: Bars, config: Config) -> tuple[dict[str, Bars], dict[str, dict[str, Any]]]:
+    plan = SplitPlan.from_config(config, *_time_counts(bars))
+    firsts = bars.times[bars.offsets[:-1][bars.lengths > 0]]
+    lasts = bars.times[bars.offsets[1:][bars.lengths > 0] - 1]
+    span = (
+        pd.Timestamp(firsts.min()) if len(firsts) else None,
+        pd.Timestamp(lasts.max()) if len(lasts) else None,
+    )
     info: dict[str, dict[str, Any]] = {}
-    splits: dict[str, pd.DataFrame] = {}
+    splits: dict[str, Bars] = {}
     after: pd.Timestamp | None = None  # last bar of the previous split: this split owns only later bars
     for split in SPLITS:
-        part, tally = split_chunk(frames, split, plan, after, config)
+        part, tally = split_bars(bars, split, plan, after, config)
         info[split] = split_info(split, tally, plan, config, after, span)
         assert part is not None and tally.last is not None
         splits[split] = part
@@ -429,38 +604,36 @@ def split_frames(
     return splits, info
 
 
-def _median_bar_seconds(frames: Mapping[str, pd.DataFrame]) -> float | None:
-    return _median_from_counts(*_gap_counts(frames))
+def _as_bars(frames: Mapping[str, pd.DataFrame]) -> Bars:
+    return frames if isinstance(frames, Bars) else Bars.from_frames(frames)
+
+
+def clean_bar_chunk(raw: Bars, config: Config) -> tuple[Bars, CleaningStats, dict[str, str]]:
+    """Clean the raw bars of some symbols (:func:`clean_bars`); returns the clean bars of the symbols with at least
+    one window of rows, the summed cleaning counts, and the symbols left out (with reasons)."""
+    window = config.window
+    clean, counts = clean_bars(raw, config.price_spike_factor, config.price_spike_action == "drop")
+    total = CleaningStats(*(int(x) for x in counts.sum(axis=0)))
+    skipped: dict[str, str] = {}
+    rows_in, rows_out = counts[:, 0], counts[:, -1]
+    for i in np.flatnonzero(rows_out < window):
+        reason = (
+            f"{rows_out[i]} clean rows (of {rows_in[i]}), fewer than one window of {window} "
+            "(lookback_window + predict_window + 1)"
+        )
+        skipped[raw.symbols[i]] = reason
+        logger.warning("skipping symbol %s: %s", raw.symbols[i], reason)
+    if skipped:
+        clean = clean.select(np.array([s not in skipped for s in clean.symbols], dtype=bool))
+    return clean, total, skipped
 
 
 def clean_chunk(
-    raw: Mapping[str, pd.DataFrame], config: Config, source_name: str, progress: bool = True
+    raw: Mapping[str, pd.DataFrame], config: Config, source_name: str = ""
 ) -> tuple[dict[str, pd.DataFrame], CleaningStats, dict[str, str]]:
-    """Clean the raw frames of some symbols and add calendar features; returns the clean frames of the symbols
-    with at least one window of rows, the summed cleaning counts, and the symbols left out (with reasons)."""
-    window = config.window
-    total = CleaningStats()
-    clean: dict[str, pd.DataFrame] = {}
-    skipped: dict[str, str] = {}
-    symbols = sorted(raw, key=str)
-    for symbol in tqdm(symbols, desc=f"cleaning {source_name}", unit="symbol", disable=None if progress else True):
-        frame, stats = clean_kline_frame(
-            raw[symbol],
-            str(symbol),
-            spike_factor=config.price_spike_factor,
-            drop_spikes=config.price_spike_action == "drop",
-        )
-        total = total + stats
-        if len(frame) < window:
-            reason = (
-                f"{len(frame)} clean rows (of {stats.rows_in}), fewer than one window of {window} "
-                "(lookback_window + predict_window + 1)"
-            )
-            skipped[str(symbol)] = reason
-            logger.warning("skipping symbol %s: %s", symbol, reason)
-            continue
-        clean[str(symbol)] = add_time_features(frame)
-    return clean, total, skipped
+    """:func:`clean_bar_chunk` of raw frames; the clean frames carry the calendar features."""
+    clean, total, skipped = clean_bar_chunk(_as_bars(raw), config)
+    return clean.frames(with_features=True), total, skipped
 
 
 def _log_cleaning(source_name: str, total: CleaningStats) -> None:
@@ -539,16 +712,23 @@ def process_frames(
     """
     if not raw:
         raise DataError(f"data source '{source_name}' returned no symbols; check its config keys")
-    clean, total, short = clean_chunk(raw, config, source_name)
+    clean, total, short = clean_bar_chunk(_as_bars(raw), config)
     _log_cleaning(source_name, total)
-    if not clean:
+    if not clean.symbols:
         raise _no_clean_symbol(source_name, config, total)
-    splits, info = split_frames(clean, config)
-    symbols = sorted(set().union(*(set(f["symbol"].unique()) for f in splits.values())))
+    parts, info = _split_all(clean, config)
+    symbols = sorted(set().union(*(p.symbols for p in parts.values())))
     manifest = build_manifest(
-        config, source_name, info, symbols, {**(skipped or {}), **short}, total, _median_bar_seconds(clean), source_info
+        config,
+        source_name,
+        info,
+        symbols,
+        {**(skipped or {}), **short},
+        total,
+        _median_from_counts(*_gap_counts(clean)),
+        source_info,
     )
-    return splits, manifest
+    return {s: p.long_frame() for s, p in parts.items()}, manifest
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -564,7 +744,7 @@ class ChunkSource(Protocol):
 
     def list_symbols(self) -> list[str]: ...
 
-    def load_symbols(self, symbols: list[str]) -> dict[str, pd.DataFrame]: ...
+    def load_symbols(self, symbols: list[str]) -> Mapping[str, pd.DataFrame]: ...
 
 
 def _same(action: Callable[[], str]) -> str:
@@ -657,41 +837,46 @@ def _first_pass(
     times = gaps = (np.zeros(0, "int64"), np.zeros(0, "int64"))
     spooled: list[int] = []
     for index in tqdm(mine, desc=f"loading {source.name}", unit="chunk", disable=None if len(mine) > 1 else True):
-        raw = source.load_symbols(chunks[index])
-        loaded += len(raw)
-        clean, stats, short = clean_chunk(raw, config, source.name, progress=False)
+        raw = _as_bars(source.load_symbols(chunks[index]))
+        loaded += len(raw.symbols)
+        clean, stats, short = clean_bar_chunk(raw, config)
         del raw
         total = total + stats
         skipped.update(short)
-        if not clean:
+        if not clean.symbols:
             continue
         times = _add_counts(times, _time_counts(clean))
         gaps = _add_counts(gaps, _gap_counts(clean))
-        long = pd.concat([f.assign(symbol=sym) for sym, f in sorted(clean.items())], ignore_index=True)
-        long.to_parquet(staging / SPOOL / part_name(index), index=False, engine="pyarrow")
+        _spool(staging, index, clean)
         spooled.append(index)
     skipped.update(source.skipped_symbols)
     stats_dir = staging / STATS
-    pd.DataFrame({"value": times[0], "count": times[1]}).to_parquet(stats_dir / f"times-{shard.rank}.parquet")
-    pd.DataFrame({"value": gaps[0], "count": gaps[1]}).to_parquet(stats_dir / f"gaps-{shard.rank}.parquet")
+    np.save(stats_dir / f"times-{shard.rank}.npy", np.stack(times))
+    np.save(stats_dir / f"gaps-{shard.rank}.npy", np.stack(gaps))
     summary = {"loaded": loaded, "cleaning": dataclasses.asdict(total), "skipped": skipped, "spooled": spooled}
     (stats_dir / f"rank-{shard.rank}.json").write_text(kio.dumps_json(summary), encoding="utf-8")
+
+
+def _spool(staging: Path, index: int, bars: Bars) -> None:
+    """One chunk's clean bars as plain arrays (``.npy``, read back without pickles) and its symbols (JSON)."""
+    stem = staging / SPOOL / f"{index:05d}"
+    for name in ("offsets", "times", "data"):
+        np.save(f"{stem}-{name}.npy", getattr(bars, name))
+    Path(f"{stem}-symbols.json").write_text(json.dumps(bars.symbols), encoding="utf-8")
+
+
+def _spooled(staging: Path, index: int) -> Bars:
+    stem = staging / SPOOL / f"{index:05d}"
+    arrays = {name: np.load(f"{stem}-{name}.npy", allow_pickle=False) for name in ("offsets", "times", "data")}
+    return Bars(json.loads(Path(f"{stem}-symbols.json").read_text(encoding="utf-8")), **arrays)
 
 
 def _read_counts(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     acc = (np.zeros(0, "int64"), np.zeros(0, "int64"))
     for file in files:
-        frame = pd.read_parquet(file)
-        acc = _add_counts(acc, (frame["value"].to_numpy("int64"), frame["count"].to_numpy("int64")))
+        pair = np.load(file, allow_pickle=False)
+        acc = _add_counts(acc, (pair[0], pair[1]))
     return acc
-
-
-def _spooled_chunk(staging: Path, index: int) -> dict[str, pd.DataFrame]:
-    long = pd.read_parquet(staging / SPOOL / part_name(index), engine="pyarrow")
-    symbols = long.pop("symbol").astype(str).to_numpy()
-    bounds = np.flatnonzero(symbols[1:] != symbols[:-1]) + 1
-    starts, stops = np.r_[0, bounds], np.r_[bounds, len(long)]
-    return {str(symbols[a]): long.iloc[a:b].reset_index(drop=True) for a, b in zip(starts, stops)}
 
 
 def _split_pass(
@@ -703,17 +888,21 @@ def _split_pass(
     afters: dict[str, pd.Timestamp | None],
     chunks: list[int],
 ) -> None:
-    """Write this rank's parts of ``splits`` (from its share of the spooled chunks) and their tallies."""
+    """Write this rank's parts of ``splits`` (from its share of the spooled chunks), their tallies and symbols."""
     tallies = {s: SplitTally() for s in splits}
+    symbols: dict[str, list[str]] = {s: [] for s in splits}
     for index in chunks:
-        frames = _spooled_chunk(staging, index)
+        bars = _spooled(staging, index)
         for split in splits:
-            part, tally = split_chunk(frames, split, plan, afters[split], config)
+            part, tally = split_bars(bars, split, plan, afters[split], config)
             tallies[split] = tallies[split].merge(tally)
             if part is not None:
-                write_part(staging, split, index, part)
+                write_table_part(staging, split, index, split_table(part.symbols, part.lengths, part.times, part.data))
+                symbols[split] += part.symbols
+        del bars
     for split, tally in tallies.items():
-        (staging / STATS / f"{split}-{shard.rank}.json").write_text(kio.dumps_json(tally.to_json()), encoding="utf-8")
+        out = {"tally": tally.to_json(), "symbols": symbols[split]}
+        (staging / STATS / f"{split}-{shard.rank}.json").write_text(kio.dumps_json(out), encoding="utf-8")
 
 
 def stream_dataset(
@@ -722,8 +911,9 @@ def stream_dataset(
     """Load, clean, split and save ``source``'s data to ``config.dataset_path`` a chunk of symbols at a time.
 
     Peak memory follows ``chunk_symbols`` (default: config key ``data_chunk_symbols``), not the market: the first
-    pass loads and cleans one chunk at a time and spools it (Parquet) beside the dataset, counting the bars per
-    time for the global cut dates; then each split is written as one part file per chunk. The dataset (rows, cut
+    pass loads and cleans one chunk at a time (:class:`Bars`: flat arrays, no frame per symbol) and spools its clean
+    arrays (``.npy``) beside the dataset, counting the bars per time for the global cut dates; then each split is
+    written as one part file per chunk (pyarrow, straight from the arrays). The dataset (rows, cut
     dates, manifest) is the one :func:`process_frames` + :func:`~kronos.data.store.save_dataset` make. Under
     torchrun (``shard``) every rank does its share of the chunks and rank 0 writes the manifest and swaps the
     folder into place once every part is written. Returns the manifest.
@@ -766,14 +956,15 @@ def _stream(shard: Shard, source: ChunkSource, config: Config, staging: Path, si
         _log_cleaning(name, total)
     if not spooled:
         raise _no_clean_symbol(name, config, total)
-    times = _read_counts(sorted(stats_dir.glob("times-*.parquet")))
-    gaps = _read_counts(sorted(stats_dir.glob("gaps-*.parquet")))
+    times = _read_counts(sorted(stats_dir.glob("times-*.npy")))
+    gaps = _read_counts(sorted(stats_dir.glob("gaps-*.npy")))
     span = (pd.Timestamp(times[0][0]), pd.Timestamp(times[0][-1]))
     plan = SplitPlan.from_config(config, *times)
     my_spool = [i for n, i in enumerate(spooled) if n % shard.world_size == shard.rank]
 
     groups = [SPLITS] if plan.known_afters() else [(s,) for s in SPLITS]
     info: dict[str, dict[str, Any]] = {}
+    symbols: set[str] = set()
     after: pd.Timestamp | None = None
     for group in groups:
         afters: dict[str, pd.Timestamp | None] = {group[0]: after}
@@ -787,7 +978,9 @@ def _stream(shard: Shard, source: ChunkSource, config: Config, staging: Path, si
         for split in group:
             tally = SplitTally()
             for r in range(shard.world_size):
-                tally = tally.merge(SplitTally.from_json(kio.read_json(stats_dir / f"{split}-{r}.json")))
+                written = kio.read_json(stats_dir / f"{split}-{r}.json")
+                tally = tally.merge(SplitTally.from_json(written["tally"]))
+                symbols.update(written["symbols"])
             tally.dropped = dict(sorted(tally.dropped.items()))
             info[split] = split_info(split, tally, plan, config, afters[split], span)
             assert tally.last is not None
@@ -796,10 +989,6 @@ def _stream(shard: Shard, source: ChunkSource, config: Config, staging: Path, si
     def finish() -> str:
         if shard.rank != 0:
             return ""
-        symbols: set[str] = set()
-        for split in SPLITS:
-            for part in split_parts(staging / f"{split}.parquet"):
-                symbols.update(pd.read_parquet(part, columns=["symbol"])["symbol"].astype(str).unique())
         manifest = build_manifest(
             config, name, info, sorted(symbols), skipped, total, _median_from_counts(*gaps), source.source_info
         )
@@ -823,6 +1012,10 @@ def _stream(shard: Shard, source: ChunkSource, config: Config, staging: Path, si
 
 __all__ = [
     "BAR_TOLERANCE",
+    "Bars",
+    "clean_bars",
+    "clean_bar_chunk",
+    "split_bars",
     "CleaningStats",
     "clean_kline_frame",
     "add_time_features",

@@ -83,6 +83,12 @@ def derive_amount(frame: pd.DataFrame) -> pd.Series:
     return frame[list(PRICE_COLUMNS)].mean(axis=1, skipna=False) * frame["volume"]
 
 
+def derive_amount_values(prices: np.ndarray, volume: np.ndarray) -> np.ndarray:
+    """:func:`derive_amount` of float64 arrays (``prices``: one column per :data:`PRICE_COLUMNS`): pandas' row mean
+    sums the four prices in order and divides by 4, so the results are bit-identical."""
+    return (((prices[:, 0] + prices[:, 1]) + prices[:, 2]) + prices[:, 3]) / 4 * volume
+
+
 def complete_volume_amount(frame: pd.DataFrame, keep_amount: bool = False) -> pd.DataFrame:
     """Add a missing ``volume``/``amount`` the way the official predictor does (Q10), in place; returns ``frame``.
 
@@ -177,6 +183,19 @@ def _offset_minutes(text: str) -> int | None:
     return (1 if suffix[0] == "+" else -1) * (int(digits[:2]) * 60 + int(digits[2:]))
 
 
+_LINE_END_OFFSET = re.compile(r"(Z|UTC|[+-]\d{2}:?\d{2})[^\S\n]*$", re.MULTILINE)
+
+
+def _one_offset_at_most(s: pd.Series) -> bool:
+    """True when the text timestamps ``s`` carry at most one distinct UTC offset: one regex pass over all of them
+    joined by line breaks (False, so the per-value check runs, when a value holds a line break itself)."""
+    texts = [x for x in s.to_numpy(dtype=object) if isinstance(x, str)]
+    joined = "\n".join(texts)
+    if joined.count("\n") != max(len(texts) - 1, 0):
+        return False
+    return len({_offset_minutes(m) for m in _LINE_END_OFFSET.findall(joined)}) <= 1
+
+
 def _check_mixed_offsets(s: pd.Series, wall: pd.Series, source_name: str, column: str, line_offset: int | None) -> None:
     """Reject timestamps whose UTC offsets differ in a way that makes local clock time lie.
 
@@ -185,6 +204,8 @@ def _check_mixed_offsets(s: pd.Series, wall: pd.Series, source_name: str, column
     two zones) or an order that differs between wall clock and instants would silently reorder or shift bars:
     a DataError names the row.
     """
+    if _one_offset_at_most(s):
+        return
     offsets = s.map(_offset_minutes)
     known = offsets.dropna()
     if known.nunique() <= 1:
@@ -242,8 +263,11 @@ def _to_naive_datetimes(text: pd.Series, **kwargs) -> pd.Series:
 
 
 def _parse_text_timestamps(s: pd.Series) -> pd.Series:
-    text = s.astype("object").where(s.notna(), None)
-    text = text.map(lambda x: x.strip() if isinstance(x, str) else x)
+    if pd.api.types.is_string_dtype(s.dtype) and not pd.api.types.is_object_dtype(s.dtype):
+        text = s.str.strip().astype("object").where(s.notna(), None)  # a text column: strip in one pass
+    else:
+        text = s.astype("object").where(s.notna(), None)
+        text = text.map(lambda x: x.strip() if isinstance(x, str) else x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -267,6 +291,8 @@ def _coerce_numbers(values: pd.Series, source_name: str, column: str, line_offse
     s = pd.Series(values).reset_index(drop=True)
     if pd.api.types.is_bool_dtype(s.dtype):
         raise DataError(f"{source_name}: column '{column}' holds true/false values, expected numbers")
+    if s.dtype.kind in "fiu":  # numbers already
+        return s.astype("float64")
     out = pd.to_numeric(s, errors="coerce").astype("float64")
     given = s.notna().to_numpy()
     if given.any() and out.isna().to_numpy()[given].all():
@@ -321,7 +347,9 @@ def validate_kline_frame(
         ts_values = frame[ts_col].astype(str).str.strip() + " " + frame[time_col].astype(str).str.strip()
         ts_col = f"{ts_col}+{time_col}"
 
-    out = pd.DataFrame({"timestamps": parse_timestamps(ts_values, source_name, str(ts_col), line_offset)})
+    out: dict[str, np.ndarray] = {
+        "timestamps": parse_timestamps(ts_values, source_name, str(ts_col), line_offset).to_numpy()
+    }
     for name in PRICE_COLUMNS:
         col = find_column(frame.columns, COLUMN_ALIASES[name])
         if col is None:
@@ -329,20 +357,24 @@ def validate_kline_frame(
                 f"{source_name}: required price column '{name}' is missing; columns are "
                 f"{list(map(str, frame.columns))} (need open, high, low, close)"
             )
-        out[name] = _coerce_numbers(frame[col], source_name, str(col), line_offset)
+        out[name] = _coerce_numbers(frame[col], source_name, str(col), line_offset).to_numpy()
     vol_col = find_column(frame.columns, COLUMN_ALIASES["volume"])
     amt_col = find_column(frame.columns, COLUMN_ALIASES["amount"])
     if vol_col is None:
         # Q10: the predictor zeroes volume and amount when volume is absent; training data must match.
         logger.warning("%s: no volume column; using volume = 0 and amount = 0", source_name)
+        out["volume"] = np.zeros(len(out["close"]))
+        out["amount"] = np.zeros(len(out["close"]))
     else:
-        out["volume"] = _coerce_numbers(frame[vol_col], source_name, str(vol_col), line_offset)
+        out["volume"] = _coerce_numbers(frame[vol_col], source_name, str(vol_col), line_offset).to_numpy()
         if amt_col is None:
             # debug only: sources say it once per run (csv: "derived amount ... for N of M files")
             logger.debug("%s: no amount column; deriving amount = mean(open, high, low, close) x volume", source_name)
+            prices = np.column_stack([out[c] for c in PRICE_COLUMNS])
+            out["amount"] = derive_amount_values(prices, out["volume"])  # complete_volume_amount's rule
         else:
-            out["amount"] = _coerce_numbers(frame[amt_col], source_name, str(amt_col), line_offset)
-    return complete_volume_amount(out)[list(KLINE_COLUMNS)]
+            out["amount"] = _coerce_numbers(frame[amt_col], source_name, str(amt_col), line_offset).to_numpy()
+    return pd.DataFrame({c: out[c] for c in KLINE_COLUMNS})
 
 
 def check_split_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:

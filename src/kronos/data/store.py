@@ -13,6 +13,7 @@ half-written dataset, loses the previous one, or leaves ``dataset_path`` missing
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from kronos import io as kio
@@ -117,6 +119,47 @@ def write_part(folder: Path, split: str, index: int, frame: pd.DataFrame) -> Pat
     return file
 
 
+@functools.cache
+def _split_schema() -> Any:
+    """The Arrow schema (with pandas' metadata) of a split frame as ``DataFrame.to_parquet`` writes it."""
+    import pyarrow as pa
+
+    from kronos.data.schema import SPLIT_COLUMNS, check_split_frame
+
+    one = pd.DataFrame(
+        {c: ["x"] if c == "symbol" else [pd.Timestamp(0)] if c == "timestamps" else [0] for c in SPLIT_COLUMNS}
+    )
+    return pa.Schema.from_pandas(check_split_frame(one, "split"), preserve_index=False)
+
+
+def split_table(symbols: list[str], lengths: np.ndarray, times: np.ndarray, values: np.ndarray) -> Any:
+    """A split part as an Arrow table, straight from arrays: symbol ``symbols[i]`` owns the next ``lengths[i]`` rows
+    of ``times`` (int64 ns, sorted within a symbol) and ``values`` (float64, one column per value column); the
+    calendar features are computed here. Read back, it is the frame :func:`write_part` would have written."""
+    import pyarrow as pa
+
+    from kronos.data.schema import TIME_FEATURES, VALUE_COLUMNS, time_features
+
+    schema = _split_schema()
+    codes = pa.array(np.repeat(np.arange(len(symbols), dtype="int32"), lengths))
+    stamps = times.view("datetime64[ns]")
+    features = time_features(stamps)
+    columns = [pa.array(symbols, type=schema.field("symbol").type).take(codes), pa.array(stamps)]
+    columns += [pa.array(np.ascontiguousarray(values[:, j])) for j in range(len(VALUE_COLUMNS))]
+    columns += [pa.array(features[c].to_numpy()) for c in TIME_FEATURES]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def write_table_part(folder: Path, split: str, index: int, table: Any) -> Path:
+    """Write one part of ``split`` (an Arrow table from :func:`split_table`) into the dataset folder ``folder``."""
+    import pyarrow.parquet as pq
+
+    file = folder / f"{split}.parquet" / part_name(index)
+    file.parent.mkdir(exist_ok=True)
+    pq.write_table(table, file)
+    return file
+
+
 def save_dataset(path: PathLike, splits: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any]) -> None:
     """Write ``splits`` (train, val, test long frames) and ``manifest`` to the folder ``path`` atomically.
 
@@ -197,6 +240,8 @@ __all__ = [
     "part_name",
     "check_part",
     "write_part",
+    "split_table",
+    "write_table_part",
     "dataset_exists",
     "save_dataset",
     "load_split",

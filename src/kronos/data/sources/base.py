@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import importlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -63,7 +64,7 @@ class BaseDataProcessor(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def load_raw(self) -> dict[str, pd.DataFrame]:
+    def load_raw(self) -> Mapping[str, pd.DataFrame]:
         """Return ``{symbol: raw frame}`` in the canonical schema; frames may still hold NaN or bad bars."""
 
     def list_symbols(self) -> list[str]:
@@ -73,9 +74,10 @@ class BaseDataProcessor(abc.ABC):
         self._raw: dict[str, pd.DataFrame] = {str(k): v for k, v in self.load_raw().items()}
         return sorted(self._raw)
 
-    def load_symbols(self, symbols: list[str]) -> dict[str, pd.DataFrame]:
+    def load_symbols(self, symbols: list[str]) -> Mapping[str, pd.DataFrame]:
         """Raw frames of ``symbols`` (a chunk of :meth:`list_symbols`); a symbol without data may be left out
-        (with a reason in :attr:`skipped_symbols`)."""
+        (with a reason in :attr:`skipped_symbols`). A source may return :class:`~kronos.data.processing.Bars`
+        (the bars of all the symbols in flat arrays, also a mapping of frames), which the data step uses as is."""
         held = getattr(self, "_raw", {})
         return {s: held.pop(s) for s in symbols if s in held}
 

@@ -56,18 +56,21 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def read_table(path: Path, symbol_column: str = "", columns: list[str] | None = None) -> pd.DataFrame:
+def read_table(
+    path: Path, symbol_column: str = "", columns: list[str] | None = None, header: list[str] | None = None
+) -> pd.DataFrame:
     """Read one CSV or Parquet file; DataError naming the file when it cannot be read.
 
     In CSV files the symbol column is read as text so codes such as ``000001`` keep their leading zeros.
-    ``columns``: read only these.
+    ``columns``: read only these; ``header``: the file's column names when already known (else read first).
     """
     kind = _kind(path)
     try:
         if kind == "parquet":
             return pd.read_parquet(path, columns=columns)
-        header = _read_csv(path, nrows=0)
-        sym = find_column(header.columns, SYMBOL_ALIASES, symbol_column)
+        if header is None:
+            header = list(_read_csv(path, nrows=0).columns)
+        sym = find_column(header, SYMBOL_ALIASES, symbol_column)
         return _read_csv(path, dtype={sym: str} if sym is not None else None, usecols=columns)
     except DataError:
         raise
@@ -218,8 +221,9 @@ class CsvDataProcessor(BaseDataProcessor):
         files = self.files()
         origin: dict[str, list[tuple[Path, bool]]] = {}  # symbol -> (file, whether the file is that one symbol's)
         adjusted = unused_adj = derived = 0  # files, for one summary line each
+        self._headers: dict[Path, list[str]] = {}
         for file in files:
-            columns = _columns(file)
+            columns = self._headers[file] = _columns(file)
             where = f"file '{file}'"
             sym_col = find_column(columns, SYMBOL_ALIASES, cfg.csv_symbol_column)
             if cfg.csv_symbol_column and sym_col is None:
@@ -239,7 +243,7 @@ class CsvDataProcessor(BaseDataProcessor):
             if sym_col is None:
                 origin.setdefault(_stem(file), []).append((file, True))
                 continue
-            codes = _symbol_codes(read_table(file, cfg.csv_symbol_column, columns=[sym_col])[sym_col])
+            codes = _symbol_codes(read_table(file, cfg.csv_symbol_column, columns=[sym_col], header=columns)[sym_col])
             found = codes.dropna().drop_duplicates()
             if found.empty:
                 raise DataError(f"{where}: column '{sym_col}' holds no symbols")
@@ -302,7 +306,7 @@ class CsvDataProcessor(BaseDataProcessor):
             return cached[1], cached[2]
         self._cache = None
         cfg = self.config
-        table = read_table(file, cfg.csv_symbol_column)
+        table = read_table(file, cfg.csv_symbol_column, header=getattr(self, "_headers", {}).get(file))
         where = f"file '{file}'"
         if table.empty:
             raise DataError(f"{where} has no rows")

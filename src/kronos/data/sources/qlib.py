@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from kronos import io as kio
-from kronos.data.schema import derive_amount, validate_kline_frame
+from kronos.data.processing import Bars
+from kronos.data.schema import VALUE_COLUMNS, derive_amount_values
 from kronos.data.sources.base import BaseDataProcessor
 from kronos.errors import DataError, DependencyError
 
@@ -186,7 +187,7 @@ class QlibDataProcessor(BaseDataProcessor):
 
     streams = True
 
-    def load_raw(self) -> dict[str, pd.DataFrame]:
+    def load_raw(self) -> Bars:
         return self.load_symbols(self.list_symbols())
 
     def list_symbols(self) -> list[str]:
@@ -240,46 +241,69 @@ class QlibDataProcessor(BaseDataProcessor):
         )
         return symbols
 
-    def load_symbols(self, symbols: list[str]) -> dict[str, pd.DataFrame]:
-        """The bars of ``symbols`` (members listed by :meth:`list_symbols`) through ``D.features``."""
+    def load_symbols(self, symbols: list[str]) -> Bars:
+        """The bars of ``symbols`` (members listed by :meth:`list_symbols`), as a mapping of raw frames.
+
+        Each field is read through pyqlib's feature storage (the provider's ``FeatureD`` backend; the plain
+        ``$open`` etc. the expression engine ``D.features`` would load, without its per-expression overhead): the
+        same rows (the calendar days of any field between the load start and end) and values (float32 widened to
+        float64)."""
         if not symbols:
-            return {}
+            return Bars.empty()
         if getattr(self, "_plan", None) is None:
             self.list_symbols()
         provider, calendar, start, end, members, has_amount = self._plan
-        from qlib.data import D
+        from qlib.data.data import FeatureD
+        from qlib.utils import code_to_fname
 
         fields = list(FIELDS) + (["amount"] if has_amount else [])
-        try:
-            data = D.features(symbols, [f"${f}" for f in fields], start_time=start, end_time=end, freq=FREQ)
-        except Exception as exc:
-            raise DataError(f"Qlib could not read features from '{provider}': {type(exc).__name__}: {exc}") from None
-        data = data.rename(columns=lambda c: str(c).lstrip("$")).astype("float64")  # Qlib stores float32
-
+        first = int(calendar.searchsorted(start))
+        last = int(calendar.searchsorted(end, side="right")) - 1
+        days = calendar.to_numpy(dtype="datetime64[ns]").view("int64")
         lookback = self.config.lookback_window
-        frames: dict[str, pd.DataFrame] = {}
+        names: list[str] = []
+        lengths: list[int] = []
+        times: list[np.ndarray] = []
+        values: list[np.ndarray] = []
         suspended = 0
-        groups = dict(iter(data.groupby(level="instrument", sort=True))) if len(data) else {}
-        del data
         for symbol in symbols:
-            part = groups.pop(symbol, None)
-            if part is None or part.empty:
+            try:
+                blocks = [
+                    _read_field(FeatureD.backend_obj(instrument=code_to_fname(symbol), field=f, freq=FREQ), first, last)
+                    for f in fields
+                ]
+            except Exception as exc:  # pyqlib and NumPy raise assorted types for a broken file
+                raise DataError(
+                    f"Qlib could not read features from '{provider}': {type(exc).__name__}: {exc}"
+                ) from None
+            found = [b for b in blocks if b is not None]
+            if not found:
                 self.skipped_symbols[symbol] = f"no Qlib data between {start.date()} and {end.date()}"
                 continue
-            part = part.droplevel("instrument").sort_index()
-            ts = pd.DatetimeIndex(part.index)
-            keep = np.zeros(len(part), dtype=bool)
+            rows = _day_rows(found)
+            table = np.full((len(rows), len(VALUE_COLUMNS)), np.nan)
+            for col, block in enumerate(blocks):
+                if block is not None:
+                    at = int(np.searchsorted(rows, block[0]))
+                    table[at : at + len(block[1]), col] = block[1]
+            stamps = days[rows]
+            keep = np.zeros(len(rows), dtype=bool)
             for span_start, span_end in members[symbol]:
-                first = calendar[max(int(calendar.searchsorted(pd.Timestamp(span_start))) - lookback, 0)]
-                keep |= (ts >= first) & (ts <= pd.Timestamp(span_end))
-            part = part[keep]
-            suspended += int(part[list(FIELDS)].isna().all(axis=1).sum())
-            frame = part.reset_index().rename(columns={part.index.name or "index": "timestamps"})
+                since = days[max(int(calendar.searchsorted(pd.Timestamp(span_start))) - lookback, 0)]
+                keep |= (stamps >= since) & (stamps <= pd.Timestamp(span_end).value)
+            table, stamps = table[keep], stamps[keep]
+            suspended += int(np.isnan(table[:, : len(FIELDS)]).all(axis=1).sum())
             if not has_amount:
-                frame["amount"] = derive_amount(frame)
-            frames[symbol] = validate_kline_frame(frame, f"Qlib symbol {symbol}", timestamp_column="timestamps")
-        logger.debug("qlib: %d symbols read (%d suspended rows to drop)", len(frames), suspended)
-        return frames
+                table[:, 5] = derive_amount_values(table[:, :4], table[:, 4])
+            names.append(symbol)
+            lengths.append(len(stamps))
+            times.append(stamps)
+            values.append(table)
+        logger.debug("qlib: %d symbols read (%d suspended rows to drop)", len(names), suspended)
+        if not names:
+            return Bars.empty()
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("int64")
+        return Bars(names, offsets, np.concatenate(times), np.concatenate(values))
 
     def _time_range(self, calendar: pd.DatetimeIndex, provider: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
         """dataset_begin/end_time widened by lookback/predict trading days, clipped to the calendar."""
@@ -300,6 +324,34 @@ class QlibDataProcessor(BaseDataProcessor):
         start = calendar[max(first - cfg.lookback_window, 0)]
         stop = calendar[min(last + cfg.predict_window, len(calendar) - 1)]
         return pd.Timestamp(start), pd.Timestamp(stop)
+
+
+def _read_field(storage: Any, first: int, last: int) -> tuple[int, np.ndarray] | None:
+    """One field's values on calendar days ``first .. last`` (indices) from pyqlib's feature ``storage``: the first
+    day's index and the float32 values (None: no data then). A file storage is read in one go."""
+    from qlib.data.storage.file_storage import FileFeatureStorage
+
+    if isinstance(storage, FileFeatureStorage):
+        uri = storage.uri
+        if not uri.exists():
+            return None
+        raw = np.fromfile(uri, dtype="<f4")  # the first value: the index of the first day in the calendar
+        begin, data = int(raw[0]), raw[1:]
+        lo, hi = max(first, begin), min(last, begin + len(data) - 1)
+        return (lo, data[lo - begin : hi - begin + 1]) if lo <= hi else None
+    series = storage[first : last + 1]
+    if len(series) == 0:
+        return None
+    return int(series.index[0]), series.to_numpy(dtype="float32")
+
+
+def _day_rows(blocks: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """The calendar indices of the days any field has (the union of the fields' contiguous blocks)."""
+    spans = {(lo, len(data)) for lo, data in blocks}
+    if len(spans) == 1:
+        lo, n = spans.pop()
+        return np.arange(lo, lo + n, dtype="int64")
+    return np.unique(np.concatenate([np.arange(lo, lo + n, dtype="int64") for lo, n in spans]))
 
 
 __all__ = [
