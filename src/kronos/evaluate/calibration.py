@@ -194,6 +194,7 @@ def _power_fit(
 
 SESSION_MIN_SHARE = 0.1  # a bar slot of the day belongs to the profile when at least this share of days has it
 SESSION_CLIP = 50.0  # one bar's squared return counts at most this many times its series' mean (a bad print)
+SESSION_MAX_SYMBOLS = 200  # the profile of a whole market is read from this many of its symbols, evenly spread
 
 
 def fit_session_profile(frame: Any, until: Any = None) -> dict | None:
@@ -208,6 +209,10 @@ def fit_session_profile(frame: Any, until: Any = None) -> dict | None:
     if frame is None or not len(frame):
         return None
     data = frame[["symbol", "timestamps", "close"]]
+    names = pd.unique(data["symbol"])
+    if len(names) > SESSION_MAX_SYMBOLS:  # a full market: its clock shows in a sample of it, at a bounded cost
+        pick = names[np.linspace(0, len(names) - 1, SESSION_MAX_SYMBOLS).round().astype(int)]
+        data = data[data["symbol"].isin(pick)]
     if until is not None:
         data = data[data["timestamps"] <= pd.Timestamp(until)]
     data = data.sort_values(["symbol", "timestamps"], kind="stable")
