@@ -122,6 +122,33 @@ def test_no_correction_at_an_anchor_reads_an_outcome_realised_after_it():
     assert pool.multipliers([pool.target.min() - np.timedelta64(1, "D")])["0.8"][0] == 1.0
 
 
+def test_a_volatility_no_outcome_came_near_and_a_suspended_symbol_do_not_blow_up_the_band():
+    """A forecast whose recent volatility is far from every realised outcome's (a stock just back from suspension, a
+    flat context) must not take the largest score ever seen as its multiplier, and the scores of contexts whose closes
+    never moved (they divide by ~0) are left out."""
+    data = _market(40, 10, 0.3, 6)
+    cal = _fit(data)
+    pool = BandOutcomes.from_forecasts(cal, data[0], data[1], data[2], data[3], data[5])
+    flat = BandOutcomes(
+        pool.target, {k: np.where(np.arange(len(v)) == 0, 1e6, v) for k, v in pool.scores.items()}, pool.bar,
+        pool.calendar, pool.fingerprint, pool.half_life, vol=np.where(np.arange(len(pool)) == 0, 1e-8, pool.vol),
+    )  # fmt: skip
+    flat.bandwidth = pool.bandwidth
+    t = np.sort(np.unique(data[4]))[-1:]
+    for vol in (1e-8, 1e-4, 0.015, 5.0):  # a flat context, far calmer, typical, far wilder than any outcome
+        got = flat.multipliers(t, vol=[vol])
+        plain = pool.multipliers(t, vol=[0.015])
+        for key, value in got.items():
+            assert 0.2 < value[0] < 5.0, (vol, key, value)
+            assert value[0] <= 2 * max(plain[key][0], 1.0)
+    # too few outcomes for the level's quantile to be finite: the static band, not the largest score
+    few = BandOutcomes(
+        pool.target[:3], {k: v[:3] * 100 for k, v in pool.scores.items()}, pool.bar, pool.calendar, pool.fingerprint,
+        pool.half_life, vol=pool.vol[:3],
+    )  # fmt: skip
+    assert few.multipliers(t, vol=[0.015])["0.8"][0] == 1.0
+
+
 def test_outcomes_round_trip_and_refuse_another_calibration(tmp_path):
     data = _market(30, 10, 0.3, 5)
     cal = _fit(data)

@@ -33,6 +33,7 @@ from kronos.errors import CheckpointError, InputError
 HALF_LIFE_BARS = 60  # bars; the recency of the outcomes the adaptive correction weighs (README, "Calibrated bands")
 VOL_BANDWIDTH = 0.25  # log-volatility kernel width: outcomes of forecasts made in similar volatility weigh more
 FORMAT = "kronos-band-outcomes-1"
+FLAT_VOL = 1e-7  # a context whose closes never moved (a suspended symbol): its scores divide by ~0 and are left out
 
 
 def outcomes_path(calibration_file: str | os.PathLike) -> Path:
@@ -166,6 +167,9 @@ class BandOutcomes:
             level = float(key)
             s = self.scores[key]
             ok = np.isfinite(s)
+            if self.vol is not None:
+                ok &= np.asarray(self.vol, dtype=float) > FLAT_VOL
+            need = level / (1.0 - level)  # outcome weight for a finite conformal quantile (the new forecast: 1)
             order = np.argsort(s[ok], kind="stable")
             s_sorted, o_sorted, t_sorted = s[ok][order], o_pos[ok][order], self.target[ok][order]
             v_sorted = np.log(np.maximum(self.vol[ok][order], 1e-12)) if kernel else None
@@ -175,13 +179,19 @@ class BandOutcomes:
                 known = t_sorted[None, :] <= uniq[block, None]  # realised on or before the anchor: never later
                 age = np.maximum(t_pos[block, None] - o_sorted[None, :], 0.0)
                 w = np.where(known, 0.5 ** (age / self.half_life), 0.0)
-                if v_sorted is not None:
-                    w = w * np.exp(-0.5 * ((v_sorted[None, :] - qvol[block, None]) / self.bandwidth) ** 2)
                 total = w.sum(axis=1)
+                if v_sorted is not None:
+                    near = w * np.exp(-0.5 * ((v_sorted[None, :] - qvol[block, None]) / self.bandwidth) ** 2)
+                    near_total = near.sum(axis=1)
+                    # a volatility no realised outcome came near: the recency weights alone (the kernel has no say)
+                    use = near_total >= need
+                    w = np.where(use[:, None], near, w)
+                    total = np.where(use, near_total, total)
                 share = np.cumsum(w, axis=1) / (total[:, None] + 1.0)  # the new forecast: weight 1 at +inf
                 k = np.minimum((share < level).sum(axis=1), len(s_sorted) - 1)
                 value = s_sorted[k] if len(s_sorted) else np.ones(len(total))
-                per_query[block] = np.where(total > 0, value, 1.0)  # nothing realised yet: the static band
+                # too little realised yet for this level's quantile to be finite: the static band
+                per_query[block] = np.where(total >= need, value, 1.0)
             out[key] = per_query[inverse]
         return out
 
