@@ -220,13 +220,7 @@ def training_windows(
     """Train and validation windows with the data step's split rules (:func:`kronos.data.processing.split_frames`):
     a training window lies inside ``train``; a validation window's target bars lie inside ``valid`` and after the
     last training bar, its lookback may reach back into training history."""
-    kw: dict[str, Any] = dict(
-        lookback=config.lookback_window,
-        predict=config.predict_window,
-        clip=config.clip,
-        feature_list=config.feature_list,
-        time_feature_list=config.time_feature_list,
-    )
+    kw = WindowDataset.config_options(config)
     train_frame = _long(frames, *train)
     if train_frame.empty:
         raise DataError(f"the dataset has no bars in the train segment {train}")

@@ -296,15 +296,7 @@ class WindowDataset(Dataset):
         there is no cache to use (a read-only dataset folder, no file locks) the split is loaded into this
         process's memory, as with ``memmap=False``. The windows are the same either way, bit for bit.
         """
-        kw: dict[str, Any] = dict(
-            lookback=config.lookback_window,
-            predict=config.predict_window,
-            clip=config.clip,
-            feature_list=config.feature_list,
-            time_feature_list=config.time_feature_list,
-            return_index=return_index,
-            name=split,
-        )
+        kw: dict[str, Any] = dict(cls.config_options(config), return_index=return_index, name=split)
         arrays = None
         if memmap:
             features = list(config.feature_list or DEFAULT_FEATURES)
@@ -316,6 +308,17 @@ class WindowDataset(Dataset):
 
         frame = load_split(config.dataset_path, split)
         return cls(frame, target_range=split_target_range(config.dataset_path, split), **kw)
+
+    @staticmethod
+    def config_options(config: Any) -> dict[str, Any]:
+        """The window shape a config asks for (lookback, predict, clip, feature lists), as keyword arguments."""
+        return dict(
+            lookback=config.lookback_window,
+            predict=config.predict_window,
+            clip=config.clip,
+            feature_list=config.feature_list,
+            time_feature_list=config.time_feature_list,
+        )
 
     @property
     def memory_mapped(self) -> bool:

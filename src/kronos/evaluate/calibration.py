@@ -74,6 +74,7 @@ from kronos.inference.bands import (
     VOL_METHODS,
     Calibration,
     apply_calibration,
+    bar_minutes,
     calibration_path,
     check_levels,
     load_calibration,
@@ -226,7 +227,7 @@ def fit_session_profile(frame: Any, until: Any = None) -> dict | None:
     ok = same & np.isfinite(r)
     symbols = data["symbol"].to_numpy()[1:][ok]
     r2 = r[ok] ** 2
-    minutes = (times.hour * 60 + times.minute).to_numpy()[1:][ok]
+    minutes = bar_minutes(times)[1:][ok]
     scale = pd.Series(r2).groupby(symbols).transform("mean").to_numpy()
     r2 = np.minimum(np.where(scale > 0, r2 / np.where(scale > 0, scale, 1.0), 0.0), SESSION_CLIP)
     days = pd.DataFrame({"s": data["symbol"].to_numpy(), "d": times.normalize()}).drop_duplicates().shape[0]

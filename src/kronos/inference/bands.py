@@ -141,7 +141,8 @@ def model_fingerprint(model: Any, lookback: int, horizon: int) -> str:
 
 def bar_minutes(times: Any) -> np.ndarray:
     """Minutes since midnight of each bar time (the slot of the trading day it belongs to)."""
-    t = pd.DatetimeIndex(np.atleast_1d(np.asarray(times)))
+    t = pd.DatetimeIndex(times) if isinstance(times, (pd.DatetimeIndex, pd.Series)) else None
+    t = t if t is not None else pd.DatetimeIndex(np.atleast_1d(np.asarray(times)))  # wall-clock time, as given
     return np.asarray(t.hour * 60 + t.minute, dtype=np.int64)
 
 
