@@ -206,3 +206,91 @@ def test_calibration_gets_enough_validation_forecasts_when_symbols_are_few():
     )
     assert len(calibration_anchors(cfg, frame, bounds)) == 100
     assert target_times(frame, anchors.iloc[:1], 5)[0, 0] == ts[int(anchors["pos"].iloc[0]) + 1]
+
+
+def _regime_shift(factor_end, seed=10):
+    """Validation, then a test stretch whose calm forecasts (below validation's lower volatility tercile) realise
+    moves that grow steadily larger (to ``factor_end`` x): a calm market drifting toward a break."""
+    val = _market(60, 20, 0.5, seed)
+    test = list(_market(150, 20, 0.5, seed + 1, first=60))
+    cal = _fit(val)
+    calm = test[3] < cal.params["vol_cuts"][0]
+    grow = np.where(calm, np.linspace(1.0, factor_end, 150).repeat(20), 1.0)
+    test[2] = test[1][:, None] * (1 + (test[2] / test[1][:, None] - 1) * grow[:, None])
+    return cal, val, test
+
+
+def _pool(cal, val, test, anchors=True):
+    return BandOutcomes.from_forecasts(cal, *val[:4], val[5], anchors=val[4] if anchors else None).concat(
+        BandOutcomes.from_forecasts(cal, *test[:4], test[5], anchors=test[4] if anchors else None)
+    )
+
+
+def test_each_volatility_regime_gets_its_coverage_back_when_one_drifts():
+    cal, val, test = _regime_shift(1.6)
+    cuts = cal.params["vol_cuts"]
+    assert len(cuts) == 2 and 0 < cuts[0] < cuts[1]  # validation's terciles of the contexts' volatility
+    regime = np.digitize(test[3], cuts)
+    kernel_only = cal.with_outcomes(_pool(cal, val, test, anchors=False))  # outcomes that do not know their anchors
+    both = cal.with_outcomes(_pool(cal, val, test))
+    for lv in (0.5, 0.8):
+        before = _coverage(kernel_only, test, lv, test[4])
+        after = _coverage(both, test, lv, test[4])
+        assert before[regime == 0].mean() < lv - 0.04  # the kernel trails a regime that keeps drifting
+        for k in range(3):
+            assert after[regime == k].mean() == pytest.approx(lv, abs=0.025), (lv, k)
+    # a market that does not drift: the regime correction leaves the bands as the kernel has them (within noise)
+    cal, val, test = _regime_shift(1.0, seed=20)
+    regime = np.digitize(test[3], cal.params["vol_cuts"])
+    still = cal.with_outcomes(_pool(cal, val, test))
+    for lv in (0.5, 0.8):
+        inside = _coverage(still, test, lv, test[4])
+        assert all(inside[regime == k].mean() == pytest.approx(lv, abs=0.025) for k in range(3))
+
+
+def test_the_regime_correction_at_an_anchor_reads_no_outcome_realised_after_it():
+    cal, val, test = _regime_shift(1.6)
+    pool = _pool(cal, val, test)
+    cuts = cal.params["vol_cuts"]
+    queries = np.sort(np.unique(test[4]))[::15]
+    vols = np.array([cuts[0] * 0.8, np.mean(cuts), cuts[1] * 1.2] * len(queries))[: len(queries)]
+    before = pool.multipliers(queries, vol=vols, regimes=cuts)
+    factors = pool.regime_factors(queries, vols, cuts, ["0.8"])["0.8"]
+    assert factors.max() > 1.05  # the calm regime was widened by what it realised (the check below can fail)
+    for i, t in enumerate(queries):
+        later = pool.target > t
+        poisoned = BandOutcomes(
+            pool.target, {k: np.where(later, v * 50.0 + 7.0, v) for k, v in pool.scores.items()}, pool.bar,
+            pool.calendar, pool.fingerprint, pool.half_life, vol=np.where(later, pool.vol * 3, pool.vol),
+            anchor=np.where(later, pool.anchor + np.timedelta64(3, "D"), pool.anchor),
+        )  # fmt: skip
+        after = poisoned.multipliers(queries[i : i + 1], vol=vols[i : i + 1], regimes=cuts)
+        for key in before:
+            assert after[key][0] == before[key][i], (t, key)  # outcomes after t change nothing at t
+    # before the first realised outcome: no correction at all
+    first = pool.target.min() - np.timedelta64(1, "D")
+    assert pool.regime_factors(np.array([first]), vols[:1], cuts, ["0.8"])["0.8"][0] == 1.0
+
+
+def test_outcome_files_keep_the_anchors_and_old_files_without_them_still_work(tmp_path):
+    cal, val, test = _regime_shift(1.6)
+    pool = _pool(cal, val, test)
+    pool.save(tmp_path / "o.parquet")
+    back = BandOutcomes.load(tmp_path / "o.parquet")
+    np.testing.assert_array_equal(back.anchor, pool.anchor)
+    adaptive = cal.with_outcomes(back)
+    lo, hi = adaptive.quantiles(test[0], test[1], [0.1, 0.9], test[3], anchors=test[4])
+    lo2, hi2 = cal.with_outcomes(pool).quantiles(test[0], test[1], [0.1, 0.9], test[3], anchors=test[4])
+    np.testing.assert_allclose(hi, hi2, rtol=1e-12)
+    # a file written before outcomes knew their anchors: the kernel correction alone, no error
+    old = back.to_frame().drop(columns="anchor")
+    legacy = BandOutcomes.from_frame(old, back.bar, back.calendar, back.fingerprint, back.half_life)
+    legacy.bandwidth = back.bandwidth
+    assert legacy.anchor is None
+    kernel = cal.with_outcomes(legacy).quantiles(test[0], test[1], [0.9], test[3], anchors=test[4])[0]
+    assert np.isfinite(kernel).all() and not np.allclose(kernel, hi)
+    # a broken vol_cuts parameter is refused on load, in one line
+    bad = cal.to_dict()
+    bad["params"]["vol_cuts"] = [0.02, 0.01]
+    with pytest.raises(CheckpointError, match="vol_cuts"):
+        type(cal).from_dict(bad, source="calibration file 'x.json'")

@@ -288,6 +288,10 @@ def _fit_params(
     h = None
     if method == "vol_scaled":
         assert vol is not None  # fit_calibration keeps the VOL_METHODS only with context_vol
+        # the volatility regimes of the adaptive correction (kronos.inference.outcomes): validation's terciles of
+        # the contexts' recent volatility, as forecasts carry it (before any intraday profile)
+        cuts = np.quantile(np.maximum(np.asarray(vol, dtype=float), 1e-12), [1 / 3, 2 / 3])
+        out["vol_cuts"] = [float(v) for v in cuts]
         if session is not None and times is not None:
             ctx, h = session_time(session, times, z.shape[2], lookback)
             vol = np.asarray(vol, dtype=float) / np.sqrt(ctx)

@@ -276,6 +276,16 @@ class Calibration:
                 f"{source}: parameter 'session' must hold equally long lists 'minutes' (increasing, 0..1439) and "
                 "'weight' (finite, > 0); rerun `kronos calibrate`"
             )
+        cuts = obj.params.get("vol_cuts") if isinstance(obj.params, dict) else None
+        if cuts is not None and not (
+            isinstance(cuts, list)
+            and len(cuts) == 2
+            and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in cuts)
+            and cuts[0] <= cuts[1]
+        ):
+            raise CheckpointError(
+                f"{source}: parameter 'vol_cuts' must list 2 increasing positive numbers; rerun `kronos calibrate`"
+            )
         center = obj.params.get("center") if isinstance(obj.params, dict) else None
         if center is not None and (
             not isinstance(center, list)
@@ -353,7 +363,8 @@ class Calibration:
         anchors = np.atleast_1d(np.asarray(anchors))
         if len(anchors) != n:
             raise InputError(f"adaptive bands need one anchor per forecast ({n}), got {len(anchors)}")
-        return self.outcomes.multipliers(anchors, levels=levels, vol=vol)
+        cuts = self.params.get("vol_cuts") if self.method == "vol_scaled" else None
+        return self.outcomes.multipliers(anchors, levels=levels, vol=vol, regimes=cuts)
 
     def session_scale(self, vol: Any, anchors: Any, n: int) -> tuple[Any, np.ndarray | None]:
         """``vol_scaled`` with an intraday profile (``session`` parameter): ``(vol per unit of profile [N], variance

@@ -33,6 +33,9 @@ from kronos.errors import CheckpointError, InputError
 HALF_LIFE_BARS = 60  # bars; the recency of the outcomes the adaptive correction weighs (README, "Calibrated bands")
 VOL_BANDWIDTH = 0.25  # log-volatility kernel width: outcomes of forecasts made in similar volatility weigh more
 FORMAT = "kronos-band-outcomes-1"
+REGIME_RATE = 1.5  # the regimes' log band scale moves by this over the outcomes of one anchor time (< REGIME_ROWS)
+REGIME_ROWS = 300  # ... or by REGIME_RATE / rows per anchor time in a bigger market (measured: README)
+REGIME_CLIP = float(np.log(4.0))  # a regime's factor stays within 1/4 .. 4 of the kernel quantile
 FLAT_VOL = 1e-7  # a context whose closes never moved (a suspended symbol): its scores divide by ~0 and are left out
 
 
@@ -60,6 +63,7 @@ class BandOutcomes:
     meta: dict = field(default_factory=dict)
     vol: Any = None  # [R] the forecast's context_vol (for the volatility kernel)
     bandwidth: float = VOL_BANDWIDTH  # log-volatility kernel width (0: outcomes of every volatility weigh alike)
+    anchor: Any = None  # datetime64[ns] [R]: the forecast's anchor (its last known bar; for the regime correction)
 
     def __len__(self) -> int:
         return int(len(self.target))
@@ -104,6 +108,10 @@ class BandOutcomes:
         vol_rows = None
         if context_vol is not None:
             vol_rows = np.broadcast_to(np.asarray(context_vol, float)[:, None], true.shape)[ok]
+        anchor_rows = None
+        if anchors is not None:
+            at = np.asarray(pd.DatetimeIndex(np.atleast_1d(anchors)).tz_localize(None), dtype="datetime64[ns]")
+            anchor_rows = np.broadcast_to(at[:, None], true.shape)[ok]
         steps = np.diff(targets, axis=1).ravel() if targets.shape[1] > 1 else np.array([], dtype="timedelta64[ns]")
         steps = steps[~np.isnat(steps) & (steps > np.timedelta64(0, "ns"))]
         bar = np.median(steps.astype(np.int64)).astype("timedelta64[ns]") if len(steps) else np.timedelta64(1, "D")
@@ -111,7 +119,9 @@ class BandOutcomes:
         cal_times = np.unique(cal_times.astype("datetime64[ns]"))
         if len(targets[ok]):  # the span the outcomes need
             cal_times = cal_times[(cal_times >= targets[ok].min())]
-        return cls(targets[ok], scores, bar, cal_times, cal.fingerprint, float(half_life), vol=vol_rows)
+        return cls(
+            targets[ok], scores, bar, cal_times, cal.fingerprint, float(half_life), vol=vol_rows, anchor=anchor_rows
+        )
 
     def concat(self, other: BandOutcomes) -> BandOutcomes:
         """Both sets of outcomes (same calibration); a row realised at the same time with the same scores is kept
@@ -120,8 +130,9 @@ class BandOutcomes:
             raise CheckpointError("band outcomes of two different calibrations cannot be merged")
         keys = [k for k in self.scores if k in other.scores]
         parts = [self.to_frame(keys), other.to_frame(keys)]
-        if (self.vol is None) != (other.vol is None):
-            parts = [p.drop(columns="vol", errors="ignore") for p in parts]
+        for col, a, b in (("vol", self.vol, other.vol), ("anchor", self.anchor, other.anchor)):
+            if (a is None) != (b is None):
+                parts = [p.drop(columns=col, errors="ignore") for p in parts]
         frame = pd.concat(parts, ignore_index=True).drop_duplicates()
         calendar = np.union1d(self.calendar, other.calendar)
         out = self.from_frame(frame, self.bar, calendar, self.fingerprint, self.half_life, self.meta)
@@ -140,11 +151,24 @@ class BandOutcomes:
         return pos
 
     # ------------------------------------------------------------------ the correction
-    def multipliers(self, anchors: Any, levels: Any = None, vol: Any = None) -> dict[str, np.ndarray]:
+    def multipliers(
+        self, anchors: Any, levels: Any = None, vol: Any = None, regimes: Any = None
+    ) -> dict[str, np.ndarray]:
         """``{level key: [N]}``: the band multiplier of each forecast anchored at ``anchors [N]`` (its last known
-        bar): the weighted conformal quantile of the scores realised on or before its anchor (1 where none is)."""
+        bar): the weighted conformal quantile of the scores realised on or before its anchor (1 where none is).
+        ``regimes`` (two increasing volatility cuts, the calibration's ``vol_cuts``) with ``vol`` and outcomes that
+        know their anchors: times the running correction of the forecast's volatility regime
+        (:meth:`regime_factors`)."""
         at = np.asarray(pd.DatetimeIndex(np.atleast_1d(anchors)).tz_localize(None), dtype="datetime64[ns]")
         keys = [_level_key(v) for v in levels] if levels is not None else list(self.scores)
+        out = self._kernel(at, keys, vol)
+        if regimes is not None and vol is not None:
+            factors = self.regime_factors(at, np.broadcast_to(np.asarray(vol, float), at.shape), regimes, keys)
+            out = {k: v * factors[k] if k in factors else v for k, v in out.items()}
+        return out
+
+    def _kernel(self, at: np.ndarray, keys: list[str], vol: Any = None) -> dict[str, np.ndarray]:
+        """The weighted conformal quantile part of :meth:`multipliers` at anchor times ``at``."""
         out = {k: np.ones(len(at)) for k in keys}
         if not len(self) or not len(at):
             return out
@@ -160,28 +184,37 @@ class BandOutcomes:
         else:
             uniq, inverse = np.unique(at, return_inverse=True)
         t_pos = self.bar_position(uniq)
-        o_pos = self.bar_position(self.target)
-        for key in keys:
-            if key not in self.scores:
+        base = np.ones(len(self), bool) if self.vol is None else np.asarray(self.vol, dtype=float) > FLAT_VOL
+        by_time = np.flatnonzero(base)[np.argsort(self.target[base], kind="stable")]  # realised rows, oldest first
+        t_rows, o_rows = self.target[by_time], self.bar_position(self.target[by_time])
+        v_rows = np.log(np.maximum(np.asarray(self.vol, dtype=float)[by_time], 1e-12)) if kernel else None
+        keys = [k for k in keys if k in self.scores]
+        scores = {k: self.scores[k][by_time] for k in keys}
+        orders = {k: np.argsort(v, kind="stable") for k, v in scores.items()}  # by score (NaN last)
+        per_query = {k: np.ones(len(uniq)) for k in keys}
+        for start in range(0, len(uniq), 64):  # a block of queries at once (np.unique sorted them by time)
+            block = slice(start, start + 64)
+            n_known = int(np.searchsorted(t_rows, uniq[block].max(), side="right"))  # rows realised by the block
+            if not n_known:
                 continue
-            level = float(key)
-            s = self.scores[key]
-            ok = np.isfinite(s)
-            if self.vol is not None:
-                ok &= np.asarray(self.vol, dtype=float) > FLAT_VOL
-            need = level / (1.0 - level)  # outcome weight for a finite conformal quantile (the new forecast: 1)
-            order = np.argsort(s[ok], kind="stable")
-            s_sorted, o_sorted, t_sorted = s[ok][order], o_pos[ok][order], self.target[ok][order]
-            v_sorted = np.log(np.maximum(self.vol[ok][order], 1e-12)) if kernel else None
-            per_query = np.ones(len(uniq))
-            for start in range(0, len(uniq), 64):  # a block of anchor times at once
-                block = slice(start, start + 64)
-                known = t_sorted[None, :] <= uniq[block, None]  # realised on or before the anchor: never later
-                age = np.maximum(t_pos[block, None] - o_sorted[None, :], 0.0)
-                w = np.where(known, 0.5 ** (age / self.half_life), 0.0)
+            known = t_rows[None, :n_known] <= uniq[block, None]  # realised on or before the anchor: never later
+            age = np.maximum(t_pos[block, None] - o_rows[None, :n_known], 0.0)
+            recency = np.where(known, 0.5 ** (age / self.half_life), 0.0)
+            near_all = None
+            if v_rows is not None:
+                near_all = recency * np.exp(-0.5 * ((v_rows[None, :n_known] - qvol[block, None]) / self.bandwidth) ** 2)
+            for key in keys:
+                level = float(key)
+                need = level / (1.0 - level)  # outcome weight for a finite conformal quantile (the new forecast: 1)
+                rows = orders[key][orders[key] < n_known]
+                if not len(rows):
+                    continue
+                s_sorted = scores[key][rows]
+                finite = np.isfinite(s_sorted)  # a score that is not a number weighs nothing
+                w = recency[:, rows] * finite
                 total = w.sum(axis=1)
-                if v_sorted is not None:
-                    near = w * np.exp(-0.5 * ((v_sorted[None, :] - qvol[block, None]) / self.bandwidth) ** 2)
+                if near_all is not None:
+                    near = near_all[:, rows] * finite
                     near_total = near.sum(axis=1)
                     # a volatility no realised outcome came near: the recency weights alone (the kernel has no say)
                     use = near_total >= need
@@ -189,17 +222,91 @@ class BandOutcomes:
                     total = np.where(use, near_total, total)
                 share = np.cumsum(w, axis=1) / (total[:, None] + 1.0)  # the new forecast: weight 1 at +inf
                 k = np.minimum((share < level).sum(axis=1), len(s_sorted) - 1)
-                value = s_sorted[k] if len(s_sorted) else np.ones(len(total))
                 # too little realised yet for this level's quantile to be finite: the static band
-                per_query[block] = np.where(total >= need, value, 1.0)
-            out[key] = per_query[inverse]
+                per_query[key][block] = np.where(total >= need, s_sorted[k], 1.0)
+        for key in keys:
+            out[key] = per_query[key][inverse]
         return out
+
+    def regime_factors(self, at: np.ndarray, vol: np.ndarray, cuts: Any, keys: list[str]) -> dict[str, np.ndarray]:
+        """``{level key: [N]}``: the running correction of each forecast's volatility regime at its anchor ``at``.
+
+        The kernel quantile follows what similar forecasts realised, but a regime can stay short for a long stretch
+        (calm markets just before a break cover less than turbulent ones). So each regime (context volatility below,
+        between or above ``cuts``: validation's terciles) keeps a log band scale, updated by every realised outcome
+        of its forecasts in the order the outcomes became known: ``+ rate * (missed - (1 - level))``, where *missed*
+        compares the outcome's score with the band its forecast was actually given (kernel quantile times the
+        regime's factor at that forecast's anchor). This is adaptive conformal inference (Gibbs and Candes, 2021)
+        per regime: over time each regime's misses come to ``1 - level``. ``rate`` = :data:`REGIME_RATE` over the
+        outcomes per anchor time (at least :data:`REGIME_ROWS`), so one bar moves a market of any size alike.
+        Only outcomes realised on or before an anchor move its factor; 1 where the outcomes do not know their
+        anchors (files written before this correction) or nothing was realised yet."""
+        out = {k: np.ones(len(at)) for k in keys}
+        hist = self._regime_history(tuple(float(c) for c in np.asarray(cuts, dtype=float).ravel()[:2]))
+        if hist is None:
+            return out
+        times, theta, order = hist
+        pos = np.searchsorted(times, at, side="right") - 1  # the last outcome time on or before each anchor
+        group = np.digitize(np.asarray(vol, dtype=float), np.asarray(cuts, dtype=float)[:2])
+        for key in keys:
+            if key in order:
+                lv = order[key]
+                out[key] = np.where(pos >= 0, np.exp(theta[np.maximum(pos, 0), lv, group]), 1.0)
+        return out
+
+    def _regime_history(self, cuts: tuple) -> tuple | None:
+        """(outcome times [U], log scales after each [U, L, 3], level key -> L index); cached per settings."""
+        if self.anchor is None or self.vol is None or not len(self) or len(cuts) != 2:
+            return None
+        state = (cuts, self.half_life, self.bandwidth, len(self))
+        cache = self.__dict__.get("_regime_cache")
+        if cache is not None and cache[0] == state:
+            return cache[1]
+        keys = list(self.scores)
+        vol = np.asarray(self.vol, dtype=float)
+        ok = ~np.isnat(self.anchor) & (vol > FLAT_VOL)
+        for k in keys:
+            ok &= np.isfinite(self.scores[k])
+        result = None
+        if ok.any():
+            anchor, target, vol = self.anchor[ok], self.target[ok], vol[ok]
+            group = np.digitize(vol, np.asarray(cuts, dtype=float))
+            scores = np.stack([self.scores[k][ok] for k in keys])  # [L, R]
+            # the band each forecast was given by the kernel at its own anchor (outcomes realised before it)
+            pairs, inverse = np.unique(np.stack([anchor.astype(np.int64), vol.view(np.int64)], axis=1), axis=0,
+                                       return_inverse=True)  # fmt: skip
+            given = self._kernel(pairs[:, 0].astype("datetime64[ns]"), keys, pairs[:, 1].view(np.float64))
+            issued = np.stack([given[k][inverse.ravel()] for k in keys])  # [L, R]
+            miss_rate = 1.0 - np.array([float(k) for k in keys])[:, None]
+            per_anchor = np.unique(anchor, return_counts=True)[1]
+            rate = REGIME_RATE / max(float(np.median(per_anchor)), REGIME_ROWS)
+            times, first = np.unique(target, return_index=True)
+            order = np.argsort(target, kind="stable")
+            bounds = np.searchsorted(target[order], times, side="left").tolist() + [len(order)]
+            at_anchor = np.searchsorted(times, anchor, side="right") - 1  # the history index a forecast was given
+            theta = np.zeros((len(times), len(keys), 3))
+            now = np.zeros((len(keys), 3))
+            for i in range(len(times)):
+                rows = order[bounds[i] : bounds[i + 1]]
+                j = at_anchor[rows]
+                scale = np.where(j[None, :] >= 0, np.exp(theta[np.maximum(j, 0), :, group[rows]].T), 1.0)
+                err = (scores[:, rows] > issued[:, rows] * scale) - miss_rate  # [L, n]
+                for g in range(3):
+                    sel = group[rows] == g
+                    if sel.any():
+                        now[:, g] += rate * err[:, sel].sum(axis=1)
+                np.clip(now, -REGIME_CLIP, REGIME_CLIP, out=now)
+                theta[i] = now
+            result = (times, theta, {k: i for i, k in enumerate(keys)})
+        self.__dict__["_regime_cache"] = (state, result)
+        return result
 
     # ------------------------------------------------------------------ files
     def to_frame(self, keys: list[str] | None = None) -> pd.DataFrame:
         keys = list(self.scores) if keys is None else keys
         vol = {} if self.vol is None else {"vol": np.asarray(self.vol, dtype=float)}
-        return pd.DataFrame({"target": self.target, **vol, **{f"score_{k}": self.scores[k] for k in keys}})
+        anchor = {} if self.anchor is None else {"anchor": np.asarray(self.anchor, dtype="datetime64[ns]")}
+        return pd.DataFrame({"target": self.target, **anchor, **vol, **{f"score_{k}": self.scores[k] for k in keys}})
 
     @classmethod
     def from_frame(
@@ -214,8 +321,11 @@ class BandOutcomes:
         scores = {str(c)[6:]: frame[c].to_numpy(dtype=float) for c in frame.columns if str(c).startswith("score_")}
         target = frame["target"].to_numpy(dtype="datetime64[ns]")
         vol = frame["vol"].to_numpy(dtype=float) if "vol" in frame.columns else None
+        anchor = frame["anchor"].to_numpy(dtype="datetime64[ns]") if "anchor" in frame.columns else None
         calendar = np.asarray(calendar, "datetime64[ns]")
-        return cls(target, scores, bar, calendar, fingerprint, half_life, meta or {}, vol=vol)  # default bandwidth
+        return cls(
+            target, scores, bar, calendar, fingerprint, half_life, meta or {}, vol=vol, anchor=anchor
+        )  # default bandwidth
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a Parquet file (atomically) with the bar spacing, half-life and fingerprint in its metadata."""
