@@ -208,14 +208,14 @@ def test_calibration_gets_enough_validation_forecasts_when_symbols_are_few():
     assert target_times(frame, anchors.iloc[:1], 5)[0, 0] == ts[int(anchors["pos"].iloc[0]) + 1]
 
 
-def _regime_shift(factor_end, seed=10):
+def _regime_shift(factor_end, seed=10, n_val=50, n_test=100, per_date=15):
     """Validation, then a test stretch whose calm forecasts (below validation's lower volatility tercile) realise
     moves that grow steadily larger (to ``factor_end`` x): a calm market drifting toward a break."""
-    val = _market(60, 20, 0.5, seed)
-    test = list(_market(150, 20, 0.5, seed + 1, first=60))
+    val = _market(n_val, per_date, 0.5, seed)
+    test = list(_market(n_test, per_date, 0.5, seed + 1, first=n_val))
     cal = _fit(val)
     calm = test[3] < cal.params["vol_cuts"][0]
-    grow = np.where(calm, np.linspace(1.0, factor_end, 150).repeat(20), 1.0)
+    grow = np.where(calm, np.linspace(1.0, factor_end, n_test).repeat(per_date), 1.0)
     test[2] = test[1][:, None] * (1 + (test[2] / test[1][:, None] - 1) * grow[:, None])
     return cal, val, test
 
@@ -249,10 +249,10 @@ def test_each_volatility_regime_gets_its_coverage_back_when_one_drifts():
 
 
 def test_the_regime_correction_at_an_anchor_reads_no_outcome_realised_after_it():
-    cal, val, test = _regime_shift(1.6)
+    cal, val, test = _regime_shift(2.0, n_val=30, n_test=60, per_date=10)
     pool = _pool(cal, val, test)
     cuts = cal.params["vol_cuts"]
-    queries = np.sort(np.unique(test[4]))[::15]
+    queries = np.sort(np.unique(test[4]))[5::11]
     vols = np.array([cuts[0] * 0.8, np.mean(cuts), cuts[1] * 1.2] * len(queries))[: len(queries)]
     before = pool.multipliers(queries, vol=vols, regimes=cuts)
     factors = pool.regime_factors(queries, vols, cuts, ["0.8"])["0.8"]
@@ -273,7 +273,7 @@ def test_the_regime_correction_at_an_anchor_reads_no_outcome_realised_after_it()
 
 
 def test_outcome_files_keep_the_anchors_and_old_files_without_them_still_work(tmp_path):
-    cal, val, test = _regime_shift(1.6)
+    cal, val, test = _regime_shift(2.0, n_val=30, n_test=60, per_date=10)
     pool = _pool(cal, val, test)
     pool.save(tmp_path / "o.parquet")
     back = BandOutcomes.load(tmp_path / "o.parquet")

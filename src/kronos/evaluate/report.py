@@ -155,8 +155,8 @@ def _adaptive_info(cal: Any, anchors: np.ndarray, vol: np.ndarray | None) -> dic
     pool = cal.outcomes
     if pool is None:
         return None
-    mult = pool.multipliers(anchors, cal.levels, vol=vol)
-    return {
+    mult = cal.multipliers(anchors, len(anchors), vol, cal.levels) or {}  # the ones the bands used
+    out = {
         "half_life_bars": pool.half_life,
         "n_outcomes": len(pool),
         "last_outcome": str(pd.Timestamp(pool.target.max())) if len(pool) else None,
@@ -166,6 +166,14 @@ def _adaptive_info(cal: Any, anchors: np.ndarray, vol: np.ndarray | None) -> dic
             if len(v)
         },
     }
+    cuts = cal.params.get("vol_cuts") if cal.method == "vol_scaled" else None
+    if cuts is not None and vol is not None and pool.anchor is not None and len(anchors):
+        # each volatility regime's running factor at the last test anchor (low / mid / high)
+        last = np.repeat(np.asarray(anchors).max(), 3)
+        probe = np.array([cuts[0] / 2.0, (cuts[0] + cuts[1]) / 2.0, cuts[1] * 2.0])
+        factors = pool.regime_factors(last, probe, cuts, [f"{lv:g}" for lv in cal.levels])
+        out["regime_factor"] = {k: [float(x) for x in v] for k, v in factors.items()}
+    return out
 
 
 def _reliability(p: np.ndarray, up: np.ndarray, bins: int = 10) -> dict:
@@ -580,11 +588,20 @@ def _adaptive_line(info: dict | None) -> str:
         f"{float(k):.0%} x{_fmt(v['min'])}..{_fmt(v['max'])} (median {_fmt(v['median'])})"
         for k, v in info["multiplier"].items()
     )
-    return (
+    line = (
         f"Bands adapted to realised outcomes: at each test anchor the validation fit is rescaled by the "
         f"{info['n_outcomes']} outcomes (validation and earlier test forecasts) realised on or before that anchor, "
         f"weights halving every {_fmt(info['half_life_bars'])} bars; multipliers {spans}."
     )
+    if info.get("regime_factor"):
+        regimes = ", ".join(
+            f"{float(k):.0%} x" + " / ".join(_fmt(x) for x in v) for k, v in info["regime_factor"].items()
+        )
+        line += (
+            " The multipliers include each volatility regime's running correction (low / mid / high recent "
+            f"volatility; factors at the last test anchor: {regimes})."
+        )
+    return line
 
 
 def _fit_line(validation: dict) -> str:
