@@ -178,7 +178,8 @@ def test_records_get_the_same_adaptive_bands_as_sample_paths():
     data = _market(30, 10, 0.3, 7)
     samples, last, true, vol, anchors, targets = data
     cal = _fit(data, levels=(0.8,))
-    adaptive = cal.with_outcomes(BandOutcomes.from_forecasts(cal, samples, last, true, vol, targets))
+    adaptive = cal.with_outcomes(BandOutcomes.from_forecasts(cal, samples, last, true, vol, targets, anchors=anchors))
+    assert adaptive.outcomes.anchor is not None  # the per-regime correction is on too
     n = len(last)
     raw = np.quantile(samples, [0.1, 0.5, 0.9], axis=1)  # [3, N, P]
     records = pd.DataFrame({
