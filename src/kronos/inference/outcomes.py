@@ -36,6 +36,7 @@ FORMAT = "kronos-band-outcomes-1"
 REGIME_RATE = 1.5  # the regimes' log band scale moves by this over the outcomes of one anchor time (< REGIME_ROWS)
 REGIME_ROWS = 300  # ... or by REGIME_RATE / rows per anchor time in a bigger market (measured: README)
 REGIME_CLIP = float(np.log(4.0))  # a regime's factor stays within 1/4 .. 4 of the kernel quantile
+KERNEL_CELLS = 4_000_000  # queries x outcomes per block of the kernel (about 32 MB per array of the block)
 FLAT_VOL = 1e-7  # a context whose closes never moved (a suspended symbol): its scores divide by ~0 and are left out
 
 
@@ -192,8 +193,9 @@ class BandOutcomes:
         scores = {k: self.scores[k][by_time] for k in keys}
         orders = {k: np.argsort(v, kind="stable") for k, v in scores.items()}  # by score (NaN last)
         per_query = {k: np.ones(len(uniq)) for k in keys}
-        for start in range(0, len(uniq), 64):  # a block of queries at once (np.unique sorted them by time)
-            block = slice(start, start + 64)
+        size = max(1, min(64, KERNEL_CELLS // max(len(t_rows), 1)))  # queries per block: bounded memory
+        for start in range(0, len(uniq), size):  # a block of queries at once (np.unique sorted them by time)
+            block = slice(start, start + size)
             n_known = int(np.searchsorted(t_rows, uniq[block].max(), side="right"))  # rows realised by the block
             if not n_known:
                 continue
