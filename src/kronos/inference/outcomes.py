@@ -33,8 +33,8 @@ from kronos.errors import CheckpointError, InputError
 HALF_LIFE_BARS = 60  # bars; the recency of the outcomes the adaptive correction weighs (README, "Calibrated bands")
 VOL_BANDWIDTH = 0.25  # log-volatility kernel width: outcomes of forecasts made in similar volatility weigh more
 FORMAT = "kronos-band-outcomes-1"
-REGIME_RATE = 1.5  # the regimes' log band scale moves by this over the outcomes of one anchor time (< REGIME_ROWS)
-REGIME_ROWS = 300  # ... or by REGIME_RATE / rows per anchor time in a bigger market (measured: README)
+REGIME_RATE = 1.5  # a regime's log band scale moves by REGIME_RATE / REGIME_ROWS per realised outcome (README) ...
+REGIME_ROWS = 300  # ... or by REGIME_RATE / n each when more than this many outcomes are realised at one bar time
 REGIME_CLIP = float(np.log(4.0))  # a regime's factor stays within 1/4 .. 4 of the kernel quantile
 KERNEL_CELLS = 4_000_000  # queries x outcomes per block of the kernel (about 32 MB per array of the block)
 FLAT_VOL = 1e-7  # a context whose closes never moved (a suspended symbol): its scores divide by ~0 and are left out
@@ -240,7 +240,8 @@ class BandOutcomes:
         compares the outcome's score with the band its forecast was actually given (kernel quantile times the
         regime's factor at that forecast's anchor). This is adaptive conformal inference (Gibbs and Candes, 2021)
         per regime: over time each regime's misses come to ``1 - level``. ``rate`` = :data:`REGIME_RATE` over the
-        outcomes per anchor time (at least :data:`REGIME_ROWS`), so one bar moves a market of any size alike.
+        outcomes realised at the same bar time (at least :data:`REGIME_ROWS`), so one bar moves a market of any
+        size alike.
         Only outcomes realised on or before an anchor move its factor; 1 where the outcomes do not know their
         anchors (files written before this correction) or nothing was realised yet."""
         out = {k: np.ones(len(at)) for k in keys}
@@ -280,8 +281,6 @@ class BandOutcomes:
             given = self._kernel(pairs[:, 0].astype("datetime64[ns]"), keys, pairs[:, 1].view(np.float64))
             issued = np.stack([given[k][inverse.ravel()] for k in keys])  # [L, R]
             miss_rate = 1.0 - np.array([float(k) for k in keys])[:, None]
-            per_anchor = np.unique(anchor, return_counts=True)[1]
-            rate = REGIME_RATE / max(float(np.median(per_anchor)), REGIME_ROWS)
             times, first = np.unique(target, return_index=True)
             order = np.argsort(target, kind="stable")
             bounds = np.searchsorted(target[order], times, side="left").tolist() + [len(order)]
@@ -293,6 +292,7 @@ class BandOutcomes:
                 j = at_anchor[rows]
                 scale = np.where(j[None, :] >= 0, np.exp(theta[np.maximum(j, 0), :, group[rows]].T), 1.0)
                 err = (scores[:, rows] > issued[:, rows] * scale) - miss_rate  # [L, n]
+                rate = REGIME_RATE / max(len(rows), REGIME_ROWS)  # a bar of a big market moves it no more
                 for g in range(3):
                     sel = group[rows] == g
                     if sel.any():
