@@ -295,3 +295,28 @@ def test_outcome_files_keep_the_anchors_and_old_files_without_them_still_work(tm
     bad["params"]["vol_cuts"] = [0.02, 0.01]
     with pytest.raises(CheckpointError, match="vol_cuts"):
         type(cal).from_dict(bad, source="calibration file 'x.json'")
+
+
+def test_levels_scaled_apart_by_their_own_corrections_never_cross():
+    """Each central level has its own adaptive factor; where they pull far apart the quantiles are put back in order
+    (paths and records alike), so a 50% band never pokes out of the 80% band."""
+    samples, last, true, vol, anchors, targets = _market(30, 10, 0.3, 8)
+    cal = _fit((samples, last, true, vol, anchors, targets))
+    pool = BandOutcomes.from_forecasts(cal, samples, last, true, vol, targets, anchors=anchors)
+    pool.scores = {k: v * (4.0 if k == "0.5" else 0.25 if k == "0.8" else 1.0) for k, v in pool.scores.items()}
+    adaptive = cal.with_outcomes(pool)
+    qs = [0.1, 0.25, 0.5, 0.75, 0.9]
+    got = adaptive.quantiles(samples, last, qs, vol, anchors=anchors)
+    assert (np.diff(got, axis=0) >= 0).all()
+    late = anchors >= np.sort(np.unique(anchors))[-5]
+    unsorted = [adaptive.quantiles(samples, last, [q], vol, anchors=anchors)[0] for q in qs]
+    assert (unsorted[1][late] < unsorted[0][late]).any()  # the crossing this guards against does happen here
+    raw = np.quantile(samples, qs, axis=1)
+    n = len(last)
+    records = pd.DataFrame({
+        "anchor": np.repeat(anchors, P), "step": np.tile(np.arange(1, P + 1), n), "last_close": np.repeat(last, P),
+        "context_vol": np.repeat(vol, P), **{quantile_column(q): raw[i].ravel() for i, q in enumerate(qs)},
+    })  # fmt: skip
+    out = apply_calibration(records, adaptive)
+    for i, q in enumerate(qs):
+        np.testing.assert_allclose(out[quantile_column(q)].to_numpy(), got[i].ravel(), rtol=1e-9)

@@ -419,7 +419,7 @@ class Calibration:
             k = None if k is None else k[:, None]
             r = self._adjust(q, np.quantile(z, q, axis=1), lo, hi, med, steps, vol, k, time=tau)
             out.append(last[:, None] * (1.0 + r))
-        return np.stack(out)
+        return _in_order(np.stack(out), qs)
 
     def _adjust(
         self,
@@ -487,6 +487,18 @@ class Calibration:
     def p_up_calibrated(self, samples: np.ndarray, last_close: np.ndarray) -> np.ndarray:
         """Platt-scaled P(close at step h > last close) ``[N, P]``."""
         return platt(self.p_up_raw(samples, last_close), self.p_up["a"], self.p_up["b"])
+
+
+def _in_order(values: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """Quantiles ``[len(qs), ...]`` put in the order of their levels (monotone rearrangement): the adaptive
+    correction scales each central level by its own factor, so two neighbouring levels can cross now and then; the
+    sorted values are never worse in quantile loss (Chernozhukov, Fernandez-Val and Galichon, 2010)."""
+    if len(qs) < 2:
+        return values
+    order = np.argsort(np.asarray([float(q) for q in qs]), kind="stable")
+    out = np.array(values, dtype=float, copy=True)
+    out[order] = np.sort(out[order], axis=0)
+    return out
 
 
 def _valid_session(session: Any) -> bool:
@@ -626,9 +638,12 @@ def apply_calibration(records: Any, calibration: Any, model: Any = None, lookbac
             new[c] = last * (
                 1.0 + cal._adjust(q, rel[q], r_lo, r_hi, med, idx, vol, k, use_center=base == "close", time=tau)
             )
-        for c, v in new.items():
+        ordered = sorted(qcols, key=float)
+        ranked = _in_order(np.stack([new[qcols[q]] for q in ordered]), ordered)
+        for i, q in enumerate(ordered):
+            c = qcols[q]
             out[f"{c}_raw"] = out[c]
-            out[c] = v
+            out[c] = ranked[i]
     if "p_up" in out.columns:
         out["p_up_raw"] = out["p_up"]
         out["p_up_calibrated"] = platt(out["p_up"].to_numpy(dtype=float), cal.p_up["a"], cal.p_up["b"])
