@@ -257,6 +257,12 @@ class BandOutcomes:
                 out[key] = np.where(pos >= 0, np.exp(theta[np.maximum(pos, 0), lv, group]), 1.0)
         return out
 
+    def prepare_regimes(self, cuts: Any) -> None:
+        """Build (and cache) the regime correction's history now: a service does it at start-up, not on its first
+        request."""
+        if cuts is not None:
+            self._regime_history(tuple(float(c) for c in np.asarray(cuts, dtype=float).ravel()[:2]))
+
     def _regime_history(self, cuts: tuple) -> tuple | None:
         """(outcome times [U], log scales after each [U, L, 3], level key -> L index); cached per settings."""
         if self.anchor is None or self.vol is None or not len(self) or len(cuts) != 2:

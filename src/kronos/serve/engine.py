@@ -241,6 +241,7 @@ def load_calibration(path: str, predictor) -> Any:
     if cal.method == "vol_scaled" and kept.is_file():
         try:
             cal = cal.with_outcomes(BandOutcomes.load(kept))
+            cal.outcomes.prepare_regimes(cal.params.get("vol_cuts"))  # at start-up, not on the first request
         except KronosError as exc:
             log.warning("%s: the service's bands are the static validation fit", exc)
     return cal
