@@ -47,6 +47,12 @@ def outcomes_path(calibration_file: str | os.PathLike) -> Path:
     return p.with_name(f"{p.stem}_outcomes.parquet")
 
 
+def _cuts(cuts: Any) -> tuple[float, float]:
+    """A calibration's ``vol_cuts`` as the two volatility cuts of the regimes (low / mid / high)."""
+    low, high = (float(c) for c in np.asarray(cuts, dtype=float).ravel()[:2])
+    return low, high
+
+
 def _level_key(level: float) -> str:
     return f"{float(level):g}"
 
@@ -245,12 +251,12 @@ class BandOutcomes:
         Only outcomes realised on or before an anchor move its factor; 1 where the outcomes do not know their
         anchors (files written before this correction) or nothing was realised yet."""
         out = {k: np.ones(len(at)) for k in keys}
-        hist = self._regime_history(tuple(float(c) for c in np.asarray(cuts, dtype=float).ravel()[:2]))
+        hist = self._regime_history(_cuts(cuts))
         if hist is None:
             return out
         times, theta, order = hist
         pos = np.searchsorted(times, at, side="right") - 1  # the last outcome time on or before each anchor
-        group = np.digitize(np.asarray(vol, dtype=float), np.asarray(cuts, dtype=float)[:2])
+        group = np.digitize(np.asarray(vol, dtype=float), _cuts(cuts))
         for key in keys:
             if key in order:
                 lv = order[key]
@@ -261,7 +267,7 @@ class BandOutcomes:
         """Build (and cache) the regime correction's history now: a service does it at start-up, not on its first
         request."""
         if cuts is not None:
-            self._regime_history(tuple(float(c) for c in np.asarray(cuts, dtype=float).ravel()[:2]))
+            self._regime_history(_cuts(cuts))
 
     def _regime_history(self, cuts: tuple) -> tuple | None:
         """(outcome times [U], log scales after each [U, L, 3], level key -> L index); cached per settings."""
@@ -287,7 +293,7 @@ class BandOutcomes:
             given = self._kernel(pairs[:, 0].astype("datetime64[ns]"), keys, pairs[:, 1].view(np.float64))
             issued = np.stack([given[k][inverse.ravel()] for k in keys])  # [L, R]
             miss_rate = 1.0 - np.array([float(k) for k in keys])[:, None]
-            times, first = np.unique(target, return_index=True)
+            times = np.unique(target)
             order = np.argsort(target, kind="stable")
             bounds = np.searchsorted(target[order], times, side="left").tolist() + [len(order)]
             at_anchor = np.searchsorted(times, anchor, side="right") - 1  # the history index a forecast was given
